@@ -1,0 +1,1 @@
+"""The channel-agnostic core of the platform: settings, storage, flows, engine, delivery."""

@@ -1,0 +1,104 @@
+"""The ASGI app: messenger webhooks (and, when installed, the admin API).
+
+The webhook endpoint is the edge: it hands the raw request to the channel adapter, which
+verifies and normalizes it; the engine handles the events before we answer, so a 200 means
+the events are durably recorded (a messenger re-sends on anything else, and dedupe makes
+that safe).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request, Response
+from sqlalchemy import select, text, update
+
+from bot_platform.channels import WebhookRequest
+from bot_platform.errors import BadPayload, BadSignature, http_status_for
+from bot_platform.models import Message, Outbox
+
+if TYPE_CHECKING:
+    from bot_platform.platform import Platform
+
+log = logging.getLogger(__name__)
+
+# Routers mounted when their package is importable (the core does not depend on them).
+OPTIONAL_ROUTERS = ("admin_api:create_router",)
+
+
+def create_app(platform: Platform) -> FastAPI:
+    app = FastAPI(title="botp", version="0.1.0",
+                  description="Multi-messenger retention chatbot platform")
+    app.state.platform = platform
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        async with platform.db.session() as session:
+            await session.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.api_route("/webhooks/{channel}/{bot_id}", methods=["GET", "POST"], tags=["webhooks"],
+                   include_in_schema=False)
+    async def webhook(channel: str, bot_id: str, request: Request) -> Response:
+        adapter = platform.channel(channel, bot_id)
+        if adapter is None:
+            log.warning("webhook for unknown bot %s/%s", channel, bot_id)
+            return Response("unknown bot", status_code=404)
+        call = WebhookRequest(
+            method=request.method,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            query=dict(request.query_params),
+            body=await request.body(),
+        )
+        try:
+            events = await adapter.parse(call)
+        except BadSignature as error:
+            log.warning("rejected webhook for %s/%s: %s", channel, bot_id, error)
+            return Response("forbidden", status_code=http_status_for(error))
+        except BadPayload as error:
+            log.warning("malformed webhook for %s/%s: %s", channel, bot_id, error)
+            return Response("bad request", status_code=400)
+        handled = [await platform.engine.handle(event) for event in events]
+        reply_hook = getattr(adapter, "reply", None)
+        reply = await reply_hook(call, handled) if reply_hook is not None else None
+        if reply is None:
+            return Response("ok", media_type="text/plain")
+        if reply.consumed_outbox_ids and not await _take_over(platform, reply.consumed_outbox_ids):
+            return Response("ok", media_type="text/plain")  # the worker was faster
+        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+
+    for target in OPTIONAL_ROUTERS:
+        module_name, _, attribute = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        factory = getattr(module, attribute, None)
+        if factory is not None:
+            app.include_router(factory(platform))
+    return app
+
+
+class _WorkerWasFaster(Exception):
+    pass
+
+
+async def _take_over(platform: Platform, outbox_ids: tuple[int, ...]) -> bool:
+    """Mark outbox rows as sent in the webhook response, unless a worker claimed them."""
+    now = platform.clock.now()
+    try:
+        async with platform.db.session() as session:
+            result = await session.execute(update(Outbox).where(
+                Outbox.id.in_(outbox_ids), Outbox.status == "pending").values(
+                status="sent", sent_at=now, last_error=None))
+            if result.rowcount != len(outbox_ids):
+                raise _WorkerWasFaster
+            messages = select(Outbox.message_id).where(Outbox.id.in_(outbox_ids))
+            await session.execute(update(Message).where(
+                Message.id.in_(messages.scalar_subquery())).values(status="sent",
+                                                                  updated_at=now))
+    except _WorkerWasFaster:
+        return False
+    return True

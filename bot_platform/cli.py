@@ -1,0 +1,277 @@
+"""``botp``: the command line.
+
+    botp run                 web (webhooks, admin API) + worker in one process
+    botp web                 only the web process (scale-out: run several behind a balancer)
+    botp worker              only the worker (timers and deliveries)
+    botp chat                talk to the bot in this terminal (console channel)
+    botp migrate             upgrade the database schema (or --downgrade REV)
+    botp flows validate P    check flow files (a file or a folder)
+    botp flows graph P       print a flow as a Mermaid state diagram
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from bot_platform.config import Settings, get_settings
+from bot_platform.errors import FlowValidationError
+
+log = logging.getLogger("botp")
+
+
+def _setup_logging(settings: Settings, quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = get_settings()
+    updates: dict[str, Any] = {}
+    if getattr(args, "skip_invalid_flows", False):
+        updates["skip_invalid_flows"] = True
+    if getattr(args, "database_url", None):
+        updates["database_url"] = args.database_url
+    return settings.model_copy(update=updates) if updates else settings
+
+
+# ---- serving --------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
+    import uvicorn
+
+    from bot_platform.platform import Platform
+
+    platform = Platform(settings)
+    await platform.start()
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if worker:
+            tasks.append(asyncio.create_task(platform.worker.run(stop)))
+        if web:
+            await platform.setup_webhooks()
+            tasks.extend(asyncio.create_task(p) for p in platform.pollers())
+            server = uvicorn.Server(uvicorn.Config(
+                platform.app(), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), lifespan="off"))
+            log.info("serving on http://%s:%s", settings.host, settings.port)
+            await server.serve()  # returns on SIGINT/SIGTERM
+        else:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
+        stop.set()
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await platform.close()
+
+
+def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> int:
+    from bot_platform.migrations import upgrade
+
+    settings = _settings(args)
+    _setup_logging(settings)
+    if settings.database_url.startswith("sqlite") or args.migrate:
+        upgrade(settings.database_url)
+    try:
+        asyncio.run(_serve(settings, web=web, worker=worker))
+    except FlowValidationError as error:
+        print(error, file=sys.stderr)
+        print("refusing to start with invalid flows; fix them or pass --skip-invalid-flows",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- chat -----------------------------------------------------------------------------
+
+CHAT_HELP = """Type messages as a customer would. Commands:
+  /start [ref]   start the bot (optionally with a deep-link ref, e.g. /start promo-spring)
+  1, 2, ...      press a button of the last message
+  /phone NUMBER  share a phone number
+  /wait 1d       let time pass (1d, 3h, 30m...) and see the timers fire
+  /help          this text          /quit   leave"""
+
+
+async def _chat(settings: Settings, user: str, name: str | None, language: str | None) -> None:
+    from bot_platform.clock import OffsetClock
+    from bot_platform.flow_dsl import parse_duration
+    from bot_platform.platform import Platform
+    from bot_platform.types import Profile
+    from bots.console import ConsoleChannel
+
+    console = ConsoleChannel("console")
+    platform = Platform(settings, clock=OffsetClock(),
+                        channel_overrides={("console", "console"): console})
+    await platform.start()
+    profile = Profile(first_name=name, language=language)
+    print(CHAT_HELP, "\n", flush=True)
+    try:
+        await platform.drain()
+        while True:
+            try:
+                line = (await asyncio.to_thread(input, "you> ")).strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/help":
+                print(CHAT_HELP, flush=True)
+                continue
+            if line.startswith("/wait"):
+                try:
+                    delta = parse_duration(line.removeprefix("/wait").strip() or "1d")
+                except ValueError as error:
+                    print(error, flush=True)
+                    continue
+                platform.clock.advance(delta)
+                print(f"... {delta} later ({platform.clock.now():%Y-%m-%d %H:%M} UTC)",
+                      flush=True)
+            else:
+                await platform.engine.handle(console.inbound(user, line, profile))
+            await platform.drain()
+    finally:
+        await platform.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bot_platform.migrations import upgrade
+
+    settings = _settings(args)
+    _setup_logging(settings, quiet=True)
+    upgrade(settings.database_url)
+    try:
+        asyncio.run(_chat(settings, args.user, args.name, args.language))
+    except FlowValidationError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- migrate and flows ----------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from bot_platform.migrations import downgrade, upgrade
+
+    settings = _settings(args)
+    _setup_logging(settings)
+    if args.downgrade:
+        downgrade(settings.database_url, args.downgrade)
+    else:
+        upgrade(settings.database_url, args.to)
+    print("database schema is at", args.downgrade or args.to)
+    return 0
+
+
+def cmd_flows_validate(args: argparse.Namespace) -> int:
+    from bot_platform.flow_dsl import validate_paths
+    from bot_platform.i18n import Catalogs
+
+    settings = get_settings()
+    catalogs = Catalogs.load(Path(args.locales or settings.locales_dir), settings.default_locale)
+    specs, issues = validate_paths(Path(args.path), catalogs)
+    for issue in issues:
+        print(issue)
+    errors = sum(issue.severity == "error" for issue in issues)
+    warnings = len(issues) - errors
+    print(f"{len(specs)} valid flow(s), {errors} error(s), {warnings} warning(s) "
+          f"[locales: {', '.join(catalogs.locales)}]")
+    return 1 if errors else 0
+
+
+def cmd_flows_graph(args: argparse.Namespace) -> int:
+    from bot_platform.flow_dsl import state_edges, validate_paths
+    from bot_platform.i18n import Catalogs
+
+    settings = get_settings()
+    catalogs = Catalogs.load(Path(settings.locales_dir), settings.default_locale)
+    specs, issues = validate_paths(Path(args.path), catalogs)
+    if not specs:
+        for issue in issues:
+            print(issue, file=sys.stderr)
+        return 1
+    for spec, _ in specs.values():
+        print(f"%% flow {spec.flow}\nstateDiagram-v2\n    [*] --> {spec.start}")
+        for name, state in spec.states.items():
+            for path, target in state_edges(state):
+                label = path.split(".")[0].replace("[", " ").replace("]", "")
+                if state.after and path == "after.goto":
+                    label = f"after {state.after.delay}"
+                print(f"    {name} --> {target} : {label}")
+            if state.end:
+                print(f"    {name} --> [*]")
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="botp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("run", "web + worker in one process"), ("web", "only the web process"),
+                       ("worker", "only the worker")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--skip-invalid-flows", action="store_true",
+                             help="start without invalid flow files (and say which)")
+        command.add_argument("--migrate", action="store_true",
+                             help="upgrade the schema first (always done on SQLite)")
+        command.add_argument("--database-url")
+
+    chat = commands.add_parser("chat", help="talk to the bot in this terminal")
+    chat.add_argument("--user", default="console-user", help="who you are (a user id)")
+    chat.add_argument("--name", default=None, help="your first name, as a messenger gives it")
+    chat.add_argument("--language", default=None, help="your language code, e.g. uk")
+    chat.add_argument("--skip-invalid-flows", action="store_true")
+    chat.add_argument("--database-url")
+
+    migrate = commands.add_parser("migrate", help="upgrade (or downgrade) the schema")
+    migrate.add_argument("--to", default="head")
+    migrate.add_argument("--downgrade", metavar="REV")
+    migrate.add_argument("--database-url")
+
+    flows = commands.add_parser("flows", help="flow files")
+    flow_commands = flows.add_subparsers(dest="flows_command", required=True)
+    validate = flow_commands.add_parser("validate", help="check flow files")
+    validate.add_argument("path")
+    validate.add_argument("--locales", help="catalog folder (default: settings)")
+    graph = flow_commands.add_parser("graph", help="print Mermaid state diagrams")
+    graph.add_argument("path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "web":
+        return cmd_run(args, worker=False)
+    if args.command == "worker":
+        return cmd_run(args, web=False)
+    if args.command == "chat":
+        return cmd_chat(args)
+    if args.command == "migrate":
+        return cmd_migrate(args)
+    if args.flows_command == "validate":
+        return cmd_flows_validate(args)
+    return cmd_flows_graph(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The database handle: one async engine, one ``AsyncSession`` per unit of work.
+
+SQLite (the embedded default) runs in WAL mode; every transaction starts with
+``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade, and the pool holds one
+connection so in-process writers queue fairly instead of spinning on ``busy_timeout``.
+PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from bot_platform.models import Base, KeyValue
+
+
+def _prepare_sqlite_path(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with the per-dialect settings this platform relies on."""
+    if url.startswith("sqlite"):
+        _prepare_sqlite_path(url)
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=120,
+            connect_args={"timeout": 30},
+        )
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let us issue BEGIN ourselves (pysqlite's implicit BEGIN is DEFERRED).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith("postgresql") and "+asyncpg" not in url:
+        url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+class Database:
+    """Owns the engine and hands out sessions. Built by the composition root."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def create_all(self) -> None:
+        """Create the schema directly (tests); deployments use ``botp migrate``."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(model).on_conflict_do_nothing()
+
+
+class SqlKeyValueStore:
+    """``KeyValueStore`` on the ``kv`` table."""
+
+    def __init__(self, db: Database, clock: Any) -> None:
+        self.db = db
+        self.clock = clock
+
+    async def get(self, key: str) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(select(KeyValue.value).where(KeyValue.key == key))
+
+    async def set(self, key: str, value: str) -> None:
+        now: datetime = self.clock.now()
+        async with self.db.session() as session:
+            row = await session.get(KeyValue, key)
+            if row is None:
+                session.add(KeyValue(key=key, value=value, updated_at=now))
+            else:
+                row.value, row.updated_at = value, now

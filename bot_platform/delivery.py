@@ -1,0 +1,263 @@
+"""The delivery worker: claims outbox rows, rate-limits, sends through the channel and
+records every ``SendResult``.
+
+Claims take a lease (``locked_by`` + ``lease_expires_at``); a worker that dies leaves rows
+that any worker reclaims once the lease has expired, so a row claimed but not sent is sent
+exactly once. A subscriber's rows go out strictly in order: only the oldest unsent row of a
+subscriber is claimable, and the worker that sent it claims that subscriber's next row
+directly. On PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so workers share the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import aliased
+
+from bot_platform.channels import Channel
+from bot_platform.clock import Clock
+from bot_platform.config import BotConfig, WorkerSettings
+from bot_platform.database import Database
+from bot_platform.models import Message, Outbox, Subscriber
+from bot_platform.ratelimit import Limits, RateLimiter
+from bot_platform.types import Outgoing, SendResult, SendStatus
+
+log = logging.getLogger(__name__)
+
+MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot in place
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """An outbox row this worker holds, with what delivery needs about its subscriber."""
+
+    id: int
+    message_id: int
+    subscriber_id: int
+    channel: str
+    bot_id: str
+    recipient: str
+    payload: dict
+    attempts: int
+    subscriber_status: str
+    last_inbound_at: datetime | None
+
+
+def backoff_delay(attempt: int, base: float, ceiling: float) -> float:
+    """Exponential backoff with full jitter (attempt 1 -> up to ``base`` seconds)."""
+    return random.uniform(base / 2, min(ceiling, base * 2 ** (attempt - 1)))
+
+
+class Delivery:
+    """Sends queued messages. One per worker process."""
+
+    def __init__(
+        self,
+        db: Database,
+        channels: Callable[[str, str], Channel | None],
+        bots: Callable[[str, str], BotConfig | None],
+        limiter: RateLimiter,
+        clock: Clock,
+        settings: WorkerSettings,
+        worker_id: str,
+    ) -> None:
+        self.db = db
+        self.channels = channels
+        self.bots = bots
+        self.limiter = limiter
+        self.clock = clock
+        self.settings = settings
+        self.worker_id = worker_id
+
+    # ---- claiming ---------------------------------------------------------------------
+
+    def _claimable(self, now: datetime):
+        earlier = aliased(Outbox)
+        ready = or_(
+            and_(Outbox.status == "pending", Outbox.next_attempt_at <= now),
+            and_(Outbox.status == "sending", Outbox.lease_expires_at < now),
+        )
+        no_earlier_unsent = ~exists().where(
+            earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
+            earlier.status.in_(("pending", "sending")))
+        return and_(ready, no_earlier_unsent)
+
+    async def _claim(self, condition, limit: int) -> list[ClaimedRow]:
+        now = self.clock.now()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        async with self.db.session() as session:
+            ids = select(Outbox.id).where(condition).order_by(Outbox.id).limit(limit)
+            if not self.db.is_sqlite:
+                ids = ids.with_for_update(skip_locked=True)
+            claimed = (await session.execute(
+                update(Outbox).where(Outbox.id.in_(ids.scalar_subquery()))
+                .values(status="sending", locked_by=self.worker_id, lease_expires_at=lease)
+                .returning(Outbox.id, Outbox.message_id, Outbox.subscriber_id, Outbox.channel,
+                           Outbox.bot_id, Outbox.recipient, Outbox.payload, Outbox.attempts)
+                .execution_options(synchronize_session=False))).all()
+            if not claimed:
+                return []
+            subscribers = {row.id: row for row in (await session.execute(
+                select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
+                    Subscriber.id.in_({c.subscriber_id for c in claimed})))).all()}
+        rows = []
+        for c in sorted(claimed, key=lambda c: c.id):
+            sub = subscribers.get(c.subscriber_id)
+            rows.append(ClaimedRow(
+                c.id, c.message_id, c.subscriber_id, c.channel, c.bot_id, c.recipient,
+                c.payload, c.attempts, sub.status if sub else "deleted",
+                sub.last_inbound_at if sub else None))
+        return rows
+
+    async def claim_batch(self) -> list[ClaimedRow]:
+        return await self._claim(self._claimable(self.clock.now()), self.settings.batch_size)
+
+    async def claim_next_of(self, subscriber_id: int) -> ClaimedRow | None:
+        condition = and_(Outbox.subscriber_id == subscriber_id,
+                         self._claimable(self.clock.now()))
+        rows = await self._claim(condition, 1)
+        return rows[0] if rows else None
+
+    # ---- sending ----------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Claim one batch and deliver it; returns how many rows were handled."""
+        rows = await self.claim_batch()
+        if not rows:
+            return 0
+        semaphore = asyncio.Semaphore(self.settings.concurrency)
+        handled = 0
+
+        async def subscriber_queue(row: ClaimedRow | None) -> None:
+            nonlocal handled
+            async with semaphore:
+                while row is not None:
+                    status = await self.deliver(row)
+                    handled += 1
+                    if status != SendStatus.SENT:
+                        return
+                    row = await self.claim_next_of(row.subscriber_id)
+
+        await asyncio.gather(*(subscriber_queue(row) for row in rows))
+        return handled
+
+    def _limits(self, channel: Channel, bot: BotConfig | None) -> Limits:
+        caps = channel.capabilities
+        per_bot = (bot.messages_per_second if bot and bot.messages_per_second
+                   else caps.messages_per_second)
+        per_chat = (bot.per_chat_per_second if bot and bot.per_chat_per_second
+                    else caps.per_chat_per_second)
+        return Limits(per_bot=per_bot or math.inf, per_chat=per_chat or math.inf,
+                      chat_burst=caps.per_chat_burst)
+
+    async def deliver(self, row: ClaimedRow) -> SendStatus | None:
+        """Send one claimed row and record the result; returns the send status (None when
+        the row was put back to wait for its rate-limit slot)."""
+        channel = self.channels(row.channel, row.bot_id)
+        if channel is None:
+            await self.record(row, SendResult.failed(
+                f"bot {row.channel}/{row.bot_id} is not configured"))
+            return SendStatus.FAILED
+        message = Outgoing.model_validate(row.payload)
+        if row.subscriber_status != "subscribed":
+            await self.record(row, SendResult(SendStatus.BLOCKED, reason="unsubscribed"),
+                              skipped=True)
+            return SendStatus.BLOCKED
+        window = channel.capabilities.reply_window
+        if window is not None and message.tag is None and (
+                row.last_inbound_at is None
+                or self.clock.now() - row.last_inbound_at > window):
+            await self.record(row, SendResult.outside_window())
+            return SendStatus.OUTSIDE_WINDOW
+        limits = self._limits(channel, self.bots(row.channel, row.bot_id))
+        delay = await self.limiter.reserve(f"{row.channel}:{row.bot_id}", row.recipient,
+                                           limits, MAX_LIMITER_WAIT)
+        if delay > MAX_LIMITER_WAIT:
+            await self.release(row, delay)
+            return None
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            result = await channel.send(row.recipient, message)
+        except Exception as error:  # an adapter bug must not kill the worker
+            log.exception("channel %s/%s raised on send", row.channel, row.bot_id)
+            result = SendResult.transient(f"adapter error: {type(error).__name__}")
+        if result.status == SendStatus.RETRY_AFTER:
+            await self.limiter.pause(f"{row.channel}:{row.bot_id}", result.retry_after or 1.0)
+        await self.record(row, result)
+        return result.status
+
+    async def release(self, row: ClaimedRow, delay: float) -> None:
+        """Give a row back without counting an attempt (its rate-limit slot is far off)."""
+        async with self.db.session() as session:
+            await session.execute(update(Outbox).where(
+                Outbox.id == row.id, Outbox.locked_by == self.worker_id).values(
+                status="pending", locked_by=None, lease_expires_at=None,
+                next_attempt_at=self.clock.now() + timedelta(seconds=delay)))
+
+    async def record(self, row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
+        """Write what happened to one row, in one transaction."""
+        now = self.clock.now()
+        outbox_values: dict = {"locked_by": None, "lease_expires_at": None}
+        message_values: dict = {"updated_at": now}
+        status = result.status
+        if status == SendStatus.SENT:
+            outbox_values.update(status="sent", sent_at=now, last_error=None)
+            message_values.update(status="sent", channel_message_id=result.message_id)
+        elif status == SendStatus.RETRY_AFTER:
+            outbox_values.update(
+                status="pending", last_error=result.reason,
+                next_attempt_at=now + timedelta(seconds=result.retry_after or 1.0))
+        elif status == SendStatus.TRANSIENT:
+            attempts = row.attempts + 1
+            if attempts >= self.settings.max_attempts:
+                reason = f"gave up after {attempts} attempts: {result.reason}"
+                outbox_values.update(status="failed", attempts=attempts, last_error=reason)
+                message_values.update(status="failed", error=reason)
+            else:
+                delay = backoff_delay(attempts, self.settings.backoff_base,
+                                      self.settings.backoff_max)
+                outbox_values.update(status="pending", attempts=attempts,
+                                     last_error=result.reason,
+                                     next_attempt_at=now + timedelta(seconds=delay))
+        else:
+            reason = {SendStatus.BLOCKED: "blocked", SendStatus.OUTSIDE_WINDOW:
+                      "outside_window"}.get(status, "failed")
+            detail = f"{reason}: {result.reason}" if result.reason else reason
+            final = "skipped" if skipped or status == SendStatus.OUTSIDE_WINDOW else "failed"
+            outbox_values.update(status=final, last_error=detail)
+            message_values.update(status=final, error=detail)
+        async with self.db.session() as session:
+            done = await session.execute(update(Outbox).where(
+                Outbox.id == row.id, Outbox.locked_by == self.worker_id).values(**outbox_values))
+            if done.rowcount == 0:
+                log.warning("outbox row %s was reclaimed by another worker before we "
+                            "recorded %s", row.id, status)
+                return
+            if len(message_values) > 1:
+                await session.execute(update(Message).where(Message.id == row.message_id)
+                                      .values(**message_values))
+            if status == SendStatus.BLOCKED and not skipped:
+                await session.execute(update(Subscriber).where(
+                    Subscriber.id == row.subscriber_id).values(
+                    status="unsubscribed", updated_at=now))
+            if status == SendStatus.BLOCKED:
+                # Nothing else queued for this subscriber can be delivered now.
+                pending = select(Outbox.message_id).where(
+                    Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending")
+                await session.execute(update(Message).where(Message.id.in_(
+                    pending.scalar_subquery())).values(status="skipped", error="unsubscribed",
+                                                       updated_at=now))
+                await session.execute(update(Outbox).where(
+                    Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending",
+                ).values(status="skipped", last_error="unsubscribed"))
+        if status in (SendStatus.FAILED, SendStatus.BLOCKED) and not skipped:
+            log.warning("outbox row %s to %s/%s: %s", row.id, row.channel, row.bot_id,
+                        result.reason)

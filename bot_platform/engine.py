@@ -1,0 +1,516 @@
+"""The engine: every inbound event, timer and shop event runs through here.
+
+``Engine.handle(inbound)`` runs a chain of small steps (aiogram-style middleware):
+
+    log errors -> per-subscriber lock -> transaction -> dedupe -> receipts ->
+    upsert subscriber -> locale -> record inbound -> flows
+
+Everything an event changes (subscriber, flow positions, outbox rows, timers, the dedupe
+marker) is written in ONE transaction, so a crash leaves either all of it or none.
+Events of one subscriber are serialized by an in-process lock (FIFO) and, on PostgreSQL,
+a transaction-scoped advisory lock, so several processes keep the order too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot_platform.channels import HandledEvent
+from bot_platform.clock import Clock
+from bot_platform.database import Database, insert_ignore
+from bot_platform.flow_runtime import FlowSet, Position, SendEffect, TimerEffect, Turn
+from bot_platform.i18n import Catalogs
+from bot_platform.models import (
+    Contact,
+    FlowState,
+    Job,
+    Message,
+    Outbox,
+    ProcessedEvent,
+    Subscriber,
+    SubscriberTag,
+)
+from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
+
+log = logging.getLogger(__name__)
+
+MAX_FLOW_STARTS = 8  # start_flow chains per event before we call it a loop
+STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
+USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
+              InboundKind.MEDIA, InboundKind.REFERRAL, InboundKind.SUBSCRIBED}
+
+
+class KeyedLocks:
+    """One FIFO ``asyncio.Lock`` per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def advisory_key(*parts: str) -> int:
+    """A signed 64-bit key for ``pg_advisory_xact_lock``."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass
+class EventContext:
+    """What the steps of the inbound chain share."""
+
+    inbound: Inbound
+    session: AsyncSession | None = None
+    subscriber: Subscriber | None = None
+    duplicate: bool = False
+    queued: list[tuple[int, Outgoing]] = field(default_factory=list)
+
+
+Next = Callable[[EventContext], Awaitable[None]]
+Step = Callable[[EventContext, Next], Awaitable[None]]
+
+
+class Engine:
+    """Turns events into state changes and queued messages. Built by the composition root."""
+
+    def __init__(
+        self,
+        db: Database,
+        flows: FlowSet,
+        catalogs: Catalogs,
+        clock: Clock,
+        capabilities: Callable[[str, str], Capabilities] = lambda channel, bot: Capabilities(),
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.flows = flows
+        self.catalogs = catalogs
+        self.clock = clock
+        self.capabilities = capabilities
+        self.on_commit = on_commit or (lambda: None)
+        self.locks = KeyedLocks()
+        self.steps: list[Step] = [
+            self.step_log_errors, self.step_lock, self.step_transaction, self.step_dedupe,
+            self.step_receipts, self.step_upsert_subscriber, self.step_locale,
+            self.step_record_inbound, self.step_flows,
+        ]
+
+    # ---- the inbound chain ------------------------------------------------------------
+
+    async def handle(self, inbound: Inbound) -> HandledEvent:
+        """Process one inbound event exactly once (re-deliveries are no-ops)."""
+        context = EventContext(inbound)
+        await self._run(0, context)
+        return HandledEvent(
+            inbound=inbound, duplicate=context.duplicate,
+            outbox_ids=tuple(i for i, _ in context.queued),
+            replies=tuple(m for _, m in context.queued))
+
+    async def _run(self, index: int, context: EventContext) -> None:
+        if index < len(self.steps):
+            await self.steps[index](context, lambda ctx: self._run(index + 1, ctx))
+
+    async def step_log_errors(self, context: EventContext, call_next: Next) -> None:
+        try:
+            await call_next(context)
+        except Exception:
+            i = context.inbound
+            log.exception("failed to handle %s event %s of %s/%s", i.kind, i.event_id,
+                          i.channel, i.bot_id)
+            raise
+
+    async def step_lock(self, context: EventContext, call_next: Next) -> None:
+        i = context.inbound
+        async with self.locks.hold((i.channel, i.bot_id, i.user_id)):
+            await call_next(context)
+
+    async def step_transaction(self, context: EventContext, call_next: Next) -> None:
+        i = context.inbound
+        async with self.db.session() as session:
+            context.session = session
+            await self.advisory_lock(session, i.channel, i.bot_id, i.user_id)
+            await call_next(context)
+        self.on_commit()
+
+    async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
+        i, session = context.inbound, context.session
+        assert session is not None
+        result = await session.execute(insert_ignore(session, ProcessedEvent).values(
+            channel=i.channel, bot_id=i.bot_id, event_id=i.event_id,
+            processed_at=self.clock.now()))
+        if result.rowcount == 0:
+            context.duplicate = True
+            log.info("duplicate %s event %s of %s/%s ignored", i.kind, i.event_id, i.channel,
+                     i.bot_id)
+            return
+        await call_next(context)
+
+    async def step_receipts(self, context: EventContext, call_next: Next) -> None:
+        """Delivered/read/failed receipts update message status and stop here."""
+        i, session = context.inbound, context.session
+        assert session is not None
+        if not i.is_status:
+            await call_next(context)
+            return
+        status = {InboundKind.DELIVERED: "delivered", InboundKind.READ: "read",
+                  InboundKind.FAILED: "failed"}[i.kind]
+        query = select(Message).join(Subscriber, Subscriber.id == Message.subscriber_id).where(
+            Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
+            Subscriber.user_id == i.user_id, Message.direction == "out")
+        if i.message_ids:
+            query = query.where(Message.channel_message_id.in_(i.message_ids))
+        elif i.watermark is not None:
+            query = query.where(Message.created_at <= i.watermark,
+                                Message.status.in_(("sent", "delivered")))
+        else:
+            return
+        now = self.clock.now()
+        for message in (await session.scalars(query)).all():
+            if status == "failed" or STATUS_RANK.get(status, 0) > STATUS_RANK.get(
+                    message.status, -1):
+                message.status, message.updated_at = status, now
+                if status == "failed":
+                    message.error = str(i.data.get("reason") or "reported failed")
+
+    async def step_upsert_subscriber(self, context: EventContext, call_next: Next) -> None:
+        i, session = context.inbound, context.session
+        assert session is not None
+        now = self.clock.now()
+        subscriber = await session.scalar(select(Subscriber).where(
+            Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
+            Subscriber.user_id == i.user_id))
+        if subscriber is None:
+            contact = Contact(phone=i.profile.phone, created_at=now)
+            session.add(contact)
+            await session.flush()
+            subscriber = Subscriber(
+                contact_id=contact.id, channel=i.channel, bot_id=i.bot_id, user_id=i.user_id,
+                status="subscribed", attributes={}, created_at=now, updated_at=now)
+            session.add(subscriber)
+        profile = i.profile
+        for name in ("first_name", "last_name", "username"):
+            value = getattr(profile, name)
+            if value and getattr(subscriber, name) != value:
+                setattr(subscriber, name, value)
+        if i.ref and not subscriber.source_ref:
+            subscriber.source_ref = i.ref
+        if i.kind == InboundKind.UNSUBSCRIBED:
+            subscriber.status = "unsubscribed"
+        elif i.kind in USER_KINDS:
+            subscriber.status = "subscribed"
+            subscriber.last_inbound_at = now
+        if profile.phone:
+            await self._link_phone(session, subscriber, profile.phone)
+        subscriber.updated_at = now
+        await session.flush()
+        context.subscriber = subscriber
+        await call_next(context)
+
+    async def _link_phone(self, session: AsyncSession, subscriber: Subscriber,
+                          phone: str) -> None:
+        """A shared phone number links channel identities to one contact."""
+        attributes = dict(subscriber.attributes or {})
+        attributes["phone"] = phone
+        subscriber.attributes = attributes
+        other = await session.scalar(select(Contact).where(
+            Contact.phone == phone, Contact.id != subscriber.contact_id).limit(1))
+        if other is not None:
+            subscriber.contact_id = other.id
+        else:
+            contact = await session.get(Contact, subscriber.contact_id)
+            if contact is not None:
+                contact.phone = phone
+
+    async def step_locale(self, context: EventContext, call_next: Next) -> None:
+        subscriber = context.subscriber
+        assert subscriber is not None
+        chosen = (subscriber.attributes or {}).get("locale_chosen")
+        if chosen:
+            subscriber.locale = chosen
+        elif subscriber.locale is None or context.inbound.profile.language:
+            subscriber.locale = self.catalogs.resolve_locale(context.inbound.profile.language)
+        await call_next(context)
+
+    async def step_record_inbound(self, context: EventContext, call_next: Next) -> None:
+        i, session, subscriber = context.inbound, context.session, context.subscriber
+        assert session is not None and subscriber is not None
+        if i.kind in (InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT,
+                      InboundKind.MEDIA, InboundKind.START):
+            now = self.clock.now()
+            session.add(Message(
+                subscriber_id=subscriber.id, channel=i.channel, direction="in",
+                kind=i.kind.value, text=i.text,
+                payload={"payload": i.payload, "ref": i.ref, **i.data} if (
+                    i.payload or i.ref or i.data) else None,
+                status="received", created_at=now, updated_at=now))
+        await call_next(context)
+
+    async def step_flows(self, context: EventContext, call_next: Next) -> None:
+        session, subscriber = context.session, context.subscriber
+        assert session is not None and subscriber is not None
+        if subscriber.status == "subscribed":
+            turn, rows = await self.load_turn(session, subscriber)
+            self.route_inbound(turn, context.inbound)
+            context.queued.extend(await self.save_turn(session, subscriber, turn, rows))
+        await call_next(context)
+
+    # ---- routing --------------------------------------------------------------------
+
+    def route_inbound(self, turn: Turn, inbound: Inbound) -> None:
+        """Decide which flow trigger an inbound event fires."""
+        kind = inbound.kind
+        if kind in (InboundKind.START, InboundKind.REFERRAL):
+            names = self.flows.triggered_by("ref", inbound.ref) if inbound.ref else []
+            if not names and kind == InboundKind.START:
+                names = self.flows.triggered_by("start")
+            turn.pending_starts.extend(names)
+        elif kind == InboundKind.SUBSCRIBED:
+            turn.pending_starts.extend(self.flows.triggered_by("subscribed"))
+        elif kind == InboundKind.BUTTON:
+            self._route_button(turn, inbound.payload)
+        elif kind == InboundKind.TEXT:
+            self._route_text(turn, inbound.text or "")
+        elif kind == InboundKind.CONTACT and inbound.profile.phone:
+            self._route_capture(turn, inbound.profile.phone, only_type="phone")
+        self.run_pending_starts(turn)
+
+    def _route_button(self, turn: Turn, payload: str | None) -> None:
+        ref = self.flows.codec.decode(payload)
+        if ref is None or ref.flow not in self.flows:
+            log.info("button payload %r matches no flow; ignored", payload)
+            return
+        flow = self.flows[ref.flow]
+        if ref.state not in flow.spec.states:
+            log.info("button of removed state %s/%s ignored", ref.flow, ref.state)
+            return
+        position = turn.positions.setdefault(ref.flow, Position(ref.flow, ref.state))
+        # An older message's button still works: it acts from the state that showed it.
+        position.state = ref.state
+        flow.fire(turn, position, f"{ref.kind}_{ref.index}")
+
+    def _active(self, turn: Turn) -> list[Position]:
+        active = [p for p in turn.positions.values()
+                  if p.status == "active" and p.flow in self.flows]
+        return sorted(active, key=lambda p: p.updated_at or turn.now, reverse=True)
+
+    def _route_capture(self, turn: Turn, text: str, only_type: str | None = None) -> bool:
+        for position in self._active(turn):
+            flow = self.flows[position.flow]
+            state = flow.spec.states.get(position.state)
+            if state is None or state.capture is None:
+                continue
+            if only_type and state.capture.type != only_type:
+                continue
+            if not flow.fire(turn, position, "captured", text=text):
+                retry = self.catalogs.format(turn.locale, state.capture.retry,
+                                             turn.variables(self.catalogs))
+                turn.effects.append(SendEffect(position.flow, Outgoing(text=retry)))
+            return True
+        return False
+
+    def _route_text(self, turn: Turn, text: str) -> None:
+        for position in self._active(turn):
+            flow = self.flows[position.flow]
+            match = flow.label_index(position.state, text, turn)
+            if match is not None:
+                flow.fire(turn, position, f"{match[0]}_{match[1]}")
+                return
+        if self._route_capture(turn, text):
+            return
+        names = self.flows.triggered_by("keyword", text)
+        if names:
+            turn.pending_starts.extend(names)
+            return
+        fallback = self.catalogs.format(turn.locale, "common-fallback",
+                                        turn.variables(self.catalogs))
+        turn.effects.append(SendEffect(None, Outgoing(text=fallback)))
+
+    def run_pending_starts(self, turn: Turn) -> None:
+        for _ in range(MAX_FLOW_STARTS):
+            if not turn.pending_starts:
+                return
+            name = turn.pending_starts.popleft()
+            if name not in self.flows:
+                log.warning("start of unknown flow %r ignored", name)
+                continue
+            flow = self.flows[name]
+            position = turn.positions.setdefault(name, Position(name, flow.spec.start))
+            flow.start(turn, position)
+        if turn.pending_starts:
+            log.warning("more than %d flow starts in one event; the rest were dropped",
+                        MAX_FLOW_STARTS)
+            turn.pending_starts.clear()
+
+    # ---- timers and shop events ---------------------------------------------------------
+
+    async def run_flow_timer(self, session: AsyncSession, job: Job) -> str:
+        """Fire a flow timer inside the caller's transaction; returns what happened."""
+        subscriber = await session.get(Subscriber, job.subscriber_id)
+        if subscriber is None:
+            return "no-subscriber"
+        if subscriber.status != "subscribed":
+            return "unsubscribed"
+        turn, rows = await self.load_turn(session, subscriber)
+        position = turn.positions.get(job.flow or "")
+        payload = job.payload
+        if (position is None or position.status != "active"
+                or position.state != payload.get("state")
+                or position.version != payload.get("version")
+                or job.flow not in self.flows):
+            return "stale"
+        if not self.flows[job.flow].fire(turn, position, "timeout"):
+            return "not-applicable"
+        self.run_pending_starts(turn)
+        await self.save_turn(session, subscriber, turn, rows)
+        return "fired"
+
+    async def dispatch_event(self, subscriber_id: int, name: str,
+                             data: dict[str, Any] | None = None) -> list[int]:
+        """A shop event (``cart_updated``...) for one subscriber: starts flows triggered by
+        it and moves flows waiting for it. Returns the outbox ids it queued."""
+        async with self.db.session() as session:
+            subscriber = await session.get(Subscriber, subscriber_id)
+            if subscriber is None:
+                return []
+            key = (subscriber.channel, subscriber.bot_id, subscriber.user_id)
+        async with self.locks.hold(key), self.db.session() as session:
+            await self.advisory_lock(session, *key)
+            subscriber = await session.get(Subscriber, subscriber_id, populate_existing=True)
+            if subscriber is None or subscriber.status != "subscribed":
+                return []
+            turn, rows = await self.load_turn(session, subscriber)
+            if data:
+                turn.attributes[f"last_{name}"] = data
+                turn.attributes_changed = True
+            for position in self._active(turn):
+                self.flows[position.flow].fire(turn, position, f"event:{name}")
+            turn.pending_starts.extend(self.flows.triggered_by("event", name))
+            self.run_pending_starts(turn)
+            queued = await self.save_turn(session, subscriber, turn, rows)
+        self.on_commit()
+        return [i for i, _ in queued]
+
+    # ---- loading and saving a turn ------------------------------------------------------
+
+    async def advisory_lock(self, session: AsyncSession, *identity: str) -> None:
+        if session.bind.dialect.name == "postgresql":
+            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                  {"key": advisory_key(*identity)})
+
+    async def load_turn(self, session: AsyncSession,
+                        subscriber: Subscriber) -> tuple[Turn, dict[str, FlowState]]:
+        rows = {row.flow: row for row in (await session.scalars(
+            select(FlowState).where(FlowState.subscriber_id == subscriber.id))).all()}
+        tags = set((await session.scalars(select(SubscriberTag.tag).where(
+            SubscriberTag.subscriber_id == subscriber.id))).all())
+        turn = Turn(
+            subscriber_id=subscriber.id, channel=subscriber.channel,
+            locale=subscriber.locale or self.catalogs.default_locale, now=self.clock.now(),
+            attributes=dict(subscriber.attributes or {}), tags=set(tags),
+            original_tags=tags,
+            profile={"first_name": subscriber.first_name, "last_name": subscriber.last_name,
+                     "username": subscriber.username},
+            positions={flow: Position(flow, row.state, row.version, row.status,
+                                      dict(row.data or {}), row.updated_at)
+                       for flow, row in rows.items()},
+        )
+        return turn, rows
+
+    async def save_turn(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
+                        rows: dict[str, FlowState]) -> list[tuple[int, Outgoing]]:
+        """Persist a turn: positions, tags, attributes, timers and outbox rows."""
+        now = turn.now
+        for flow, position in turn.positions.items():
+            if not position.changed:
+                continue
+            row = rows.get(flow)
+            if row is None:
+                session.add(FlowState(
+                    subscriber_id=subscriber.id, flow=flow, state=position.state,
+                    version=position.version, status=position.status, data=position.data,
+                    created_at=now, updated_at=now))
+            else:
+                row.state, row.version, row.status = (position.state, position.version,
+                                                      position.status)
+                row.data, row.updated_at = position.data, now
+            # Timers of the state instance this subscriber just left are void.
+            await session.execute(update(Job).where(
+                Job.subscriber_id == subscriber.id, Job.flow == flow,
+                Job.kind == "flow_timer", Job.status == "pending",
+            ).values(status="cancelled", finished_at=now, result="state-left"))
+        original = turn.original_tags
+        for tag in turn.tags - original:
+            session.add(SubscriberTag(subscriber_id=subscriber.id, tag=tag))
+        removed = original - turn.tags
+        if removed:
+            await session.execute(delete(SubscriberTag).where(
+                SubscriberTag.subscriber_id == subscriber.id, SubscriberTag.tag.in_(removed)))
+        if turn.attributes_changed:
+            subscriber.attributes = dict(turn.attributes)
+            subscriber.updated_at = now
+        for effect in turn.effects:
+            if isinstance(effect, TimerEffect):
+                position = turn.positions[effect.flow]
+                if position.status == "active" and position.version == effect.version:
+                    session.add(Job(kind="flow_timer", subscriber_id=subscriber.id,
+                                    flow=effect.flow, due_at=effect.due_at, created_at=now,
+                                    payload={"state": effect.state,
+                                             "version": effect.version}))
+        sends = [e for e in turn.effects if isinstance(e, SendEffect)]
+        return await self.enqueue(session, subscriber, [(e.flow, e.message) for e in sends])
+
+    async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
+                      messages: Sequence[tuple[str | None, Outgoing]],
+                      broadcast_id: int | None = None) -> list[tuple[int, Outgoing]]:
+        """Queue messages for delivery (fitted to the channel) in the caller's transaction."""
+        if not messages:
+            return []
+        now = self.clock.now()
+        caps = self.capabilities(subscriber.channel, subscriber.bot_id)
+        parts: list[tuple[str | None, Outgoing, Message]] = []
+        for flow, message in messages:
+            for part in fit_message(message, caps):
+                row = Message(
+                    subscriber_id=subscriber.id, channel=subscriber.channel, direction="out",
+                    kind="cards" if part.cards else "text", text=part.text or None,
+                    status="queued", flow=flow, broadcast_id=broadcast_id,
+                    created_at=now, updated_at=now)
+                session.add(row)
+                parts.append((flow, part, row))
+        await session.flush()
+        rows = []
+        for _, part, message_row in parts:
+            outbox = Outbox(
+                subscriber_id=subscriber.id, message_id=message_row.id,
+                channel=subscriber.channel, bot_id=subscriber.bot_id,
+                recipient=subscriber.user_id, payload=part.model_dump(mode="json"),
+                status="pending", next_attempt_at=now, broadcast_id=broadcast_id,
+                created_at=now)
+            session.add(outbox)
+            rows.append((outbox, part))
+        await session.flush()
+        return [(outbox.id, part) for outbox, part in rows]
+

@@ -1,0 +1,108 @@
+"""Every error the platform raises on purpose, in one tree.
+
+    PlatformError
+    ├── ConfigError               settings or bot configuration that cannot work
+    ├── ChannelError              something at a messenger edge
+    │   ├── BadSignature          forged, missing or wrong webhook signature/secret -> 401/403
+    │   ├── BadPayload            a body that is not what the messenger sends -> 400
+    │   ├── RateLimited           the messenger said "slow down"; carries ``retry_after``
+    │   ├── RecipientGone         the user blocked the bot or no longer exists
+    │   └── UnknownBot            a webhook for a bot that is not configured -> 404
+    ├── FlowError                 something about flows
+    │   ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
+    │   └── UnknownState          a stored state that the current flow no longer has
+    └── StorageError              the database said no in a way we can explain
+
+``http_status_for`` is the one place that turns these into HTTP statuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlatformError(Exception):
+    """Base of every error the platform raises on purpose."""
+
+
+class ConfigError(PlatformError):
+    """Settings or bot configuration that cannot work."""
+
+
+class ChannelError(PlatformError):
+    """Something went wrong at a messenger edge (inbound or outbound)."""
+
+
+class BadSignature(ChannelError):
+    """The webhook's signature or secret is missing or wrong: the body is not processed."""
+
+    status_code = 401
+
+
+class BadPayload(ChannelError):
+    """The webhook body is not valid JSON or not the shape the messenger sends."""
+
+
+class RateLimited(ChannelError):
+    """The messenger asked us to wait ``retry_after`` seconds before sending again."""
+
+    def __init__(self, retry_after: float, message: str = "") -> None:
+        super().__init__(message or f"rate limited, retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class RecipientGone(ChannelError):
+    """The user blocked the bot, unsubscribed or no longer exists."""
+
+
+class UnknownBot(ChannelError):
+    """A webhook arrived for a channel/bot pair that is not configured."""
+
+
+class FlowError(PlatformError):
+    """Something about a flow definition or a flow's runtime state."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowIssue:
+    """One problem found in a flow file: where it is and why it is a problem."""
+
+    file: str
+    path: str
+    message: str
+    severity: str = "error"  # "error" stops the flow from loading, "warning" does not
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.path}" if self.path else self.file
+        return f"{self.severity}: {where}: {self.message}"
+
+
+class FlowValidationError(FlowError):
+    """A flow file that cannot run; ``issues`` lists every problem, not just the first."""
+
+    def __init__(self, issues: list[FlowIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class UnknownState(FlowError):
+    """A subscriber's stored state does not exist in the flow any more (flow was edited)."""
+
+
+class StorageError(PlatformError):
+    """The database refused an operation in a way callers can act on."""
+
+
+def http_status_for(error: Exception) -> int:
+    """Map an error to the HTTP status a webhook or API caller gets."""
+    if isinstance(error, BadSignature):
+        return error.status_code
+    if isinstance(error, BadPayload):
+        return 400
+    if isinstance(error, UnknownBot):
+        return 404
+    if isinstance(error, FlowValidationError):
+        return 422
+    if isinstance(error, RateLimited):
+        return 429
+    return 500

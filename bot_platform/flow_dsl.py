@@ -1,0 +1,514 @@
+"""The flow DSL: YAML files in ``flows/`` parsed into typed specs and validated eagerly.
+
+Validation reports every problem with the file, the path inside it and the reason:
+unknown states, bad durations, missing catalog keys (an error in the default locale, a
+warning in the others, which fall back to it), unreachable states (a warning), unknown
+actions and flows. ``docs/flows.md`` documents the language.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bot_platform.errors import FlowIssue
+from bot_platform.i18n import Catalogs
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,47}$"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """``"1d"``, ``"1h30m"``, ``"45s"``, ``"2w"`` or a number of seconds -> timedelta."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad duration {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        if not text or _DURATION_PART.sub("", text):
+            raise ValueError(
+                f"bad duration {value!r}: use numbers with w, d, h, m or s (e.g. 30m, 1d, 1h30m)"
+            )
+        seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+    if seconds <= 0:
+        raise ValueError(f"bad duration {value!r}: must be positive")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ---- conditions ------------------------------------------------------------------------
+
+Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains"]
+
+
+class TagCondition(_Spec):
+    """True when the subscriber has ``tag``."""
+
+    tag: str
+
+
+class AttributeCondition(_Spec):
+    """Compares a subscriber attribute (or ``locale``/``channel``) with ``value``."""
+
+    attribute: str
+    op: Op = "eq"
+    value: Any = None
+
+
+class AllCondition(_Spec):
+    all: list[Condition]
+
+
+class AnyCondition(_Spec):
+    any: list[Condition]
+
+
+class NotCondition(_Spec):
+    not_: Condition = Field(alias="not")
+
+
+Condition = TagCondition | AttributeCondition | AllCondition | AnyCondition | NotCondition
+for _model in (AllCondition, AnyCondition, NotCondition):
+    _model.model_rebuild()
+
+
+# ---- actions ---------------------------------------------------------------------------
+
+
+class TagAction(_Spec):
+    tag: str
+
+
+class UntagAction(_Spec):
+    untag: str
+
+
+class SetAction(_Spec):
+    """Set attributes; string values may use ``{attribute}`` placeholders."""
+
+    set: dict[str, Any]
+
+
+class ScoreAction(_Spec):
+    """Add numbers to numeric attributes (scores): ``score: {skin_dry: 2}``."""
+
+    score: dict[str, float]
+
+
+class StartFlowAction(_Spec):
+    start_flow: str
+
+
+class EndAction(_Spec):
+    end: Literal[True]
+
+
+# Action name -> model. Later capabilities (recommend, escalate, ...) register here and in
+# the engine's executor table; a flow using an unknown action is rejected at load.
+ACTIONS: dict[str, type[_Spec]] = {
+    "tag": TagAction,
+    "untag": UntagAction,
+    "set": SetAction,
+    "score": ScoreAction,
+    "start_flow": StartFlowAction,
+    "end": EndAction,
+}
+
+
+def _parse_action(value: Any) -> Any:
+    if isinstance(value, _Spec):
+        return value
+    if isinstance(value, str) and value in ACTIONS:  # "- end"
+        value = {value: True}
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"an action is a mapping with one key, one of: {', '.join(ACTIONS)}")
+    (name,) = value
+    model = ACTIONS.get(name)
+    if model is None:
+        hint = difflib.get_close_matches(str(name), ACTIONS, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown action {name!r}{suggestion}; known: {', '.join(ACTIONS)}")
+    return model.model_validate(value)
+
+
+Action = Annotated[Any, BeforeValidator(_parse_action)]
+
+
+# ---- messages, inputs, timers ----------------------------------------------------------
+
+
+class ButtonSpec(_Spec):
+    """An inline button: leads to a state (``goto``), opens a URL, or only runs actions."""
+
+    label: str  # catalog key
+    goto: str | None = None
+    url: str | None = None
+    actions: list[Action] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ButtonSpec:
+        if self.url and (self.goto or self.actions):
+            raise ValueError("a URL button cannot also have goto or actions")
+        if not (self.url or self.goto or self.actions):
+            raise ValueError("a button needs goto, url or actions")
+        return self
+
+
+class QuickReplySpec(_Spec):
+    """A suggested reply; ``request: phone`` asks the messenger for the user's number."""
+
+    label: str
+    goto: str | None = None
+    request: Literal["phone"] | None = None
+    actions: list[Action] = Field(default_factory=list)
+
+
+class MessageSpec(_Spec):
+    text: str  # catalog key
+    image: str | None = None
+
+
+def _as_messages(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str | dict):
+        value = [value]
+    return [{"text": item} if isinstance(item, str) else item for item in value]
+
+
+class CaptureSpec(_Spec):
+    """Free-text input saved into an attribute after validation."""
+
+    attribute: str
+    type: Literal["text", "email", "phone", "number", "regex", "choice"] = "text"
+    pattern: str | None = None  # for type regex
+    choices: list[str] = Field(default_factory=list)  # for type choice (case-insensitive)
+    min: float | None = None  # for type number
+    max: float | None = None
+    retry: str  # catalog key sent when the input does not validate
+    goto: str
+
+    @model_validator(mode="after")
+    def _type_arguments(self) -> CaptureSpec:
+        if self.type == "regex":
+            if not self.pattern:
+                raise ValueError("type regex needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as error:
+                raise ValueError(f"bad pattern: {error}") from error
+        if self.type == "choice" and not self.choices:
+            raise ValueError("type choice needs choices")
+        return self
+
+
+class TimerSpec(_Spec):
+    """A durable timer started on entry: leave for ``goto`` after ``delay``."""
+
+    delay: Duration
+    goto: str
+
+
+class BranchRule(_Spec):
+    """One rule of a branch; the first whose ``when`` holds wins; no ``when`` = else."""
+
+    when: Condition | None = None
+    goto: str
+
+
+class StateSpec(_Spec):
+    """What happens on entering a state, in order: actions, messages, timer, then an
+    immediate ``goto``/``branch`` if present; otherwise the state waits for the user."""
+
+    actions: list[Action] = Field(default_factory=list)
+    say: Annotated[list[MessageSpec], BeforeValidator(_as_messages)] = Field(default_factory=list)
+    buttons: list[ButtonSpec] = Field(default_factory=list)
+    quick_replies: list[QuickReplySpec] = Field(default_factory=list)
+    capture: CaptureSpec | None = None
+    after: TimerSpec | None = None
+    on_event: dict[str, str] = Field(default_factory=dict)  # event name -> state
+    branch: list[BranchRule] = Field(default_factory=list)
+    goto: str | None = None
+    end: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StateSpec:
+        if self.goto and self.branch:
+            raise ValueError("a state has either goto or branch, not both")
+        moves_on = bool(self.goto or self.branch or self.end)
+        if moves_on and (self.capture or self.after or self.on_event):
+            raise ValueError("a state that moves on at once (goto/branch/end) cannot wait "
+                             "for input, a timer or an event")
+        if (self.buttons or self.quick_replies) and not self.say:
+            raise ValueError("buttons and quick_replies need a message in say")
+        return self
+
+
+class TriggerSpec(_Spec):
+    """What starts the flow: ``start`` (new chat / start command without a matching ref),
+    ``subscribed``, ``ref`` (deep link), ``keyword`` (typed text), ``event`` (shop event)."""
+
+    on: Literal["start", "subscribed", "ref", "keyword", "event"]
+    ref: str | None = None
+    keywords: list[str] = Field(default_factory=list)
+    event: str | None = None
+
+    @model_validator(mode="after")
+    def _arguments(self) -> TriggerSpec:
+        needed = {"ref": self.ref, "keyword": self.keywords, "event": self.event}
+        if self.on in needed and not needed[self.on]:
+            field = "keywords" if self.on == "keyword" else self.on
+            raise ValueError(f"trigger on {self.on} needs {field}")
+        return self
+
+
+class FlowSpec(_Spec):
+    """One flow file."""
+
+    flow: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    triggers: list[TriggerSpec] = Field(default_factory=list)
+    start: str
+    states: dict[str, StateSpec]
+
+    @field_validator("states")
+    @classmethod
+    def _state_names(cls, states: dict[str, StateSpec]) -> dict[str, StateSpec]:
+        bad = [name for name in states if not re.match(NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(f"state names must match {NAME_PATTERN}: {', '.join(bad)}")
+        if not states:
+            raise ValueError("a flow needs at least one state")
+        return states
+
+
+# ---- semantic checks -------------------------------------------------------------------
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(
+            ("function-", "tagged-union")
+        ):
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def state_edges(state: StateSpec) -> Iterator[tuple[str, str]]:
+    """Every (path suffix, target state) a state can move to."""
+    for i, button in enumerate(state.buttons):
+        if button.goto:
+            yield f"buttons[{i}].goto", button.goto
+    for i, reply in enumerate(state.quick_replies):
+        if reply.goto:
+            yield f"quick_replies[{i}].goto", reply.goto
+    if state.capture:
+        yield "capture.goto", state.capture.goto
+    if state.after:
+        yield "after.goto", state.after.goto
+    for event, target in state.on_event.items():
+        yield f"on_event.{event}", target
+    for i, rule in enumerate(state.branch):
+        yield f"branch[{i}].goto", rule.goto
+    if state.goto:
+        yield "goto", state.goto
+
+
+def catalog_keys(state: StateSpec) -> Iterator[tuple[str, str]]:
+    """Every (path suffix, catalog key) a state uses."""
+    for i, message in enumerate(state.say):
+        yield f"say[{i}].text", message.text
+    for i, button in enumerate(state.buttons):
+        yield f"buttons[{i}].label", button.label
+    for i, reply in enumerate(state.quick_replies):
+        yield f"quick_replies[{i}].label", reply.label
+    if state.capture:
+        yield "capture.retry", state.capture.retry
+
+
+def _state_actions(state: StateSpec) -> Iterator[tuple[str, Any]]:
+    for i, action in enumerate(state.actions):
+        yield f"actions[{i}]", action
+    for i, button in enumerate(state.buttons):
+        for j, action in enumerate(button.actions):
+            yield f"buttons[{i}].actions[{j}]", action
+    for i, reply in enumerate(state.quick_replies):
+        for j, action in enumerate(reply.actions):
+            yield f"quick_replies[{i}].actions[{j}]", action
+
+
+def check_flow(spec: FlowSpec, file: str, catalogs: Catalogs) -> list[FlowIssue]:
+    """Semantic checks that need the whole flow (and the catalogs)."""
+    issues: list[FlowIssue] = []
+    names = list(spec.states)
+
+    def unknown(path: str, target: str) -> FlowIssue:
+        hint = difflib.get_close_matches(target, names, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return FlowIssue(file, path, f"unknown state {target!r}{suggestion} "
+                                     f"(states: {', '.join(names)})")
+
+    if spec.start not in spec.states:
+        issues.append(unknown("start", spec.start))
+    for name, state in spec.states.items():
+        for suffix, target in state_edges(state):
+            if target not in spec.states:
+                issues.append(unknown(f"states.{name}.{suffix}", target))
+        for suffix, key in catalog_keys(state):
+            path = f"states.{name}.{suffix}"
+            if not catalogs.has(catalogs.default_locale, key):
+                issues.append(FlowIssue(
+                    file, path,
+                    f"unknown catalog key {key!r} in the default locale "
+                    f"{catalogs.default_locale!r} (locales/{catalogs.default_locale}/*.ftl)"))
+                continue
+            missing = [loc for loc in catalogs.locales
+                       if loc != catalogs.default_locale and not catalogs.has(loc, key)]
+            if missing:
+                issues.append(FlowIssue(
+                    file, path, f"catalog key {key!r} missing in {', '.join(missing)}: "
+                                f"falls back to {catalogs.default_locale!r}", "warning"))
+
+    # Reachability from the start state (and from nothing else: triggers enter at start).
+    if spec.start in spec.states:
+        seen = {spec.start}
+        frontier = [spec.start]
+        while frontier:
+            current = spec.states[frontier.pop()]
+            for _, target in state_edges(current):
+                if target in spec.states and target not in seen:
+                    seen.add(target)
+                    frontier.append(target)
+        for name in names:
+            if name not in seen:
+                issues.append(FlowIssue(
+                    file, f"states.{name}",
+                    f"state {name!r} is unreachable from start {spec.start!r}", "warning"))
+    return issues
+
+
+def check_cross_flow(specs: dict[str, tuple[FlowSpec, str]]) -> list[FlowIssue]:
+    """Checks between flows: ``start_flow`` targets exist; flow names are unique."""
+    issues: list[FlowIssue] = []
+    for spec, file in specs.values():
+        for name, state in spec.states.items():
+            for suffix, action in _state_actions(state):
+                if isinstance(action, StartFlowAction) and action.start_flow not in specs:
+                    issues.append(FlowIssue(
+                        file, f"states.{name}.{suffix}.start_flow",
+                        f"unknown flow {action.start_flow!r} (flows: {', '.join(sorted(specs))})"))
+    return issues
+
+
+class _FlowLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so keys like ``on`` and answers like ``no`` stay
+    strings (YAML 1.1 would read them as booleans)."""
+
+
+_FlowLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_FlowLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_FlowLoader)
+
+
+def parse_flow_file(path: Path, catalogs: Catalogs) -> tuple[FlowSpec | None, list[FlowIssue]]:
+    """Read, parse and check one flow file; the spec is None when it has errors."""
+    file = str(path)
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        return None, [FlowIssue(file, "", f"cannot read YAML: {error}")]
+    if not isinstance(raw, dict):
+        return None, [FlowIssue(file, "", "a flow file is a mapping with flow, start, states")]
+    try:
+        spec = FlowSpec.model_validate(raw)
+    except ValidationError as error:
+        issues = []
+        for item in error.errors():
+            message = item["msg"].removeprefix("Value error, ")
+            issues.append(FlowIssue(file, _format_loc(item["loc"]), message))
+        return None, _dedupe(issues)
+    issues = check_flow(spec, file, catalogs)
+    if any(issue.severity == "error" for issue in issues):
+        return None, issues
+    return spec, issues
+
+
+def _dedupe(issues: list[FlowIssue]) -> list[FlowIssue]:
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for issue in issues:
+        if (issue.path, issue.message) not in seen:
+            seen.add((issue.path, issue.message))
+            unique.append(issue)
+    return unique
+
+
+def flow_files(path: Path) -> list[Path]:
+    """The flow files at ``path`` (a file, or every *.yaml / *.yml in a folder)."""
+    if path.is_file():
+        return [path]
+    return sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+
+
+def validate_paths(
+    path: Path, catalogs: Catalogs
+) -> tuple[dict[str, tuple[FlowSpec, str]], list[FlowIssue]]:
+    """Parse and check every flow file under ``path``; returns the valid specs (by flow
+    name, with their file) and every issue found, cross-flow ones included."""
+    specs: dict[str, tuple[FlowSpec, str]] = {}
+    issues: list[FlowIssue] = []
+    if not path.exists():
+        return specs, [FlowIssue(str(path), "", "no such file or folder")]
+    for file in flow_files(path):
+        spec, found = parse_flow_file(file, catalogs)
+        issues.extend(found)
+        if spec is None:
+            continue
+        if spec.flow in specs:
+            issues.append(FlowIssue(
+                str(file), "flow", f"flow name {spec.flow!r} already used by {specs[spec.flow][1]}"))
+            continue
+        specs[spec.flow] = (spec, str(file))
+    cross = check_cross_flow(specs)
+    issues.extend(cross)
+    for issue in cross:
+        for name, (_, file) in list(specs.items()):
+            if file == issue.file:
+                specs.pop(name)
+    return specs, issues

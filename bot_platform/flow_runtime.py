@@ -1,0 +1,491 @@
+"""Flows compiled into ``transitions`` state machines, one machine per flow definition.
+
+No subscriber owns a machine: per event the engine loads the subscriber's position, binds a
+throw-away model with ``add_model(model, initial=state)``, fires one trigger and removes the
+model again (``add_model`` is linear in the number of models, so keeping one per subscriber
+would not scale). Everything here is synchronous and pure: entering a state records
+*effects* (messages, timers, flow starts) on a ``Turn``; the engine persists them in the
+same transaction as the new position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from transitions import Machine, MachineError, State
+
+from bot_platform.errors import FlowError, UnknownState
+from bot_platform.flow_dsl import (
+    AllCondition,
+    AnyCondition,
+    AttributeCondition,
+    CaptureSpec,
+    Condition,
+    EndAction,
+    FlowSpec,
+    NotCondition,
+    ScoreAction,
+    SetAction,
+    StartFlowAction,
+    StateSpec,
+    TagAction,
+    TagCondition,
+    UntagAction,
+)
+from bot_platform.i18n import Catalogs
+from bot_platform.types import Button, Outgoing, QuickReply
+
+log = logging.getLogger(__name__)
+
+MAX_HOPS = 32  # immediate goto/branch moves per event before we call it a loop
+
+
+@dataclass
+class Position:
+    """Where a subscriber stands in one flow (mirrors a ``flow_states`` row)."""
+
+    flow: str
+    state: str
+    version: int = 0
+    status: str = "active"  # active | finished
+    data: dict[str, Any] = field(default_factory=dict)
+    updated_at: datetime | None = None
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendEffect:
+    flow: str | None
+    message: Outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class TimerEffect:
+    flow: str
+    state: str
+    version: int
+    due_at: datetime
+
+
+@dataclass
+class Turn:
+    """One event's working set: the subscriber's data as the flows change it, plus the
+    effects to persist. Built and persisted by the engine."""
+
+    subscriber_id: int
+    channel: str
+    locale: str
+    now: datetime
+    attributes: dict[str, Any]
+    tags: set[str]
+    profile: dict[str, Any]
+    positions: dict[str, Position]
+    original_tags: set[str] = field(default_factory=set)
+    effects: list[SendEffect | TimerEffect] = field(default_factory=list)
+    pending_starts: deque[str] = field(default_factory=deque)
+    attributes_changed: bool = False
+
+    def lookup(self, name: str) -> Any:
+        if name in ("locale", "channel"):
+            return getattr(self, name)
+        return self.attributes.get(name, self.profile.get(name))
+
+    def variables(self, catalogs: Catalogs) -> dict[str, Any]:
+        values: dict[str, Any] = {k: v for k, v in self.profile.items() if v is not None}
+        values.update({k: v for k, v in self.attributes.items()
+                       if isinstance(v, str | int | float)})
+        if not values.get("first_name"):
+            values["first_name"] = catalogs.format(self.locale, "default-name")
+        return values
+
+
+# ---- button payloads -------------------------------------------------------------------
+
+PAYLOAD_PREFIX = "f:"
+_PAYLOAD_LIMIT = 64  # Telegram's callback_data limit, the tightest of our messengers
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonRef:
+    """What a flow button payload points at."""
+
+    flow: str
+    state: str
+    kind: str  # "button" or "quick"
+    index: int
+
+
+class PayloadCodec:
+    """Short, stable payloads for flow buttons. Deterministic from the flow definitions, so
+    a payload sent before a restart still resolves after it; long ones become hashes."""
+
+    def __init__(self) -> None:
+        self._by_token: dict[str, str] = {}
+
+    def encode(self, ref: ButtonRef) -> str:
+        raw = f"{PAYLOAD_PREFIX}{ref.flow}:{ref.state}:{ref.kind[0]}{ref.index}"
+        if len(raw.encode()) <= _PAYLOAD_LIMIT:
+            return raw
+        token = f"{PAYLOAD_PREFIX}#{hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()}"
+        self._by_token[token] = raw
+        return token
+
+    def decode(self, payload: str | None) -> ButtonRef | None:
+        if not payload or not payload.startswith(PAYLOAD_PREFIX):
+            return None
+        raw = self._by_token.get(payload, payload)
+        parts = raw[len(PAYLOAD_PREFIX):].split(":")
+        if len(parts) != 3 or not parts[2][1:].isdigit() or parts[2][0] not in "bq":
+            return None
+        kind = "button" if parts[2][0] == "b" else "quick"
+        return ButtonRef(parts[0], parts[1], kind, int(parts[2][1:]))
+
+
+# ---- conditions and captures -----------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(str(value).replace(",", "."))
+    except (TypeError, ValueError):
+        return None
+
+
+def condition_holds(condition: Condition, turn: Turn) -> bool:
+    """Evaluate a DSL condition against the turn's tags and attributes."""
+    if isinstance(condition, TagCondition):
+        return condition.tag in turn.tags
+    if isinstance(condition, AllCondition):
+        return all(condition_holds(c, turn) for c in condition.all)
+    if isinstance(condition, AnyCondition):
+        return any(condition_holds(c, turn) for c in condition.any)
+    if isinstance(condition, NotCondition):
+        return not condition_holds(condition.not_, turn)
+    assert isinstance(condition, AttributeCondition)
+    actual, expected, op = turn.lookup(condition.attribute), condition.value, condition.op
+    if op == "exists":
+        return (actual is not None) == (expected is not False)
+    if op in ("in", "not_in"):
+        found = actual in (expected or [])
+        return found if op == "in" else not found
+    if op == "contains":
+        return actual is not None and str(expected).lower() in str(actual).lower()
+    if op in ("eq", "ne"):
+        left, right = _number(actual), _number(expected)
+        same = left == right if left is not None and right is not None else actual == expected
+        return same if op == "eq" else not same
+    left, right = _number(actual), _number(expected)
+    if left is None or right is None:
+        return False
+    return {"gt": left > right, "gte": left >= right, "lt": left < right,
+            "lte": left <= right}[op]
+
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_PHONE = re.compile(r"^\+?\d{7,15}$")
+
+
+def validate_capture(spec: CaptureSpec, text: str) -> tuple[bool, Any]:
+    """Check free text against a capture spec; returns (ok, normalized value)."""
+    text = text.strip()
+    if not text:
+        return False, None
+    if spec.type == "email":
+        return (True, text.lower()) if _EMAIL.match(text) else (False, None)
+    if spec.type == "phone":
+        digits = re.sub(r"[\s\-().]", "", text)
+        return (True, digits) if _PHONE.match(digits) else (False, None)
+    if spec.type == "number":
+        number = _number(text)
+        if number is None or (spec.min is not None and number < spec.min) or (
+            spec.max is not None and number > spec.max
+        ):
+            return False, None
+        return True, int(number) if number.is_integer() else number
+    if spec.type == "regex":
+        return (True, text) if re.fullmatch(spec.pattern or "", text) else (False, None)
+    if spec.type == "choice":
+        for choice in spec.choices:
+            if choice.casefold() == text.casefold():
+                return True, choice
+        return False, None
+    return True, text
+
+
+# ---- actions ---------------------------------------------------------------------------
+
+
+def _interpolate(value: Any, turn: Turn) -> Any:
+    if not isinstance(value, str):
+        return value
+    return re.sub(r"\{(\w+)\}", lambda m: str(turn.lookup(m.group(1)) or ""), value)
+
+
+def _do_tag(turn: Turn, position: Position, action: TagAction) -> None:
+    turn.tags.add(action.tag)
+
+
+def _do_untag(turn: Turn, position: Position, action: UntagAction) -> None:
+    turn.tags.discard(action.untag)
+
+
+def _do_set(turn: Turn, position: Position, action: SetAction) -> None:
+    for key, value in action.set.items():
+        turn.attributes[key] = _interpolate(value, turn)
+    turn.attributes_changed = True
+
+
+def _do_score(turn: Turn, position: Position, action: ScoreAction) -> None:
+    for key, amount in action.score.items():
+        total = (_number(turn.attributes.get(key)) or 0) + amount
+        turn.attributes[key] = int(total) if float(total).is_integer() else total
+    turn.attributes_changed = True
+
+
+def _do_start_flow(turn: Turn, position: Position, action: StartFlowAction) -> None:
+    turn.pending_starts.append(action.start_flow)
+
+
+def _do_end(turn: Turn, position: Position, action: EndAction) -> None:
+    position.status = "finished"
+
+
+# Action model -> executor; later capabilities add their own entries.
+ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
+    TagAction: _do_tag,
+    UntagAction: _do_untag,
+    SetAction: _do_set,
+    ScoreAction: _do_score,
+    StartFlowAction: _do_start_flow,
+    EndAction: _do_end,
+}
+
+
+def run_actions(actions: Iterable[Any], turn: Turn, position: Position) -> None:
+    for action in actions:
+        executor = ACTION_EXECUTORS.get(type(action))
+        if executor is None:
+            raise FlowError(f"no executor for action {type(action).__name__}")
+        executor(turn, position, action)
+
+
+# ---- the compiled flow -----------------------------------------------------------------
+
+
+class _Model:
+    """The throw-away model bound to the flow's machine for one trigger."""
+
+    def __init__(self, turn: Turn, position: Position) -> None:
+        self.turn = turn
+        self.position = position
+        self.captured: Any = None
+
+
+class CompiledFlow:
+    """One flow definition as a ``transitions`` machine shared by all subscribers."""
+
+    def __init__(self, spec: FlowSpec, catalogs: Catalogs, codec: PayloadCodec) -> None:
+        self.spec = spec
+        self.name = spec.flow
+        self.catalogs = catalogs
+        self.codec = codec
+        self.payloads: dict[tuple[str, str, int], str] = {}
+        states = [State(name, on_enter=[self._on_enter]) for name in spec.states]
+        self.machine = Machine(
+            model=None, states=states, initial=spec.start, auto_transitions=False,
+            send_event=True, ignore_invalid_triggers=False,
+        )
+        for name, state in spec.states.items():
+            self._add_transitions(name, state)
+
+    def _add_transitions(self, name: str, state: StateSpec) -> None:
+        add = self.machine.add_transition
+        for kind, items in (("button", state.buttons), ("quick", state.quick_replies)):
+            for index, item in enumerate(items):
+                if getattr(item, "url", None):
+                    continue
+                self.payloads[(name, kind, index)] = self.codec.encode(
+                    ButtonRef(self.name, name, kind, index))
+                if item.goto or item.actions:
+                    add(f"{kind}_{index}", name, item.goto,  # dest None: stay (actions only)
+                        before=[self._actions_callback(item.actions)])
+        if state.capture:
+            add("captured", name, state.capture.goto,
+                conditions=[self._capture_ok], before=[self._store_capture])
+        if state.after:
+            add("timeout", name, state.after.goto)
+        for event, target in state.on_event.items():
+            add(f"event:{event}", name, target)
+        for rule in state.branch:
+            condition = rule.when
+            conditions = [] if condition is None else [
+                lambda event, c=condition: condition_holds(c, event.model.turn)]
+            add("next", name, rule.goto, conditions=conditions)
+        if state.goto:
+            add("next", name, state.goto)
+
+    # -- callbacks (send_event=True: each gets the transitions EventData) --
+
+    def _actions_callback(self, actions: list[Any]) -> Callable[[Any], None]:
+        def callback(event: Any) -> None:
+            run_actions(actions, event.model.turn, event.model.position)
+        return callback
+
+    def _capture_ok(self, event: Any) -> bool:
+        spec = self.spec.states[event.model.position.state].capture
+        assert spec is not None
+        ok, value = validate_capture(spec, event.kwargs.get("text", ""))
+        event.model.captured = value
+        return ok
+
+    def _store_capture(self, event: Any) -> None:
+        spec = self.spec.states[event.model.position.state].capture
+        assert spec is not None
+        event.model.turn.attributes[spec.attribute] = event.model.captured
+        event.model.turn.attributes_changed = True
+
+    def _on_enter(self, event: Any) -> None:
+        self.enter(event.model.turn, event.model.position, event.state.name)
+
+    # -- entering a state --
+
+    def enter(self, turn: Turn, position: Position, name: str) -> None:
+        """Record everything that entering ``name`` does."""
+        state = self.spec.states[name]
+        position.state = name
+        position.version += 1
+        position.status = "active"
+        position.changed = True
+        position.updated_at = turn.now
+        run_actions(state.actions, turn, position)
+        for message in self.render(name, turn):
+            turn.effects.append(SendEffect(self.name, message))
+        if state.after:
+            turn.effects.append(TimerEffect(self.name, name, position.version,
+                                            turn.now + state.after.delay))
+        if state.end:
+            position.status = "finished"
+
+    def render(self, name: str, turn: Turn) -> list[Outgoing]:
+        """The state's messages in the turn's locale; buttons go on the last one."""
+        state = self.spec.states[name]
+        variables = turn.variables(self.catalogs)
+        fmt = self.catalogs.format
+        messages = [Outgoing(text=fmt(turn.locale, m.text, variables), image_url=m.image)
+                    for m in state.say]
+        if not messages:
+            return []
+        buttons = tuple(
+            Button(title=fmt(turn.locale, b.label, variables), url=b.url) if b.url else
+            Button(title=fmt(turn.locale, b.label, variables),
+                   payload=self.payloads[(name, "button", i)])
+            for i, b in enumerate(state.buttons))
+        quick = tuple(
+            QuickReply(title=fmt(turn.locale, q.label, variables),
+                       payload=self.payloads.get((name, "quick", i), ""), request=q.request)
+            for i, q in enumerate(state.quick_replies))
+        messages[-1] = messages[-1].model_copy(update={"buttons": buttons,
+                                                       "quick_replies": quick})
+        return messages
+
+    def label_index(self, name: str, text: str, turn: Turn) -> tuple[str, int] | None:
+        """Match typed text against the state's button/quick-reply labels (a reply keyboard
+        or a user typing the label sends the label back as text)."""
+        state = self.spec.states.get(name)
+        if state is None:
+            return None
+        wanted = text.strip().casefold()
+        variables = turn.variables(self.catalogs)
+        for kind, items in (("quick", state.quick_replies), ("button", state.buttons)):
+            for index, item in enumerate(items):
+                if getattr(item, "url", None):
+                    continue
+                label = self.catalogs.format(turn.locale, item.label, variables)
+                if label.strip().casefold() == wanted:
+                    return kind, index
+        return None
+
+    # -- firing triggers --
+
+    def start(self, turn: Turn, position: Position) -> None:
+        """Enter the start state (restarting the flow if it was already running)."""
+        self.enter(turn, position, self.spec.start)
+        self._settle(turn, position)
+
+    def fire(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
+        """Fire ``trigger`` from the stored state; False if it did not apply."""
+        if position.state not in self.spec.states:
+            raise UnknownState(f"flow {self.name!r} has no state {position.state!r}")
+        done = self.fire_once(turn, position, trigger, **kwargs)
+        if done:
+            self._settle(turn, position)
+        return done
+
+    def _settle(self, turn: Turn, position: Position) -> None:
+        """Follow immediate goto/branch moves until a state waits (or the flow ended)."""
+        for _ in range(MAX_HOPS):
+            state = self.spec.states[position.state]
+            if position.status != "active" or not (state.goto or state.branch):
+                return
+            if not self.fire_once(turn, position, "next"):
+                log.warning("flow %s: no branch of %s applies; waiting there",
+                            self.name, position.state)
+                return
+        raise FlowError(f"flow {self.name!r}: more than {MAX_HOPS} immediate moves "
+                        f"(a goto/branch loop?) at state {position.state!r}")
+
+    def fire_once(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
+        """Bind a throw-away model at the stored state, fire, unbind."""
+        model = _Model(turn, position)
+        self.machine.add_model(model, initial=position.state)
+        try:
+            return bool(model.trigger(trigger, **kwargs))
+        except MachineError:
+            return False
+        finally:
+            self.machine.remove_model(model)
+
+    def waits_for_text(self, name: str) -> bool:
+        state = self.spec.states.get(name)
+        return bool(state and (state.capture or state.buttons or state.quick_replies))
+
+
+class FlowSet:
+    """Every loaded flow, compiled, with trigger look-ups."""
+
+    def __init__(self, specs: Iterable[FlowSpec], catalogs: Catalogs) -> None:
+        self.catalogs = catalogs
+        self.codec = PayloadCodec()
+        self.flows: dict[str, CompiledFlow] = {
+            spec.flow: CompiledFlow(spec, catalogs, self.codec) for spec in specs}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.flows
+
+    def __getitem__(self, name: str) -> CompiledFlow:
+        return self.flows[name]
+
+    def triggered_by(self, on: str, value: str | None = None) -> list[str]:
+        """Flows whose triggers match (``on`` = start/subscribed/ref/keyword/event)."""
+        matches = []
+        for name, flow in self.flows.items():
+            for trigger in flow.spec.triggers:
+                if trigger.on != on:
+                    continue
+                if on == "ref" and trigger.ref != value:
+                    continue
+                if on == "event" and trigger.event != value:
+                    continue
+                if on == "keyword" and (value or "").strip().casefold() not in {
+                        k.casefold() for k in trigger.keywords}:
+                    continue
+                matches.append(name)
+                break
+        return matches

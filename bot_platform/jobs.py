@@ -1,0 +1,113 @@
+"""The durable scheduler: rows in ``jobs`` with a due time, claimed with a lease.
+
+A job's handler runs in the same transaction that marks the job done, so its effects and
+its completion commit together: a crash before the commit leaves the job to be reclaimed
+when the lease expires, a crash after it leaves nothing to redo. Handlers are looked up by
+``kind`` (``flow_timer`` now; later issues add their own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot_platform.clock import Clock
+from bot_platform.config import WorkerSettings
+from bot_platform.database import Database
+from bot_platform.delivery import backoff_delay
+from bot_platform.engine import Engine
+from bot_platform.models import Job, Subscriber
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[AsyncSession, Job], Awaitable[str]]
+
+
+class Scheduler:
+    """Claims due jobs and runs their handlers exactly once each."""
+
+    def __init__(self, db: Database, engine: Engine, clock: Clock, settings: WorkerSettings,
+                 worker_id: str) -> None:
+        self.db = db
+        self.engine = engine
+        self.clock = clock
+        self.settings = settings
+        self.worker_id = worker_id
+        self.handlers: dict[str, JobHandler] = {"flow_timer": engine.run_flow_timer}
+
+    async def claim(self, limit: int) -> list[tuple[int, int | None, tuple[str, str, str] | None]]:
+        """Claim due jobs: (job id, subscriber id, subscriber identity) in due order."""
+        now = self.clock.now()
+        lease = now + timedelta(seconds=self.settings.lease_seconds)
+        ready = or_(and_(Job.status == "pending", Job.due_at <= now),
+                    and_(Job.status == "running", Job.lease_expires_at < now))
+        async with self.db.session() as session:
+            ids = select(Job.id).where(ready).order_by(Job.due_at, Job.id).limit(limit)
+            if not self.db.is_sqlite:
+                ids = ids.with_for_update(skip_locked=True)
+            claimed = (await session.execute(
+                update(Job).where(Job.id.in_(ids.scalar_subquery()))
+                .values(status="running", locked_by=self.worker_id, lease_expires_at=lease)
+                .returning(Job.id, Job.subscriber_id, Job.due_at)
+                .execution_options(synchronize_session=False))).all()
+            subscriber_ids = {c.subscriber_id for c in claimed if c.subscriber_id}
+            identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
+                await session.execute(select(
+                    Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
+                ).where(Subscriber.id.in_(subscriber_ids)))).all()} if subscriber_ids else {}
+        ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
+        return [(c.id, c.subscriber_id, identities.get(c.subscriber_id)) for c in ordered]
+
+    async def run_once(self) -> int:
+        """Claim a batch of due jobs and run them; returns how many ran."""
+        claimed = await self.claim(self.settings.batch_size)
+        for job_id, _subscriber_id, identity in claimed:
+            if identity is not None:
+                async with self.engine.locks.hold(identity):
+                    await self.run_job(job_id, identity)
+            else:
+                await self.run_job(job_id, None)
+        return len(claimed)
+
+    async def run_job(self, job_id: int, identity: tuple[str, str, str] | None) -> None:
+        try:
+            async with self.db.session() as session:
+                if identity is not None:
+                    await self.engine.advisory_lock(session, *identity)
+                query = select(Job).where(Job.id == job_id, Job.locked_by == self.worker_id,
+                                          Job.status == "running")
+                if not self.db.is_sqlite:
+                    query = query.with_for_update()
+                job = await session.scalar(query)
+                if job is None:
+                    return  # our lease expired and another worker took it
+                handler = self.handlers.get(job.kind)
+                if handler is None:
+                    raise LookupError(f"no handler for job kind {job.kind!r}")
+                result = await handler(session, job)
+                job.status, job.result = "done", result
+                job.finished_at = self.clock.now()
+                job.locked_by = job.lease_expires_at = None
+            self.engine.on_commit()
+        except Exception as error:
+            log.exception("job %s failed", job_id)
+            await self._failed(job_id, error)
+
+    async def _failed(self, job_id: int, error: Exception) -> None:
+        async with self.db.session() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.locked_by != self.worker_id:
+                return
+            job.attempts += 1
+            job.last_error = f"{type(error).__name__}: {error}"
+            job.locked_by = job.lease_expires_at = None
+            if job.attempts >= self.settings.max_attempts:
+                job.status, job.finished_at = "failed", self.clock.now()
+            else:
+                job.status = "pending"
+                job.due_at = self.clock.now() + timedelta(seconds=backoff_delay(
+                    job.attempts, self.settings.backoff_base, self.settings.backoff_max))

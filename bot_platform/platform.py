@@ -1,0 +1,156 @@
+"""The composition root: settings in, a running platform out. Nothing is built at import.
+
+    platform = Platform(settings)          # or Platform(settings, clock=ManualClock())
+    await platform.start()                 # database, catalogs, flows, channels, engine
+    app = platform.app()                   # webhooks (and the admin API when present)
+    await platform.worker.run(stop)        # timers + deliveries
+    await platform.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+from bot_platform.channels import Channel, ChannelDeps, load_channel_factory
+from bot_platform.clock import Clock, SystemClock
+from bot_platform.config import BotConfig, Settings
+from bot_platform.database import Database, SqlKeyValueStore
+from bot_platform.delivery import Delivery
+from bot_platform.engine import Engine
+from bot_platform.errors import FlowValidationError
+from bot_platform.flow_dsl import validate_paths
+from bot_platform.flow_runtime import FlowSet
+from bot_platform.i18n import Catalogs
+from bot_platform.jobs import Scheduler
+from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter
+from bot_platform.types import Capabilities
+from bot_platform.worker import Worker, new_worker_id
+
+log = logging.getLogger(__name__)
+
+
+def load_flows(settings: Settings, catalogs: Catalogs) -> FlowSet:
+    """Load and validate every flow; refuse to start on an invalid one unless told to skip
+    it (``skip_invalid_flows``), and then say which were skipped and why."""
+    specs, issues = validate_paths(settings.flows_dir, catalogs)
+    errors = [issue for issue in issues if issue.severity == "error"]
+    for issue in issues:
+        if issue.severity == "warning":
+            log.warning("%s", issue)
+    if errors and not settings.skip_invalid_flows:
+        raise FlowValidationError(errors)
+    for file in sorted({issue.file for issue in errors}):
+        reasons = "; ".join(f"{i.path}: {i.message}" for i in errors if i.file == file)
+        log.error("skipped invalid flow file %s (%s)", file, reasons)
+    return FlowSet([spec for spec, _ in specs.values()], catalogs)
+
+
+class Platform:
+    """Wires settings, database, catalogs, flows, channels, engine and worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        limiter: RateLimiter | None = None,
+        channel_overrides: dict[tuple[str, str], Channel] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Any = clock or SystemClock()
+        self.limiter = limiter or MemoryRateLimiter()
+        self.db = Database(settings.database_url)
+        self.kv = SqlKeyValueStore(self.db, self.clock)
+        self.channels: dict[tuple[str, str], Channel] = dict(channel_overrides or {})
+        self.bots: dict[tuple[str, str], BotConfig] = {
+            (bot.channel, bot.id): bot for bot in settings.all_bots()}
+        self.http: aiohttp.ClientSession | None = None
+        self.worker_id = new_worker_id()
+        self.catalogs: Catalogs
+        self.flows: FlowSet
+        self.engine: Engine
+        self.worker: Worker
+
+    async def start(self) -> Platform:
+        self.catalogs = Catalogs.load(self.settings.locales_dir, self.settings.default_locale)
+        self.flows = load_flows(self.settings, self.catalogs)
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        deps = ChannelDeps(http=self.http, kv=self.kv, clock=self.clock,
+                           public_url=self.settings.public_url)
+        for key, bot in self.bots.items():
+            if key not in self.channels:
+                self.channels[key] = load_channel_factory(bot.channel)(bot, deps)
+        self.engine = Engine(self.db, self.flows, self.catalogs, self.clock,
+                             capabilities=self.capabilities, on_commit=self._notify)
+        scheduler = Scheduler(self.db, self.engine, self.clock, self.settings.worker,
+                              self.worker_id)
+        delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
+                            self.settings.worker, self.worker_id)
+        self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval)
+        return self
+
+    def _notify(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.notify()
+
+    def channel(self, channel: str, bot_id: str) -> Channel | None:
+        return self.channels.get((channel, bot_id))
+
+    def bot(self, channel: str, bot_id: str) -> BotConfig | None:
+        return self.bots.get((channel, bot_id))
+
+    def capabilities(self, channel: str, bot_id: str) -> Capabilities:
+        adapter = self.channel(channel, bot_id)
+        return adapter.capabilities if adapter is not None else Capabilities()
+
+    def app(self) -> Any:
+        from bot_platform.app import create_app
+
+        return create_app(self)
+
+    async def drain(self) -> int:
+        """Run due timers and deliveries until nothing is due now."""
+        return await self.worker.drain()
+
+    def webhook_url(self, bot: BotConfig) -> str | None:
+        if not self.settings.public_url:
+            return None
+        return f"{self.settings.public_url.rstrip('/')}/webhooks/{bot.channel}/{bot.id}"
+
+    async def setup_webhooks(self) -> None:
+        """Register webhooks where a public URL is configured."""
+        for key, adapter in self.channels.items():
+            bot = self.bots.get(key)
+            url = self.webhook_url(bot) if bot else None
+            setup = getattr(adapter, "setup", None)
+            if url and setup is not None:
+                try:
+                    await setup(url)
+                    log.info("webhook of %s/%s registered", *key)
+                except Exception:
+                    log.exception("could not register the webhook of %s/%s", *key)
+
+    def pollers(self) -> list[Any]:
+        """Coroutines polling bots that cannot receive webhooks (no public URL)."""
+        if self.settings.public_url:
+            return []
+        return [adapter.poll(self.engine.handle) for adapter in self.channels.values()
+                if hasattr(adapter, "poll")]
+
+    async def close(self) -> None:
+        for adapter in self.channels.values():
+            close = getattr(adapter, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # closing must go on for the rest
+                    log.exception("closing %s/%s failed", adapter.name, adapter.bot_id)
+        if self.http is not None:
+            await self.http.close()
+        await self.db.close()
+        await asyncio.sleep(0)

@@ -1,0 +1,271 @@
+"""The normalized vocabulary every channel speaks: inbound events, outgoing messages,
+send results and channel capabilities.
+
+Adapters in ``bots/`` turn a messenger's webhook bodies into ``Inbound`` events and render
+``Outgoing`` messages into the messenger's API calls. The engine sees nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InboundKind(enum.StrEnum):
+    """What happened at the messenger, as a past-tense fact."""
+
+    TEXT = "text"  # the user typed text
+    BUTTON = "button"  # the user pressed a button carrying ``payload``
+    START = "start"  # the user started the bot / opened the chat (``ref`` = deep-link payload)
+    SUBSCRIBED = "subscribed"  # the user (re)subscribed without a start (Viber, unblock)
+    UNSUBSCRIBED = "unsubscribed"  # the user blocked the bot or unsubscribed
+    CONTACT = "contact"  # the user shared a phone number (``payload['phone']``)
+    MEDIA = "media"  # a photo, file, sticker, location... (``payload`` describes it)
+    DELIVERED = "delivered"  # a message we sent reached the device (``message_ids``)
+    READ = "read"  # the user read messages we sent (``message_ids`` or ``watermark``)
+    FAILED = "failed"  # the messenger reports a message we sent as failed
+    REFERRAL = "referral"  # an existing user followed a deep link (``ref``)
+
+
+class Profile(BaseModel):
+    """What the messenger tells us about the user; every field is optional."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first_name: str | None = None
+    last_name: str | None = None
+    username: str | None = None
+    language: str | None = None  # BCP-47-ish code as the messenger gives it ("en", "uk-UA")
+    phone: str | None = None
+
+
+class Inbound(BaseModel):
+    """One normalized event from a messenger, for one user of one bot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    channel: str
+    bot_id: str
+    user_id: str  # the messenger's id for the user (chat id on Telegram)
+    event_id: str  # unique per (channel, bot): used to process re-deliveries once
+    kind: InboundKind
+    text: str | None = None
+    payload: str | None = None  # button payload
+    ref: str | None = None  # deep-link / m.me ref
+    profile: Profile = Field(default_factory=Profile)
+    occurred_at: datetime | None = None
+    message_ids: tuple[str, ...] = ()  # for delivered / read / failed
+    watermark: datetime | None = None  # "everything up to here was read" (Facebook)
+    data: dict[str, Any] = Field(default_factory=dict)  # channel extras (media urls, ...)
+
+    @property
+    def is_status(self) -> bool:
+        """Delivery/read/failed receipts carry no user intent and never touch flows."""
+        return self.kind in (InboundKind.DELIVERED, InboundKind.READ, InboundKind.FAILED)
+
+
+class Button(BaseModel):
+    """An inline button: either a ``payload`` sent back to us when pressed, or a ``url``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    title: str
+    payload: str | None = None
+    url: str | None = None
+
+
+class QuickReply(BaseModel):
+    """A suggested reply shown above the keyboard; ``request`` asks for the phone number."""
+
+    model_config = ConfigDict(frozen=True)
+
+    title: str
+    payload: str = ""
+    request: Literal["phone"] | None = None
+
+
+class Card(BaseModel):
+    """One card of a carousel (a product, typically)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    title: str
+    subtitle: str | None = None
+    image_url: str | None = None
+    url: str | None = None
+    buttons: tuple[Button, ...] = ()
+
+
+class Outgoing(BaseModel):
+    """One message to send, already localized. Adapters render the closest native form."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str = ""
+    buttons: tuple[Button, ...] = ()
+    quick_replies: tuple[QuickReply, ...] = ()
+    image_url: str | None = None
+    cards: tuple[Card, ...] = ()
+    tag: str | None = None  # Facebook message tag, allowed outside the 24-hour window
+    extras: dict[str, Any] = Field(default_factory=dict)  # channel-specific additions
+
+
+class SendStatus(enum.StrEnum):
+    SENT = "sent"
+    RETRY_AFTER = "retry_after"
+    BLOCKED = "blocked"
+    OUTSIDE_WINDOW = "outside_window"
+    FAILED = "failed"
+    TRANSIENT = "transient"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What happened to one send. Build with the class methods, not the constructor."""
+
+    status: SendStatus
+    message_id: str | None = None
+    retry_after: float | None = None
+    reason: str | None = None
+
+    @classmethod
+    def sent(cls, message_id: str | None) -> SendResult:
+        return cls(SendStatus.SENT, message_id=message_id)
+
+    @classmethod
+    def retry(cls, after: float, reason: str = "rate limited") -> SendResult:
+        return cls(SendStatus.RETRY_AFTER, retry_after=after, reason=reason)
+
+    @classmethod
+    def blocked(cls, reason: str = "blocked by user") -> SendResult:
+        return cls(SendStatus.BLOCKED, reason=reason)
+
+    @classmethod
+    def outside_window(cls, reason: str = "outside the messaging window") -> SendResult:
+        return cls(SendStatus.OUTSIDE_WINDOW, reason=reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> SendResult:
+        return cls(SendStatus.FAILED, reason=reason)
+
+    @classmethod
+    def transient(cls, reason: str) -> SendResult:
+        return cls(SendStatus.TRANSIENT, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a messenger can show and how fast we may send. Safe defaults; adapters override.
+
+    ``fit_message`` uses these so flows never ask which messenger they run on.
+    """
+
+    max_text_length: int = 4096
+    max_buttons: int = 8  # inline buttons on one message
+    max_button_title: int = 64
+    callback_payload_bytes: int | None = None  # None: unlimited
+    url_buttons: bool = True
+    quick_replies: bool = True
+    max_quick_replies: int = 10
+    carousels: bool = False  # native carousel; otherwise a sequence of image cards
+    max_cards: int = 10
+    max_card_buttons: int = 3
+    images: bool = True
+    batch_size: int = 1  # recipients per call for send_many
+    messages_per_second: float = 30.0  # per bot
+    per_chat_per_second: float = 1.0
+    per_chat_burst: int = 3
+    reply_window: timedelta | None = None  # Facebook: 24 h since the user's last message
+    read_receipts: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Split ``text`` into chunks of at most ``limit`` characters on word boundaries."""
+    if len(text) <= limit:
+        return [text]
+    chunks: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        cut = max(rest.rfind("\n", 0, limit + 1), rest.rfind(" ", 0, limit + 1))
+        if cut <= 0:
+            cut = limit  # one very long word: cut it hard
+        chunks.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        chunks.append(rest)
+    return chunks
+
+
+def _truncate(title: str, limit: int) -> str:
+    return title if len(title) <= limit else title[: max(limit - 1, 0)] + "…"
+
+
+CONTINUATION_TEXT = "…"
+
+
+def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
+    """Fit one message to a channel's capabilities, splitting it into several if needed.
+
+    Pure and deterministic: long text is split on word boundaries (buttons stay on the last
+    part), surplus buttons move to follow-up messages, URL buttons become links in the text
+    where the channel has none, carousels become a sequence of image cards where the channel
+    has no carousel, and surplus quick replies are dropped from the end.
+    """
+    buttons = [b.model_copy(update={"title": _truncate(b.title, caps.max_button_title)})
+               for b in message.buttons]
+    text = message.text
+    if not caps.url_buttons:
+        links = [b for b in buttons if b.url]
+        buttons = [b for b in buttons if not b.url]
+        if links:
+            text = "\n".join([text, *[f"{b.title}: {b.url}" for b in links]]).strip()
+    quick = list(message.quick_replies)[: caps.max_quick_replies] if caps.quick_replies else []
+    if not caps.quick_replies and message.quick_replies:
+        buttons.extend(Button(title=q.title, payload=q.payload) for q in message.quick_replies
+                       if q.request is None and q.payload)
+
+    parts: list[Outgoing] = []
+    texts = split_text(text, caps.max_text_length) if text else [""]
+    button_groups = [buttons[i: i + caps.max_buttons]
+                     for i in range(0, len(buttons), max(caps.max_buttons, 1))] or [[]]
+    for chunk in texts[:-1]:
+        parts.append(Outgoing(text=chunk, tag=message.tag, extras=message.extras))
+    last_text = texts[-1]
+    for index, group in enumerate(button_groups):
+        parts.append(Outgoing(
+            text=last_text if index == 0 else CONTINUATION_TEXT,
+            buttons=tuple(group),
+            image_url=message.image_url if index == 0 and caps.images else None,
+            tag=message.tag,
+            extras=message.extras,
+        ))
+    if message.image_url and not caps.images:
+        parts[0] = parts[0].model_copy(
+            update={"text": f"{parts[0].text}\n{message.image_url}".strip()})
+
+    if message.cards:
+        cards = [c.model_copy(update={"buttons": c.buttons[: caps.max_card_buttons]})
+                 for c in message.cards]
+        if caps.carousels:
+            for i in range(0, len(cards), caps.max_cards):
+                parts.append(Outgoing(cards=tuple(cards[i: i + caps.max_cards]),
+                                      tag=message.tag, extras=message.extras))
+        else:
+            for card in cards:
+                caption = "\n".join(x for x in (card.title, card.subtitle) if x)
+                card_buttons = list(card.buttons)
+                if card.url and not card_buttons:
+                    card_buttons = [Button(title=card.title, url=card.url)]
+                parts.extend(fit_message(Outgoing(
+                    text=caption, image_url=card.image_url, buttons=tuple(card_buttons),
+                    tag=message.tag, extras=message.extras), caps))
+    # An empty leading text part (a message that was only cards) carries nothing.
+    parts = [p for p in parts if p.text or p.buttons or p.image_url or p.cards] or parts[:1]
+    if quick:
+        parts[-1] = parts[-1].model_copy(update={"quick_replies": tuple(quick)})
+    return parts

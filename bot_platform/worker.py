@@ -1,0 +1,67 @@
+"""The worker loop: due timers and queued messages, woken early when the engine commits
+new work in this process and polling otherwise (other processes' work)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+
+from bot_platform.delivery import Delivery
+from bot_platform.jobs import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Runs the scheduler and the delivery side by side until stopped."""
+
+    def __init__(self, scheduler: Scheduler, delivery: Delivery, poll_interval: float) -> None:
+        self.scheduler = scheduler
+        self.delivery = delivery
+        self.poll_interval = poll_interval
+        self.wake = asyncio.Event()
+
+    def notify(self) -> None:
+        """New work was committed in this process: do not wait for the next poll."""
+        self.wake.set()
+
+    async def tick(self) -> int:
+        """One round of timers and deliveries; returns how much work was done."""
+        return await self.scheduler.run_once() + await self.delivery.run_once()
+
+    async def drain(self, max_rounds: int = 10_000) -> int:
+        """Run rounds until nothing is due now (tests, the console, ``/wait``)."""
+        total = 0
+        for _ in range(max_rounds):
+            done = await self.tick()
+            total += done
+            if done == 0:
+                return total
+        raise RuntimeError(f"worker still busy after {max_rounds} rounds")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("worker %s started", self.delivery.worker_id)
+        while not stop.is_set():
+            self.wake.clear()  # before the round: a commit during it wakes the next one
+            try:
+                done = await self.tick()
+            except Exception:  # the database may be restarting: back off and carry on
+                log.exception("worker round failed; retrying")
+                done = 0
+                await asyncio.sleep(self.poll_interval * 4)
+            if done:
+                continue
+            waiters = [asyncio.ensure_future(self.wake.wait()),
+                       asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=self.poll_interval,
+                                            return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        log.info("worker %s stopped", self.delivery.worker_id)

@@ -1,0 +1,117 @@
+"""The console channel: talk to the bot from a terminal (``botp chat``) through the real
+pipeline (database, engine, scheduler, delivery). It is also reachable as a webhook
+(``POST /webhooks/console/console`` with ``{"user_id": "...", "text": "..."}``), which
+makes it handy for scripted smoke tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from bot_platform.channels import ChannelDeps, WebhookRequest
+from bot_platform.config import BotConfig
+from bot_platform.errors import BadPayload
+from bot_platform.types import (
+    Button,
+    Capabilities,
+    Inbound,
+    InboundKind,
+    Outgoing,
+    Profile,
+    QuickReply,
+    SendResult,
+)
+
+CONSOLE_CAPABILITIES = Capabilities(
+    max_text_length=4096, max_buttons=10, max_button_title=64, quick_replies=True,
+    carousels=False, messages_per_second=math.inf, per_chat_per_second=math.inf,
+)
+
+
+def render(message: Outgoing) -> str:
+    """A message as terminal text: numbered choices, links shown in full."""
+    lines = [message.text] if message.text else []
+    if message.image_url:
+        lines.append(f"[image] {message.image_url}")
+    choices: list[Button | QuickReply] = [*message.buttons, *message.quick_replies]
+    for number, choice in enumerate(choices, start=1):
+        url = getattr(choice, "url", None)
+        if url:
+            lines.append(f"  [{number}] {choice.title} -> {url}")
+        elif getattr(choice, "request", None) == "phone":
+            lines.append(f"  [{number}] {choice.title} (send /phone +123456789)")
+        else:
+            lines.append(f"  [{number}] {choice.title}")
+    return "\n".join(lines)
+
+
+class ConsoleChannel:
+    """A channel whose "messenger" is a terminal (or any callable that takes text)."""
+
+    name = "console"
+    capabilities = CONSOLE_CAPABILITIES
+
+    def __init__(self, bot_id: str, output: Callable[[str, str], None] | None = None) -> None:
+        self.bot_id = bot_id
+        self.output = output or (lambda user, text: print(f"bot> {text}\n", flush=True))
+        self.sent: list[tuple[str, Outgoing]] = []
+        self._choices: dict[str, list[Button | QuickReply]] = {}
+        self._ids = itertools.count(1)
+
+    def inbound(self, user_id: str, line: str, profile: Profile | None = None) -> Inbound:
+        """Turn a typed line into an event: ``/start [ref]``, a choice number, ``/phone N``,
+        or plain text."""
+        line = line.strip()
+        common: dict[str, Any] = {
+            "channel": self.name, "bot_id": self.bot_id, "user_id": user_id,
+            "event_id": uuid.uuid4().hex, "profile": profile or Profile()}
+        if line == "/start" or line.startswith("/start "):
+            ref = line.removeprefix("/start").strip() or None
+            return Inbound(kind=InboundKind.START, ref=ref, **common)
+        if line.startswith("/phone "):
+            phone = line.removeprefix("/phone ").strip()
+            profile = (profile or Profile()).model_copy(update={"phone": phone})
+            return Inbound(**{**common, "kind": InboundKind.CONTACT, "profile": profile})
+        if line.isdigit():
+            choices = self._choices.get(user_id, [])
+            index = int(line) - 1
+            if 0 <= index < len(choices):
+                choice = choices[index]
+                if isinstance(choice, Button) and choice.payload:
+                    return Inbound(kind=InboundKind.BUTTON, payload=choice.payload,
+                                   text=choice.title, **common)
+                if isinstance(choice, QuickReply):
+                    if choice.payload:
+                        return Inbound(kind=InboundKind.BUTTON, payload=choice.payload,
+                                       text=choice.title, **common)
+                    return Inbound(kind=InboundKind.TEXT, text=choice.title, **common)
+        return Inbound(kind=InboundKind.TEXT, text=line, **common)
+
+    async def parse(self, request: WebhookRequest) -> list[Inbound]:
+        try:
+            body = json.loads(request.body)
+            user_id, text = str(body["user_id"]), str(body["text"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise BadPayload(f"console webhook needs JSON with user_id and text: {error}") from error
+        event = self.inbound(user_id, text, Profile(
+            first_name=body.get("first_name"), language=body.get("language")))
+        if body.get("event_id"):
+            event = event.model_copy(update={"event_id": str(body["event_id"])})
+        return [event]
+
+    async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        self.sent.append((recipient, message))
+        choices = [*message.buttons, *message.quick_replies]
+        if choices:
+            self._choices[recipient] = choices
+        self.output(recipient, render(message))
+        return SendResult.sent(f"console-{next(self._ids)}")
+
+
+def build(bot: BotConfig, deps: ChannelDeps) -> ConsoleChannel:
+    return ConsoleChannel(bot.id)

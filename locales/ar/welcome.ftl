@@ -1,0 +1,12 @@
+welcome-greeting = مرحبًا { $first_name }! أهلًا بك في Example Shop. سنرسل إليك شيئًا مفيدًا كل يوم لمدة ثلاثة أيام، وهدية في النهاية.
+welcome-btn-tip = أرني نصيحة
+welcome-btn-email = الأخبار عبر البريد
+welcome-btn-shop = افتح المتجر
+welcome-tip-now = نصيحة: غسول لطيف في الصباح وآخر أغنى في المساء يحافظان على توازن بشرتك.
+welcome-ask-email = ما هو عنوان بريدك الإلكتروني؟
+welcome-bad-email = لا يبدو هذا عنوان بريد إلكتروني. حاول مرة أخرى، مثلًا name@example.com.
+welcome-email-saved = شكرًا! سنراسلك على { $email }.
+welcome-tip = نصيحة اليوم: ضع المرطب على بشرة رطبة، فهو يحبس الماء فيها.
+welcome-btn-offer = أريد الهدية
+welcome-offer = هديتك: خصم 10% على طلبك الأول باستخدام الرمز WELCOME10.
+welcome-btn-claim = استخدم الرمز

@@ -1,0 +1,12 @@
+welcome-greeting = Hi { $first_name }! Welcome to Example Shop. Every day for three days we will send you something useful, and a gift at the end.
+welcome-btn-tip = Show me a tip
+welcome-btn-email = Get news by email
+welcome-btn-shop = Open the shop
+welcome-tip-now = Tip: a gentle cleanser in the morning and a richer one at night keeps your skin balanced.
+welcome-ask-email = What is your email address?
+welcome-bad-email = That does not look like an email address. Please try again, for example name@example.com.
+welcome-email-saved = Thanks! We will write to { $email }.
+welcome-tip = Tip of the day: apply moisturiser to damp skin, it locks the water in.
+welcome-btn-offer = I want the gift
+welcome-offer = Here is your gift: 10% off your first order with the code WELCOME10.
+welcome-btn-claim = Use the code

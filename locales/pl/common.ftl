@@ -1,0 +1,2 @@
+default-name = przyjacielu
+common-fallback = Przepraszam, nie zrozumiałem. Wyślij /start, aby znowu zobaczyć menu.

@@ -1,0 +1,12 @@
+welcome-greeting = Cześć { $first_name }! Witamy w Example Shop. Przez trzy dni będziemy wysyłać Ci coś przydatnego, a na koniec prezent.
+welcome-btn-tip = Pokaż poradę
+welcome-btn-email = Nowości na e-mail
+welcome-btn-shop = Otwórz sklep
+welcome-tip-now = Porada: delikatny żel rano i bogatszy wieczorem utrzymują skórę w równowadze.
+welcome-ask-email = Jaki jest Twój adres e-mail?
+welcome-bad-email = To nie wygląda na adres e-mail. Spróbuj jeszcze raz, na przykład name@example.com.
+welcome-email-saved = Dziękujemy! Będziemy pisać na { $email }.
+welcome-tip = Porada dnia: nakładaj krem nawilżający na wilgotną skórę — zatrzymuje wodę.
+welcome-btn-offer = Chcę prezent
+welcome-offer = Twój prezent: 10% zniżki na pierwsze zamówienie z kodem WELCOME10.
+welcome-btn-claim = Użyj kodu

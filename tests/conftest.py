@@ -1,0 +1,124 @@
+"""Shared fixtures: a platform on a fresh database, per test, with a manual clock.
+
+PostgreSQL and Redis tests use the machine's servers (``BOTP_TEST_POSTGRES_URL``,
+``BOTP_TEST_REDIS_URL``); they skip when none is reachable, unless
+``BOTP_REQUIRE_SERVICES=1`` (set by ``.ci/run``) turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bot_platform.clock import ManualClock
+from bot_platform.config import BotConfig, Settings, WorkerSettings
+from bot_platform.platform import Platform
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_URL = os.environ.get(
+    "BOTP_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BOTP_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REQUIRE_SERVICES = os.environ.get("BOTP_REQUIRE_SERVICES") == "1"
+
+
+def service_missing(name: str, reason: str) -> None:
+    """Skip (on a laptop) or fail (in CI) a test whose service is unreachable."""
+    message = f"{name} not reachable ({reason})"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message}; BOTP_REQUIRE_SERVICES=1 makes this mandatory")
+    pytest.skip(f"{message}; start it or set BOTP_TEST_{name.upper()}_URL")
+
+
+class TestPlatform(Platform):
+    """A platform with test conveniences."""
+
+    __test__ = False
+
+    def http_client(self) -> httpx.AsyncClient:
+        """An HTTP client talking to the ASGI app in-process."""
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app()),
+                                 base_url="http://testserver")
+
+
+def make_settings(database_url: str, bots: list[BotConfig] | None = None,
+                  **overrides: Any) -> Settings:
+    worker = overrides.pop("worker", None) or WorkerSettings(
+        poll_interval=0.05, lease_seconds=30, backoff_base=1.0, max_attempts=5)
+    values: dict[str, Any] = {
+        "database_url": database_url, "bots": bots or [], "flows_dir": ROOT / "flows",
+        "locales_dir": ROOT / "locales", "worker": worker, **overrides}
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/botp.sqlite3"
+
+
+async def _postgres_reachable(url: str) -> str | None:
+    import asyncpg
+
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+    try:
+        connection = await asyncio.wait_for(asyncpg.connect(dsn), timeout=3)
+    except Exception as error:  # any failure means "not reachable" here
+        return f"{type(error).__name__}: {error}"
+    await connection.close()
+    return None
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    import asyncpg
+
+    problem = await _postgres_reachable(POSTGRES_URL)
+    if problem:
+        service_missing("postgres", problem)
+    admin_dsn = POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"botp_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    base, _, _ = POSTGRES_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def make_platform(tmp_path: Path) -> AsyncIterator[Any]:
+    """Build started platforms on fresh SQLite files (or a given URL); closed at the end.
+
+        platform = await make_platform(bots=[BotConfig(...)], clock=ManualClock(),
+                                       flows_dir=..., database_url=...)
+    """
+    built: list[Platform] = []
+    counter = itertools.count()
+
+    async def factory(bots: list[BotConfig] | None = None, *, clock: Any = None,
+                      database_url: str | None = None, channel_overrides: Any = None,
+                      **overrides: Any) -> TestPlatform:
+        url = database_url or f"sqlite+aiosqlite:///{tmp_path}/platform{next(counter)}.sqlite3"
+        platform = TestPlatform(make_settings(url, bots, **overrides),
+                                clock=clock or ManualClock(),
+                                channel_overrides=channel_overrides)
+        await platform.db.create_all()
+        await platform.start()
+        built.append(platform)
+        return platform
+
+    yield factory
+    for platform in built:
+        await platform.close()
