@@ -501,8 +501,8 @@ def validate_paths(
         if spec is None:
             continue
         if spec.flow in specs:
-            issues.append(FlowIssue(
-                str(file), "flow", f"flow name {spec.flow!r} already used by {specs[spec.flow][1]}"))
+            other = specs[spec.flow][1]
+            issues.append(FlowIssue(str(file), "flow", f"flow name {spec.flow!r} used by {other}"))
             continue
         specs[spec.flow] = (spec, str(file))
     cross = check_cross_flow(specs)

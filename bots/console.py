@@ -97,7 +97,7 @@ class ConsoleChannel:
             body = json.loads(request.body)
             user_id, text = str(body["user_id"]), str(body["text"])
         except (ValueError, KeyError, TypeError) as error:
-            raise BadPayload(f"console webhook needs JSON with user_id and text: {error}") from error
+            raise BadPayload(f"console webhook needs JSON user_id and text: {error}") from error
         event = self.inbound(user_id, text, Profile(
             first_name=body.get("first_name"), language=body.get("language")))
         if body.get("event_id"):
