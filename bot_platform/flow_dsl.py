@@ -52,9 +52,6 @@ def parse_duration(value: Any) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -226,10 +223,17 @@ class CaptureSpec(_Spec):
 
 
 class TimerSpec(_Spec):
-    """A durable timer started on entry: leave for ``goto`` after ``delay``."""
+    """A durable timer started on entry: leave for ``goto`` after ``delay``.
 
-    delay: Duration
+    ``delay`` is checked by ``check_flow`` (not here) so that a bad duration is reported
+    together with the flow's other problems instead of hiding them."""
+
+    delay: str | float
     goto: str
+
+    @property
+    def duration(self) -> timedelta:
+        return parse_duration(self.delay)
 
 
 class BranchRule(_Spec):
@@ -379,6 +383,11 @@ def check_flow(spec: FlowSpec, file: str, catalogs: Catalogs) -> list[FlowIssue]
     if spec.start not in spec.states:
         issues.append(unknown("start", spec.start))
     for name, state in spec.states.items():
+        if state.after is not None:
+            try:
+                state.after.duration  # noqa: B018 - parsing is the check
+            except ValueError as error:
+                issues.append(FlowIssue(file, f"states.{name}.after.delay", str(error)))
         for suffix, target in state_edges(state):
             if target not in spec.states:
                 issues.append(unknown(f"states.{name}.{suffix}", target))

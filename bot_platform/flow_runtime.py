@@ -369,7 +369,7 @@ class CompiledFlow:
             turn.effects.append(SendEffect(self.name, message))
         if state.after:
             turn.effects.append(TimerEffect(self.name, name, position.version,
-                                            turn.now + state.after.delay))
+                                            turn.now + state.after.duration))
         if state.end:
             position.status = "finished"
 

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+
 from bot_platform.channels import ChannelDeps, WebhookRequest
 from bot_platform.config import BotConfig
 from bot_platform.errors import BadPayload
@@ -51,14 +53,23 @@ def render(message: Outgoing) -> str:
 
 
 class ConsoleChannel:
-    """A channel whose "messenger" is a terminal (or any callable that takes text)."""
+    """A channel whose "messenger" is a terminal (or any callable that takes text).
+
+    With ``relay_url`` set (``api_base`` in the bot config) every message is also POSTed as
+    JSON to ``{relay_url}/send``: a development UI, or a test's recording server, sees what
+    the bot says, with HTTP errors mapped to send results like a real messenger's.
+    """
 
     name = "console"
     capabilities = CONSOLE_CAPABILITIES
 
-    def __init__(self, bot_id: str, output: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, bot_id: str, output: Callable[[str, str], None] | None = None,
+                 relay_url: str | None = None, http: aiohttp.ClientSession | None = None
+                 ) -> None:
         self.bot_id = bot_id
         self.output = output or (lambda user, text: print(f"bot> {text}\n", flush=True))
+        self.relay_url = relay_url.rstrip("/") if relay_url else None
+        self.http = http
         self.sent: list[tuple[str, Outgoing]] = []
         self._choices: dict[str, list[Button | QuickReply]] = {}
         self._ids = itertools.count(1)
@@ -105,13 +116,38 @@ class ConsoleChannel:
         return [event]
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        message_id = f"console-{next(self._ids)}"
+        if self.relay_url and self.http is not None:
+            result = await self._relay(recipient, message)
+            if result.message_id is None:
+                return result
+            message_id = result.message_id
         self.sent.append((recipient, message))
         choices = [*message.buttons, *message.quick_replies]
         if choices:
             self._choices[recipient] = choices
         self.output(recipient, render(message))
-        return SendResult.sent(f"console-{next(self._ids)}")
+        return SendResult.sent(message_id)
+
+    async def _relay(self, recipient: str, message: Outgoing) -> SendResult:
+        assert self.http is not None
+        body = {"bot_id": self.bot_id, "recipient": recipient,
+                "message": message.model_dump(mode="json")}
+        try:
+            async with self.http.post(f"{self.relay_url}/send", json=body) as response:
+                if response.status == 429:
+                    return SendResult.retry(float(response.headers.get("Retry-After", "1")))
+                if response.status == 403:
+                    return SendResult.blocked()
+                if response.status >= 500:
+                    return SendResult.transient(f"relay answered {response.status}")
+                if response.status >= 400:
+                    return SendResult.failed(f"relay answered {response.status}")
+                data = await response.json()
+                return SendResult.sent(str(data.get("message_id")))
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return SendResult.transient(f"relay unreachable: {type(error).__name__}")
 
 
 def build(bot: BotConfig, deps: ChannelDeps) -> ConsoleChannel:
-    return ConsoleChannel(bot.id)
+    return ConsoleChannel(bot.id, relay_url=bot.api_base, http=deps.http)

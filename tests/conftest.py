@@ -109,14 +109,14 @@ async def make_platform(tmp_path: Path) -> AsyncIterator[Any]:
 
     async def factory(bots: list[BotConfig] | None = None, *, clock: Any = None,
                       database_url: str | None = None, channel_overrides: Any = None,
-                      **overrides: Any) -> TestPlatform:
+                      limiter: Any = None, **overrides: Any) -> TestPlatform:
         url = database_url or f"sqlite+aiosqlite:///{tmp_path}/platform{next(counter)}.sqlite3"
         platform = TestPlatform(make_settings(url, bots, **overrides),
-                                clock=clock or ManualClock(),
+                                clock=clock or ManualClock(), limiter=limiter,
                                 channel_overrides=channel_overrides)
+        built.append(platform)  # closed even when start() fails
         await platform.db.create_all()
         await platform.start()
-        built.append(platform)
         return platform
 
     yield factory

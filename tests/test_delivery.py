@@ -1,0 +1,228 @@
+"""The delivery worker: every SendResult kind, ordering, leases, rate limits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from bot_platform.config import BotConfig
+from bot_platform.models import Message, Outbox, Subscriber
+from bot_platform.ratelimit import Limits, MemoryRateLimiter
+from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, SendResult
+
+
+class ScriptedChannel:
+    """A channel whose send results are scripted per call (then "sent")."""
+
+    name = "scripted"
+
+    def __init__(self, results: Iterable[SendResult] = (), **caps: object) -> None:
+        self.bot_id = "b1"
+        self.capabilities = Capabilities(messages_per_second=math.inf,
+                                         per_chat_per_second=math.inf, **caps)
+        self.results = list(results)
+        self.calls: list[tuple[str, Outgoing, str]] = []
+
+    async def parse(self, request):  # pragma: no cover - not used
+        return []
+
+    async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        result = self.results.pop(0) if self.results else SendResult.sent(
+            f"m{len(self.calls) + 1}")
+        self.calls.append((recipient, message, result.status.value))
+        return result
+
+    def delivered(self) -> list[tuple[str, str]]:
+        return [(r, m.text[:10]) for r, m, status in self.calls if status == "sent"]
+
+
+def start(user: str = "u1", event: str = "e1") -> Inbound:
+    return Inbound(channel="scripted", bot_id="b1", user_id=user, event_id=event,
+                   kind=InboundKind.START)
+
+
+@pytest.fixture
+def fake_time() -> list[float]:
+    return [1000.0]
+
+
+async def scripted_platform(make_platform, channel: ScriptedChannel, fake_time=None):
+    limiter = MemoryRateLimiter(monotonic=lambda: fake_time[0]) if fake_time else None
+    return await make_platform(
+        bots=[BotConfig(id="b1", channel="scripted")], limiter=limiter,
+        channel_overrides={("scripted", "b1"): channel})
+
+
+async def outbox_rows(platform) -> list[Outbox]:
+    async with platform.db.session() as session:
+        return list((await session.scalars(select(Outbox).order_by(Outbox.id))).all())
+
+
+async def test_transient_failures_back_off_then_give_up_with_the_reason(make_platform) -> None:
+    channel = ScriptedChannel([SendResult.transient("502 bad gateway")] * 10)
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    for _ in range(platform.settings.worker.max_attempts):
+        await platform.drain()
+        platform.clock.advance(timedelta(hours=2))  # past any backoff
+    [row] = await outbox_rows(platform)
+    assert row.status == "failed"
+    assert row.attempts == platform.settings.worker.max_attempts
+    assert row.last_error == "gave up after 5 attempts: 502 bad gateway"
+    assert len(channel.calls) == 5
+    async with platform.db.session() as session:
+        message = await session.get(Message, row.message_id)
+        assert (message.status, message.error) == ("failed", row.last_error)
+
+
+async def test_transient_then_success_sends_once(make_platform) -> None:
+    channel = ScriptedChannel([SendResult.transient("timeout")])
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    await platform.drain()
+    [row] = await outbox_rows(platform)
+    assert (row.status, row.attempts, row.last_error) == ("pending", 1, "timeout")
+    delay = (row.next_attempt_at - platform.clock.now()).total_seconds()
+    assert 0 < delay <= platform.settings.worker.backoff_base
+    await platform.drain()
+    assert len(channel.calls) == 1  # not due yet
+    platform.clock.advance(timedelta(seconds=delay))
+    await platform.drain()
+    [row] = await outbox_rows(platform)
+    assert row.status == "sent"
+    assert channel.delivered() == [("u1", "Hi there! ")]
+
+
+async def test_retry_after_pauses_the_whole_bot(make_platform, fake_time) -> None:
+    channel = ScriptedChannel([SendResult.retry(30)])
+    platform = await scripted_platform(make_platform, channel, fake_time)
+    await platform.engine.handle(start("u1", "e1"))
+    await platform.drain()
+    await platform.engine.handle(start("u2", "e2"))
+    platform.clock.advance(timedelta(seconds=31))
+    await platform.drain()
+    # The limiter still holds the bot (its own clock has not moved): nothing was sent.
+    assert [status for _, _, status in channel.calls] == ["retry_after"]
+    rows = await outbox_rows(platform)
+    assert [r.status for r in rows] == ["pending", "pending"]
+    assert rows[0].attempts == 0  # a rate limit is not a failed attempt
+    fake_time[0] += 31
+    platform.clock.advance(timedelta(seconds=60))
+    await platform.drain()
+    assert sorted(channel.delivered()) == [("u1", "Hi there! "), ("u2", "Hi there! ")]
+
+
+async def test_blocked_user_is_unsubscribed_and_skipped_afterwards(make_platform) -> None:
+    channel = ScriptedChannel([SendResult.blocked("Forbidden: bot was blocked by the user")])
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    await platform.drain()
+    async with platform.db.session() as session:
+        subscriber = await session.scalar(select(Subscriber))
+        assert subscriber.status == "unsubscribed"
+    platform.clock.advance(timedelta(days=5))  # the welcome timers come due
+    await platform.drain()
+    assert len(channel.calls) == 1
+    [row] = await outbox_rows(platform)
+    assert (row.status, row.last_error) == (
+        "failed", "blocked: Forbidden: bot was blocked by the user")
+
+
+async def test_permanent_failure_is_stored_and_not_retried(make_platform) -> None:
+    channel = ScriptedChannel([SendResult.failed("Bad Request: chat not found")])
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    await platform.drain()
+    platform.clock.advance(timedelta(hours=1))
+    await platform.drain()
+    [row] = await outbox_rows(platform)
+    assert (row.status, row.last_error) == ("failed", "failed: Bad Request: chat not found")
+    assert len(channel.calls) == 1
+
+
+async def test_outside_reply_window_skipped_unless_tagged(make_platform) -> None:
+    channel = ScriptedChannel(reply_window=timedelta(hours=24))
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    await platform.drain()
+    assert len(channel.calls) == 1  # inside the window
+    platform.clock.advance(timedelta(hours=25))
+    async with platform.db.session() as session:
+        subscriber = await session.scalar(select(Subscriber))
+        queued = await platform.engine.enqueue(session, subscriber, [
+            (None, Outgoing(text="promo")),
+            (None, Outgoing(text="your order shipped", tag="POST_PURCHASE_UPDATE"))])
+    await platform.drain()
+    rows = {r.id: r for r in await outbox_rows(platform)}
+    untagged, tagged = (rows[i] for i, _ in queued)
+    assert untagged.status == "skipped"
+    assert untagged.last_error.startswith("outside_window")
+    assert tagged.status == "sent"
+    assert [m.text for _, m, _ in channel.calls][-1] == "your order shipped"
+
+
+async def test_messages_of_one_subscriber_keep_their_order(make_platform) -> None:
+    channel = ScriptedChannel([SendResult.transient("down")])
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    async with platform.db.session() as session:
+        subscriber = await session.scalar(select(Subscriber))
+        await platform.engine.enqueue(session, subscriber, [
+            (None, Outgoing(text=f"second {n}")) for n in range(3)])
+    await platform.drain()
+    # The first failed; nothing after it may overtake it.
+    assert [m.text[:8] for _, m, _ in channel.calls] == ["Hi there"]
+    platform.clock.advance(timedelta(minutes=5))
+    await platform.drain()
+    assert [m.text[:8] for _, m, _ in channel.calls] == [
+        "Hi there", "Hi there", "second 0", "second 1", "second 2"]
+
+
+async def test_a_dead_workers_claim_is_taken_over_after_its_lease(make_platform) -> None:
+    channel = ScriptedChannel()
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    lease_end = platform.clock.now() + timedelta(seconds=30)
+    async with platform.db.session() as session:
+        await session.execute(update(Outbox).values(
+            status="sending", locked_by="dead-worker", lease_expires_at=lease_end))
+    await platform.drain()
+    assert channel.calls == []  # the lease still holds
+    platform.clock.advance(timedelta(seconds=31))
+    await platform.drain()
+    await platform.drain()
+    assert channel.delivered() == [("u1", "Hi there! ")]
+    [row] = await outbox_rows(platform)
+    assert (row.status, row.locked_by) == ("sent", None)
+
+
+async def test_long_text_and_many_buttons_are_fitted_into_several_rows(make_platform) -> None:
+    channel = ScriptedChannel(max_text_length=20, max_buttons=2)
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    await platform.drain()
+    texts = [m.text for _, m, _ in channel.calls]
+    assert all(len(t) <= 20 for t in texts)
+    assert sum(len(m.buttons) for _, m, _ in channel.calls) == 3
+    assert all(len(m.buttons) <= 2 for _, m, _ in channel.calls)
+    rows = await outbox_rows(platform)
+    assert len(rows) == len(channel.calls) and all(r.status == "sent" for r in rows)
+
+
+async def test_rate_limiter_per_chat_and_per_bot() -> None:
+    now = [0.0]
+    limiter = MemoryRateLimiter(monotonic=lambda: now[0])
+    limits = Limits(per_bot=10, per_chat=1, chat_burst=2)
+    waits = [await limiter.reserve("bot", "chat", limits, max_wait=100) for _ in range(4)]
+    assert waits == [0, 0, 1.0, 2.0]
+    # Another chat is only held by the bot-wide bucket (10/s: 4 of 10 used).
+    assert await limiter.reserve("bot", "other", limits, max_wait=100) == 0
+    assert await limiter.reserve("bot", "chat", limits, max_wait=0.5) == 3.0  # not reserved
+    await limiter.pause("bot", 20)
+    assert await limiter.reserve("bot", "other", limits, max_wait=100) == 20
+    now[0] = 25
+    assert await limiter.reserve("bot", "chat", limits, max_wait=100) == 0
