@@ -12,6 +12,7 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,9 @@ async def _postgres_reachable(url: str) -> str | None:
     return None
 
 
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+@asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """Create an empty PostgreSQL database for one test and drop it afterwards."""
     import asyncpg
 
     problem = await _postgres_reachable(POSTGRES_URL)
@@ -95,6 +96,23 @@ async def postgres_url() -> AsyncIterator[str]:
         admin = await asyncpg.connect(admin_dsn)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    async with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Run a test once per storage backend."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/backend.sqlite3"
+        return
+    async with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

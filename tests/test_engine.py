@@ -42,8 +42,8 @@ class Chat:
         return fresh
 
 
-async def test_welcome_chain_greeting_buttons_and_timers(make_platform) -> None:
-    platform = await make_platform()
+async def test_welcome_chain_greeting_buttons_and_timers(make_platform, db_url) -> None:
+    platform = await make_platform(database_url=db_url)
     chat = Chat(platform)
     greeting = await chat.say("/start")
     assert len(greeting) == 1
@@ -114,8 +114,8 @@ async def test_first_name_falls_back_to_a_localized_word(make_platform) -> None:
     assert (await chat.say("/start"))[0].text.startswith("Cześć przyjacielu!")
 
 
-async def test_deep_link_ref_starts_the_matching_flow_and_is_stored(make_platform) -> None:
-    platform = await make_platform()
+async def test_deep_link_ref_starts_the_matching_flow_and_is_stored(make_platform, db_url) -> None:
+    platform = await make_platform(database_url=db_url)
     chat = Chat(platform)
     hello = await chat.say("/start promo-spring")
     assert hello[0].text.startswith("Spring is here, Alex!")
@@ -129,8 +129,8 @@ async def test_deep_link_ref_starts_the_matching_flow_and_is_stored(make_platfor
         assert flows == {"spring_promo"}  # the welcome flow did not start as well
 
 
-async def test_same_event_twice_or_concurrently_has_one_effect(make_platform) -> None:
-    platform = await make_platform()
+async def test_same_event_twice_or_concurrently_has_one_effect(make_platform, db_url) -> None:
+    platform = await make_platform(database_url=db_url)
     console = platform.channel("console", "console")
     event = console.inbound("u1", "/start")
     first = await platform.engine.handle(event)
@@ -150,7 +150,7 @@ async def test_same_event_twice_or_concurrently_has_one_effect(make_platform) ->
 
 
 async def test_hundred_concurrent_events_of_one_subscriber_apply_in_order(
-        make_platform, tmp_path: Path) -> None:
+        make_platform, tmp_path: Path, db_url: str) -> None:
     # A flow that appends every typed text to an attribute: the result shows the order.
     flows = tmp_path / "flows"
     flows.mkdir()
@@ -166,7 +166,7 @@ async def test_hundred_concurrent_events_of_one_subscriber_apply_in_order(
               - set: {log: "{log},{last}"}
             goto: listen
     """))
-    platform = await make_platform(flows_dir=flows)
+    platform = await make_platform(flows_dir=flows, database_url=db_url)
     console = platform.channel("console", "console")
     await platform.engine.handle(console.inbound("u1", "/start"))
     events = [console.inbound("u1", str(n)) for n in range(100)]

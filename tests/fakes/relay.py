@@ -26,11 +26,14 @@ class FakeRelayServer:
 
     async def _send(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return web.Response(status=499)  # the sender is gone: nothing was delivered
+        deadline = asyncio.get_running_loop().time() + self.delay
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return web.Response(status=499)  # the sender is gone: nothing delivered
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
         if self.fail_next:
             return web.Response(status=self.fail_next.pop(0), headers={"Retry-After": "1"})
         self.received.append(body)

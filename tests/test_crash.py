@@ -1,0 +1,158 @@
+"""Crash safety with real processes: a worker killed with SIGKILL and started again fires
+every pending timer exactly once and sends a claimed-but-unsent message exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from bot_platform.clock import SystemClock
+from bot_platform.migrations import upgrade
+from bot_platform.models import Job, Outbox
+from tests.conftest import ROOT, TestPlatform, make_settings
+from tests.fakes.relay import FakeRelayServer
+
+pytestmark = pytest.mark.slow
+
+CRASH_FLOW = textwrap.dedent("""
+    flow: crash
+    triggers: [{on: start}]
+    start: hello
+    states:
+      hello:
+        say: welcome-tip-now
+        after: {delay: 4s, goto: later}
+      later:
+        say: welcome-tip
+        end: true
+""")
+
+
+class WorkerProcess:
+    """``botp worker`` in a child process, killable with SIGKILL."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot_platform.cli", "worker"], cwd=ROOT, env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def crash_setup(tmp_path: Path):
+    relay = await FakeRelayServer().start()
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "crash.yaml").write_text(CRASH_FLOW)
+    url = f"sqlite+aiosqlite:///{tmp_path}/crash.sqlite3"
+    await asyncio.to_thread(upgrade, url)
+    bots = [{"id": "console", "channel": "console", "api_base": relay.url}]
+    env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_FLOWS_DIR": str(flows),
+           "BOTP_LOCALES_DIR": str(ROOT / "locales"), "BOTP_BOTS": json.dumps(bots),
+           "BOTP_WORKER__LEASE_SECONDS": "2", "BOTP_WORKER__POLL_INTERVAL": "0.1",
+           "BOTP_LOG_LEVEL": "WARNING"}
+    settings = make_settings(url, flows_dir=flows)
+    platform = TestPlatform(settings, clock=SystemClock())
+    await platform.start()
+    worker = WorkerProcess(env)
+    yield platform, relay, worker
+    worker.stop()
+    await platform.close()
+    await relay.close()
+
+
+async def count(platform, query) -> int:
+    async with platform.db.session() as session:
+        return await session.scalar(query)
+
+
+async def test_pending_timers_fire_exactly_once_across_a_kill(crash_setup) -> None:
+    platform, relay, worker = crash_setup
+    console = platform.channel("console", "console")
+    users = [f"u{n}" for n in range(5)]
+    for user in users:
+        await platform.engine.handle(console.inbound(user, "/start"))
+    pending_timers = select(func.count()).select_from(Job).where(Job.status == "pending")
+
+    sent = select(func.count()).select_from(Outbox).where(Outbox.status == "sent")
+    worker.start()
+    await wait_for(lambda: _at_least(platform, sent, len(users)), what="the greetings")
+    assert await count(platform, pending_timers) == len(users)  # timers not yet due
+    worker.kill()
+
+    worker.start()
+    await wait_for(lambda: _received(relay, 2 * len(users)), what="the timers")
+    await asyncio.sleep(2.5)  # longer than a lease: a double fire would show now
+    worker.kill()
+
+    texts = Counter((r["recipient"], r["message"]["text"][:14]) for r in relay.received)
+    expected = {(u, t): 1 for u in users for t in ("Tip: a gentle ", "Tip of the day")}
+    assert texts == Counter(expected)
+    done = select(func.count()).select_from(Job).where(Job.status == "done",
+                                                       Job.result == "fired")
+    assert await count(platform, done) == len(users)
+
+
+async def test_claimed_but_unsent_message_is_sent_exactly_once(crash_setup) -> None:
+    platform, relay, worker = crash_setup
+    console = platform.channel("console", "console")
+    relay.delay = 30  # the messenger hangs: the worker holds the row mid-send
+    await platform.engine.handle(console.inbound("u1", "/start"))
+    sending = select(func.count()).select_from(Outbox).where(Outbox.status == "sending")
+
+    worker.start()
+    await wait_for(lambda: _at_least(platform, sending, 1), what="the claim")
+    await asyncio.sleep(0.3)  # the request is in flight
+    worker.kill()
+    assert relay.received == []
+
+    relay.delay = 0
+    worker.start()
+    await wait_for(lambda: _received(relay, 1), what="the resend")
+    await asyncio.sleep(2.5)
+    worker.kill()
+    greetings = [r for r in relay.received if r["message"]["text"].startswith("Tip: a gentle")]
+    assert [r["recipient"] for r in greetings] == ["u1"]
+    async with platform.db.session() as session:
+        first = await session.scalar(select(Outbox).order_by(Outbox.id).limit(1))
+        assert first.status == "sent"
+
+
+async def _received(relay: FakeRelayServer, n: int) -> bool:
+    return len(relay.received) >= n
+
+
+async def _at_least(platform, query, n: int) -> bool:
+    return await count(platform, query) >= n
