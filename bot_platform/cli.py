@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,9 @@ CHAT_HELP = """Type messages as a customer would. Commands:
   /help          this text          /quit   leave"""
 
 
+CLOCK_OFFSET_KEY = "console:clock_offset"
+
+
 async def _chat(settings: Settings, user: str, name: str | None, language: str | None) -> None:
     from bot_platform.clock import OffsetClock
     from bot_platform.flow_dsl import parse_duration
@@ -117,6 +121,10 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
     platform = Platform(settings, clock=OffsetClock(),
                         channel_overrides={("console", "console"): console})
     await platform.start()
+    # The console's virtual time survives restarts, so timers set after a /wait stay due.
+    saved_offset = await platform.kv.get(CLOCK_OFFSET_KEY)
+    if saved_offset:
+        platform.clock.advance(timedelta(seconds=float(saved_offset)))
     profile = Profile(first_name=name, language=language)
     print(CHAT_HELP, "\n", flush=True)
     try:
@@ -140,6 +148,8 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
                     print(error, flush=True)
                     continue
                 platform.clock.advance(delta)
+                await platform.kv.set(CLOCK_OFFSET_KEY,
+                                      str(platform.clock.offset.total_seconds()))
                 print(f"... {delta} later ({platform.clock.now():%Y-%m-%d %H:%M} UTC)",
                       flush=True)
             else:

@@ -185,3 +185,21 @@ async def test_platform_refuses_invalid_flows_unless_told_to_skip(
     assert "welcome" in platform.flows and "broken" not in platform.flows
     assert any("skipped invalid flow file" in r.message and "broken.yaml" in r.message
                for r in caplog.records)
+
+
+def test_the_documented_example_is_a_valid_flow(tmp_path: Path) -> None:
+    from bot_platform.flow_dsl import FlowSpec, catalog_keys, load_yaml
+
+    doc = (ROOT / "docs" / "flows.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = FlowSpec.model_validate(load_yaml(example))
+    keys = {key for state in spec.states.values() for _, key in catalog_keys(state)}
+    write(tmp_path / "locales" / "en", "quiz.ftl", "".join(f"{k} = {k}\n" for k in keys))
+    for ftl in (ROOT / "locales" / "en").glob("*.ftl"):
+        write(tmp_path / "locales" / "en", ftl.name, ftl.read_text())
+    write(tmp_path / "flows", "skin_quiz.yaml", example)
+    write(tmp_path / "flows", "welcome.yaml", (ROOT / "flows" / "welcome.yaml").read_text())
+    catalogs = Catalogs.load(tmp_path / "locales", "en")
+    specs, issues = validate_paths(tmp_path / "flows", catalogs)
+    errors = [i for i in issues if i.severity == "error" and "skin_quiz" in i.file]
+    assert errors == [] and "skin_quiz" in specs

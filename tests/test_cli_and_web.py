@@ -1,0 +1,81 @@
+"""The newcomer's path: ``botp chat`` in a terminal, and the web edge (health, webhooks,
+bad input)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from bot_platform.models import ProcessedEvent, Subscriber
+from tests.conftest import ROOT
+
+
+def run_chat(tmp_path: Path, script: str, *args: str) -> str:
+    env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.sqlite3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot_platform.cli", "chat", *args], input=script,
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_chat_start_press_a_button_and_wait_a_day(tmp_path: Path) -> None:
+    out = run_chat(tmp_path, "/start\n1\n/wait 1d\n/quit\n", "--name", "Alex")
+    greeting = out.index("bot> Hi Alex! Welcome to Example Shop.")
+    assert "[1] Show me a tip" in out[greeting:]
+    assert "[3] Open the shop -> https://shop.example.com/" in out[greeting:]
+    tip_now = out.index("bot> Tip: a gentle cleanser")
+    waited = out.index("... 1 day, 0:00:00 later")
+    tip = out.index("bot> Tip of the day")
+    assert greeting < tip_now < waited < tip
+
+    # The same database on the next run: the conversation goes on where it was.
+    out = run_chat(tmp_path, "/wait 2d\n/quit\n")
+    assert "bot> Here is your gift: 10% off your first order with the code WELCOME10." in out
+
+
+@pytest.mark.slow
+def test_chat_speaks_the_users_language(tmp_path: Path) -> None:
+    out = run_chat(tmp_path, "/start\n", "--language", "ar", "--name", "Layla")
+    assert "bot> مرحبًا Layla! أهلًا بك في Example Shop." in out
+
+
+async def test_health_and_console_webhook(make_platform) -> None:
+    platform = await make_platform()
+    async with platform.http_client() as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        body = {"user_id": "w1", "text": "/start", "event_id": "evt-1", "first_name": "Kim"}
+        first = await client.post("/webhooks/console/console", json=body)
+        again = await client.post("/webhooks/console/console", json=body)
+    assert (first.status_code, again.status_code) == (200, 200)
+    await platform.drain()
+    sent = platform.channel("console", "console").sent
+    assert [(user, m.text[:7]) for user, m in sent] == [("w1", "Hi Kim!")]
+
+
+async def test_malformed_body_gets_400_and_a_log_line_and_stores_nothing(
+        make_platform, caplog: pytest.LogCaptureFixture) -> None:
+    platform = await make_platform()
+    with caplog.at_level(logging.WARNING, logger="bot_platform.app"):
+        async with platform.http_client() as client:
+            response = await client.post("/webhooks/console/console", content=b"{not json")
+    assert response.status_code == 400
+    assert any("malformed webhook for console/console" in r.message for r in caplog.records)
+    async with platform.db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Subscriber)) == 0
+        assert await session.scalar(select(func.count()).select_from(ProcessedEvent)) == 0
+
+
+async def test_unknown_bot_gets_404(make_platform) -> None:
+    platform = await make_platform()
+    async with platform.http_client() as client:
+        response = await client.post("/webhooks/telegram/nope", content=json.dumps({}))
+    assert response.status_code == 404
