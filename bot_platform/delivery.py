@@ -89,7 +89,8 @@ class Delivery:
             earlier.status.in_(("pending", "sending")))
         return and_(ready, no_earlier_unsent)
 
-    async def _claim(self, condition, limit: int) -> list[ClaimedRow]:
+    async def _claim(self, condition, limit: int) -> tuple[list[ClaimedRow], set[int]]:
+        """Claim rows; also returns the subscribers that have more rows waiting."""
         now = self.clock.now()
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.session() as session:
@@ -103,10 +104,14 @@ class Delivery:
                            Outbox.bot_id, Outbox.recipient, Outbox.payload, Outbox.attempts)
                 .execution_options(synchronize_session=False))).all()
             if not claimed:
-                return []
+                return [], set()
+            subscriber_ids = {c.subscriber_id for c in claimed}
             subscribers = {row.id: row for row in (await session.execute(
                 select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
-                    Subscriber.id.in_({c.subscriber_id for c in claimed})))).all()}
+                    Subscriber.id.in_(subscriber_ids)))).all()}
+            more = set((await session.scalars(select(Outbox.subscriber_id).where(
+                Outbox.subscriber_id.in_(subscriber_ids), Outbox.status == "pending",
+            ).distinct())).all())
         rows = []
         for c in sorted(claimed, key=lambda c: c.id):
             sub = subscribers.get(c.subscriber_id)
@@ -114,22 +119,23 @@ class Delivery:
                 c.id, c.message_id, c.subscriber_id, c.channel, c.bot_id, c.recipient,
                 c.payload, c.attempts, sub.status if sub else "deleted",
                 sub.last_inbound_at if sub else None))
-        return rows
+        return rows, more
 
-    async def claim_batch(self) -> list[ClaimedRow]:
+    async def claim_batch(self) -> tuple[list[ClaimedRow], set[int]]:
         return await self._claim(self._claimable(self.clock.now()), self.settings.batch_size)
 
-    async def claim_next_of(self, subscriber_id: int) -> ClaimedRow | None:
+    async def claim_next_of(self, subscriber_id: int) -> tuple[ClaimedRow | None, bool]:
+        """The subscriber's next row, and whether yet more are waiting."""
         condition = and_(Outbox.subscriber_id == subscriber_id,
                          self._claimable(self.clock.now()))
-        rows = await self._claim(condition, 1)
-        return rows[0] if rows else None
+        rows, more = await self._claim(condition, 1)
+        return (rows[0] if rows else None), subscriber_id in more
 
     # ---- sending ----------------------------------------------------------------------
 
     async def run_once(self) -> int:
         """Claim one batch and deliver it; returns how many rows were handled."""
-        rows = await self.claim_batch()
+        rows, more = await self.claim_batch()
         if not rows:
             return 0
         semaphore = asyncio.Semaphore(self.settings.concurrency)
@@ -137,13 +143,14 @@ class Delivery:
 
         async def subscriber_queue(row: ClaimedRow | None) -> None:
             nonlocal handled
+            has_more = row is not None and row.subscriber_id in more
             async with semaphore:
                 while row is not None:
                     status = await self.deliver(row)
                     handled += 1
-                    if status != SendStatus.SENT:
+                    if status != SendStatus.SENT or not has_more:
                         return
-                    row = await self.claim_next_of(row.subscriber_id)
+                    row, has_more = await self.claim_next_of(row.subscriber_id)
 
         await asyncio.gather(*(subscriber_queue(row) for row in rows))
         return handled
