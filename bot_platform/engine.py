@@ -31,6 +31,7 @@ from bot_platform.flow_runtime import FlowSet, Position, SendEffect, TimerEffect
 from bot_platform.i18n import Catalogs
 from bot_platform.models import (
     Contact,
+    Conversation,
     FlowState,
     Job,
     Message,
@@ -43,6 +44,7 @@ from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit
 
 log = logging.getLogger(__name__)
 
+OPEN_CONVERSATION = ("waiting", "assigned")
 MAX_FLOW_STARTS = 8  # start_flow chains per event before we call it a loop
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
@@ -111,11 +113,13 @@ class Engine:
         self.clock = clock
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
+        # Called for a customer message that went to an open conversation (live updates).
+        self.on_conversation_message: Callable[[int, Inbound], None] | None = None
         self.locks = KeyedLocks()
         self.steps: list[Step] = [
             self.step_log_errors, self.step_lock, self.step_transaction, self.step_dedupe,
             self.step_receipts, self.step_upsert_subscriber, self.step_locale,
-            self.step_record_inbound, self.step_flows,
+            self.step_record_inbound, self.step_handoff, self.step_flows,
         ]
 
     # ---- the inbound chain ------------------------------------------------------------
@@ -268,6 +272,24 @@ class Engine:
                 status="received", created_at=now, updated_at=now))
         await call_next(context)
 
+    async def step_handoff(self, context: EventContext, call_next: Next) -> None:
+        """While humans own the chat, messages go to the conversation, not to flows."""
+        session, subscriber = context.session, context.subscriber
+        assert session is not None and subscriber is not None
+        conversation = await self.open_conversation(session, subscriber.id)
+        if conversation is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
+            await call_next(context)
+            return
+        conversation.updated_at = self.clock.now()
+        if self.on_conversation_message is not None:
+            self.on_conversation_message(conversation.id, context.inbound)
+
+    async def open_conversation(self, session: AsyncSession,
+                                subscriber_id: int) -> Conversation | None:
+        return await session.scalar(select(Conversation).where(
+            Conversation.subscriber_id == subscriber_id,
+            Conversation.status.in_(OPEN_CONVERSATION)).limit(1))
+
     async def step_flows(self, context: EventContext, call_next: Next) -> None:
         session, subscriber = context.session, context.subscriber
         assert session is not None and subscriber is not None
@@ -373,6 +395,8 @@ class Engine:
             return "no-subscriber"
         if subscriber.status != "subscribed":
             return "unsubscribed"
+        if await self.open_conversation(session, subscriber.id) is not None:
+            return "suppressed"  # humans own the chat: the chain must not interrupt them
         turn, rows = await self.load_turn(session, subscriber)
         position = turn.positions.get(job.flow or "")
         payload = job.payload
@@ -400,6 +424,8 @@ class Engine:
             await self.advisory_lock(session, *key)
             subscriber = await session.get(Subscriber, subscriber_id, populate_existing=True)
             if subscriber is None or subscriber.status != "subscribed":
+                return []
+            if await self.open_conversation(session, subscriber.id) is not None:
                 return []
             turn, rows = await self.load_turn(session, subscriber)
             if data:
@@ -479,8 +505,28 @@ class Engine:
                                     flow=effect.flow, due_at=effect.due_at, created_at=now,
                                     payload={"state": effect.state,
                                              "version": effect.version}))
-        sends = [e for e in turn.effects if isinstance(e, SendEffect)]
-        return await self.enqueue(session, subscriber, [(e.flow, e.message) for e in sends])
+        sends = [(e.flow, e.message) for e in turn.effects if isinstance(e, SendEffect)]
+        if turn.escalation is not None:
+            sends.extend(await self.escalate(session, subscriber, turn))
+        return await self.enqueue(session, subscriber, sends)
+
+    async def escalate(self, session: AsyncSession, subscriber: Subscriber,
+                       turn: Turn) -> list[tuple[str | None, Outgoing]]:
+        """Open a conversation waiting for an agent (once) and tell the customer."""
+        escalation = turn.escalation
+        assert escalation is not None
+        if await self.open_conversation(session, subscriber.id) is not None:
+            return []
+        now = turn.now
+        session.add(Conversation(
+            subscriber_id=subscriber.id, status="waiting", reason=escalation.reason,
+            summary=escalation.summary, data=escalation.data, created_at=now,
+            updated_at=now))
+        if not self.catalogs.has(self.catalogs.default_locale, "handoff-waiting"):
+            return []
+        text = self.catalogs.format(turn.locale, "handoff-waiting",
+                                    turn.variables(self.catalogs))
+        return [(None, Outgoing(text=text))]
 
     async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
                       messages: Sequence[tuple[str | None, Outgoing]],

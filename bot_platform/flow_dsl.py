@@ -123,6 +123,19 @@ class EndAction(_Spec):
     end: Literal[True]
 
 
+class EscalationSpec(_Spec):
+    """Hand the chat to humans: ``reason`` for the queue, a ``summary`` (``{attribute}``
+    placeholders allowed) and the attributes to attach (the answers that led here)."""
+
+    reason: str
+    summary: str | None = None
+    attach: list[str] = Field(default_factory=list)
+
+
+class EscalateAction(_Spec):
+    escalate: EscalationSpec
+
+
 # Action name -> model. Later capabilities (recommend, escalate, ...) register here and in
 # the engine's executor table; a flow using an unknown action is rejected at load.
 ACTIONS: dict[str, type[_Spec]] = {
@@ -132,6 +145,7 @@ ACTIONS: dict[str, type[_Spec]] = {
     "score": ScoreAction,
     "start_flow": StartFlowAction,
     "end": EndAction,
+    "escalate": EscalateAction,
 }
 
 

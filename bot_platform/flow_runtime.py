@@ -29,6 +29,7 @@ from bot_platform.flow_dsl import (
     CaptureSpec,
     Condition,
     EndAction,
+    EscalateAction,
     FlowSpec,
     NotCondition,
     ScoreAction,
@@ -74,6 +75,15 @@ class TimerEffect:
     due_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """A request to hand the chat to humans, raised by a flow (or the AI fallback)."""
+
+    reason: str
+    summary: str | None
+    data: dict[str, Any]
+
+
 @dataclass
 class Turn:
     """One event's working set: the subscriber's data as the flows change it, plus the
@@ -91,6 +101,7 @@ class Turn:
     effects: list[SendEffect | TimerEffect] = field(default_factory=list)
     pending_starts: deque[str] = field(default_factory=deque)
     attributes_changed: bool = False
+    escalation: Escalation | None = None
 
     def lookup(self, name: str) -> Any:
         if name in ("locale", "channel"):
@@ -257,6 +268,13 @@ def _do_end(turn: Turn, position: Position, action: EndAction) -> None:
     position.status = "finished"
 
 
+def _do_escalate(turn: Turn, position: Position, action: EscalateAction) -> None:
+    spec = action.escalate
+    summary = _interpolate(spec.summary, turn) if spec.summary else None
+    data = {name: turn.lookup(name) for name in spec.attach}
+    turn.escalation = Escalation(spec.reason, summary, {"flow": position.flow, **data})
+
+
 # Action model -> executor; later capabilities add their own entries.
 ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     TagAction: _do_tag,
@@ -265,6 +283,7 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     ScoreAction: _do_score,
     StartFlowAction: _do_start_flow,
     EndAction: _do_end,
+    EscalateAction: _do_escalate,
 }
 
 

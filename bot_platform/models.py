@@ -223,3 +223,23 @@ class KeyValue(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime]
+
+
+class Conversation(Base):
+    """A chat escalated to humans. While one is open (waiting or assigned) the subscriber's
+    messages go to it instead of the flows, and timers/broadcasts are suppressed."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_open", "status", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="waiting")  # assigned, resolved
+    reason: Mapped[str] = mapped_column(String(64))
+    summary: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # answers that led here
+    agent_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]

@@ -284,3 +284,45 @@ async def test_unsubscribed_users_get_nothing_until_they_come_back(make_platform
         job = await session.scalar(select(Job))
         assert (job.status, job.result) == ("done", "unsubscribed")
     assert (await chat.say("/start"))[0].text.startswith("Hi Alex!")
+
+
+async def test_escalation_hands_the_chat_to_humans(make_platform, tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "support.yaml").write_text(textwrap.dedent("""
+        flow: support
+        triggers: [{on: keyword, keywords: [help]}]
+        start: ask
+        states:
+          ask:
+            say: welcome-ask-email
+            capture: {attribute: problem, type: text, retry: common-fallback, goto: handoff}
+            after: {delay: 1h, goto: reminder}
+          reminder:
+            say: welcome-tip
+            end: true
+          handoff:
+            actions:
+              - escalate: {reason: support, summary: "Problem: {problem}", attach: [problem]}
+            after: {delay: 1h, goto: reminder}
+    """))
+    platform = await make_platform(flows_dir=flows)
+    chat = Chat(platform)
+    await chat.say("help")
+    reply = await chat.say("my parcel is lost")
+    assert [m.text for m in reply] == [
+        "Thanks! A member of our team will answer you here soon."]
+    assert await chat.say("hello? anyone?") == []  # goes to the conversation, not flows
+    assert await chat.wait(timedelta(hours=2)) == []  # the flow's timer is suppressed
+    async with platform.db.session() as session:
+        from bot_platform.models import Conversation
+
+        conversation = await session.scalar(select(Conversation))
+        assert (conversation.status, conversation.reason, conversation.summary) == (
+            "waiting", "support", "Problem: my parcel is lost")
+        assert conversation.data == {"flow": "support", "problem": "my parcel is lost"}
+        job = await session.scalar(select(Job).where(Job.status == "done"))
+        assert job.result == "suppressed"
+        texts = (await session.scalars(select(Message.text).where(
+            Message.direction == "in").order_by(Message.id))).all()
+        assert texts[-1] == "hello? anyone?"  # the customer's words are kept
