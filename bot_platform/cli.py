@@ -46,30 +46,54 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---- serving --------------------------------------------------------------------------
 
 
+def _make_server_class() -> type:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, minus its signal handling: ours stops the worker and closes the
+        platform before the process exits (uvicorn would re-raise the signal first)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            yield
+
+    return Server
+
+
 async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     import uvicorn
 
     from bot_platform.platform import Platform
 
+    _Server = _make_server_class()
     platform = Platform(settings)
     await platform.start()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
+    server: uvicorn.Server | None = None
+
+    def shutdown() -> None:
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, shutdown)
     try:
         if worker:
             tasks.append(asyncio.create_task(platform.worker.run(stop)))
         if web:
             await platform.setup_webhooks()
             tasks.extend(asyncio.create_task(p) for p in platform.pollers())
-            server = uvicorn.Server(uvicorn.Config(
+            server = _Server(uvicorn.Config(
                 platform.app(), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), lifespan="off"))
             log.info("serving on http://%s:%s", settings.host, settings.port)
-            await server.serve()  # returns on SIGINT/SIGTERM
+            await server.serve()  # returns once shutdown() asked it to
         else:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
             await stop.wait()
     finally:
         stop.set()

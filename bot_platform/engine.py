@@ -27,7 +27,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
-from bot_platform.flow_runtime import FlowSet, Position, SendEffect, TimerEffect, Turn
+from bot_platform.flow_runtime import (
+    FlowSet,
+    JobEffect,
+    Position,
+    SendEffect,
+    TimerEffect,
+    Turn,
+)
 from bot_platform.i18n import Catalogs
 from bot_platform.models import (
     Contact,
@@ -113,6 +120,8 @@ class Engine:
         self.clock = clock
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
+        # A job kind that answers unexpected text (AI); None: the catalog's fallback.
+        self.text_fallback_job: str | None = None
         # Called for a customer message that went to an open conversation (live updates).
         self.on_conversation_message: Callable[[int, Inbound], None] | None = None
         self.locks = KeyedLocks()
@@ -366,9 +375,17 @@ class Engine:
         if names:
             turn.pending_starts.extend(names)
             return
-        fallback = self.catalogs.format(turn.locale, "common-fallback",
-                                        turn.variables(self.catalogs))
-        turn.effects.append(SendEffect(None, Outgoing(text=fallback)))
+        if self.text_fallback_job is not None:
+            # Answered outside this transaction (it may call a model): see jobs.py.
+            turn.effects.append(JobEffect(self.text_fallback_job,
+                                          {"text": text, "locale": turn.locale}, turn.now))
+            return
+        turn.effects.append(SendEffect(None, self.fallback_message(turn)))
+
+    def fallback_message(self, turn: Turn) -> Outgoing:
+        """The localized "I did not get that"."""
+        return Outgoing(text=self.catalogs.format(turn.locale, "common-fallback",
+                                                  turn.variables(self.catalogs)))
 
     def run_pending_starts(self, turn: Turn) -> None:
         for _ in range(MAX_FLOW_STARTS):
@@ -505,6 +522,9 @@ class Engine:
                                     flow=effect.flow, due_at=effect.due_at, created_at=now,
                                     payload={"state": effect.state,
                                              "version": effect.version}))
+            elif isinstance(effect, JobEffect):
+                session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
+                                due_at=effect.due_at, created_at=now, payload=effect.payload))
         sends = [(e.flow, e.message) for e in turn.effects if isinstance(e, SendEffect)]
         if turn.escalation is not None:
             sends.extend(await self.escalate(session, subscriber, turn))

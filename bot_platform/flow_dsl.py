@@ -308,6 +308,7 @@ class FlowSpec(_Spec):
 
     flow: str = Field(pattern=NAME_PATTERN)
     description: str = ""
+    intent: str | None = None  # what a customer says to want this flow (AI intent routing)
     triggers: list[TriggerSpec] = Field(default_factory=list)
     start: str
     states: dict[str, StateSpec]

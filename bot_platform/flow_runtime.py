@@ -76,6 +76,15 @@ class TimerEffect:
 
 
 @dataclass(frozen=True, slots=True)
+class JobEffect:
+    """Background work to schedule for this subscriber (an AI answer, for example)."""
+
+    kind: str
+    payload: dict[str, Any]
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Escalation:
     """A request to hand the chat to humans, raised by a flow (or the AI fallback)."""
 
@@ -98,7 +107,7 @@ class Turn:
     profile: dict[str, Any]
     positions: dict[str, Position]
     original_tags: set[str] = field(default_factory=set)
-    effects: list[SendEffect | TimerEffect] = field(default_factory=list)
+    effects: list[SendEffect | TimerEffect | JobEffect] = field(default_factory=list)
     pending_starts: deque[str] = field(default_factory=deque)
     attributes_changed: bool = False
     escalation: Escalation | None = None

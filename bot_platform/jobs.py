@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any, Protocol
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[AsyncSession, Job], Awaitable[str]]
 
 
+class PreparedJobHandler(Protocol):
+    """A handler whose slow part (a network call) runs BEFORE the job's transaction, so
+    no database lock is held while it waits; ``apply`` then commits with the job."""
+
+    async def prepare(self, job: Job) -> Any: ...
+
+    async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str: ...
+
+
 class Scheduler:
     """Claims due jobs and runs their handlers exactly once each."""
 
@@ -37,10 +47,11 @@ class Scheduler:
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
-        self.handlers: dict[str, JobHandler] = {"flow_timer": engine.run_flow_timer}
+        self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
+            "flow_timer": engine.run_flow_timer}
 
-    async def claim(self, limit: int) -> list[tuple[int, int | None, tuple[str, str, str] | None]]:
-        """Claim due jobs: (job id, subscriber id, subscriber identity) in due order."""
+    async def claim(self, limit: int) -> list[tuple[int, str, tuple[str, str, str] | None]]:
+        """Claim due jobs: (job id, kind, subscriber identity) in due order."""
         now = self.clock.now()
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         ready = or_(and_(Job.status == "pending", Job.due_at <= now),
@@ -52,7 +63,7 @@ class Scheduler:
             claimed = (await session.execute(
                 update(Job).where(Job.id.in_(ids.scalar_subquery()))
                 .values(status="running", locked_by=self.worker_id, lease_expires_at=lease)
-                .returning(Job.id, Job.subscriber_id, Job.due_at)
+                .returning(Job.id, Job.kind, Job.subscriber_id, Job.due_at)
                 .execution_options(synchronize_session=False))).all()
             subscriber_ids = {c.subscriber_id for c in claimed if c.subscriber_id}
             identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
@@ -60,20 +71,23 @@ class Scheduler:
                     Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
                 ).where(Subscriber.id.in_(subscriber_ids)))).all()} if subscriber_ids else {}
         ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
-        return [(c.id, c.subscriber_id, identities.get(c.subscriber_id)) for c in ordered]
+        return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
     async def run_once(self) -> int:
         """Claim a batch of due jobs and run them; returns how many ran."""
         claimed = await self.claim(self.settings.batch_size)
-        for job_id, _subscriber_id, identity in claimed:
+        for job_id, kind, identity in claimed:
+            handler = self.handlers.get(kind)
+            prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
             if identity is not None:
                 async with self.engine.locks.hold(identity):
-                    await self.run_job(job_id, identity)
+                    await self.run_job(job_id, identity, prepared)
             else:
-                await self.run_job(job_id, None)
+                await self.run_job(job_id, None, prepared)
         return len(claimed)
 
-    async def run_job(self, job_id: int, identity: tuple[str, str, str] | None) -> None:
+    async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,
+                      prepared: Any = None) -> None:
         try:
             async with self.db.session() as session:
                 if identity is not None:
@@ -88,7 +102,10 @@ class Scheduler:
                 handler = self.handlers.get(job.kind)
                 if handler is None:
                     raise LookupError(f"no handler for job kind {job.kind!r}")
-                result = await handler(session, job)
+                if hasattr(handler, "apply"):
+                    result = await handler.apply(session, job, prepared)
+                else:
+                    result = await handler(session, job)
                 job.status, job.result = "done", result
                 job.finished_at = self.clock.now()
                 job.locked_by = job.lease_expires_at = None
@@ -96,6 +113,19 @@ class Scheduler:
         except Exception as error:
             log.exception("job %s failed", job_id)
             await self._failed(job_id, error)
+
+    async def _prepare(self, job_id: int) -> Any:
+        """Run a two-phase handler's slow part outside any transaction (and any lock)."""
+        try:
+            async with self.db.sessions() as session:
+                job = await session.get(Job, job_id)
+            handler = self.handlers.get(job.kind) if job is not None else None
+            if job is None or handler is None:
+                return None
+            return await handler.prepare(job)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("preparing job %s failed; it runs without preparation", job_id)
+            return None
 
     async def _failed(self, job_id: int, error: Exception) -> None:
         async with self.db.session() as session:

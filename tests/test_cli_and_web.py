@@ -79,3 +79,71 @@ async def test_unknown_bot_gets_404(make_platform) -> None:
     async with platform.http_client() as client:
         response = await client.post("/webhooks/telegram/nope", content=json.dumps({}))
     assert response.status_code == 404
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_run_refuses_invalid_flows_and_says_which(tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "bad.yaml").write_text("flow: bad\nstart: nowhere\nstates: {a: {say: x}}\n")
+    env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/r.sqlite3",
+           "BOTP_FLOWS_DIR": str(flows), "BOTP_PORT": str(_free_port())}
+    result = subprocess.run([sys.executable, "-m", "bot_platform.cli", "run"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "bad.yaml: start: unknown state 'nowhere'" in result.stderr
+    assert "--skip-invalid-flows" in result.stderr
+
+
+@pytest.mark.slow
+async def test_run_serves_webhooks_and_delivers(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from tests.fakes.relay import FakeRelayServer
+
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    for name in ("welcome.yaml", "spring_promo.yaml"):
+        (flows / name).write_text((ROOT / "flows" / name).read_text())
+    (flows / "bad.yaml").write_text("flow: bad\nstart: nowhere\nstates: {a: {say: x}}\n")
+    port = _free_port()
+    async with FakeRelayServer() as relay:
+        bots = [{"id": "console", "channel": "console", "api_base": relay.url}]
+        env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/r.sqlite3",
+               "BOTP_FLOWS_DIR": str(flows), "BOTP_PORT": str(port),
+               "BOTP_BOTS": json.dumps(bots)}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot_platform.cli", "run", "--skip-invalid-flows",
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                for _ in range(200):
+                    try:
+                        if (await client.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+                response = await client.post("/webhooks/console/console", json={
+                    "user_id": "r1", "text": "/start promo-spring", "first_name": "Ann"})
+                assert response.status_code == 200
+                for _ in range(200):
+                    if relay.received:
+                        break
+                    await asyncio.sleep(0.05)
+            assert relay.texts("r1") == [
+                "Spring is here, Ann! Would you like a code for the spring collection?"]
+        finally:
+            process.terminate()
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0
+    assert b"skipped invalid flow file" in stderr and b"bad.yaml" in stderr
