@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from bot_platform.platform import Platform
 
 log = logging.getLogger(__name__)
+
+REPLY_HOLD = timedelta(seconds=10)
 
 # Routers mounted when their package is importable (the core does not depend on them).
 OPTIONAL_ROUTERS = ("admin_api:create_router",)
@@ -60,13 +63,23 @@ def create_app(platform: Platform) -> FastAPI:
         except BadPayload as error:
             log.warning("malformed webhook for %s/%s: %s", channel, bot_id, error)
             return Response("bad request", status_code=400)
-        handled = [await platform.engine.handle(event) for event in events]
         reply_hook = getattr(adapter, "reply", None)
-        reply = await reply_hook(call, handled) if reply_hook is not None else None
+        # An adapter that may answer in the response gets its messages held back from
+        # the worker until it has chosen (then released at once).
+        hold = REPLY_HOLD if reply_hook is not None else None
+        handled = [await platform.engine.handle(event, hold=hold) for event in events]
+        if reply_hook is None:
+            return Response("ok", media_type="text/plain")
+        held = [i for h in handled for i in h.outbox_ids]
+        try:
+            reply = await reply_hook(call, handled)
+            if reply is not None and reply.consumed_outbox_ids and not await _take_over(
+                    platform, reply.consumed_outbox_ids):
+                reply = None  # the worker was faster (the hold expired): it sends them
+        finally:
+            await platform.engine.release(held)
         if reply is None:
             return Response("ok", media_type="text/plain")
-        if reply.consumed_outbox_ids and not await _take_over(platform, reply.consumed_outbox_ids):
-            return Response("ok", media_type="text/plain")  # the worker was faster
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
 
     for target in OPTIONAL_ROUTERS:

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, text, update
@@ -96,6 +97,7 @@ class EventContext:
     subscriber: Subscriber | None = None
     duplicate: bool = False
     queued: list[tuple[int, Outgoing]] = field(default_factory=list)
+    hold: timedelta | None = None
 
 
 Next = Callable[[EventContext], Awaitable[None]]
@@ -133,9 +135,12 @@ class Engine:
 
     # ---- the inbound chain ------------------------------------------------------------
 
-    async def handle(self, inbound: Inbound) -> HandledEvent:
-        """Process one inbound event exactly once (re-deliveries are no-ops)."""
-        context = EventContext(inbound)
+    async def handle(self, inbound: Inbound, hold: timedelta | None = None) -> HandledEvent:
+        """Process one inbound event exactly once (re-deliveries are no-ops).
+
+        ``hold`` keeps the messages it queues from the worker for that long (or until
+        ``release`` is called), so a webhook can answer with one of them itself."""
+        context = EventContext(inbound, hold=hold)
         await self._run(0, context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,
@@ -166,7 +171,8 @@ class Engine:
             context.session = session
             await self.advisory_lock(session, i.channel, i.bot_id, i.user_id)
             await call_next(context)
-        self.on_commit()
+        if context.hold is None:
+            self.on_commit()
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, session = context.inbound, context.session
@@ -305,7 +311,8 @@ class Engine:
         if subscriber.status == "subscribed":
             turn, rows = await self.load_turn(session, subscriber)
             self.route_inbound(turn, context.inbound)
-            context.queued.extend(await self.save_turn(session, subscriber, turn, rows))
+            context.queued.extend(await self.save_turn(session, subscriber, turn, rows,
+                                                       hold=context.hold))
         await call_next(context)
 
     # ---- routing --------------------------------------------------------------------
@@ -381,6 +388,15 @@ class Engine:
                                           {"text": text, "locale": turn.locale}, turn.now))
             return
         turn.effects.append(SendEffect(None, self.fallback_message(turn)))
+
+    async def release(self, outbox_ids: Sequence[int]) -> None:
+        """Hand held messages to the worker now."""
+        if outbox_ids:
+            async with self.db.session() as session:
+                await session.execute(update(Outbox).where(
+                    Outbox.id.in_(outbox_ids), Outbox.status == "pending",
+                ).values(next_attempt_at=self.clock.now()))
+        self.on_commit()
 
     def fallback_message(self, turn: Turn) -> Outgoing:
         """The localized "I did not get that"."""
@@ -483,7 +499,8 @@ class Engine:
         return turn, rows
 
     async def save_turn(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
-                        rows: dict[str, FlowState]) -> list[tuple[int, Outgoing]]:
+                        rows: dict[str, FlowState], hold: timedelta | None = None
+                        ) -> list[tuple[int, Outgoing]]:
         """Persist a turn: positions, tags, attributes, timers and outbox rows."""
         now = turn.now
         for flow, position in turn.positions.items():
@@ -528,7 +545,7 @@ class Engine:
         sends = [(e.flow, e.message) for e in turn.effects if isinstance(e, SendEffect)]
         if turn.escalation is not None:
             sends.extend(await self.escalate(session, subscriber, turn))
-        return await self.enqueue(session, subscriber, sends)
+        return await self.enqueue(session, subscriber, sends, hold=hold)
 
     async def escalate(self, session: AsyncSession, subscriber: Subscriber,
                        turn: Turn) -> list[tuple[str | None, Outgoing]]:
@@ -550,7 +567,8 @@ class Engine:
 
     async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
                       messages: Sequence[tuple[str | None, Outgoing]],
-                      broadcast_id: int | None = None) -> list[tuple[int, Outgoing]]:
+                      broadcast_id: int | None = None, hold: timedelta | None = None
+                      ) -> list[tuple[int, Outgoing]]:
         """Queue messages for delivery (fitted to the channel) in the caller's transaction."""
         if not messages:
             return []
@@ -573,7 +591,8 @@ class Engine:
                 subscriber_id=subscriber.id, message_id=message_row.id,
                 channel=subscriber.channel, bot_id=subscriber.bot_id,
                 recipient=subscriber.user_id, payload=part.model_dump(mode="json"),
-                status="pending", next_attempt_at=now, broadcast_id=broadcast_id,
+                status="pending", next_attempt_at=now + (hold or timedelta(0)),
+                broadcast_id=broadcast_id,
                 created_at=now)
             session.add(outbox)
             rows.append((outbox, part))

@@ -147,3 +147,64 @@ async def test_run_serves_webhooks_and_delivers(tmp_path: Path) -> None:
             _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0
     assert b"skipped invalid flow file" in stderr and b"bad.yaml" in stderr
+
+
+class AnsweringChannel:
+    """A channel that answers the webhook with the first queued reply (like Viber's
+    conversation_started) and sends the rest through the worker."""
+
+    name = "answering"
+    bot_id = "b1"
+
+    def __init__(self) -> None:
+        import math
+
+        from bot_platform.types import Capabilities
+
+        self.capabilities = Capabilities(messages_per_second=math.inf,
+                                         per_chat_per_second=math.inf, max_text_length=30)
+        self.sent: list[str] = []
+
+    async def parse(self, request):
+        from bot_platform.types import Inbound, InboundKind
+
+        body = json.loads(request.body)
+        return [Inbound(channel="answering", bot_id="b1", user_id=body["user"],
+                        event_id=body["id"], kind=InboundKind.START)]
+
+    async def reply(self, request, handled):
+        from bot_platform.channels import WebhookReply
+
+        event = handled[0]
+        if event.duplicate or not event.replies:
+            return None
+        return WebhookReply(body=event.replies[0].text.encode(),
+                            consumed_outbox_ids=(event.outbox_ids[0],))
+
+    async def send(self, recipient, message):
+        from bot_platform.types import SendResult
+
+        self.sent.append(message.text)
+        return SendResult.sent(str(len(self.sent)))
+
+
+async def test_an_adapter_can_answer_in_the_webhook_response(make_platform) -> None:
+    from bot_platform.config import BotConfig
+    from bot_platform.models import Outbox
+
+    channel = AnsweringChannel()
+    platform = await make_platform(bots=[BotConfig(id="b1", channel="answering")],
+                                   channel_overrides={("answering", "b1"): channel})
+    async with platform.http_client() as client:
+        response = await client.post("/webhooks/answering/b1",
+                                     json={"user": "v1", "id": "e1"})
+    assert response.status_code == 200
+    first = response.text
+    await platform.drain()
+    # The greeting was split in parts of 30 characters: the first travelled in the
+    # response, the worker sent the rest, nothing twice.
+    assert first and first not in channel.sent
+    assert len(channel.sent) >= 2
+    async with platform.db.session() as session:
+        statuses = (await session.scalars(select(Outbox.status).order_by(Outbox.id))).all()
+    assert set(statuses) == {"sent"} and len(statuses) == len(channel.sent) + 1
