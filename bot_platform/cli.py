@@ -5,6 +5,8 @@
     botp worker              only the worker (timers and deliveries)
     botp chat                talk to the bot in this terminal (console channel)
     botp migrate             upgrade the database schema (or --downgrade REV)
+    botp events send NAME    post a shop event (cart_updated, order_placed ...)
+    botp events import F     post every event of a JSON-lines file
     botp flows validate P    check flow files (a file or a folder)
     botp flows graph P       print a flow as a Mermaid state diagram
 """
@@ -213,6 +215,52 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ingest_events(settings: Settings, events: list[Any]) -> list[Any]:
+    from bot_platform.events import ingest
+    from bot_platform.platform import Platform
+
+    platform = Platform(settings)
+    await platform.start()
+    try:
+        return [await ingest(platform.engine, event) for event in events]
+    finally:
+        await platform.close()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from bot_platform.events import EventIn
+    from bot_platform.migrations import upgrade
+
+    settings = _settings(args)
+    _setup_logging(settings, quiet=True)
+    try:
+        if args.events_command == "send":
+            customer: dict[str, Any] = {}
+            if args.user:
+                channel, bot_id, user_id = [*args.user.split(":", 2), "", ""][:3]
+                customer = {"channel": channel, "bot_id": bot_id, "user_id": user_id}
+            events = [EventIn(
+                name=args.name, event_id=args.id, subscriber_id=args.subscriber,
+                phone=args.phone, email=args.email, contact_id=args.contact,
+                data=json.loads(args.data) if args.data else {}, **customer)]
+        else:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+            events = [EventIn.model_validate_json(line) for line in lines if line.strip()]
+    except (ValidationError, ValueError, OSError) as error:
+        print(f"invalid event: {error}", file=sys.stderr)
+        return 2
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)
+    results = asyncio.run(_ingest_events(settings, events))
+    for event, result in zip(events, results, strict=True):
+        print(f"{event.name} {event.event_id or ''}: {result.status}".replace("  ", " "))
+    return 0
+
+
 def cmd_flows_validate(args: argparse.Namespace) -> int:
     from bot_platform.flow_dsl import validate_paths
     from bot_platform.i18n import Catalogs
@@ -280,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", metavar="REV")
     migrate.add_argument("--database-url")
 
+    events = commands.add_parser("events", help="post shop events")
+    event_commands = events.add_subparsers(dest="events_command", required=True)
+    send = event_commands.add_parser("send", help="post one event")
+    send.add_argument("name")
+    send.add_argument("--id", help="the shop's event id (posting it twice counts once)")
+    send.add_argument("--user", help="CHANNEL:BOT:USER_ID of the subscriber")
+    send.add_argument("--subscriber", type=int)
+    send.add_argument("--contact", type=int)
+    send.add_argument("--phone")
+    send.add_argument("--email")
+    send.add_argument("--data", help="JSON object")
+    send.add_argument("--database-url")
+    load = event_commands.add_parser("import", help="post a JSON-lines file of events")
+    load.add_argument("file")
+    load.add_argument("--database-url")
+
     flows = commands.add_parser("flows", help="flow files")
     flow_commands = flows.add_subparsers(dest="flows_command", required=True)
     validate = flow_commands.add_parser("validate", help="check flow files")
@@ -302,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_chat(args)
     if args.command == "migrate":
         return cmd_migrate(args)
+    if args.command == "events":
+        return cmd_events(args)
     if args.flows_command == "validate":
         return cmd_flows_validate(args)
     return cmd_flows_graph(args)

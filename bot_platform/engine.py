@@ -17,9 +17,9 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, text, update
@@ -40,6 +40,7 @@ from bot_platform.i18n import Catalogs
 from bot_platform.models import (
     Contact,
     Conversation,
+    CustomerEvent,
     FlowState,
     Job,
     Message,
@@ -444,22 +445,40 @@ class Engine:
         await self.save_turn(session, subscriber, turn, rows)
         return "fired"
 
-    async def dispatch_event(self, subscriber_id: int, name: str,
-                             data: dict[str, Any] | None = None) -> list[int]:
-        """A shop event (``cart_updated``...) for one subscriber: starts flows triggered by
-        it and moves flows waiting for it. Returns the outbox ids it queued."""
-        async with self.db.session() as session:
-            subscriber = await session.get(Subscriber, subscriber_id)
-            if subscriber is None:
-                return []
-            key = (subscriber.channel, subscriber.bot_id, subscriber.user_id)
-        async with self.locks.hold(key), self.db.session() as session:
-            await self.advisory_lock(session, *key)
+    async def dispatch_event(
+        self, subscriber_id: int | None, name: str, data: dict[str, Any] | None = None, *,
+        external_id: str | None = None, occurred_at: datetime | None = None,
+        contact_id: int | None = None,
+    ) -> tuple[bool, list[int]]:
+        """Record a shop event and let the subscriber's flows react: start flows triggered
+        by it, move flows waiting for it. Returns (stored, outbox ids); stored is False
+        when an event with the same ``external_id`` was recorded before."""
+        key: tuple[str, str, str] | None = None
+        if subscriber_id is not None:
+            async with self.db.session() as session:
+                subscriber = await session.get(Subscriber, subscriber_id)
+                if subscriber is not None:
+                    key = (subscriber.channel, subscriber.bot_id, subscriber.user_id)
+                    contact_id = contact_id or subscriber.contact_id
+        async with AsyncExitStack() as stack:
+            if key is not None:
+                await stack.enter_async_context(self.locks.hold(key))
+            session = await stack.enter_async_context(self.db.session())
+            if key is not None:
+                await self.advisory_lock(session, *key)
+            now = self.clock.now()
+            stored = await session.execute(insert_ignore(session, CustomerEvent).values(
+                external_id=external_id, name=name, contact_id=contact_id,
+                subscriber_id=subscriber_id if key else None, data=data or {},
+                occurred_at=occurred_at or now, created_at=now))
+            if stored.rowcount == 0:
+                return False, []
+            if key is None:
+                return True, []
             subscriber = await session.get(Subscriber, subscriber_id, populate_existing=True)
-            if subscriber is None or subscriber.status != "subscribed":
-                return []
-            if await self.open_conversation(session, subscriber.id) is not None:
-                return []
+            if (subscriber is None or subscriber.status != "subscribed"
+                    or await self.open_conversation(session, subscriber.id) is not None):
+                return True, []
             turn, rows = await self.load_turn(session, subscriber)
             if data:
                 turn.attributes[f"last_{name}"] = data
@@ -470,7 +489,7 @@ class Engine:
             self.run_pending_starts(turn)
             queued = await self.save_turn(session, subscriber, turn, rows)
         self.on_commit()
-        return [i for i, _ in queued]
+        return True, [i for i, _ in queued]
 
     # ---- loading and saving a turn ------------------------------------------------------
 

@@ -471,6 +471,8 @@ class CompiledFlow:
 
     def fire_once(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
         """Bind a throw-away model at the stored state, fire, unbind."""
+        if trigger not in self.machine.events:
+            return False
         model = _Model(turn, position)
         self.machine.add_model(model, initial=position.state)
         try:

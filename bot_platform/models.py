@@ -243,3 +243,25 @@ class Conversation(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
+
+
+class CustomerEvent(Base):
+    """What the shop tells us a customer did (cart_updated, order_placed, birthday ...).
+    ``external_id`` makes ingestion idempotent: the same event posted twice counts once."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_subscriber", "subscriber_id", "name", "occurred_at"),
+        Index("ix_events_contact", "contact_id", "name", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    contact_id: Mapped[int | None] = mapped_column(
+        ForeignKey("contacts.id", ondelete="SET NULL"))
+    subscriber_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="SET NULL"))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    occurred_at: Mapped[datetime]
+    created_at: Mapped[datetime]

@@ -256,6 +256,11 @@ async def test_shop_event_starts_flows_and_moves_waiting_ones(make_platform, tmp
         subscriber_id = await session.scalar(select(Subscriber.id))
     await platform.engine.dispatch_event(subscriber_id, "cart_updated", {"items": ["a"]})
     await platform.engine.dispatch_event(subscriber_id, "order_placed")
+    stored, _ = await platform.engine.dispatch_event(subscriber_id, "order_placed",
+                                                      external_id="o-1")
+    again, _ = await platform.engine.dispatch_event(subscriber_id, "order_placed",
+                                                     external_id="o-1")
+    assert (stored, again) == (True, False)
     assert await chat.wait(timedelta(hours=2)) == []  # the order cancelled the reminder
     await platform.engine.dispatch_event(subscriber_id, "cart_updated")
     reminded = await chat.wait(timedelta(hours=1))

@@ -15,7 +15,7 @@ from bot_platform.migrations import downgrade, upgrade
 from bot_platform.models import Base
 
 TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages",
-          "processed_events", "jobs", "outbox", "kv", "conversations"}
+          "processed_events", "jobs", "outbox", "kv", "conversations", "events"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:

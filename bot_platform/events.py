@@ -1,0 +1,98 @@
+"""Customer events from the shop (``cart_updated``, ``order_placed``, ``birthday`` ...):
+validated, stored idempotently, and dispatched to the customer's flows.
+
+A customer is named by a subscriber (id, or channel + bot + messenger user id) or by a
+contact (id, phone or email). A contact with several channel identities gets the event on
+the identity it used most recently, so a reminder is not sent on every messenger at once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import select
+
+from bot_platform.engine import Engine
+from bot_platform.models import Contact, Subscriber
+
+EVENT_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
+
+
+class EventIn(BaseModel):
+    """One shop event as posted by the shop (API, CLI or a JSON-lines file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=EVENT_NAME)
+    event_id: str | None = Field(default=None, max_length=255)  # the shop's id: idempotency
+    subscriber_id: int | None = None
+    channel: str | None = None
+    bot_id: str | None = None
+    user_id: str | None = None
+    contact_id: int | None = None
+    phone: str | None = None
+    email: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    occurred_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _names_a_customer(self) -> EventIn:
+        trio = (self.channel, self.bot_id, self.user_id)
+        if any(trio) and not all(trio):
+            raise ValueError("channel, bot_id and user_id go together")
+        if not (self.subscriber_id or all(trio) or self.contact_id or self.phone
+                or self.email):
+            raise ValueError("name the customer: subscriber_id, channel+bot_id+user_id, "
+                             "contact_id, phone or email")
+        return self
+
+
+class IngestResult(BaseModel):
+    status: Literal["accepted", "duplicate", "unknown_customer"]
+    subscriber_id: int | None = None
+    outbox_ids: list[int] = Field(default_factory=list)
+
+
+async def resolve_customer(engine: Engine, event: EventIn) -> tuple[int | None, int | None]:
+    """(contact id, subscriber id to act on) for an event; None where unknown."""
+    async with engine.db.session() as session:
+        if event.subscriber_id or event.user_id:
+            query = select(Subscriber.contact_id, Subscriber.id)
+            query = query.where(Subscriber.id == event.subscriber_id) if event.subscriber_id \
+                else query.where(Subscriber.channel == event.channel,
+                                 Subscriber.bot_id == event.bot_id,
+                                 Subscriber.user_id == event.user_id)
+            row = (await session.execute(query)).first()
+            return (row[0], row[1]) if row else (None, None)
+        contact_id = event.contact_id
+        if contact_id is None:
+            match = Contact.phone == event.phone if event.phone else Contact.email == event.email
+            contact_id = await session.scalar(select(Contact.id).where(match).limit(1))
+            if contact_id is None and event.email:
+                # An email captured in a flow lives on the subscriber's attributes.
+                contact_id = await session.scalar(select(Subscriber.contact_id).where(
+                    Subscriber.attributes["email"].as_string() == event.email.lower()
+                ).limit(1))
+        if contact_id is None:
+            return None, None
+        subscriber_id = await session.scalar(
+            select(Subscriber.id).where(Subscriber.contact_id == contact_id)
+            .order_by((Subscriber.status == "subscribed").desc(),
+                      Subscriber.last_inbound_at.desc().nulls_last(), Subscriber.id.desc())
+            .limit(1))
+        return contact_id, subscriber_id
+
+
+async def ingest(engine: Engine, event: EventIn) -> IngestResult:
+    """Store the event once and let the customer's flows react to it."""
+    contact_id, subscriber_id = await resolve_customer(engine, event)
+    stored, outbox_ids = await engine.dispatch_event(
+        subscriber_id, event.name, event.data, external_id=event.event_id,
+        occurred_at=event.occurred_at, contact_id=contact_id)
+    if not stored:
+        return IngestResult(status="duplicate", subscriber_id=subscriber_id)
+    if subscriber_id is None:
+        return IngestResult(status="unknown_customer")
+    return IngestResult(status="accepted", subscriber_id=subscriber_id, outbox_ids=outbox_ids)
