@@ -311,14 +311,14 @@ class Engine:
         assert session is not None and subscriber is not None
         if subscriber.status == "subscribed":
             turn, rows = await self.load_turn(session, subscriber)
-            self.route_inbound(turn, context.inbound)
+            await self.route_inbound(turn, context.inbound)
             context.queued.extend(await self.save_turn(session, subscriber, turn, rows,
                                                        hold=context.hold))
         await call_next(context)
 
     # ---- routing --------------------------------------------------------------------
 
-    def route_inbound(self, turn: Turn, inbound: Inbound) -> None:
+    async def route_inbound(self, turn: Turn, inbound: Inbound) -> None:
         """Decide which flow trigger an inbound event fires."""
         kind = inbound.kind
         if kind in (InboundKind.START, InboundKind.REFERRAL):
@@ -329,14 +329,14 @@ class Engine:
         elif kind == InboundKind.SUBSCRIBED:
             turn.pending_starts.extend(self.flows.triggered_by("subscribed"))
         elif kind == InboundKind.BUTTON:
-            self._route_button(turn, inbound.payload)
+            await self._route_button(turn, inbound.payload)
         elif kind == InboundKind.TEXT:
-            self._route_text(turn, inbound.text or "")
+            await self._route_text(turn, inbound.text or "")
         elif kind == InboundKind.CONTACT and inbound.profile.phone:
-            self._route_capture(turn, inbound.profile.phone, only_type="phone")
-        self.run_pending_starts(turn)
+            await self._route_capture(turn, inbound.profile.phone, only_type="phone")
+        await self.run_pending_starts(turn)
 
-    def _route_button(self, turn: Turn, payload: str | None) -> None:
+    async def _route_button(self, turn: Turn, payload: str | None) -> None:
         ref = self.flows.codec.decode(payload)
         if ref is None or ref.flow not in self.flows:
             log.info("button payload %r matches no flow; ignored", payload)
@@ -348,14 +348,15 @@ class Engine:
         position = turn.positions.setdefault(ref.flow, Position(ref.flow, ref.state))
         # An older message's button still works: it acts from the state that showed it.
         position.state = ref.state
-        flow.fire(turn, position, f"{ref.kind}_{ref.index}")
+        await flow.fire(turn, position, f"{ref.kind}_{ref.index}")
 
     def _active(self, turn: Turn) -> list[Position]:
         active = [p for p in turn.positions.values()
                   if p.status == "active" and p.flow in self.flows]
         return sorted(active, key=lambda p: p.updated_at or turn.now, reverse=True)
 
-    def _route_capture(self, turn: Turn, text: str, only_type: str | None = None) -> bool:
+    async def _route_capture(self, turn: Turn, text: str,
+                             only_type: str | None = None) -> bool:
         for position in self._active(turn):
             flow = self.flows[position.flow]
             state = flow.spec.states.get(position.state)
@@ -363,21 +364,21 @@ class Engine:
                 continue
             if only_type and state.capture.type != only_type:
                 continue
-            if not flow.fire(turn, position, "captured", text=text):
+            if not await flow.fire(turn, position, "captured", text=text):
                 retry = self.catalogs.format(turn.locale, state.capture.retry,
                                              turn.variables(self.catalogs))
                 turn.effects.append(SendEffect(position.flow, Outgoing(text=retry)))
             return True
         return False
 
-    def _route_text(self, turn: Turn, text: str) -> None:
+    async def _route_text(self, turn: Turn, text: str) -> None:
         for position in self._active(turn):
             flow = self.flows[position.flow]
             match = flow.label_index(position.state, text, turn)
             if match is not None:
-                flow.fire(turn, position, f"{match[0]}_{match[1]}")
+                await flow.fire(turn, position, f"{match[0]}_{match[1]}")
                 return
-        if self._route_capture(turn, text):
+        if await self._route_capture(turn, text):
             return
         names = self.flows.triggered_by("keyword", text)
         if names:
@@ -404,7 +405,7 @@ class Engine:
         return Outgoing(text=self.catalogs.format(turn.locale, "common-fallback",
                                                   turn.variables(self.catalogs)))
 
-    def run_pending_starts(self, turn: Turn) -> None:
+    async def run_pending_starts(self, turn: Turn) -> None:
         for _ in range(MAX_FLOW_STARTS):
             if not turn.pending_starts:
                 return
@@ -414,7 +415,7 @@ class Engine:
                 continue
             flow = self.flows[name]
             position = turn.positions.setdefault(name, Position(name, flow.spec.start))
-            flow.start(turn, position)
+            await flow.start(turn, position)
         if turn.pending_starts:
             log.warning("more than %d flow starts in one event; the rest were dropped",
                         MAX_FLOW_STARTS)
@@ -439,9 +440,9 @@ class Engine:
                 or position.version != payload.get("version")
                 or job.flow not in self.flows):
             return "stale"
-        if not self.flows[job.flow].fire(turn, position, "timeout"):
+        if not await self.flows[job.flow].fire(turn, position, "timeout"):
             return "not-applicable"
-        self.run_pending_starts(turn)
+        await self.run_pending_starts(turn)
         await self.save_turn(session, subscriber, turn, rows)
         return "fired"
 
@@ -484,9 +485,9 @@ class Engine:
                 turn.attributes[f"last_{name}"] = data
                 turn.attributes_changed = True
             for position in self._active(turn):
-                self.flows[position.flow].fire(turn, position, f"event:{name}")
+                await self.flows[position.flow].fire(turn, position, f"event:{name}")
             turn.pending_starts.extend(self.flows.triggered_by("event", name))
-            self.run_pending_starts(turn)
+            await self.run_pending_starts(turn)
             queued = await self.save_turn(session, subscriber, turn, rows)
         self.on_commit()
         return True, [i for i, _ in queued]
@@ -514,6 +515,7 @@ class Engine:
             positions={flow: Position(flow, row.state, row.version, row.status,
                                       dict(row.data or {}), row.updated_at)
                        for flow, row in rows.items()},
+            session=session, services=self,
         )
         return turn, rows
 

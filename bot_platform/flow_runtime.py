@@ -11,6 +11,7 @@ same transaction as the new position.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import re
 from collections import deque
@@ -111,6 +112,8 @@ class Turn:
     pending_starts: deque[str] = field(default_factory=deque)
     attributes_changed: bool = False
     escalation: Escalation | None = None
+    session: Any = None  # the event's AsyncSession, for actions that need the database
+    services: Any = None  # the engine, for actions that need platform services
 
     def lookup(self, name: str) -> Any:
         if name in ("locale", "channel"):
@@ -296,24 +299,41 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
 }
 
 
-def run_actions(actions: Iterable[Any], turn: Turn, position: Position) -> None:
+async def run_actions(actions: Iterable[Any], turn: Turn, position: Position) -> None:
+    """Run actions in order; an executor may be a plain or an async function (async ones
+    use ``turn.session`` and ``turn.services`` to reach the database)."""
     for action in actions:
         executor = ACTION_EXECUTORS.get(type(action))
         if executor is None:
             raise FlowError(f"no executor for action {type(action).__name__}")
-        executor(turn, position, action)
+        result = executor(turn, position, action)
+        if inspect.isawaitable(result):
+            await result
 
 
 # ---- the compiled flow -----------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _RunActions:
+    actions: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Enter:
+    state: str
+
+
 class _Model:
-    """The throw-away model bound to the flow's machine for one trigger."""
+    """The throw-away model bound to the flow's machine for one trigger. The machine's
+    callbacks only record steps here; the flow executes them afterwards (asynchronously,
+    since actions may touch the database)."""
 
     def __init__(self, turn: Turn, position: Position) -> None:
         self.turn = turn
         self.position = position
         self.captured: Any = None
+        self.steps: list[_RunActions | _Enter] = []
 
 
 class CompiledFlow:
@@ -363,7 +383,7 @@ class CompiledFlow:
 
     def _actions_callback(self, actions: list[Any]) -> Callable[[Any], None]:
         def callback(event: Any) -> None:
-            run_actions(actions, event.model.turn, event.model.position)
+            event.model.steps.append(_RunActions(actions))
         return callback
 
     def _capture_ok(self, event: Any) -> bool:
@@ -380,19 +400,19 @@ class CompiledFlow:
         event.model.turn.attributes_changed = True
 
     def _on_enter(self, event: Any) -> None:
-        self.enter(event.model.turn, event.model.position, event.state.name)
+        event.model.steps.append(_Enter(event.state.name))
 
     # -- entering a state --
 
-    def enter(self, turn: Turn, position: Position, name: str) -> None:
-        """Record everything that entering ``name`` does."""
+    async def enter(self, turn: Turn, position: Position, name: str) -> None:
+        """Do everything that entering ``name`` does."""
         state = self.spec.states[name]
         position.state = name
         position.version += 1
         position.status = "active"
         position.changed = True
         position.updated_at = turn.now
-        run_actions(state.actions, turn, position)
+        await run_actions(state.actions, turn, position)
         for message in self.render(name, turn):
             turn.effects.append(SendEffect(self.name, message))
         if state.after:
@@ -442,45 +462,62 @@ class CompiledFlow:
 
     # -- firing triggers --
 
-    def start(self, turn: Turn, position: Position) -> None:
+    async def start(self, turn: Turn, position: Position) -> None:
         """Enter the start state (restarting the flow if it was already running)."""
-        self.enter(turn, position, self.spec.start)
-        self._settle(turn, position)
+        await self.enter(turn, position, self.spec.start)
+        await self._settle(turn, position)
 
-    def fire(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
+    async def fire(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
         """Fire ``trigger`` from the stored state; False if it did not apply."""
         if position.state not in self.spec.states:
             raise UnknownState(f"flow {self.name!r} has no state {position.state!r}")
-        done = self.fire_once(turn, position, trigger, **kwargs)
-        if done:
-            self._settle(turn, position)
-        return done
+        steps = self.transition(turn, position, trigger, **kwargs)
+        if steps is None:
+            return False
+        await self._execute(turn, position, steps)
+        await self._settle(turn, position)
+        return True
 
-    def _settle(self, turn: Turn, position: Position) -> None:
+    async def _settle(self, turn: Turn, position: Position) -> None:
         """Follow immediate goto/branch moves until a state waits (or the flow ended)."""
         for _ in range(MAX_HOPS):
             state = self.spec.states[position.state]
             if position.status != "active" or not (state.goto or state.branch):
                 return
-            if not self.fire_once(turn, position, "next"):
+            steps = self.transition(turn, position, "next")
+            if steps is None:
                 log.warning("flow %s: no branch of %s applies; waiting there",
                             self.name, position.state)
                 return
+            await self._execute(turn, position, steps)
         raise FlowError(f"flow {self.name!r}: more than {MAX_HOPS} immediate moves "
                         f"(a goto/branch loop?) at state {position.state!r}")
 
-    def fire_once(self, turn: Turn, position: Position, trigger: str, **kwargs: Any) -> bool:
-        """Bind a throw-away model at the stored state, fire, unbind."""
+    async def _execute(self, turn: Turn, position: Position,
+                       steps: list[_RunActions | _Enter]) -> None:
+        for step in steps:
+            if isinstance(step, _Enter):
+                await self.enter(turn, position, step.state)
+            else:
+                await run_actions(step.actions, turn, position)
+
+    def transition(self, turn: Turn, position: Position, trigger: str,
+                   **kwargs: Any) -> list[_RunActions | _Enter] | None:
+        """Ask the machine where ``trigger`` leads from the stored state: bind a
+        throw-away model, fire, unbind. Returns the steps to execute, None if the trigger
+        does not apply there."""
         if trigger not in self.machine.events:
-            return False
+            return None
         model = _Model(turn, position)
         self.machine.add_model(model, initial=position.state)
         try:
-            return bool(model.trigger(trigger, **kwargs))
+            if not model.trigger(trigger, **kwargs):
+                return None
         except MachineError:
-            return False
+            return None
         finally:
             self.machine.remove_model(model)
+        return model.steps
 
     def waits_for_text(self, name: str) -> bool:
         state = self.spec.states.get(name)
