@@ -7,6 +7,7 @@
     botp migrate             upgrade the database schema (or --downgrade REV)
     botp events send NAME    post a shop event (cart_updated, order_placed ...)
     botp events import F     post every event of a JSON-lines file
+    botp codes import POOL F add promo codes (one per line) to a pool
     botp flows validate P    check flow files (a file or a folder)
     botp flows graph P       print a flow as a Mermaid state diagram
 """
@@ -261,6 +262,41 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_codes(args: argparse.Namespace) -> int:
+    from bot_platform.clock import SystemClock
+    from bot_platform.database import Database
+    from bot_platform.migrations import upgrade
+    from bot_platform.promo import import_codes, pool_counts
+
+    settings = _settings(args)
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)
+
+    async def work(lines: list[str]) -> tuple[int, int, int]:
+        db = Database(settings.database_url)
+        try:
+            added = 0
+            if args.codes_command == "import":
+                added = await import_codes(db, args.pool, lines, SystemClock().now())
+            async with db.session() as session:
+                total, free = await pool_counts(session, args.pool)
+            return added, total, free
+        finally:
+            await db.close()
+
+    try:
+        lines = (Path(args.file).read_text(encoding="utf-8").splitlines()
+                 if args.codes_command == "import" else [])
+    except OSError as error:
+        print(error, file=sys.stderr)
+        return 2
+    added, total, free = asyncio.run(work(lines))
+    if args.codes_command == "import":
+        print(f"{added} new code(s) in pool {args.pool!r}")
+    print(f"pool {args.pool!r}: {total} code(s), {free} free")
+    return 0
+
+
 def cmd_flows_validate(args: argparse.Namespace) -> int:
     from bot_platform.flow_dsl import validate_paths
     from bot_platform.i18n import Catalogs
@@ -344,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     load.add_argument("--database-url")
 
+    codes = commands.add_parser("codes", help="promo code pools")
+    code_commands = codes.add_subparsers(dest="codes_command", required=True)
+    load_codes = code_commands.add_parser("import", help="add codes (one per line)")
+    load_codes.add_argument("pool")
+    load_codes.add_argument("file")
+    load_codes.add_argument("--database-url")
+    status = code_commands.add_parser("status", help="how many codes are left")
+    status.add_argument("pool")
+    status.add_argument("--database-url")
+
     flows = commands.add_parser("flows", help="flow files")
     flow_commands = flows.add_subparsers(dest="flows_command", required=True)
     validate = flow_commands.add_parser("validate", help="check flow files")
@@ -368,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_migrate(args)
     if args.command == "events":
         return cmd_events(args)
+    if args.command == "codes":
+        return cmd_codes(args)
     if args.flows_command == "validate":
         return cmd_flows_validate(args)
     return cmd_flows_graph(args)

@@ -506,7 +506,8 @@ class Engine:
         tags = set((await session.scalars(select(SubscriberTag.tag).where(
             SubscriberTag.subscriber_id == subscriber.id))).all())
         turn = Turn(
-            subscriber_id=subscriber.id, channel=subscriber.channel,
+            subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
+            channel=subscriber.channel,
             locale=subscriber.locale or self.catalogs.default_locale, now=self.clock.now(),
             attributes=dict(subscriber.attributes or {}), tags=set(tags),
             original_tags=tags,

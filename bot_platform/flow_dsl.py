@@ -123,6 +123,19 @@ class EndAction(_Spec):
     end: Literal[True]
 
 
+class PromoCodeSpec(_Spec):
+    """Draw a unique code from ``pool`` into ``attribute`` (None when the pool is empty);
+    a contact gets the same code again unless ``once_per_contact`` is false."""
+
+    pool: str
+    attribute: str = "promo_code"
+    once_per_contact: bool = True
+
+
+class PromoCodeAction(_Spec):
+    promo_code: PromoCodeSpec
+
+
 class EscalationSpec(_Spec):
     """Hand the chat to humans: ``reason`` for the queue, a ``summary`` (``{attribute}``
     placeholders allowed) and the attributes to attach (the answers that led here)."""
@@ -146,6 +159,7 @@ ACTIONS: dict[str, type[_Spec]] = {
     "start_flow": StartFlowAction,
     "end": EndAction,
     "escalate": EscalateAction,
+    "promo_code": PromoCodeAction,
 }
 
 

@@ -33,6 +33,7 @@ from bot_platform.flow_dsl import (
     EscalateAction,
     FlowSpec,
     NotCondition,
+    PromoCodeAction,
     ScoreAction,
     SetAction,
     StartFlowAction,
@@ -100,6 +101,7 @@ class Turn:
     effects to persist. Built and persisted by the engine."""
 
     subscriber_id: int
+    contact_id: int
     channel: str
     locale: str
     now: datetime
@@ -287,6 +289,17 @@ def _do_escalate(turn: Turn, position: Position, action: EscalateAction) -> None
     turn.escalation = Escalation(spec.reason, summary, {"flow": position.flow, **data})
 
 
+async def _do_promo_code(turn: Turn, position: Position, action: PromoCodeAction) -> None:
+    from bot_platform.promo import draw_code
+
+    spec = action.promo_code
+    code = await draw_code(
+        turn.session, pool=_interpolate(spec.pool, turn), contact_id=turn.contact_id,
+        subscriber_id=turn.subscriber_id, now=turn.now, once_per_contact=spec.once_per_contact)
+    turn.attributes[spec.attribute] = code
+    turn.attributes_changed = True
+
+
 # Action model -> executor; later capabilities add their own entries.
 ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     TagAction: _do_tag,
@@ -296,6 +309,7 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     StartFlowAction: _do_start_flow,
     EndAction: _do_end,
     EscalateAction: _do_escalate,
+    PromoCodeAction: _do_promo_code,
 }
 
 

@@ -265,3 +265,24 @@ class CustomerEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     occurred_at: Mapped[datetime]
     created_at: Mapped[datetime]
+
+
+class PromoCode(Base):
+    """A unique code in a pool; handed out at most once (``issued_at`` set atomically)."""
+
+    __tablename__ = "promo_codes"
+    __table_args__ = (
+        UniqueConstraint("pool", "code"),
+        Index("ix_promo_codes_free", "pool", "issued_at"),
+        Index("ix_promo_codes_contact", "contact_id", "pool"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    pool: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str] = mapped_column(String(64))
+    contact_id: Mapped[int | None] = mapped_column(
+        ForeignKey("contacts.id", ondelete="SET NULL"))
+    subscriber_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="SET NULL"))
+    issued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]

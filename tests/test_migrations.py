@@ -15,7 +15,8 @@ from bot_platform.migrations import downgrade, upgrade
 from bot_platform.models import Base
 
 TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages",
-          "processed_events", "jobs", "outbox", "kv", "conversations", "events"}
+          "processed_events", "jobs", "outbox", "kv", "conversations", "events",
+          "promo_codes"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:
