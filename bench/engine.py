@@ -162,7 +162,7 @@ async def drop_postgres(url: str) -> None:
     await admin.close()
 
 
-async def main() -> None:
+async def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--subscribers", type=int, default=500)
@@ -196,11 +196,16 @@ async def main() -> None:
     print(f"peak RSS: {peak_rss_mb:.0f} MB; {args.subscribers} subscribers, "
           f"{args.concurrency} talking at once; baseline = one transaction with the dedupe "
           f"insert per event")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": os.uname().nodename,
-        "cpus": os.cpu_count(), "peak_rss_mb": peak_rss_mb, "results": results}, indent=2))
+    return {"path": args.json, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": os.uname().nodename, "cpus": os.cpu_count(),
+            "peak_rss_mb": peak_rss_mb, "results": results}
+
+
+def write_json(report: dict) -> None:
+    path = Path(report.pop("path"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    write_json(asyncio.run(main()))

@@ -61,8 +61,8 @@ class WorkerProcess:
             self.kill()
 
 
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate, limit: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if await predicate():
             return
