@@ -42,6 +42,15 @@ def create_app(platform: Platform) -> FastAPI:
             await session.execute(text("SELECT 1"))
         return {"status": "ok"}
 
+    @app.get("/r/{token}", tags=["tracking"], summary="Count a click and redirect")
+    async def tracked_redirect(token: str) -> Response:
+        from bot_platform.catalog import register_click
+
+        target = await register_click(platform.db, token, platform.clock.now())
+        if target is None:
+            return Response("unknown link", status_code=404)
+        return Response(status_code=302, headers={"Location": target})
+
     @app.api_route("/webhooks/{channel}/{bot_id}", methods=["GET", "POST"], tags=["webhooks"],
                    include_in_schema=False)
     async def webhook(channel: str, bot_id: str, request: Request) -> Response:

@@ -8,6 +8,7 @@
     botp events send NAME    post a shop event (cart_updated, order_placed ...)
     botp events import F     post every event of a JSON-lines file
     botp codes import POOL F add promo codes (one per line) to a pool
+    botp catalog import F    add or update products from a CSV or JSON file
     botp flows validate P    check flow files (a file or a folder)
     botp flows graph P       print a flow as a Mermaid state diagram
 """
@@ -297,6 +298,38 @@ def cmd_codes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from bot_platform.catalog import parse_products, upsert_products
+    from bot_platform.clock import SystemClock
+    from bot_platform.database import Database
+    from bot_platform.migrations import upgrade
+
+    settings = _settings(args)
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+        products, errors = parse_products(text, args.file)
+    except (OSError, ValueError) as error:
+        print(f"cannot read {args.file}: {error}", file=sys.stderr)
+        return 2
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors and not args.skip_invalid:
+        print("nothing imported; fix the rows or pass --skip-invalid", file=sys.stderr)
+        return 1
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)
+
+    async def work() -> int:
+        db = Database(settings.database_url)
+        try:
+            return await upsert_products(db, products, SystemClock().now())
+        finally:
+            await db.close()
+
+    print(f"{asyncio.run(work())} product(s) imported, {len(errors)} row(s) rejected")
+    return 0
+
+
 def cmd_flows_validate(args: argparse.Namespace) -> int:
     from bot_platform.flow_dsl import validate_paths
     from bot_platform.i18n import Catalogs
@@ -390,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("pool")
     status.add_argument("--database-url")
 
+    catalog = commands.add_parser("catalog", help="the product catalog")
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    load_catalog = catalog_commands.add_parser("import", help="add/update products")
+    load_catalog.add_argument("file", help="CSV with a header row, or a JSON list")
+    load_catalog.add_argument("--skip-invalid", action="store_true",
+                              help="import the valid rows even if some are invalid")
+    load_catalog.add_argument("--database-url")
+
     flows = commands.add_parser("flows", help="flow files")
     flow_commands = flows.add_subparsers(dest="flows_command", required=True)
     validate = flow_commands.add_parser("validate", help="check flow files")
@@ -416,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_events(args)
     if args.command == "codes":
         return cmd_codes(args)
+    if args.command == "catalog":
+        return cmd_catalog(args)
     if args.flows_command == "validate":
         return cmd_flows_validate(args)
     return cmd_flows_graph(args)

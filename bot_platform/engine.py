@@ -123,6 +123,7 @@ class Engine:
         self.clock = clock
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
+        self.public_url: str | None = None  # where tracked links redirect through /r/
         # A job kind that answers unexpected text (AI); None: the catalog's fallback.
         self.text_fallback_job: str | None = None
         # Called for a customer message that went to an open conversation (live updates).

@@ -136,6 +136,32 @@ class PromoCodeAction(_Spec):
     promo_code: PromoCodeSpec
 
 
+class RecommendSpec(_Spec):
+    """Show a carousel of up to ``limit`` in-stock products the contact has not bought:
+    co-purchases first (when ``co_purchase``), then products matching ``category`` and
+    ``tags`` (plus tags read from the attributes in ``tags_from``, e.g. a quiz result)."""
+
+    limit: int = Field(default=3, ge=1, le=10)
+    category: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    tags_from: list[str] = Field(default_factory=list)
+    use_subscriber_tags: bool = False
+    co_purchase: bool = True
+    say: str | None = None  # catalog key of the text above the carousel
+    button: str | None = None  # catalog key of each card's button label
+    empty: str | None = None  # catalog key sent when there is nothing to recommend
+    attribute: str = "recommended"  # the skus shown, for conditions and analytics
+    campaign: str | None = None  # utm_campaign (default: the flow's name)
+
+    def catalog_keys(self) -> list[tuple[str, str]]:
+        return [(f, k) for f, k in (("say", self.say), ("button", self.button),
+                                     ("empty", self.empty)) if k]
+
+
+class RecommendAction(_Spec):
+    recommend: RecommendSpec
+
+
 class EscalationSpec(_Spec):
     """Hand the chat to humans: ``reason`` for the queue, a ``summary`` (``{attribute}``
     placeholders allowed) and the attributes to attach (the answers that led here)."""
@@ -160,6 +186,7 @@ ACTIONS: dict[str, type[_Spec]] = {
     "end": EndAction,
     "escalate": EscalateAction,
     "promo_code": PromoCodeAction,
+    "recommend": RecommendAction,
 }
 
 
@@ -385,6 +412,12 @@ def catalog_keys(state: StateSpec) -> Iterator[tuple[str, str]]:
         yield f"quick_replies[{i}].label", reply.label
     if state.capture:
         yield "capture.retry", state.capture.retry
+    for path, action in _state_actions(state):
+        name = next(iter(type(action).model_fields))
+        spec = getattr(action, name)
+        if hasattr(spec, "catalog_keys"):  # actions that send catalog messages
+            for field, key in spec.catalog_keys():
+                yield f"{path}.{name}.{field}", key
 
 
 def _state_actions(state: StateSpec) -> Iterator[tuple[str, Any]]:

@@ -34,6 +34,7 @@ from bot_platform.flow_dsl import (
     FlowSpec,
     NotCondition,
     PromoCodeAction,
+    RecommendAction,
     ScoreAction,
     SetAction,
     StartFlowAction,
@@ -43,7 +44,7 @@ from bot_platform.flow_dsl import (
     UntagAction,
 )
 from bot_platform.i18n import Catalogs
-from bot_platform.types import Button, Outgoing, QuickReply
+from bot_platform.types import Button, Card, Outgoing, QuickReply
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,40 @@ async def _do_promo_code(turn: Turn, position: Position, action: PromoCodeAction
     turn.attributes_changed = True
 
 
+async def _do_recommend(turn: Turn, position: Position, action: RecommendAction) -> None:
+    from bot_platform.catalog import recommend, tracked_link
+
+    spec = action.recommend
+    tags = [*spec.tags, *(str(turn.lookup(a)) for a in spec.tags_from if turn.lookup(a))]
+    if spec.use_subscriber_tags:
+        tags.extend(turn.tags)
+    products = await recommend(turn.session, contact_id=turn.contact_id, limit=spec.limit,
+                               category=spec.category, tags=tags,
+                               co_purchase=spec.co_purchase)
+    turn.attributes[spec.attribute] = [p.sku for p in products]
+    turn.attributes_changed = True
+    catalogs = turn.services.catalogs
+    variables = turn.variables(catalogs)
+    if not products:
+        if spec.empty:
+            text = catalogs.format(turn.locale, spec.empty, variables)
+            turn.effects.append(SendEffect(position.flow, Outgoing(text=text)))
+        return
+    label = catalogs.format(turn.locale, spec.button, variables) if spec.button else None
+    cards = []
+    for product in products:
+        link = await tracked_link(
+            turn.session, url=product.url, subscriber_id=turn.subscriber_id,
+            channel=turn.channel, campaign=spec.campaign or position.flow, now=turn.now,
+            public_url=turn.services.public_url, sku=product.sku, flow=position.flow)
+        price = (f"{product.price:.2f} {product.currency or ''}".strip()
+                 if product.price is not None else None)
+        cards.append(Card(title=product.title, subtitle=price, image_url=product.image_url,
+                          url=link, buttons=(Button(title=label or product.title, url=link),)))
+    text = catalogs.format(turn.locale, spec.say, variables) if spec.say else ""
+    turn.effects.append(SendEffect(position.flow, Outgoing(text=text, cards=tuple(cards))))
+
+
 # Action model -> executor; later capabilities add their own entries.
 ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     TagAction: _do_tag,
@@ -310,6 +345,7 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     EndAction: _do_end,
     EscalateAction: _do_escalate,
     PromoCodeAction: _do_promo_code,
+    RecommendAction: _do_recommend,
 }
 
 

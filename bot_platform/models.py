@@ -286,3 +286,39 @@ class PromoCode(Base):
         ForeignKey("subscribers.id", ondelete="SET NULL"))
     issued_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
+
+
+class Product(Base):
+    """A catalog item that flows can recommend."""
+
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    sku: Mapped[str] = mapped_column(String(64), unique=True)
+    title: Mapped[str] = mapped_column(String(255))
+    url: Mapped[str] = mapped_column(String(1024))
+    image_url: Mapped[str | None] = mapped_column(String(1024))
+    price: Mapped[float | None]
+    currency: Mapped[str | None] = mapped_column(String(8))
+    category: Mapped[str | None] = mapped_column(String(64), index=True)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    in_stock: Mapped[bool] = mapped_column(default=True)
+    updated_at: Mapped[datetime]
+
+
+class TrackedLink(Base):
+    """A link sent to a subscriber; ``/r/<token>`` counts the click and redirects."""
+
+    __tablename__ = "tracked_links"
+
+    token: Mapped[str] = mapped_column(String(32), primary_key=True)
+    subscriber_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="SET NULL"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    flow: Mapped[str | None] = mapped_column(String(64))
+    sku: Mapped[str | None] = mapped_column(String(64))
+    broadcast_id: Mapped[int | None] = mapped_column(Id)
+    clicks: Mapped[int] = mapped_column(Integer, default=0)
+    first_clicked_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]

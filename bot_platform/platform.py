@@ -86,6 +86,7 @@ class Platform:
                 self.channels[key] = load_channel_factory(bot.channel)(bot, deps)
         self.engine = Engine(self.db, self.flows, self.catalogs, self.clock,
                              capabilities=self.capabilities, on_commit=self._notify)
+        self.engine.public_url = self.settings.public_url
         scheduler = Scheduler(self.db, self.engine, self.clock, self.settings.worker,
                               self.worker_id)
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
