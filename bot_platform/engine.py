@@ -38,6 +38,7 @@ from bot_platform.flow_runtime import (
 )
 from bot_platform.i18n import Catalogs
 from bot_platform.models import (
+    Answer,
     Contact,
     Conversation,
     CustomerEvent,
@@ -554,6 +555,11 @@ class Engine:
         if turn.attributes_changed:
             subscriber.attributes = dict(turn.attributes)
             subscriber.updated_at = now
+        if turn.locale != (subscriber.locale or self.catalogs.default_locale):
+            subscriber.locale = turn.locale
+        for flow, question, value in turn.answers:
+            session.add(Answer(subscriber_id=subscriber.id, flow=flow, question=question,
+                               value=value, created_at=now))
         for effect in turn.effects:
             if isinstance(effect, TimerEffect):
                 position = turn.positions[effect.flow]

@@ -219,6 +219,7 @@ class ButtonSpec(_Spec):
     goto: str | None = None
     url: str | None = None
     actions: list[Action] = Field(default_factory=list)
+    value: str | None = None  # the answer recorded for the state's question (default: label)
 
     @model_validator(mode="after")
     def _one_target(self) -> ButtonSpec:
@@ -236,6 +237,7 @@ class QuickReplySpec(_Spec):
     goto: str | None = None
     request: Literal["phone"] | None = None
     actions: list[Action] = Field(default_factory=list)
+    value: str | None = None
 
 
 class MessageSpec(_Spec):
@@ -312,6 +314,7 @@ class StateSpec(_Spec):
     branch: list[BranchRule] = Field(default_factory=list)
     goto: str | None = None
     end: bool = False
+    question: str | None = None  # record answers given here under this id (analytics)
 
     @model_validator(mode="after")
     def _consistent(self) -> StateSpec:

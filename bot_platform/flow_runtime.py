@@ -115,6 +115,7 @@ class Turn:
     pending_starts: deque[str] = field(default_factory=deque)
     attributes_changed: bool = False
     escalation: Escalation | None = None
+    answers: list[tuple[str, str, str]] = field(default_factory=list)  # flow, question, value
     session: Any = None  # the event's AsyncSession, for actions that need the database
     services: Any = None  # the engine, for actions that need platform services
 
@@ -266,6 +267,9 @@ def _do_set(turn: Turn, position: Position, action: SetAction) -> None:
     for key, value in action.set.items():
         turn.attributes[key] = _interpolate(value, turn)
     turn.attributes_changed = True
+    chosen = action.set.get("locale_chosen")
+    if chosen and turn.services is not None:  # a language button: speak it at once
+        turn.locale = turn.services.catalogs.resolve_locale(str(chosen))
 
 
 def _do_score(turn: Turn, position: Position, action: ScoreAction) -> None:
@@ -374,6 +378,12 @@ class _Enter:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    question: str
+    value: str
+
+
 class _Model:
     """The throw-away model bound to the flow's machine for one trigger. The machine's
     callbacks only record steps here; the flow executes them afterwards (asynchronously,
@@ -383,7 +393,7 @@ class _Model:
         self.turn = turn
         self.position = position
         self.captured: Any = None
-        self.steps: list[_RunActions | _Enter] = []
+        self.steps: list[_RunActions | _Enter | _Answer] = []
 
 
 class CompiledFlow:
@@ -412,8 +422,12 @@ class CompiledFlow:
                 self.payloads[(name, kind, index)] = self.codec.encode(
                     ButtonRef(self.name, name, kind, index))
                 if item.goto or item.actions:
+                    before = [self._actions_callback(item.actions)]
+                    if state.question:
+                        before.insert(0, self._answer_callback(
+                            state.question, item.value or item.label))
                     add(f"{kind}_{index}", name, item.goto,  # dest None: stay (actions only)
-                        before=[self._actions_callback(item.actions)])
+                        before=before)
         if state.capture:
             add("captured", name, state.capture.goto,
                 conditions=[self._capture_ok], before=[self._store_capture])
@@ -436,6 +450,11 @@ class CompiledFlow:
             event.model.steps.append(_RunActions(actions))
         return callback
 
+    def _answer_callback(self, question: str, value: str) -> Callable[[Any], None]:
+        def callback(event: Any) -> None:
+            event.model.steps.append(_Answer(question, value))
+        return callback
+
     def _capture_ok(self, event: Any) -> bool:
         spec = self.spec.states[event.model.position.state].capture
         assert spec is not None
@@ -444,10 +463,12 @@ class CompiledFlow:
         return ok
 
     def _store_capture(self, event: Any) -> None:
-        spec = self.spec.states[event.model.position.state].capture
-        assert spec is not None
-        event.model.turn.attributes[spec.attribute] = event.model.captured
+        state = self.spec.states[event.model.position.state]
+        assert state.capture is not None
+        event.model.turn.attributes[state.capture.attribute] = event.model.captured
         event.model.turn.attributes_changed = True
+        if state.question:
+            event.model.steps.append(_Answer(state.question, str(event.model.captured)))
 
     def _on_enter(self, event: Any) -> None:
         event.model.steps.append(_Enter(event.state.name))
@@ -544,15 +565,17 @@ class CompiledFlow:
                         f"(a goto/branch loop?) at state {position.state!r}")
 
     async def _execute(self, turn: Turn, position: Position,
-                       steps: list[_RunActions | _Enter]) -> None:
+                       steps: list[_RunActions | _Enter | _Answer]) -> None:
         for step in steps:
             if isinstance(step, _Enter):
                 await self.enter(turn, position, step.state)
+            elif isinstance(step, _Answer):
+                turn.answers.append((self.name, step.question, step.value[:255]))
             else:
                 await run_actions(step.actions, turn, position)
 
     def transition(self, turn: Turn, position: Position, trigger: str,
-                   **kwargs: Any) -> list[_RunActions | _Enter] | None:
+                   **kwargs: Any) -> list[_RunActions | _Enter | _Answer] | None:
         """Ask the machine where ``trigger`` leads from the stored state: bind a
         throw-away model, fire, unbind. Returns the steps to execute, None if the trigger
         does not apply there."""

@@ -322,3 +322,18 @@ class TrackedLink(Base):
     clicks: Mapped[int] = mapped_column(Integer, default=0)
     first_clicked_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
+
+
+class Answer(Base):
+    """One answer to a flow question (quiz, NPS ...), kept for analytics."""
+
+    __tablename__ = "answers"
+    __table_args__ = (Index("ix_answers_question", "flow", "question"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
+    flow: Mapped[str] = mapped_column(String(64))
+    question: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]

@@ -16,7 +16,7 @@ from bot_platform.models import Base
 
 TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages",
           "processed_events", "jobs", "outbox", "kv", "conversations", "events",
-          "promo_codes", "products", "tracked_links"}
+          "promo_codes", "products", "tracked_links", "answers"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:

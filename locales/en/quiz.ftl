@@ -1,0 +1,16 @@
+quiz-q-type = Let's find your routine. How does your skin feel by midday?
+quiz-a-dry = Dry or tight
+quiz-a-oily = Shiny all over
+quiz-a-combination = Shiny only on the T-zone
+quiz-q-concern = What bothers you most?
+quiz-a-shine = Shine and pores
+quiz-a-tightness = Tightness and flaking
+quiz-a-sensitivity = Redness and irritation
+quiz-q-age = How old are you? (just the number)
+quiz-bad-age = Please send your age as a number, for example 29.
+quiz-r-dry = Your skin asks for moisture: a creamy cleanser, a rich moisturiser and an oil at night.
+quiz-r-oily = Your skin likes it light: a gel cleanser, an oil-free moisturiser and a weekly clay mask.
+quiz-r-balanced = Lucky you, your skin is balanced: a gentle cleanser and a light moisturiser will keep it so.
+quiz-recommend = Products for your routine:
+quiz-buy = View
+quiz-no-products = We will send you products for your routine as soon as they are back in stock.

@@ -1,0 +1,16 @@
+quiz-q-type = Dobierzmy pielęgnację. Jaka jest Twoja skóra w połowie dnia?
+quiz-a-dry = Sucha lub napięta
+quiz-a-oily = Cała się błyszczy
+quiz-a-combination = Błyszczy się tylko strefa T
+quiz-q-concern = Co przeszkadza Ci najbardziej?
+quiz-a-shine = Błysk i pory
+quiz-a-tightness = Napięcie i łuszczenie
+quiz-a-sensitivity = Zaczerwienienie i podrażnienia
+quiz-q-age = Ile masz lat? (sama liczba)
+quiz-bad-age = Podaj proszę wiek jako liczbę, na przykład 29.
+quiz-r-dry = Twoja skóra potrzebuje nawilżenia: kremowy preparat do mycia, bogaty krem i olejek na noc.
+quiz-r-oily = Twoja skóra lubi lekkość: żel do mycia, krem bez olejów i raz w tygodniu maska z glinki.
+quiz-r-balanced = Masz szczęście, Twoja skóra jest zrównoważona: delikatne mycie i lekki krem utrzymają ją w tym stanie.
+quiz-recommend = Produkty do Twojej pielęgnacji:
+quiz-buy = Zobacz
+quiz-no-products = Wyślemy Ci produkty do Twojej pielęgnacji, gdy tylko wrócą do sprzedaży.
