@@ -194,7 +194,7 @@ def test_the_documented_example_is_a_valid_flow(tmp_path: Path) -> None:
     example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     spec = FlowSpec.model_validate(load_yaml(example))
     keys = {key for state in spec.states.values() for _, key in catalog_keys(state)}
-    write(tmp_path / "locales" / "en", "quiz.ftl", "".join(f"{k} = {k}\n" for k in keys))
+    write(tmp_path / "locales" / "en", "doc-example.ftl", "".join(f"{k} = {k}\n" for k in keys))
     for ftl in (ROOT / "locales" / "en").glob("*.ftl"):
         write(tmp_path / "locales" / "en", ftl.name, ftl.read_text())
     write(tmp_path / "flows", "skin_quiz.yaml", example)
