@@ -84,6 +84,27 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
+def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What a shop event tells flows, as attributes prefixed with the event's name:
+    scalars as they are (``cart_updated_total``), item lists as a readable line
+    (``cart_updated_items``: "Rich cream x2, Gel cleanser") and a count
+    (``cart_updated_count``)."""
+    prefix = name.replace(".", "_").replace("-", "_")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            values[f"{prefix}_{key}"] = value
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            names = []
+            for item in value:
+                label = str(item.get("title") or item.get("name") or item.get("sku") or "")
+                quantity = item.get("qty") or item.get("quantity")
+                names.append(f"{label} x{quantity}" if quantity and quantity != 1 else label)
+            values[f"{prefix}_{key}"] = ", ".join(n for n in names if n)
+            values[f"{prefix}_count"] = len(value)
+    return values
+
+
 def advisory_key(*parts: str) -> int:
     """A signed 64-bit key for ``pg_advisory_xact_lock``."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
@@ -484,7 +505,7 @@ class Engine:
                 return True, []
             turn, rows = await self.load_turn(session, subscriber)
             if data:
-                turn.attributes[f"last_{name}"] = data
+                turn.attributes.update(event_attributes(name, data))
                 turn.attributes_changed = True
             for position in self._active(turn):
                 await self.flows[position.flow].fire(turn, position, f"event:{name}")

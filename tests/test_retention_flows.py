@@ -3,6 +3,7 @@ clock advanced instead of sleeping."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,105 @@ async def test_quiz_oily_and_balanced_branches_and_a_retake_resets_scores(shop) 
 async def test_quiz_speaks_ukrainian(shop) -> None:
     chat = Chat(shop, profile=Profile(first_name="Оля", language="uk"))
     assert (await chat.say("тест"))[0].text.startswith("Підберімо ваш догляд.")
+
+
+CART = {"items": [{"sku": "cream-rich", "title": "Rich moisturiser", "qty": 2},
+                  {"sku": "gel-clean", "title": "Gel cleanser", "qty": 1}]}
+
+
+async def post(platform, user: str, name: str, data: dict | None = None,
+               event_id: str | None = None):
+    from bot_platform.events import EventIn, ingest
+
+    return await ingest(platform.engine, EventIn(
+        name=name, channel="console", bot_id="console", user_id=user, data=data or {},
+        event_id=event_id))
+
+
+async def test_abandoned_cart_order_within_the_hour_cancels_the_reminders(shop) -> None:
+    chat = Chat(shop)
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "cart_updated", CART)
+    await chat.wait(timedelta(minutes=40))
+    await post(shop, "u1", "order_placed", {"items": CART["items"]})
+    assert await chat.wait(timedelta(hours=1)) == []
+    assert await chat.wait(timedelta(days=2)) == []
+    _, tags, _ = await subscriber_state(shop, "u1")
+    assert "recovered-cart" in tags
+
+
+async def test_abandoned_cart_reminds_after_an_hour_then_offers_a_code(shop) -> None:
+    from bot_platform.promo import import_codes
+
+    await import_codes(shop.db, "cart-recovery", ["CART-AAA1", "CART-AAA2"], shop.clock.now())
+    chat = Chat(shop)
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "cart_updated", CART)
+    assert await chat.wait(timedelta(minutes=59)) == []
+    [first] = await chat.wait(timedelta(minutes=1))
+    assert first.text == ("Alex, you left something in your cart: Rich moisturiser x2, "
+                          "Gel cleanser. It is still waiting for you.")
+    assert first.buttons[0].url.startswith("https://shop.example.com/cart")
+    assert await chat.wait(timedelta(hours=22)) == []
+    [second] = await chat.wait(timedelta(hours=1))
+    assert second.text.startswith("Still thinking? Here is CART-AAA1 for 10% off")
+    assert await chat.wait(timedelta(days=3)) == []
+
+
+async def test_abandoned_cart_without_codes_left_still_reminds(shop) -> None:
+    chat = Chat(shop)
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "cart_updated", CART)
+    await chat.wait(timedelta(hours=1))
+    [last] = await chat.wait(timedelta(hours=23))
+    assert last.text.startswith("Your cart is still saved: Rich moisturiser x2")
+
+
+async def test_a_new_cart_update_restarts_the_wait(shop) -> None:
+    chat = Chat(shop)
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "cart_updated", CART)
+    await chat.wait(timedelta(minutes=50))
+    await post(shop, "u1", "cart_updated", {"items": [{"title": "Clay mask"}]})
+    assert await chat.wait(timedelta(minutes=50)) == []
+    [reminder] = await chat.wait(timedelta(minutes=10))
+    assert "Clay mask" in reminder.text and "Rich moisturiser" not in reminder.text
+
+
+async def test_viewed_but_not_ordered(shop) -> None:
+    chat = Chat(shop)
+    await chat.say("hello")
+    other = Chat(shop, user="u2")
+    await other.say("hello")
+    chat.new()
+    other.new()
+    viewed = {"sku": "mask-clay", "title": "Clay mask",
+              "url": "https://shop.example.com/p/mask-clay"}
+    await post(shop, "u1", "product_viewed", viewed)
+    await post(shop, "u2", "product_viewed", viewed)
+    await post(shop, "u2", "order_placed", {"skus": ["mask-clay"]})
+    [reminder] = await chat.wait(timedelta(hours=2))
+    assert reminder.text == ("Still thinking about Clay mask? Here it is again: "
+                             "https://shop.example.com/p/mask-clay")
+    assert other.new() == []
+
+
+async def test_birthday_greeting_with_a_code_each_year(shop) -> None:
+    from bot_platform.promo import import_codes
+
+    await import_codes(shop.db, "birthday", ["BDAY-1", "BDAY-2"], shop.clock.now())
+    chat = Chat(shop, profile=Profile(first_name="Ann", language="pl"))
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "birthday", event_id="bday-2026")
+    await shop.drain()
+    [greeting] = chat.new()
+    assert greeting.text.startswith("Wszystkiego najlepszego, Ann! 🎂 Prezent: kod BDAY-1")
+    await post(shop, "u1", "birthday", event_id="bday-2026")  # re-posted: once
+    await post(shop, "u1", "birthday", event_id="bday-2027")
+    await shop.drain()
+    assert [m.text.split("kod ")[1][:6] for m in chat.new()] == ["BDAY-2"]
