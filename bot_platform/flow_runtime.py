@@ -130,6 +130,7 @@ class Turn:
                        if isinstance(v, str | int | float)})
         if not values.get("first_name"):
             values["first_name"] = catalogs.format(self.locale, "default-name")
+        values["referral_ref"] = f"rf-{self.contact_id}"  # a deep-link ref crediting them
         return values
 
 
@@ -381,7 +382,7 @@ class _Enter:
 @dataclass(frozen=True, slots=True)
 class _Answer:
     question: str
-    value: str
+    value: Any
 
 
 class _Model:
@@ -468,7 +469,7 @@ class CompiledFlow:
         event.model.turn.attributes[state.capture.attribute] = event.model.captured
         event.model.turn.attributes_changed = True
         if state.question:
-            event.model.steps.append(_Answer(state.question, str(event.model.captured)))
+            event.model.steps.append(_Answer(state.question, event.model.captured))
 
     def _on_enter(self, event: Any) -> None:
         event.model.steps.append(_Enter(event.state.name))
@@ -570,7 +571,10 @@ class CompiledFlow:
             if isinstance(step, _Enter):
                 await self.enter(turn, position, step.state)
             elif isinstance(step, _Answer):
-                turn.answers.append((self.name, step.question, step.value[:255]))
+                # Recorded for analytics and kept as an attribute of the same name.
+                turn.answers.append((self.name, step.question, str(step.value)[:255]))
+                turn.attributes[step.question] = step.value
+                turn.attributes_changed = True
             else:
                 await run_actions(step.actions, turn, position)
 

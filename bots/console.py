@@ -31,6 +31,7 @@ from bot_platform.types import (
 
 CONSOLE_CAPABILITIES = Capabilities(
     max_text_length=4096, max_buttons=10, max_button_title=64, quick_replies=True,
+    max_quick_replies=13,
     carousels=False, messages_per_second=math.inf, per_chat_per_second=math.inf,
 )
 
@@ -75,8 +76,8 @@ class ConsoleChannel:
         self._ids = itertools.count(1)
 
     def inbound(self, user_id: str, line: str, profile: Profile | None = None) -> Inbound:
-        """Turn a typed line into an event: ``/start [ref]``, a choice number, ``/phone N``,
-        or plain text."""
+        """Turn a typed line into an event: ``/start [ref]``, a choice (its exact title or
+        its number), ``/phone N``, or plain text."""
         line = line.strip()
         common: dict[str, Any] = {
             "channel": self.name, "bot_id": self.bot_id, "user_id": user_id,
@@ -88,19 +89,16 @@ class ConsoleChannel:
             phone = line.removeprefix("/phone ").strip()
             profile = (profile or Profile()).model_copy(update={"phone": phone})
             return Inbound(**{**common, "kind": InboundKind.CONTACT, "profile": profile})
-        if line.isdigit():
-            choices = self._choices.get(user_id, [])
-            index = int(line) - 1
-            if 0 <= index < len(choices):
-                choice = choices[index]
-                if isinstance(choice, Button) and choice.payload:
-                    return Inbound(kind=InboundKind.BUTTON, payload=choice.payload,
-                                   text=choice.title, **common)
-                if isinstance(choice, QuickReply):
-                    if choice.payload:
-                        return Inbound(kind=InboundKind.BUTTON, payload=choice.payload,
-                                       text=choice.title, **common)
-                    return Inbound(kind=InboundKind.TEXT, text=choice.title, **common)
+        choices = self._choices.get(user_id, [])
+        titled = [i for i, c in enumerate(choices) if c.title.strip() == line]
+        index = titled[0] if titled else (int(line) - 1 if line.isdigit() else -1)
+        if 0 <= index < len(choices):
+            choice = choices[index]
+            if choice.payload:  # a URL button has none: typing its number is just text
+                return Inbound(kind=InboundKind.BUTTON, payload=choice.payload,
+                               text=choice.title, **common)
+            if isinstance(choice, QuickReply):
+                return Inbound(kind=InboundKind.TEXT, text=choice.title, **common)
         return Inbound(kind=InboundKind.TEXT, text=line, **common)
 
     async def parse(self, request: WebhookRequest) -> list[Inbound]:

@@ -182,3 +182,51 @@ async def test_birthday_greeting_with_a_code_each_year(shop) -> None:
     await post(shop, "u1", "birthday", event_id="bday-2027")
     await shop.drain()
     assert [m.text.split("kod ")[1][:6] for m in chat.new()] == ["BDAY-2"]
+
+
+async def test_nps_promoter_is_asked_for_a_review_or_a_referral(shop) -> None:
+    chat = Chat(shop)
+    [ask] = await chat.say("feedback")
+    assert [q.title for q in ask.quick_replies] == [str(n) for n in range(11)]
+    [promoter] = await chat.say("10")
+    assert [b.title for b in promoter.buttons] == ["Write a review", "Invite a friend"]
+    [refer] = await chat.say("Invite a friend")
+    async with shop.db.session() as session:
+        contact_id = await session.scalar(select(Subscriber.contact_id))
+    assert refer.text.endswith(f"https://t.me/ExampleShopBot?start=rf-{contact_id}")
+    _, tags, answers = await subscriber_state(shop, "u1")
+    assert answers == [("nps", "10")] and "nps-promoter" in tags
+
+
+async def test_nps_passive_is_asked_what_to_improve(shop) -> None:
+    chat = Chat(shop)
+    await chat.say("feedback")
+    assert (await chat.say("7"))[0].text == "Thanks! What one thing should we improve?"
+    assert (await chat.say("faster delivery"))[0].text == "Thank you, we read every answer."
+    _, _, answers = await subscriber_state(shop, "u1")
+    assert answers == [("nps", "7"), ("nps_improve", "faster delivery")]
+
+
+async def test_nps_detractor_answers_more_and_waits_for_an_agent(shop) -> None:
+    from bot_platform.models import Conversation
+
+    chat = Chat(shop)
+    await chat.say("hello")
+    chat.new()
+    await post(shop, "u1", "order_delivered", {"order": "A-100"})
+    await shop.drain()
+    assert chat.new()[0].text.startswith("How likely are you to recommend")
+    assert (await chat.say("3"))[0].text == "We are sorry to hear that. What went wrong?"
+    await chat.say("Delivery")
+    [waiting] = await chat.say("the box arrived broken")
+    assert waiting.text == "Thanks! A member of our team will answer you here soon."
+    assert await chat.say("are you there?") == []  # the bot stays silent now
+    async with shop.db.session() as session:
+        conversation = await session.scalar(select(Conversation))
+    assert (conversation.status, conversation.reason) == ("waiting", "nps-detractor")
+    assert conversation.summary == "NPS 3: delivery: the box arrived broken"
+    assert conversation.data == {"flow": "nps", "nps": "3", "nps_problem": "delivery",
+                                 "nps_detail": "the box arrived broken"}
+    _, _, answers = await subscriber_state(shop, "u1")
+    assert answers == [("nps", "3"), ("nps_problem", "delivery"),
+                       ("nps_detail", "the box arrived broken")]

@@ -1,0 +1,24 @@
+nps-ask = Jak bardzo prawdopodobne jest, że polecisz Example Shop znajomym? 0 — wcale, 10 — na pewno.
+nps-promoter = Dziękujemy, to wiele dla nas znaczy! Zostawisz krótką opinię albo polecisz sklep znajomym?
+nps-btn-review = Napisz opinię
+nps-btn-refer = Zaproś znajomego
+nps-refer = Wyślij ten link znajomemu — oboje dostaniecie dodatkowy obrót kołem nagród: https://t.me/ExampleShopBot?start={ $referral_ref }
+nps-passive = Dziękujemy! Co jedno powinniśmy poprawić?
+nps-thanks = Dziękujemy, czytamy każdą odpowiedź.
+nps-detractor = Przykro nam. Co poszło nie tak?
+nps-p-delivery = Dostawa
+nps-p-product = Produkt
+nps-p-support = Obsługa klienta
+nps-p-other = Coś innego
+nps-detail = Opisz proszę w kilku słowach, co się stało.
+nps-0 = 0
+nps-1 = 1
+nps-2 = 2
+nps-3 = 3
+nps-4 = 4
+nps-5 = 5
+nps-6 = 6
+nps-7 = 7
+nps-8 = 8
+nps-9 = 9
+nps-10 = 10
