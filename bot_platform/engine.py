@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class EventContext:
     duplicate: bool = False
     queued: list[tuple[int, Outgoing]] = field(default_factory=list)
     hold: timedelta | None = None
+    new_subscriber: bool = False
 
 
 Next = Callable[[EventContext], Awaitable[None]]
@@ -146,6 +148,7 @@ class Engine:
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
         self.public_url: str | None = None  # where tracked links redirect through /r/
+        self.random = random.Random()  # games draw from this (tests may seed it)
         # A job kind that answers unexpected text (AI); None: the catalog's fallback.
         self.text_fallback_job: str | None = None
         # Called for a customer message that went to an open conversation (live updates).
@@ -153,7 +156,8 @@ class Engine:
         self.locks = KeyedLocks()
         self.steps: list[Step] = [
             self.step_log_errors, self.step_lock, self.step_transaction, self.step_dedupe,
-            self.step_receipts, self.step_upsert_subscriber, self.step_locale,
+            self.step_receipts, self.step_upsert_subscriber, self.step_referral,
+            self.step_locale,
             self.step_record_inbound, self.step_handoff, self.step_flows,
         ]
 
@@ -245,6 +249,7 @@ class Engine:
         subscriber = await session.scalar(select(Subscriber).where(
             Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
             Subscriber.user_id == i.user_id))
+        context.new_subscriber = subscriber is None
         if subscriber is None:
             contact = Contact(phone=i.profile.phone, created_at=now)
             session.add(contact)
@@ -286,6 +291,18 @@ class Engine:
             contact = await session.get(Contact, subscriber.contact_id)
             if contact is not None:
                 contact.phone = phone
+
+    async def step_referral(self, context: EventContext, call_next: Next) -> None:
+        """A new subscriber who came through a referral link credits the referrer."""
+        from bot_platform.games import credit_referral
+
+        subscriber, session = context.subscriber, context.session
+        assert subscriber is not None and session is not None
+        if context.new_subscriber and context.inbound.ref:
+            await credit_referral(session, ref=context.inbound.ref,
+                                  subscriber_id=subscriber.id,
+                                  contact_id=subscriber.contact_id, now=self.clock.now())
+        await call_next(context)
 
     async def step_locale(self, context: EventContext, call_next: Next) -> None:
         subscriber = context.subscriber

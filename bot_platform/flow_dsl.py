@@ -162,6 +162,36 @@ class RecommendAction(_Spec):
     recommend: RecommendSpec
 
 
+class PrizeSpec(_Spec):
+    """One sector of the wheel. ``pool``: paid out as a code from that pool (in stock while
+    it has free codes); ``stock``: at most this many wins; ``label``: catalog key."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: float = Field(ge=0)
+    label: str
+    pool: str | None = None
+    stock: int | None = Field(default=None, ge=0)
+
+
+class SpinSpec(_Spec):
+    """Spin the wheel of ``game``: sets ``attribute`` to the prize's name (``no_spins``
+    once the allowance is used, ``out_of_prizes`` when nothing is left), and
+    ``<attribute>_label`` / ``<attribute>_pool`` for the messages and the code draw."""
+
+    game: str = Field(pattern=NAME_PATTERN)
+    prizes: list[PrizeSpec] = Field(min_length=1)
+    max_spins: int = Field(default=3, ge=0)
+    referral_bonus: int = Field(default=1, ge=0)  # extra spins per referred new subscriber
+    attribute: str = "prize"
+
+    def catalog_keys(self) -> list[tuple[str, str]]:
+        return [(f"prizes[{i}].label", p.label) for i, p in enumerate(self.prizes)]
+
+
+class SpinAction(_Spec):
+    spin: SpinSpec
+
+
 class EscalationSpec(_Spec):
     """Hand the chat to humans: ``reason`` for the queue, a ``summary`` (``{attribute}``
     placeholders allowed) and the attributes to attach (the answers that led here)."""
@@ -187,6 +217,7 @@ ACTIONS: dict[str, type[_Spec]] = {
     "escalate": EscalateAction,
     "promo_code": PromoCodeAction,
     "recommend": RecommendAction,
+    "spin": SpinAction,
 }
 
 

@@ -37,6 +37,7 @@ from bot_platform.flow_dsl import (
     RecommendAction,
     ScoreAction,
     SetAction,
+    SpinAction,
     StartFlowAction,
     StateSpec,
     TagAction,
@@ -340,6 +341,34 @@ async def _do_recommend(turn: Turn, position: Position, action: RecommendAction)
     turn.effects.append(SendEffect(position.flow, Outgoing(text=text, cards=tuple(cards))))
 
 
+async def _do_spin(turn: Turn, position: Position, action: SpinAction) -> None:
+    from bot_platform import games
+
+    spec = action.spin
+    session, name = turn.session, spec.attribute
+    allowed = spec.max_spins + spec.referral_bonus * await games.referral_count(
+        session, turn.contact_id)
+    turn.attributes_changed = True
+    turn.attributes[f"{name}_pool"] = None
+    if await games.take_spin(session, contact_id=turn.contact_id, game=spec.game,
+                             allowed=allowed) is None:
+        turn.attributes[name] = games.NO_SPINS
+        return
+    available = [p for p in spec.prizes if p.weight > 0 and await games.in_stock(
+        session, spec.game, p.name, p.pool, p.stock)]
+    chosen = games.choose([(p.name, p.weight) for p in available], turn.services.random)
+    prize = next((p for p in available if p.name == chosen), None)
+    if prize is None:
+        turn.attributes[name] = games.OUT_OF_PRIZES
+        return
+    await games.record_win(session, contact_id=turn.contact_id, game=spec.game,
+                           prize=prize.name, now=turn.now)
+    turn.attributes[name] = prize.name
+    turn.attributes[f"{name}_pool"] = prize.pool
+    turn.attributes[f"{name}_label"] = turn.services.catalogs.format(
+        turn.locale, prize.label, turn.variables(turn.services.catalogs))
+
+
 # Action model -> executor; later capabilities add their own entries.
 ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     TagAction: _do_tag,
@@ -351,6 +380,7 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     EscalateAction: _do_escalate,
     PromoCodeAction: _do_promo_code,
     RecommendAction: _do_recommend,
+    SpinAction: _do_spin,
 }
 
 

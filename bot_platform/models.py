@@ -337,3 +337,40 @@ class Answer(Base):
     question: Mapped[str] = mapped_column(String(64))
     value: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime]
+
+
+class GameSpin(Base):
+    """How many times a contact has played a game (a prize wheel)."""
+
+    __tablename__ = "game_spins"
+
+    contact_id: Mapped[int] = mapped_column(
+        ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
+    game: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spins: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class GameWin(Base):
+    """A prize won, for stock limits and analytics."""
+
+    __tablename__ = "game_wins"
+    __table_args__ = (Index("ix_game_wins_prize", "game", "prize"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    game: Mapped[str] = mapped_column(String(64))
+    prize: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class Referral(Base):
+    """A new subscriber who came through another contact's referral link (``rf-<id>``)."""
+
+    __tablename__ = "referrals"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    referrer_contact_id: Mapped[int] = mapped_column(
+        ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    referred_subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), unique=True)
+    created_at: Mapped[datetime]

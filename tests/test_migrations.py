@@ -16,7 +16,8 @@ from bot_platform.models import Base
 
 TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages",
           "processed_events", "jobs", "outbox", "kv", "conversations", "events",
-          "promo_codes", "products", "tracked_links", "answers"}
+          "promo_codes", "products", "tracked_links", "answers",
+          "game_spins", "game_wins", "referrals"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:
