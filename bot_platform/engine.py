@@ -609,10 +609,62 @@ class Engine:
             elif isinstance(effect, JobEffect):
                 session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
                                 due_at=effect.due_at, created_at=now, payload=effect.payload))
-        sends = [(e.flow, e.message) for e in turn.effects if isinstance(e, SendEffect)]
+        effects = [e for e in turn.effects if isinstance(e, SendEffect)]
+        sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:
             sends.extend(await self.escalate(session, subscriber, turn))
-        return await self.enqueue(session, subscriber, sends, hold=hold)
+        queued = await self.enqueue(session, subscriber, sends, hold=hold)
+        if any(e.fallback for e in effects):
+            await self._schedule_fallbacks(session, subscriber, effects, queued, now)
+        return queued
+
+    async def _schedule_fallbacks(self, session: AsyncSession, subscriber: Subscriber,
+                                  effects: list[SendEffect],
+                                  queued: list[tuple[int, Outgoing]], now: datetime) -> None:
+        """A job per message with a channel fallback, pointing at its first queued part."""
+        caps = self.capabilities(subscriber.channel, subscriber.bot_id)
+        position = 0
+        for effect in effects:
+            parts = len(fit_message(effect.message, caps))
+            first_outbox_id = queued[position][0]
+            position += parts
+            if effect.fallback is None:
+                continue
+            delay, channel = effect.fallback
+            session.add(Job(kind="read_fallback", subscriber_id=subscriber.id,
+                            flow=effect.flow, due_at=now + delay, created_at=now, payload={
+                                "outbox_id": first_outbox_id, "channel": channel,
+                                "message": effect.message.model_dump(mode="json")}))
+
+    async def run_read_fallback(self, session: AsyncSession, job: Job) -> str:
+        """The fallback timer: resend through another channel unless the message was read
+        (or answered or clicked, where the messenger reports no reads)."""
+        original = await session.get(Outbox, job.payload.get("outbox_id"))
+        subscriber = await session.get(Subscriber, job.subscriber_id)
+        if original is None or subscriber is None:
+            return "gone"
+        message = await session.get(Message, original.message_id)
+        engaged = message is not None and (message.status == "read" or (
+            subscriber.last_inbound_at is not None
+            and subscriber.last_inbound_at > message.created_at))
+        if engaged:
+            return "read"
+        preferred = job.payload.get("channel")
+        other = await session.scalar(
+            select(Subscriber).where(
+                Subscriber.contact_id == subscriber.contact_id, Subscriber.id != subscriber.id,
+                Subscriber.status == "subscribed")
+            .order_by((Subscriber.channel == (preferred or "")).desc(),
+                      (Subscriber.channel != subscriber.channel).desc(),
+                      Subscriber.last_inbound_at.desc().nulls_last(), Subscriber.id)
+            .limit(1))
+        if other is None:
+            return "no-other-channel"
+        if await self.open_conversation(session, other.id) is not None:
+            return "suppressed"
+        await self.enqueue(session, other, [(job.flow, Outgoing.model_validate(
+            job.payload["message"]))])
+        return f"sent-via-{other.channel}"
 
     async def escalate(self, session: AsyncSession, subscriber: Subscriber,
                        turn: Turn) -> list[tuple[str | None, Outgoing]]:

@@ -271,9 +271,18 @@ class QuickReplySpec(_Spec):
     value: str | None = None
 
 
+class FallbackSpec(_Spec):
+    """If the message is not read (or, where the messenger has no read receipts, answered
+    or clicked) within ``after``, send it through another channel of the same contact."""
+
+    after: str | float
+    channel: str | None = None  # preferred channel; default: any other one
+
+
 class MessageSpec(_Spec):
     text: str  # catalog key
     image: str | None = None
+    fallback: FallbackSpec | None = None
 
 
 def _as_messages(value: Any) -> Any:
@@ -484,6 +493,13 @@ def check_flow(spec: FlowSpec, file: str, catalogs: Catalogs) -> list[FlowIssue]
                 state.after.duration  # noqa: B018 - parsing is the check
             except ValueError as error:
                 issues.append(FlowIssue(file, f"states.{name}.after.delay", str(error)))
+        for index, message in enumerate(state.say):
+            if message.fallback is not None:
+                try:
+                    parse_duration(message.fallback.after)
+                except ValueError as error:
+                    issues.append(FlowIssue(
+                        file, f"states.{name}.say[{index}].fallback.after", str(error)))
         for suffix, target in state_edges(state):
             if target not in spec.states:
                 issues.append(unknown(f"states.{name}.{suffix}", target))

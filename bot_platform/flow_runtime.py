@@ -17,7 +17,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from transitions import Machine, MachineError, State
@@ -43,6 +43,7 @@ from bot_platform.flow_dsl import (
     TagAction,
     TagCondition,
     UntagAction,
+    parse_duration,
 )
 from bot_platform.i18n import Catalogs
 from bot_platform.types import Button, Card, Outgoing, QuickReply
@@ -69,6 +70,8 @@ class Position:
 class SendEffect:
     flow: str | None
     message: Outgoing
+    # (delay, preferred channel): resend through another channel if still unread then
+    fallback: tuple[timedelta, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,8 +518,11 @@ class CompiledFlow:
         position.changed = True
         position.updated_at = turn.now
         await run_actions(state.actions, turn, position)
-        for message in self.render(name, turn):
-            turn.effects.append(SendEffect(self.name, message))
+        specs = state.say
+        for index, message in enumerate(self.render(name, turn)):
+            fallback = specs[index].fallback if index < len(specs) else None
+            turn.effects.append(SendEffect(self.name, message, None if fallback is None else (
+                parse_duration(fallback.after), fallback.channel)))
         if state.after:
             turn.effects.append(TimerEffect(self.name, name, position.version,
                                             turn.now + state.after.duration))

@@ -48,7 +48,7 @@ class Scheduler:
         self.settings = settings
         self.worker_id = worker_id
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
-            "flow_timer": engine.run_flow_timer}
+            "flow_timer": engine.run_flow_timer, "read_fallback": engine.run_read_fallback}
 
     async def claim(self, limit: int) -> list[tuple[int, str, tuple[str, str, str] | None]]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
