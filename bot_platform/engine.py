@@ -489,7 +489,7 @@ class Engine:
     async def dispatch_event(
         self, subscriber_id: int | None, name: str, data: dict[str, Any] | None = None, *,
         external_id: str | None = None, occurred_at: datetime | None = None,
-        contact_id: int | None = None,
+        contact_id: int | None = None, start_flows: Sequence[str] | None = None,
     ) -> tuple[bool, list[int]]:
         """Record a shop event and let the subscriber's flows react: start flows triggered
         by it, move flows waiting for it. Returns (stored, outbox ids); stored is False
@@ -526,7 +526,8 @@ class Engine:
                 turn.attributes_changed = True
             for position in self._active(turn):
                 await self.flows[position.flow].fire(turn, position, f"event:{name}")
-            turn.pending_starts.extend(self.flows.triggered_by("event", name))
+            turn.pending_starts.extend(
+                self.flows.triggered_by("event", name) if start_flows is None else start_flows)
             await self.run_pending_starts(turn)
             queued = await self.save_turn(session, subscriber, turn, rows)
         self.on_commit()

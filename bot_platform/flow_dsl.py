@@ -373,16 +373,18 @@ class TriggerSpec(_Spec):
     """What starts the flow: ``start`` (new chat / start command without a matching ref),
     ``subscribed``, ``ref`` (deep link), ``keyword`` (typed text), ``event`` (shop event)."""
 
-    on: Literal["start", "subscribed", "ref", "keyword", "event"]
+    on: Literal["start", "subscribed", "ref", "keyword", "event", "inactive"]
     ref: str | None = None
     keywords: list[str] = Field(default_factory=list)
     event: str | None = None
+    days: int | None = Field(default=None, ge=1)  # for inactive: days without a message
 
     @model_validator(mode="after")
     def _arguments(self) -> TriggerSpec:
-        needed = {"ref": self.ref, "keyword": self.keywords, "event": self.event}
+        needed = {"ref": self.ref, "keyword": self.keywords, "event": self.event,
+                  "inactive": self.days}
         if self.on in needed and not needed[self.on]:
-            field = "keywords" if self.on == "keyword" else self.on
+            field = {"keyword": "keywords", "inactive": "days"}.get(self.on, self.on)
             raise ValueError(f"trigger on {self.on} needs {field}")
         return self
 

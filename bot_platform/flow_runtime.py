@@ -652,6 +652,11 @@ class FlowSet:
     def __getitem__(self, name: str) -> CompiledFlow:
         return self.flows[name]
 
+    def inactivity_triggers(self) -> list[tuple[str, int]]:
+        """(flow, days) for every flow started by inactivity (the win-back scan)."""
+        return [(name, trigger.days) for name, flow in self.flows.items()
+                for trigger in flow.spec.triggers if trigger.on == "inactive" and trigger.days]
+
     def triggered_by(self, on: str, value: str | None = None) -> list[str]:
         """Flows whose triggers match (``on`` = start/subscribed/ref/keyword/event)."""
         matches = []

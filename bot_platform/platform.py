@@ -28,6 +28,7 @@ from bot_platform.i18n import Catalogs
 from bot_platform.jobs import Scheduler
 from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter
 from bot_platform.types import Capabilities
+from bot_platform.winback import SCAN_KIND, InactivityScan, ensure_scan
 from bot_platform.worker import Worker, new_worker_id
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Platform:
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval)
+        scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
+        await ensure_scan(self.db, self.engine)
         return self
 
     def _notify(self) -> None:

@@ -230,3 +230,38 @@ async def test_nps_detractor_answers_more_and_waits_for_an_agent(shop) -> None:
     _, _, answers = await subscriber_state(shop, "u1")
     assert answers == [("nps", "3"), ("nps_problem", "delivery"),
                        ("nps_detail", "the box arrived broken")]
+
+
+async def test_winback_starts_once_per_silence_from_the_daily_scan(shop) -> None:
+    from bot_platform.models import Job
+    from bot_platform.promo import import_codes
+    from bot_platform.winback import SCAN_KIND
+
+    await import_codes(shop.db, "winback", ["BACK-1"], shop.clock.now())
+    quiet, active = Chat(shop), Chat(shop, user="u2")
+    await quiet.say("hello")
+    await active.say("hello")
+    quiet.new()
+    active.new()
+    for _ in range(29):
+        shop.clock.advance(timedelta(days=1))
+        await active.say("still here")
+        await shop.drain()
+    assert quiet.new() == []  # 29 days: not yet
+    active.new()
+    shop.clock.advance(timedelta(days=1, seconds=1))
+    await shop.drain()
+    [offer] = quiet.new()
+    assert offer.text == "We miss you, Alex! Here is BACK-1 for 15% off your next order."
+    assert active.new() == []
+    shop.clock.advance(timedelta(days=3))
+    await shop.drain()
+    assert quiet.new() == []  # once per silence
+    await quiet.say("hi again")
+    quiet.new()
+    shop.clock.advance(timedelta(days=31))
+    await shop.drain()
+    assert [m.text for m in quiet.new()] == ["We miss you, Alex! Come and see what is new."]
+    async with shop.db.session() as session:
+        scans = (await session.scalars(select(Job.status).where(Job.kind == SCAN_KIND))).all()
+    assert scans.count("pending") == 1  # exactly one scan is always waiting

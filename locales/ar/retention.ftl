@@ -5,3 +5,6 @@ cart-last-call = سلتك محفوظة: { $cart_updated_items }. أكمل طلب
 viewed-reminder = هل ما زلت تفكر في { $product_viewed_title }؟ ها هو مرة أخرى: { $product_viewed_url }
 birthday-code = عيد ميلاد سعيد يا { $first_name }! 🎂 هديتك: الرمز { $birthday_code } لخصم 20%، صالح لمدة أسبوع.
 birthday-wishes = عيد ميلاد سعيد يا { $first_name }! 🎂 نتمنى لك عامًا رائعًا.
+winback-offer = اشتقنا إليك يا { $first_name }! إليك الرمز { $winback_code } لخصم 15% على طلبك القادم.
+winback-hello = اشتقنا إليك يا { $first_name }! تعال لترى الجديد.
+winback-btn-shop = شاهد الجديد

@@ -5,3 +5,6 @@ cart-last-call = Your cart is still saved: { $cart_updated_items }. Complete you
 viewed-reminder = Still thinking about { $product_viewed_title }? Here it is again: { $product_viewed_url }
 birthday-code = Happy birthday, { $first_name }! 🎂 Your gift: code { $birthday_code } for 20% off, valid for a week.
 birthday-wishes = Happy birthday, { $first_name }! 🎂 We wish you a wonderful year.
+winback-offer = We miss you, { $first_name }! Here is { $winback_code } for 15% off your next order.
+winback-hello = We miss you, { $first_name }! Come and see what is new.
+winback-btn-shop = See what's new

@@ -5,3 +5,6 @@ cart-last-call = Twój koszyk jest zapisany: { $cart_updated_items }. Złóż za
 viewed-reminder = Wciąż myślisz o { $product_viewed_title }? Oto on: { $product_viewed_url }
 birthday-code = Wszystkiego najlepszego, { $first_name }! 🎂 Prezent: kod { $birthday_code } na 20% zniżki, ważny tydzień.
 birthday-wishes = Wszystkiego najlepszego, { $first_name }! 🎂 Życzymy wspaniałego roku.
+winback-offer = Tęsknimy, { $first_name }! Oto { $winback_code } na 15% zniżki na kolejne zamówienie.
+winback-hello = Tęsknimy, { $first_name }! Zajrzyj, co u nas nowego.
+winback-btn-shop = Zobacz nowości

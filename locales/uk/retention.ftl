@@ -5,3 +5,6 @@ cart-last-call = Ваш кошик збережено: { $cart_updated_items }. 
 viewed-reminder = Досі думаєте про { $product_viewed_title }? Ось він: { $product_viewed_url }
 birthday-code = З днем народження, { $first_name }! 🎂 Ваш подарунок: код { $birthday_code } на знижку 20%, діє тиждень.
 birthday-wishes = З днем народження, { $first_name }! 🎂 Бажаємо чудового року.
+winback-offer = Ми сумуємо за вами, { $first_name }! Ось код { $winback_code } на знижку 15% на наступне замовлення.
+winback-hello = Ми сумуємо за вами, { $first_name }! Загляньте, що в нас нового.
+winback-btn-shop = Що нового

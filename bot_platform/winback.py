@@ -1,0 +1,76 @@
+"""The win-back scan: a daily job that starts flows triggered by inactivity
+(``{on: inactive, days: 30}``) for subscribers silent that long.
+
+Each start is recorded as an ``inactive`` event keyed by the subscriber and the time of
+their last message, so a quiet subscriber is won back once per silence, however often the
+scan runs and however many workers run it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot_platform.database import Database
+from bot_platform.engine import Engine
+from bot_platform.models import Job, Subscriber
+
+log = logging.getLogger(__name__)
+
+SCAN_KIND = "inactivity_scan"
+SCAN_EVERY = timedelta(days=1)
+SCAN_BATCH = 5000  # subscribers started per run; a full batch runs again a minute later
+
+
+class InactivityScan:
+    """A two-phase job handler: the scan and the flow starts happen before the job's own
+    transaction (each start is its own transaction); ``apply`` schedules the next run."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def prepare(self, job: Job) -> int:
+        engine, now, started = self.engine, self.engine.clock.now(), 0
+        for flow, days in engine.flows.inactivity_triggers():
+            async with engine.db.session() as session:
+                quiet = (await session.execute(
+                    select(Subscriber.id, Subscriber.last_inbound_at).where(
+                        Subscriber.status == "subscribed",
+                        Subscriber.last_inbound_at < now - timedelta(days=days))
+                    .order_by(Subscriber.id).limit(SCAN_BATCH))).all()
+            for subscriber_id, last_inbound_at in quiet:
+                stored, _ = await engine.dispatch_event(
+                    subscriber_id, "inactive", {"days": days}, start_flows=[flow],
+                    external_id=f"inactive:{flow}:{subscriber_id}:"
+                                f"{last_inbound_at:%Y%m%d%H%M%S}")
+                started += stored
+        return started
+
+    async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str:
+        started = int(prepared or 0)
+        now = self.engine.clock.now()
+        later = timedelta(minutes=1) if started >= SCAN_BATCH else SCAN_EVERY
+        await schedule_scan(session, now + later, exclude=job.id)
+        return f"started {started}"
+
+
+async def schedule_scan(session: AsyncSession, due_at: Any, exclude: int | None = None) -> None:
+    """Add the next scan unless one is already waiting (several processes may ask)."""
+    waiting = select(Job.id).where(Job.kind == SCAN_KIND,
+                                   Job.status.in_(("pending", "running")))
+    if exclude is not None:
+        waiting = waiting.where(Job.id != exclude)
+    if await session.scalar(waiting.limit(1)) is None:
+        session.add(Job(kind=SCAN_KIND, due_at=due_at, created_at=due_at, payload={}))
+
+
+async def ensure_scan(db: Database, engine: Engine) -> None:
+    """At start-up: make sure the scan runs when some flow is triggered by inactivity."""
+    if not engine.flows.inactivity_triggers():
+        return
+    async with db.session() as session:
+        await schedule_scan(session, engine.clock.now())
