@@ -265,3 +265,15 @@ async def test_winback_starts_once_per_silence_from_the_daily_scan(shop) -> None
     async with shop.db.session() as session:
         scans = (await session.scalars(select(Job.status).where(Job.kind == SCAN_KIND))).all()
     assert scans.count("pending") == 1  # exactly one scan is always waiting
+
+
+async def test_language_choice_overrides_the_messenger_language(shop) -> None:
+    chat = Chat(shop, profile=Profile(first_name="Ann", language="en-GB"))
+    [ask] = await chat.say("language")
+    assert [q.title for q in ask.quick_replies] == ["English", "Українська", "Polski",
+                                                    "العربية"]
+    assert (await chat.say("العربية"))[0].text == "تم! سأتحدث العربية من الآن فصاعدًا."
+    # The messenger still says en-GB; the explicit choice wins from now on.
+    assert (await chat.say("/start"))[0].text.startswith("مرحبًا Ann!")
+    async with shop.db.session() as session:
+        assert await session.scalar(select(Subscriber.locale)) == "ar"

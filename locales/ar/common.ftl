@@ -1,3 +1,9 @@
 default-name = صديقي
 common-fallback = عذرًا، لم أفهم ذلك. أرسل /start لرؤية القائمة مرة أخرى.
 handoff-waiting = شكرًا! سيرد عليك أحد أعضاء فريقنا هنا قريبًا.
+language-en = English
+language-uk = Українська
+language-pl = Polski
+language-ar = العربية
+language-choose = ما اللغة التي تفضلها؟
+language-set = تم! سأتحدث العربية من الآن فصاعدًا.

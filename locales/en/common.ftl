@@ -1,3 +1,9 @@
 default-name = there
 common-fallback = Sorry, I did not get that. Send /start to see the menu again.
 handoff-waiting = Thanks! A member of our team will answer you here soon.
+language-en = English
+language-uk = Українська
+language-pl = Polski
+language-ar = العربية
+language-choose = Which language do you prefer?
+language-set = Done! I will speak English from now on.

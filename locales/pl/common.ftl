@@ -1,3 +1,9 @@
 default-name = przyjacielu
 common-fallback = Przepraszam, nie zrozumiałem. Wyślij /start, aby znowu zobaczyć menu.
 handoff-waiting = Dziękujemy! Wkrótce odpowie Ci tutaj ktoś z naszego zespołu.
+language-en = English
+language-uk = Українська
+language-pl = Polski
+language-ar = العربية
+language-choose = Jaki język wolisz?
+language-set = Gotowe! Od teraz będę mówić po polsku.

@@ -1,3 +1,9 @@
 default-name = друже
 common-fallback = Вибачте, я не зрозумів. Надішліть /start, щоб знову побачити меню.
 handoff-waiting = Дякуємо! Незабаром тут вам відповість хтось із нашої команди.
+language-en = English
+language-uk = Українська
+language-pl = Polski
+language-ar = العربية
+language-choose = Якою мовою вам зручніше?
+language-set = Готово! Відтепер я говоритиму українською.
