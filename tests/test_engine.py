@@ -236,20 +236,9 @@ async def test_branches_conditions_scores_and_start_flow(make_platform, tmp_path
 async def test_shop_event_starts_flows_and_moves_waiting_ones(make_platform, tmp_path) -> None:
     flows = tmp_path / "flows"
     flows.mkdir()
-    (flows / "cart.yaml").write_text(textwrap.dedent("""
-        flow: cart
-        triggers: [{on: event, event: cart_updated}]
-        start: waiting
-        states:
-          waiting:
-            after: {delay: 1h, goto: remind}
-            on_event: {order_placed: done}
-          remind:
-            say: welcome-tip
-            end: true
-          done:
-            end: true
-    """))
+    from tests.test_events import CART_FLOW
+
+    (flows / "cart.yaml").write_text(CART_FLOW)
     platform = await make_platform(flows_dir=flows)
     chat = Chat(platform)
     await chat.say("hello")  # creates the subscriber (fallback reply)

@@ -1,8 +1,8 @@
-"""foundation schema
+"""initial schema
 
 Revision ID: 0001
-Revises:
-Create Date: 2026-11-22 15:51:33.656074
+Revises: 
+Create Date: 2026-11-22 16:43:21.091282
 """
 
 from __future__ import annotations
@@ -49,6 +49,44 @@ def upgrade() -> None:
     with op.batch_alter_table('processed_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_processed_events_processed_at'), ['processed_at'], unique=False)
 
+    op.create_table('products',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('sku', sa.String(length=64), nullable=False),
+    sa.Column('title', sa.String(length=255), nullable=False),
+    sa.Column('url', sa.String(length=1024), nullable=False),
+    sa.Column('image_url', sa.String(length=1024), nullable=True),
+    sa.Column('price', sa.Double(), nullable=True),
+    sa.Column('currency', sa.String(length=8), nullable=True),
+    sa.Column('category', sa.String(length=64), nullable=True),
+    sa.Column('tags', sa.JSON(), nullable=False),
+    sa.Column('attributes', sa.JSON(), nullable=False),
+    sa.Column('in_stock', sa.Boolean(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_products')),
+    sa.UniqueConstraint('sku', name=op.f('uq_products_sku'))
+    )
+    with op.batch_alter_table('products', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_products_category'), ['category'], unique=False)
+
+    op.create_table('game_spins',
+    sa.Column('contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('game', sa.String(length=64), nullable=False),
+    sa.Column('spins', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], name=op.f('fk_game_spins_contact_id_contacts'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('contact_id', 'game', name=op.f('pk_game_spins'))
+    )
+    op.create_table('game_wins',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('game', sa.String(length=64), nullable=False),
+    sa.Column('prize', sa.String(length=64), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], name=op.f('fk_game_wins_contact_id_contacts'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_game_wins'))
+    )
+    with op.batch_alter_table('game_wins', schema=None) as batch_op:
+        batch_op.create_index('ix_game_wins_prize', ['game', 'prize'], unique=False)
+
     op.create_table('subscribers',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -71,6 +109,56 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_subscribers_contact_id'), ['contact_id'], unique=False)
+
+    op.create_table('answers',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('flow', sa.String(length=64), nullable=False),
+    sa.Column('question', sa.String(length=64), nullable=False),
+    sa.Column('value', sa.String(length=255), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_answers_subscriber_id_subscribers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_answers'))
+    )
+    with op.batch_alter_table('answers', schema=None) as batch_op:
+        batch_op.create_index('ix_answers_question', ['flow', 'question'], unique=False)
+        batch_op.create_index(batch_op.f('ix_answers_subscriber_id'), ['subscriber_id'], unique=False)
+
+    op.create_table('conversations',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('reason', sa.String(length=64), nullable=False),
+    sa.Column('summary', sa.Text(), nullable=True),
+    sa.Column('data', sa.JSON(), nullable=False),
+    sa.Column('agent_id', sa.String(length=64), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.Column('resolved_at', sa.DateTime(), nullable=True),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_conversations_subscriber_id_subscribers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_conversations'))
+    )
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.create_index('ix_conversations_open', ['status', 'created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_conversations_subscriber_id'), ['subscriber_id'], unique=False)
+
+    op.create_table('events',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('external_id', sa.String(length=255), nullable=True),
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('data', sa.JSON(), nullable=False),
+    sa.Column('occurred_at', sa.DateTime(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], name=op.f('fk_events_contact_id_contacts'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_events_subscriber_id_subscribers'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_events')),
+    sa.UniqueConstraint('external_id', name=op.f('uq_events_external_id'))
+    )
+    with op.batch_alter_table('events', schema=None) as batch_op:
+        batch_op.create_index('ix_events_contact', ['contact_id', 'name', 'occurred_at'], unique=False)
+        batch_op.create_index('ix_events_subscriber', ['subscriber_id', 'name', 'occurred_at'], unique=False)
 
     op.create_table('flow_states',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -131,6 +219,36 @@ def upgrade() -> None:
         batch_op.create_index('ix_messages_channel_message', ['channel', 'channel_message_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_messages_subscriber_id'), ['subscriber_id'], unique=False)
 
+    op.create_table('promo_codes',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('pool', sa.String(length=64), nullable=False),
+    sa.Column('code', sa.String(length=64), nullable=False),
+    sa.Column('contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('issued_at', sa.DateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], name=op.f('fk_promo_codes_contact_id_contacts'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_promo_codes_subscriber_id_subscribers'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_promo_codes')),
+    sa.UniqueConstraint('pool', 'code', name=op.f('uq_promo_codes_pool'))
+    )
+    with op.batch_alter_table('promo_codes', schema=None) as batch_op:
+        batch_op.create_index('ix_promo_codes_contact', ['contact_id', 'pool'], unique=False)
+        batch_op.create_index('ix_promo_codes_free', ['pool', 'issued_at'], unique=False)
+
+    op.create_table('referrals',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('referrer_contact_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('referred_subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['referred_subscriber_id'], ['subscribers.id'], name=op.f('fk_referrals_referred_subscriber_id_subscribers'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['referrer_contact_id'], ['contacts.id'], name=op.f('fk_referrals_referrer_contact_id_contacts'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_referrals')),
+    sa.UniqueConstraint('referred_subscriber_id', name=op.f('uq_referrals_referred_subscriber_id'))
+    )
+    with op.batch_alter_table('referrals', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_referrals_referrer_contact_id'), ['referrer_contact_id'], unique=False)
+
     op.create_table('subscriber_tags',
     sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('tag', sa.String(length=64), nullable=False),
@@ -139,6 +257,22 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('subscriber_tags', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_subscriber_tags_tag'), ['tag'], unique=False)
+
+    op.create_table('tracked_links',
+    sa.Column('token', sa.String(length=32), nullable=False),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('url', sa.String(length=2048), nullable=False),
+    sa.Column('flow', sa.String(length=64), nullable=True),
+    sa.Column('sku', sa.String(length=64), nullable=True),
+    sa.Column('broadcast_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('clicks', sa.Integer(), nullable=False),
+    sa.Column('first_clicked_at', sa.DateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_tracked_links_subscriber_id_subscribers'), ondelete='SET NULL'),
+    sa.PrimaryKeyConstraint('token', name=op.f('pk_tracked_links'))
+    )
+    with op.batch_alter_table('tracked_links', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_tracked_links_subscriber_id'), ['subscriber_id'], unique=False)
 
     op.create_table('outbox',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -175,10 +309,23 @@ def downgrade() -> None:
         batch_op.drop_index('ix_outbox_due')
 
     op.drop_table('outbox')
+    with op.batch_alter_table('tracked_links', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_tracked_links_subscriber_id'))
+
+    op.drop_table('tracked_links')
     with op.batch_alter_table('subscriber_tags', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_subscriber_tags_tag'))
 
     op.drop_table('subscriber_tags')
+    with op.batch_alter_table('referrals', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_referrals_referrer_contact_id'))
+
+    op.drop_table('referrals')
+    with op.batch_alter_table('promo_codes', schema=None) as batch_op:
+        batch_op.drop_index('ix_promo_codes_free')
+        batch_op.drop_index('ix_promo_codes_contact')
+
+    op.drop_table('promo_codes')
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_messages_subscriber_id'))
         batch_op.drop_index('ix_messages_channel_message')
@@ -191,10 +338,34 @@ def downgrade() -> None:
 
     op.drop_table('jobs')
     op.drop_table('flow_states')
+    with op.batch_alter_table('events', schema=None) as batch_op:
+        batch_op.drop_index('ix_events_subscriber')
+        batch_op.drop_index('ix_events_contact')
+
+    op.drop_table('events')
+    with op.batch_alter_table('conversations', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_conversations_subscriber_id'))
+        batch_op.drop_index('ix_conversations_open')
+
+    op.drop_table('conversations')
+    with op.batch_alter_table('answers', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_answers_subscriber_id'))
+        batch_op.drop_index('ix_answers_question')
+
+    op.drop_table('answers')
     with op.batch_alter_table('subscribers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_subscribers_contact_id'))
 
     op.drop_table('subscribers')
+    with op.batch_alter_table('game_wins', schema=None) as batch_op:
+        batch_op.drop_index('ix_game_wins_prize')
+
+    op.drop_table('game_wins')
+    op.drop_table('game_spins')
+    with op.batch_alter_table('products', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_products_category'))
+
+    op.drop_table('products')
     with op.batch_alter_table('processed_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_processed_events_processed_at'))
 
