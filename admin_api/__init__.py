@@ -1,0 +1,19 @@
+"""The admin API (FastAPI routers under ``/api``), mounted by the platform's app when this
+package is importable. Every route declares its roles (``admin_api.security``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+
+def create_router(platform: Any) -> APIRouter:
+    from admin_api import keys, shop, subscribers
+
+    router = APIRouter(prefix="/api")
+    router.include_router(keys.me_router)
+    router.include_router(keys.router)
+    router.include_router(subscribers.router)
+    router.include_router(shop.router)
+    return router

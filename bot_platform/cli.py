@@ -9,6 +9,7 @@
     botp events import F     post every event of a JSON-lines file
     botp codes import POOL F add promo codes (one per line) to a pool
     botp catalog import F    add or update products from a CSV or JSON file
+    botp keys create         create an admin API key (the first admin's, typically)
     botp flows validate P    check flow files (a file or a folder)
     botp flows graph P       print a flow as a Mermaid state diagram
 """
@@ -330,6 +331,30 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from bot_platform.apikeys import create_key
+    from bot_platform.clock import SystemClock
+    from bot_platform.database import Database
+    from bot_platform.migrations import upgrade
+
+    settings = _settings(args)
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)
+
+    async def work() -> tuple[int, str]:
+        db = Database(settings.database_url)
+        try:
+            return await create_key(db, name=args.name, role=args.role,
+                                    now=SystemClock().now())
+        finally:
+            await db.close()
+
+    key_id, key = asyncio.run(work())
+    print(f"key {key_id} ({args.role}) for {args.name!r} — shown only now, store it safely:")
+    print(key)
+    return 0
+
+
 def cmd_flows_validate(args: argparse.Namespace) -> int:
     from bot_platform.flow_dsl import validate_paths
     from bot_platform.i18n import Catalogs
@@ -431,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                               help="import the valid rows even if some are invalid")
     load_catalog.add_argument("--database-url")
 
+    keys = commands.add_parser("keys", help="admin API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", choices=["admin", "marketer", "agent"], default="admin")
+    create.add_argument("--database-url")
+
     flows = commands.add_parser("flows", help="flow files")
     flow_commands = flows.add_subparsers(dest="flows_command", required=True)
     validate = flow_commands.add_parser("validate", help="check flow files")
@@ -459,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_codes(args)
     if args.command == "catalog":
         return cmd_catalog(args)
+    if args.command == "keys":
+        return cmd_keys(args)
     if args.flows_command == "validate":
         return cmd_flows_validate(args)
     return cmd_flows_graph(args)

@@ -571,10 +571,19 @@ def load_yaml(text: str) -> Any:
 
 def parse_flow_file(path: Path, catalogs: Catalogs) -> tuple[FlowSpec | None, list[FlowIssue]]:
     """Read, parse and check one flow file; the spec is None when it has errors."""
-    file = str(path)
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        return None, [FlowIssue(str(path), "", f"cannot read: {error}")]
+    return parse_flow_text(text, str(path), catalogs)
+
+
+def parse_flow_text(text: str, file: str,
+                    catalogs: Catalogs) -> tuple[FlowSpec | None, list[FlowIssue]]:
+    """Parse and check a flow given as text (``file`` names it in the messages)."""
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as error:
         return None, [FlowIssue(file, "", f"cannot read YAML: {error}")]
     if not isinstance(raw, dict):
         return None, [FlowIssue(file, "", "a flow file is a mapping with flow, start, states")]

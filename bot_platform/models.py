@@ -374,3 +374,18 @@ class Referral(Base):
     referred_subscriber_id: Mapped[int] = mapped_column(
         ForeignKey("subscribers.id", ondelete="CASCADE"), unique=True)
     created_at: Mapped[datetime]
+
+
+class ApiKey(Base):
+    """An admin API key. Only a hash is stored; the key is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # admin | marketer | agent
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)  # identifies, not secret
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

@@ -1,0 +1,97 @@
+"""What the shop feeds in: customer events, products, promo codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException
+from pydantic import BaseModel, Field
+
+from admin_api.security import MARKETING, get_platform, roles
+from bot_platform.catalog import ProductIn, upsert_products
+from bot_platform.events import EventIn, IngestResult, ingest
+from bot_platform.promo import import_codes, pool_counts
+
+router = APIRouter(tags=["shop"])
+
+
+class EventBatch(BaseModel):
+    events: list[EventIn] = Field(min_length=1, max_length=1000)
+
+
+class ProductsImported(BaseModel):
+    imported: int
+
+
+class PoolPublic(BaseModel):
+    pool: str
+    total: int
+    free: int
+    added: int = 0
+
+
+class CodesUpload(BaseModel):
+    codes: list[str] = Field(min_length=1, max_length=100_000)
+
+
+@router.post("/events", response_model=IngestResult, **roles(MARKETING))
+async def post_event(event: EventIn, platform: Any = Depends(get_platform)) -> IngestResult:
+    """Record one shop event (idempotent by ``event_id``) and let flows react."""
+    return await ingest(platform.engine, event)
+
+
+@router.post("/events/batch", response_model=list[IngestResult], **roles(MARKETING))
+async def post_events(batch: EventBatch,
+                      platform: Any = Depends(get_platform)) -> list[IngestResult]:
+    """Up to 1,000 events, in order; each is idempotent by its ``event_id``."""
+    return [await ingest(platform.engine, event) for event in batch.events]
+
+
+@router.post("/catalog/products", response_model=ProductsImported, **roles(MARKETING))
+async def put_products(products: list[ProductIn] = Body(min_length=1, max_length=10_000),
+                       platform: Any = Depends(get_platform)) -> ProductsImported:
+    """Add or update products (matched by ``sku``)."""
+    count = await upsert_products(platform.db, products, platform.clock.now())
+    return ProductsImported(imported=count)
+
+
+@router.post("/promo-pools/{pool}/codes", response_model=PoolPublic, **roles(MARKETING))
+async def upload_codes(pool: str, body: CodesUpload,
+                       platform: Any = Depends(get_platform)) -> PoolPublic:
+    """Add codes to a pool; codes already in it are ignored."""
+    added = await import_codes(platform.db, pool, body.codes, platform.clock.now())
+    async with platform.db.session() as session:
+        total, free = await pool_counts(session, pool)
+    return PoolPublic(pool=pool, total=total, free=free, added=added)
+
+
+@router.get("/promo-pools/{pool}", response_model=PoolPublic, **roles(MARKETING))
+async def pool_status(pool: str, platform: Any = Depends(get_platform)) -> PoolPublic:
+    async with platform.db.session() as session:
+        total, free = await pool_counts(session, pool)
+    if total == 0:
+        raise HTTPException(404, f"pool {pool!r} has no codes")
+    return PoolPublic(pool=pool, total=total, free=free)
+
+
+class FlowValidation(BaseModel):
+    valid: bool
+    issues: list[dict[str, str]]
+
+
+@router.post("/flows/validate", response_model=FlowValidation, **roles(MARKETING))
+async def validate_flow(
+    text: str = Body(media_type="application/yaml", description="A flow file (YAML)"),
+    platform: Any = Depends(get_platform),
+) -> FlowValidation:
+    """Check a flow file against the platform's catalogs and flows, without storing it."""
+    from bot_platform.flow_dsl import check_cross_flow, parse_flow_text
+
+    spec, issues = parse_flow_text(text, "upload.yaml", platform.catalogs)
+    if spec is not None:
+        known = {name: (flow.spec, name) for name, flow in platform.flows.flows.items()}
+        known[spec.flow] = (spec, "upload.yaml")
+        issues += [i for i in check_cross_flow(known) if i.file == "upload.yaml"]
+    found = [{"severity": i.severity, "path": i.path, "message": i.message} for i in issues]
+    return FlowValidation(valid=not any(i.severity == "error" for i in issues), issues=found)
+

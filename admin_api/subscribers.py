@@ -1,0 +1,264 @@
+"""Subscribers: list, profile, tags and attributes, export, right to be forgotten."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import delete, select, update
+
+from admin_api.security import EVERYONE, MARKETING, get_platform, roles
+from bot_platform.models import (
+    Answer,
+    Contact,
+    Conversation,
+    CustomerEvent,
+    FlowState,
+    Message,
+    Subscriber,
+    SubscriberTag,
+)
+
+router = APIRouter(prefix="/subscribers", tags=["subscribers"])
+
+
+class SubscriberPublic(BaseModel):
+    id: int
+    contact_id: int
+    channel: str
+    bot_id: str
+    user_id: str
+    status: str
+    locale: str | None
+    first_name: str | None
+    last_name: str | None
+    username: str | None
+    source_ref: str | None
+    attributes: dict[str, Any]
+    tags: list[str] = Field(default_factory=list)
+    last_inbound_at: datetime | None
+    created_at: datetime
+
+
+class SubscriberPage(BaseModel):
+    items: list[SubscriberPublic]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page")
+
+
+class MessagePublic(BaseModel):
+    id: int
+    direction: str
+    kind: str
+    text: str | None
+    status: str
+    error: str | None
+    flow: str | None
+    created_at: datetime
+
+
+class FlowStatePublic(BaseModel):
+    flow: str
+    state: str
+    status: str
+    updated_at: datetime
+
+
+class Profile(SubscriberPublic):
+    identities: list[SubscriberPublic]
+    recent_messages: list[MessagePublic]
+    flows: list[FlowStatePublic]
+
+
+class SubscriberUpdate(BaseModel):
+    add_tags: list[str] = Field(default_factory=list)
+    remove_tags: list[str] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict,
+                                       description="Set these; a null value removes one")
+
+
+async def _tags(session: Any, ids: list[int]) -> dict[int, list[str]]:
+    tags: dict[int, list[str]] = {i: [] for i in ids}
+    if ids:
+        for subscriber_id, tag in (await session.execute(select(
+                SubscriberTag.subscriber_id, SubscriberTag.tag).where(
+                SubscriberTag.subscriber_id.in_(ids)).order_by(SubscriberTag.tag))).all():
+            tags[subscriber_id].append(tag)
+    return tags
+
+
+def _public(subscriber: Subscriber, tags: list[str]) -> SubscriberPublic:
+    data = SubscriberPublic.model_validate(subscriber, from_attributes=True)
+    return data.model_copy(update={"tags": tags})
+
+
+def _filtered(channel: str | None, status: str | None, tag: str | None, locale: str | None,
+              q: str | None) -> Any:
+    query = select(Subscriber)
+    if channel:
+        query = query.where(Subscriber.channel == channel)
+    if status:
+        query = query.where(Subscriber.status == status)
+    if locale:
+        query = query.where(Subscriber.locale == locale)
+    if tag:
+        query = query.where(Subscriber.id.in_(select(SubscriberTag.subscriber_id).where(
+            SubscriberTag.tag == tag)))
+    if q:
+        like = f"%{q.lower()}%"
+        from sqlalchemy import func, or_
+
+        query = query.where(or_(func.lower(Subscriber.first_name).like(like),
+                                func.lower(Subscriber.last_name).like(like),
+                                func.lower(Subscriber.username).like(like),
+                                Subscriber.user_id == q))
+    return query
+
+
+@router.get("", response_model=SubscriberPage, **roles(EVERYONE))
+async def list_subscribers(
+    channel: str | None = None, status: Literal["subscribed", "unsubscribed"] | None = None,
+    tag: str | None = None, locale: str | None = None,
+    q: str | None = Query(None, description="name, username or messenger user id"),
+    cursor: int | None = Query(None, description="from a previous page's next_cursor"),
+    limit: int = Query(50, ge=1, le=500), platform: Any = Depends(get_platform),
+) -> SubscriberPage:
+    """Subscribers, newest first, with filters and cursor pagination."""
+    query = _filtered(channel, status, tag, locale, q)
+    if cursor is not None:
+        query = query.where(Subscriber.id < cursor)
+    async with platform.db.session() as session:
+        rows = (await session.scalars(query.order_by(Subscriber.id.desc())
+                                      .limit(limit + 1))).all()
+        tags = await _tags(session, [r.id for r in rows[:limit]])
+    items = [_public(r, tags[r.id]) for r in rows[:limit]]
+    return SubscriberPage(items=items, next_cursor=rows[limit - 1].id
+                          if len(rows) > limit else None)
+
+
+@router.get("/export", **roles(MARKETING))
+async def export(format: Literal["csv", "json"] = "csv", channel: str | None = None,
+                 status: Literal["subscribed", "unsubscribed"] | None = None,
+                 tag: str | None = None, platform: Any = Depends(get_platform)
+                 ) -> StreamingResponse:
+    """Every matching subscriber, streamed page by page (CSV or JSON lines)."""
+    columns = ["id", "contact_id", "channel", "bot_id", "user_id", "status", "locale",
+               "first_name", "last_name", "username", "source_ref", "tags", "attributes",
+               "last_inbound_at", "created_at"]
+
+    async def rows() -> AsyncIterator[str]:
+        if format == "csv":
+            yield ",".join(columns) + "\r\n"
+        after = 0
+        while True:
+            async with platform.db.session() as session:
+                page = (await session.scalars(_filtered(channel, status, tag, None, None)
+                                              .where(Subscriber.id > after)
+                                              .order_by(Subscriber.id).limit(1000))).all()
+                tags = await _tags(session, [s.id for s in page])
+            if not page:
+                return
+            for subscriber in page:
+                item = _public(subscriber, tags[subscriber.id]).model_dump(mode="json")
+                if format == "json":
+                    yield json.dumps(item, ensure_ascii=False) + "\n"
+                else:
+                    out = io.StringIO()
+                    item["tags"] = "|".join(item["tags"])
+                    item["attributes"] = json.dumps(item["attributes"], ensure_ascii=False)
+                    csv.writer(out).writerow([item[c] for c in columns])
+                    yield out.getvalue()
+            after = page[-1].id
+
+    media = "text/csv" if format == "csv" else "application/x-ndjson"
+    return StreamingResponse(rows(), media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="subscribers.{format}"'})
+
+
+@router.get("/{subscriber_id}", response_model=Profile, **roles(EVERYONE))
+async def profile(subscriber_id: int, platform: Any = Depends(get_platform)) -> Profile:
+    """A subscriber with tags, attributes, all channel identities of the contact, recent
+    messages and flow positions."""
+    async with platform.db.session() as session:
+        subscriber = await session.get(Subscriber, subscriber_id)
+        if subscriber is None:
+            raise HTTPException(404, "no such subscriber")
+        identities = (await session.scalars(select(Subscriber).where(
+            Subscriber.contact_id == subscriber.contact_id).order_by(Subscriber.id))).all()
+        tags = await _tags(session, [s.id for s in identities])
+        messages = (await session.scalars(select(Message).where(
+            Message.subscriber_id == subscriber_id).order_by(Message.id.desc())
+            .limit(50))).all()
+        flows = (await session.scalars(select(FlowState).where(
+            FlowState.subscriber_id == subscriber_id).order_by(FlowState.flow))).all()
+    return Profile(
+        **_public(subscriber, tags[subscriber.id]).model_dump(),
+        identities=[_public(s, tags[s.id]) for s in identities],
+        recent_messages=[MessagePublic.model_validate(m, from_attributes=True)
+                         for m in reversed(messages)],
+        flows=[FlowStatePublic.model_validate(f, from_attributes=True) for f in flows])
+
+
+@router.patch("/{subscriber_id}", response_model=SubscriberPublic, **roles(MARKETING))
+async def update_subscriber(subscriber_id: int, body: SubscriberUpdate,
+                            platform: Any = Depends(get_platform)) -> SubscriberPublic:
+    """Add/remove tags and set attributes (flows see them on the next event)."""
+    from bot_platform.database import insert_ignore
+
+    async with platform.db.session() as session:
+        subscriber = await session.get(Subscriber, subscriber_id)
+        if subscriber is None:
+            raise HTTPException(404, "no such subscriber")
+        for tag in body.add_tags:
+            await session.execute(insert_ignore(session, SubscriberTag).values(
+                subscriber_id=subscriber_id, tag=tag))
+        if body.remove_tags:
+            await session.execute(delete(SubscriberTag).where(
+                SubscriberTag.subscriber_id == subscriber_id,
+                SubscriberTag.tag.in_(body.remove_tags)))
+        if body.attributes:
+            attributes = dict(subscriber.attributes or {})
+            for key, value in body.attributes.items():
+                if value is None:
+                    attributes.pop(key, None)
+                else:
+                    attributes[key] = value
+            subscriber.attributes = attributes
+        subscriber.updated_at = platform.clock.now()
+        await session.flush()
+        tags = await _tags(session, [subscriber_id])
+        return _public(subscriber, tags[subscriber_id])
+
+
+@router.delete("/{subscriber_id}", status_code=204, **roles(MARKETING))
+async def forget(subscriber_id: int, platform: Any = Depends(get_platform)) -> None:
+    """Right to be forgotten: personal data and messages go; anonymous counts stay (the
+    subscriber row remains as "forgotten", without names, ids or attributes)."""
+    async with platform.db.session() as session:
+        subscriber = await session.get(Subscriber, subscriber_id)
+        if subscriber is None:
+            raise HTTPException(404, "no such subscriber")
+        await session.execute(update(Message).where(Message.subscriber_id == subscriber_id)
+                              .values(text=None, payload=None))
+        await session.execute(delete(SubscriberTag).where(
+            SubscriberTag.subscriber_id == subscriber_id))
+        await session.execute(delete(Answer).where(Answer.subscriber_id == subscriber_id))
+        await session.execute(update(Conversation).where(
+            Conversation.subscriber_id == subscriber_id).values(summary=None, data={}))
+        await session.execute(update(CustomerEvent).where(
+            CustomerEvent.subscriber_id == subscriber_id).values(data={}))
+        contact = await session.get(Contact, subscriber.contact_id)
+        if contact is not None:
+            contact.phone = contact.email = None
+        subscriber.user_id = f"forgotten-{subscriber.id}"
+        subscriber.first_name = subscriber.last_name = subscriber.username = None
+        subscriber.source_ref = None
+        subscriber.attributes = {}
+        subscriber.status = "unsubscribed"
+        subscriber.updated_at = platform.clock.now()
