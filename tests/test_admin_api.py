@@ -182,3 +182,19 @@ def test_cli_creates_the_first_admin_key(tmp_path: Path) -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"botp_[0-9a-f]{12}_[\w-]{32}", result.stdout.splitlines()[-1])
+
+
+async def test_segment_preview_and_exact_error_paths(api) -> None:
+    platform, client, keys = api
+    for n in range(3):
+        await Chat(platform, user=f"g{n}").say("/start")
+    headers = auth(keys["marketer"])
+    ok = await client.post("/api/segments/preview?sample=1", headers=headers, json={
+        "filter": {"all": [{"tag": "new-subscriber"}, {"not": {"locale": "uk"}}]}})
+    assert ok.json()["count"] == 3 and len(ok.json()["sample"]) == 1
+    bad = await client.post("/api/segments/preview", headers=headers, json={
+        "filter": {"all": [{"tag": "x"}, {"attribute": "age", "op": "gt", "value": "old"}]}})
+    assert bad.status_code == 422
+    detail = bad.json()["detail"]
+    assert any(d["path"] == "filter.all[1]" and "needs a number" in d["message"]
+               for d in detail), detail
