@@ -1,0 +1,352 @@
+"""Telegram, on aiogram 3: its ``Bot`` (client), types and exceptions; no hand-rolled API.
+
+Inbound: webhooks checked by ``X-Telegram-Bot-Api-Secret-Token`` (constant time), or long
+polling when there is no public URL, with the offset stored durably *after* each update
+was handled (a restart neither loses nor replays updates). Updates are parsed with
+aiogram's ``Update`` model and normalized; callback queries are answered once handled so
+the client's spinner stops.
+
+Outbound: HTML parse mode with every text escaped; inline keyboards (callback data over
+64 bytes is kept server-side under a short token); URL buttons; reply keyboards for quick
+replies (with "share phone"); photos with captions; carousels as photo cards; texts split at
+4096 characters. Errors become ``SendResult``s: ``TelegramRetryAfter`` -> retry_after,
+forbidden -> blocked, bad request -> failed, network/5xx -> transient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiogram import Bot
+from aiogram.client.default import DefaultBotProperties
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import (
+    ClientDecodeError,
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramNotFound,
+    TelegramRetryAfter,
+    TelegramServerError,
+    TelegramUnauthorizedError,
+)
+from aiogram.types import (
+    CallbackQuery,
+    ChatMemberUpdated,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    KeyboardButton,
+    ReplyKeyboardMarkup,
+    ReplyKeyboardRemove,
+    Update,
+)
+from pydantic import ValidationError
+
+from bot_platform.channels import (
+    ChannelDeps,
+    HandledEvent,
+    InboundHandler,
+    WebhookReply,
+    WebhookRequest,
+)
+from bot_platform.config import BotConfig
+from bot_platform.errors import BadPayload, BadSignature
+from bot_platform.kv import KeyValueStore
+from bot_platform.types import (
+    Capabilities,
+    Inbound,
+    InboundKind,
+    Outgoing,
+    Profile,
+    SendResult,
+    split_text,
+)
+
+log = logging.getLogger(__name__)
+
+TELEGRAM_CAPABILITIES = Capabilities(
+    max_text_length=4096, max_buttons=24, max_button_title=64, callback_payload_bytes=64,
+    url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=False,
+    max_cards=10, max_card_buttons=3, images=True, batch_size=1, messages_per_second=30.0,
+    per_chat_per_second=1.0, per_chat_burst=3, reply_window=None, read_receipts=False,
+)
+CAPTION_LIMIT = 1024
+CALLBACK_LIMIT = 64
+LONG_PAYLOAD_PREFIX = "~"
+ALLOWED_UPDATES = ["message", "callback_query", "my_chat_member"]
+SECRET_HEADER = "x-telegram-bot-api-secret-token"
+
+
+class TelegramChannel:
+    """One Telegram bot."""
+
+    name = "telegram"
+
+    def __init__(self, bot_id: str, bot: Bot, kv: KeyValueStore, *,
+                 webhook_secret: str | None = None,
+                 capabilities: Capabilities = TELEGRAM_CAPABILITIES,
+                 poll_timeout: int = 25) -> None:
+        self.bot_id = bot_id
+        self.bot = bot
+        self.kv = kv
+        self.webhook_secret = webhook_secret
+        self.capabilities = capabilities
+        self.poll_timeout = poll_timeout
+
+    # ---- inbound -----------------------------------------------------------------------
+
+    async def parse(self, request: WebhookRequest) -> list[Inbound]:
+        if request.method != "POST":
+            raise BadPayload("Telegram webhooks are POST requests")
+        given = request.headers.get(SECRET_HEADER, "")
+        if not self.webhook_secret or not hmac.compare_digest(given.encode(),
+                                                              self.webhook_secret.encode()):
+            raise BadSignature("missing or wrong X-Telegram-Bot-Api-Secret-Token")
+        try:
+            data = json.loads(request.body)
+        except ValueError as error:
+            raise BadPayload(f"body is not JSON: {error}") from error
+        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+            raise BadPayload("body is not a Telegram Update (no update_id)")
+        try:
+            update = Update.model_validate(data, context={"bot": self.bot})
+        except ValidationError as error:
+            raise BadPayload(f"invalid Update: {error.error_count()} problem(s)") from error
+        return await self.normalize(update)
+
+    async def normalize(self, update: Update) -> list[Inbound]:
+        """One Update as normalized events ([] for kinds the platform does not use)."""
+        event_id = str(update.update_id)
+        if update.message is not None:
+            return [self._from_message(update.message, event_id)]
+        if update.callback_query is not None:
+            event = await self._from_callback(update.callback_query, event_id)
+            return [event] if event is not None else []
+        if update.my_chat_member is not None:
+            event = self._from_member(update.my_chat_member, event_id)
+            return [event] if event is not None else []
+        log.info("telegram %s: update %s of an unused kind ignored", self.bot_id, event_id)
+        return []
+
+    def _common(self, chat_id: int, user: Any, event_id: str, date: Any) -> dict[str, Any]:
+        profile = Profile(
+            first_name=getattr(user, "first_name", None),
+            last_name=getattr(user, "last_name", None),
+            username=getattr(user, "username", None),
+            language=getattr(user, "language_code", None))
+        return {"channel": self.name, "bot_id": self.bot_id, "user_id": str(chat_id),
+                "event_id": event_id, "profile": profile, "occurred_at": date}
+
+    def _from_message(self, message: Any, event_id: str) -> Inbound:
+        common = self._common(message.chat.id, message.from_user, event_id, message.date)
+        text = message.text
+        if text is not None and (text == "/start" or text.startswith("/start ")):
+            ref = text.removeprefix("/start").strip() or None
+            return Inbound(kind=InboundKind.START, text=text, ref=ref, **common)
+        if message.contact is not None:
+            profile = common.pop("profile").model_copy(
+                update={"phone": message.contact.phone_number})
+            return Inbound(kind=InboundKind.CONTACT, profile=profile,
+                           data={"contact_user_id": message.contact.user_id}, **common)
+        if text is not None:
+            return Inbound(kind=InboundKind.TEXT, text=text, **common)
+        media: dict[str, Any] = {}
+        if message.photo:
+            media = {"type": "photo", "file_id": message.photo[-1].file_id}
+        elif message.document is not None:
+            media = {"type": "document", "file_id": message.document.file_id,
+                     "file_name": message.document.file_name}
+        elif message.location is not None:
+            media = {"type": "location", "latitude": message.location.latitude,
+                     "longitude": message.location.longitude}
+        else:
+            media = {"type": message.content_type}
+        return Inbound(kind=InboundKind.MEDIA, text=message.caption, data=media, **common)
+
+    async def _from_callback(self, query: CallbackQuery, event_id: str) -> Inbound | None:
+        if query.message is None:
+            return None
+        payload = query.data or ""
+        if payload.startswith(LONG_PAYLOAD_PREFIX):
+            payload = await self.kv.get(self._payload_key(payload)) or payload
+        common = self._common(query.message.chat.id, query.from_user, event_id, None)
+        return Inbound(kind=InboundKind.BUTTON, payload=payload,
+                       data={"callback_query_id": query.id}, **common)
+
+    def _from_member(self, update: ChatMemberUpdated, event_id: str) -> Inbound | None:
+        status = update.new_chat_member.status
+        common = self._common(update.chat.id, update.from_user, event_id, update.date)
+        if status in ("kicked", "left"):
+            return Inbound(kind=InboundKind.UNSUBSCRIBED, **common)
+        if status == "member":
+            return Inbound(kind=InboundKind.SUBSCRIBED, **common)
+        return None
+
+    async def reply(self, request: WebhookRequest,
+                    handled: Sequence[HandledEvent]) -> WebhookReply | None:
+        """Answer callback queries once their events are handled (the spinner stops)."""
+        await self.answer_callbacks([h.inbound for h in handled])
+        return None
+
+    async def answer_callbacks(self, events: Sequence[Inbound]) -> None:
+        for event in events:
+            query_id = event.data.get("callback_query_id")
+            if query_id:
+                try:
+                    await self.bot.answer_callback_query(query_id)
+                except TelegramAPIError as error:  # too late (over 15 s) or already answered
+                    log.info("telegram %s: callback %s not answered: %s", self.bot_id,
+                             query_id, error)
+
+    # ---- polling -----------------------------------------------------------------------
+
+    def _offset_key(self) -> str:
+        return f"telegram:{self.bot_id}:offset"
+
+    async def poll(self, handler: InboundHandler) -> None:
+        """Long-poll ``getUpdates`` until cancelled; the offset moves only after an update
+        was handled, so a crash re-fetches (and dedupe drops) at most the update in hand."""
+        await self.bot.delete_webhook(drop_pending_updates=False)
+        while True:
+            stored = await self.kv.get(self._offset_key())
+            offset = int(stored) if stored else None
+            try:
+                updates = await self.bot.get_updates(
+                    offset=offset, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES)
+            except TelegramRetryAfter as error:
+                await asyncio.sleep(error.retry_after)
+                continue
+            except (TelegramNetworkError, TelegramServerError, ClientDecodeError) as error:
+                log.warning("telegram %s: getUpdates failed (%s); retrying", self.bot_id,
+                            error)
+                await asyncio.sleep(2)
+                continue
+            for update in updates:
+                events = await self.normalize(update)
+                for event in events:
+                    await handler(event)
+                await self.kv.set(self._offset_key(), str(update.update_id + 1))
+                await self.answer_callbacks(events)
+
+    async def setup(self, webhook_url: str) -> None:
+        """Register the webhook with our secret."""
+        await self.bot.set_webhook(webhook_url, secret_token=self.webhook_secret,
+                                   allowed_updates=ALLOWED_UPDATES)
+
+    async def close(self) -> None:
+        await self.bot.session.close()
+
+    # ---- outbound ----------------------------------------------------------------------
+
+    @staticmethod
+    def _payload_key(token: str) -> str:
+        return f"telegram:payload:{token}"
+
+    async def _callback_data(self, payload: str) -> str:
+        if len(payload.encode()) <= CALLBACK_LIMIT and not payload.startswith(
+                LONG_PAYLOAD_PREFIX):
+            return payload
+        token = LONG_PAYLOAD_PREFIX + hashlib.blake2b(payload.encode(),
+                                                      digest_size=16).hexdigest()
+        await self.kv.set(self._payload_key(token), payload)
+        return token
+
+    async def _markup(self, message: Outgoing, buttons: Sequence[Any] | None = None) -> Any:
+        buttons = message.buttons if buttons is None else buttons
+        if buttons:
+            rows = []
+            for button in buttons:
+                if button.url:
+                    rows.append([InlineKeyboardButton(text=button.title, url=button.url)])
+                else:
+                    data = await self._callback_data(button.payload or "")
+                    rows.append([InlineKeyboardButton(text=button.title, callback_data=data)])
+            return InlineKeyboardMarkup(inline_keyboard=rows)
+        if message.quick_replies:
+            keys = [KeyboardButton(text=q.title, request_contact=q.request == "phone")
+                    for q in message.quick_replies]
+            rows = [keys[i:i + 3] for i in range(0, len(keys), 3)]
+            return ReplyKeyboardMarkup(keyboard=rows, resize_keyboard=True,
+                                       one_time_keyboard=True)
+        if message.extras.get("remove_keyboard"):
+            return ReplyKeyboardRemove()
+        return None
+
+    async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        try:
+            message_id = await self._send(int(recipient), message)
+        except TelegramRetryAfter as error:
+            return SendResult.retry(float(error.retry_after), error.message)
+        except TelegramForbiddenError as error:
+            return SendResult.blocked(error.message)
+        except TelegramUnauthorizedError as error:
+            log.error("telegram %s: the bot token was rejected", self.bot_id)
+            return SendResult.failed(f"unauthorized: {error.message}")
+        except (TelegramBadRequest, TelegramNotFound) as error:
+            return SendResult.failed(error.message)
+        except (TelegramNetworkError, TelegramServerError, ClientDecodeError) as error:
+            return SendResult.transient(f"{type(error).__name__}: {error}")
+        except TelegramAPIError as error:
+            return SendResult.transient(f"{type(error).__name__}: {error.message}")
+        except (TimeoutError, OSError) as error:
+            return SendResult.transient(f"{type(error).__name__}: {error}")
+        return SendResult.sent(str(message_id))
+
+    async def _send(self, chat_id: int, message: Outgoing) -> int:
+        """Render one message (already fitted to our capabilities); the last id counts."""
+        last_id = 0
+        for card in message.cards:  # no native carousel: a photo card each
+            caption = "\n".join(x for x in (card.title, card.subtitle) if x)
+            markup = await self._markup(Outgoing(buttons=card.buttons))
+            if card.image_url:
+                sent = await self.bot.send_photo(chat_id, card.image_url,
+                                                 caption=html.escape(caption[:CAPTION_LIMIT]),
+                                                 reply_markup=markup)
+            else:
+                sent = await self.bot.send_message(chat_id, html.escape(caption or "…"),
+                                                   reply_markup=markup)
+            last_id = sent.message_id
+        if not (message.text or message.image_url):
+            return last_id
+        markup = await self._markup(message)
+        if message.image_url:
+            caption = message.text if len(message.text) <= CAPTION_LIMIT else ""
+            sent = await self.bot.send_photo(chat_id, message.image_url,
+                                             caption=html.escape(caption) or None,
+                                             reply_markup=None if not caption else markup)
+            last_id = sent.message_id
+            if caption:
+                return last_id
+        chunks = split_text(message.text, self.capabilities.max_text_length) \
+            if message.text else []
+        for index, chunk in enumerate(chunks):
+            final = index == len(chunks) - 1
+            sent = await self.bot.send_message(chat_id, html.escape(chunk),
+                                               reply_markup=markup if final else None)
+            last_id = sent.message_id
+        return last_id
+
+
+def build(bot: BotConfig, deps: ChannelDeps) -> TelegramChannel:
+    """A Telegram channel from its bot config; ``api_base`` points aiogram at another
+    Bot API server (a local one, or the tests' fake)."""
+    if bot.token is None:
+        raise ValueError(f"telegram bot {bot.id!r} needs a token")
+    session = AiohttpSession(api=TelegramAPIServer.from_base(bot.api_base)) \
+        if bot.api_base else AiohttpSession()
+    client = Bot(bot.token.get_secret_value(), session=session,
+                 default=DefaultBotProperties(parse_mode="HTML"))
+    secret = bot.secret.get_secret_value() if bot.secret else None
+    # Per-bot rate overrides (paid broadcasts) are applied by the delivery worker.
+    return TelegramChannel(bot.id, client, deps.kv, webhook_secret=secret,
+                           poll_timeout=int(bot.options.get("poll_timeout", 25)))
+
