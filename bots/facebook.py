@@ -1,0 +1,295 @@
+"""Facebook Messenger: webhooks verified with ``X-Hub-Signature-256`` (HMAC-SHA256 of the
+raw body with the app secret, constant-time), the Send API over our injected aiohttp
+session at a configurable Graph base URL and version.
+
+The 24-hour standard messaging window is declared as a capability: the delivery worker
+skips untagged messages to subscribers whose last message is older (``outside_window``);
+a message tag (``Outgoing.tag``) sends ``messaging_type: MESSAGE_TAG``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+
+from bot_platform.channels import ChannelDeps, HandledEvent, WebhookReply, WebhookRequest
+from bot_platform.config import BotConfig
+from bot_platform.errors import BadPayload, BadSignature
+from bot_platform.types import (
+    Capabilities,
+    Inbound,
+    InboundKind,
+    Outgoing,
+    Profile,
+    SendResult,
+    split_text,
+)
+
+log = logging.getLogger(__name__)
+
+FACEBOOK_CAPABILITIES = Capabilities(
+    max_text_length=2000, max_buttons=3, max_button_title=20, callback_payload_bytes=1000,
+    url_buttons=True, quick_replies=True, max_quick_replies=13, carousels=True, max_cards=10,
+    max_card_buttons=3, images=True, batch_size=1, messages_per_second=250.0,
+    per_chat_per_second=math.inf, per_chat_burst=3,
+    reply_window=timedelta(hours=24), read_receipts=True,
+)
+BUTTON_TEXT_LIMIT = 640
+QUICK_REPLY_TITLE = 20
+GET_STARTED = "GET_STARTED"
+RATE_LIMIT_CODES = {4, 17, 32, 613}
+
+
+class ForbiddenSignature(BadSignature):
+    """Facebook's convention for a bad signature or verify token is 403."""
+
+    status_code = 403
+
+
+def _time(ms: Any) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, UTC) if isinstance(ms, int | float) else None
+
+
+class FacebookChannel:
+    """One Facebook Page."""
+
+    name = "facebook"
+    capabilities = FACEBOOK_CAPABILITIES
+
+    def __init__(self, bot_id: str, *, page_token: str, app_secret: str, verify_token: str,
+                 http: aiohttp.ClientSession, api_base: str = "https://graph.facebook.com",
+                 version: str = "v21.0", get_started: str = GET_STARTED) -> None:
+        self.bot_id = bot_id
+        self.page_token = page_token
+        self.app_secret = app_secret
+        self.verify_token = verify_token
+        self.http = http
+        self.api = f"{api_base.rstrip('/')}/{version}"
+        self.get_started = get_started
+
+    # ---- inbound -----------------------------------------------------------------------
+
+    async def parse(self, request: WebhookRequest) -> list[Inbound]:
+        if request.method == "GET":
+            token = request.query.get("hub.verify_token", "")
+            if request.query.get("hub.mode") != "subscribe" or not self.verify_token or \
+                    not hmac.compare_digest(token.encode(), self.verify_token.encode()):
+                raise ForbiddenSignature("webhook verification with a wrong verify token")
+            return []
+        signature = request.headers.get("x-hub-signature-256", "")
+        expected = "sha256=" + hmac.new(self.app_secret.encode(), request.body,
+                                        hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            raise ForbiddenSignature("missing or wrong X-Hub-Signature-256")
+        try:
+            body = json.loads(request.body)
+        except ValueError as error:
+            raise BadPayload(f"body is not JSON: {error}") from error
+        if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
+            raise BadPayload("body is not a Messenger webhook (no entry list)")
+        if body.get("object") != "page":
+            log.info("facebook %s: %r webhook ignored", self.bot_id, body.get("object"))
+            return []
+        events = []
+        for entry in body["entry"]:
+            for item in (entry or {}).get("messaging") or []:
+                event = self._normalize(item)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def _normalize(self, item: dict[str, Any]) -> Inbound | None:
+        sender = str((item.get("sender") or {}).get("id", ""))
+        if not sender:
+            return None
+        stamp = item.get("timestamp")
+        common: dict[str, Any] = {"channel": self.name, "bot_id": self.bot_id,
+                                  "user_id": sender, "occurred_at": _time(stamp),
+                                  "profile": Profile()}
+        if "message" in item:
+            message = item["message"] or {}
+            if message.get("is_echo"):
+                return None
+            event_id = str(message.get("mid") or f"{sender}:{stamp}:message")
+            quick = message.get("quick_reply") or {}
+            if quick.get("payload"):
+                if quick["payload"].startswith("+") or quick["payload"].isdigit():
+                    profile = Profile(phone=quick["payload"])  # user_phone_number reply
+                    return Inbound(**{**common, "profile": profile}, event_id=event_id,
+                                   kind=InboundKind.CONTACT)
+                return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
+                               payload=quick["payload"], text=message.get("text"))
+            if message.get("attachments"):
+                attachment = message["attachments"][0]
+                return Inbound(**common, event_id=event_id, kind=InboundKind.MEDIA,
+                               text=message.get("text"), data={
+                                   "type": attachment.get("type"),
+                                   "url": (attachment.get("payload") or {}).get("url")})
+            return Inbound(**common, event_id=event_id, kind=InboundKind.TEXT,
+                           text=message.get("text", ""))
+        if "postback" in item:
+            postback = item["postback"] or {}
+            event_id = str(postback.get("mid") or f"{sender}:{stamp}:postback")
+            referral = (postback.get("referral") or {}).get("ref")
+            if postback.get("payload") == self.get_started:
+                return Inbound(**common, event_id=event_id, kind=InboundKind.START,
+                               ref=referral)
+            return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
+                           payload=postback.get("payload"), text=postback.get("title"))
+        if "referral" in item:
+            ref = (item["referral"] or {}).get("ref")
+            return Inbound(**common, event_id=f"{sender}:{stamp}:referral",
+                           kind=InboundKind.REFERRAL, ref=ref)
+        if "read" in item:
+            watermark = (item["read"] or {}).get("watermark")
+            return Inbound(**common, event_id=f"{sender}:{watermark}:read",
+                           kind=InboundKind.READ, watermark=_time(watermark))
+        if "delivery" in item:
+            delivery = item["delivery"] or {}
+            mids = tuple(str(m) for m in delivery.get("mids") or ())
+            watermark = delivery.get("watermark")
+            return Inbound(**common, event_id=f"{sender}:{watermark}:delivery",
+                           kind=InboundKind.DELIVERED, message_ids=mids,
+                           watermark=None if mids else _time(watermark))
+        log.info("facebook %s: messaging event of an unused kind ignored: %s", self.bot_id,
+                 sorted(k for k in item if k not in ("sender", "recipient", "timestamp")))
+        return None
+
+    async def reply(self, request: WebhookRequest,
+                    handled: Sequence[HandledEvent]) -> WebhookReply | None:
+        """The GET verification handshake answers with the challenge."""
+        if request.method == "GET":
+            return WebhookReply(body=request.query.get("hub.challenge", "").encode())
+        return None
+
+    # ---- outbound ----------------------------------------------------------------------
+
+    @staticmethod
+    def _button(button: Any) -> dict[str, Any]:
+        if button.url:
+            return {"type": "web_url", "url": button.url, "title": button.title}
+        return {"type": "postback", "title": button.title, "payload": button.payload or ""}
+
+    def _bodies(self, message: Outgoing) -> list[dict[str, Any]]:
+        """The Send API ``message`` objects for one (already fitted) message, in order."""
+        bodies: list[dict[str, Any]] = []
+        if message.image_url:
+            bodies.append({"attachment": {"type": "image", "payload": {
+                "url": message.image_url, "is_reusable": True}}})
+        if message.cards:
+            elements = []
+            for card in message.cards:
+                element: dict[str, Any] = {"title": card.title[:80]}
+                if card.subtitle:
+                    element["subtitle"] = card.subtitle[:80]
+                if card.image_url:
+                    element["image_url"] = card.image_url
+                if card.url:
+                    element["default_action"] = {"type": "web_url", "url": card.url}
+                if card.buttons:
+                    element["buttons"] = [self._button(b) for b in card.buttons]
+                elements.append(element)
+            if message.text:
+                bodies.append({"text": message.text})
+            bodies.append({"attachment": {"type": "template", "payload": {
+                "template_type": "generic", "elements": elements}}})
+        elif message.text:
+            limit = BUTTON_TEXT_LIMIT if message.buttons else self.capabilities.max_text_length
+            chunks = split_text(message.text, limit)
+            bodies.extend({"text": chunk} for chunk in chunks[:-1])
+            if message.buttons:
+                bodies.append({"attachment": {"type": "template", "payload": {
+                    "template_type": "button", "text": chunks[-1],
+                    "buttons": [self._button(b) for b in message.buttons]}}})
+            else:
+                bodies.append({"text": chunks[-1]})
+        if message.quick_replies and bodies:
+            replies = []
+            for reply in message.quick_replies:
+                if reply.request == "phone":
+                    replies.append({"content_type": "user_phone_number"})
+                else:
+                    replies.append({"content_type": "text",
+                                    "title": reply.title[:QUICK_REPLY_TITLE],
+                                    "payload": reply.payload or reply.title})
+            bodies[-1]["quick_replies"] = replies
+        return bodies
+
+    async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        envelope: dict[str, Any] = {"recipient": {"id": recipient},
+                                    "messaging_type": "RESPONSE"}
+        if message.tag:
+            envelope.update(messaging_type="MESSAGE_TAG", tag=message.tag)
+        last: SendResult = SendResult.failed("nothing to send")
+        for body in self._bodies(message):
+            last = await self._post({**envelope, "message": body})
+            if last.message_id is None:
+                return last
+        return last
+
+    async def _post(self, payload: dict[str, Any]) -> SendResult:
+        url = f"{self.api}/me/messages"
+        try:
+            async with self.http.post(url, params={"access_token": self.page_token},
+                                      json=payload) as response:
+                try:
+                    data = await response.json(content_type=None)
+                except ValueError:
+                    data = {}
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return SendResult.transient(f"{type(error).__name__}: {error}")
+        if status == 200 and isinstance(data, dict) and data.get("message_id"):
+            return SendResult.sent(str(data["message_id"]))
+        return self._error(status, (data or {}).get("error") or {})
+
+    def _error(self, status: int, error: dict[str, Any]) -> SendResult:
+        code, subcode = error.get("code"), error.get("error_subcode")
+        text = f"({code}/{subcode}) {error.get('message', f'HTTP {status}')}"
+        if code == 10 and subcode == 2018278:
+            return SendResult.outside_window(text)
+        if code == 551 or subcode == 1545041:
+            return SendResult.blocked(text)
+        if code in RATE_LIMIT_CODES or status == 429:
+            return SendResult.retry(60.0, text)
+        if code == 190:
+            log.error("facebook %s: the page access token was rejected: %s", self.bot_id,
+                      error.get("message"))
+            return SendResult.failed(f"invalid token {text}")
+        if code in (1, 2) or status >= 500 or error.get("is_transient"):
+            return SendResult.transient(text)
+        return SendResult.failed(text)
+
+    async def setup(self, webhook_url: str) -> None:
+        """Subscribe the Page to the app's webhook fields (the callback URL itself is set
+        in the app dashboard: ``webhook_url``)."""
+        fields = "messages,messaging_postbacks,messaging_referrals,message_reads," \
+                 "message_deliveries"
+        async with self.http.post(f"{self.api}/me/subscribed_apps", params={
+                "access_token": self.page_token, "subscribed_fields": fields}) as response:
+            if response.status != 200:
+                log.error("facebook %s: subscribing the page failed (%s); set %s as the "
+                          "callback URL in the app dashboard", self.bot_id, response.status,
+                          webhook_url)
+
+
+def build(bot: BotConfig, deps: ChannelDeps) -> FacebookChannel:
+    if bot.token is None or bot.secret is None:
+        raise ValueError(f"facebook bot {bot.id!r} needs token (page) and secret (app)")
+    assert deps.http is not None
+    return FacebookChannel(
+        bot.id, page_token=bot.token.get_secret_value(),
+        app_secret=bot.secret.get_secret_value(),
+        verify_token=bot.verify_token.get_secret_value() if bot.verify_token else "",
+        http=deps.http, api_base=bot.api_base or "https://graph.facebook.com",
+        version=str(bot.options.get("graph_version", "v21.0")),
+        get_started=str(bot.options.get("get_started_payload", GET_STARTED)))
+
