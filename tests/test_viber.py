@@ -1,0 +1,192 @@
+"""Viber end to end: signed callbacks (as in Viber's REST API docs) -> engine -> delivery ->
+the fake Viber API; the welcome travels in the conversation_started response."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from bot_platform.config import BotConfig
+from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
+from bot_platform.types import Outgoing
+from tests.fakes.viber_api import FakeViberServer
+
+TOKEN = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
+USER = {"id": "01234567890A=", "name": "Olena Koval", "avatar": "http://avatar.example",
+        "language": "uk", "country": "UA", "api_version": 8}
+
+
+@pytest.fixture
+async def api() -> Any:
+    async with FakeViberServer(TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+async def viber(make_platform, api):
+    return await make_platform(bots=[BotConfig(id="vb", channel="viber", token=TOKEN,
+                                               api_base=api.url,
+                                               options={"sender_name": "Example Shop"})])
+
+
+async def post(platform, body: dict | bytes, token: str | None = TOKEN):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Viber-Content-Signature"] = hmac.new(
+            token.encode(), raw, hashlib.sha256).hexdigest()
+    async with platform.http_client() as client:
+        return await client.post("/webhooks/viber/vb", content=raw, headers=headers)
+
+
+def started(token: int = 4912661846655238145, context: str | None = None) -> dict:
+    body = {"event": "conversation_started", "timestamp": 1457764197627,
+            "message_token": token, "type": "open", "user": USER, "subscribed": False}
+    if context:
+        body["context"] = context
+    return body
+
+
+def text_message(token: int, text: str, tracking: str | None = None) -> dict:
+    message: dict[str, Any] = {"type": "text", "text": text}
+    if tracking is not None:
+        message["tracking_data"] = tracking
+    return {"event": "message", "timestamp": 1457764197627, "message_token": token,
+            "sender": USER, "message": message}
+
+
+async def test_conversation_started_is_answered_in_the_response(viber, api) -> None:
+    response = await post(viber, started())
+    assert response.status_code == 200
+    welcome = response.json()
+    assert welcome["type"] == "text" and welcome["text"].startswith("Вітаємо, Olena!")
+    assert welcome["sender"] == {"name": "Example Shop"}
+    buttons = welcome["keyboard"]["Buttons"]
+    assert [b["ActionType"] for b in buttons] == ["reply", "reply", "open-url"]
+    await viber.drain()
+    assert api.sent() == []  # it travelled in the response, not through the API
+    async with viber.db.session() as session:
+        assert await session.scalar(select(Outbox.status)) == "sent"
+
+    # The user subscribes by pressing a keyboard button: its ActionBody comes back.
+    press = text_message(1, buttons[1]["ActionBody"], tracking=welcome["tracking_data"])
+    assert (await post(viber, press)).status_code == 200
+    await viber.drain()
+    [reply] = api.sent(USER["id"])
+    assert reply["text"] == "Яка ваша електронна адреса?"
+    assert api.calls[-1].token == TOKEN
+
+
+async def test_bad_missing_signature_403_malformed_400(viber, api, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert (await post(viber, started(), token="wrong")).status_code == 403
+        assert (await post(viber, started(), token=None)).status_code == 403
+        assert (await post(viber, b"not json")).status_code == 400
+        assert (await post(viber, {"no": "event"})).status_code == 400
+    assert any("rejected webhook" in r.message for r in caplog.records)
+    assert any("malformed webhook" in r.message for r in caplog.records)
+    async with viber.db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(Subscriber)) == 0
+        assert await session.scalar(select(func.count()).select_from(ProcessedEvent)) == 0
+    assert (await post(viber, {"event": "webhook", "timestamp": 1,
+                               "message_token": 9})).status_code == 200
+    assert (await post(viber, {"event": "client_status", "timestamp": 1,
+                               "user_id": "u"})).status_code == 200
+
+
+async def test_unsubscribed_stops_all_sends(viber, api) -> None:
+    await post(viber, started())
+    await post(viber, {"event": "unsubscribed", "timestamp": 1457764197627,
+                       "user_id": USER["id"], "message_token": 4912661846655238146})
+    viber.clock.advance(timedelta(days=5))
+    await viber.drain()
+    assert api.sent() == []
+    async with viber.db.session() as session:
+        assert await session.scalar(select(Subscriber.status)) == "unsubscribed"
+
+
+async def test_delivered_and_seen_update_message_status(viber, api) -> None:
+    await post(viber, text_message(10, "feedback"))
+    await viber.drain()
+    [sent] = [c for c in api.calls if c.ok]
+    async with viber.db.session() as session:
+        token = await session.scalar(select(Message.channel_message_id).where(
+            Message.direction == "out"))
+    assert sent.ok and token
+    for kind in ("delivered", "seen"):
+        await post(viber, {"event": kind, "timestamp": 1, "message_token": int(token),
+                           "user_id": USER["id"]})
+        async with viber.db.session() as session:
+            status = await session.scalar(select(Message.status).where(
+                Message.channel_message_id == token))
+        assert status == {"delivered": "delivered", "seen": "read"}[kind]
+
+
+async def test_unsubscribed_user_answer_blocks_and_api_errors_map(viber, api) -> None:
+    channel = viber.channel("viber", "vb")
+    api.unsubscribed.add("gone")
+    assert (await channel.send("gone", Outgoing(text="x"))).status == "blocked"
+    api.statuses.append(12)
+    assert (await channel.send("u", Outgoing(text="x"))).status == "retry_after"
+    api.http_failures.append(503)
+    assert (await channel.send("u", Outgoing(text="x"))).status == "transient"
+    bad = viber.channel("viber", "vb")
+    bad.token = "wrong"
+    assert (await bad.send("u", Outgoing(text="x"))).status == "failed"
+
+
+async def test_broadcast_uses_batches_of_300_and_maps_failures(viber, api) -> None:
+    channel = viber.channel("viber", "vb")
+    recipients = [f"user-{n}" for n in range(650)]
+    api.unsubscribed.update({"user-5", "user-640"})
+    results = await channel.send_many(recipients, Outgoing(text="Spring sale"))
+    batches = [len(c.body["broadcast_list"]) for c in api.calls
+               if c.method == "broadcast_message"]
+    assert batches == [300, 300, 50]
+    assert results["user-5"].status == "blocked" and results["user-640"].status == "blocked"
+    assert sum(r.status == "sent" for r in results.values()) == 648
+
+
+async def test_rendering_keyboard_picture_and_rich_media(viber, api) -> None:
+    from bot_platform.types import Button, Card, QuickReply
+
+    channel = viber.channel("viber", "vb")
+    await channel.send("u", Outgoing(text="Share your phone?", quick_replies=(
+        QuickReply(title="Share", request="phone"), QuickReply(title="No", payload="no"))))
+    keyboard = api.sent("u")[-1]["keyboard"]["Buttons"]
+    assert [b["ActionType"] for b in keyboard] == ["share-phone", "reply"]
+    await channel.send("u", Outgoing(text="Look", image_url="https://img.example/x.jpg"))
+    assert api.sent("u")[-1] == {**api.sent("u")[-1], "type": "picture",
+                                 "media": "https://img.example/x.jpg", "text": "Look"}
+    await channel.send("u", Outgoing(cards=(Card(
+        title="Cream", subtitle="29 EUR", image_url="https://img.example/c.jpg",
+        url="https://shop.example/c", buttons=(Button(title="Buy", url="https://s/c"),)),)))
+    rich = api.sent("u")[-1]
+    assert rich["type"] == "rich_media" and rich["min_api_version"] == 2
+    assert rich["rich_media"]["Buttons"][0]["Image"] == "https://img.example/c.jpg"
+
+
+async def test_setup_registers_the_webhook(viber, api) -> None:
+    await viber.channel("viber", "vb").setup("https://bots.example.com/webhooks/viber/vb")
+    [call] = [c for c in api.calls if c.method == "set_webhook"]
+    assert call.body["url"] == "https://bots.example.com/webhooks/viber/vb"
+    assert "conversation_started" in call.body["event_types"]
+
+
+async def test_contact_and_deep_link_context(viber, api) -> None:
+    response = await post(viber, started(token=77, context="promo-spring"))
+    assert response.json()["text"].startswith("Весна прийшла, Olena!")
+    await post(viber, {"event": "message", "timestamp": 2, "message_token": 78,
+                       "sender": USER, "message": {"type": "contact", "contact": {
+                           "name": "Olena", "phone_number": "+380501112233"}}})
+    async with viber.db.session() as session:
+        subscriber = await session.scalar(select(Subscriber))
+        assert subscriber.source_ref == "promo-spring"
+        assert subscriber.attributes["phone"] == "+380501112233"
