@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot_platform.ai.config import AiSettings
+
 
 class BotConfig(BaseModel):
     """One bot on one messenger. Secrets are ``SecretStr``: never printed or logged."""
@@ -67,6 +69,7 @@ class Settings(BaseSettings):
     skip_invalid_flows: bool = False
     bots: list[BotConfig] = Field(default_factory=list)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    ai: AiSettings = Field(default_factory=AiSettings)
     log_level: str = "INFO"
 
     @field_validator("bots", mode="before")

@@ -95,7 +95,30 @@ class Platform:
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval)
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
         await ensure_scan(self.db, self.engine)
+        if self.settings.ai.enabled:
+            await self._start_ai(scheduler)
         return self
+
+    async def _start_ai(self, scheduler: Scheduler) -> None:
+        """Unexpected text goes to the model (FAQ and catalog as its knowledge)."""
+        from sqlalchemy import select
+
+        from bot_platform.ai.assistant import Assistant, KvTokenBudget, make_client
+        from bot_platform.ai.knowledge import Knowledge
+        from bot_platform.ai.reply import JOB_KIND, AiReplyJob
+        from bot_platform.models import Product
+
+        async with self.db.session() as session:
+            products = [{"title": p.title, "price": p.price, "currency": p.currency,
+                         "url": p.url, "description": ", ".join(p.tags or [])}
+                        for p in (await session.scalars(select(Product).where(
+                            Product.in_stock.is_(True)))).all()]
+        settings = self.settings.ai
+        knowledge = Knowledge.load(settings.faq_dir, products, self.settings.default_locale)
+        self.ai_client = make_client(settings)
+        assistant = Assistant(settings, self.ai_client, knowledge, KvTokenBudget(self.kv))
+        scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant)
+        self.engine.text_fallback_job = JOB_KIND
 
     def _notify(self) -> None:
         worker = getattr(self, "worker", None)
@@ -156,5 +179,7 @@ class Platform:
                     log.exception("closing %s/%s failed", adapter.name, adapter.bot_id)
         if self.http is not None:
             await self.http.close()
+        if getattr(self, "ai_client", None) is not None:
+            await self.ai_client.close()
         await self.db.close()
         await asyncio.sleep(0)

@@ -1,0 +1,62 @@
+"""Wiring: unexpected text becomes an ``ai_reply`` job (see ``Engine.text_fallback_job``).
+The model is asked in the job's *prepare* phase, outside any transaction, so no database
+lock is held while it thinks; the decision is then applied like any flow event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot_platform.ai.assistant import Assistant, Decision, mask_pii
+from bot_platform.engine import Engine
+from bot_platform.flow_runtime import Escalation, SendEffect
+from bot_platform.models import Job, Subscriber
+from bot_platform.types import Outgoing
+
+JOB_KIND = "ai_reply"
+
+
+class AiReplyJob:
+    def __init__(self, engine: Engine, assistant: Assistant) -> None:
+        self.engine = engine
+        self.assistant = assistant
+
+    def intents(self) -> dict[str, str]:
+        """Flows that declared an ``intent`` can be started by the model."""
+        return {name: flow.spec.intent for name, flow in self.engine.flows.flows.items()
+                if flow.spec.intent}
+
+    async def prepare(self, job: Job) -> Decision:
+        async with self.engine.db.session() as session:
+            subscriber = await session.get(Subscriber, job.subscriber_id)
+        if subscriber is None:
+            return Decision("fallback", reason="no_subscriber")
+        return await self.assistant.decide(
+            str(job.payload.get("text", "")), locale=str(job.payload.get("locale", "en")),
+            intents=self.intents(), bot_id=f"{subscriber.channel}:{subscriber.bot_id}",
+            now=self.engine.clock.now())
+
+    async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str:
+        decision = prepared if isinstance(prepared, Decision) else Decision(
+            "fallback", reason="not_prepared")
+        engine = self.engine
+        subscriber = await session.get(Subscriber, job.subscriber_id)
+        if subscriber is None or subscriber.status != "subscribed":
+            return "unsubscribed"
+        if await engine.open_conversation(session, subscriber.id) is not None:
+            return "suppressed"
+        turn, rows = await engine.load_turn(session, subscriber)
+        text = str(job.payload.get("text", ""))
+        if decision.kind == "answer" and decision.text:
+            turn.effects.append(SendEffect(None, Outgoing(text=decision.text)))
+        elif decision.kind == "route" and decision.flow in engine.flows:
+            turn.pending_starts.append(decision.flow)
+            await engine.run_pending_starts(turn)
+        elif decision.kind == "escalate":
+            turn.escalation = Escalation(f"ai:{decision.reason}", mask_pii(text)[:500],
+                                         {"text": text})
+        else:
+            turn.effects.append(SendEffect(None, engine.fallback_message(turn)))
+        await engine.save_turn(session, subscriber, turn, rows)
+        return f"{decision.kind}:{decision.reason or decision.flow or 'ok'}"[:32]
