@@ -169,3 +169,12 @@ async def test_with_ai_disabled_the_catalog_fallback_answers(make_platform, fake
     await chat.say("1")
     assert (await chat.say("when do you ship?"))[0].text.startswith("Sorry, I did not get")
     assert fake.requests == []
+
+
+async def test_low_confidence_asks_a_clarifying_question(make_platform, fake) -> None:
+    platform = await make_platform(ai=settings_for(fake))
+    chat = Chat(platform)
+    await chat.say("/start")
+    await chat.say("1")
+    fake.reply_json(action="route", intent="skin_quiz", confidence=0.2)
+    assert (await chat.say("hmm creams?"))[0].text.startswith("I am not sure I understood.")

@@ -56,6 +56,11 @@ class AiReplyJob:
         elif decision.kind == "escalate":
             turn.escalation = Escalation(f"ai:{decision.reason}", mask_pii(text)[:500],
                                          {"text": text})
+        elif decision.reason == "low_confidence" and engine.catalogs.has(
+                engine.catalogs.default_locale, "ai-clarify"):
+            clarify = engine.catalogs.format(turn.locale, "ai-clarify",
+                                             turn.variables(engine.catalogs))
+            turn.effects.append(SendEffect(None, Outgoing(text=clarify)))
         else:
             turn.effects.append(SendEffect(None, engine.fallback_message(turn)))
         await engine.save_turn(session, subscriber, turn, rows)

@@ -7,3 +7,4 @@ language-pl = Polski
 language-ar = العربية
 language-choose = ما اللغة التي تفضلها؟
 language-set = تم! سأتحدث العربية من الآن فصاعدًا.
+ai-clarify = لست متأكدًا من أنني فهمت. هل يمكنك أن تخبرني أكثر قليلًا عما تبحث عنه؟

@@ -7,3 +7,4 @@ language-pl = Polski
 language-ar = العربية
 language-choose = Which language do you prefer?
 language-set = Done! I will speak English from now on.
+ai-clarify = I am not sure I understood. Could you say a bit more about what you are looking for?

@@ -7,3 +7,4 @@ language-pl = Polski
 language-ar = العربية
 language-choose = Jaki język wolisz?
 language-set = Gotowe! Od teraz będę mówić po polsku.
+ai-clarify = Nie jestem pewien, czy dobrze rozumiem. Czy możesz napisać trochę więcej, czego szukasz?
