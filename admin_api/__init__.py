@@ -9,12 +9,13 @@ from fastapi import APIRouter
 
 
 def create_router(platform: Any) -> APIRouter:
-    from admin_api import keys, segments, shop, subscribers
+    from admin_api import broadcasts, keys, segments, shop, subscribers
 
     router = APIRouter(prefix="/api")
     router.include_router(keys.me_router)
     router.include_router(keys.router)
     router.include_router(subscribers.router)
     router.include_router(segments.router)
+    router.include_router(broadcasts.router)
     router.include_router(shop.router)
     return router

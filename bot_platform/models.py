@@ -389,3 +389,37 @@ class ApiKey(Base):
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class Broadcast(Base):
+    """A message (or a flow) sent to a segment, optionally in A/B variants."""
+
+    __tablename__ = "broadcasts"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    # draft | scheduled | running | paused | completed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    segment: Mapped[dict[str, Any]]  # the filter (bot_platform.segments)
+    variants: Mapped[list[Any]]  # [{name, percent, content: {locale: message} | flow}]
+    tag: Mapped[str | None] = mapped_column(String(64))  # Facebook message tag
+    scheduled_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class BroadcastRecipient(Base):
+    """A recipient snapshotted at start: queued exactly once, even across crashes."""
+
+    __tablename__ = "broadcast_recipients"
+    __table_args__ = (UniqueConstraint("broadcast_id", "subscriber_id"),
+                      Index("ix_broadcast_recipients_todo", "broadcast_id", "status"))
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcasts.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"))
+    variant: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # queued | skipped
+    reason: Mapped[str | None] = mapped_column(String(64))

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 import aiohttp
 
+from bot_platform import broadcasts
 from bot_platform.channels import Channel, ChannelDeps, load_channel_factory
 from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
@@ -94,6 +96,7 @@ class Platform:
                             self.settings.worker, self.worker_id)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval)
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
+        scheduler.handlers[broadcasts.SEND_KIND] = partial(broadcasts.run_send_job, self.engine)
         await ensure_scan(self.db, self.engine)
         if self.settings.ai.enabled:
             await self._start_ai(scheduler)

@@ -17,7 +17,8 @@ from bot_platform.models import Base
 TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages",
           "processed_events", "jobs", "outbox", "kv", "conversations", "events",
           "promo_codes", "products", "tracked_links", "answers",
-          "game_spins", "game_wins", "referrals", "api_keys"}
+          "game_spins", "game_wins", "referrals", "api_keys",
+          "broadcasts", "broadcast_recipients"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 16:48:09.301188
+Create Date: 2026-11-22 17:11:18.245046
 """
 
 from __future__ import annotations
@@ -33,6 +33,19 @@ def upgrade() -> None:
     sa.Column('revoked_at', sa.DateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('prefix', name=op.f('uq_api_keys_prefix'))
+    )
+    op.create_table('broadcasts',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('name', sa.String(length=128), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('segment', sa.JSON(), nullable=False),
+    sa.Column('variants', sa.JSON(), nullable=False),
+    sa.Column('tag', sa.String(length=64), nullable=True),
+    sa.Column('scheduled_at', sa.DateTime(), nullable=True),
+    sa.Column('started_at', sa.DateTime(), nullable=True),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_broadcasts'))
     )
     op.create_table('contacts',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -135,6 +148,21 @@ def upgrade() -> None:
     with op.batch_alter_table('answers', schema=None) as batch_op:
         batch_op.create_index('ix_answers_question', ['flow', 'question'], unique=False)
         batch_op.create_index(batch_op.f('ix_answers_subscriber_id'), ['subscriber_id'], unique=False)
+
+    op.create_table('broadcast_recipients',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('broadcast_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('variant', sa.String(length=32), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('reason', sa.String(length=64), nullable=True),
+    sa.ForeignKeyConstraint(['broadcast_id'], ['broadcasts.id'], name=op.f('fk_broadcast_recipients_broadcast_id_broadcasts'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_broadcast_recipients_subscriber_id_subscribers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_broadcast_recipients')),
+    sa.UniqueConstraint('broadcast_id', 'subscriber_id', name=op.f('uq_broadcast_recipients_broadcast_id'))
+    )
+    with op.batch_alter_table('broadcast_recipients', schema=None) as batch_op:
+        batch_op.create_index('ix_broadcast_recipients_todo', ['broadcast_id', 'status'], unique=False)
 
     op.create_table('conversations',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -360,6 +388,10 @@ def downgrade() -> None:
         batch_op.drop_index('ix_conversations_open')
 
     op.drop_table('conversations')
+    with op.batch_alter_table('broadcast_recipients', schema=None) as batch_op:
+        batch_op.drop_index('ix_broadcast_recipients_todo')
+
+    op.drop_table('broadcast_recipients')
     with op.batch_alter_table('answers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_answers_subscriber_id'))
         batch_op.drop_index('ix_answers_question')
@@ -388,5 +420,6 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_contacts_email'))
 
     op.drop_table('contacts')
+    op.drop_table('broadcasts')
     op.drop_table('api_keys')
     # ### end Alembic commands ###

@@ -1,0 +1,111 @@
+"""Broadcasts: draft, schedule, start, pause, resume, cancel, and their figures."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from admin_api.security import MARKETING, get_platform, roles
+from bot_platform import broadcasts
+from bot_platform.broadcasts import BroadcastCreate
+from bot_platform.models import Broadcast
+
+router = APIRouter(prefix="/broadcasts", tags=["broadcasts"])
+
+
+class BroadcastPublic(BaseModel):
+    id: int
+    name: str
+    status: str
+    segment: dict[str, Any]
+    variants: list[dict[str, Any]]
+    tag: str | None
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+    stats: dict[str, Any] | None = None
+
+
+async def _load(session: Any, broadcast_id: int) -> Broadcast:
+    broadcast = await session.get(Broadcast, broadcast_id)
+    if broadcast is None:
+        raise HTTPException(404, "no such broadcast")
+    return broadcast
+
+
+@router.post("", status_code=201, response_model=BroadcastPublic, **roles(MARKETING))
+async def create_broadcast(body: BroadcastCreate,
+                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """A draft; nothing is sent until it is started."""
+    async with platform.db.session() as session:
+        broadcast = await broadcasts.create(session, body, platform.clock.now())
+        return BroadcastPublic.model_validate(broadcast, from_attributes=True)
+
+
+@router.get("", response_model=list[BroadcastPublic], **roles(MARKETING))
+async def list_broadcasts(platform: Any = Depends(get_platform)) -> list[BroadcastPublic]:
+    async with platform.db.session() as session:
+        rows = (await session.scalars(select(Broadcast).order_by(Broadcast.id.desc())
+                                      .limit(200))).all()
+    return [BroadcastPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+@router.get("/{broadcast_id}", response_model=BroadcastPublic, **roles(MARKETING))
+async def get_broadcast(broadcast_id: int,
+                        platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """The broadcast with its figures per variant."""
+    async with platform.db.session() as session:
+        broadcast = await _load(session, broadcast_id)
+        figures = await broadcasts.stats(session, broadcast)
+        data = BroadcastPublic.model_validate(broadcast, from_attributes=True)
+    return data.model_copy(update={"stats": figures})
+
+
+async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic:
+    now = platform.clock.now()
+    async with platform.db.session() as session:
+        broadcast = await _load(session, broadcast_id)
+        try:
+            if action == "start":
+                await broadcasts.start(session, broadcast, now)
+            elif action == "pause":
+                await broadcasts.pause(session, broadcast)
+            elif action == "resume":
+                await broadcasts.resume(session, broadcast, now)
+            else:
+                await broadcasts.cancel(session, broadcast, now)
+        except ValueError as error:
+            raise HTTPException(409, str(error)) from error
+        data = BroadcastPublic.model_validate(broadcast, from_attributes=True)
+    platform.engine.on_commit()
+    return data
+
+
+@router.post("/{broadcast_id}/start", response_model=BroadcastPublic, **roles(MARKETING))
+async def start_broadcast(broadcast_id: int,
+                          platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """Snapshot the recipients and send (or wait for ``scheduled_at``)."""
+    return await _act(platform, broadcast_id, "start")
+
+
+@router.post("/{broadcast_id}/pause", response_model=BroadcastPublic, **roles(MARKETING))
+async def pause_broadcast(broadcast_id: int,
+                          platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    return await _act(platform, broadcast_id, "pause")
+
+
+@router.post("/{broadcast_id}/resume", response_model=BroadcastPublic, **roles(MARKETING))
+async def resume_broadcast(broadcast_id: int,
+                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    return await _act(platform, broadcast_id, "resume")
+
+
+@router.post("/{broadcast_id}/cancel", response_model=BroadcastPublic, **roles(MARKETING))
+async def cancel_broadcast(broadcast_id: int,
+                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    return await _act(platform, broadcast_id, "cancel")

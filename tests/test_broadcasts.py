@@ -1,0 +1,146 @@
+"""Broadcasts: snapshot, A/B variants, exactly one message per eligible recipient, pause,
+resume, a dead worker's batch, cancel, and figures that add up."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from bot_platform import broadcasts
+from bot_platform.apikeys import create_key
+from bot_platform.events import EventIn, ingest
+from bot_platform.models import Conversation, Job, Subscriber
+from tests.test_engine import Chat
+
+MESSAGE = {"en": {"text": "Spring sale: 20% off everything!",
+                  "buttons": [{"title": "Shop now", "url": "https://shop.example.com/sale"}]},
+           "uk": {"text": "Весняний розпродаж: -20% на все!"}}
+
+
+@pytest.fixture
+async def audience(make_platform):
+    platform = await make_platform(public_url="https://bots.example.com")
+    for n in range(40):
+        await Chat(platform, user=f"c{n}").say("/start")
+    await platform.drain()
+    platform.channel("console", "console").sent.clear()
+    _, key = await create_key(platform.db, name="m", role="marketer", now=platform.clock.now())
+    client = platform.http_client()
+    client.headers["Authorization"] = f"Bearer {key}"
+    yield platform, client
+    await client.aclose()
+
+
+def received(platform) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for user, message in platform.channel("console", "console").sent:
+        out.setdefault(user, []).append(message.text)
+    return out
+
+
+async def create(client, **extra) -> int:
+    body = {"name": "spring", "filter": {"channel": "console"},
+            "variants": [{"name": "A", "percent": 50, "messages": MESSAGE},
+                         {"name": "B", "percent": 50, "messages": {
+                             "en": {"text": "B: spring sale, 20% off"}}}], **extra}
+    response = await client.post("/api/broadcasts", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+async def test_every_eligible_recipient_gets_exactly_one_and_figures_add_up(audience) -> None:
+    platform, client = audience
+    async with platform.db.session() as session:
+        ids = (await session.scalars(select(Subscriber.id).order_by(Subscriber.id))).all()
+        await session.execute(update(Subscriber).where(Subscriber.id == ids[0]).values(
+            status="unsubscribed"))
+        session.add(Conversation(subscriber_id=ids[1], status="waiting", reason="x", data={},
+                                 created_at=platform.clock.now(),
+                                 updated_at=platform.clock.now()))
+    broadcast_id = await create(client)
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/start")).json()[
+        "status"] == "running"
+    await platform.drain()
+    got = received(platform)
+    assert len(got) == 38 and all(len(texts) == 1 for texts in got.values())
+    assert {"c0", "c1"}.isdisjoint(got)
+    figures = (await client.get(f"/api/broadcasts/{broadcast_id}")).json()
+    assert figures["status"] == "completed"
+    stats = figures["stats"]
+    assert stats["A"]["targeted"] + stats["B"]["targeted"] == 40
+    assert 10 <= stats["A"]["targeted"] <= 30  # an even split, by hash
+    skipped = {k: stats["A"]["skipped"].get(k, 0) + stats["B"]["skipped"].get(k, 0)
+               for k in ("unsubscribed", "in_conversation")}
+    assert skipped == {"unsubscribed": 1, "in_conversation": 1}
+    assert stats["A"]["sent"] + stats["B"]["sent"] == 38
+    for variant in ("A", "B"):
+        row = stats[variant]
+        assert row["targeted"] == row["queued"] + sum(row["skipped"].values())
+    texts = {t for texts in got.values() for t in texts}
+    assert texts == {"Spring sale: 20% off everything!", "B: spring sale, 20% off"}
+
+
+async def test_clicks_and_conversions_are_counted(audience) -> None:
+    platform, client = audience
+    broadcast_id = await create(client, variants=[{"name": "A", "percent": 100,
+                                                   "messages": MESSAGE}])
+    await client.post(f"/api/broadcasts/{broadcast_id}/start")
+    await platform.drain()
+    [(user, message), *_] = platform.channel("console", "console").sent
+    link = message.buttons[0].url
+    assert link.startswith("https://bots.example.com/r/")
+    assert (await client.get(link.removeprefix("https://bots.example.com"))).status_code == 302
+    platform.clock.advance(timedelta(days=1))
+    await ingest(platform.engine, EventIn(name="order_placed", channel="console",
+                                          bot_id="console", user_id=user))
+    stats = (await client.get(f"/api/broadcasts/{broadcast_id}")).json()["stats"]["A"]
+    assert (stats["clicked"], stats["converted"]) == (1, 1)
+
+
+async def test_pause_resume_and_a_dead_workers_batch(audience, monkeypatch) -> None:
+    platform, client = audience
+    monkeypatch.setattr(broadcasts, "BATCH", 10)
+    broadcast_id = await create(client)
+    await client.post(f"/api/broadcasts/{broadcast_id}/start")
+    await platform.worker.scheduler.run_once()  # the first batch of 10 is queued
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/pause")).json()[
+        "status"] == "paused"
+    await platform.drain()
+    assert len(received(platform)) == 0  # queued rows are held while paused
+    await client.post(f"/api/broadcasts/{broadcast_id}/resume")
+    # A worker claims the next batch and dies before running it.
+    claimed = await platform.worker.scheduler.claim(1)
+    assert claimed
+    platform.clock.advance(timedelta(seconds=platform.settings.worker.lease_seconds + 1))
+    await platform.drain()
+    got = received(platform)
+    assert len(got) == 40 and all(len(texts) == 1 for texts in got.values())
+    async with platform.db.session() as session:
+        results = (await session.scalars(select(Job.result).where(
+            Job.kind == broadcasts.SEND_KIND))).all()
+    assert "paused" in results
+
+
+async def test_cancel_and_scheduling_and_bad_requests(audience) -> None:
+    platform, client = audience
+    later = (platform.clock.now() + timedelta(hours=3)).isoformat()
+    broadcast_id = await create(client, scheduled_at=later)
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/start")).json()[
+        "status"] == "scheduled"
+    await platform.drain()
+    assert received(platform) == {}
+    platform.clock.advance(timedelta(hours=3))
+    await platform.drain()
+    assert len(received(platform)) == 40
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/start")).status_code == 409
+
+    other = await create(client)
+    await client.post(f"/api/broadcasts/{other}/cancel")
+    await platform.drain()
+    assert (await client.post(f"/api/broadcasts/{other}/start")).status_code == 409
+    bad = await client.post("/api/broadcasts", json={
+        "name": "x", "filter": {"tagg": "v"}, "variants": [
+            {"name": "A", "percent": 60, "messages": MESSAGE}]})
+    assert bad.status_code == 422
