@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 
 def create_router(platform: Any) -> APIRouter:
-    from admin_api import broadcasts, keys, segments, shop, subscribers
+    from admin_api import broadcasts, keys, segments, shop, stats, subscribers
 
     router = APIRouter(prefix="/api")
     router.include_router(keys.me_router)
@@ -17,5 +17,6 @@ def create_router(platform: Any) -> APIRouter:
     router.include_router(subscribers.router)
     router.include_router(segments.router)
     router.include_router(broadcasts.router)
+    router.include_router(stats.router)
     router.include_router(shop.router)
     return router

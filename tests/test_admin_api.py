@@ -198,3 +198,26 @@ async def test_segment_preview_and_exact_error_paths(api) -> None:
     detail = bad.json()["detail"]
     assert any(d["path"] == "filter.all[1]" and "needs a number" in d["message"]
                for d in detail), detail
+
+
+async def test_flow_quiz_and_nps_figures(api) -> None:
+    from datetime import timedelta
+
+    platform, client, keys = api
+    headers = auth(keys["marketer"])
+    for n, (skin, score) in enumerate([("1", "10"), ("2", "9"), ("1", "3"), ("1", "7")]):
+        chat = Chat(platform, user=f"q{n}")
+        await chat.say("quiz")
+        await chat.say(skin)
+        await chat.say("feedback")
+        await chat.say(score)
+        platform.clock.advance(timedelta(days=3))
+    quiz = (await client.get("/api/stats/flows/skin_quiz", headers=headers)).json()
+    assert quiz["entered"] == 4 and quiz["completed"] == 0
+    assert quiz["waiting_at"] == {"q_concern": 4}  # everybody stopped at question two
+    assert quiz["answers"]["skin_type"] == {"dry": 3, "oily": 1}
+    weeks = (await client.get("/api/stats/nps", headers=headers)).json()
+    assert sum(w["responses"] for w in weeks) == 4
+    total = {k: sum(w[k] for w in weeks) for k in ("promoters", "passives", "detractors")}
+    assert total == {"promoters": 2, "passives": 1, "detractors": 1}
+    assert (await client.get("/api/stats/flows/nope", headers=headers)).status_code == 404
