@@ -11,6 +11,7 @@ directly. On PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so workers share t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -48,6 +49,7 @@ class ClaimedRow:
     attempts: int
     subscriber_status: str
     last_inbound_at: datetime | None
+    broadcast_id: int | None = None
 
 
 def backoff_delay(attempt: int, base: float, ceiling: float) -> float:
@@ -101,7 +103,8 @@ class Delivery:
                 update(Outbox).where(Outbox.id.in_(ids.scalar_subquery()))
                 .values(status="sending", locked_by=self.worker_id, lease_expires_at=lease)
                 .returning(Outbox.id, Outbox.message_id, Outbox.subscriber_id, Outbox.channel,
-                           Outbox.bot_id, Outbox.recipient, Outbox.payload, Outbox.attempts)
+                           Outbox.bot_id, Outbox.recipient, Outbox.payload, Outbox.attempts,
+                           Outbox.broadcast_id)
                 .execution_options(synchronize_session=False))).all()
             if not claimed:
                 return [], set()
@@ -118,7 +121,7 @@ class Delivery:
             rows.append(ClaimedRow(
                 c.id, c.message_id, c.subscriber_id, c.channel, c.bot_id, c.recipient,
                 c.payload, c.attempts, sub.status if sub else "deleted",
-                sub.last_inbound_at if sub else None))
+                sub.last_inbound_at if sub else None, c.broadcast_id))
         return rows, more
 
     async def claim_batch(self) -> tuple[list[ClaimedRow], set[int]]:
@@ -140,6 +143,9 @@ class Delivery:
             return 0
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         handled = 0
+        groups, rows = self._batchable(rows, more)
+        for group in groups:
+            handled += await self.deliver_many(group)
 
         async def subscriber_queue(row: ClaimedRow | None) -> None:
             nonlocal handled
@@ -154,6 +160,63 @@ class Delivery:
 
         await asyncio.gather(*(subscriber_queue(row) for row in rows))
         return handled
+
+    def _batchable(self, rows: list[ClaimedRow], more: set[int]
+                   ) -> tuple[list[list[ClaimedRow]], list[ClaimedRow]]:
+        """Broadcast rows with the same message for a channel that can send to many in
+        one call (Viber's ``broadcast_message``); the rest go one by one."""
+        groups: dict[tuple[str, str, int, str], list[ClaimedRow]] = {}
+        single = []
+        for row in rows:
+            channel = self.channels(row.channel, row.bot_id)
+            if (row.broadcast_id is None or row.subscriber_id in more or channel is None
+                    or not hasattr(channel, "send_many") or row.subscriber_status !=
+                    "subscribed" or channel.capabilities.batch_size < 2):
+                single.append(row)
+                continue
+            key = (row.channel, row.bot_id, row.broadcast_id,
+                   json.dumps(row.payload, sort_keys=True))
+            groups.setdefault(key, []).append(row)
+        batches = []
+        for group in groups.values():
+            if len(group) == 1:
+                single.extend(group)
+                continue
+            size = self.channels(group[0].channel, group[0].bot_id).capabilities.batch_size
+            batches.extend(group[i:i + size] for i in range(0, len(group), size))
+        return batches, single
+
+    async def deliver_many(self, rows: list[ClaimedRow]) -> int:
+        """One API call for many recipients of the same message; a result per row."""
+        first = rows[0]
+        channel = self.channels(first.channel, first.bot_id)
+        assert channel is not None
+        limits = self._limits(channel, self.bots(first.channel, first.bot_id))
+        bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
+        delay = await self.limiter.reserve(f"{first.channel}:{first.bot_id}", "*", bot_only,
+                                           MAX_LIMITER_WAIT)
+        if delay > MAX_LIMITER_WAIT:
+            for row in rows:
+                await self.release(row, delay)
+            return len(rows)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = Outgoing.model_validate(first.payload)
+        try:
+            results = await channel.send_many([r.recipient for r in rows], message)
+        except Exception as error:  # an adapter bug must not kill the worker
+            log.exception("channel %s/%s raised on send_many", first.channel, first.bot_id)
+            results = {}
+            failure = SendResult.transient(f"adapter error: {type(error).__name__}")
+        else:
+            failure = SendResult.transient("no result for this recipient")
+        for row in rows:
+            result = results.get(row.recipient, failure)
+            if result.status == SendStatus.RETRY_AFTER:
+                await self.limiter.pause(f"{row.channel}:{row.bot_id}",
+                                         result.retry_after or 1.0)
+            await self.record(row, result)
+        return len(rows)
 
     def _limits(self, channel: Channel, bot: BotConfig | None) -> Limits:
         caps = channel.capabilities
