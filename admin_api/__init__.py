@@ -9,11 +9,12 @@ from fastapi import APIRouter
 
 
 def create_router(platform: Any) -> APIRouter:
-    from admin_api import broadcasts, keys, segments, shop, stats, subscribers
+    from admin_api import bots, broadcasts, keys, segments, shop, stats, subscribers
 
     router = APIRouter(prefix="/api")
     router.include_router(keys.me_router)
     router.include_router(keys.router)
+    router.include_router(bots.router)
     router.include_router(subscribers.router)
     router.include_router(segments.router)
     router.include_router(broadcasts.router)

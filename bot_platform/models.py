@@ -423,3 +423,27 @@ class BroadcastRecipient(Base):
     variant: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="pending")  # queued | skipped
     reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class BotRecord(Base):
+    """A bot registered through the admin API (bots may also come from settings).
+
+    Tokens must be usable to call the messenger, so they cannot be hashed; they are never
+    returned by the API nor logged."""
+
+    __tablename__ = "bots"
+    __table_args__ = (UniqueConstraint("channel", "bot_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    bot_id: Mapped[str] = mapped_column(String(64))
+    token: Mapped[str | None] = mapped_column(Text)
+    secret: Mapped[str | None] = mapped_column(Text)
+    verify_token: Mapped[str | None] = mapped_column(Text)
+    api_base: Mapped[str | None] = mapped_column(String(512))
+    messages_per_second: Mapped[float | None]
+    per_chat_per_second: Mapped[float | None]
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

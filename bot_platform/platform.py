@@ -82,11 +82,12 @@ class Platform:
         self.catalogs = Catalogs.load(self.settings.locales_dir, self.settings.default_locale)
         self.flows = load_flows(self.settings, self.catalogs)
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        deps = ChannelDeps(http=self.http, kv=self.kv, clock=self.clock,
-                           public_url=self.settings.public_url)
+        self.deps = ChannelDeps(http=self.http, kv=self.kv, clock=self.clock,
+                                public_url=self.settings.public_url)
         for key, bot in self.bots.items():
             if key not in self.channels:
-                self.channels[key] = load_channel_factory(bot.channel)(bot, deps)
+                self.channels[key] = load_channel_factory(bot.channel)(bot, self.deps)
+        await self.refresh_bots()
         self.engine = Engine(self.db, self.flows, self.catalogs, self.clock,
                              capabilities=self.capabilities, on_commit=self._notify)
         self.engine.public_url = self.settings.public_url
@@ -94,7 +95,8 @@ class Platform:
                               self.worker_id)
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
-        self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval)
+        self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval,
+                             on_idle=self.refresh_bots)
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
         scheduler.handlers[broadcasts.SEND_KIND] = partial(broadcasts.run_send_job, self.engine)
         await ensure_scan(self.db, self.engine)
@@ -122,6 +124,45 @@ class Platform:
         assistant = Assistant(settings, self.ai_client, knowledge, KvTokenBudget(self.kv))
         scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant)
         self.engine.text_fallback_job = JOB_KIND
+
+    async def refresh_bots(self) -> list[BotConfig]:
+        """Bring in bots registered through the admin API (by this or another process);
+        returns the ones that were new here. Settings' bots take precedence."""
+        from sqlalchemy import select
+
+        from bot_platform.models import BotRecord
+
+        async with self.db.session() as session:
+            records = (await session.scalars(select(BotRecord))).all()
+        added = []
+        for record in records:
+            key = (record.channel, record.bot_id)
+            if not record.enabled:
+                if key in self.channels and key not in self._settings_bots():
+                    await self._close_channel(self.channels.pop(key))
+                    self.bots.pop(key, None)
+                continue
+            config = BotConfig(
+                id=record.bot_id, channel=record.channel, token=record.token,
+                secret=record.secret, verify_token=record.verify_token,
+                api_base=record.api_base, messages_per_second=record.messages_per_second,
+                per_chat_per_second=record.per_chat_per_second, options=record.options)
+            if key in self._settings_bots() or self.bots.get(key) == config:
+                continue
+            if key in self.channels:
+                await self._close_channel(self.channels.pop(key))
+            self.channels[key] = load_channel_factory(config.channel)(config, self.deps)
+            self.bots[key] = config
+            added.append(config)
+        return added
+
+    def _settings_bots(self) -> set[tuple[str, str]]:
+        return {(bot.channel, bot.id) for bot in self.settings.all_bots()}
+
+    async def _close_channel(self, adapter: Channel) -> None:
+        close = getattr(adapter, "close", None)
+        if close is not None:
+            await close()
 
     def _notify(self) -> None:
         worker = getattr(self, "worker", None)

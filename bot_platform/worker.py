@@ -7,7 +7,10 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bot_platform.delivery import Delivery
 from bot_platform.jobs import Scheduler
@@ -22,11 +25,16 @@ def new_worker_id() -> str:
 class Worker:
     """Runs the scheduler and the delivery side by side until stopped."""
 
-    def __init__(self, scheduler: Scheduler, delivery: Delivery, poll_interval: float) -> None:
+    def __init__(self, scheduler: Scheduler, delivery: Delivery, poll_interval: float,
+                 on_idle: Callable[[], Awaitable[Any]] | None = None,
+                 idle_every: float = 30.0) -> None:
         self.scheduler = scheduler
         self.delivery = delivery
         self.poll_interval = poll_interval
         self.wake = asyncio.Event()
+        self.on_idle = on_idle  # housekeeping between rounds (new bots from the API)
+        self.idle_every = idle_every
+        self._last_idle = 0.0
 
     def notify(self) -> None:
         """New work was committed in this process: do not wait for the next poll."""
@@ -58,6 +66,12 @@ class Worker:
                 await asyncio.sleep(self.poll_interval * 4)
             if done:
                 continue
+            if self.on_idle is not None and time.monotonic() - self._last_idle > self.idle_every:
+                self._last_idle = time.monotonic()
+                try:
+                    await self.on_idle()
+                except Exception:
+                    log.exception("worker housekeeping failed")
             waiters = [asyncio.ensure_future(self.wake.wait()),
                        asyncio.ensure_future(stop.wait())]
             await asyncio.wait(waiters, timeout=self.poll_interval,

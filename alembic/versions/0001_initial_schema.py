@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 17:11:18.245046
+Create Date: 2026-11-22 17:18:33.900787
 """
 
 from __future__ import annotations
@@ -33,6 +33,23 @@ def upgrade() -> None:
     sa.Column('revoked_at', sa.DateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('prefix', name=op.f('uq_api_keys_prefix'))
+    )
+    op.create_table('bots',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('channel', sa.String(length=32), nullable=False),
+    sa.Column('bot_id', sa.String(length=64), nullable=False),
+    sa.Column('token', sa.Text(), nullable=True),
+    sa.Column('secret', sa.Text(), nullable=True),
+    sa.Column('verify_token', sa.Text(), nullable=True),
+    sa.Column('api_base', sa.String(length=512), nullable=True),
+    sa.Column('messages_per_second', sa.Double(), nullable=True),
+    sa.Column('per_chat_per_second', sa.Double(), nullable=True),
+    sa.Column('options', sa.JSON(), nullable=False),
+    sa.Column('enabled', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_bots')),
+    sa.UniqueConstraint('channel', 'bot_id', name=op.f('uq_bots_channel'))
     )
     op.create_table('broadcasts',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -421,5 +438,6 @@ def downgrade() -> None:
 
     op.drop_table('contacts')
     op.drop_table('broadcasts')
+    op.drop_table('bots')
     op.drop_table('api_keys')
     # ### end Alembic commands ###
