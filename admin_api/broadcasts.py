@@ -25,6 +25,7 @@ class BroadcastPublic(BaseModel):
     variants: list[dict[str, Any]]
     tag: str | None
     scheduled_at: datetime | None
+    local_time: str | None
     started_at: datetime | None
     finished_at: datetime | None
     created_at: datetime
@@ -42,6 +43,9 @@ async def _load(session: Any, broadcast_id: int) -> Broadcast:
 async def create_broadcast(body: BroadcastCreate,
                            platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """A draft; nothing is sent until it is started."""
+    unknown = [v.flow for v in body.variants if v.flow and v.flow not in platform.flows]
+    if unknown:
+        raise HTTPException(422, f"unknown flow(s): {', '.join(unknown)}")
     async with platform.db.session() as session:
         broadcast = await broadcasts.create(session, body, platform.clock.now())
         return BroadcastPublic.model_validate(broadcast, from_attributes=True)

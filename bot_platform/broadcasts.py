@@ -10,11 +10,12 @@ queued rows back from the worker; cancelling skips them.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import insert_ignore
@@ -56,13 +57,23 @@ class Content(BaseModel):
 
 
 class Variant(BaseModel):
-    """An A/B variant: a share of the recipients and its message per locale."""
+    """An A/B variant: a share of the recipients and its message per locale, or a flow
+    to start for them."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
     percent: int = Field(ge=1, le=100)
-    messages: dict[str, Content] = Field(min_length=1, description="locale -> message")
+    messages: dict[str, Content] | None = Field(None, description="locale -> message")
+    flow: str | None = Field(None, description="a flow to start instead of a message")
+
+    @model_validator(mode="after")
+    def _one(self) -> Variant:
+        if (self.messages is None) == (self.flow is None):
+            raise ValueError("a variant has either messages or a flow")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages needs at least one locale")
+        return self
 
 
 class BroadcastCreate(BaseModel):
@@ -73,6 +84,10 @@ class BroadcastCreate(BaseModel):
     variants: list[Variant] = Field(min_length=1, max_length=10)
     tag: str | None = Field(default=None, description="Facebook message tag (no promotions)")
     scheduled_at: datetime | None = None
+    local_time: str | None = Field(
+        default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
+        description="send at this time of day in each subscriber's time zone (attribute "
+                    "'timezone', e.g. Europe/Kyiv; UTC when unknown)")
 
     @model_validator(mode="after")
     def _valid(self) -> BroadcastCreate:
@@ -82,6 +97,23 @@ class BroadcastCreate(BaseModel):
         if len({v.name for v in self.variants}) != len(self.variants):
             raise ValueError("variant names must differ")
         return self
+
+
+def local_moment(local_time: str | None, attributes: dict[str, Any] | None,
+                 now: datetime) -> datetime | None:
+    """The next moment it is ``local_time`` in the subscriber's time zone."""
+    if not local_time:
+        return None
+    try:
+        zone = ZoneInfo(str((attributes or {}).get("timezone") or "UTC"))
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    hour, minute = (int(part) for part in local_time.split(":"))
+    local_now = now.astimezone(zone)
+    moment = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if moment < local_now:
+        moment += timedelta(days=1)
+    return moment.astimezone(UTC)
 
 
 def variant_for(subscriber_id: int, broadcast_id: int, variants: list[dict[str, Any]]) -> str:
@@ -100,7 +132,7 @@ async def create(session: AsyncSession, body: BroadcastCreate, now: datetime) ->
     broadcast = Broadcast(
         name=body.name, status="draft", segment=body.filter,
         variants=[v.model_dump(mode="json") for v in body.variants], tag=body.tag,
-        scheduled_at=body.scheduled_at, created_at=now)
+        scheduled_at=body.scheduled_at, local_time=body.local_time, created_at=now)
     session.add(broadcast)
     await session.flush()
     return broadcast
@@ -119,10 +151,12 @@ async def start(session: AsyncSession, broadcast: Broadcast, now: datetime) -> i
     spec = FILTER.validate_python(broadcast.segment)
     condition = compile_filter(spec, now=now, dialect=session.bind.dialect.name)
     # Everyone the segment names; the unsubscribed are skipped (and counted) when queued.
-    ids = (await session.scalars(select(Subscriber.id).where(condition)
-                                 .order_by(Subscriber.id))).all()
+    found = (await session.execute(select(Subscriber.id, Subscriber.attributes).where(
+        condition).order_by(Subscriber.id))).all()
     rows = [{"broadcast_id": broadcast.id, "subscriber_id": i, "status": "pending",
-             "variant": variant_for(i, broadcast.id, broadcast.variants)} for i in ids]
+             "variant": variant_for(i, broadcast.id, broadcast.variants),
+             "due_at": local_moment(broadcast.local_time, attributes, now)}
+            for i, attributes in found]
     for first in range(0, len(rows), 5000):
         await session.execute(insert_ignore(session, BroadcastRecipient), rows[first:first + 5000])
     broadcast.status, broadcast.started_at = "running", now
@@ -198,9 +232,10 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         return f"started {targeted}"
     if broadcast.status != "running":
         return broadcast.status
+    due = or_(BroadcastRecipient.due_at.is_(None), BroadcastRecipient.due_at <= now)
     todo = (await session.scalars(select(BroadcastRecipient).where(
         BroadcastRecipient.broadcast_id == broadcast.id,
-        BroadcastRecipient.status == "pending").order_by(BroadcastRecipient.id)
+        BroadcastRecipient.status == "pending", due).order_by(BroadcastRecipient.id)
         .limit(BATCH))).all()
     variants = {v["name"]: v for v in broadcast.variants}
     subscribers = {s.id: s for s in (await session.scalars(select(Subscriber).where(
@@ -213,8 +248,12 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         if await engine.open_conversation(session, subscriber.id) is not None:
             recipient.status, recipient.reason = "skipped", "in_conversation"
             continue
-        message = _message(variants[recipient.variant], subscriber.locale,
-                           engine.catalogs.default_locale)
+        variant = variants[recipient.variant]
+        if variant.get("flow"):
+            await _start_flow(engine, session, subscriber, variant["flow"], broadcast.id)
+            recipient.status = "queued"
+            continue
+        message = _message(variant, subscriber.locale, engine.catalogs.default_locale)
         if broadcast.tag:
             message = message.model_copy(update={"tag": broadcast.tag})
         message = await _tracked(session, engine, message, subscriber, broadcast, now)
@@ -224,9 +263,31 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
     if len(todo) == BATCH:
         session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
                         payload={"broadcast_id": broadcast.id}))
+        return f"queued {len(todo)}"
+    later = await session.scalar(select(func.min(BroadcastRecipient.due_at)).where(
+        BroadcastRecipient.broadcast_id == broadcast.id,
+        BroadcastRecipient.status == "pending"))
+    if later is not None:  # local-time recipients whose moment has not come yet
+        session.add(Job(kind=SEND_KIND, due_at=later, created_at=now,
+                        payload={"broadcast_id": broadcast.id}))
     else:
         broadcast.status, broadcast.finished_at = "completed", now
     return f"queued {len(todo)}"
+
+
+async def _start_flow(engine: Engine, session: AsyncSession, subscriber: Subscriber,
+                      flow: str, broadcast_id: int) -> None:
+    """A flow variant: the flow starts for this subscriber as if a trigger fired."""
+    await engine.advisory_lock(session, subscriber.channel, subscriber.bot_id,
+                               subscriber.user_id)
+    turn, rows = await engine.load_turn(session, subscriber)
+    if flow in engine.flows:
+        turn.pending_starts.append(flow)
+        await engine.run_pending_starts(turn)
+    queued = await engine.save_turn(session, subscriber, turn, rows)
+    if queued:
+        await session.execute(update(Outbox).where(Outbox.id.in_([i for i, _ in queued]))
+                              .values(broadcast_id=broadcast_id))
 
 
 async def stats(session: AsyncSession, broadcast: Broadcast,

@@ -404,6 +404,7 @@ class Broadcast(Base):
     variants: Mapped[list[Any]]  # [{name, percent, content: {locale: message} | flow}]
     tag: Mapped[str | None] = mapped_column(String(64))  # Facebook message tag
     scheduled_at: Mapped[datetime | None]
+    local_time: Mapped[str | None] = mapped_column(String(5))  # "10:00" in each one's zone
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
@@ -423,6 +424,7 @@ class BroadcastRecipient(Base):
     variant: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="pending")  # queued | skipped
     reason: Mapped[str | None] = mapped_column(String(64))
+    due_at: Mapped[datetime | None]  # with local_time: when it is that time for them
 
 
 class BotRecord(Base):

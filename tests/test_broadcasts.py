@@ -144,3 +144,34 @@ async def test_cancel_and_scheduling_and_bad_requests(audience) -> None:
         "name": "x", "filter": {"tagg": "v"}, "variants": [
             {"name": "A", "percent": 60, "messages": MESSAGE}]})
     assert bad.status_code == 422
+
+
+async def test_flow_variants_and_local_time(audience) -> None:
+    platform, client = audience
+    async with platform.db.session() as session:
+        rows = (await session.scalars(select(Subscriber).order_by(Subscriber.id))).all()
+        rows[0].attributes = {"timezone": "Europe/Kyiv"}  # 10:00 there is 08:00 UTC
+    # 09:00 UTC now: 10:00 comes in an hour for most, tomorrow morning for Kyiv.
+    broadcast_id = await create(client, filter={"any": [{"attribute": "timezone",
+                                                         "op": "exists"},
+                                                        {"tag": "new-subscriber"}]},
+                                local_time="10:00",
+                                variants=[{"name": "F", "percent": 100,
+                                           "flow": "spring_promo"}])
+    await client.post(f"/api/broadcasts/{broadcast_id}/start")
+    await platform.drain()
+    assert received(platform) == {}
+    platform.clock.advance(timedelta(hours=1))
+    await platform.drain()
+    got = received(platform)
+    assert len(got) == 39 and "c0" not in got
+    assert all(t[0].startswith("Spring is here") for t in got.values())
+    platform.clock.advance(timedelta(hours=22))  # 08:00 UTC next day = 10:00 in Kyiv
+    await platform.drain()
+    assert received(platform)["c0"][0].startswith("Spring is here")
+    figures = (await client.get(f"/api/broadcasts/{broadcast_id}")).json()
+    assert figures["status"] == "completed" and figures["stats"]["F"]["sent"] == 40
+    bad = await client.post("/api/broadcasts", json={
+        "name": "x", "filter": {"tag": "a"}, "variants": [
+            {"name": "A", "percent": 100, "flow": "nope"}]})
+    assert bad.status_code == 422

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 17:18:33.900787
+Create Date: 2026-11-22 17:19:47.376676
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def upgrade() -> None:
     sa.Column('variants', sa.JSON(), nullable=False),
     sa.Column('tag', sa.String(length=64), nullable=True),
     sa.Column('scheduled_at', sa.DateTime(), nullable=True),
+    sa.Column('local_time', sa.String(length=5), nullable=True),
     sa.Column('started_at', sa.DateTime(), nullable=True),
     sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
@@ -173,6 +174,7 @@ def upgrade() -> None:
     sa.Column('variant', sa.String(length=32), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.String(length=64), nullable=True),
+    sa.Column('due_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['broadcast_id'], ['broadcasts.id'], name=op.f('fk_broadcast_recipients_broadcast_id_broadcasts'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_broadcast_recipients_subscriber_id_subscribers'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_broadcast_recipients')),
