@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 
 def create_router(platform: Any) -> APIRouter:
-    from admin_api import bots, broadcasts, keys, segments, shop, stats, subscribers
+    from admin_api import bots, broadcasts, flows, keys, segments, shop, stats, subscribers
 
     router = APIRouter(prefix="/api")
     router.include_router(keys.me_router)
@@ -20,4 +20,5 @@ def create_router(platform: Any) -> APIRouter:
     router.include_router(broadcasts.router)
     router.include_router(stats.router)
     router.include_router(shop.router)
+    router.include_router(flows.router)
     return router

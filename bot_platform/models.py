@@ -449,3 +449,19 @@ class BotRecord(Base):
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+
+class FlowVersion(Base):
+    """A flow uploaded through the admin API. Activation is explicit; the active version
+    replaces the file of the same flow name."""
+
+    __tablename__ = "flow_versions"
+    __table_args__ = (UniqueConstraint("flow", "version"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    flow: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime]
+    activated_at: Mapped[datetime | None]

@@ -96,7 +96,8 @@ class Platform:
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval,
-                             on_idle=self.refresh_bots)
+                             on_idle=self.housekeeping)
+        await self.reload_flows()
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
         scheduler.handlers[broadcasts.SEND_KIND] = partial(broadcasts.run_send_job, self.engine)
         await ensure_scan(self.db, self.engine)
@@ -124,6 +125,43 @@ class Platform:
         assistant = Assistant(settings, self.ai_client, knowledge, KvTokenBudget(self.kv))
         scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant)
         self.engine.text_fallback_job = JOB_KIND
+
+    async def reload_flows(self) -> bool:
+        """Use the active uploaded flow versions (they replace files of the same name);
+        returns whether anything changed. Cheap when nothing did."""
+        from sqlalchemy import select
+
+        from bot_platform.flow_dsl import check_cross_flow, parse_flow_text, validate_paths
+        from bot_platform.models import FlowVersion
+
+        async with self.db.session() as session:
+            active = (await session.execute(select(
+                FlowVersion.flow, FlowVersion.version, FlowVersion.text).where(
+                FlowVersion.active.is_(True)).order_by(FlowVersion.flow))).all()
+        signature = tuple((flow, version) for flow, version, _ in active)
+        if signature == getattr(self, "_flow_signature", ()):
+            return False
+        specs, _ = validate_paths(self.settings.flows_dir, self.catalogs)
+        for flow, version, text in active:
+            spec, issues = parse_flow_text(text, f"{flow} v{version}", self.catalogs)
+            if spec is None:
+                log.error("active flow %s v%s is invalid now and was skipped: %s", flow,
+                          version, "; ".join(str(i) for i in issues))
+                continue
+            specs[spec.flow] = (spec, f"{flow} v{version}")
+        for issue in check_cross_flow(specs):
+            log.error("%s", issue)
+        self.flows = FlowSet([spec for spec, _ in specs.values()], self.catalogs)
+        if hasattr(self, "engine"):
+            self.engine.flows = self.flows
+        self._flow_signature = signature
+        log.info("flows in use: %s", ", ".join(sorted(self.flows.flows)))
+        return True
+
+    async def housekeeping(self) -> None:
+        """Between worker rounds: pick up bots and flows changed by other processes."""
+        await self.refresh_bots()
+        await self.reload_flows()
 
     async def refresh_bots(self) -> list[BotConfig]:
         """Bring in bots registered through the admin API (by this or another process);

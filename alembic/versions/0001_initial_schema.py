@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 17:19:47.376676
+Create Date: 2026-11-22 17:20:17.366705
 """
 
 from __future__ import annotations
@@ -76,6 +76,17 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_contacts_email'), ['email'], unique=False)
         batch_op.create_index(batch_op.f('ix_contacts_phone'), ['phone'], unique=False)
 
+    op.create_table('flow_versions',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('flow', sa.String(length=64), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('text', sa.Text(), nullable=False),
+    sa.Column('active', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('activated_at', sa.DateTime(), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_flow_versions')),
+    sa.UniqueConstraint('flow', 'version', name=op.f('uq_flow_versions_flow'))
+    )
     op.create_table('kv',
     sa.Column('key', sa.String(length=255), nullable=False),
     sa.Column('value', sa.Text(), nullable=False),
@@ -434,6 +445,7 @@ def downgrade() -> None:
 
     op.drop_table('processed_events')
     op.drop_table('kv')
+    op.drop_table('flow_versions')
     with op.batch_alter_table('contacts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_contacts_phone'))
         batch_op.drop_index(batch_op.f('ix_contacts_email'))
