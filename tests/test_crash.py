@@ -156,3 +156,43 @@ async def _received(relay: FakeRelayServer, n: int) -> bool:
 
 async def _at_least(platform, query, n: int) -> bool:
     return await count(platform, query) >= n
+
+
+async def test_killed_mid_broadcast_nobody_twice_nobody_skipped(crash_setup) -> None:
+    from bot_platform import broadcasts
+    from bot_platform.models import Broadcast, Contact, Subscriber
+
+    platform, relay, worker = crash_setup
+    worker.env["BOTP_WORKER__CONCURRENCY"] = "1"  # one send in flight: the kill lands on it
+    now = platform.clock.now()
+    async with platform.db.session() as session:
+        for n in range(120):
+            contact = Contact(created_at=now)
+            session.add(contact)
+            await session.flush()
+            session.add(Subscriber(contact_id=contact.id, channel="console", bot_id="console",
+                                   user_id=f"b{n}", status="subscribed", attributes={},
+                                   created_at=now, updated_at=now))
+        broadcast = await broadcasts.create(session, broadcasts.BroadcastCreate(
+            name="crash", filter={"channel": "console"}, variants=[{
+                "name": "A", "percent": 100, "messages": {"en": {"text": "Sale!"}}}]), now)
+        await broadcasts.start(session, broadcast, now)
+        broadcast_id = broadcast.id
+
+    relay.hang_after = 50  # the 51st send hangs: the worker is killed holding it
+    worker.start()
+    await wait_for(lambda: _received(relay, 50), what="the first 50")
+    await asyncio.sleep(0.5)
+    worker.kill()
+    assert len(relay.received) == 50
+
+    relay.hang_after = None
+    worker.start()
+    await wait_for(lambda: _received(relay, 120), limit=60, what="the rest")
+    await asyncio.sleep(2.5)  # past a lease: a double send would show now
+    worker.kill()
+    recipients = Counter(r["recipient"] for r in relay.received)
+    assert len(recipients) == 120 and set(recipients.values()) == {1}
+    async with platform.db.session() as session:
+        stats = await broadcasts.stats(session, await session.get(Broadcast, broadcast_id))
+    assert stats["A"]["sent"] == 120

@@ -19,6 +19,7 @@ class FakeRelayServer:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
         self.delay = 0.0  # seconds before answering (a slow messenger)
+        self.hang_after: int | None = None  # after this many messages, hang (until closed)
         self.fail_next: list[int] = []  # HTTP statuses to answer with, in order
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -26,7 +27,8 @@ class FakeRelayServer:
 
     async def _send(self, request: web.Request) -> web.Response:
         body = await request.json()
-        deadline = asyncio.get_running_loop().time() + self.delay
+        hang = self.hang_after is not None and len(self.received) >= self.hang_after
+        deadline = asyncio.get_running_loop().time() + (3600 if hang else self.delay)
         while True:
             transport = request.transport
             if transport is None or transport.is_closing():
