@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import LoopbackServer
+
 
 @dataclass
 class GraphCall:
@@ -22,16 +24,15 @@ class GraphCall:
     ok: bool = False
 
 
-class FakeGraphServer:
+class FakeGraphServer(LoopbackServer):
     def __init__(self, version: str = "v21.0") -> None:
+        super().__init__()
         self.version = version
         self.calls: list[GraphCall] = []
         self.unavailable: set[str] = set()  # code 551: this person isn't available
         self.outside: set[str] = set()  # code 10 / 2018278 for untagged messages
         self.errors: deque[tuple[int, dict[str, Any]]] = deque()
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     def fail_next(self, code: int, subcode: int | None = None, status: int = 400,
                   message: str = "An error occurred", count: int = 1) -> None:
@@ -76,24 +77,6 @@ class FakeGraphServer:
                                     dict(request.query), ok=True))
         return web.json_response({"success": True})
 
-    async def start(self) -> FakeGraphServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post(f"/{self.version}/me/messages", self._messages)
         app.router.add_post(f"/{self.version}/me/subscribed_apps", self._subscribed_apps)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> FakeGraphServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -15,9 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import LoopbackServer
 
-class FakeOpenAIServer:
+
+class FakeOpenAIServer(LoopbackServer):
+    url_suffix = "/v1"
+    shutdown_timeout = 1.0  # a slow "model" must not hold the shutdown
+
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[dict[str, Any]] = []
         self.replies: deque[str] = deque()  # contents to answer with, in order
         self.responder: Callable[[dict[str, Any]], str] | None = None
@@ -25,8 +31,6 @@ class FakeOpenAIServer:
         self.failures: deque[int] = deque()
         self.malformed = False
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     def reply_json(self, **content: Any) -> None:
         self.replies.append(json.dumps(content))
@@ -59,24 +63,5 @@ class FakeOpenAIServer:
                          "finish_reason": "stop", "logprobs": None}],
             "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
 
-    async def start(self) -> FakeOpenAIServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._completions)
-        # A slow "model" must not hold the test's shutdown: close its requests quickly.
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> FakeOpenAIServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

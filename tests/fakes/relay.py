@@ -12,18 +12,19 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import LoopbackServer
 
-class FakeRelayServer:
+
+class FakeRelayServer(LoopbackServer):
     """POST /send {bot_id, recipient, message} -> {"message_id": "..."}; records each."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: list[dict[str, Any]] = []
         self.delay = 0.0  # seconds before answering (a slow messenger)
         self.hang_after: int | None = None  # after this many messages, hang (until closed)
         self.fail_next: list[int] = []  # HTTP statuses to answer with, in order
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def _send(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -45,23 +46,5 @@ class FakeRelayServer:
         return [r["message"]["text"] for r in self.received
                 if recipient is None or r["recipient"] == recipient]
 
-    async def start(self) -> FakeRelayServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/send", self._send)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> FakeRelayServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

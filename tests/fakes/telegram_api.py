@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import LoopbackServer
+
 
 @dataclass
 class Call:
@@ -38,8 +40,9 @@ def _decode(value: str) -> Any:
     return value
 
 
-class FakeTelegramServer:
+class FakeTelegramServer(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[Call] = []
         self.too_many_requests = 0  # 429s answered
         self.blocked: set[int] = set()
@@ -53,8 +56,6 @@ class FakeTelegramServer:
         self._arrived = asyncio.Event()
         self._message_ids = itertools.count(1)
         self._update_ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     # ---- knobs --------------------------------------------------------------------------
 
@@ -186,23 +187,5 @@ class FakeTelegramServer:
         limit = int(call.params.get("limit") or 100)
         return web.json_response({"ok": True, "result": self._updates[:limit]})
 
-    async def start(self) -> FakeTelegramServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/bot{token}/{method}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> FakeTelegramServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.server import LoopbackServer
+
 
 @dataclass
 class ViberCall:
@@ -22,16 +24,17 @@ class ViberCall:
     ok: bool = False
 
 
-class FakeViberServer:
+class FakeViberServer(LoopbackServer):
+    url_suffix = "/pa"
+
     def __init__(self, token: str) -> None:
+        super().__init__()
         self.token = token
         self.calls: list[ViberCall] = []
         self.unsubscribed: set[str] = set()
         self.statuses: deque[int] = deque()  # Viber status codes for the next sends
         self.http_failures: deque[int] = deque()
         self._tokens = itertools.count(5_000_000_000_000_000_000)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     def sent(self, user: str | None = None) -> list[dict[str, Any]]:
         """Messages delivered by send_message, optionally to one user."""
@@ -74,23 +77,5 @@ class FakeViberServer:
                                       "failed_list": failed})
         return web.json_response({"status": 1, "status_message": "invalidUrl"}, status=404)
 
-    async def start(self) -> FakeViberServer:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/pa/{method}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/pa"
-        return self
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> FakeViberServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
