@@ -9,7 +9,17 @@ from fastapi import APIRouter
 
 
 def create_router(platform: Any) -> APIRouter:
-    from admin_api import bots, broadcasts, flows, keys, segments, shop, stats, subscribers
+    from admin_api import (
+        bots,
+        broadcasts,
+        conversations,
+        flows,
+        keys,
+        segments,
+        shop,
+        stats,
+        subscribers,
+    )
 
     router = APIRouter(prefix="/api")
     router.include_router(keys.me_router)
@@ -19,6 +29,7 @@ def create_router(platform: Any) -> APIRouter:
     router.include_router(segments.router)
     router.include_router(broadcasts.router)
     router.include_router(stats.router)
+    router.include_router(conversations.router)
     router.include_router(shop.router)
     router.include_router(flows.router)
     return router

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from admin_api.security import MARKETING, get_platform, roles
+from admin_api.security import EVERYONE, MARKETING, get_platform, roles
 from bot_platform.models import Answer, FlowState
 
 router = APIRouter(prefix="/stats", tags=["stats"])
@@ -83,4 +83,47 @@ async def nps(weeks: int = Query(12, ge=1, le=104), question: str = "nps",
             week_start=week, responses=len(scores), promoters=promoters,
             passives=len(scores) - promoters - detractors, detractors=detractors,
             score=round(100 * (promoters - detractors) / len(scores), 1)))
+    return result
+
+
+class SlaRow(BaseModel):
+    day: str
+    agent_id: str | None
+    agent: str | None
+    conversations: int
+    resolved: int
+    avg_first_reply_seconds: float | None  # from escalation to the agent's first reply
+    avg_resolve_seconds: float | None  # from escalation to resolution
+
+
+@router.get("/support", response_model=list[SlaRow], **roles(EVERYONE))
+async def support_sla(days: int = Query(30, ge=1, le=366),
+                      platform: Any = Depends(get_platform)) -> list[SlaRow]:
+    """Handoff service levels per agent and day (by the day a chat was escalated)."""
+    from bot_platform.models import ApiKey, Conversation
+
+    since = platform.clock.now() - timedelta(days=days)
+    async with platform.db.session() as session:
+        rows = (await session.scalars(select(Conversation).where(
+            Conversation.created_at >= since))).all()
+        names = dict((await session.execute(select(ApiKey.id, ApiKey.name))).all())
+    groups: dict[tuple[str, str | None], list[Any]] = defaultdict(list)
+    for row in rows:
+        groups[(row.created_at.date().isoformat(), row.agent_id)].append(row)
+
+    def average(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 1) if values else None
+
+    result = []
+    for (day, agent_id), items in sorted(groups.items(), key=lambda kv: (kv[0][0],
+                                                                           kv[0][1] or "")):
+        first = [(c.first_reply_at - c.created_at).total_seconds() for c in items
+                 if c.first_reply_at]
+        done = [(c.resolved_at - c.created_at).total_seconds() for c in items
+                if c.resolved_at]
+        result.append(SlaRow(
+            day=day, agent_id=agent_id,
+            agent=names.get(int(agent_id)) if agent_id and agent_id.isdigit() else None,
+            conversations=len(items), resolved=len(done),
+            avg_first_reply_seconds=average(first), avg_resolve_seconds=average(done)))
     return result

@@ -43,6 +43,17 @@ class WorkerSettings(BaseModel):
     concurrency: int = 32  # sends in flight per worker
 
 
+class SupportSettings(BaseModel):
+    """Human handoff: when agents answer, and the words that ask for them."""
+
+    days: tuple[int, ...] = (0, 1, 2, 3, 4)  # 0 = Monday
+    start_hour: int = Field(default=9, ge=0, le=23)
+    end_hour: int = Field(default=18, ge=1, le=24)
+    timezone: str = "UTC"
+    always_open: bool = True  # false: outside the hours, customers are told when
+    keywords: dict[str, list[str]] | None = None  # per locale ("*": all); None: built-in
+
+
 class Settings(BaseSettings):
     """Everything the platform reads from its environment."""
 
@@ -70,6 +81,7 @@ class Settings(BaseSettings):
     bots: list[BotConfig] = Field(default_factory=list)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ai: AiSettings = Field(default_factory=AiSettings)
+    support: SupportSettings = Field(default_factory=SupportSettings)
     log_level: str = "INFO"
 
     @field_validator("bots", mode="before")

@@ -30,6 +30,7 @@ from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
 from bot_platform.flow_runtime import (
+    Escalation,
     FlowSet,
     JobEffect,
     Position,
@@ -56,6 +57,12 @@ from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit
 log = logging.getLogger(__name__)
 
 OPEN_CONVERSATION = ("waiting", "assigned")
+DEFAULT_HANDOFF_KEYWORDS = {
+    "en": ["operator", "human", "agent", "talk to a human", "talk to a person"],
+    "uk": ["оператор", "людина", "менеджер"],
+    "pl": ["konsultant", "człowiek", "operator"],
+    "ar": ["موظف", "إنسان", "خدمة العملاء"],
+}
 MAX_FLOW_STARTS = 8  # start_flow chains per event before we call it a loop
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
@@ -83,6 +90,34 @@ class KeyedLocks:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SupportHours:
+    """When agents answer: weekdays (0 = Monday) and hours in a time zone."""
+
+    days: tuple[int, ...] = (0, 1, 2, 3, 4)
+    start_hour: int = 9
+    end_hour: int = 18
+    timezone: str = "UTC"
+
+    def _local(self, moment: datetime) -> datetime:
+        from zoneinfo import ZoneInfo
+
+        return moment.astimezone(ZoneInfo(self.timezone))
+
+    def open_at(self, moment: datetime) -> bool:
+        local = self._local(moment)
+        return local.weekday() in self.days and self.start_hour <= local.hour < self.end_hour
+
+    def next_opening(self, moment: datetime) -> str:
+        """When agents are next in, as "Mon 09:00" in the support time zone."""
+        local = self._local(moment).replace(minute=0, second=0, microsecond=0)
+        for _ in range(24 * 8):
+            local += timedelta(hours=1)
+            if local.weekday() in self.days and local.hour == self.start_hour:
+                return local.strftime("%a %H:%M")
+        return ""
 
 
 def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +184,10 @@ class Engine:
         self.on_commit = on_commit or (lambda: None)
         self.public_url: str | None = None  # where tracked links redirect through /r/
         self.random = random.Random()  # games draw from this (tests may seed it)
+        # Typed words (per locale, "*" for all) that hand the chat to a human.
+        self.handoff_keywords: dict[str, list[str]] = dict(DEFAULT_HANDOFF_KEYWORDS)
+        # When humans answer; outside these hours the customer is told when they will.
+        self.support_hours: SupportHours | None = None
         # A job kind that answers unexpected text (AI); None: the catalog's fallback.
         self.text_fallback_job: str | None = None
         # Called for a customer message that went to an open conversation (live updates).
@@ -412,6 +451,9 @@ class Engine:
         return False
 
     async def _route_text(self, turn: Turn, text: str) -> None:
+        if self._asks_for_human(turn.locale, text):
+            turn.escalation = Escalation("asked_for_human", text[:500], {"text": text})
+            return
         for position in self._active(turn):
             flow = self.flows[position.flow]
             match = flow.label_index(position.state, text, turn)
@@ -439,6 +481,11 @@ class Engine:
                     Outbox.id.in_(outbox_ids), Outbox.status == "pending",
                 ).values(next_attempt_at=self.clock.now()))
         self.on_commit()
+
+    def _asks_for_human(self, locale: str, text: str) -> bool:
+        words = self.handoff_keywords.get(locale, []) + self.handoff_keywords.get("*", [])
+        wanted = text.strip().casefold().rstrip("!?.")
+        return bool(wanted) and wanted in {w.casefold() for w in words}
 
     def fallback_message(self, turn: Turn) -> Outgoing:
         """The localized "I did not get that"."""
@@ -679,11 +726,13 @@ class Engine:
             subscriber_id=subscriber.id, status="waiting", reason=escalation.reason,
             summary=escalation.summary, data=escalation.data, created_at=now,
             updated_at=now))
-        if not self.catalogs.has(self.catalogs.default_locale, "handoff-waiting"):
+        key, variables = "handoff-waiting", turn.variables(self.catalogs)
+        if self.support_hours is not None and not self.support_hours.open_at(now):
+            key = "handoff-waiting-closed"
+            variables = {**variables, "opens": self.support_hours.next_opening(now)}
+        if not self.catalogs.has(self.catalogs.default_locale, key):
             return []
-        text = self.catalogs.format(turn.locale, "handoff-waiting",
-                                    turn.variables(self.catalogs))
-        return [(None, Outgoing(text=text))]
+        return [(None, Outgoing(text=self.catalogs.format(turn.locale, key, variables)))]
 
     async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
                       messages: Sequence[tuple[str | None, Outgoing]],

@@ -239,10 +239,25 @@ class Conversation(Base):
     reason: Mapped[str] = mapped_column(String(64))
     summary: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # answers that led here
-    agent_id: Mapped[str | None] = mapped_column(String(64))
+    agent_id: Mapped[str | None] = mapped_column(String(64))  # the agent's API key id
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    assigned_at: Mapped[datetime | None]
+    first_reply_at: Mapped[datetime | None]
     resolved_at: Mapped[datetime | None]
+
+
+class ConversationNote(Base):
+    """An agents-only note on a conversation (never sent to the customer)."""
+
+    __tablename__ = "conversation_notes"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    author: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
 
 
 class CustomerEvent(Base):

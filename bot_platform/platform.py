@@ -22,7 +22,7 @@ from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore
 from bot_platform.delivery import Delivery
-from bot_platform.engine import Engine
+from bot_platform.engine import Engine, SupportHours
 from bot_platform.errors import FlowValidationError
 from bot_platform.flow_dsl import validate_paths
 from bot_platform.flow_runtime import FlowSet
@@ -91,6 +91,12 @@ class Platform:
         self.engine = Engine(self.db, self.flows, self.catalogs, self.clock,
                              capabilities=self.capabilities, on_commit=self._notify)
         self.engine.public_url = self.settings.public_url
+        support = self.settings.support
+        if support.keywords is not None:
+            self.engine.handoff_keywords = support.keywords
+        if not support.always_open:
+            self.engine.support_hours = SupportHours(
+                support.days, support.start_hour, support.end_hour, support.timezone)
         scheduler = Scheduler(self.db, self.engine, self.clock, self.settings.worker,
                               self.worker_id)
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,

@@ -86,6 +86,11 @@ ALLOWED_UPDATES = ["message", "callback_query", "my_chat_member"]
 SECRET_HEADER = "x-telegram-bot-api-secret-token"
 
 
+def escape(text: str) -> str:
+    """Text for HTML parse mode: only <, > and & are special (quotes may stay)."""
+    return html.escape(text, quote=False)
+
+
 class TelegramChannel:
     """One Telegram bot."""
 
@@ -309,10 +314,10 @@ class TelegramChannel:
             markup = await self._markup(Outgoing(buttons=card.buttons))
             if card.image_url:
                 sent = await self.bot.send_photo(chat_id, card.image_url,
-                                                 caption=html.escape(caption[:CAPTION_LIMIT]),
+                                                 caption=escape(caption[:CAPTION_LIMIT]),
                                                  reply_markup=markup)
             else:
-                sent = await self.bot.send_message(chat_id, html.escape(caption or "…"),
+                sent = await self.bot.send_message(chat_id, escape(caption or "…"),
                                                    reply_markup=markup)
             last_id = sent.message_id
         if not (message.text or message.image_url):
@@ -321,7 +326,7 @@ class TelegramChannel:
         if message.image_url:
             caption = message.text if len(message.text) <= CAPTION_LIMIT else ""
             sent = await self.bot.send_photo(chat_id, message.image_url,
-                                             caption=html.escape(caption) or None,
+                                             caption=escape(caption) or None,
                                              reply_markup=None if not caption else markup)
             last_id = sent.message_id
             if caption:
@@ -330,7 +335,7 @@ class TelegramChannel:
             if message.text else []
         for index, chunk in enumerate(chunks):
             final = index == len(chunks) - 1
-            sent = await self.bot.send_message(chat_id, html.escape(chunk),
+            sent = await self.bot.send_message(chat_id, escape(chunk),
                                                reply_markup=markup if final else None)
             last_id = sent.message_id
         return last_id

@@ -18,7 +18,8 @@ TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages
           "processed_events", "jobs", "outbox", "kv", "conversations", "events",
           "promo_codes", "products", "tracked_links", "answers",
           "game_spins", "game_wins", "referrals", "api_keys",
-          "broadcasts", "broadcast_recipients", "bots", "flow_versions"}
+          "broadcasts", "broadcast_recipients", "bots", "flow_versions",
+          "conversation_notes"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 17:20:17.366705
+Create Date: 2026-11-22 17:24:46.299917
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ def upgrade() -> None:
     sa.Column('agent_id', sa.String(length=64), nullable=True),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
+    sa.Column('assigned_at', sa.DateTime(), nullable=True),
+    sa.Column('first_reply_at', sa.DateTime(), nullable=True),
     sa.Column('resolved_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['subscriber_id'], ['subscribers.id'], name=op.f('fk_conversations_subscriber_id_subscribers'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_conversations'))
@@ -344,6 +346,18 @@ def upgrade() -> None:
     with op.batch_alter_table('tracked_links', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_tracked_links_subscriber_id'), ['subscriber_id'], unique=False)
 
+    op.create_table('conversation_notes',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('conversation_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('author', sa.String(length=64), nullable=False),
+    sa.Column('text', sa.Text(), nullable=False),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['conversation_id'], ['conversations.id'], name=op.f('fk_conversation_notes_conversation_id_conversations'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_conversation_notes'))
+    )
+    with op.batch_alter_table('conversation_notes', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_conversation_notes_conversation_id'), ['conversation_id'], unique=False)
+
     op.create_table('outbox',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('subscriber_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -379,6 +393,10 @@ def downgrade() -> None:
         batch_op.drop_index('ix_outbox_due')
 
     op.drop_table('outbox')
+    with op.batch_alter_table('conversation_notes', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_conversation_notes_conversation_id'))
+
+    op.drop_table('conversation_notes')
     with op.batch_alter_table('tracked_links', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_tracked_links_subscriber_id'))
 

@@ -8,3 +8,4 @@ language-ar = العربية
 language-choose = Jaki język wolisz?
 language-set = Gotowe! Od teraz będę mówić po polsku.
 ai-clarify = Nie jestem pewien, czy dobrze rozumiem. Czy możesz napisać trochę więcej, czego szukasz?
+handoff-waiting-closed = Dziękujemy! Nasz zespół jest teraz offline; odpowiemy Ci tutaj od { $opens }.
