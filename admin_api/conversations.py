@@ -8,12 +8,16 @@ transfer. Admins see everything.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from admin_api.security import SUPPORT, current, get_platform
 from bot_platform.apikeys import Principal
@@ -262,3 +266,67 @@ async def resolve(conversation_id: int, body: Resolve, principal: Principal = cu
         await platform.engine.dispatch_event(subscriber.id, "conversation_resolved",
                                              start_flows=[body.start_flow])
     return data
+
+
+# ---- live updates ----------------------------------------------------------------------
+
+LIVE_POLL_SECONDS = 0.5
+
+
+@router.get("/live/stream", **ROLES, response_class=StreamingResponse)
+async def live(request: Request, principal: Principal = current(SUPPORT),
+               platform: Any = Depends(get_platform)) -> StreamingResponse:
+    """Server-Sent Events for agents: ``conversation`` (new escalations, claims, transfers,
+    resolutions) and ``message`` (customer messages and replies, with delivery status) for
+    the chats this key may see. Read from the database, so every process's changes show."""
+
+    async def events() -> AsyncIterator[str]:
+        since = platform.clock.now()
+        last_message_id = 0
+        async with platform.db.session() as session:
+            last_message_id = await session.scalar(select(func.max(Message.id))) or 0
+        yield "event: ready\ndata: {}\n\n"
+        seen: set[tuple[Any, ...]] = set()  # (kind, id, version) already sent
+        while not await request.is_disconnected():
+            now = platform.clock.now()
+            async with platform.db.session() as session:
+                query = select(Conversation, Subscriber).join(
+                    Subscriber, Subscriber.id == Conversation.subscriber_id)
+                if principal.role != "admin":
+                    query = query.where((Conversation.status == "waiting") | (
+                        Conversation.agent_id == str(principal.key_id)))
+                changed = (await session.execute(query.where(
+                    Conversation.updated_at >= since))).all()
+                visible = (await session.execute(query.where(
+                    Conversation.status.in_(("waiting", "assigned"))))).all()
+                by_subscriber = {s.id: c.id for c, s in visible}
+                messages = (await session.scalars(select(Message).where(
+                    Message.subscriber_id.in_(by_subscriber),
+                    (Message.id > last_message_id) | (Message.updated_at >= since))
+                    .order_by(Message.id))).all() if by_subscriber else []
+            for conversation, subscriber in changed:
+                marker = ("c", conversation.id, conversation.status, conversation.agent_id)
+                if marker in seen:
+                    continue
+                seen.add(marker)
+                data = _public(conversation, subscriber).model_dump_json()
+                yield f"event: conversation\ndata: {data}\n\n"
+            for message in messages:
+                marker = ("m", message.id, message.status)
+                if marker in seen:
+                    continue
+                seen.add(marker)
+                item = HistoryItem(id=message.id, direction=message.direction,
+                                   text=message.text, status=message.status,
+                                   error=message.error,
+                                   author=(message.payload or {}).get("agent"),
+                                   created_at=message.created_at)
+                payload = {"conversation_id": by_subscriber[message.subscriber_id],
+                           **item.model_dump(mode="json")}
+                yield f"event: message\ndata: {json.dumps(payload)}\n\n"
+                last_message_id = max(last_message_id, message.id)
+            since = now
+            await asyncio.sleep(LIVE_POLL_SECONDS)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})

@@ -153,3 +153,65 @@ async def test_sla_figures_and_the_closed_hours_message(desk, make_platform) -> 
     await platform.drain()
     assert fake.texts(2222)[-1] == ("Дякуємо! Зараз наша команда не на зв'язку; ми "
                                     "відповімо вам тут з Mon 09:00.")
+
+
+async def test_live_stream_shows_escalations_and_messages(desk) -> None:
+    import json as jsonlib
+
+    import admin_api.conversations as live
+
+    platform, _, client, keys = desk
+    live.LIVE_POLL_SECONDS = 0.05
+    ann = keys["ann"][1]
+    events: list[tuple[str, dict]] = []
+
+    async def listen() -> None:
+        async with client.stream("GET", "/api/conversations/live/stream",
+                                 headers=ann) as response:
+            kind = None
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: ") and kind != "ready":
+                    events.append((kind, jsonlib.loads(line.removeprefix("data: "))))
+
+    # httpx's in-process ASGI transport buffers whole responses: serve for real.
+    import socket
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(platform.app(), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    for _ in range(250):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+    task = asyncio.create_task(listen())
+    await asyncio.sleep(0.3)
+    await post(platform, message_update(1, "оператор"))
+    for _ in range(60):
+        if any(k == "conversation" for k, _ in events):
+            break
+        await asyncio.sleep(0.05)
+    [conversation] = [d for k, d in events if k == "conversation"]
+    await client.post(f"/api/conversations/{conversation['id']}/claim", headers=ann)
+    await post(platform, message_update(2, "де моя посилка?"))
+    for _ in range(60):
+        if any(k == "message" and d["text"] == "де моя посилка?" for k, d in events):
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await client.aclose()
+    server.should_exit = True
+    await serving
+    texts = [d["text"] for k, d in events if k == "message"]
+    assert "де моя посилка?" in texts and "оператор" in texts
+    assert [d["status"] for k, d in events if k == "conversation"][:2] == ["waiting",
+                                                                          "assigned"]
