@@ -14,6 +14,7 @@ def create_router(platform: Any) -> APIRouter:
         broadcasts,
         conversations,
         flows,
+        inbox,
         keys,
         segments,
         shop,
@@ -21,15 +22,18 @@ def create_router(platform: Any) -> APIRouter:
         subscribers,
     )
 
-    router = APIRouter(prefix="/api")
-    router.include_router(keys.me_router)
-    router.include_router(keys.router)
-    router.include_router(bots.router)
-    router.include_router(subscribers.router)
-    router.include_router(segments.router)
-    router.include_router(broadcasts.router)
-    router.include_router(stats.router)
-    router.include_router(conversations.router)
-    router.include_router(shop.router)
-    router.include_router(flows.router)
+    api = APIRouter(prefix="/api")
+    router = APIRouter()
+    api.include_router(keys.me_router)
+    api.include_router(keys.router)
+    api.include_router(bots.router)
+    api.include_router(subscribers.router)
+    api.include_router(segments.router)
+    api.include_router(broadcasts.router)
+    api.include_router(stats.router)
+    api.include_router(conversations.router)
+    api.include_router(shop.router)
+    api.include_router(flows.router)
+    router.include_router(api)
+    router.include_router(inbox.router)
     return router

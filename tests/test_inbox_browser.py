@@ -1,0 +1,118 @@
+"""The web inbox in a real headless browser (Debian's chromium driven by Selenium): a new
+escalation appears without a reload, the agent claims it, replies (the reply reaches the
+Telegram fake) and resolves. Skips without chromium; mandatory in CI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+from typing import Any
+
+import pytest
+
+from bot_platform.apikeys import create_key
+from bot_platform.config import BotConfig
+from tests.conftest import service_missing
+from tests.fakes.telegram_api import FakeTelegramServer
+from tests.test_telegram import SECRET, TOKEN, message_update
+
+pytestmark = pytest.mark.slow
+
+
+def _browser() -> Any:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        service_missing("chromium", "install Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+async def test_inbox_shows_escalations_live_replies_and_resolves(make_platform) -> None:
+    import httpx
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = await asyncio.to_thread(_browser)
+    async with FakeTelegramServer() as fake:
+        platform = await make_platform(bots=[BotConfig(
+            id="shop", channel="telegram", token=TOKEN, secret=SECRET, api_base=fake.url)])
+        _, key = await create_key(platform.db, name="ann", role="agent",
+                                  now=platform.clock.now())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(platform.app(), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve())
+        worker_stop = asyncio.Event()
+        working = asyncio.create_task(platform.worker.run(worker_stop))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(250):
+                if server.started:
+                    break
+                await asyncio.sleep(0.02)
+
+            def connect() -> None:
+                browser.get(f"{base}/inbox")
+                browser.find_element(By.ID, "key").send_keys(key)
+                browser.find_element(By.ID, "connect").click()
+                WebDriverWait(browser, 20).until(
+                    ec.text_to_be_present_in_element((By.ID, "status"), "connected as ann"))
+
+            await asyncio.to_thread(connect)
+            async with httpx.AsyncClient(base_url=base) as client:
+                await client.post("/webhooks/telegram/shop",
+                                  content=json.dumps(message_update(1, "оператор")),
+                                  headers={"X-Telegram-Bot-Api-Secret-Token": SECRET,
+                                           "Content-Type": "application/json"})
+
+            def claim_and_reply() -> None:
+                wait = WebDriverWait(browser, 20)
+                claim = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR,
+                                                               "#queue li .claim")))
+                assert "asked_for_human" in browser.find_element(By.ID, "queue").text
+                claim.click()
+                wait.until(ec.text_to_be_present_in_element((By.ID, "history"), "оператор"))
+                browser.find_element(By.ID, "reply").send_keys("Hello, this is Ann!")
+                browser.find_element(By.ID, "send").click()
+                wait.until(ec.text_to_be_present_in_element((By.ID, "history"),
+                                                            "Hello, this is Ann!"))
+
+            await asyncio.to_thread(claim_and_reply)
+            for _ in range(100):
+                if "Hello, this is Ann!" in fake.texts(1111):
+                    break
+                await asyncio.sleep(0.1)
+            assert "Hello, this is Ann!" in fake.texts(1111)
+
+            def resolve() -> None:
+                browser.find_element(By.ID, "resolve").click()
+                WebDriverWait(browser, 20).until(
+                    ec.text_to_be_present_in_element((By.ID, "title"), "Resolved"))
+
+            await asyncio.to_thread(resolve)
+            from sqlalchemy import select
+
+            from bot_platform.models import Conversation
+
+            async with platform.db.session() as session:
+                assert await session.scalar(select(Conversation.status)) == "resolved"
+        finally:
+            await asyncio.to_thread(browser.quit)
+            worker_stop.set()
+            await working
+            server.should_exit = True
+            await serving
