@@ -274,7 +274,11 @@ LIVE_POLL_SECONDS = 0.5
 
 
 @router.get("/live/stream", **ROLES, response_class=StreamingResponse)
-async def live(request: Request, principal: Principal = current(SUPPORT),
+async def live(request: Request,
+               max_seconds: float = Query(3600, gt=0, le=86400,
+                                          description="end the stream after this long "
+                                                      "(clients reconnect)"),
+               principal: Principal = current(SUPPORT),
                platform: Any = Depends(get_platform)) -> StreamingResponse:
     """Server-Sent Events for agents: ``conversation`` (new escalations, claims, transfers,
     resolutions) and ``message`` (customer messages and replies, with delivery status) for
@@ -287,7 +291,9 @@ async def live(request: Request, principal: Principal = current(SUPPORT),
             last_message_id = await session.scalar(select(func.max(Message.id))) or 0
         yield "event: ready\ndata: {}\n\n"
         seen: set[tuple[Any, ...]] = set()  # (kind, id, version) already sent
-        while not await request.is_disconnected():
+        deadline = asyncio.get_running_loop().time() + max_seconds
+        while asyncio.get_running_loop().time() < deadline and \
+                not await request.is_disconnected():
             now = platform.clock.now()
             async with platform.db.session() as session:
                 query = select(Conversation, Subscriber).join(
