@@ -317,3 +317,32 @@ async def test_abandoned_cart_reminder_reaches_telegram(telegram, fake) -> None:
     telegram.clock.advance(timedelta(hours=1, seconds=1))
     await telegram.drain()
     assert fake.texts(1111)[-1].startswith("Olena, у вашому кошику залишилося: Крем.")
+
+
+async def test_viewed_birthday_winback_and_language_through_telegram(telegram, fake) -> None:
+    from bot_platform.events import EventIn, ingest
+    from bot_platform.promo import import_codes
+
+    def shop_event(name: str, **data: Any) -> EventIn:
+        return EventIn(name=name, channel="telegram", bot_id="shop", user_id="1111",
+                       data=data)
+
+    await post(telegram, message_update(1, "мова"))
+    await telegram.drain()
+    await press(telegram, fake, 2, "Polski")
+    assert fake.texts(1111)[-1] == "Gotowe! Od teraz będę mówić po polsku."
+
+    await ingest(telegram.engine, shop_event("product_viewed", title="Krem",
+                                             url="https://shop.example.com/p/krem"))
+    telegram.clock.advance(timedelta(hours=2, seconds=1))
+    await telegram.drain()
+    assert fake.texts(1111)[-1].startswith("Wciąż myślisz o Krem?")
+
+    await import_codes(telegram.db, "birthday", ["BDAY-TG"], telegram.clock.now())
+    await ingest(telegram.engine, shop_event("birthday"))
+    await telegram.drain()
+    assert "BDAY-TG" in fake.texts(1111)[-1]
+
+    telegram.clock.advance(timedelta(days=31))
+    await telegram.drain()
+    assert fake.texts(1111)[-1].startswith("Tęsknimy, Olena!")
