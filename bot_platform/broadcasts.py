@@ -19,10 +19,11 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import insert_ignore
-from bot_platform.engine import Engine
+from bot_platform.engine import OPEN_CONVERSATION, Engine
 from bot_platform.models import (
     Broadcast,
     BroadcastRecipient,
+    Conversation,
     CustomerEvent,
     Job,
     Message,
@@ -238,14 +239,19 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         BroadcastRecipient.status == "pending", due).order_by(BroadcastRecipient.id)
         .limit(BATCH))).all()
     variants = {v["name"]: v for v in broadcast.variants}
+    ids = [r.subscriber_id for r in todo]
     subscribers = {s.id: s for s in (await session.scalars(select(Subscriber).where(
-        Subscriber.id.in_([r.subscriber_id for r in todo])))).all()}
+        Subscriber.id.in_(ids)))).all()}
+    talking_to_humans = set((await session.scalars(select(Conversation.subscriber_id).where(
+        Conversation.subscriber_id.in_(ids),
+        Conversation.status.in_(OPEN_CONVERSATION)))).all())
+    sends: list[tuple[Subscriber, list[tuple[str | None, Outgoing]]]] = []
     for recipient in todo:
         subscriber = subscribers.get(recipient.subscriber_id)
         if subscriber is None or subscriber.status != "subscribed":
             recipient.status, recipient.reason = "skipped", "unsubscribed"
             continue
-        if await engine.open_conversation(session, subscriber.id) is not None:
+        if subscriber.id in talking_to_humans:
             recipient.status, recipient.reason = "skipped", "in_conversation"
             continue
         variant = variants[recipient.variant]
@@ -257,9 +263,9 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         if broadcast.tag:
             message = message.model_copy(update={"tag": broadcast.tag})
         message = await _tracked(session, engine, message, subscriber, broadcast, now)
-        await engine.enqueue(session, subscriber, [(None, message)],
-                             broadcast_id=broadcast.id)
+        sends.append((subscriber, [(None, message)]))
         recipient.status = "queued"
+    await engine.enqueue_many(session, sends, broadcast_id=broadcast.id)
     if len(todo) == BATCH:
         session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
                         payload={"broadcast_id": broadcast.id}))

@@ -77,6 +77,7 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     await platform.start()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
+    worker_task: asyncio.Task[Any] | None = None
     server: uvicorn.Server | None = None
 
     def shutdown() -> None:
@@ -89,7 +90,7 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
         loop.add_signal_handler(sig, shutdown)
     try:
         if worker:
-            tasks.append(asyncio.create_task(platform.worker.run(stop)))
+            worker_task = asyncio.create_task(platform.worker.run(stop))
         if web:
             await platform.setup_webhooks()
             tasks.extend(asyncio.create_task(p) for p in platform.pollers())
@@ -102,9 +103,14 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
             await stop.wait()
     finally:
         stop.set()
-        for task in tasks:
-            if not task.done():
-                task.cancel()
+        for task in tasks:  # pollers
+            task.cancel()
+        if worker_task is not None:
+            # Sends in flight finish and are recorded; cut off, they would wait for their
+            # lease to expire and go out again if the messenger had already taken them.
+            await asyncio.wait([worker_task], timeout=settings.worker.shutdown_grace)
+            worker_task.cancel()
+            tasks.append(worker_task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await platform.close()
 

@@ -41,6 +41,8 @@ class WorkerSettings(BaseModel):
     backoff_base: float = 2.0  # seconds; doubles per attempt, with jitter
     backoff_max: float = 3600.0
     concurrency: int = 32  # sends in flight per worker
+    job_concurrency: int = 8  # timers (of different subscribers) run at once per worker
+    shutdown_grace: float = 15.0  # seconds a stopping worker gives its sends in flight
 
 
 class SupportSettings(BaseModel):

@@ -93,6 +93,18 @@ class Database:
         await self.engine.dispose()
 
 
+def is_transient_db_error(error: BaseException) -> bool:
+    """The database is away for a moment (restart, failover, a lost connection, a busy
+    SQLite file), as opposed to a statement that will never succeed."""
+    from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(error, IntegrityError | ProgrammingError | DataError):
+        return False
+    return isinstance(error, DBAPIError)
+
+
 def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect."""
     if session.bind.dialect.name == "postgresql":

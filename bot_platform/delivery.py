@@ -6,6 +6,11 @@ that any worker reclaims once the lease has expired, so a row claimed but not se
 exactly once. A subscriber's rows go out strictly in order: only the oldest unsent row of a
 subscriber is claimable, and the worker that sent it claims that subscriber's next row
 directly. On PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so workers share the queue.
+
+Results are written by group commit: every sender waits until its own row is committed,
+but rows that finish together share one transaction. A database that goes away (a
+restart, a failover) is waited for: a result is never dropped, because a dropped "sent"
+would make another worker send the message again once the lease expires.
 """
 
 from __future__ import annotations
@@ -15,17 +20,19 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
 from bot_platform.channels import Channel
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
-from bot_platform.database import Database
+from bot_platform.database import Database, is_transient_db_error
 from bot_platform.models import Message, Outbox, Subscriber
 from bot_platform.ratelimit import Limits, RateLimiter
 from bot_platform.types import Outgoing, SendResult, SendStatus
@@ -33,6 +40,10 @@ from bot_platform.types import Outgoing, SendResult, SendStatus
 log = logging.getLogger(__name__)
 
 MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot in place
+# Sends are planned at this share of a bot's configured limit: the messenger counts in its
+# own windows and network jitter bunches requests, so planning at 100% provokes 429s.
+SEND_HEADROOM = 0.97
+MAX_GROUP_COMMIT = 500  # results written in one transaction at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,16 @@ class ClaimedRow:
     subscriber_status: str
     last_inbound_at: datetime | None
     broadcast_id: int | None = None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What to write for one row: a send result, or a release (``release_after``)."""
+
+    row: ClaimedRow
+    result: SendResult | None
+    skipped: bool = False
+    release_after: float = 0.0
 
 
 def backoff_delay(attempt: int, base: float, ceiling: float) -> float:
@@ -77,6 +98,10 @@ class Delivery:
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
+        self._commits: list[tuple[_Outcome, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._holding = 0  # rows claimed by the pipeline and not finished yet
+        self._room = asyncio.Event()  # set when the pipeline may claim again
 
     # ---- claiming ---------------------------------------------------------------------
 
@@ -124,8 +149,9 @@ class Delivery:
                 sub.last_inbound_at if sub else None, c.broadcast_id))
         return rows, more
 
-    async def claim_batch(self) -> tuple[list[ClaimedRow], set[int]]:
-        return await self._claim(self._claimable(self.clock.now()), self.settings.batch_size)
+    async def claim_batch(self, limit: int | None = None) -> tuple[list[ClaimedRow], set[int]]:
+        return await self._claim(self._claimable(self.clock.now()),
+                                 limit or self.settings.batch_size)
 
     async def claim_next_of(self, subscriber_id: int) -> tuple[ClaimedRow | None, bool]:
         """The subscriber's next row, and whether yet more are waiting."""
@@ -141,25 +167,73 @@ class Delivery:
         rows, more = await self.claim_batch()
         if not rows:
             return 0
-        semaphore = asyncio.Semaphore(self.settings.concurrency)
+        return await self._deliver_claimed(rows, more,
+                                           asyncio.Semaphore(self.settings.concurrency))
+
+    async def _deliver_claimed(self, rows: list[ClaimedRow], more: set[int],
+                               semaphore: asyncio.Semaphore,
+                               finished: Callable[[int], None] = lambda n: None) -> int:
+        """Deliver claimed rows (and each subscriber's later rows, in order)."""
         handled = 0
         groups, rows = self._batchable(rows, more)
-        for group in groups:
-            handled += await self.deliver_many(group)
+
+        async def batch(group: list[ClaimedRow]) -> None:
+            nonlocal handled
+            async with semaphore:
+                handled += await self.deliver_many(group)
+            finished(len(group))
 
         async def subscriber_queue(row: ClaimedRow | None) -> None:
             nonlocal handled
             has_more = row is not None and row.subscriber_id in more
-            async with semaphore:
-                while row is not None:
-                    status = await self.deliver(row)
-                    handled += 1
-                    if status != SendStatus.SENT or not has_more:
-                        return
-                    row, has_more = await self.claim_next_of(row.subscriber_id)
+            try:
+                async with semaphore:
+                    while row is not None:
+                        status = await self.deliver(row)
+                        handled += 1
+                        if status != SendStatus.SENT or not has_more:
+                            return
+                        row, has_more = await self.claim_next_of(row.subscriber_id)
+            finally:
+                finished(1)
 
-        await asyncio.gather(*(subscriber_queue(row) for row in rows))
+        await asyncio.gather(*(batch(g) for g in groups),
+                             *(subscriber_queue(row) for row in rows))
         return handled
+
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event, poll_interval: float) -> None:
+        """Deliver until stopped, claiming the next rows while earlier ones are still being
+        sent (at most ``batch_size`` held), so a bot's rate is used without pauses."""
+        semaphore = asyncio.Semaphore(self.settings.concurrency)
+        batches: set[asyncio.Task[int]] = set()
+        limit = self.settings.batch_size
+
+        def finished(count: int) -> None:
+            self._holding -= count
+            if self._holding <= limit // 2:
+                self._room.set()
+
+        while not stop.is_set():
+            wake.clear()
+            self._room.clear()
+            rows: list[ClaimedRow] = []
+            if self._holding <= limit // 2:
+                try:
+                    rows, more = await self.claim_batch(limit - self._holding)
+                except Exception:  # the database may be restarting: back off and carry on
+                    log.exception("claiming outbox rows failed; retrying")
+                    await wait_any(poll_interval * 4, stop)
+                    continue
+            if rows:
+                self._holding += len(rows)
+                task = asyncio.create_task(self._deliver_claimed(rows, more, semaphore,
+                                                                 finished))
+                batches.add(task)
+                task.add_done_callback(_forget(batches))
+                continue
+            await wait_any(poll_interval, stop, wake, self._room)
+        if batches:  # let sends in flight finish and be recorded
+            await asyncio.wait(batches, timeout=self.settings.lease_seconds)
 
     def _batchable(self, rows: list[ClaimedRow], more: set[int]
                    ) -> tuple[list[list[ClaimedRow]], list[ClaimedRow]]:
@@ -193,8 +267,7 @@ class Delivery:
         assert channel is not None
         limits = self._limits(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
-        delay = await self.limiter.reserve(f"{first.channel}:{first.bot_id}", "*", bot_only,
-                                           MAX_LIMITER_WAIT)
+        delay = await self._reserve(f"{first.channel}:{first.bot_id}", "*", bot_only)
         if delay > MAX_LIMITER_WAIT:
             for row in rows:
                 await self.release(row, delay)
@@ -224,8 +297,8 @@ class Delivery:
                    else caps.messages_per_second)
         per_chat = (bot.per_chat_per_second if bot and bot.per_chat_per_second
                     else caps.per_chat_per_second)
-        return Limits(per_bot=per_bot or math.inf, per_chat=per_chat or math.inf,
-                      chat_burst=caps.per_chat_burst)
+        return Limits(per_bot=per_bot * SEND_HEADROOM if per_bot else math.inf,
+                      per_chat=per_chat or math.inf, chat_burst=caps.per_chat_burst)
 
     async def deliver(self, row: ClaimedRow) -> SendStatus | None:
         """Send one claimed row and record the result; returns the send status (None when
@@ -247,8 +320,7 @@ class Delivery:
             await self.record(row, SendResult.outside_window())
             return SendStatus.OUTSIDE_WINDOW
         limits = self._limits(channel, self.bots(row.channel, row.bot_id))
-        delay = await self.limiter.reserve(f"{row.channel}:{row.bot_id}", row.recipient,
-                                           limits, MAX_LIMITER_WAIT)
+        delay = await self._reserve(f"{row.channel}:{row.bot_id}", row.recipient, limits)
         if delay > MAX_LIMITER_WAIT:
             await self.release(row, delay)
             return None
@@ -264,18 +336,134 @@ class Delivery:
         await self.record(row, result)
         return result.status
 
+    async def _reserve(self, bot: str, chat: str, limits: Limits) -> float:
+        """The limiter's answer; if it cannot be asked (Redis away), the row waits."""
+        try:
+            return await self.limiter.reserve(bot, chat, limits, MAX_LIMITER_WAIT)
+        except Exception as error:
+            log.warning("rate limiter unavailable (%s: %s); holding sends of %s",
+                        type(error).__name__, error, bot)
+            return MAX_LIMITER_WAIT * 2
+
     async def release(self, row: ClaimedRow, delay: float) -> None:
         """Give a row back without counting an attempt (its rate-limit slot is far off)."""
-        async with self.db.session() as session:
-            await session.execute(update(Outbox).where(
-                Outbox.id == row.id, Outbox.locked_by == self.worker_id).values(
-                status="pending", locked_by=None, lease_expires_at=None,
-                next_attempt_at=self.clock.now() + timedelta(seconds=delay)))
+        await self._commit(_Outcome(row, None, release_after=delay))
 
     async def record(self, row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
-        """Write what happened to one row, in one transaction."""
+        """Write what happened to one row; returns once it is committed."""
+        await self._commit(_Outcome(row, result, skipped))
+
+    # ---- group commit -------------------------------------------------------------------
+
+    async def _commit(self, outcome: _Outcome) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commits.append((outcome, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await asyncio.shield(future)  # a cancelled sender must not lose its row's result
+
+    async def _flush(self) -> None:
+        while self._commits:
+            await asyncio.sleep(0)  # senders answered in this same moment join the batch
+            batch = self._commits[:MAX_GROUP_COMMIT]
+            del self._commits[:MAX_GROUP_COMMIT]
+            try:
+                await self._write_until_stored([outcome for outcome, _ in batch])
+            except BaseException as error:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _write_until_stored(self, outcomes: list[_Outcome]) -> None:
+        """Write, waiting out a database that went away (for up to a lease: after that
+        the rows are other workers' again, and a late write would be refused anyway)."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        attempt = 0
+        while True:
+            try:
+                await self._write(outcomes)
+                return
+            except Exception as error:
+                attempt += 1
+                if not is_transient_db_error(error) or time.monotonic() > deadline:
+                    raise
+                log.warning("recording %d send results failed (%s); retrying",
+                            len(outcomes), type(error).__name__)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+
+    async def _write(self, outcomes: list[_Outcome]) -> None:
         now = self.clock.now()
+        planned = [(outcome, *self._values(outcome, now)) for outcome in outcomes]
+        by_values: dict[tuple, list[int]] = {}
+        for outcome, outbox_values, _ in planned:
+            key = tuple(sorted(outbox_values.items()))
+            by_values.setdefault(key, []).append(outcome.row.id)
+        async with self.db.session() as session:
+            owned: set[int] = set()
+            for key, ids in by_values.items():
+                owned.update((await session.scalars(
+                    update(Outbox).where(Outbox.id.in_(ids),
+                                         Outbox.locked_by == self.worker_id)
+                    .values(dict(key)).returning(Outbox.id)
+                    .execution_options(synchronize_session=False))).all())
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for outcome, _, message_values in planned:
+                if outcome.row.id not in owned:
+                    log.warning("outbox row %s was reclaimed by another worker before we "
+                                "recorded it", outcome.row.id)
+                elif message_values:
+                    columns = tuple(sorted(message_values))
+                    by_columns.setdefault(columns, []).append(
+                        {"m_id": outcome.row.message_id,
+                         **{f"v_{k}": v for k, v in message_values.items()}})
+            table = Message.__table__
+            for columns, parameters in by_columns.items():
+                await session.execute(
+                    table.update().where(table.c.id == bindparam("m_id"))
+                    .values({column: bindparam(f"v_{column}") for column in columns}),
+                    parameters)
+            for outcome, _, _ in planned:
+                if outcome.row.id in owned and outcome.result is not None \
+                        and outcome.result.status == SendStatus.BLOCKED:
+                    await self._stop_sending_to(session, outcome, now)
+        for outcome, _, _ in planned:
+            result = outcome.result
+            if (result is not None and outcome.row.id in owned and not outcome.skipped
+                    and result.status in (SendStatus.FAILED, SendStatus.BLOCKED)):
+                log.warning("outbox row %s to %s/%s: %s", outcome.row.id, outcome.row.channel,
+                            outcome.row.bot_id, result.reason)
+
+    async def _stop_sending_to(self, session: Any, outcome: _Outcome, now: datetime) -> None:
+        """Blocked: the subscriber is gone (unless this was a skip) and nothing else
+        queued for them can be delivered now."""
+        row = outcome.row
+        if not outcome.skipped:
+            await session.execute(update(Subscriber).where(
+                Subscriber.id == row.subscriber_id).values(
+                status="unsubscribed", updated_at=now))
+        pending = select(Outbox.message_id).where(
+            Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending")
+        await session.execute(update(Message).where(Message.id.in_(
+            pending.scalar_subquery())).values(status="skipped", error="unsubscribed",
+                                               updated_at=now))
+        await session.execute(update(Outbox).where(
+            Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending",
+        ).values(status="skipped", last_error="unsubscribed"))
+
+    def _values(self, outcome: _Outcome, now: datetime) -> tuple[dict, dict]:
+        """The outbox and message columns to write for one outcome."""
+        row, result = outcome.row, outcome.result
         outbox_values: dict = {"locked_by": None, "lease_expires_at": None}
+        if result is None:
+            outbox_values.update(status="pending", next_attempt_at=now + timedelta(
+                seconds=outcome.release_after))
+            return outbox_values, {}
         message_values: dict = {"updated_at": now}
         status = result.status
         if status == SendStatus.SENT:
@@ -301,33 +489,26 @@ class Delivery:
             reason = {SendStatus.BLOCKED: "blocked", SendStatus.OUTSIDE_WINDOW:
                       "outside_window"}.get(status, "failed")
             detail = f"{reason}: {result.reason}" if result.reason else reason
-            final = "skipped" if skipped or status == SendStatus.OUTSIDE_WINDOW else "failed"
+            final = ("skipped" if outcome.skipped or status == SendStatus.OUTSIDE_WINDOW
+                     else "failed")
             outbox_values.update(status=final, last_error=detail)
             message_values.update(status=final, error=detail)
-        async with self.db.session() as session:
-            done = await session.execute(update(Outbox).where(
-                Outbox.id == row.id, Outbox.locked_by == self.worker_id).values(**outbox_values))
-            if done.rowcount == 0:
-                log.warning("outbox row %s was reclaimed by another worker before we "
-                            "recorded %s", row.id, status)
-                return
-            if len(message_values) > 1:
-                await session.execute(update(Message).where(Message.id == row.message_id)
-                                      .values(**message_values))
-            if status == SendStatus.BLOCKED and not skipped:
-                await session.execute(update(Subscriber).where(
-                    Subscriber.id == row.subscriber_id).values(
-                    status="unsubscribed", updated_at=now))
-            if status == SendStatus.BLOCKED:
-                # Nothing else queued for this subscriber can be delivered now.
-                pending = select(Outbox.message_id).where(
-                    Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending")
-                await session.execute(update(Message).where(Message.id.in_(
-                    pending.scalar_subquery())).values(status="skipped", error="unsubscribed",
-                                                       updated_at=now))
-                await session.execute(update(Outbox).where(
-                    Outbox.subscriber_id == row.subscriber_id, Outbox.status == "pending",
-                ).values(status="skipped", last_error="unsubscribed"))
-        if status in (SendStatus.FAILED, SendStatus.BLOCKED) and not skipped:
-            log.warning("outbox row %s to %s/%s: %s", row.id, row.channel, row.bot_id,
-                        result.reason)
+        return outbox_values, (message_values if len(message_values) > 1 else {})
+
+
+async def wait_any(seconds: float, *events: asyncio.Event) -> None:
+    """Until one of the events is set or ``seconds`` pass."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a delivery batch failed", exc_info=task.exception())
+    return done

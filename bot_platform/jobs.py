@@ -8,6 +8,7 @@ when the lease expires, a crash after it leaves nothing to redo. Handlers are lo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -74,16 +75,28 @@ class Scheduler:
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
     async def run_once(self) -> int:
-        """Claim a batch of due jobs and run them; returns how many ran."""
+        """Claim a batch of due jobs and run them; returns how many ran. Different
+        subscribers' jobs run side by side (``job_concurrency``); one subscriber's run in
+        due order, one at a time."""
         claimed = await self.claim(self.settings.batch_size)
+        queues: dict[tuple[str, str, str] | int, list[tuple[int, str, Any]]] = {}
         for job_id, kind, identity in claimed:
-            handler = self.handlers.get(kind)
-            prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
-            if identity is not None:
-                async with self.engine.locks.hold(identity):
-                    await self.run_job(job_id, identity, prepared)
-            else:
-                await self.run_job(job_id, None, prepared)
+            queues.setdefault(identity or job_id, []).append((job_id, kind, identity))
+        semaphore = asyncio.Semaphore(self.settings.job_concurrency)
+
+        async def run_queue(queue: list[tuple[int, str, Any]]) -> None:
+            async with semaphore:
+                for job_id, kind, identity in queue:
+                    handler = self.handlers.get(kind)
+                    prepared = (await self._prepare(job_id) if hasattr(handler, "prepare")
+                                else None)
+                    if identity is not None:
+                        async with self.engine.locks.hold(identity):
+                            await self.run_job(job_id, identity, prepared)
+                    else:
+                        await self.run_job(job_id, None, prepared)
+
+        await asyncio.gather(*(run_queue(queue) for queue in queues.values()))
         return len(claimed)
 
     async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,

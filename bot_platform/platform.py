@@ -28,7 +28,7 @@ from bot_platform.flow_dsl import validate_paths
 from bot_platform.flow_runtime import FlowSet
 from bot_platform.i18n import Catalogs
 from bot_platform.jobs import Scheduler
-from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter
+from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from bot_platform.types import Capabilities
 from bot_platform.winback import SCAN_KIND, InactivityScan, ensure_scan
 from bot_platform.worker import Worker, new_worker_id
@@ -65,7 +65,9 @@ class Platform:
     ) -> None:
         self.settings = settings
         self.clock: Any = clock or SystemClock()
-        self.limiter = limiter or MemoryRateLimiter()
+        # With Redis, every worker process draws from the same buckets.
+        self.limiter = limiter or (RedisRateLimiter.from_url(settings.redis_url)
+                                   if settings.redis_url else MemoryRateLimiter())
         self.db = Database(settings.database_url)
         self.kv = SqlKeyValueStore(self.db, self.clock)
         self.channels: dict[tuple[str, str], Channel] = dict(channel_overrides or {})
@@ -269,5 +271,8 @@ class Platform:
             await self.http.close()
         if getattr(self, "ai_client", None) is not None:
             await self.ai_client.close()
+        close_limiter = getattr(self.limiter, "close", None)
+        if close_limiter is not None:
+            await close_limiter()
         await self.db.close()
         await asyncio.sleep(0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +18,13 @@ class Limits:
     per_bot: float
     per_chat: float
     chat_burst: int = 3
-    bot_burst: int | None = None  # defaults to one second's worth
+    bot_burst: float | None = None  # defaults to 20 ms worth (at least one message)
+
+    @property
+    def bot_capacity(self) -> float:
+        """A messenger counts sends in a sliding second, so a bucket holding a whole
+        second's worth would let up to twice the limit through in the first second."""
+        return self.bot_burst or max(1.0, self.per_bot / 50)
 
 
 class RateLimiter(Protocol):
@@ -67,8 +73,8 @@ class MemoryRateLimiter:
         now = self.monotonic()
         buckets = []
         if not math.isinf(limits.per_bot):
-            capacity = limits.bot_burst or max(1.0, limits.per_bot)
-            buckets.append(self._bucket(("bot", bot), limits.per_bot, capacity, now))
+            buckets.append(self._bucket(("bot", bot), limits.per_bot, limits.bot_capacity,
+                                        now))
         if not math.isinf(limits.per_chat):
             buckets.append(self._bucket(("chat", f"{bot}\x1f{chat}"), limits.per_chat,
                                         float(limits.chat_burst), now))
@@ -87,3 +93,85 @@ class MemoryRateLimiter:
     async def pause(self, bot: str, seconds: float) -> None:
         until = self.monotonic() + seconds
         self._paused_until[bot] = max(self._paused_until.get(bot, 0.0), until)
+
+
+# Both buckets and the pause are checked and taken in one script, so N workers calling at
+# once never overspend; the time is Redis's own (TIME), so workers' clocks may disagree.
+# A bucket is a hash {tokens, ts}; tokens go below zero for slots reserved in the future.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local max_wait = tonumber(ARGV[5])
+local delay = 0
+local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
+if paused > now then delay = paused - now end
+local rates = {tonumber(ARGV[1]), tonumber(ARGV[3])}
+local capacities = {tonumber(ARGV[2]), tonumber(ARGV[4])}
+local tokens = {}
+for i = 1, 2 do
+  if rates[i] > 0 then
+    local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+    local level = tonumber(state[1]) or capacities[i]
+    local since = tonumber(state[2]) or now
+    level = math.min(capacities[i], level + math.max(0, now - since) * rates[i])
+    tokens[i] = level
+    if level < 1 then delay = math.max(delay, (1 - level) / rates[i]) end
+  end
+end
+if delay > max_wait then return tostring(delay) end
+for i = 1, 2 do
+  if rates[i] > 0 then
+    local level = tokens[i] - 1
+    redis.call('HSET', KEYS[i], 'tokens', tostring(level), 'ts', tostring(now))
+    -- keep the key while it matters: until the bucket would be full again, plus a margin
+    local ttl = math.ceil(((capacities[i] - level) / rates[i] + 5) * 1000)
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return tostring(delay)
+"""
+
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local until_ = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ > current then
+  redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
+end
+return 1
+"""
+
+
+class RedisRateLimiter:
+    """Token buckets in Redis, shared by every worker process: together they never send
+    faster than a bot's limit, and a ``retry_after`` seen by one pauses them all."""
+
+    def __init__(self, redis: Any, prefix: str = "botp:rl:") -> None:
+        self.redis = redis  # a ``redis.asyncio.Redis``; the caller owns and closes it
+        self.prefix = prefix
+        self._reserve = redis.register_script(_RESERVE)
+        self._pause = redis.register_script(_PAUSE)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisRateLimiter:
+        from redis.asyncio import Redis
+
+        return cls(Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                  health_check_interval=30, retry_on_timeout=True))
+
+    async def reserve(self, bot: str, chat: str, limits: Limits, max_wait: float) -> float:
+        bot_rate = 0.0 if math.isinf(limits.per_bot) else limits.per_bot
+        chat_rate = 0.0 if math.isinf(limits.per_chat) else limits.per_chat
+        keys = [f"{self.prefix}bot:{bot}", f"{self.prefix}chat:{bot}\x1f{chat}",
+                f"{self.prefix}pause:{bot}"]
+        delay = await self._reserve(keys=keys, args=[
+            bot_rate, limits.bot_capacity if bot_rate else 1.0, chat_rate,
+            float(limits.chat_burst), max_wait])
+        return float(delay)
+
+    async def pause(self, bot: str, seconds: float) -> None:
+        await self._pause(keys=[f"{self.prefix}pause:{bot}"], args=[seconds])
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bot_platform.delivery import Delivery
+from bot_platform.delivery import Delivery, wait_any
 from bot_platform.jobs import Scheduler
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class Worker:
         self.scheduler = scheduler
         self.delivery = delivery
         self.poll_interval = poll_interval
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # the scheduler's
+        self.delivery_wake = asyncio.Event()
         self.on_idle = on_idle  # housekeeping between rounds (new bots from the API)
         self.idle_every = idle_every
         self._last_idle = 0.0
@@ -39,6 +40,7 @@ class Worker:
     def notify(self) -> None:
         """New work was committed in this process: do not wait for the next poll."""
         self.wake.set()
+        self.delivery_wake.set()
 
     async def tick(self) -> int:
         """One round of timers and deliveries; returns how much work was done."""
@@ -55,15 +57,23 @@ class Worker:
         raise RuntimeError(f"worker still busy after {max_rounds} rounds")
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Timers and deliveries side by side until ``stop`` is set: the delivery keeps its
+        own pipeline full, so a burst of timers never pauses a broadcast (nor the reverse)."""
         log.info("worker %s started", self.delivery.worker_id)
+        await asyncio.gather(
+            self._run_scheduler(stop),
+            self.delivery.run(stop, self.delivery_wake, self.poll_interval))
+        log.info("worker %s stopped", self.delivery.worker_id)
+
+    async def _run_scheduler(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.wake.clear()  # before the round: a commit during it wakes the next one
             try:
-                done = await self.tick()
+                done = await self.scheduler.run_once()
             except Exception:  # the database may be restarting: back off and carry on
-                log.exception("worker round failed; retrying")
+                log.exception("scheduler round failed; retrying")
                 done = 0
-                await asyncio.sleep(self.poll_interval * 4)
+                await wait_any(self.poll_interval * 4, stop)
             if done:
                 continue
             if self.on_idle is not None and time.monotonic() - self._last_idle > self.idle_every:
@@ -72,10 +82,5 @@ class Worker:
                     await self.on_idle()
                 except Exception:
                     log.exception("worker housekeeping failed")
-            waiters = [asyncio.ensure_future(self.wake.wait()),
-                       asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=self.poll_interval,
-                                            return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
-        log.info("worker %s stopped", self.delivery.worker_id)
+            await wait_any(self.poll_interval, stop, self.wake)
+

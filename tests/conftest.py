@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,6 +51,50 @@ class TestPlatform(Platform):
         """An HTTP client talking to the ASGI app in-process."""
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app()),
                                  base_url="http://testserver")
+
+
+class WorkerProcess:
+    """``botp worker`` (or another ``command``) in a child process, killable with
+    SIGKILL. Its log goes to ``log`` when given (appended across restarts)."""
+
+    def __init__(self, env: dict[str, str], log: Path | None = None,
+                 command: str = "worker") -> None:
+        self.env = env
+        self.log = log
+        self.command = command
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        output = self.log.open("ab") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bot_platform.cli", self.command], cwd=ROOT, env=self.env,
+            stdout=output, stderr=output)
+        if self.log:
+            output.close()  # type: ignore[union-attr]
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM (a graceful stop); returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+async def wait_for(predicate, limit: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_settings(database_url: str, bots: list[BotConfig] | None = None,
@@ -112,6 +160,42 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield f"sqlite+aiosqlite:///{tmp_path}/backend.sqlite3"
         return
     async with fresh_postgres_database() as url:
+        yield url
+
+
+async def _redis_problem(url: str) -> str | None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except Exception as error:  # any failure means "not reachable" here
+        return f"{type(error).__name__}: {error}"
+    finally:
+        await client.aclose()
+    return None
+
+
+@asynccontextmanager
+async def empty_redis() -> AsyncIterator[str]:
+    """The test Redis database, emptied before and after use."""
+    from redis.asyncio import Redis
+
+    problem = await _redis_problem(REDIS_URL)
+    if problem:
+        service_missing("redis", problem)
+    client = Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    async with empty_redis() as url:
         yield url
 
 

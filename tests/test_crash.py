@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from sqlalchemy import func, select
 from bot_platform.clock import SystemClock
 from bot_platform.migrations import upgrade
 from bot_platform.models import Job, Outbox
-from tests.conftest import ROOT, TestPlatform, make_settings
+from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
 from tests.fakes.relay import FakeRelayServer
 
 pytestmark = pytest.mark.slow
@@ -37,37 +33,6 @@ CRASH_FLOW = textwrap.dedent("""
         say: welcome-tip
         end: true
 """)
-
-
-class WorkerProcess:
-    """``botp worker`` in a child process, killable with SIGKILL."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bot_platform.cli", "worker"], cwd=ROOT, env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-
-
-async def wait_for(predicate, limit: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -216,7 +216,7 @@ async def test_long_text_and_many_buttons_are_fitted_into_several_rows(make_plat
 async def test_rate_limiter_per_chat_and_per_bot() -> None:
     now = [0.0]
     limiter = MemoryRateLimiter(monotonic=lambda: now[0])
-    limits = Limits(per_bot=10, per_chat=1, chat_burst=2)
+    limits = Limits(per_bot=10, per_chat=1, chat_burst=2, bot_burst=10)
     waits = [await limiter.reserve("bot", "chat", limits, max_wait=100) for _ in range(4)]
     assert waits == [0, 0, 1.0, 2.0]
     # Another chat is only held by the bot-wide bucket (10/s: 4 of 10 used).

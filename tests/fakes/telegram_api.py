@@ -56,12 +56,25 @@ class FakeTelegramServer(LoopbackServer):
         self._arrived = asyncio.Event()
         self._message_ids = itertools.count(1)
         self._update_ids = itertools.count(1)
+        self._released: asyncio.Event | None = None  # set while requests are held
 
     # ---- knobs --------------------------------------------------------------------------
 
     def rate_limit(self, per_second: float | None, retry_after: int = 1) -> None:
         """Answer 429 (with ``retry_after``) to sends beyond ``per_second`` per bot."""
         self._per_second, self._retry_after = per_second, retry_after
+
+    def hold(self) -> None:
+        """Stop answering: requests arriving from now on wait, unprocessed, until
+        ``release``. A sender that dies meanwhile has sent nothing (as when a request is
+        still on its way when the process is killed)."""
+        if self._released is None:
+            self._released = asyncio.Event()
+
+    def release(self) -> None:
+        if self._released is not None:
+            self._released.set()
+            self._released = None
 
     def block(self, chat_id: int | str) -> None:
         self.blocked.add(int(chat_id))
@@ -105,6 +118,10 @@ class FakeTelegramServer(LoopbackServer):
 
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
+        if self._released is not None:
+            await self._released.wait()
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the sender is gone: nothing processed
         if request.content_type == "application/json":
             params = await request.json()
         else:
