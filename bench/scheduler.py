@@ -20,11 +20,13 @@ Same-run baselines, on the same worker processes and database:
 
 Configurations: SQLite with one worker; PostgreSQL (fresh database) with 1 and 3 workers
 (``--workers``), sharing a Redis (``BOTP_REDIS_URL``, db 13 by default, flushed first).
+Where the server runs with autovacuum off, the bench ANALYZEs changed tables as autovacuum
+would (``--analyze-every``), so query plans follow the data as in production.
 A configuration still firing after ``--deadline`` seconds is stopped; its row is marked
 ``*`` and the time to fire all N and the lateness percentiles are projected from the rate
 so far (claims go in due order, so the k-th timer fires about k / rate after the instant).
 
-    .venv/bin/python bench/scheduler.py [--timers 100000] [--workers 1,3] [--deadline 100]
+    .venv/bin/python bench/scheduler.py [--timers 100000] [--workers 1,3] [--deadline 60]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -163,7 +165,7 @@ class Workers:
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 25  # the worker's shutdown grace is 15 s
         for process in self.processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -192,6 +194,45 @@ async def wait_idle(workers: Workers, limit: float = 60.0) -> float:
         else:
             quiet_since = None
     raise RuntimeError(f"workers still busy starting after {limit:.0f} s")
+
+
+# ---- PostgreSQL statistics -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def autoanalyze(url: str, every: float) -> AsyncIterator[dict[str, Any]]:
+    """While inside: if the server runs with autovacuum off (this machine's does), ANALYZE
+    every table past autovacuum's threshold (50 rows + 10% changed) every ``every`` s, as
+    a production server would; otherwise planners keep the statistics of empty tables (an
+    outbox that filled up is then claimed by sorting all of it). Yields what it did."""
+    import asyncpg
+
+    done: dict[str, Any] = {"autovacuum": None, "analyzed": 0}
+    if not url.startswith("postgresql") or every <= 0:
+        yield done
+        return
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    done["autovacuum"] = await connection.fetchval("SHOW autovacuum")
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(every)
+            stale = await connection.fetch(
+                "SELECT relname FROM pg_stat_user_tables "
+                "WHERE n_mod_since_analyze > 50 + 0.1 * greatest(n_live_tup, 0)")
+            for row in stale:
+                await connection.execute(f'ANALYZE "{row["relname"]}"')
+                done["analyzed"] += 1
+
+    task = asyncio.create_task(loop()) if done["autovacuum"] == "off" else None
+    try:
+        yield done
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await connection.close()
 
 
 # ---- the population -------------------------------------------------------------------
@@ -315,6 +356,12 @@ async def make_due(db: Database, kind: str, lead: float = 1.0) -> Batch:
     return Batch(kind, instant, last_id or 0)
 
 
+async def cancel_left(db: Database, batch: Batch) -> None:
+    async with db.session() as session:
+        await session.execute(update(Job).where(batch.where(), Job.status == "pending")
+                              .values(status="cancelled", result="bench-cut"))
+
+
 @dataclass
 class Progress:
     done: int = 0
@@ -415,7 +462,9 @@ async def run(name: str, url: str, workers_count: int, args: argparse.Namespace,
     reader = create_async_engine(url)
     workers = Workers(workers_count, worker_env(url, relay.url, redis_url), log_dir)
     try:
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(relay.close)
+            stack.callback(workers.stop)  # on any way out: SIGTERM, then SIGKILL
             started = time.perf_counter()
             reference = await reference_rows(url, relay.url)
             await load_population(db, reference, args.timers)
@@ -423,6 +472,7 @@ async def run(name: str, url: str, workers_count: int, args: argparse.Namespace,
             await add_noop_jobs(db, noop_count)
             load_seconds = time.perf_counter() - started
 
+            analyzing = await stack.enter_async_context(autoanalyze(url, args.analyze_every))
             workers.start()
             startup = await wait_idle(workers)
             # Baseline first: the same processes, already warm, with nothing else due.
@@ -430,6 +480,7 @@ async def run(name: str, url: str, workers_count: int, args: argparse.Namespace,
             noop, _ = await wait_done(reader, workers, noop_batch, args.baseline_seconds,
                                       "no-op jobs")
             noop_seconds = noop.seconds(noop_batch)
+            await cancel_left(db, noop_batch)  # so they do not run ahead of the timers
             await wait_idle(workers)
             delivered_before = len(relay.received)
             cpu_before = workers.cpu()
@@ -439,9 +490,6 @@ async def run(name: str, url: str, workers_count: int, args: argparse.Namespace,
             delivered = len(relay.received) - delivered_before
             peak_rss = workers.peak_rss_mb()
             errors = workers.errors()
-        finally:
-            workers.stop()
-            await relay.close()
         late = await lateness(reader, timers)
         async with reader.connect() as connection:
             outbox_left = await connection.scalar(text(
@@ -479,6 +527,7 @@ async def run(name: str, url: str, workers_count: int, args: argparse.Namespace,
         "worker_cpu_percent": [100 * c / seconds for c in cpu] if seconds else [],
         "worker_errors_logged": errors, "load_seconds": load_seconds,
         "worker_startup_seconds": startup, "redis": redis_url,
+        "autovacuum": analyzing["autovacuum"], "bench_analyzes": analyzing["analyzed"],
     }
 
 
@@ -502,17 +551,20 @@ async def main() -> dict[str, Any]:
     parser.add_argument("--timers", type=int, default=100_000)
     parser.add_argument("--workers", default="1,3",
                         help="worker processes per PostgreSQL run, comma-separated")
-    parser.add_argument("--deadline", type=float, default=100.0,
+    parser.add_argument("--deadline", type=float, default=60.0,
                         help="seconds a configuration may fire before it is stopped and "
                              "projected")
-    parser.add_argument("--baseline-jobs", type=int, default=10_000)
+    parser.add_argument("--baseline-jobs", type=int, default=5000)
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
+    parser.add_argument("--analyze-every", type=float, default=20.0,
+                        help="on a server with autovacuum off, ANALYZE changed tables this "
+                             "often (s) as autovacuum would (0: never)")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "scheduler.json"))
     args = parser.parse_args()
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as folder:
         log_dir = Path(folder)
@@ -533,18 +585,23 @@ async def main() -> dict[str, Any]:
 
     header = (f"{'backend':<11} {'workers':>7} {'fired':>7} {'seconds':>8} {'fired/s':>8} "
               f"{'p50 s':>7} {'p99 s':>7} {'max s':>7} {'delivered':>9} {'no-op/s':>8} "
-              f"{'fired/no-op':>11} {'raw/s':>7} {'peak RSS MB':>12}")
+              f"{'fired/no-op':>11} {'raw/s':>7} {'CPU %':>7} {'peak RSS MB':>12}")
     print(header)
     print("-" * len(header))
     for r in results:
         mark = " " if r["complete"] else "*"
         rss = "/".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"])
+        cpu = "/".join(f"{c:.0f}" for c in r["worker_cpu_percent"])
         print(f"{r['backend']:<11} {r['workers']:>7} {r['fired']:>7} "
               f"{r['all_fired_seconds']:>7.0f}{mark} {r['fired_per_s']:>8.0f} "
               f"{r['lateness_p50_s']:>6.1f}{mark} {r['lateness_p99_s']:>6.1f}{mark} "
               f"{r['lateness_max_s']:>6.1f}{mark} {r['delivered']:>9} {r['noop_per_s']:>8.0f} "
               f"{r['fired_per_s'] / r['noop_per_s'] if r['noop_per_s'] else 0:>11.2f} "
-              f"{r['raw_claims_per_s']:>7.0f} {rss:>12}")
+              f"{r['raw_claims_per_s']:>7.0f} {cpu:>7} {rss:>12}")
+    analyzes = [r["bench_analyzes"] for r in results if r["autovacuum"] == "off"]
+    if analyzes:
+        print(f"PostgreSQL runs with autovacuum off here: the bench ran ANALYZE "
+              f"{'/'.join(map(str, analyzes))} times, as autovacuum would (--analyze-every)")
     if any(not r["complete"] for r in results):
         print(f"* PROJECTED: stopped after --deadline {args.deadline:.0f} s with timers left; "
               f"seconds and lateness are extrapolated from the rate so far (fired = actually "
@@ -553,10 +610,14 @@ async def main() -> dict[str, Any]:
           f"= due instant to the last one fired; lateness = finished_at - due_at; delivered = "
           f"messages the relay fake received meanwhile; no-op/s = read_fallback jobs whose "
           f"message is gone, same workers; raw/s = UPDATE ... RETURNING claims of {BATCH} "
-          f"from the bench process; peak RSS = VmHWM per worker")
-    print(f"total {time.perf_counter() - started:.0f} s")
+          f"from the bench process; CPU % = each worker's CPU time while firing / seconds; peak "
+          f"RSS = VmHWM per worker")
+    print(f"total {time.perf_counter() - started:.0f} s; load average at the end "
+          f"{os.getloadavg()[0]:.1f} (at the start {load_at_start:.1f}) on {os.cpu_count()} "
+          f"CPUs: other processes share the machine when it is above the bench's own")
     return {"path": args.json, "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": os.uname().nodename, "cpus": os.cpu_count(),
+            "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
             "args": {k: v for k, v in vars(args).items() if k != "json"},
             "results": results}
 
@@ -565,5 +626,4 @@ if __name__ == "__main__":
     report = asyncio.run(main())
     path = Path(report.pop("path"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str))

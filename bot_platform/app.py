@@ -73,20 +73,22 @@ def create_app(platform: Platform) -> FastAPI:
             log.warning("malformed webhook for %s/%s: %s", channel, bot_id, error)
             return Response("bad request", status_code=400)
         reply_hook = getattr(adapter, "reply", None)
-        # An adapter that may answer in the response gets its messages held back from
-        # the worker until it has chosen (then released at once).
-        hold = REPLY_HOLD if reply_hook is not None else None
+        # An adapter whose response may carry a queued message gets its messages held
+        # back from the worker until it has chosen (then released at once).
+        holds = getattr(adapter, "replies_carry_messages", False)
+        hold = REPLY_HOLD if holds else None
         handled = [await platform.engine.handle(event, hold=hold) for event in events]
         if reply_hook is None:
             return Response("ok", media_type="text/plain")
-        held = [i for h in handled for i in h.outbox_ids]
+        held = [i for h in handled for i in h.outbox_ids] if holds else []
         try:
             reply = await reply_hook(call, handled)
             if reply is not None and reply.consumed_outbox_ids and not await _take_over(
                     platform, reply.consumed_outbox_ids):
                 reply = None  # the worker was faster (the hold expired): it sends them
         finally:
-            await platform.engine.release(held)
+            if held:
+                await platform.engine.release(held)
         if reply is None:
             return Response("ok", media_type="text/plain")
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type)

@@ -36,9 +36,15 @@ def create_engine(url: str) -> AsyncEngine:
     """An async engine with the per-dialect settings this platform relies on."""
     if url.startswith("sqlite"):
         _prepare_sqlite_path(url)
+        from bot_platform.sqlite_driver import onehop_dbapi
+
+        extra: dict[str, Any] = {}
+        dbapi = onehop_dbapi()
+        if dbapi is not None:
+            extra["module"] = dbapi
         engine = create_async_engine(
             url, pool_size=1, max_overflow=0, pool_timeout=120,
-            connect_args={"timeout": 30},
+            connect_args={"timeout": 30}, **extra,
         )
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -34,7 +34,7 @@ from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error
 from bot_platform.models import Message, Outbox, Subscriber
-from bot_platform.ratelimit import Limits, RateLimiter
+from bot_platform.ratelimit import Limits, RateLimiter, take_slot
 from bot_platform.types import Outgoing, SendResult, SendStatus
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,17 @@ class Delivery:
         rows, more = await self._claim(condition, 1)
         return (rows[0] if rows else None), subscriber_id in more
 
+    async def renew_leases(self) -> int:
+        """Extend the lease of every row this worker holds: a lease expires when its
+        holder is dead, not when it is slow (a row may wait in the pipeline for its
+        rate-limit slot longer than a lease). Returns how many rows were renewed."""
+        lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+        async with self.db.session() as session:
+            renewed = await session.execute(update(Outbox).where(
+                Outbox.locked_by == self.worker_id, Outbox.status == "sending",
+            ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
+        return renewed.rowcount
+
     # ---- sending ----------------------------------------------------------------------
 
     async def run_once(self) -> int:
@@ -267,13 +278,10 @@ class Delivery:
         assert channel is not None
         limits = self._limits(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
-        delay = await self._reserve(f"{first.channel}:{first.bot_id}", "*", bot_only)
+        delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only)
         if delay > MAX_LIMITER_WAIT:
-            for row in rows:
-                await self.release(row, delay)
+            await asyncio.gather(*(self.release(row, delay) for row in rows))
             return len(rows)
-        if delay > 0:
-            await asyncio.sleep(delay)
         message = Outgoing.model_validate(first.payload)
         try:
             results = await channel.send_many([r.recipient for r in rows], message)
@@ -320,12 +328,10 @@ class Delivery:
             await self.record(row, SendResult.outside_window())
             return SendStatus.OUTSIDE_WINDOW
         limits = self._limits(channel, self.bots(row.channel, row.bot_id))
-        delay = await self._reserve(f"{row.channel}:{row.bot_id}", row.recipient, limits)
+        delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits)
         if delay > MAX_LIMITER_WAIT:
             await self.release(row, delay)
             return None
-        if delay > 0:
-            await asyncio.sleep(delay)
         try:
             result = await channel.send(row.recipient, message)
         except Exception as error:  # an adapter bug must not kill the worker
@@ -336,10 +342,11 @@ class Delivery:
         await self.record(row, result)
         return result.status
 
-    async def _reserve(self, bot: str, chat: str, limits: Limits) -> float:
-        """The limiter's answer; if it cannot be asked (Redis away), the row waits."""
+    async def _take_slot(self, bot: str, chat: str, limits: Limits) -> float:
+        """Wait for a send slot (0: send now; more than ``MAX_LIMITER_WAIT``: the row
+        goes back). If the limiter cannot be asked (Redis away), the row waits."""
         try:
-            return await self.limiter.reserve(bot, chat, limits, MAX_LIMITER_WAIT)
+            return await take_slot(self.limiter, bot, chat, limits, MAX_LIMITER_WAIT)
         except Exception as error:
             log.warning("rate limiter unavailable (%s: %s); holding sends of %s",
                         type(error).__name__, error, bot)

@@ -74,6 +74,16 @@ class Scheduler:
         ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
+    async def renew_leases(self) -> int:
+        """Extend the lease of every job this worker is running (see
+        ``Delivery.renew_leases``)."""
+        lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+        async with self.db.session() as session:
+            renewed = await session.execute(update(Job).where(
+                Job.locked_by == self.worker_id, Job.status == "running",
+            ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
+        return renewed.rowcount
+
     async def run_once(self) -> int:
         """Claim a batch of due jobs and run them; returns how many ran. Different
         subscribers' jobs run side by side (``job_concurrency``); one subscriber's run in

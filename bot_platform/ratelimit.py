@@ -5,6 +5,7 @@ serves one process, a Redis-backed one shares the budget between worker processe
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -18,13 +19,13 @@ class Limits:
     per_bot: float
     per_chat: float
     chat_burst: int = 3
-    bot_burst: float | None = None  # defaults to 20 ms worth (at least one message)
+    bot_burst: float | None = None  # defaults to 10 ms worth (at least one message)
 
     @property
     def bot_capacity(self) -> float:
         """A messenger counts sends in a sliding second, so a bucket holding a whole
         second's worth would let up to twice the limit through in the first second."""
-        return self.bot_burst or max(1.0, self.per_bot / 50)
+        return self.bot_burst or max(1.0, self.per_bot / 100)
 
 
 class RateLimiter(Protocol):
@@ -38,6 +39,31 @@ class RateLimiter(Protocol):
     async def pause(self, bot: str, seconds: float) -> None:
         """Send nothing for this bot for ``seconds`` (the messenger said retry_after)."""
         ...
+
+
+LATE_TOLERANCE = 0.01  # seconds a sender may wake after its slot and still use it
+
+
+async def take_slot(limiter: RateLimiter, bot: str, chat: str, limits: Limits,
+                    max_wait: float, attempts: int = 5) -> float:
+    """Wait for a send slot: returns 0 when it is time to send, or the wait (more than
+    ``max_wait``, nothing reserved) when the next slot is too far off.
+
+    A sender woken later than ``LATE_TOLERANCE`` after its slot (a busy event loop, a GC
+    pause) takes a fresh slot instead of sending late: late sends would bunch up with
+    punctual ones and overrun the messenger's window. The skipped slot is wasted, which
+    only ever slows sending down."""
+    for _ in range(attempts):
+        delay = await limiter.reserve(bot, chat, limits, max_wait)
+        if delay > max_wait:
+            return delay
+        if delay <= 0:
+            return 0.0
+        planned = time.monotonic() + delay
+        await asyncio.sleep(delay)
+        if time.monotonic() - planned <= LATE_TOLERANCE:
+            return 0.0
+    return 0.0  # persistently late: send; a 429 then pauses the bot
 
 
 class _Bucket:

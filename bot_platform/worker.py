@@ -60,10 +60,25 @@ class Worker:
         """Timers and deliveries side by side until ``stop`` is set: the delivery keeps its
         own pipeline full, so a burst of timers never pauses a broadcast (nor the reverse)."""
         log.info("worker %s started", self.delivery.worker_id)
-        await asyncio.gather(
-            self._run_scheduler(stop),
-            self.delivery.run(stop, self.delivery_wake, self.poll_interval))
+        heartbeat = asyncio.create_task(self._renew_leases(stop))
+        try:
+            await asyncio.gather(
+                self._run_scheduler(stop),
+                self.delivery.run(stop, self.delivery_wake, self.poll_interval))
+        finally:
+            heartbeat.cancel()
         log.info("worker %s stopped", self.delivery.worker_id)
+
+    async def _renew_leases(self, stop: asyncio.Event) -> None:
+        """The heartbeat: while this worker lives, what it holds stays its own."""
+        every = self.scheduler.settings.lease_seconds / 4
+        while not stop.is_set():
+            await wait_any(every, stop)
+            try:
+                await self.delivery.renew_leases()
+                await self.scheduler.renew_leases()
+            except Exception as error:  # the database may be away: the next beat retries
+                log.warning("renewing leases failed: %s: %s", type(error).__name__, error)
 
     async def _run_scheduler(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

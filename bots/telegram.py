@@ -91,6 +91,23 @@ def escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+_RESPONSE_TYPES: list[type] = []
+
+
+def _keep_response_types() -> None:
+    """aiogram parses every answer as ``Response[T]``, and pydantic caches generic models
+    only weakly: without a reference of our own, each API call rebuilds the class and its
+    schema (about 7% of a busy worker's CPU)."""
+    if _RESPONSE_TYPES:
+        return
+    from aiogram import methods
+    from aiogram.methods.base import Response
+
+    used = (methods.SendMessage, methods.SendPhoto, methods.AnswerCallbackQuery,
+            methods.SetWebhook, methods.DeleteWebhook, methods.GetUpdates, methods.GetMe)
+    _RESPONSE_TYPES.extend(Response[method.__returning__] for method in used)
+
+
 class TelegramChannel:
     """One Telegram bot."""
 
@@ -106,6 +123,7 @@ class TelegramChannel:
         self.webhook_secret = webhook_secret
         self.capabilities = capabilities
         self.poll_timeout = poll_timeout
+        _keep_response_types()
 
     # ---- inbound -----------------------------------------------------------------------
 
@@ -198,9 +216,16 @@ class TelegramChannel:
 
     async def reply(self, request: WebhookRequest,
                     handled: Sequence[HandledEvent]) -> WebhookReply | None:
-        """Answer callback queries once their events are handled (the spinner stops)."""
-        await self.answer_callbacks([h.inbound for h in handled])
-        return None
+        """Answer a button press in the webhook's response (Telegram runs a Bot API method
+        given as the response body): the spinner stops without a call of our own."""
+        queries = [h.inbound for h in handled if h.inbound.data.get("callback_query_id")]
+        if not queries:
+            return None
+        await self.answer_callbacks(queries[1:])  # one method per response; webhooks
+        return WebhookReply(body=json.dumps({  # carry one update, so this is rare
+            "method": "answerCallbackQuery",
+            "callback_query_id": queries[0].data["callback_query_id"]}).encode(),
+            content_type="application/json")
 
     async def answer_callbacks(self, events: Sequence[Inbound]) -> None:
         for event in events:

@@ -64,6 +64,10 @@ def _time(ms: Any) -> datetime | None:
 class ViberChannel:
     """One Viber bot (public account)."""
 
+    # The welcome message travels in the webhook's response: the endpoint holds queued
+    # messages back from the worker until ``reply`` has taken it.
+    replies_carry_messages = True
+
     name = "viber"
     capabilities = VIBER_CAPABILITIES
 

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from bot_platform.config import BotConfig
+from bot_platform.delivery import Delivery
 from bot_platform.models import Message, Outbox, Subscriber
 from bot_platform.ratelimit import Limits, MemoryRateLimiter
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, SendResult
@@ -198,6 +199,27 @@ async def test_a_dead_workers_claim_is_taken_over_after_its_lease(make_platform)
     assert channel.delivered() == [("u1", "Hi there! ")]
     [row] = await outbox_rows(platform)
     assert (row.status, row.locked_by) == ("sent", None)
+
+
+async def test_a_live_but_slow_workers_claim_is_renewed_not_taken_over(make_platform) -> None:
+    """The heartbeat: a worker that holds a row longer than a lease (waiting for its
+    rate-limit slot, say) keeps it; only a dead worker's claims expire."""
+    channel = ScriptedChannel()
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    slow = platform.worker.delivery
+    other = Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
+                     platform.clock, platform.settings.worker, "other-worker")
+    rows, _ = await slow.claim_batch()
+    assert len(rows) == 1
+    for _ in range(3):  # three leases' worth of time, renewed as it passes
+        platform.clock.advance(timedelta(seconds=20))
+        assert await slow.renew_leases() == 1
+        assert await other.run_once() == 0  # nothing to take over
+    assert channel.calls == []
+    await slow.deliver(rows[0])
+    assert channel.delivered() == [("u1", "Hi there! ")]
+    assert await slow.renew_leases() == 0  # nothing held any more
 
 
 async def test_long_text_and_many_buttons_are_fitted_into_several_rows(make_platform) -> None:

@@ -54,7 +54,7 @@ RECIPIENTS = 20_000
 TIMERS = 2_000  # of the recipients, these also started the welcome chain
 LIMIT = 1_000  # messages/s: the fake answers 429 beyond it, the bot is configured to it
 WORKERS = 3
-LEASE = 6  # seconds; longer than a PostgreSQL restart takes here
+LEASE = 15  # seconds: longer than a PostgreSQL restart, and than a starved worker's pause
 TOKEN = "123456:ABC-scale"
 FIRST_CHAT = 5_000_000
 
