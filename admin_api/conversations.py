@@ -21,6 +21,7 @@ from sqlalchemy import func, select, update
 
 from admin_api.security import SUPPORT, current, get_platform
 from bot_platform.apikeys import Principal
+from bot_platform.engine import notify_workers
 from bot_platform.models import (
     ApiKey,
     Conversation,
@@ -211,6 +212,7 @@ async def reply(conversation_id: int, body: Reply, principal: Principal = curren
             payload={"agent": principal.name}))
         conversation.first_reply_at = conversation.first_reply_at or now
         conversation.updated_at = now
+        await notify_workers(session)
     platform.engine.on_commit()
     return ReplyQueued(message_id=message_ids[0], outbox_ids=outbox_ids)
 

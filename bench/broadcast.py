@@ -37,6 +37,7 @@ from bench.harness import (  # noqa: E402
     drop_postgres,
     postgres_database,
     redis_available,
+    write_report,
 )
 from bot_platform import broadcasts  # noqa: E402
 from bot_platform.database import Database  # noqa: E402
@@ -93,8 +94,8 @@ async def run_setup(name: str, url: str, workers: int, args: argparse.Namespace,
         bots = [{"id": "tg", "channel": "telegram", "token": TOKEN, "secret": "s",
                  "api_base": fake.url, "messages_per_second": args.limit}]
         settings: dict[str, Any] = {
-            "bots": json.dumps(bots), "worker__batch_size": 1000, "worker__concurrency": 128,
-            "worker__poll_interval": 0.05}
+            "bots": json.dumps(bots), "worker__batch_size": args.batch,
+            "worker__concurrency": args.concurrency, "worker__poll_interval": 0.05}
         if url.startswith("postgresql"):
             settings["redis_url"] = REDIS_URL
         env = botp_env(url, **settings)
@@ -115,6 +116,7 @@ async def run_setup(name: str, url: str, workers: int, args: argparse.Namespace,
         problems = sum(len(w.problems()) for w in started_workers)
     sustained = stats["ok"] / max(1e-9, stats["last_ok"] - stats["first_ok"])
     return {
+        "per_second": stats["per_second"],
         "setup": name, "workers": workers, "recipients": args.recipients, "limit": args.limit,
         "sent": stats["ok"], "seconds": stats["last_ok"] - started,
         "rate": sustained, "fraction_of_limit": sustained / args.limit,
@@ -133,7 +135,7 @@ async def baseline(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from aiogram.exceptions import TelegramRetryAfter
 
     from bot_platform.delivery import SEND_HEADROOM
-    from bot_platform.ratelimit import Limits, MemoryRateLimiter, take_slot
+    from bot_platform.ratelimit import Limits, MemoryRateLimiter, Pacer
 
     count = min(args.recipients, args.limit * 20)
     with Processes(folder / "baseline") as processes:
@@ -144,6 +146,7 @@ async def baseline(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             session = AiohttpSession(api=TelegramAPIServer.from_base(fake.url))
             bot = Bot(TOKEN, session=session)
             limiter = MemoryRateLimiter()
+            pacer = Pacer(limiter)
             limits = Limits(per_bot=args.limit * SEND_HEADROOM, per_chat=math.inf)
             chats = iter(range(2_000_000, 2_000_000 + count))
             started = time.time()
@@ -151,7 +154,7 @@ async def baseline(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             async def sender() -> None:
                 for chat in chats:
                     while True:
-                        await take_slot(limiter, "tg", "*", limits, 60)
+                        await pacer.wait("tg", "*", limits, 60)
                         try:
                             await bot.send_message(chat, TEXT)
                             break
@@ -180,6 +183,8 @@ async def main() -> dict[str, Any]:
                         help="seconds per setup before it is cut off (and reported so)")
     parser.add_argument("--setups", default="baseline,sqlite,postgresql,postgresql-3",
                         help="comma-separated: baseline, sqlite, postgresql, postgresql-3")
+    parser.add_argument("--concurrency", type=int, default=128, help="sends in flight/worker")
+    parser.add_argument("--batch", type=int, default=1000, help="rows held per worker")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "broadcast.json"))
     args = parser.parse_args()
     wanted = args.setups.split(",")
@@ -215,7 +220,4 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    report = asyncio.run(main())
-    path = Path(report.pop("path"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    write_report(asyncio.run(main()))

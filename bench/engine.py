@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import resource
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import drop_postgres, postgres_database, write_report  # noqa: E402
 from bot_platform.clock import ManualClock  # noqa: E402
 from bot_platform.config import Settings, WorkerSettings  # noqa: E402
 from bot_platform.database import insert_ignore  # noqa: E402
@@ -36,9 +36,6 @@ from bot_platform.models import ProcessedEvent  # noqa: E402
 from bot_platform.platform import Platform  # noqa: E402
 from bot_platform.types import Inbound, InboundKind, Profile  # noqa: E402
 from bots.console import ConsoleChannel  # noqa: E402
-
-POSTGRES_URL = os.environ.get("BOTP_TEST_POSTGRES_URL",
-                              "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -139,29 +136,6 @@ async def bench_backend(name: str, url: str, args: argparse.Namespace) -> dict:
     }
 
 
-async def postgres_database() -> str | None:
-    try:
-        import asyncpg
-
-        admin = await asyncio.wait_for(asyncpg.connect(
-            POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")), timeout=3)
-    except Exception as error:
-        print(f"PostgreSQL not reachable ({type(error).__name__}): skipped", file=sys.stderr)
-        return None
-    name = f"botp_bench_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    return f"{POSTGRES_URL.rpartition('/')[0]}/{name}"
-
-
-async def drop_postgres(url: str) -> None:
-    import asyncpg
-
-    admin = await asyncpg.connect(POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://"))
-    await admin.execute(f'DROP DATABASE IF EXISTS "{url.rpartition("/")[2]}" WITH (FORCE)')
-    await admin.close()
-
-
 async def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
@@ -201,11 +175,5 @@ async def main() -> dict:
             "peak_rss_mb": peak_rss_mb, "results": results}
 
 
-def write_json(report: dict) -> None:
-    path = Path(report.pop("path"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-
-
 if __name__ == "__main__":
-    write_json(asyncio.run(main()))
+    write_report(asyncio.run(main()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -68,6 +69,13 @@ async def redis_available(url: str = REDIS_URL) -> bool:
         return False
     finally:
         await client.aclose()
+
+
+def write_report(report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report to its ``path`` (popped from the report)."""
+    path = Path(report.pop("path"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
 
 
 def free_port() -> int:
@@ -200,6 +208,7 @@ def serve_telegram(port: int, limit: float | None) -> None:
             self.ok = 0
             self.first_ok = self.last_ok = 0.0
             self.chats: dict[int, int] = {}
+            self.per_second: dict[int, int] = {}
 
         async def _send(self, call: Any, **extra: Any) -> web.Response:
             response = await super()._send(call, **extra)
@@ -209,6 +218,8 @@ def serve_telegram(port: int, limit: float | None) -> None:
                 self.ok += 1
                 self.first_ok = self.first_ok or now
                 self.last_ok = now
+                second = int(now)
+                self.per_second[second] = self.per_second.get(second, 0) + 1
                 chat = int(call.params["chat_id"])
                 self.chats[chat] = self.chats.get(chat, 0) + 1
             return response
@@ -218,6 +229,7 @@ def serve_telegram(port: int, limit: float | None) -> None:
                 "ok": self.ok, "too_many_requests": self.too_many_requests,
                 "first_ok": self.first_ok, "last_ok": self.last_ok,
                 "chats": len(self.chats),
+                "per_second": [self.per_second[k] for k in sorted(self.per_second)],
                 "doubled": sum(1 for n in self.chats.values() if n > 1)})
 
         def routes(self, app: web.Application) -> None:

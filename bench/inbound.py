@@ -36,7 +36,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,14 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import drop_postgres, percentile, postgres_database  # noqa: E402
+from bench.engine import percentile  # noqa: E402
+from bench.harness import (  # noqa: E402
+    drop_postgres,
+    free_port,
+    peak_rss_mb,
+    postgres_database,
+    write_report,
+)
 
 TOKEN = "123456:ABC"
 SECRET = "s3cret"
@@ -172,13 +178,7 @@ class Child:
 
     def peak_rss_mb(self) -> float | None:
         """VmHWM: read it before stopping the process."""
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        return peak_rss_mb(self.pid) or None
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -211,12 +211,6 @@ def stop(children: list[Child]) -> None:
             child.popen.wait()
         if child.popen.stdout is not None:
             child.popen.stdout.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def clean_env() -> dict[str, str]:
@@ -774,16 +768,10 @@ async def main() -> dict[str, Any]:
             "results": results}
 
 
-def write_json(report: dict[str, Any]) -> None:
-    path = Path(report.pop("path"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve-fake"]:
         serve_fake()
     else:
         # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the child processes.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        write_json(asyncio.run(main()))
+        write_report(asyncio.run(main()))

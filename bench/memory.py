@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from sqlalchemy import func, select, text, update  # noqa: E402
 
-from bench.engine import drop_postgres, postgres_database  # noqa: E402
+from bench.harness import drop_postgres, postgres_database, write_report  # noqa: E402
 from bench.scheduler import Workers, autoanalyze, cpu_seconds, proc_status  # noqa: E402
 from bot_platform.apikeys import create_key  # noqa: E402
 from bot_platform.clock import SystemClock  # noqa: E402
@@ -82,6 +82,7 @@ BROADCAST_SEGMENT = {"all": [{"locale": "en"}, {"not": {"channel": "console"}}]}
 
 
 def pick(rng: random.Random, weighted: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """One of ``weighted`` (its last element is its share)."""
     roll, edge = rng.random(), 0.0
     for item in weighted:
         edge += item[-1]
@@ -244,6 +245,7 @@ def bots(telegram: str, viber: str, relay: str) -> list[dict[str, Any]]:
 
 
 def worker_env(url: str, bot_list: list[dict[str, Any]]) -> dict[str, str]:
+    """A ``botp worker``'s environment; quiet logs so their volume costs nothing."""
     env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_FLOWS_DIR": str(ROOT / "flows"),
            "BOTP_LOCALES_DIR": str(ROOT / "locales"), "BOTP_BOTS": json.dumps(bot_list),
            "BOTP_LOG_LEVEL": "WARNING"}
@@ -270,6 +272,7 @@ async def sample_rss(workers: Workers, seconds: float, label: str) -> dict[str, 
 
 
 async def work_done(platform: Platform, broadcast_id: int) -> dict[str, Any]:
+    """What the worker has done so far, from the database."""
     async with platform.db.session() as session:
         jobs = (await session.execute(select(Job.kind, Job.status, Job.result, func.count())
                                       .group_by(Job.kind, Job.status, Job.result))).all()
@@ -296,6 +299,7 @@ def sent_by_channel(telegram: FakeTelegramServer, viber: FakeViberServer,
 
 
 async def run_postgres(url: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Load, time the previews, then the worker idle and at work (RSS sampled)."""
     from bot_platform.migrations import upgrade
 
     await asyncio.to_thread(upgrade, url)
@@ -388,6 +392,7 @@ async def scan_due(platform: Platform, when: datetime) -> None:
 
 
 async def run_sqlite(folder: str, count: int) -> dict[str, Any]:
+    """The previews on SQLite at a smaller size (the embedded deployment)."""
     from bot_platform.migrations import upgrade
 
     path = f"{folder}/memory.sqlite3"
@@ -484,7 +489,4 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    report = asyncio.run(main())
-    path = Path(report.pop("path"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
+    write_report(asyncio.run(main()))

@@ -8,7 +8,10 @@ PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +27,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot_platform.models import Base, KeyValue
+
+log = logging.getLogger(__name__)
 
 
 def _prepare_sqlite_path(url: str) -> None:
@@ -97,6 +102,34 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+async def listen(url: str, channel: str, on_notify: Callable[[], None],
+                 stop: asyncio.Event) -> None:
+    """Call ``on_notify`` for each ``NOTIFY channel`` until ``stop`` is set (PostgreSQL);
+    the connection is made again after the database restarts, and ``on_notify`` is called
+    on every (re)connection for what was queued while nobody listened."""
+    import asyncpg
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    while not stop.is_set():
+        connection = None
+        try:
+            connection = await asyncpg.connect(dsn, timeout=10)
+            await connection.add_listener(channel, lambda *_: on_notify())
+            on_notify()
+            while not stop.is_set() and not connection.is_closed():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except Exception as error:  # the database is away: polling covers it meanwhile
+            log.warning("listening for %s failed (%s); retrying", channel,
+                        type(error).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+        finally:
+            if connection is not None and not connection.is_closed():
+                with contextlib.suppress(Exception):
+                    await connection.close(timeout=2)
 
 
 def is_transient_db_error(error: BaseException) -> bool:

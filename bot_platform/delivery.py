@@ -34,7 +34,8 @@ from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error
 from bot_platform.models import Message, Outbox, Subscriber
-from bot_platform.ratelimit import Limits, RateLimiter, take_slot
+from bot_platform.pipeline import Finished, Pipeline
+from bot_platform.ratelimit import Limits, Pacer, RateLimiter
 from bot_platform.types import Outgoing, SendResult, SendStatus
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,12 @@ class Delivery:
         self.channels = channels
         self.bots = bots
         self.limiter = limiter
+        self.pacer = Pacer(limiter)
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
         self._commits: list[tuple[_Outcome, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._holding = 0  # rows claimed by the pipeline and not finished yet
-        self._room = asyncio.Event()  # set when the pipeline may claim again
 
     # ---- claiming ---------------------------------------------------------------------
 
@@ -212,39 +212,21 @@ class Delivery:
                              *(subscriber_queue(row) for row in rows))
         return handled
 
-    async def run(self, stop: asyncio.Event, wake: asyncio.Event, poll_interval: float) -> None:
-        """Deliver until stopped, claiming the next rows while earlier ones are still being
-        sent (at most ``batch_size`` held), so a bot's rate is used without pauses."""
+    def pipeline(self) -> Pipeline:
+        """Deliver continuously: the next rows are claimed while earlier ones are still
+        being sent (at most ``batch_size`` held), so a bot's rate is used without pauses."""
         semaphore = asyncio.Semaphore(self.settings.concurrency)
-        batches: set[asyncio.Task[int]] = set()
-        limit = self.settings.batch_size
 
-        def finished(count: int) -> None:
-            self._holding -= count
-            if self._holding <= limit // 2:
-                self._room.set()
+        async def claim(limit: int) -> tuple[int, tuple[list[ClaimedRow], set[int]]]:
+            rows, more = await self.claim_batch(limit)
+            return len(rows), (rows, more)
 
-        while not stop.is_set():
-            wake.clear()
-            self._room.clear()
-            rows: list[ClaimedRow] = []
-            if self._holding <= limit // 2:
-                try:
-                    rows, more = await self.claim_batch(limit - self._holding)
-                except Exception:  # the database may be restarting: back off and carry on
-                    log.exception("claiming outbox rows failed; retrying")
-                    await wait_any(poll_interval * 4, stop)
-                    continue
-            if rows:
-                self._holding += len(rows)
-                task = asyncio.create_task(self._deliver_claimed(rows, more, semaphore,
-                                                                 finished))
-                batches.add(task)
-                task.add_done_callback(_forget(batches))
-                continue
-            await wait_any(poll_interval, stop, wake, self._room)
-        if batches:  # let sends in flight finish and be recorded
-            await asyncio.wait(batches, timeout=self.settings.lease_seconds)
+        async def handle(claimed: tuple[list[ClaimedRow], set[int]],
+                         finished: Finished) -> int:
+            rows, more = claimed
+            return await self._deliver_claimed(rows, more, semaphore, finished)
+
+        return Pipeline("delivery", self.settings.batch_size, claim, handle)
 
     def _batchable(self, rows: list[ClaimedRow], more: set[int]
                    ) -> tuple[list[list[ClaimedRow]], list[ClaimedRow]]:
@@ -346,7 +328,7 @@ class Delivery:
         """Wait for a send slot (0: send now; more than ``MAX_LIMITER_WAIT``: the row
         goes back). If the limiter cannot be asked (Redis away), the row waits."""
         try:
-            return await take_slot(self.limiter, bot, chat, limits, MAX_LIMITER_WAIT)
+            return await self.pacer.wait(bot, chat, limits, MAX_LIMITER_WAIT)
         except Exception as error:
             log.warning("rate limiter unavailable (%s: %s); holding sends of %s",
                         type(error).__name__, error, bot)
@@ -502,20 +484,3 @@ class Delivery:
             message_values.update(status=final, error=detail)
         return outbox_values, (message_values if len(message_values) > 1 else {})
 
-
-async def wait_any(seconds: float, *events: asyncio.Event) -> None:
-    """Until one of the events is set or ``seconds`` pass."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    def done(task: asyncio.Task[Any]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a delivery batch failed", exc_info=task.exception())
-    return done

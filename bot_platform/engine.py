@@ -141,6 +141,16 @@ def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
+
+
+async def notify_workers(session: AsyncSession) -> None:
+    """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
+    SQLite, the worker is in this process and ``on_commit`` wakes it."""
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+
+
 def advisory_key(*parts: str) -> int:
     """A signed 64-bit key for ``pg_advisory_xact_lock``."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
@@ -238,6 +248,8 @@ class Engine:
             context.session = session
             await self.advisory_lock(session, i.channel, i.bot_id, i.user_id)
             await call_next(context)
+            if context.queued and context.hold is None:
+                await notify_workers(session)
         if context.hold is None:
             self.on_commit()
 
@@ -480,6 +492,7 @@ class Engine:
                 await session.execute(update(Outbox).where(
                     Outbox.id.in_(outbox_ids), Outbox.status == "pending",
                 ).values(next_attempt_at=self.clock.now()))
+                await notify_workers(session)
         self.on_commit()
 
     def _asks_for_human(self, locale: str, text: str) -> bool:
@@ -577,6 +590,8 @@ class Engine:
                 self.flows.triggered_by("event", name) if start_flows is None else start_flows)
             await self.run_pending_starts(turn)
             queued = await self.save_turn(session, subscriber, turn, rows)
+            if queued:
+                await notify_workers(session)
         self.on_commit()
         return True, [i for i, _ in queued]
 
@@ -771,22 +786,35 @@ class Engine:
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
         if not parts:
             return queued
-        message_ids = (await session.scalars(
-            insert(Message).returning(Message.id, sort_by_parameter_order=True), [{
+        message_ids = await _insert_returning_ids(session, Message, [{
                 "subscriber_id": subscriber.id, "channel": subscriber.channel,
                 "direction": "out", "kind": "cards" if part.cards else "text",
                 "text": part.text or None, "status": "queued", "flow": flow,
                 "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
-                for _, subscriber, flow, part in parts])).all()
-        outbox_ids = (await session.scalars(
-            insert(Outbox).returning(Outbox.id, sort_by_parameter_order=True), [{
+                for _, subscriber, flow, part in parts])
+        outbox_ids = await _insert_returning_ids(session, Outbox, [{
                 "subscriber_id": subscriber.id, "message_id": message_id,
                 "channel": subscriber.channel, "bot_id": subscriber.bot_id,
                 "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
                 "status": "pending", "next_attempt_at": now + (hold or timedelta(0)),
                 "broadcast_id": broadcast_id, "created_at": now}
                 for (_, subscriber, _, part), message_id in zip(parts, message_ids,
-                                                                strict=True)])).all()
+                                                                strict=True)])
         for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):
             queued[index].append((outbox_id, part))
         return queued
+
+
+async def _insert_returning_ids(session: AsyncSession, model: Any,
+                                rows: list[dict[str, Any]]) -> list[int]:
+    """Insert many rows; their new ids in the order of ``rows``.
+
+    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
+    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
+    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
+    order too. PostgreSQL batches the ordered form itself."""
+    if session.bind.dialect.name == "sqlite":
+        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
+        return sorted(ids)
+    return list((await session.scalars(
+        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())

@@ -23,10 +23,12 @@ from bot_platform.database import Database
 from bot_platform.delivery import backoff_delay
 from bot_platform.engine import Engine
 from bot_platform.models import Job, Subscriber
+from bot_platform.pipeline import Finished, Pipeline
 
 log = logging.getLogger(__name__)
 
 JobHandler = Callable[[AsyncSession, Job], Awaitable[str]]
+Claimed = tuple[int, str, tuple[str, str, str] | None]  # job id, kind, subscriber identity
 
 
 class PreparedJobHandler(Protocol):
@@ -51,7 +53,7 @@ class Scheduler:
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
             "flow_timer": engine.run_flow_timer, "read_fallback": engine.run_read_fallback}
 
-    async def claim(self, limit: int) -> list[tuple[int, str, tuple[str, str, str] | None]]:
+    async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
         now = self.clock.now()
         lease = now + timedelta(seconds=self.settings.lease_seconds)
@@ -85,29 +87,52 @@ class Scheduler:
         return renewed.rowcount
 
     async def run_once(self) -> int:
-        """Claim a batch of due jobs and run them; returns how many ran. Different
-        subscribers' jobs run side by side (``job_concurrency``); one subscriber's run in
-        due order, one at a time."""
+        """Claim a batch of due jobs and run them; returns how many ran."""
         claimed = await self.claim(self.settings.batch_size)
-        queues: dict[tuple[str, str, str] | int, list[tuple[int, str, Any]]] = {}
-        for job_id, kind, identity in claimed:
-            queues.setdefault(identity or job_id, []).append((job_id, kind, identity))
+        await self._run_claimed(claimed, asyncio.Semaphore(self.settings.job_concurrency))
+        return len(claimed)
+
+    def pipeline(self) -> Pipeline:
+        """Run jobs continuously: a long job (a scan, a slow model) never holds up the
+        timers and broadcast batches claimed after it."""
         semaphore = asyncio.Semaphore(self.settings.job_concurrency)
 
-        async def run_queue(queue: list[tuple[int, str, Any]]) -> None:
-            async with semaphore:
-                for job_id, kind, identity in queue:
-                    handler = self.handlers.get(kind)
-                    prepared = (await self._prepare(job_id) if hasattr(handler, "prepare")
-                                else None)
-                    if identity is not None:
-                        async with self.engine.locks.hold(identity):
-                            await self.run_job(job_id, identity, prepared)
-                    else:
-                        await self.run_job(job_id, None, prepared)
+        async def claim(limit: int) -> tuple[int, list[Claimed]]:
+            claimed = await self.claim(min(limit, self.settings.batch_size))
+            return len(claimed), claimed
+
+        async def handle(claimed: list[Claimed], finished: Finished) -> None:
+            await self._run_claimed(claimed, semaphore, finished)
+
+        return Pipeline("scheduler", self.settings.batch_size, claim, handle)
+
+    async def _run_claimed(self, claimed: list[Claimed], semaphore: asyncio.Semaphore,
+                           finished: Finished = lambda n: None) -> None:
+        """Different subscribers' jobs side by side (``job_concurrency``); one
+        subscriber's in due order, one at a time."""
+        queues: dict[tuple[str, str, str] | int, list[Claimed]] = {}
+        for job_id, kind, identity in claimed:
+            queues.setdefault(identity or job_id, []).append((job_id, kind, identity))
+
+        async def run_queue(queue: list[Claimed]) -> None:
+            try:
+                async with semaphore:
+                    for job_id, kind, identity in queue:
+                        await self._run_one(job_id, kind, identity)
+            finally:
+                finished(len(queue))
 
         await asyncio.gather(*(run_queue(queue) for queue in queues.values()))
-        return len(claimed)
+
+    async def _run_one(self, job_id: int, kind: str,
+                       identity: tuple[str, str, str] | None) -> None:
+        handler = self.handlers.get(kind)
+        prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
+        if identity is not None:
+            async with self.engine.locks.hold(identity):
+                await self.run_job(job_id, identity, prepared)
+        else:
+            await self.run_job(job_id, None, prepared)
 
     async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,
                       prepared: Any = None) -> None:

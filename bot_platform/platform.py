@@ -20,9 +20,9 @@ from bot_platform import broadcasts
 from bot_platform.channels import Channel, ChannelDeps, load_channel_factory
 from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
-from bot_platform.database import Database, SqlKeyValueStore
+from bot_platform.database import Database, SqlKeyValueStore, listen
 from bot_platform.delivery import Delivery
-from bot_platform.engine import Engine, SupportHours
+from bot_platform.engine import WORK_CHANNEL, Engine, SupportHours
 from bot_platform.errors import FlowValidationError
 from bot_platform.flow_dsl import validate_paths
 from bot_platform.flow_runtime import FlowSet
@@ -104,7 +104,8 @@ class Platform:
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval,
-                             on_idle=self.housekeeping)
+                             on_idle=self.housekeeping,
+                             wakeups=None if self.db.is_sqlite else self._listen_for_work)
         await self.reload_flows()
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
         scheduler.handlers[broadcasts.SEND_KIND] = partial(broadcasts.run_send_job, self.engine)
@@ -209,6 +210,10 @@ class Platform:
         close = getattr(adapter, "close", None)
         if close is not None:
             await close()
+
+    async def _listen_for_work(self, stop: asyncio.Event) -> None:
+        """Workers on PostgreSQL wake when another process queues messages."""
+        await listen(self.settings.database_url, WORK_CHANNEL, self._notify, stop)
 
     def _notify(self) -> None:
         worker = getattr(self, "worker", None)

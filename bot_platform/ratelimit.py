@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,29 +42,62 @@ class RateLimiter(Protocol):
         ...
 
 
-LATE_TOLERANCE = 0.01  # seconds a sender may wake after its slot and still use it
+class Pacer:
+    """Takes send slots for one process: the chat's slot first (waiting for it holds
+    nobody else up), then the bot's, handed out in order by one pacing task per bot.
 
+    The pacing task reserves each bot-wide slot at the real current time and wakes its
+    sender when the slot comes. Woken late itself (a busy event loop, a GC pause), it
+    finds the bucket refilled, never beyond its 10 ms capacity, and wakes the next
+    senders at once: late sends cannot bunch up and overrun the messenger's window, and
+    no slot is wasted. (Every sender reserving ahead and sleeping until its own slot would
+    bunch them whenever the loop ran late.)"""
 
-async def take_slot(limiter: RateLimiter, bot: str, chat: str, limits: Limits,
-                    max_wait: float, attempts: int = 5) -> float:
-    """Wait for a send slot: returns 0 when it is time to send, or the wait (more than
-    ``max_wait``, nothing reserved) when the next slot is too far off.
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._waiting: dict[str, deque[tuple[asyncio.Future[float], Limits, float]]] = {}
+        self._pacers: dict[str, asyncio.Task[None]] = {}
 
-    A sender woken later than ``LATE_TOLERANCE`` after its slot (a busy event loop, a GC
-    pause) takes a fresh slot instead of sending late: late sends would bunch up with
-    punctual ones and overrun the messenger's window. The skipped slot is wasted, which
-    only ever slows sending down."""
-    for _ in range(attempts):
-        delay = await limiter.reserve(bot, chat, limits, max_wait)
+    async def wait(self, bot: str, chat: str, limits: Limits, max_wait: float) -> float:
+        """0 when it is time to send; otherwise the wait (more than ``max_wait``) for the
+        next slot, and the caller should come back later."""
+        chat_only = Limits(per_bot=math.inf, per_chat=limits.per_chat,
+                           chat_burst=limits.chat_burst)
+        delay = await self.limiter.reserve(bot, chat, chat_only, max_wait)
         if delay > max_wait:
             return delay
-        if delay <= 0:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if math.isinf(limits.per_bot):
             return 0.0
-        planned = time.monotonic() + delay
-        await asyncio.sleep(delay)
-        if time.monotonic() - planned <= LATE_TOLERANCE:
-            return 0.0
-    return 0.0  # persistently late: send; a 429 then pauses the bot
+        bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf,
+                          bot_burst=limits.bot_burst)
+        slot: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(bot, deque()).append((slot, bot_only, max_wait))
+        pacer = self._pacers.get(bot)
+        if pacer is None or pacer.done():
+            self._pacers[bot] = asyncio.create_task(self._pace(bot))
+        return await slot
+
+    async def _pace(self, bot: str) -> None:
+        waiting = self._waiting[bot]
+        while waiting:
+            slot, limits, max_wait = waiting[0]
+            if slot.done():  # its sender was cancelled
+                waiting.popleft()
+                continue
+            try:
+                delay = await self.limiter.reserve(bot, "*", limits, max_wait)
+            except Exception as error:
+                waiting.popleft()
+                if not slot.done():
+                    slot.set_exception(error)
+                continue
+            if 0 < delay <= max_wait:
+                await asyncio.sleep(delay)
+            waiting.popleft()
+            if not slot.done():
+                slot.set_result(delay if delay > max_wait else 0.0)
 
 
 class _Bucket:
@@ -180,11 +214,15 @@ class RedisRateLimiter:
         self._pause = redis.register_script(_PAUSE)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisRateLimiter:
-        from redis.asyncio import Redis
+    def from_url(cls, url: str, max_connections: int = 64) -> RedisRateLimiter:
+        from redis.asyncio import BlockingConnectionPool, Redis
 
-        return cls(Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                  health_check_interval=30, retry_on_timeout=True))
+        # Blocking: with more sends in flight than connections, a call waits for a free
+        # connection (the default pool would fail it at once, holding the send back).
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5, socket_timeout=5,
+            socket_connect_timeout=5, health_check_interval=30)
+        return cls(Redis(connection_pool=pool))
 
     async def reserve(self, bot: str, chat: str, limits: Limits, max_wait: float) -> float:
         bot_rate = 0.0 if math.isinf(limits.per_bot) else limits.per_bot
@@ -201,3 +239,4 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()

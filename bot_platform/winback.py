@@ -33,14 +33,19 @@ class InactivityScan:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def prepare(self, job: Job) -> int:
+    async def prepare(self, job: Job) -> dict[str, Any]:
+        """Start the flow for up to ``SCAN_BATCH`` quiet subscribers per flow, continuing
+        after the last one the previous run of this scan reached (``after`` per flow)."""
         engine, now, started = self.engine, self.engine.clock.now(), 0
+        resume: dict[str, int] = dict((job.payload or {}).get("after") or {})
+        more: dict[str, int] = {}
         for flow, days in engine.flows.inactivity_triggers():
             async with engine.db.session() as session:
                 quiet = (await session.execute(
                     select(Subscriber.id, Subscriber.last_inbound_at).where(
                         Subscriber.status == "subscribed",
-                        Subscriber.last_inbound_at < now - timedelta(days=days))
+                        Subscriber.last_inbound_at < now - timedelta(days=days),
+                        Subscriber.id > resume.get(flow, 0))
                     .order_by(Subscriber.id).limit(SCAN_BATCH))).all()
             for subscriber_id, last_inbound_at in quiet:
                 stored, _ = await engine.dispatch_event(
@@ -48,24 +53,32 @@ class InactivityScan:
                     external_id=f"inactive:{flow}:{subscriber_id}:"
                                 f"{last_inbound_at:%Y%m%d%H%M%S}")
                 started += stored
-        return started
+            if len(quiet) == SCAN_BATCH:
+                more[flow] = quiet[-1].id
+        return {"started": started, "after": more}
 
     async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str:
-        started = int(prepared or 0)
+        prepared = prepared or {}
         now = self.engine.clock.now()
-        later = timedelta(minutes=1) if started >= SCAN_BATCH else SCAN_EVERY
-        await schedule_scan(session, now + later, exclude=job.id)
-        return f"started {started}"
+        if prepared.get("after"):  # a full batch: the rest a minute later, from there on
+            await schedule_scan(session, now + timedelta(minutes=1), exclude=job.id,
+                                after=prepared["after"])
+        else:
+            await schedule_scan(session, now + SCAN_EVERY, exclude=job.id)
+        return f"started {prepared.get('started', 0)}"
 
 
-async def schedule_scan(session: AsyncSession, due_at: Any, exclude: int | None = None) -> None:
-    """Add the next scan unless one is already waiting (several processes may ask)."""
+async def schedule_scan(session: AsyncSession, due_at: Any, exclude: int | None = None,
+                        after: dict[str, int] | None = None) -> None:
+    """Add the next scan unless one is already waiting (several processes may ask);
+    ``after`` continues an unfinished scan past those subscribers."""
     waiting = select(Job.id).where(Job.kind == SCAN_KIND,
                                    Job.status.in_(("pending", "running")))
     if exclude is not None:
         waiting = waiting.where(Job.id != exclude)
     if await session.scalar(waiting.limit(1)) is None:
-        session.add(Job(kind=SCAN_KIND, due_at=due_at, created_at=due_at, payload={}))
+        session.add(Job(kind=SCAN_KIND, due_at=due_at, created_at=due_at,
+                        payload={"after": after} if after else {}))
 
 
 async def ensure_scan(db: Database, engine: Engine) -> None:

@@ -7,13 +7,13 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bot_platform.delivery import Delivery, wait_any
+from bot_platform.delivery import Delivery
 from bot_platform.jobs import Scheduler
+from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,18 @@ class Worker:
 
     def __init__(self, scheduler: Scheduler, delivery: Delivery, poll_interval: float,
                  on_idle: Callable[[], Awaitable[Any]] | None = None,
-                 idle_every: float = 30.0) -> None:
+                 idle_every: float = 30.0,
+                 wakeups: Callable[[asyncio.Event], Awaitable[None]] | None = None) -> None:
         self.scheduler = scheduler
         self.delivery = delivery
         self.poll_interval = poll_interval
         self.wake = asyncio.Event()  # the scheduler's
         self.delivery_wake = asyncio.Event()
-        self.on_idle = on_idle  # housekeeping between rounds (new bots from the API)
+        self.on_idle = on_idle  # housekeeping every idle_every s (new bots from the API)
         self.idle_every = idle_every
-        self._last_idle = 0.0
+        # Runs beside the loops and calls ``notify`` when another process queued work
+        # (PostgreSQL LISTEN); polling every ``poll_interval`` covers the rest.
+        self.wakeups = wakeups
 
     def notify(self) -> None:
         """New work was committed in this process: do not wait for the next poll."""
@@ -56,18 +59,33 @@ class Worker:
                 return total
         raise RuntimeError(f"worker still busy after {max_rounds} rounds")
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Timers and deliveries side by side until ``stop`` is set: the delivery keeps its
-        own pipeline full, so a burst of timers never pauses a broadcast (nor the reverse)."""
+    async def run(self, stop: asyncio.Event, grace: float = 15.0) -> None:
+        """Timers and deliveries side by side until ``stop`` is set, each a pipeline, so a
+        burst of timers never pauses a broadcast (nor the reverse); then what is in hand
+        may finish for ``grace`` seconds."""
         log.info("worker %s started", self.delivery.worker_id)
-        heartbeat = asyncio.create_task(self._renew_leases(stop))
+        helpers = [asyncio.create_task(self._renew_leases(stop)),
+                   asyncio.create_task(self._housekeeping(stop))]
+        if self.wakeups is not None:
+            helpers.append(asyncio.create_task(self.wakeups(stop)))
         try:
             await asyncio.gather(
-                self._run_scheduler(stop),
-                self.delivery.run(stop, self.delivery_wake, self.poll_interval))
+                self.scheduler.pipeline().run(stop, self.wake, self.poll_interval, grace),
+                self.delivery.pipeline().run(stop, self.delivery_wake, self.poll_interval,
+                                             grace))
         finally:
-            heartbeat.cancel()
+            for helper in helpers:
+                helper.cancel()
         log.info("worker %s stopped", self.delivery.worker_id)
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Every ``idle_every`` seconds: bots and flows changed by other processes."""
+        while self.on_idle is not None and not stop.is_set():
+            await wait_any(self.idle_every, stop)
+            try:
+                await self.on_idle()
+            except Exception:
+                log.exception("worker housekeeping failed")
 
     async def _renew_leases(self, stop: asyncio.Event) -> None:
         """The heartbeat: while this worker lives, what it holds stays its own."""
@@ -79,23 +97,3 @@ class Worker:
                 await self.scheduler.renew_leases()
             except Exception as error:  # the database may be away: the next beat retries
                 log.warning("renewing leases failed: %s: %s", type(error).__name__, error)
-
-    async def _run_scheduler(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.wake.clear()  # before the round: a commit during it wakes the next one
-            try:
-                done = await self.scheduler.run_once()
-            except Exception:  # the database may be restarting: back off and carry on
-                log.exception("scheduler round failed; retrying")
-                done = 0
-                await wait_any(self.poll_interval * 4, stop)
-            if done:
-                continue
-            if self.on_idle is not None and time.monotonic() - self._last_idle > self.idle_every:
-                self._last_idle = time.monotonic()
-                try:
-                    await self.on_idle()
-                except Exception:
-                    log.exception("worker housekeeping failed")
-            await wait_any(self.poll_interval, stop, self.wake)
-

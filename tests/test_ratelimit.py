@@ -99,3 +99,16 @@ async def test_separate_memory_limiters_would_overspend() -> None:
     moments = await planned_sends([MemoryRateLimiter() for _ in range(3)], per_worker=60,
                                   limits=limits)
     assert busiest_second(moments) > 2 * 50
+
+
+@pytest.mark.redis
+async def test_more_concurrent_sends_than_redis_connections_wait_instead_of_failing(
+        redis_url: str) -> None:
+    limiter = RedisRateLimiter.from_url(redis_url, max_connections=4)
+    limits = Limits(per_bot=math.inf, per_chat=math.inf)
+    try:
+        delays = await asyncio.gather(*(limiter.reserve("tg:b", f"c{n}", limits, 1)
+                                        for n in range(200)))
+    finally:
+        await limiter.close()
+    assert delays == [0.0] * 200

@@ -267,6 +267,27 @@ async def test_winback_starts_once_per_silence_from_the_daily_scan(shop) -> None
     assert scans.count("pending") == 1  # exactly one scan is always waiting
 
 
+async def test_winback_scan_continues_past_a_full_batch(shop, monkeypatch) -> None:
+    """A scan that finds more quiet subscribers than one batch goes on where it stopped a
+    minute later (it used to start from the first subscriber again and reach nobody new)."""
+    from bot_platform import winback
+
+    monkeypatch.setattr(winback, "SCAN_BATCH", 2)
+    chats = [Chat(shop, user=f"q{n}") for n in range(5)]
+    for chat in chats:
+        await chat.say("hello")
+        chat.new()
+    shop.clock.advance(timedelta(days=30, seconds=1))
+    await shop.drain()  # the daily scan: the first batch of 2
+    reached = [chat for chat in chats if chat.new()]
+    assert len(reached) == 2
+    for _ in range(2):  # the follow-up runs, a minute apart: 2 more, then the last one
+        shop.clock.advance(timedelta(minutes=1, seconds=1))
+        await shop.drain()
+        reached += [chat for chat in chats if chat.new()]
+    assert sorted(chat.user for chat in reached) == [f"q{n}" for n in range(5)]
+
+
 async def test_language_choice_overrides_the_messenger_language(shop) -> None:
     chat = Chat(shop, profile=Profile(first_name="Ann", language="en-GB"))
     [ask] = await chat.say("language")

@@ -95,3 +95,37 @@ async def test_three_schedulers_fire_each_timer_once(make_platform, db_url) -> N
     await platform.drain()
     tips = [user for user, m in console.sent if m.text.startswith("Tip of the day")]
     assert sorted(tips) == sorted(f"u{n}" for n in range(40))
+
+
+async def test_enqueue_many_pairs_each_outbox_row_with_its_own_message(make_platform,
+                                                                        db_url) -> None:
+    """Bulk-queued rows get their ids from one multi-row INSERT each: every outbox row must
+    still point at the message of the same subscriber, part and text."""
+    from bot_platform.models import Message
+
+    channel = SlowChannel()
+    platform = await make_platform(bots=[BotConfig(id="b1", channel="slow")],
+                                   database_url=db_url,
+                                   channel_overrides={("slow", "b1"): channel})
+    for n in range(40):
+        await platform.engine.handle(Inbound(channel="slow", bot_id="b1", user_id=f"u{n}",
+                                             event_id=f"e{n}", kind=InboundKind.START))
+    async with platform.db.session() as session:
+        subscribers = (await session.scalars(select(Subscriber).order_by(
+            Subscriber.id.desc()))).all()
+        queued = await platform.engine.enqueue_many(session, [
+            (s, [(None, Outgoing(text=f"{s.user_id}:{k}")) for k in range(n % 4)])
+            for n, s in enumerate(subscribers)], broadcast_id=7)
+    assert [len(q) for q in queued] == [n % 4 for n in range(40)]
+    async with platform.db.session() as session:
+        rows = (await session.execute(select(Outbox, Message).join(
+            Message, Message.id == Outbox.message_id).where(Outbox.broadcast_id == 7))).all()
+    assert len(rows) == sum(n % 4 for n in range(40))
+    for outbox, message in rows:
+        assert outbox.subscriber_id == message.subscriber_id
+        assert outbox.payload["text"] == message.text
+        assert message.text.startswith(f"{outbox.recipient}:")
+    by_id = {outbox.id: outbox.payload["text"] for outbox, _ in rows}
+    for (subscriber, _), ids in zip([(s, None) for s in subscribers], queued, strict=True):
+        assert [by_id[i] for i, _ in ids] == [f"{subscriber.user_id}:{k}"
+                                              for k in range(len(ids))]
