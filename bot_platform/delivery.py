@@ -102,6 +102,9 @@ class Delivery:
         self.worker_id = worker_id
         self._commits: list[tuple[_Outcome, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Rows claimed and still being worked on here: only these have their leases
+        # renewed, so a row whose handling died without a result is retried.
+        self.in_hand: set[int] = set()
 
     # ---- claiming ---------------------------------------------------------------------
 
@@ -133,6 +136,7 @@ class Delivery:
                 .execution_options(synchronize_session=False))).all()
             if not claimed:
                 return [], set()
+            self.in_hand.update(c.id for c in claimed)
             subscriber_ids = {c.subscriber_id for c in claimed}
             subscribers = {row.id: row for row in (await session.execute(
                 select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
@@ -161,13 +165,17 @@ class Delivery:
         return (rows[0] if rows else None), subscriber_id in more
 
     async def renew_leases(self) -> int:
-        """Extend the lease of every row this worker holds: a lease expires when its
-        holder is dead, not when it is slow (a row may wait in the pipeline for its
+        """Extend the lease of every row in hand: a lease expires when its holder is dead
+        (or dropped the row), not when it is slow (a row may wait in the pipeline for its
         rate-limit slot longer than a lease). Returns how many rows were renewed."""
+        held = list(self.in_hand)
+        if not held:
+            return 0
         lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.session() as session:
             renewed = await session.execute(update(Outbox).where(
-                Outbox.locked_by == self.worker_id, Outbox.status == "sending",
+                Outbox.id.in_(held), Outbox.locked_by == self.worker_id,
+                Outbox.status == "sending",
             ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
         return renewed.rowcount
 
@@ -190,9 +198,11 @@ class Delivery:
 
         async def batch(group: list[ClaimedRow]) -> None:
             nonlocal handled
-            async with semaphore:
-                handled += await self.deliver_many(group)
-            finished(len(group))
+            try:
+                async with semaphore:
+                    handled += await self.deliver_many(group)
+            finally:
+                finished(len(group))
 
         async def subscriber_queue(row: ClaimedRow | None) -> None:
             nonlocal handled
@@ -255,6 +265,12 @@ class Delivery:
 
     async def deliver_many(self, rows: list[ClaimedRow]) -> int:
         """One API call for many recipients of the same message; a result per row."""
+        try:
+            return await self._deliver_many(rows)
+        finally:
+            self.in_hand.difference_update(row.id for row in rows)
+
+    async def _deliver_many(self, rows: list[ClaimedRow]) -> int:
         first = rows[0]
         channel = self.channels(first.channel, first.bot_id)
         assert channel is not None
@@ -293,12 +309,22 @@ class Delivery:
     async def deliver(self, row: ClaimedRow) -> SendStatus | None:
         """Send one claimed row and record the result; returns the send status (None when
         the row was put back to wait for its rate-limit slot)."""
+        try:
+            return await self._deliver(row)
+        finally:
+            self.in_hand.discard(row.id)
+
+    async def _deliver(self, row: ClaimedRow) -> SendStatus | None:
         channel = self.channels(row.channel, row.bot_id)
         if channel is None:
             await self.record(row, SendResult.failed(
                 f"bot {row.channel}/{row.bot_id} is not configured"))
             return SendStatus.FAILED
-        message = Outgoing.model_validate(row.payload)
+        try:
+            message = Outgoing.model_validate(row.payload)
+        except ValueError as error:  # a row no send can fix: fail it, do not retry it
+            await self.record(row, SendResult.failed(f"invalid message: {error}"))
+            return SendStatus.FAILED
         if row.subscriber_status != "subscribed":
             await self.record(row, SendResult(SendStatus.BLOCKED, reason="unsubscribed"),
                               skipped=True)

@@ -50,6 +50,7 @@ class Scheduler:
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
+        self.in_hand: set[int] = set()  # claimed here and still running
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
             "flow_timer": engine.run_flow_timer, "read_fallback": engine.run_read_fallback}
 
@@ -68,6 +69,7 @@ class Scheduler:
                 .values(status="running", locked_by=self.worker_id, lease_expires_at=lease)
                 .returning(Job.id, Job.kind, Job.subscriber_id, Job.due_at)
                 .execution_options(synchronize_session=False))).all()
+            self.in_hand.update(c.id for c in claimed)
             subscriber_ids = {c.subscriber_id for c in claimed if c.subscriber_id}
             identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
                 await session.execute(select(
@@ -77,12 +79,16 @@ class Scheduler:
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
     async def renew_leases(self) -> int:
-        """Extend the lease of every job this worker is running (see
-        ``Delivery.renew_leases``)."""
+        """Extend the lease of every job in hand (see ``Delivery.renew_leases``): a job
+        whose run ended without a result (the database was away) is not renewed, so it
+        is claimed again once its lease expires."""
+        held = list(self.in_hand)
+        if not held:
+            return 0
         lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.session() as session:
             renewed = await session.execute(update(Job).where(
-                Job.locked_by == self.worker_id, Job.status == "running",
+                Job.id.in_(held), Job.locked_by == self.worker_id, Job.status == "running",
             ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
         return renewed.rowcount
 
@@ -126,6 +132,13 @@ class Scheduler:
 
     async def _run_one(self, job_id: int, kind: str,
                        identity: tuple[str, str, str] | None) -> None:
+        try:
+            await self._run_one_in_hand(job_id, kind, identity)
+        finally:
+            self.in_hand.discard(job_id)
+
+    async def _run_one_in_hand(self, job_id: int, kind: str,
+                               identity: tuple[str, str, str] | None) -> None:
         handler = self.handlers.get(kind)
         prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
         if identity is not None:

@@ -222,6 +222,32 @@ async def test_a_live_but_slow_workers_claim_is_renewed_not_taken_over(make_plat
     assert await slow.renew_leases() == 0  # nothing held any more
 
 
+async def test_a_row_dropped_without_a_result_is_not_renewed_but_retried(
+        make_platform, monkeypatch) -> None:
+    """The heartbeat renews only rows still in hand: one whose result could not be
+    written (the database stayed away past the lease) expires and is sent by another."""
+    channel = ScriptedChannel()
+    platform = await scripted_platform(make_platform, channel)
+    await platform.engine.handle(start())
+    dropping = platform.worker.delivery
+    other = Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
+                     platform.clock, platform.settings.worker, "other-worker")
+
+    async def database_away(outcomes) -> None:
+        raise ConnectionError("the database is away")
+
+    monkeypatch.setattr(dropping, "_write_until_stored", database_away)
+    [row], _ = await dropping.claim_batch()
+    with pytest.raises(ConnectionError):
+        await dropping.deliver(row)
+    assert await dropping.renew_leases() == 0
+    platform.clock.advance(timedelta(seconds=31))
+    assert await other.run_once() == 1
+    assert [user for user, _ in channel.delivered()] == ["u1", "u1"]  # sent, then resent
+    [row] = await outbox_rows(platform)
+    assert (row.status, row.locked_by) == ("sent", None)
+
+
 async def test_long_text_and_many_buttons_are_fitted_into_several_rows(make_platform) -> None:
     channel = ScriptedChannel(max_text_length=20, max_buttons=2)
     platform = await scripted_platform(make_platform, channel)

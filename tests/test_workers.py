@@ -129,3 +129,38 @@ async def test_enqueue_many_pairs_each_outbox_row_with_its_own_message(make_plat
     for (subscriber, _), ids in zip([(s, None) for s in subscribers], queued, strict=True):
         assert [by_id[i] for i, _ in ids] == [f"{subscriber.user_id}:{k}"
                                               for k in range(len(ids))]
+
+
+async def test_a_job_that_ended_without_a_result_is_not_renewed_but_rerun(
+        make_platform, monkeypatch) -> None:
+    """A timer whose transaction and failure record both failed (the database went away)
+    is left to expire and runs again, instead of being kept alive by the heartbeat."""
+    platform = await make_platform()
+    console = platform.channel("console", "console")
+    await platform.engine.handle(console.inbound("u1", "/start"))
+    platform.clock.advance(timedelta(days=1, seconds=1))
+    scheduler = platform.worker.scheduler
+    original = scheduler.handlers["flow_timer"]
+
+    async def database_away(*args) -> str:
+        raise ConnectionError("the database is away")
+
+    async def cannot_record(job_id: int, error: Exception) -> None:
+        raise ConnectionError("the database is still away")
+
+    scheduler.handlers["flow_timer"] = database_away
+    monkeypatch.setattr(scheduler, "_failed", cannot_record)
+    claimed = await scheduler.claim(10)
+    assert [kind for _, kind, _ in claimed].count("flow_timer") == 1
+    for job_id, kind, identity in claimed:
+        try:
+            await scheduler._run_one(job_id, kind, identity)
+        except ConnectionError:
+            pass
+    assert await scheduler.renew_leases() == 0
+    scheduler.handlers["flow_timer"] = original
+    monkeypatch.undo()
+    platform.clock.advance(timedelta(seconds=31))  # past the lease
+    await platform.drain()
+    tips = [m.text for user, m in console.sent if m.text.startswith("Tip of the day")]
+    assert len(tips) == 1

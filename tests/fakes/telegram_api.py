@@ -57,6 +57,8 @@ class FakeTelegramServer(LoopbackServer):
         self._message_ids = itertools.count(1)
         self._update_ids = itertools.count(1)
         self._released: asyncio.Event | None = None  # set while requests are held
+        self.released_at: list[float] = []  # when held requests were let through at once
+        self.limited_at: list[float] = []  # when a 429 was answered
 
     # ---- knobs --------------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class FakeTelegramServer(LoopbackServer):
 
     def release(self) -> None:
         if self._released is not None:
+            self.released_at.append(time.monotonic())
             self._released.set()
             self._released = None
 
@@ -147,6 +150,7 @@ class FakeTelegramServer(LoopbackServer):
             self._window.popleft()
         if len(self._window) >= self._per_second:
             self.too_many_requests += 1
+            self.limited_at.append(now)
             return self._error(429, f"Too Many Requests: retry after {self._retry_after}",
                                retry_after=self._retry_after)
         self._window.append(now)
