@@ -58,6 +58,12 @@ async def scripted_platform(make_platform, channel: ScriptedChannel, fake_time=N
         channel_overrides={("scripted", "b1"): channel})
 
 
+def another_worker(platform) -> Delivery:
+    """A second worker's delivery on the same database (another process, in effect)."""
+    return Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
+                    platform.clock, platform.settings.worker, "other-worker")
+
+
 async def outbox_rows(platform) -> list[Outbox]:
     async with platform.db.session() as session:
         return list((await session.scalars(select(Outbox).order_by(Outbox.id))).all())
@@ -208,8 +214,7 @@ async def test_a_live_but_slow_workers_claim_is_renewed_not_taken_over(make_plat
     platform = await scripted_platform(make_platform, channel)
     await platform.engine.handle(start())
     slow = platform.worker.delivery
-    other = Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
-                     platform.clock, platform.settings.worker, "other-worker")
+    other = another_worker(platform)
     rows, _ = await slow.claim_batch()
     assert len(rows) == 1
     for _ in range(3):  # three leases' worth of time, renewed as it passes
@@ -230,8 +235,7 @@ async def test_a_row_dropped_without_a_result_is_not_renewed_but_retried(
     platform = await scripted_platform(make_platform, channel)
     await platform.engine.handle(start())
     dropping = platform.worker.delivery
-    other = Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
-                     platform.clock, platform.settings.worker, "other-worker")
+    other = another_worker(platform)
 
     async def database_away(outcomes) -> None:
         raise ConnectionError("the database is away")
