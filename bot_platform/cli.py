@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -75,6 +76,10 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     _Server = _make_server_class()
     platform = Platform(settings)
     await platform.start()
+    # What start-up built (modules, schemas, compiled flows) lives as long as the process:
+    # kept out of the collector, a full collection no longer stalls sending for ~120 ms.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
     worker_task: asyncio.Task[Any] | None = None
