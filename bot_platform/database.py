@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot_platform.models import Base, KeyValue
+from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,11 @@ async def listen(url: str, channel: str, on_notify: Callable[[], None],
             await connection.add_listener(channel, lambda *_: on_notify())
             on_notify()
             while not stop.is_set() and not connection.is_closed():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                await wait_any(1.0, stop)
         except Exception as error:  # the database is away: polling covers it meanwhile
             log.warning("listening for %s failed (%s); retrying", channel,
                         type(error).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
+            await wait_any(2.0, stop)
         finally:
             if connection is not None and not connection.is_closed():
                 with contextlib.suppress(Exception):
@@ -137,11 +136,24 @@ def is_transient_db_error(error: BaseException) -> bool:
     SQLite file), as opposed to a statement that will never succeed."""
     from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
-    if isinstance(error, OSError | TimeoutError | ConnectionError):
+    if isinstance(error, OSError):  # TimeoutError and ConnectionError among them
         return True
     if isinstance(error, IntegrityError | ProgrammingError | DataError):
         return False
     return isinstance(error, DBAPIError)
+
+
+async def renew_leases(db: Database, model: Any, ids: Collection[int], *, worker_id: str,
+                       status: str, until: datetime) -> int:
+    """Extend to ``until`` the leases of the rows ``ids`` of ``model`` (jobs, outbox) that
+    this worker still holds in ``status``; returns how many were renewed."""
+    if not ids:
+        return 0
+    async with db.session() as session:
+        renewed = await session.execute(update(model).where(
+            model.id.in_(list(ids)), model.locked_by == worker_id, model.status == status,
+        ).values(lease_expires_at=until).execution_options(synchronize_session=False))
+    return renewed.rowcount
 
 
 def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import aliased
 from bot_platform.channels import Channel
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
-from bot_platform.database import Database, is_transient_db_error
+from bot_platform.database import Database, is_transient_db_error, renew_leases
 from bot_platform.models import Message, Outbox, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter
@@ -168,16 +168,9 @@ class Delivery:
         """Extend the lease of every row in hand: a lease expires when its holder is dead
         (or dropped the row), not when it is slow (a row may wait in the pipeline for its
         rate-limit slot longer than a lease). Returns how many rows were renewed."""
-        held = list(self.in_hand)
-        if not held:
-            return 0
-        lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
-        async with self.db.session() as session:
-            renewed = await session.execute(update(Outbox).where(
-                Outbox.id.in_(held), Outbox.locked_by == self.worker_id,
-                Outbox.status == "sending",
-            ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
-        return renewed.rowcount
+        return await renew_leases(
+            self.db, Outbox, self.in_hand, worker_id=self.worker_id, status="sending",
+            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds))
 
     # ---- sending ----------------------------------------------------------------------
 
@@ -191,7 +184,7 @@ class Delivery:
 
     async def _deliver_claimed(self, rows: list[ClaimedRow], more: set[int],
                                semaphore: asyncio.Semaphore,
-                               finished: Callable[[int], None] = lambda n: None) -> int:
+                               finished: Finished = lambda n: None) -> int:
         """Deliver claimed rows (and each subscriber's later rows, in order)."""
         handled = 0
         groups, rows = self._batchable(rows, more)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
-from bot_platform.database import Database
+from bot_platform.database import Database, renew_leases
 from bot_platform.delivery import backoff_delay
 from bot_platform.engine import Engine
 from bot_platform.models import Job, Subscriber
@@ -82,15 +82,9 @@ class Scheduler:
         """Extend the lease of every job in hand (see ``Delivery.renew_leases``): a job
         whose run ended without a result (the database was away) is not renewed, so it
         is claimed again once its lease expires."""
-        held = list(self.in_hand)
-        if not held:
-            return 0
-        lease = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
-        async with self.db.session() as session:
-            renewed = await session.execute(update(Job).where(
-                Job.id.in_(held), Job.locked_by == self.worker_id, Job.status == "running",
-            ).values(lease_expires_at=lease).execution_options(synchronize_session=False))
-        return renewed.rowcount
+        return await renew_leases(
+            self.db, Job, self.in_hand, worker_id=self.worker_id, status="running",
+            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds))
 
     async def run_once(self) -> int:
         """Claim a batch of due jobs and run them; returns how many ran."""
@@ -133,19 +127,15 @@ class Scheduler:
     async def _run_one(self, job_id: int, kind: str,
                        identity: tuple[str, str, str] | None) -> None:
         try:
-            await self._run_one_in_hand(job_id, kind, identity)
+            handler = self.handlers.get(kind)
+            prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
+            if identity is not None:
+                async with self.engine.locks.hold(identity):
+                    await self.run_job(job_id, identity, prepared)
+            else:
+                await self.run_job(job_id, None, prepared)
         finally:
             self.in_hand.discard(job_id)
-
-    async def _run_one_in_hand(self, job_id: int, kind: str,
-                               identity: tuple[str, str, str] | None) -> None:
-        handler = self.handlers.get(kind)
-        prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
-        if identity is not None:
-            async with self.engine.locks.hold(identity):
-                await self.run_job(job_id, identity, prepared)
-        else:
-            await self.run_job(job_id, None, prepared)
 
     async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,
                       prepared: Any = None) -> None:
