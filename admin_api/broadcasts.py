@@ -71,19 +71,22 @@ async def get_broadcast(broadcast_id: int,
 
 
 async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic:
+    """One lifecycle change as a compare-and-set on the broadcast's status: of concurrent
+    callers exactly one wins, the others get 409 with the status they found."""
     now = platform.clock.now()
     async with platform.db.session() as session:
-        broadcast = await _load(session, broadcast_id)
         try:
             if action == "start":
-                await broadcasts.start(session, broadcast, now)
+                broadcast = await broadcasts.start(session, broadcast_id, now)
             elif action == "pause":
-                await broadcasts.pause(session, broadcast)
+                broadcast = await broadcasts.pause(session, broadcast_id)
             elif action == "resume":
-                await broadcasts.resume(session, broadcast, now)
+                broadcast = await broadcasts.resume(session, broadcast_id, now)
             else:
-                await broadcasts.cancel(session, broadcast, now)
-        except ValueError as error:
+                broadcast = await broadcasts.cancel(session, broadcast_id, now)
+        except broadcasts.NotFound as error:
+            raise HTTPException(404, "no such broadcast") from error
+        except broadcasts.Conflict as error:
             raise HTTPException(409, str(error)) from error
         data = BroadcastPublic.model_validate(broadcast, from_attributes=True)
     platform.engine.on_commit()
@@ -93,23 +96,30 @@ async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic
 @router.post("/{broadcast_id}/start", response_model=BroadcastPublic, **roles(MARKETING))
 async def start_broadcast(broadcast_id: int,
                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
-    """Snapshot the recipients and send (or wait for ``scheduled_at``)."""
+    """Snapshot the recipients and send (or wait for ``scheduled_at``). Only a draft
+    starts: concurrent starts -> one 200, the rest 409; a scheduled broadcast -> 409."""
     return await _act(platform, broadcast_id, "start")
 
 
 @router.post("/{broadcast_id}/pause", response_model=BroadcastPublic, **roles(MARKETING))
 async def pause_broadcast(broadcast_id: int,
                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """Stop queueing; queued rows no delivery worker has claimed are held (409 unless
+    running)."""
     return await _act(platform, broadcast_id, "pause")
 
 
 @router.post("/{broadcast_id}/resume", response_model=BroadcastPublic, **roles(MARKETING))
 async def resume_broadcast(broadcast_id: int,
                            platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """Release the held rows and carry on where the broadcast stopped (409 unless
+    paused)."""
     return await _act(platform, broadcast_id, "resume")
 
 
 @router.post("/{broadcast_id}/cancel", response_model=BroadcastPublic, **roles(MARKETING))
 async def cancel_broadcast(broadcast_id: int,
                            platform: Any = Depends(get_platform)) -> BroadcastPublic:
+    """Skip everything not yet handed to a delivery worker (409 when completed or already
+    cancelled)."""
     return await _act(platform, broadcast_id, "cancel")

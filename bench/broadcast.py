@@ -73,13 +73,10 @@ async def populate(url: str, recipients: int) -> int:
 
 
 async def start_broadcast(url: str, broadcast_id: int) -> None:
-    from bot_platform.models import Broadcast
-
     db = Database(url)
     try:
         async with db.session() as session:
-            await broadcasts.start(session, await session.get(Broadcast, broadcast_id),
-                                   datetime.now(UTC))
+            await broadcasts.start(session, broadcast_id, datetime.now(UTC))
     finally:
         await db.close()
 

@@ -15,7 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import insert_ignore
@@ -139,16 +139,58 @@ async def create(session: AsyncSession, body: BroadcastCreate, now: datetime) ->
     return broadcast
 
 
-async def start(session: AsyncSession, broadcast: Broadcast, now: datetime) -> int:
-    """Snapshot the recipients (or schedule the start); returns how many were targeted."""
-    if broadcast.status not in ("draft", "scheduled"):
-        raise ValueError(f"a {broadcast.status} broadcast cannot start")
-    if broadcast.scheduled_at is not None and broadcast.scheduled_at > now and \
-            broadcast.status == "draft":
-        broadcast.status = "scheduled"
+class Conflict(ValueError):
+    """The broadcast's status does not allow this change (the API answers 409)."""
+
+
+class NotFound(LookupError):
+    """No such broadcast (the API answers 404)."""
+
+
+async def _transition(session: AsyncSession, broadcast_id: int, expected: tuple[str, ...],
+                      action: str, *, unsent: bool = False, **values: Any) -> Broadcast:
+    """Move the broadcast to a new status only if it is in one of ``expected`` (or, with
+    ``unsent``, completed but with queued rows still waiting for the delivery worker): one
+    ``UPDATE ... WHERE status IN (...)`` whose row count decides, so of two concurrent
+    callers exactly one wins (on PostgreSQL the loser waits for the winner's commit and
+    then sees the new status). Returns the broadcast as it is now; its row stays locked
+    until the transaction ends, which orders this change against the send job."""
+    allowed = Broadcast.status.in_(expected)
+    if unsent:
+        allowed = or_(allowed, and_(Broadcast.status == "completed", exists().where(
+            Outbox.broadcast_id == broadcast_id, Outbox.status.in_(("pending", "held")))))
+    won = await session.execute(update(Broadcast).where(
+        Broadcast.id == broadcast_id, allowed).values(**values)
+        .execution_options(synchronize_session=False))
+    broadcast = await session.get(Broadcast, broadcast_id, populate_existing=True)
+    if broadcast is None:
+        raise NotFound(f"no broadcast {broadcast_id}")
+    if won.rowcount != 1:
+        raise Conflict(f"a {broadcast.status} broadcast cannot {action}")
+    return broadcast
+
+
+async def start(session: AsyncSession, broadcast_id: int, now: datetime) -> Broadcast:
+    """Start a draft: snapshot its recipients and queue the send job, or, when
+    ``scheduled_at`` is still ahead, mark it scheduled (the job starts it then). Only a
+    draft starts: a second start of a scheduled or running broadcast is a ``Conflict``."""
+    draft = await session.get(Broadcast, broadcast_id)
+    if draft is None:
+        raise NotFound(f"no broadcast {broadcast_id}")
+    if draft.scheduled_at is not None and draft.scheduled_at > now:
+        broadcast = await _transition(session, broadcast_id, ("draft",), "start",
+                                      status="scheduled")
         session.add(Job(kind=SEND_KIND, due_at=broadcast.scheduled_at, created_at=now,
                         payload={"broadcast_id": broadcast.id, "start": True}))
-        return 0
+        return broadcast
+    broadcast = await _transition(session, broadcast_id, ("draft",), "start",
+                                  status="running", started_at=now)
+    await _snapshot(session, broadcast, now)
+    return broadcast
+
+
+async def _snapshot(session: AsyncSession, broadcast: Broadcast, now: datetime) -> int:
+    """The recipients (one row each) and the first send job; returns how many."""
     spec = FILTER.validate_python(broadcast.segment)
     condition = compile_filter(spec, now=now, dialect=session.bind.dialect.name)
     # Everyone the segment names; the unsubscribed are skipped (and counted) when queued.
@@ -160,41 +202,55 @@ async def start(session: AsyncSession, broadcast: Broadcast, now: datetime) -> i
             for i, attributes in found]
     for first in range(0, len(rows), 5000):
         await session.execute(insert_ignore(session, BroadcastRecipient), rows[first:first + 5000])
-    broadcast.status, broadcast.started_at = "running", now
     session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
                     payload={"broadcast_id": broadcast.id}))
     return len(rows)
 
 
-async def pause(session: AsyncSession, broadcast: Broadcast) -> None:
-    if broadcast.status != "running":
-        raise ValueError(f"a {broadcast.status} broadcast cannot pause")
-    broadcast.status = "paused"
+async def pause(session: AsyncSession, broadcast_id: int) -> Broadcast:
+    """Stop queueing and hold queued rows the delivery worker has not claimed yet. A
+    completed broadcast (everyone queued) pauses too while some of its rows wait."""
+    broadcast = await _transition(session, broadcast_id, ("running",), "pause",
+                                  unsent=True, status="paused")
     await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast.id, Outbox.status == "pending").values(status="held"))
+        Outbox.broadcast_id == broadcast_id, Outbox.status == "pending").values(status="held"))
+    return broadcast
 
 
-async def resume(session: AsyncSession, broadcast: Broadcast, now: datetime) -> None:
-    if broadcast.status != "paused":
-        raise ValueError(f"a {broadcast.status} broadcast cannot resume")
-    broadcast.status = "running"
+async def resume(session: AsyncSession, broadcast_id: int, now: datetime) -> Broadcast:
+    """Release the held rows and carry on queueing. A send job is added only when none is
+    waiting or running for this broadcast: a pause/resume storm leaves one job chain."""
+    broadcast = await _transition(session, broadcast_id, ("paused",), "resume",
+                                  status="running")
     await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast.id, Outbox.status == "held").values(
+        Outbox.broadcast_id == broadcast_id, Outbox.status == "held").values(
         status="pending", next_attempt_at=now))
-    session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
-                    payload={"broadcast_id": broadcast.id}))
+    alive = await session.scalar(select(Job.id).where(
+        Job.kind == SEND_KIND, Job.status.in_(("pending", "running")),
+        Job.payload["broadcast_id"].as_integer() == broadcast_id).limit(1))
+    if alive is None:
+        session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
+                        payload={"broadcast_id": broadcast_id}))
+    return broadcast
 
 
-async def cancel(session: AsyncSession, broadcast: Broadcast, now: datetime) -> None:
-    if broadcast.status in ("completed", "cancelled"):
-        raise ValueError(f"a {broadcast.status} broadcast cannot be cancelled")
-    broadcast.status, broadcast.finished_at = "cancelled", now
-    await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast.id, Outbox.status.in_(("pending", "held"))).values(
+async def cancel(session: AsyncSession, broadcast_id: int, now: datetime) -> Broadcast:
+    """Stop for good: recipients not queued yet and rows not claimed by a delivery worker
+    are skipped. A send job in the middle of a batch holds the broadcast row, so this waits
+    for it and then skips what it queued; after the commit no job queues anything more."""
+    broadcast = await _transition(
+        session, broadcast_id, ("draft", "scheduled", "running", "paused"), "be cancelled",
+        unsent=True, status="cancelled", finished_at=now)
+    waiting = Outbox.broadcast_id == broadcast_id, Outbox.status.in_(("pending", "held"))
+    await session.execute(update(Message).where(Message.id.in_(
+        select(Outbox.message_id).where(*waiting).scalar_subquery())).values(
+        status="skipped", error="cancelled", updated_at=now))
+    await session.execute(update(Outbox).where(*waiting).values(
         status="skipped", last_error="cancelled"))
     await session.execute(update(BroadcastRecipient).where(
-        BroadcastRecipient.broadcast_id == broadcast.id,
+        BroadcastRecipient.broadcast_id == broadcast_id,
         BroadcastRecipient.status == "pending").values(status="skipped", reason="cancelled"))
+    return broadcast
 
 
 def _message(variant: dict[str, Any], locale: str | None, default_locale: str) -> Outgoing:
@@ -222,14 +278,27 @@ async def _tracked(session: AsyncSession, engine: Engine, message: Outgoing,
 
 
 async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
-    """Queue the next batch of pending recipients (each exactly once)."""
+    """Queue the next batch of pending recipients (each exactly once).
+
+    The broadcast row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite runs one
+    writer at a time) and its status read under that lock: two send jobs for the same
+    broadcast take turns, and a pause or cancel either commits before the batch (which
+    then queues nothing) or waits for the batch's commit and then holds or skips it."""
     now = engine.clock.now()
-    broadcast = await session.get(Broadcast, job.payload["broadcast_id"])
+    broadcast_id = job.payload["broadcast_id"]
+    query = select(Broadcast).where(Broadcast.id == broadcast_id).execution_options(
+        populate_existing=True)
+    if session.bind.dialect.name != "sqlite":
+        query = query.with_for_update()
+    broadcast = await session.scalar(query)
     if broadcast is None:
         return "gone"
-    if job.payload.get("start") and broadcast.status == "scheduled":
-        broadcast.status = "draft"
-        targeted = await start(session, broadcast, now)
+    if job.payload.get("start"):
+        if broadcast.status != "scheduled":
+            return broadcast.status  # cancelled before its moment
+        broadcast = await _transition(session, broadcast_id, ("scheduled",), "start",
+                                      status="running", started_at=now)
+        targeted = await _snapshot(session, broadcast, now)
         return f"started {targeted}"
     if broadcast.status != "running":
         return broadcast.status
@@ -270,10 +339,15 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         message = await _tracked(session, engine, message, subscriber, broadcast, now)
         sends.append((subscriber, [(None, message)]))
     await engine.enqueue_many(session, sends, broadcast_id=broadcast.id)
+    marked = 0
     for (status, reason), recipient_ids in outcome.items():
-        await session.execute(update(BroadcastRecipient).where(
-            BroadcastRecipient.id.in_(recipient_ids)).values(status=status, reason=reason)
-            .execution_options(synchronize_session=False))
+        marked += (await session.execute(update(BroadcastRecipient).where(
+            BroadcastRecipient.id.in_(recipient_ids),
+            BroadcastRecipient.status == "pending").values(status=status, reason=reason)
+            .execution_options(synchronize_session=False))).rowcount
+    if marked != len(todo):  # someone else queued some of them: undo this batch
+        raise RuntimeError(f"broadcast {broadcast_id}: {len(todo) - marked} of {len(todo)} "
+                           "recipients were no longer pending")
     if len(todo) == BATCH:
         session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
                         payload={"broadcast_id": broadcast.id}))
@@ -285,7 +359,8 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         session.add(Job(kind=SEND_KIND, due_at=later, created_at=now,
                         payload={"broadcast_id": broadcast.id}))
     else:
-        broadcast.status, broadcast.finished_at = "completed", now
+        await _transition(session, broadcast_id, ("running",), "complete",
+                          status="completed", finished_at=now)
     return f"queued {len(todo)}"
 
 
@@ -325,8 +400,8 @@ async def stats(session: AsyncSession, broadcast: Broadcast,
         elif status == "skipped":
             row["skipped"][reason or "unknown"] = row["skipped"].get(reason or "unknown",
                                                                      0) + count
-    recipient_variant = select(BroadcastRecipient.subscriber_id,
-                               BroadcastRecipient.variant).where(
+    recipient_variant = select(BroadcastRecipient.subscriber_id, BroadcastRecipient.variant,
+                               BroadcastRecipient.status, BroadcastRecipient.due_at).where(
         BroadcastRecipient.broadcast_id == broadcast.id).subquery()
     outcomes = (await session.execute(select(
         recipient_variant.c.variant, Message.status, Outbox.status, Outbox.last_error,
@@ -349,7 +424,8 @@ async def stats(session: AsyncSession, broadcast: Broadcast,
     clicked = (await session.execute(select(
         recipient_variant.c.variant, func.count(func.distinct(TrackedLink.subscriber_id)))
         .join(TrackedLink, TrackedLink.subscriber_id == recipient_variant.c.subscriber_id)
-        .where(TrackedLink.broadcast_id == broadcast.id, TrackedLink.clicks > 0)
+        .where(_attributed_link(broadcast, recipient_variant, attribution),
+               TrackedLink.clicks > 0)
         .group_by(recipient_variant.c.variant))).all()
     for variant, count in clicked:
         result[variant]["clicked"] = count
@@ -366,3 +442,23 @@ async def stats(session: AsyncSession, broadcast: Broadcast,
         for variant, count in converted:
             result[variant]["converted"] = count
     return result
+
+
+def _attributed_link(broadcast: Broadcast, recipient: Any, attribution: timedelta) -> Any:
+    """Which tracked links count as the broadcast's clicks: its own URL buttons
+    (``broadcast_id``), and for a flow variant the links that flow made for a recipient
+    it was started for (recommendations, possibly turns later, when the person answers),
+    from the recipient's moment until the attribution window after the start ends."""
+    own = TrackedLink.broadcast_id == broadcast.id
+    flows = [v for v in broadcast.variants if v.get("flow")]
+    if broadcast.started_at is None or not flows:
+        return own
+    until = broadcast.started_at + attribution + (
+        timedelta(days=1) if broadcast.local_time else timedelta(0))
+    by_flow = and_(
+        recipient.c.status == "queued",
+        or_(*(and_(recipient.c.variant == v["name"], TrackedLink.flow == v["flow"])
+              for v in flows)),
+        TrackedLink.created_at >= broadcast.started_at, TrackedLink.created_at <= until,
+        or_(recipient.c.due_at.is_(None), TrackedLink.created_at >= recipient.c.due_at))
+    return or_(own, by_flow)

@@ -33,7 +33,7 @@ from bot_platform.channels import Channel
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error, renew_leases
-from bot_platform.models import Message, Outbox, Subscriber
+from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter
 from bot_platform.types import Outgoing, SendResult, SendStatus
@@ -413,6 +413,9 @@ class Delivery:
             key = tuple(sorted(outbox_values.items()))
             by_values.setdefault(key, []).append(outcome.row.id)
         async with self.db.session() as session:
+            given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
+                          and values.get("status") == "pending"]
+            stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}
             owned: set[int] = set()
             for key, ids in by_values.items():
                 owned.update((await session.scalars(
@@ -420,6 +423,9 @@ class Delivery:
                                          Outbox.locked_by == self.worker_id)
                     .values(dict(key)).returning(Outbox.id)
                     .execution_options(synchronize_session=False))).all())
+            if stopped:
+                await self._follow_broadcasts(
+                    session, [row for row in given_back if row.id in owned], stopped, now)
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for outcome, _, message_values in planned:
                 if outcome.row.id not in owned:
@@ -446,6 +452,38 @@ class Delivery:
                     and result.status in (SendStatus.FAILED, SendStatus.BLOCKED)):
                 log.warning("outbox row %s to %s/%s: %s", outcome.row.id, outcome.row.channel,
                             outcome.row.bot_id, result.reason)
+
+    async def _stopped_broadcasts(self, session: Any, rows: list[ClaimedRow]
+                                  ) -> dict[int, str]:
+        """The paused or cancelled broadcasts of these rows, read under a share lock
+        taken before any row is written: a pause or cancel committing now is waited for
+        (and then seen); one that starts later waits for this commit and then finds the
+        rows pending, so it holds or skips them itself."""
+        query = select(Broadcast.id, Broadcast.status).where(
+            Broadcast.id.in_({row.broadcast_id for row in rows}))
+        if not self.db.is_sqlite:
+            query = query.with_for_update(read=True)
+        return {i: status for i, status in (await session.execute(query)).all()
+                if status in ("paused", "cancelled")}
+
+    async def _follow_broadcasts(self, session: Any, rows: list[ClaimedRow],
+                                 stopped: dict[int, str], now: datetime) -> None:
+        """Broadcast rows given back to wait (a far rate-limit slot, a retry) whose
+        broadcast was paused or cancelled meanwhile are held or skipped like its other
+        rows, instead of being sent later."""
+        for broadcast_id, status in stopped.items():
+            mine = [row for row in rows if row.broadcast_id == broadcast_id]
+            ids = [row.id for row in mine]
+            if status == "paused":
+                await session.execute(update(Outbox).where(
+                    Outbox.id.in_(ids), Outbox.status == "pending").values(status="held"))
+                continue
+            await session.execute(update(Message).where(Message.id.in_(
+                [row.message_id for row in mine])).values(
+                status="skipped", error="cancelled", updated_at=now))
+            await session.execute(update(Outbox).where(
+                Outbox.id.in_(ids), Outbox.status == "pending").values(
+                status="skipped", last_error="cancelled"))
 
     async def _stop_sending_to(self, session: Any, outcome: _Outcome, now: datetime) -> None:
         """Blocked: the subscriber is gone (unless this was a skip) and nothing else

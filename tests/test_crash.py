@@ -141,7 +141,7 @@ async def test_killed_mid_broadcast_nobody_twice_nobody_skipped(crash_setup) -> 
         broadcast = await broadcasts.create(session, broadcasts.BroadcastCreate(
             name="crash", filter={"channel": "console"}, variants=[{
                 "name": "A", "percent": 100, "messages": {"en": {"text": "Sale!"}}}]), now)
-        await broadcasts.start(session, broadcast, now)
+        await broadcasts.start(session, broadcast.id, now)
         broadcast_id = broadcast.id
 
     relay.hang_after = 50  # the 51st send hangs: the worker is killed holding it

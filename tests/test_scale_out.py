@@ -157,7 +157,7 @@ async def populate(run: Run) -> int:
             name="scale", filter={"channel": "telegram"}, variants=[{
                 "name": "A", "percent": 100,
                 "messages": {"en": {"text": "Spring sale: -20% today"}}}]), now)
-        await broadcasts.start(session, broadcast, now)
+        await broadcasts.start(session, broadcast.id, now)
         return broadcast.id
 
 
