@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from bot_platform import broadcasts
 from bot_platform.apikeys import create_key
@@ -252,8 +253,6 @@ async def test_a_row_given_back_while_paused_waits_for_the_resume(audience) -> N
 
 
 async def test_a_scheduled_broadcast_does_not_start_twice(audience) -> None:
-    from datetime import timedelta
-
     platform, client, channel = audience
     later = (platform.clock.now() + timedelta(hours=1)).isoformat()
     response = await client.post("/api/broadcasts", json={
@@ -274,3 +273,28 @@ async def test_a_scheduled_broadcast_does_not_start_twice(audience) -> None:
     await platform.drain()
     sent = sends_per_user(channel)
     assert len(sent) == PEOPLE and set(sent.values()) == {1}
+
+
+async def test_a_broadcast_whose_send_job_gave_up_resumes_once(audience) -> None:
+    """A send job that failed for good leaves the broadcast running with recipients
+    pending; pause and resume start one new job, which queues only those."""
+    platform, client, channel = audience
+    broadcast_id = await create(client)
+    await client.post(f"/api/broadcasts/{broadcast_id}/start")
+    await executor(platform, "first").run_once()  # one batch of 50 queued
+    async with platform.db.session() as session:
+        await session.execute(update(Job).where(
+            Job.kind == broadcasts.SEND_KIND, Job.status == "pending").values(
+            status="failed", last_error="gave up after 5 attempts"))
+    await run_jobs(platform)
+    assert (await client.get(f"/api/broadcasts/{broadcast_id}")).json()["status"] == "running"
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/pause")).status_code == 200
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/resume")).status_code == 200
+    await run_jobs(platform)
+    await platform.drain()
+    per_recipient = await rows_per_recipient(platform, broadcast_id)
+    assert len(per_recipient) == PEOPLE and set(per_recipient.values()) == {1}
+    sent = sends_per_user(channel)
+    assert len(sent) == PEOPLE and set(sent.values()) == {1}
+    assert (await client.get(f"/api/broadcasts/{broadcast_id}")).json()[
+        "status"] == "completed"

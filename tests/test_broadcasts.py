@@ -175,3 +175,98 @@ async def test_flow_variants_and_local_time(audience) -> None:
         "name": "x", "filter": {"tag": "a"}, "variants": [
             {"name": "A", "percent": 100, "flow": "nope"}]})
     assert bad.status_code == 422
+
+
+PICKS_FLOW = """
+flow: picks
+triggers: [{on: keyword, keywords: [picks]}]
+start: ask
+states:
+  ask:
+    say: picks-ask
+    buttons:
+      - label: picks-yes
+        goto: show
+  show:
+    actions:
+      - recommend: {limit: 2, category: skincare, say: picks-intro, button: picks-buy}
+    end: true
+"""
+PRODUCTS = """sku,title,url,price,currency,category,tags,in_stock
+c1,Gentle cleanser,https://shop.example.com/c1,12.5,EUR,skincare,dry,yes
+c2,Rich cream,https://shop.example.com/c2,30,EUR,skincare,dry,yes
+"""
+
+
+async def test_a_flow_variants_recommendation_clicks_count_for_the_broadcast(
+        make_platform, db_url, tmp_path) -> None:
+    """The flow's links are made turns later (when the person answers), not by the
+    broadcast's send job; clicks on them still count for the flow variant, and clicks on
+    the same flow's links from before the start do not."""
+    import shutil
+
+    from bot_platform.catalog import parse_products, upsert_products
+    from tests.conftest import ROOT
+
+    flows, locales = tmp_path / "flows", tmp_path / "locales"
+    flows.mkdir()
+    (flows / "picks.yaml").write_text(PICKS_FLOW)
+    shutil.copytree(ROOT / "locales", locales)
+    (locales / "en" / "picks.ftl").write_text(
+        "picks-ask = Want our picks for you?\npicks-yes = Yes please\n"
+        "picks-intro = Picked for you:\npicks-buy = Buy\n")
+    platform = await make_platform(database_url=db_url, flows_dir=flows,
+                                   locales_dir=locales, public_url="https://bots.example.com")
+    products, errors = parse_products(PRODUCTS, "catalog.csv")
+    assert errors == []
+    await upsert_products(platform.db, products, platform.clock.now())
+    chats = [Chat(platform, user=f"p{n}") for n in range(12)]
+    for chat in chats:
+        await chat.say("/start")
+    _, key = await create_key(platform.db, name="m", role="marketer", now=platform.clock.now())
+    client = platform.http_client()
+    client.headers["Authorization"] = f"Bearer {key}"
+
+    async def click(message) -> None:
+        path = message.buttons[0].url.removeprefix("https://bots.example.com")
+        assert path.startswith("/r/")
+        assert (await client.get(path)).status_code == 302
+
+    # Before the broadcast, p0 asks for picks itself and clicks one: not the broadcast's.
+    await chats[0].say("picks")
+    [earlier, *_] = [m for m in await chats[0].say("1") if m.buttons]
+    await click(earlier)
+    platform.clock.advance(timedelta(hours=1))
+
+    broadcast_id = await create(client, variants=[
+        {"name": "M", "percent": 50, "messages": MESSAGE},
+        {"name": "F", "percent": 50, "flow": "picks"}])
+    assert (await client.post(f"/api/broadcasts/{broadcast_id}/start")).status_code == 200
+    await platform.drain()
+    clickers: dict[str, set[str]] = {"M": set(), "F": set()}
+    flow_people: set[str] = set()
+    for chat in chats:
+        [first, *_] = chat.new()
+        if first.text.startswith("Want our picks"):
+            flow_people.add(chat.user)
+            platform.clock.advance(timedelta(minutes=5))
+            cards = [m for m in await chat.say("1") if m.buttons]  # answered later
+            assert len(cards) == 2
+            # Most click (some twice); p0, in this variant by the hash, clicked before.
+            if chat.user != "p0" and int(chat.user[1:]) % 3:
+                await click(cards[0])
+                await click(cards[-1])
+                clickers["F"].add(chat.user)
+        else:
+            assert first.text.startswith("Spring sale") and first.buttons
+            if int(chat.user[1:]) % 2:
+                await click(first)
+                clickers["M"].add(chat.user)
+    assert clickers["F"] and clickers["M"]
+    assert "p0" not in clickers["F"] and "p0" not in clickers["M"]
+    assert "p0" in flow_people
+    stats = (await client.get(f"/api/broadcasts/{broadcast_id}")).json()["stats"]
+    assert stats["F"]["targeted"] + stats["M"]["targeted"] == 12
+    assert (stats["F"]["clicked"], stats["M"]["clicked"]) == (
+        len(clickers["F"]), len(clickers["M"]))
+    await client.aclose()
