@@ -5,6 +5,11 @@ then turns pending recipients into outbox rows in batches, marking each recipien
 in the same transaction, so a crash or a pause resumes without re-sending or skipping
 anyone. Delivery goes through the ordinary worker at each bot's rate. Pausing holds the
 queued rows back from the worker; cancelling skips them.
+
+Every status change (start, pause, resume, cancel, the scheduled start, completion) is a
+compare-and-set on the broadcasts row, and the send job holds that row locked while it
+queues a batch: of concurrent changes one wins, batches of one broadcast never overlap,
+and a pause or cancel is ordered before or after a whole batch, never inside one.
 """
 
 from __future__ import annotations
@@ -236,8 +241,9 @@ async def resume(session: AsyncSession, broadcast_id: int, now: datetime) -> Bro
 
 async def cancel(session: AsyncSession, broadcast_id: int, now: datetime) -> Broadcast:
     """Stop for good: recipients not queued yet and rows not claimed by a delivery worker
-    are skipped. A send job in the middle of a batch holds the broadcast row, so this waits
-    for it and then skips what it queued; after the commit no job queues anything more."""
+    are skipped (also for a completed broadcast whose rows still wait). A send job in the
+    middle of a batch holds the broadcast row, so this waits for it and then skips what it
+    queued; after the commit no job queues anything more."""
     broadcast = await _transition(
         session, broadcast_id, ("draft", "scheduled", "running", "paused"), "be cancelled",
         unsent=True, status="cancelled", finished_at=now)
