@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 
 from bot_platform.text import storable_json
 
@@ -92,6 +92,18 @@ async def error_shapes() -> AsyncIterator[None]:
         if error.status_code == 422 and not isinstance(error.detail, list):
             raise unprocessable(str(error.detail)) from error
         raise
-    except (OverflowError, DataError) as error:
+    except (OverflowError, DBAPIError) as error:
+        if not _refused_value(error):
+            raise
         raise unprocessable("a value is out of range or cannot be stored",
                             kind="value_not_storable") from error
+
+
+def _refused_value(error: BaseException) -> bool:
+    """Whether the database (or its driver) refused a value rather than failed."""
+    if isinstance(error, OverflowError | DataError):  # SQLite's driver; PostgreSQL's 22xxx
+        return True
+    import asyncpg
+
+    cause = getattr(getattr(error, "orig", None), "__cause__", None)
+    return isinstance(cause, asyncpg.exceptions.DataError)  # asyncpg's own argument check
