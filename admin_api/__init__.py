@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+
+from admin_api.errors import ERROR_RESPONSES, MAX_BODY, error_shapes
 
 
 def create_router(platform: Any) -> APIRouter:
@@ -22,7 +24,10 @@ def create_router(platform: Any) -> APIRouter:
         subscribers,
     )
 
-    api = APIRouter(prefix="/api")
+    # Every operation documents the error shapes and is held to them; bodies are capped
+    # (bulk uploads raise their own limit).
+    api = APIRouter(prefix="/api", responses=ERROR_RESPONSES, max_body_size=MAX_BODY,
+                    dependencies=[Depends(error_shapes)])
     router = APIRouter()
     api.include_router(keys.me_router)
     api.include_router(keys.router)

@@ -4,15 +4,18 @@ validate``), list versions, activate one explicitly."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException
+from fastapi import APIRouter, Body, Depends, HTTPException, Path
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
 
 from admin_api.security import MARKETING, get_platform, roles
 from bot_platform.flow_dsl import check_cross_flow, parse_flow_text
 from bot_platform.models import FlowVersion
+from bot_platform.text import INT32_MAX, StorableText, text
+
+FlowName = text(64, min_length=1)
 
 router = APIRouter(prefix="/flows", tags=["flows"])
 
@@ -50,7 +53,7 @@ async def flows_in_use(platform: Any = Depends(get_platform)) -> list[FlowInUse]
 
 
 @router.post("", status_code=201, response_model=FlowVersionPublic, **roles(MARKETING))
-async def upload(text: str = Body(media_type="application/yaml"),
+async def upload(text: StorableText = Body(media_type="application/yaml"),
                  platform: Any = Depends(get_platform)) -> FlowVersionPublic:
     """Store a new version of a flow (not active until activated); an invalid flow is
     rejected with 422 and every problem (path and reason)."""
@@ -61,7 +64,9 @@ async def upload(text: str = Body(media_type="application/yaml"),
         issues += [i for i in check_cross_flow(known) if i.file == "upload.yaml"]
     errors = [i for i in issues if i.severity == "error"]
     if spec is None or errors:
-        raise HTTPException(422, [{"path": i.path, "message": i.message} for i in errors])
+        raise HTTPException(422, [{"loc": ["body", *i.path.split(".")], "msg": i.message,
+                                   "type": "flow_invalid", "path": i.path,
+                                   "message": i.message} for i in errors])
     now = platform.clock.now()
     async with platform.db.session() as session:
         latest = await session.scalar(select(func.max(FlowVersion.version)).where(
@@ -75,7 +80,8 @@ async def upload(text: str = Body(media_type="application/yaml"),
 
 
 @router.get("/{flow}/versions", response_model=list[FlowVersionPublic], **roles(MARKETING))
-async def versions(flow: str, platform: Any = Depends(get_platform)) -> list[FlowVersionPublic]:
+async def versions(flow: FlowName,
+                   platform: Any = Depends(get_platform)) -> list[FlowVersionPublic]:
     async with platform.db.session() as session:
         rows = (await session.scalars(select(FlowVersion).where(FlowVersion.flow == flow)
                                       .order_by(FlowVersion.version))).all()
@@ -84,7 +90,7 @@ async def versions(flow: str, platform: Any = Depends(get_platform)) -> list[Flo
 
 @router.post("/{flow}/versions/{version}/activate", response_model=FlowVersionPublic,
              **roles(MARKETING))
-async def activate(flow: str, version: int,
+async def activate(flow: FlowName, version: Annotated[int, Path(ge=1, le=INT32_MAX)],
                    platform: Any = Depends(get_platform)) -> FlowVersionPublic:
     """Make this version the one in use (here at once; other processes within a round)."""
     now = platform.clock.now()

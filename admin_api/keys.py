@@ -12,12 +12,13 @@ from sqlalchemy import select
 from admin_api.security import ADMIN, EVERYONE, current, get_platform, roles
 from bot_platform.apikeys import ROLES, Principal, create_key
 from bot_platform.models import ApiKey
+from bot_platform.text import DbId, text
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
 
 class KeyCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=64)
+    name: text(64, min_length=1)
     role: str = Field(pattern=f"^({'|'.join(ROLES)})$")
 
 
@@ -60,7 +61,7 @@ async def list_keys(platform: Any = Depends(get_platform)) -> list[KeyPublic]:
 
 
 @router.delete("/{key_id}", status_code=204, **roles(ADMIN))
-async def revoke(key_id: int, platform: Any = Depends(get_platform)) -> None:
+async def revoke(key_id: DbId, platform: Any = Depends(get_platform)) -> None:
     async with platform.db.session() as session:
         row = await session.get(ApiKey, key_id)
         if row is None:

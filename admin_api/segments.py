@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from admin_api.errors import unprocessable
 from admin_api.security import MARKETING, get_platform, roles
 from admin_api.subscribers import SubscriberPublic, _public, _tags
 from bot_platform.segments import Filter, preview
@@ -21,21 +22,25 @@ class Preview(BaseModel):
 
 
 def parse_filter(raw: Any) -> Any:
-    """A filter, or 422 naming the first problem's exact path (``filter.all[1].tag``)."""
+    """A filter, or 422 naming the first problem's exact path (``filter.all[1].tag``), in
+    the documented shape (``loc``, ``msg``, ``type``, plus ``path`` and ``message``)."""
     try:
         return FILTER.validate_python(raw)
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            path = "filter"
+            path, loc = "filter", ["body", "filter"]
             for part in item["loc"]:
                 if isinstance(part, int):
                     path += f"[{part}]"
-                elif part[0].isupper() or part in ("json-or-python", "function-after"):
-                    continue  # a union branch's name, not a place in the document
+                elif part[0].isupper() or "[" in part or part in (
+                        "json-or-python", "function-after", "function-before"):
+                    continue  # a union branch's or validator's name, not a place
                 else:
                     path += f".{part}"
-            problems.append({"path": path, "message": item["msg"]})
+                loc.append(part)
+            problems.append({"loc": loc, "msg": item["msg"], "type": item["type"],
+                             "path": path, "message": item["msg"]})
         # The branch that got furthest into the document is the one the author meant.
         deepest = max(len(p["path"]) for p in problems)
         raise HTTPException(422, [p for p in problems if len(p["path"]) == deepest]) from None
@@ -45,7 +50,10 @@ def parse_filter(raw: Any) -> Any:
 async def preview_segment(body: dict[str, Any], sample: int = Query(10, ge=0, le=100),
                           platform: Any = Depends(get_platform)) -> Preview:
     """How many subscribers ``{"filter": ...}`` selects, and the newest few."""
-    spec = parse_filter(body.get("filter"))
+    if "filter" not in body:
+        raise unprocessable("give the filter: {\"filter\": {...}}", loc=("body", "filter"),
+                            kind="missing")
+    spec = parse_filter(body["filter"])
     async with platform.db.session() as session:
         count, rows = await preview(session, spec, now=platform.clock.now(), sample=sample)
         tags = await _tags(session, [r.id for r in rows])

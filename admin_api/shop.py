@@ -7,10 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException
 from pydantic import BaseModel, Field
 
+from admin_api.errors import MAX_UPLOAD
 from admin_api.security import MARKETING, get_platform, roles
 from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.events import EventIn, IngestResult, ingest
 from bot_platform.promo import import_codes, pool_counts
+from bot_platform.text import text
+
+Pool = text(64, min_length=1)
 
 router = APIRouter(tags=["shop"])
 
@@ -31,7 +35,7 @@ class PoolPublic(BaseModel):
 
 
 class CodesUpload(BaseModel):
-    codes: list[str] = Field(min_length=1, max_length=100_000)
+    codes: list[text(64, min_length=1)] = Field(min_length=1, max_length=100_000)
 
 
 @router.post("/events", response_model=IngestResult, **roles(MARKETING))
@@ -47,16 +51,18 @@ async def post_events(batch: EventBatch,
     return [await ingest(platform.engine, event) for event in batch.events]
 
 
-@router.post("/catalog/products", response_model=ProductsImported, **roles(MARKETING))
+@router.post("/catalog/products", response_model=ProductsImported, max_body_size=MAX_UPLOAD,
+             **roles(MARKETING))
 async def put_products(products: list[ProductIn] = Body(min_length=1, max_length=10_000),
                        platform: Any = Depends(get_platform)) -> ProductsImported:
-    """Add or update products (matched by ``sku``)."""
+    """Add or update products (matched by ``sku``; of a sku given twice, the last)."""
     count = await upsert_products(platform.db, products, platform.clock.now())
     return ProductsImported(imported=count)
 
 
-@router.post("/promo-pools/{pool}/codes", response_model=PoolPublic, **roles(MARKETING))
-async def upload_codes(pool: str, body: CodesUpload,
+@router.post("/promo-pools/{pool}/codes", response_model=PoolPublic, max_body_size=MAX_UPLOAD,
+             **roles(MARKETING))
+async def upload_codes(pool: Pool, body: CodesUpload,
                        platform: Any = Depends(get_platform)) -> PoolPublic:
     """Add codes to a pool; codes already in it are ignored."""
     added = await import_codes(platform.db, pool, body.codes, platform.clock.now())
@@ -66,7 +72,7 @@ async def upload_codes(pool: str, body: CodesUpload,
 
 
 @router.get("/promo-pools/{pool}", response_model=PoolPublic, **roles(MARKETING))
-async def pool_status(pool: str, platform: Any = Depends(get_platform)) -> PoolPublic:
+async def pool_status(pool: Pool, platform: Any = Depends(get_platform)) -> PoolPublic:
     async with platform.db.session() as session:
         total, free = await pool_counts(session, pool)
     if total == 0:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from admin_api.security import EVERYONE, MARKETING, get_platform, roles
 from bot_platform.models import Answer, FlowState
+from bot_platform.text import text
 
 router = APIRouter(prefix="/stats", tags=["stats"])
 
@@ -34,7 +35,8 @@ class NpsWeek(BaseModel):
 
 
 @router.get("/flows/{flow}", response_model=FlowStats, **roles(MARKETING))
-async def flow_stats(flow: str, platform: Any = Depends(get_platform)) -> FlowStats:
+async def flow_stats(flow: text(64, min_length=1),
+                     platform: Any = Depends(get_platform)) -> FlowStats:
     if flow not in platform.flows:
         raise HTTPException(404, f"no flow {flow!r}")
     async with platform.db.session() as session:
@@ -59,7 +61,7 @@ async def flow_stats(flow: str, platform: Any = Depends(get_platform)) -> FlowSt
 
 
 @router.get("/nps", response_model=list[NpsWeek], **roles(MARKETING))
-async def nps(weeks: int = Query(12, ge=1, le=104), question: str = "nps",
+async def nps(weeks: int = Query(12, ge=1, le=104), question: text(64) = "nps",
               platform: Any = Depends(get_platform)) -> list[NpsWeek]:
     """The NPS per week (Monday-based), from the answers to the NPS question."""
     since = platform.clock.now() - timedelta(weeks=weeks)

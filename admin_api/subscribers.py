@@ -25,6 +25,15 @@ from bot_platform.models import (
     Subscriber,
     SubscriberTag,
 )
+from bot_platform.text import (
+    DbId,
+    DbInt,
+    StorableJson,
+    storable,
+    storable_json,
+    text,
+    unstorable,
+)
 
 router = APIRouter(prefix="/subscribers", tags=["subscribers"])
 
@@ -77,10 +86,10 @@ class Profile(SubscriberPublic):
 
 
 class SubscriberUpdate(BaseModel):
-    add_tags: list[str] = Field(default_factory=list)
-    remove_tags: list[str] = Field(default_factory=list)
-    attributes: dict[str, Any] = Field(default_factory=dict,
-                                       description="Set these; a null value removes one")
+    add_tags: list[text(64, min_length=1)] = Field(default_factory=list, max_length=100)
+    remove_tags: list[text(64, min_length=1)] = Field(default_factory=list, max_length=100)
+    attributes: StorableJson = Field(default_factory=dict, max_length=100,
+                                     description="Set these; a null value removes one")
 
 
 async def _tags(session: Any, ids: list[int]) -> dict[int, list[str]]:
@@ -94,8 +103,15 @@ async def _tags(session: Any, ids: list[int]) -> dict[int, list[str]]:
 
 
 def _public(subscriber: Subscriber, tags: list[str]) -> SubscriberPublic:
+    """The subscriber as the API shows it; text stored before the edge checked it (an
+    unpaired surrogate) is shown replaced, so one row cannot break a page or an export."""
     data = SubscriberPublic.model_validate(subscriber, from_attributes=True)
-    return data.model_copy(update={"tags": tags})
+    update: dict[str, Any] = {"tags": [storable(t) for t in tags],
+                              "attributes": storable_json(data.attributes)}
+    for name, value in data:
+        if isinstance(value, str) and unstorable(value):
+            update[name] = storable(value)
+    return data.model_copy(update=update)
 
 
 def _filtered(channel: str | None, status: str | None, tag: str | None, locale: str | None,
@@ -123,10 +139,11 @@ def _filtered(channel: str | None, status: str | None, tag: str | None, locale: 
 
 @router.get("", response_model=SubscriberPage, **roles(EVERYONE))
 async def list_subscribers(
-    channel: str | None = None, status: Literal["subscribed", "unsubscribed"] | None = None,
-    tag: str | None = None, locale: str | None = None,
-    q: str | None = Query(None, description="name, username or messenger user id"),
-    cursor: int | None = Query(None, description="from a previous page's next_cursor"),
+    channel: text(32) | None = None,
+    status: Literal["subscribed", "unsubscribed"] | None = None,
+    tag: text(64) | None = None, locale: text(16) | None = None,
+    q: text(255) | None = Query(None, description="name, username or messenger user id"),
+    cursor: DbInt | None = Query(None, description="from a previous page's next_cursor"),
     limit: int = Query(50, ge=1, le=500), platform: Any = Depends(get_platform),
 ) -> SubscriberPage:
     """Subscribers, newest first, with filters and cursor pagination."""
@@ -142,12 +159,27 @@ async def list_subscribers(
                           if len(rows) > limit else None)
 
 
-@router.get("/export", **roles(MARKETING))
-async def export(format: Literal["csv", "json"] = "csv", channel: str | None = None,
+def _inert(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: one starting like a formula (``=``, ``+``,
+    ``-``, ``@``, tab, carriage return) gets a leading ``'`` (OWASP's advice)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "CSV with a header row, or one JSON object per line",
+    "content": {"text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}}}}}
+
+
+@router.get("/export", responses=EXPORT_RESPONSES, **roles(MARKETING))
+async def export(format: Literal["csv", "json"] = "csv", channel: text(32) | None = None,
                  status: Literal["subscribed", "unsubscribed"] | None = None,
-                 tag: str | None = None, platform: Any = Depends(get_platform)
+                 tag: text(64) | None = None, platform: Any = Depends(get_platform)
                  ) -> StreamingResponse:
-    """Every matching subscriber, streamed page by page (CSV or JSON lines)."""
+    """Every matching subscriber, streamed page by page (CSV or JSON lines). CSV cells
+    that a spreadsheet would run as a formula start with ``'``."""
     columns = ["id", "contact_id", "channel", "bot_id", "user_id", "status", "locale",
                "first_name", "last_name", "username", "source_ref", "tags", "attributes",
                "last_inbound_at", "created_at"]
@@ -172,7 +204,7 @@ async def export(format: Literal["csv", "json"] = "csv", channel: str | None = N
                     out = io.StringIO()
                     item["tags"] = "|".join(item["tags"])
                     item["attributes"] = json.dumps(item["attributes"], ensure_ascii=False)
-                    csv.writer(out).writerow([item[c] for c in columns])
+                    csv.writer(out).writerow([_inert(item[c]) for c in columns])
                     yield out.getvalue()
             after = page[-1].id
 
@@ -206,7 +238,7 @@ async def profile(subscriber_id: int, platform: Any = Depends(get_platform)) -> 
 
 
 @router.patch("/{subscriber_id}", response_model=SubscriberPublic, **roles(MARKETING))
-async def update_subscriber(subscriber_id: int, body: SubscriberUpdate,
+async def update_subscriber(subscriber_id: DbId, body: SubscriberUpdate,
                             platform: Any = Depends(get_platform)) -> SubscriberPublic:
     """Add/remove tags and set attributes (flows see them on the next event)."""
     from bot_platform.database import insert_ignore

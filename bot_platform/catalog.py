@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import Database
 from bot_platform.models import CustomerEvent, Product, TrackedLink
+from bot_platform.text import StorableJson, text
 
 CO_PURCHASE_ORDERS = 5000  # recent orders looked at for "also bought"
 
@@ -34,15 +35,15 @@ class ProductIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    sku: str = Field(min_length=1, max_length=64)
-    title: str = Field(min_length=1, max_length=255)
-    url: str = Field(pattern=r"^https?://")
-    image_url: str | None = None
-    price: float | None = None
-    currency: str | None = None
-    category: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    sku: text(64, min_length=1)
+    title: text(255, min_length=1)
+    url: text(1024) = Field(pattern=r"^https?://")
+    image_url: text(1024) | None = None
+    price: float | None = Field(default=None, ge=-1e15, le=1e15)
+    currency: text(8) | None = None
+    category: text(64) | None = None
+    tags: list[text(64)] = Field(default_factory=list, max_length=100)
+    attributes: StorableJson = Field(default_factory=dict)
     in_stock: bool = True
 
     @field_validator("tags", mode="before")
@@ -56,7 +57,10 @@ class ProductIn(BaseModel):
     @classmethod
     def _json_attributes(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return json.loads(value) if value.strip() else {}
+            try:
+                return json.loads(value) if value.strip() else {}
+            except RecursionError:
+                raise ValueError("attributes are nested too deeply") from None
         return value
 
     @field_validator("image_url", "price", "currency", "category", mode="before")
@@ -73,14 +77,24 @@ class ProductIn(BaseModel):
 
 
 def parse_products(text: str, filename: str) -> tuple[list[ProductIn], list[str]]:
-    """Products from CSV (header row) or JSON (a list of objects); errors per row."""
+    """Products from CSV (header row) or JSON (a list of objects); errors per row. A file
+    that cannot be read as a whole (bad JSON, nesting too deep, a CSV field over the csv
+    module's limit) raises ValueError with one line saying why."""
     rows: list[Any]
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Excel's "CSV UTF-8")
     if filename.lower().endswith(".json"):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
         if not isinstance(rows, list):
             return [], [f"{filename}: a JSON catalog is a list of products"]
     else:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        try:
+            rows = list(reader)
+        except csv.Error as error:
+            raise ValueError(f"line {reader.line_num}: {error}") from None
     products, errors = [], []
     for number, row in enumerate(rows, start=1):
         try:
@@ -93,20 +107,23 @@ def parse_products(text: str, filename: str) -> tuple[list[ProductIn], list[str]
 
 
 async def upsert_products(db: Database, products: Iterable[ProductIn], now: datetime) -> int:
-    """Insert new products and update known ones (by sku); returns how many were written."""
-    count = 0
+    """Insert new products and update known ones (by sku) in one statement per batch, so
+    concurrent uploads of the same sku both succeed; a sku named twice in one upload is
+    written once, from its last row. Returns how many products were written."""
+    latest = {item.sku: {**item.model_dump(), "updated_at": now} for item in products}
+    rows = list(latest.values())
     async with db.session() as session:
-        for item in products:
-            product = await session.scalar(select(Product).where(Product.sku == item.sku))
-            values = item.model_dump()
-            if product is None:
-                session.add(Product(**values, updated_at=now))
-            else:
-                for key, value in values.items():
-                    setattr(product, key, value)
-                product.updated_at = now
-            count += 1
-    return count
+        if session.bind.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        for first in range(0, len(rows), 500):
+            statement = insert(Product).values(rows[first:first + 500])
+            statement = statement.on_conflict_do_update(
+                index_elements=[Product.sku],
+                set_={name: statement.excluded[name] for name in rows[0] if name != "sku"})
+            await session.execute(statement)
+    return len(rows)
 
 
 def skus_of(data: dict[str, Any]) -> list[str]:

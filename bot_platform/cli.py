@@ -253,6 +253,18 @@ async def _ingest_events(settings: Settings, events: list[Any]) -> list[Any]:
         await platform.close()
 
 
+def _one_line(error: BaseException) -> str:
+    """An input error as one line (a pydantic error lists each problem on its own)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}"
+                         for e in error.errors())
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(error).split())
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     import json
 
@@ -274,10 +286,17 @@ def cmd_events(args: argparse.Namespace) -> int:
                 phone=args.phone, email=args.email, contact_id=args.contact,
                 data=json.loads(args.data) if args.data else {}, **customer)]
         else:
-            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
-            events = [EventIn.model_validate_json(line) for line in lines if line.strip()]
-    except (ValidationError, ValueError, OSError) as error:
-        print(f"invalid event: {error}", file=sys.stderr)
+            # utf-8-sig: a file saved with a byte-order mark (Excel, Notepad) reads as well.
+            lines = Path(args.file).read_text(encoding="utf-8-sig").splitlines()
+            events = []
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        events.append(EventIn.model_validate_json(line))
+                    except ValidationError as error:
+                        raise ValueError(f"line {number}: {_one_line(error)}") from None
+    except (ValidationError, ValueError, OSError, RecursionError) as error:
+        print(f"invalid event: {_one_line(error)}", file=sys.stderr)
         return 2
     if settings.database_url.startswith("sqlite"):
         upgrade(settings.database_url)
@@ -330,10 +349,10 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        text = Path(args.file).read_text(encoding="utf-8")
+        text = Path(args.file).read_text(encoding="utf-8-sig")  # (a byte-order mark is fine)
         products, errors = parse_products(text, args.file)
     except (OSError, ValueError) as error:
-        print(f"cannot read {args.file}: {error}", file=sys.stderr)
+        print(f"cannot read {args.file}: {_one_line(error)}", file=sys.stderr)
         return 2
     for error in errors:
         print(error, file=sys.stderr)

@@ -52,6 +52,7 @@ from bot_platform.models import (
     Subscriber,
     SubscriberTag,
 )
+from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,26 @@ async def notify_workers(session: AsyncSession) -> None:
         await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
 
 
+def storable_inbound(inbound: Inbound) -> Inbound:
+    """The event with every text storable and cut to its column (names over 255
+    characters, NUL, unpaired surrogates): a messenger re-sends an update we fail on
+    forever, so what it sends is made storable rather than refused."""
+    profile = inbound.profile
+    return inbound.model_copy(update={
+        "channel": storable(inbound.channel, 32), "bot_id": storable(inbound.bot_id, 64),
+        "user_id": storable(inbound.user_id, 128), "event_id": storable(inbound.event_id, 255),
+        "text": storable_or_none(inbound.text), "payload": storable_or_none(inbound.payload),
+        "ref": storable_or_none(inbound.ref, 255),
+        "message_ids": tuple(storable(m, 255) for m in inbound.message_ids),
+        "data": storable_json(inbound.data),
+        "profile": profile.model_copy(update={
+            "first_name": storable_or_none(profile.first_name, 255),
+            "last_name": storable_or_none(profile.last_name, 255),
+            "username": storable_or_none(profile.username, 255),
+            "language": storable_or_none(profile.language, 16),
+            "phone": storable_or_none(profile.phone, 32)})})
+
+
 def advisory_key(*parts: str) -> int:
     """A signed 64-bit key for ``pg_advisory_xact_lock``."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
@@ -217,7 +238,7 @@ class Engine:
 
         ``hold`` keeps the messages it queues from the worker for that long (or until
         ``release`` is called), so a webhook can answer with one of them itself."""
-        context = EventContext(inbound, hold=hold)
+        context = EventContext(storable_inbound(inbound), hold=hold)
         await self._run(0, context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,

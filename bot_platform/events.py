@@ -9,13 +9,14 @@ the identity it used most recently, so a reminder is not sent on every messenger
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 
 from bot_platform.engine import Engine
 from bot_platform.models import Contact, Subscriber
+from bot_platform.text import DbId, StorableJson, text
 
 EVENT_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
 
@@ -26,15 +27,15 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=EVENT_NAME)
-    event_id: str | None = Field(default=None, max_length=255)  # the shop's id: idempotency
-    subscriber_id: int | None = None
-    channel: str | None = None
-    bot_id: str | None = None
-    user_id: str | None = None
-    contact_id: int | None = None
-    phone: str | None = None
-    email: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    event_id: text(255) | None = None  # the shop's id: idempotency
+    subscriber_id: DbId | None = None
+    channel: text(32) | None = None
+    bot_id: text(64) | None = None
+    user_id: text(128) | None = None
+    contact_id: DbId | None = None
+    phone: text(32) | None = None
+    email: text(255) | None = None
+    data: StorableJson = Field(default_factory=dict)
     occurred_at: datetime | None = None
 
     @model_validator(mode="after")

@@ -10,18 +10,32 @@
              {"rfm": "champions"},
              {"not": {"any": [{"tag": "blocked"}, {"tag": "test"}]}}]}
 
+A filter is bounded (``MAX_DEPTH`` levels, ``MAX_CONDITIONS`` conditions, texts that fit
+their columns, numbers a database compares), so compiling one stays cheap enough for the
+event loop that API, webhooks and delivery share.
+
 RFM comes from ``order_placed`` events (``data.total`` is the money): recency = days since
 the contact's last order, frequency = orders, monetary = their sum.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from sqlalchemy import (
     JSON,
     Float,
@@ -39,6 +53,13 @@ from sqlalchemy import (
 from sqlalchemy.sql import ColumnElement
 
 from bot_platform.models import CustomerEvent, Subscriber, SubscriberTag
+from bot_platform.text import INT64_MAX, INT64_MIN, text
+
+MAX_DEPTH = 8  # levels of all/any/not
+MAX_CONDITIONS = 100  # tests on subscribers (not all/any/not); an RFM group as RFM_WEIGHT
+RFM_WEIGHT = 5  # an RFM group compiles to several subqueries
+MAX_DAYS = 36_500  # a hundred years back is "ever"
+MAX_COUNT = 1_000_000_000
 
 
 class _Filter(BaseModel):
@@ -46,7 +67,7 @@ class _Filter(BaseModel):
 
 
 class TagFilter(_Filter):
-    tag: str
+    tag: text(64)
 
 
 Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "exists", "contains"]
@@ -60,10 +81,15 @@ class AttributeFilter(_Filter):
 
     attribute: str = Field(pattern=r"^[A-Za-z0-9_]{1,64}$")
     op: Op = "eq"
-    value: str | float | int | bool | None = None
+    value: text(1024) | float | int | bool | None = None
 
     @model_validator(mode="after")
     def _value_fits_op(self) -> AttributeFilter:
+        if isinstance(self.value, float) and not math.isfinite(self.value):
+            raise ValueError("the value must be a finite number")
+        if isinstance(self.value, int) and not isinstance(self.value, bool) and not (
+                INT64_MIN <= self.value <= INT64_MAX):
+            raise ValueError("the value is out of the 64-bit integer range")
         if self.op in ("gt", "gte", "lt", "lte") and (
                 isinstance(self.value, bool) or not isinstance(self.value, int | float)):
             raise ValueError(f"op {self.op} needs a number")
@@ -73,11 +99,11 @@ class AttributeFilter(_Filter):
 
 
 class ChannelFilter(_Filter):
-    channel: str
+    channel: text(32)
 
 
 class LocaleFilter(_Filter):
-    locale: str
+    locale: text(16)
 
 
 class StatusFilter(_Filter):
@@ -85,8 +111,8 @@ class StatusFilter(_Filter):
 
 
 class DaysRange(_Filter):
-    within_days: int | None = Field(default=None, ge=0)  # at most this many days ago
-    before_days: int | None = Field(default=None, ge=0)  # at least this many days ago
+    within_days: int | None = Field(default=None, ge=0, le=MAX_DAYS)  # at most this long ago
+    before_days: int | None = Field(default=None, ge=0, le=MAX_DAYS)  # at least this long
 
     @model_validator(mode="after")
     def _one(self) -> DaysRange:
@@ -104,10 +130,10 @@ class CreatedFilter(_Filter):
 
 
 class EventSpec(_Filter):
-    name: str
-    min_count: int = Field(default=1, ge=0)
-    max_count: int | None = Field(default=None, ge=0)
-    within_days: int | None = Field(default=None, ge=0)
+    name: text(64)
+    min_count: int = Field(default=1, ge=0, le=MAX_COUNT)
+    max_count: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    within_days: int | None = Field(default=None, ge=0, le=MAX_DAYS)
 
 
 class EventFilter(_Filter):
@@ -122,15 +148,15 @@ class RfmFilter(_Filter):
 
 
 class AllFilter(_Filter):
-    all: list[Filter] = Field(max_length=100)
+    all: list[AnyCondition] = Field(max_length=100)
 
 
 class AnyFilter(_Filter):
-    any: list[Filter] = Field(max_length=100)
+    any: list[AnyCondition] = Field(max_length=100)
 
 
 class NotFilter(_Filter):
-    not_: Filter = Field(alias="not")
+    not_: AnyCondition = Field(alias="not")
 
 
 _FILTERS: dict[str, type[_Filter]] = {
@@ -152,7 +178,7 @@ def _filter_kind(value: Any) -> str | None:
     return None
 
 
-Filter = Annotated[
+AnyCondition = Annotated[
     Annotated[TagFilter, Tag("TagFilter")] | Annotated[AttributeFilter, Tag("AttributeFilter")]
     | Annotated[ChannelFilter, Tag("ChannelFilter")] | Annotated[LocaleFilter, Tag("LocaleFilter")]
     | Annotated[StatusFilter, Tag("StatusFilter")]
@@ -164,6 +190,39 @@ Filter = Annotated[
                   custom_error_message="a filter is a mapping with one of the keys: "
                                        + ", ".join(_FILTERS)),
 ]
+
+
+def _bounded(value: Any) -> Any:
+    """Refuse a filter too deep or too large before validating it (a cheap walk that
+    stops at the first bound), so no request can make compiling it expensive."""
+    conditions = 0
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, list):
+            pending.extend((item, depth) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        nested = [key for key in ("all", "any", "not") if key in node]
+        conditions += 0 if nested else RFM_WEIGHT if "rfm" in node else 1
+        if conditions > MAX_CONDITIONS:
+            raise PydanticCustomError(
+                "filter_too_large",
+                f"a filter has at most {{limit}} conditions (an rfm one counts {RFM_WEIGHT})",
+                {"limit": MAX_CONDITIONS})
+        for key in nested:
+            if depth > MAX_DEPTH:
+                raise PydanticCustomError(
+                    "filter_too_deep", "a filter nests all/any/not at most {limit} deep",
+                    {"limit": MAX_DEPTH})
+            pending.append((node[key], depth + 1))
+    return value
+
+
+# A whole filter: bounded, then validated.
+Filter = Annotated[AnyCondition, BeforeValidator(_bounded)]
+
 for _model in (AllFilter, AnyFilter, NotFilter):
     _model.model_rebuild()
 
@@ -255,8 +314,9 @@ def _attribute_condition(spec: AttributeFilter, dialect: str) -> ColumnElement[b
     if spec.op == "exists":
         return is_set if value is not False else not_(is_set)
     if spec.op in ("gt", "gte", "lt", "lte"):
-        compare = {"gt": number > value, "gte": number >= value, "lt": number < value,
-                   "lte": number <= value}[spec.op]
+        limit = float(value)  # type: ignore[arg-type]  # (the column is a float too)
+        compare = {"gt": number > limit, "gte": number >= limit, "lt": number < limit,
+                   "lte": number <= limit}[spec.op]
         return and_(kind == "number", compare)
     if spec.op == "contains":  # case-sensitive: SQLite's lower() knows only ASCII
         position = (func.strpos(text, str(value)) if dialect == "postgresql"
