@@ -9,10 +9,12 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from admin_api.errors import unprocessable
 from admin_api.security import MARKETING, get_platform, roles
 from bot_platform import broadcasts
 from bot_platform.broadcasts import BroadcastCreate
 from bot_platform.models import Broadcast
+from bot_platform.text import DbId
 
 router = APIRouter(prefix="/broadcasts", tags=["broadcasts"])
 
@@ -45,7 +47,7 @@ async def create_broadcast(body: BroadcastCreate,
     """A draft; nothing is sent until it is started."""
     unknown = [v.flow for v in body.variants if v.flow and v.flow not in platform.flows]
     if unknown:
-        raise HTTPException(422, f"unknown flow(s): {', '.join(unknown)}")
+        raise unprocessable(f"unknown flow(s): {', '.join(unknown)}")
     async with platform.db.session() as session:
         broadcast = await broadcasts.create(session, body, platform.clock.now())
         return BroadcastPublic.model_validate(broadcast, from_attributes=True)
@@ -60,7 +62,7 @@ async def list_broadcasts(platform: Any = Depends(get_platform)) -> list[Broadca
 
 
 @router.get("/{broadcast_id}", response_model=BroadcastPublic, **roles(MARKETING))
-async def get_broadcast(broadcast_id: int,
+async def get_broadcast(broadcast_id: DbId,
                         platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """The broadcast with its figures per variant."""
     async with platform.db.session() as session:
@@ -94,7 +96,7 @@ async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic
 
 
 @router.post("/{broadcast_id}/start", response_model=BroadcastPublic, **roles(MARKETING))
-async def start_broadcast(broadcast_id: int,
+async def start_broadcast(broadcast_id: DbId,
                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """Snapshot the recipients and send (or wait for ``scheduled_at``). Only a draft
     starts: concurrent starts -> one 200, the rest 409; a scheduled broadcast -> 409."""
@@ -102,7 +104,7 @@ async def start_broadcast(broadcast_id: int,
 
 
 @router.post("/{broadcast_id}/pause", response_model=BroadcastPublic, **roles(MARKETING))
-async def pause_broadcast(broadcast_id: int,
+async def pause_broadcast(broadcast_id: DbId,
                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """Stop queueing; queued rows no delivery worker has claimed are held (409 unless
     running)."""
@@ -110,7 +112,7 @@ async def pause_broadcast(broadcast_id: int,
 
 
 @router.post("/{broadcast_id}/resume", response_model=BroadcastPublic, **roles(MARKETING))
-async def resume_broadcast(broadcast_id: int,
+async def resume_broadcast(broadcast_id: DbId,
                            platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """Release the held rows and carry on where the broadcast stopped (409 unless
     paused)."""
@@ -118,7 +120,7 @@ async def resume_broadcast(broadcast_id: int,
 
 
 @router.post("/{broadcast_id}/cancel", response_model=BroadcastPublic, **roles(MARKETING))
-async def cancel_broadcast(broadcast_id: int,
+async def cancel_broadcast(broadcast_id: DbId,
                            platform: Any = Depends(get_platform)) -> BroadcastPublic:
     """Skip everything not yet handed to a delivery worker (409 when completed or already
     cancelled)."""

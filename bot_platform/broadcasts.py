@@ -37,6 +37,7 @@ from bot_platform.models import (
     TrackedLink,
 )
 from bot_platform.segments import Filter, compile_filter
+from bot_platform.text import StorableText
 from bot_platform.types import Button, Card, Outgoing, QuickReply
 
 SEND_KIND = "broadcast_send"
@@ -49,7 +50,7 @@ class Content(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = ""
+    text: StorableText = Field("", max_length=4096 * 4)
     buttons: list[Button] = Field(default_factory=list, max_length=10)
     quick_replies: list[QuickReply] = Field(default_factory=list, max_length=13)
     image_url: str | None = None
@@ -85,10 +86,11 @@ class Variant(BaseModel):
 class BroadcastCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128)
+    name: StorableText = Field(min_length=1, max_length=128)
     filter: dict[str, Any] = Field(description="A segment filter")
     variants: list[Variant] = Field(min_length=1, max_length=10)
-    tag: str | None = Field(default=None, description="Facebook message tag (no promotions)")
+    tag: StorableText | None = Field(default=None, max_length=64,
+                                     description="Facebook message tag (no promotions)")
     scheduled_at: datetime | None = None
     local_time: str | None = Field(
         default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$",
