@@ -16,6 +16,6 @@ PAGE = Path(__file__).with_name("static") / "inbox.html"
 
 
 @router.get("/inbox", response_class=HTMLResponse, include_in_schema=False)
-async def inbox() -> HTMLResponse:
+def inbox() -> HTMLResponse:  # a file read: FastAPI runs it in a thread
     html = PAGE.read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Content-Security-Policy": html_csp(html)})

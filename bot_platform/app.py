@@ -124,24 +124,30 @@ def _docs_routes(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> Response:
-        openapi = request.scope.get("root_path", "") + (app.openapi_url or "")
+        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
         return page(get_swagger_ui_html(openapi_url=openapi, title=f"{app.title} - Swagger UI",
                                         swagger_ui_parameters=app.swagger_ui_parameters
                                         ).body.decode())
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> Response:
-        openapi = request.scope.get("root_path", "") + (app.openapi_url or "")
+        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
         return page(get_redoc_html(openapi_url=openapi, title=f"{app.title} - ReDoc"
                                    ).body.decode())
 
 
+class _App(FastAPI):
+    """FastAPI with the security headers outermost: error pages (500) get them too."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(platform: Platform) -> FastAPI:
-    app = FastAPI(title="botp", version="0.1.0",
-                  description="Multi-messenger retention chatbot platform",
-                  docs_url=None, redoc_url=None)
+    app = _App(title="botp", version="0.1.0",
+               description="Multi-messenger retention chatbot platform",
+               docs_url=None, redoc_url=None)
     app.state.platform = platform
-    app.add_middleware(SecurityHeaders)
     install_log_redaction()
     _docs_routes(app)
 

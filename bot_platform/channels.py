@@ -165,8 +165,8 @@ MIN_SECRET_LENGTH = 6  # shorter values are not secrets worth mangling every tex
 # Secrets in the shapes messenger URLs carry them, whoever's they are.
 SECRET_SHAPES = (
     (re.compile(r"/bot\d+:[A-Za-z0-9_-]+"), f"/bot{REDACTED}"),  # Telegram Bot API paths
-    (re.compile(r"\b(access_token|appsecret_proof|input_token)=[^&\s'\"<>)]+"),
-     rf"\1={REDACTED}"),  # Graph API query strings
+    (re.compile(r"\b(access_token|appsecret_proof|input_token|hub\.verify_token)="
+                r"[^&\s'\"<>)]+"), rf"\1={REDACTED}"),  # Graph API query strings
 )
 _known_forms: tuple[str, ...] = ()  # every bot secret seen in this process, longest first
 _log_redaction_installed = False

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 from sqlalchemy import select
 
 from bot_platform.apikeys import create_key
@@ -25,7 +24,7 @@ from bot_platform.channels import REDACTED, Redactor, redact_secrets, remember_s
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.models import Base, Outbox, Subscriber
 from tests.conftest import wait_for
-from tests.fakes.server import LoopbackServer
+from tests.fakes.leaky import LeakyMessenger
 from tests.test_telegram import message_update
 
 TG_TOKEN = "555666777:AAPollSecretTokenValue_abcdefghij"
@@ -39,35 +38,6 @@ SECRETS = {
     "viber": [VB_TOKEN],
     "facebook": [FB_PAGE_TOKEN, FB_APP_SECRET, FB_VERIFY],
 }
-
-
-class LeakyMessenger(LoopbackServer):
-    """A messenger API gone wrong. ``redirect``: every call is answered 302 to itself,
-    forever; ``json``: a 400 whose body repeats the request's URL and headers in every
-    messenger's error shape; ``text``: a 502 page repeating them. Telegram's
-    ``deleteWebhook`` succeeds, so a poller gets as far as ``getUpdates``."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
-        self.calls = 0
-
-    def routes(self, app: web.Application) -> None:
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.calls += 1
-        if request.path.endswith("/deleteWebhook"):
-            return web.json_response({"ok": True, "result": True})
-        if self.mode == "redirect":
-            raise web.HTTPFound(str(request.url))
-        echo = f"cannot serve {request.url} {dict(request.headers)}"
-        if self.mode == "text":
-            return web.Response(text=echo, status=502)
-        return web.json_response({
-            "ok": False, "error_code": 400, "description": f"Bad Request: {echo}",
-            "status": 3, "status_message": echo,
-            "error": {"code": 100, "message": echo}}, status=400)
 
 
 def bot_for(channel: str, api_base: str) -> BotConfig:
@@ -275,3 +245,31 @@ async def test_the_bots_api_never_returns_a_secret(make_platform) -> None:
     for response in responses:
         assert_no_secret(response.text, [*SECRETS["facebook"], *SECRETS["viber"], TG_TOKEN],
                          str(response.request.url))
+
+
+async def test_a_facebook_verify_token_in_a_logged_url_is_redacted(
+        make_platform, caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn's access log line holds the query string of Facebook's handshake."""
+    await make_platform(bots=[bot_for("facebook", "http://127.0.0.1:9")])
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("uvicorn.access").info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1", "GET",
+            f"/webhooks/facebook/b?hub.mode=subscribe&hub.verify_token={FB_VERIFY}"
+            "&hub.challenge=1", "1.1", 200)
+    assert_no_secret(logged(caplog), [FB_VERIFY], "the access log")
+    assert "hub.verify_token=[redacted]&hub.challenge=1" in caplog.text
+
+
+async def test_viber_broadcast_results_carry_no_token() -> None:
+    """``send_many`` (one call for many receivers) is redacted like ``send``."""
+    import aiohttp
+
+    from bot_platform.types import Outgoing
+    from bots.viber import ViberChannel
+
+    async with LeakyMessenger("json") as server, aiohttp.ClientSession() as http:
+        channel = ViberChannel("b", token=VB_TOKEN, http=http, api_base=server.url)
+        results = await channel.send_many(["u1", "u2"], Outgoing(text="hi"))
+    assert set(results) == {"u1", "u2"}
+    assert all(r.reason and REDACTED in r.reason for r in results.values()), results
+    assert_no_secret(repr(results), [VB_TOKEN], "send_many results")

@@ -102,3 +102,18 @@ async def test_the_api_docs_keep_working_under_their_own_policy(make_platform) -
 
 def csp_hashes(response: httpx.Response) -> list[str]:
     return [v for v in policy(response)["script-src"] if v.startswith("'sha256-")]
+
+
+async def test_error_pages_get_the_headers_too(make_platform) -> None:
+    platform = await make_platform()
+    app = platform.app()
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("an unexpected bug")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 500
+    assert_secure(response)
