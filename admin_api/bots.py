@@ -1,22 +1,69 @@
 """Bots: register a messenger bot, change its limits or token, set up its webhook.
-Tokens and secrets are write-only: accepted here, never returned, never logged."""
+Tokens and secrets are write-only: accepted here, never returned (not even in a 422's
+echo of the request), never logged."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, SecretStr
 from sqlalchemy import select
 
 from admin_api.security import ADMIN, get_platform, roles
-from bot_platform.channels import BUILTIN_CHANNELS
+from bot_platform.channels import BUILTIN_CHANNELS, Redactor
 from bot_platform.models import BotRecord
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/bots", tags=["bots"])
+
+SECRET_FIELDS = frozenset({"token", "secret", "verify_token"})
+MASK = "**********"
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every secret field's value masked, at any depth."""
+    if isinstance(value, dict):
+        return {key: MASK if key in SECRET_FIELDS else _masked(item)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return value
+
+
+def without_secrets(errors: Sequence[Any]) -> list[Any]:
+    """Validation errors as FastAPI reports them, minus the secrets their ``input`` echoes
+    (a body missing ``bot_id`` would otherwise come back whole, token included)."""
+    clean = []
+    for error in errors:
+        error = dict(error)
+        if "input" in error:
+            in_secret = any(part in SECRET_FIELDS for part in error.get("loc") or ())
+            error["input"] = MASK if in_secret else _masked(error["input"])
+        clean.append(error)
+    return clean
+
+
+class NoSecretEchoRoute(APIRoute):
+    """Routes of this router re-raise validation errors without the secrets."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                raise RequestValidationError(without_secrets(error.errors())) from None
+
+        return route
+
+
+router = APIRouter(prefix="/bots", tags=["bots"], route_class=NoSecretEchoRoute)
 
 Channel = Literal["telegram", "viber", "facebook"]
 
@@ -108,7 +155,9 @@ async def register(body: BotCreate, platform: Any = Depends(get_platform)) -> Bo
     except Exception as error:  # a token the adapter rejects outright
         async with platform.db.session() as session:
             await session.delete(await session.get(BotRecord, record.id))
-        raise HTTPException(422, f"cannot build this bot: {error}") from error
+        redact = Redactor(*(s.get_secret_value() for s in (
+            body.token, body.secret, body.verify_token) if s is not None))
+        raise HTTPException(422, f"cannot build this bot: {redact(str(error))}") from None
     webhook = await _setup_webhook(platform, body.channel, body.bot_id)
     return _public(platform, record, webhook)
 

@@ -4,20 +4,30 @@ The webhook endpoint is the edge: it hands the raw request to the channel adapte
 verifies and normalizes it; the engine handles the events before we answer, so a 200 means
 the events are durably recorded (a messenger re-sends on anything else, and dedupe makes
 that safe).
+
+Every response carries security headers (``SecurityHeaders``): no sniffing, no framing, no
+referrer, and a Content-Security-Policy. JSON and text get a policy that allows nothing;
+HTML pages set their own (``html_csp``), allowing exactly their inline scripts and styles
+by hash, plus what they load.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
 import logging
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from sqlalchemy import select, text, update
 
-from bot_platform.channels import WebhookRequest
-from bot_platform.errors import BadPayload, BadSignature, http_status_for
+from bot_platform.channels import WebhookRequest, install_log_redaction
+from bot_platform.errors import BadPayload, BadSignature, UnknownBot, http_status_for
 from bot_platform.models import Message, Outbox
 
 if TYPE_CHECKING:
@@ -31,10 +41,115 @@ REPLY_HOLD = timedelta(seconds=10)
 OPTIONAL_ROUTERS = ("admin_api:create_router",)
 
 
+Scope = MutableMapping[str, Any]
+AsgiMessage = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[AsgiMessage]]
+Send = Callable[[AsgiMessage], Awaitable[None]]
+
+# For responses that are not pages (JSON, text, redirects): nothing may load or run.
+STRICT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+# The API docs pages load Swagger UI / ReDoc (scripts, styles, fonts) from these CDNs.
+DOCS_SOURCES = {
+    "script-src": "https://cdn.jsdelivr.net",
+    "style-src": "https://cdn.jsdelivr.net https://fonts.googleapis.com 'unsafe-inline'",
+    "img-src": "'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly",
+    "font-src": "https://fonts.gstatic.com",
+    "worker-src": "blob:",
+}
+_INLINE = {kind: re.compile(rf"<{kind}(?![^>]*\bsrc=)[^>]*>(.*?)</{kind}>", re.S | re.I)
+           for kind in ("script", "style")}
+
+
+def _hashes(html: str, kind: str) -> list[str]:
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in _INLINE[kind].findall(html)]
+
+
+def html_csp(html: str, sources: dict[str, str] | None = None) -> str:
+    """A Content-Security-Policy for one HTML page: its own inline ``<script>`` and
+    ``<style>`` blocks by hash (nothing injected later can run), calls to this origin
+    (the API), and the extra ``sources`` per directive (CDNs)."""
+    sources = sources or {}
+    directives = {"default-src": "'none'", "connect-src": "'self'", "img-src": "'self'",
+                  **{k: v for k, v in sources.items() if k not in ("script-src", "style-src")}}
+    for kind in ("script", "style"):
+        extra = sources.get(f"{kind}-src", "")
+        # With a hash present, browsers ignore 'unsafe-inline': one or the other.
+        hashes = [] if "'unsafe-inline'" in extra else _hashes(html, kind)
+        allowed = " ".join([*hashes, extra]).strip()
+        if allowed:
+            directives[f"{kind}-src"] = allowed
+    directives.update({"base-uri": "'none'", "form-action": "'none'",
+                       "frame-ancestors": "'none'"})
+    return "; ".join(f"{name} {value}" for name, value in directives.items())
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (streams, such as the live event stream, pass through as they
+    are): adds the security headers to every response, and the strict CSP to any response
+    that did not set its own."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
+                if b"content-security-policy" not in present:
+                    headers.append((b"content-security-policy", STRICT_CSP.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """Swagger UI and ReDoc as FastAPI serves them, with a CSP of their own."""
+
+    def page(html: str) -> Response:
+        return Response(html, media_type="text/html",
+                        headers={"Content-Security-Policy": html_csp(html, DOCS_SOURCES)})
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> Response:
+        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
+        return page(get_swagger_ui_html(openapi_url=openapi, title=f"{app.title} - Swagger UI",
+                                        swagger_ui_parameters=app.swagger_ui_parameters
+                                        ).body.decode())
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
+        return page(get_redoc_html(openapi_url=openapi, title=f"{app.title} - ReDoc"
+                                   ).body.decode())
+
+
+class _App(FastAPI):
+    """FastAPI with the security headers outermost: error pages (500) get them too."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(platform: Platform) -> FastAPI:
-    app = FastAPI(title="botp", version="0.1.0",
-                  description="Multi-messenger retention chatbot platform")
+    app = _App(title="botp", version="0.1.0",
+               description="Multi-messenger retention chatbot platform",
+               docs_url=None, redoc_url=None)
     app.state.platform = platform
+    install_log_redaction()
+    _docs_routes(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -66,6 +181,9 @@ def create_app(platform: Platform) -> FastAPI:
         )
         try:
             events = await adapter.parse(call)
+        except UnknownBot as error:  # configured, but not open to webhooks (the console)
+            log.warning("webhook for %s/%s refused: %s", channel, bot_id, error)
+            return Response("unknown bot", status_code=404)
         except BadSignature as error:
             log.warning("rejected webhook for %s/%s: %s", channel, bot_id, error)
             return Response("forbidden", status_code=http_status_for(error))

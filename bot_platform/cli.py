@@ -33,10 +33,13 @@ log = logging.getLogger("botp")
 
 
 def _setup_logging(settings: Settings, quiet: bool = False) -> None:
+    from bot_platform.channels import install_log_redaction
+
     logging.basicConfig(
         level=logging.WARNING if quiet else settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()  # no bot secret in any log line (the bots add theirs)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

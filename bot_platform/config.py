@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     default_locale: str = "en"
     skip_invalid_flows: bool = False
     bots: list[BotConfig] = Field(default_factory=list)
+    # Opens POST /webhooks/console/console to callers sending it in X-Botp-Console-Secret
+    # (scripted smoke tests); unset, the console is reachable only through ``botp chat``.
+    console_secret: SecretStr | None = None
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ai: AiSettings = Field(default_factory=AiSettings)
     support: SupportSettings = Field(default_factory=SupportSettings)
@@ -100,10 +103,14 @@ class Settings(BaseSettings):
         return None
 
     def all_bots(self) -> list[BotConfig]:
-        """Configured bots plus the always-present console bot."""
+        """Configured bots plus the always-present console bot (whose webhook is open only
+        with a secret: ``console_secret`` fills in one the console bot's config lacks)."""
         bots = list(self.bots)
         if not any(b.channel == "console" for b in bots):
             bots.append(BotConfig(id="console", channel="console"))
+        if self.console_secret is not None:
+            bots = [b.model_copy(update={"secret": self.console_secret})
+                    if b.channel == "console" and b.secret is None else b for b in bots]
         return bots
 
 

@@ -22,14 +22,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
-from bot_platform.channels import Channel
+from bot_platform.channels import Channel, redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error, renew_leases
@@ -512,6 +512,8 @@ class Delivery:
             return outbox_values, {}
         message_values: dict = {"updated_at": now}
         status = result.status
+        if result.reason:  # adapters redact their own; this also covers third-party ones
+            result = replace(result, reason=redact_secrets(result.reason))
         if status == SendStatus.SENT:
             outbox_values.update(status="sent", sent_at=now, last_error=None)
             message_values.update(status="sent", channel_message_id=result.message_id)

@@ -7,7 +7,7 @@
     │   ├── BadPayload            a body that is not what the messenger sends -> 400
     │   ├── RateLimited           the messenger said "slow down"; carries ``retry_after``
     │   ├── RecipientGone         the user blocked the bot or no longer exists
-    │   └── UnknownBot            a webhook for a bot that is not configured -> 404
+    │   └── UnknownBot            a webhook for a bot not configured (or closed) -> 404
     ├── FlowError                 something about flows
     │   ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
     │   └── UnknownState          a stored state that the current flow no longer has
@@ -56,7 +56,8 @@ class RecipientGone(ChannelError):
 
 
 class UnknownBot(ChannelError):
-    """A webhook arrived for a channel/bot pair that is not configured."""
+    """A webhook arrived for a channel/bot pair that is not configured, or whose webhook
+    is closed (the console without a secret)."""
 
 
 class FlowError(PlatformError):

@@ -1,11 +1,17 @@
 """The console channel: talk to the bot from a terminal (``botp chat``) through the real
-pipeline (database, engine, scheduler, delivery). It is also reachable as a webhook
-(``POST /webhooks/console/console`` with ``{"user_id": "...", "text": "..."}``), which
-makes it handy for scripted smoke tests.
+pipeline (database, engine, scheduler, delivery). ``botp chat`` runs the platform in its
+own process and hands typed lines to the engine directly: no HTTP involved.
+
+Over HTTP (``POST /webhooks/console/console`` with ``{"user_id": "...", "text": "..."}``,
+handy for scripted smoke tests) it answers only when a secret is configured
+(``BOTP_CONSOLE_SECRET``, or ``secret`` in the console bot's config) and the call carries
+it in ``X-Botp-Console-Secret``; without a secret the webhook does not exist (404). Anyone
+who can reach it could otherwise create subscribers, open chats and collect promo codes.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import math
@@ -17,7 +23,7 @@ import aiohttp
 
 from bot_platform.channels import ChannelDeps, WebhookRequest
 from bot_platform.config import BotConfig
-from bot_platform.errors import BadPayload
+from bot_platform.errors import BadPayload, BadSignature, UnknownBot
 from bot_platform.types import (
     Button,
     Capabilities,
@@ -34,6 +40,7 @@ CONSOLE_CAPABILITIES = Capabilities(
     max_quick_replies=13,
     carousels=False, messages_per_second=math.inf, per_chat_per_second=math.inf,
 )
+SECRET_HEADER = "x-botp-console-secret"
 
 
 def render(message: Outgoing) -> str:
@@ -65,9 +72,10 @@ class ConsoleChannel:
     capabilities = CONSOLE_CAPABILITIES
 
     def __init__(self, bot_id: str, output: Callable[[str, str], None] | None = None,
-                 relay_url: str | None = None, http: aiohttp.ClientSession | None = None
-                 ) -> None:
+                 relay_url: str | None = None, http: aiohttp.ClientSession | None = None,
+                 webhook_secret: str | None = None) -> None:
         self.bot_id = bot_id
+        self.webhook_secret = webhook_secret
         self.output = output or (lambda user, text: print(f"bot> {text}\n", flush=True))
         self.relay_url = relay_url.rstrip("/") if relay_url else None
         self.http = http
@@ -101,7 +109,16 @@ class ConsoleChannel:
                 return Inbound(kind=InboundKind.TEXT, text=choice.title, **common)
         return Inbound(kind=InboundKind.TEXT, text=line, **common)
 
+    def verify(self, request: WebhookRequest) -> None:
+        """The webhook is off without a secret (404) and forbidden without the right one."""
+        if not self.webhook_secret:
+            raise UnknownBot("the console webhook is off (no console secret configured)")
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.webhook_secret.encode()):
+            raise BadSignature("missing or wrong X-Botp-Console-Secret")
+
     async def parse(self, request: WebhookRequest) -> list[Inbound]:
+        self.verify(request)
         try:
             body = json.loads(request.body)
             user_id, text = str(body["user_id"]), str(body["text"])
@@ -148,4 +165,6 @@ class ConsoleChannel:
 
 
 def build(bot: BotConfig, deps: ChannelDeps) -> ConsoleChannel:
-    return ConsoleChannel(bot.id, relay_url=bot.api_base, http=deps.http)
+    secret = bot.secret.get_secret_value() if bot.secret else None
+    return ConsoleChannel(bot.id, relay_url=bot.api_base, http=deps.http,
+                          webhook_secret=secret)

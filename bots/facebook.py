@@ -20,7 +20,13 @@ from typing import Any
 
 import aiohttp
 
-from bot_platform.channels import ChannelDeps, HandledEvent, WebhookReply, WebhookRequest
+from bot_platform.channels import (
+    ChannelDeps,
+    HandledEvent,
+    Redactor,
+    WebhookReply,
+    WebhookRequest,
+)
 from bot_platform.config import BotConfig
 from bot_platform.errors import BadPayload, BadSignature
 from bot_platform.types import (
@@ -71,6 +77,9 @@ class FacebookChannel:
         self.page_token = page_token
         self.app_secret = app_secret
         self.verify_token = verify_token
+        # The page token travels in the query string (``access_token=``): client errors
+        # carry the URL, and error bodies may echo it.
+        self.redact = Redactor(page_token, app_secret, verify_token)
         self.http = http
         self.api = f"{api_base.rstrip('/')}/{version}"
         self.get_started = get_started
@@ -224,6 +233,10 @@ class FacebookChannel:
         return bodies
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        """One message; whatever went wrong comes back as a result without the tokens."""
+        return self.redact.result(await self._send_one(recipient, message))
+
+    async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         envelope: dict[str, Any] = {"recipient": {"id": recipient},
                                     "messaging_type": "RESPONSE"}
         if message.tag:
@@ -262,7 +275,7 @@ class FacebookChannel:
             return SendResult.retry(60.0, text)
         if code == 190:
             log.error("facebook %s: the page access token was rejected: %s", self.bot_id,
-                      error.get("message"))
+                      self.redact(str(error.get("message"))))
             return SendResult.failed(f"invalid token {text}")
         if code in (1, 2) or status >= 500 or error.get("is_transient"):
             return SendResult.transient(text)

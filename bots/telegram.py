@@ -55,6 +55,7 @@ from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
     InboundHandler,
+    Redactor,
     WebhookReply,
     WebhookRequest,
 )
@@ -123,6 +124,8 @@ class TelegramChannel:
         self.webhook_secret = webhook_secret
         self.capabilities = capabilities
         self.poll_timeout = poll_timeout
+        # The token travels in every API URL (``/bot<token>/``): client errors carry it.
+        self.redact = Redactor(bot.token, bot.token.partition(":")[2], webhook_secret)
         _keep_response_types()
 
     # ---- inbound -----------------------------------------------------------------------
@@ -235,7 +238,7 @@ class TelegramChannel:
                     await self.bot.answer_callback_query(query_id)
                 except TelegramAPIError as error:  # too late (over 15 s) or already answered
                     log.info("telegram %s: callback %s not answered: %s", self.bot_id,
-                             query_id, error)
+                             query_id, self.redact(str(error)))
 
     # ---- polling -----------------------------------------------------------------------
 
@@ -257,7 +260,7 @@ class TelegramChannel:
                 continue
             except (TelegramNetworkError, TelegramServerError, ClientDecodeError) as error:
                 log.warning("telegram %s: getUpdates failed (%s); retrying", self.bot_id,
-                            error)
+                            self.redact(str(error)))
                 await asyncio.sleep(2)
                 continue
             for update in updates:
@@ -312,6 +315,10 @@ class TelegramChannel:
         return None
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        """One message; whatever went wrong comes back as a result without the token."""
+        return self.redact.result(await self._send_one(recipient, message))
+
+    async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         try:
             message_id = await self._send(int(recipient), message)
         except TelegramRetryAfter as error:

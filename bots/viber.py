@@ -26,7 +26,13 @@ from typing import Any
 import aiohttp
 from viberbot.api.messages import PictureMessage, RichMediaMessage, TextMessage
 
-from bot_platform.channels import ChannelDeps, HandledEvent, WebhookReply, WebhookRequest
+from bot_platform.channels import (
+    ChannelDeps,
+    HandledEvent,
+    Redactor,
+    WebhookReply,
+    WebhookRequest,
+)
 from bot_platform.config import BotConfig
 from bot_platform.errors import BadPayload, BadSignature
 from bot_platform.types import (
@@ -76,6 +82,7 @@ class ViberChannel:
                  sender_avatar: str | None = None) -> None:
         self.bot_id = bot_id
         self.token = token
+        self.redact = Redactor(token)  # errors and logs never carry the auth token
         self.http = http
         self.api = api_base.rstrip("/")
         self.sender = {"name": sender_name[:28], **({"avatar": sender_avatar}
@@ -275,6 +282,10 @@ class ViberChannel:
         return SendResult.failed(message)
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        """One message; whatever went wrong comes back as a result without the token."""
+        return self.redact.result(await self._send_one(recipient, message))
+
+    async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         last = SendResult.failed("nothing to send")
         for body in self._message_body(message):
             try:
@@ -291,6 +302,10 @@ class ViberChannel:
                         message: Outgoing) -> dict[str, SendResult]:
         """``broadcast_message``: up to 300 receivers per call; per-receiver failures in
         the answer's ``failed_list`` become their own results."""
+        return self.redact.results(await self._send_batches(recipients, message))
+
+    async def _send_batches(self, recipients: Sequence[str],
+                            message: Outgoing) -> dict[str, SendResult]:
         results: dict[str, SendResult] = {}
         bodies = self._message_body(message)
         for start in range(0, len(recipients), self.capabilities.batch_size):
@@ -325,7 +340,7 @@ class ViberChannel:
             "send_photo": False})
         if status != 200 or data.get("status") != 0:
             log.error("viber %s: set_webhook failed: %s", self.bot_id,
-                      data.get("status_message") or status)
+                      self.redact(str(data.get("status_message") or status)))
 
 
 def build(bot: BotConfig, deps: ChannelDeps) -> ViberChannel:

@@ -16,6 +16,9 @@ from sqlalchemy import func, select
 from bot_platform.models import ProcessedEvent, Subscriber
 from tests.conftest import ROOT
 
+CONSOLE_SECRET = "console-secret-for-tests"
+CONSOLE_AUTH = {"X-Botp-Console-Secret": CONSOLE_SECRET}
+
 
 def run_chat(tmp_path: Path, script: str, *args: str) -> str:
     env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/chat.sqlite3"}
@@ -49,12 +52,14 @@ def test_chat_speaks_the_users_language(tmp_path: Path) -> None:
 
 
 async def test_health_and_console_webhook(make_platform) -> None:
-    platform = await make_platform()
+    platform = await make_platform(console_secret=CONSOLE_SECRET)
     async with platform.http_client() as client:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         body = {"user_id": "w1", "text": "/start", "event_id": "evt-1", "first_name": "Kim"}
-        first = await client.post("/webhooks/console/console", json=body)
-        again = await client.post("/webhooks/console/console", json=body)
+        first = await client.post("/webhooks/console/console", json=body,
+                                  headers=CONSOLE_AUTH)
+        again = await client.post("/webhooks/console/console", json=body,
+                                  headers=CONSOLE_AUTH)
     assert (first.status_code, again.status_code) == (200, 200)
     await platform.drain()
     sent = platform.channel("console", "console").sent
@@ -63,10 +68,11 @@ async def test_health_and_console_webhook(make_platform) -> None:
 
 async def test_malformed_body_gets_400_and_a_log_line_and_stores_nothing(
         make_platform, caplog: pytest.LogCaptureFixture) -> None:
-    platform = await make_platform()
+    platform = await make_platform(console_secret=CONSOLE_SECRET)
     with caplog.at_level(logging.WARNING, logger="bot_platform.app"):
         async with platform.http_client() as client:
-            response = await client.post("/webhooks/console/console", content=b"{not json")
+            response = await client.post("/webhooks/console/console", content=b"{not json",
+                                         headers=CONSOLE_AUTH)
     assert response.status_code == 400
     assert any("malformed webhook for console/console" in r.message for r in caplog.records)
     async with platform.db.session() as session:
@@ -118,7 +124,8 @@ async def test_run_serves_webhooks_and_delivers(tmp_path: Path) -> None:
     (flows / "bad.yaml").write_text("flow: bad\nstart: nowhere\nstates: {a: {say: x}}\n")
     port = _free_port()
     async with FakeRelayServer() as relay:
-        bots = [{"id": "console", "channel": "console", "api_base": relay.url}]
+        bots = [{"id": "console", "channel": "console", "api_base": relay.url,
+                 "secret": CONSOLE_SECRET}]
         env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/r.sqlite3",
                "BOTP_FLOWS_DIR": str(flows), "BOTP_PORT": str(port),
                "BOTP_BOTS": json.dumps(bots)}
@@ -134,7 +141,8 @@ async def test_run_serves_webhooks_and_delivers(tmp_path: Path) -> None:
                     except httpx.TransportError:
                         await asyncio.sleep(0.1)
                 response = await client.post("/webhooks/console/console", json={
-                    "user_id": "r1", "text": "/start promo-spring", "first_name": "Ann"})
+                    "user_id": "r1", "text": "/start promo-spring", "first_name": "Ann"},
+                    headers=CONSOLE_AUTH)
                 assert response.status_code == 200
                 for _ in range(200):
                     if relay.received:
