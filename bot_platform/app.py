@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from sqlalchemy import select, text, update
 
@@ -157,13 +157,16 @@ def create_app(platform: Platform) -> FastAPI:
             await session.execute(text("SELECT 1"))
         return {"status": "ok"}
 
-    @app.get("/r/{token}", tags=["tracking"], summary="Count a click and redirect")
-    async def tracked_redirect(token: str) -> Response:
+    @app.get("/r/{token}", tags=["tracking"], summary="Count a click and redirect",
+             response_class=Response, responses={
+                 302: {"description": "To the link's target"},
+                 404: {"description": "No such link", "content": {"text/plain": {}}}})
+    async def tracked_redirect(token: str = Path(max_length=32)) -> Response:
         from bot_platform.catalog import register_click
 
         target = await register_click(platform.db, token, platform.clock.now())
         if target is None:
-            return Response("unknown link", status_code=404)
+            return Response("unknown link", status_code=404, media_type="text/plain")
         return Response(status_code=302, headers={"Location": target})
 
     @app.api_route("/webhooks/{channel}/{bot_id}", methods=["GET", "POST"], tags=["webhooks"],

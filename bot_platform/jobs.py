@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database, renew_leases
@@ -184,7 +185,7 @@ class Scheduler:
             if job is None or job.locked_by != self.worker_id:
                 return
             job.attempts += 1
-            job.last_error = f"{type(error).__name__}: {error}"
+            job.last_error = redact_secrets(f"{type(error).__name__}: {error}")[:1000]
             job.locked_by = job.lease_expires_at = None
             if job.attempts >= self.settings.max_attempts:
                 job.status, job.finished_at = "failed", self.clock.now()

@@ -69,7 +69,7 @@ def _run(base_url: str, document: dict[str, Any],
     sent = 0
     for result in schema.get_all_operations():
         operation = result.ok()
-        if not operation.path.startswith("/api") or (
+        if not operation.path.startswith(("/api", "/r/", "/healthz")) or (
                 operation.method.upper(), operation.path) in SKIPPED:
             continue
         for role, key in keys.items():
