@@ -2,8 +2,10 @@
 agents at once -> one wins, the other gets 409), history, replies through the same channel
 adapter and delivery worker, internal notes, transfer, resolve (the bot resumes).
 
-An agent sees waiting chats and their own; a chat assigned to another agent only after a
-transfer. Admins see everything.
+Who reads what is one rule (``bot_platform.handoff``): an agent reads waiting chats and
+their own (open or resolved); a chat assigned to another agent only after a transfer to
+them. Admins read everything. Status changes are compare-and-set: a transfer or resolve
+of a resolved chat answers 409 and changes nothing.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 
 from admin_api.security import SUPPORT, current, get_platform
+from bot_platform import handoff
 from bot_platform.apikeys import Principal
 from bot_platform.engine import notify_workers
 from bot_platform.models import (
@@ -67,11 +70,19 @@ class ConversationDetail(ConversationPublic):
     history: list[HistoryItem]
 
 
+class ReplyButton(BaseModel):
+    """A link button under an agent's reply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=64)
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+
+
 class Reply(BaseModel):
     text: str = Field(min_length=1, max_length=4000)
-    buttons: list[dict[str, str]] = Field(default_factory=list, max_length=3,
-                                          description="[{title, url}]")
-    image_url: str | None = None
+    buttons: list[ReplyButton] = Field(default_factory=list, max_length=3)
+    image_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
 
 
 class ReplyQueued(BaseModel):
@@ -84,11 +95,13 @@ class Note(BaseModel):
 
 
 class Transfer(BaseModel):
-    agent_id: int = Field(description="the API key id of the agent taking over")
+    agent_id: int = Field(ge=1, le=2**63 - 1,
+                          description="the API key id of the agent taking over")
 
 
 class Resolve(BaseModel):
-    start_flow: str | None = Field(None, description="e.g. a satisfaction question")
+    start_flow: str | None = Field(None, max_length=64,
+                                   description="e.g. a satisfaction question")
 
 
 def _public(conversation: Conversation, subscriber: Subscriber) -> ConversationPublic:
@@ -102,19 +115,33 @@ def _public(conversation: Conversation, subscriber: Subscriber) -> ConversationP
         resolved_at=conversation.resolved_at)
 
 
+def _item(message: Message) -> HistoryItem:
+    return HistoryItem(id=message.id, direction=message.direction, text=message.text,
+                       status=message.status, error=message.error,
+                       author=(message.payload or {}).get("agent"),
+                       created_at=message.created_at)
+
+
 async def _load(session: Any, conversation_id: int, principal: Principal,
-                write: bool = False) -> tuple[Conversation, Subscriber]:
+                act: bool = False) -> tuple[Conversation, Subscriber]:
+    """The conversation and its customer, if ``principal`` may read it (and act on it:
+    reply, transfer, resolve); 404/403 otherwise."""
     conversation = await session.get(Conversation, conversation_id)
     if conversation is None:
         raise HTTPException(404, "no such conversation")
-    mine = conversation.agent_id == str(principal.key_id)
-    if principal.role != "admin":
-        if write and not mine:
-            raise HTTPException(403, "claim this conversation first")
-        if conversation.status == "assigned" and not mine:
-            raise HTTPException(403, "assigned to another agent")
+    if not handoff.may_read(principal, conversation):
+        raise HTTPException(403, "assigned to another agent")
+    if act and not handoff.may_act(principal, conversation):
+        raise HTTPException(403, "claim this conversation first")
     subscriber = await session.get(Subscriber, conversation.subscriber_id)
     return conversation, subscriber
+
+
+async def _changed(session: Any, conversation: Conversation) -> NoReturn:
+    """409 after a lost compare-and-set, saying what the chat is now."""
+    await session.refresh(conversation)
+    raise HTTPException(409, f"the conversation is {conversation.status}"
+                        + (" (by another agent)" if conversation.status == "assigned" else ""))
 
 
 @router.get("", response_model=list[ConversationPublic], **ROLES)
@@ -124,13 +151,10 @@ async def queue(status: str = Query("waiting", pattern="^(waiting|assigned|resol
                 principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> list[ConversationPublic]:
     """The queue, oldest first. Agents see waiting chats and their own."""
-    statuses = ("waiting", "assigned") if status == "open" else (status,)
+    statuses = handoff.OPEN if status == "open" else (status,)
     query = select(Conversation, Subscriber).join(
         Subscriber, Subscriber.id == Conversation.subscriber_id).where(
-        Conversation.status.in_(statuses))
-    if principal.role != "admin":
-        query = query.where((Conversation.status == "waiting")
-                            | (Conversation.agent_id == str(principal.key_id)))
+        Conversation.status.in_(statuses), handoff.readable(principal))
     if channel:
         query = query.where(Subscriber.channel == channel)
     if locale:
@@ -147,13 +171,9 @@ async def queue(status: str = Query("waiting", pattern="^(waiting|assigned|resol
 async def claim(conversation_id: int, principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> ConversationPublic:
     """Take a waiting chat. Two agents at once: one wins, the other gets 409."""
-    now = platform.clock.now()
     async with platform.db.session() as session:
-        won = await session.execute(update(Conversation).where(
-            Conversation.id == conversation_id, Conversation.status == "waiting").values(
-            status="assigned", agent_id=str(principal.key_id), assigned_at=now,
-            updated_at=now))
-        if won.rowcount == 0:
+        if not await handoff.claim(session, conversation_id, agent_id=str(principal.key_id),
+                                   now=platform.clock.now()):
             exists = await session.get(Conversation, conversation_id)
             raise HTTPException(404 if exists is None else 409,
                                 "no such conversation" if exists is None
@@ -175,9 +195,7 @@ async def history(conversation_id: int, principal: Principal = current(SUPPORT),
             .limit(200))).all()
         notes = (await session.scalars(select(ConversationNote).where(
             ConversationNote.conversation_id == conversation_id))).all()
-    items = [HistoryItem(id=m.id, direction=m.direction, text=m.text, status=m.status,
-                         error=m.error, author=(m.payload or {}).get("agent"),
-                         created_at=m.created_at) for m in messages]
+    items = [_item(m) for m in messages]
     items += [HistoryItem(id=n.id, direction="note", text=n.text, status="internal",
                           error=None, author=n.author, created_at=n.created_at)
               for n in notes]
@@ -191,18 +209,18 @@ async def history(conversation_id: int, principal: Principal = current(SUPPORT),
 async def reply(conversation_id: int, body: Reply, principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> ReplyQueued:
     """Send a reply through the customer's messenger (the delivery worker sends it; its
-    status shows in the history). On Facebook it carries the HUMAN_AGENT tag."""
+    status shows in the history). On Facebook it carries the HUMAN_AGENT tag. 409 when
+    the chat is not (or no longer) assigned."""
     from bot_platform.types import Button
 
-    now = platform.clock.now()
     async with platform.db.session() as session:
         conversation, subscriber = await _load(session, conversation_id, principal,
-                                               write=True)
-        if conversation.status != "assigned":
-            raise HTTPException(409, f"the conversation is {conversation.status}")
+                                               act=True)
+        if not await handoff.record_reply(session, conversation, now=platform.clock.now()):
+            await _changed(session, conversation)
         message = Outgoing(
             text=body.text, image_url=body.image_url,
-            buttons=tuple(Button(title=b["title"], url=b.get("url")) for b in body.buttons),
+            buttons=tuple(Button(title=b.title, url=b.url) for b in body.buttons),
             tag="HUMAN_AGENT" if subscriber.channel == "facebook" else None)
         queued = await platform.engine.enqueue(session, subscriber, [(None, message)])
         outbox_ids = [i for i, _ in queued]
@@ -210,8 +228,6 @@ async def reply(conversation_id: int, body: Reply, principal: Principal = curren
             Outbox.id.in_(outbox_ids)))).all()
         await session.execute(update(Message).where(Message.id.in_(message_ids)).values(
             payload={"agent": principal.name}))
-        conversation.first_reply_at = conversation.first_reply_at or now
-        conversation.updated_at = now
         await notify_workers(session)
     platform.engine.on_commit()
     return ReplyQueued(message_id=message_ids[0], outbox_ids=outbox_ids)
@@ -221,7 +237,7 @@ async def reply(conversation_id: int, body: Reply, principal: Principal = curren
              **ROLES)
 async def add_note(conversation_id: int, body: Note, principal: Principal = current(SUPPORT),
                    platform: Any = Depends(get_platform)) -> HistoryItem:
-    """An internal note: agents see it, the customer never does."""
+    """An internal note: agents who may read the chat see it, the customer never does."""
     now = platform.clock.now()
     async with platform.db.session() as session:
         await _load(session, conversation_id, principal)
@@ -237,32 +253,33 @@ async def add_note(conversation_id: int, body: Note, principal: Principal = curr
 async def transfer(conversation_id: int, body: Transfer,
                    principal: Principal = current(SUPPORT),
                    platform: Any = Depends(get_platform)) -> ConversationPublic:
-    """Hand the chat to another agent (by their key id)."""
-    now = platform.clock.now()
+    """Hand an open chat to another agent (by their key id); 409 for a resolved chat."""
     async with platform.db.session() as session:
         conversation, subscriber = await _load(session, conversation_id, principal,
-                                               write=True)
+                                               act=True)
         target = await session.get(ApiKey, body.agent_id)
         if target is None or target.revoked_at is not None or target.role not in SUPPORT:
             raise HTTPException(422, "no such agent")
-        conversation.status, conversation.agent_id = "assigned", str(target.id)
-        conversation.assigned_at = conversation.assigned_at or now
-        conversation.updated_at = now
+        if not await handoff.transfer(session, conversation, to_agent=str(target.id),
+                                      now=platform.clock.now()):
+            await _changed(session, conversation)
+        await session.refresh(conversation)
         return _public(conversation, subscriber)
 
 
 @router.post("/{conversation_id}/resolve", response_model=ConversationPublic, **ROLES)
 async def resolve(conversation_id: int, body: Resolve, principal: Principal = current(SUPPORT),
                   platform: Any = Depends(get_platform)) -> ConversationPublic:
-    """Close the chat: the bot answers the customer again (optionally starting a flow)."""
+    """Close the chat: the bot answers the customer again (optionally starting a flow).
+    409 when it is already resolved (``resolved_at`` keeps the first resolution)."""
     if body.start_flow and body.start_flow not in platform.flows:
         raise HTTPException(422, f"unknown flow {body.start_flow!r}")
-    now = platform.clock.now()
     async with platform.db.session() as session:
         conversation, subscriber = await _load(session, conversation_id, principal,
-                                               write=True)
-        conversation.status, conversation.resolved_at = "resolved", now
-        conversation.updated_at = now
+                                               act=True)
+        if not await handoff.resolve(session, conversation, now=platform.clock.now()):
+            await _changed(session, conversation)
+        await session.refresh(conversation)
         data = _public(conversation, subscriber)
     if body.start_flow:
         await platform.engine.dispatch_event(subscriber.id, "conversation_resolved",
@@ -284,35 +301,51 @@ async def live(request: Request,
                platform: Any = Depends(get_platform)) -> StreamingResponse:
     """Server-Sent Events for agents: ``conversation`` (new escalations, claims, transfers,
     resolutions) and ``message`` (customer messages and replies, with delivery status) for
-    the chats this key may see. Read from the database, so every process's changes show."""
+    the chats this key may read; ``gone`` (``{id, status}``, no chat text) when a chat this
+    stream showed leaves the key's view (another agent claimed it or it was transferred
+    away). Read from the database, so every process's changes show. Every poll re-checks
+    the key: revoked, the stream ends (``end``); the server shutting down ends it too."""
 
     async def events() -> AsyncIterator[str]:
         since = platform.clock.now()
-        last_message_id = 0
+        visible_rule = handoff.readable(principal)
         async with platform.db.session() as session:
             last_message_id = await session.scalar(select(func.max(Message.id))) or 0
+            # What the agent's page already shows: told when it leaves their view.
+            shown = set((await session.scalars(select(Conversation.id).where(
+                Conversation.status.in_(handoff.OPEN), visible_rule))).all())
         yield "event: ready\ndata: {}\n\n"
         seen: set[tuple[Any, ...]] = set()  # (kind, id, version) already sent
         deadline = asyncio.get_running_loop().time() + max_seconds
-        while asyncio.get_running_loop().time() < deadline and \
-                not await request.is_disconnected():
+        while asyncio.get_running_loop().time() < deadline:
+            if platform.stopping.is_set() or await request.is_disconnected():
+                return
             now = platform.clock.now()
             async with platform.db.session() as session:
+                if await session.scalar(select(ApiKey.id).where(
+                        ApiKey.id == principal.key_id, ApiKey.revoked_at.is_(None))) is None:
+                    yield 'event: end\ndata: {"reason": "key revoked"}\n\n'
+                    return
                 query = select(Conversation, Subscriber).join(
                     Subscriber, Subscriber.id == Conversation.subscriber_id)
-                if principal.role != "admin":
-                    query = query.where((Conversation.status == "waiting") | (
-                        Conversation.agent_id == str(principal.key_id)))
                 changed = (await session.execute(query.where(
-                    Conversation.updated_at >= since))).all()
+                    Conversation.updated_at >= since,
+                    visible_rule | Conversation.id.in_(shown)))).all()
                 visible = (await session.execute(query.where(
-                    Conversation.status.in_(("waiting", "assigned"))))).all()
+                    visible_rule, Conversation.status.in_(handoff.OPEN)))).all()
                 by_subscriber = {s.id: c.id for c, s in visible}
                 messages = (await session.scalars(select(Message).where(
                     Message.subscriber_id.in_(by_subscriber),
                     (Message.id > last_message_id) | (Message.updated_at >= since))
                     .order_by(Message.id))).all() if by_subscriber else []
             for conversation, subscriber in changed:
+                if not handoff.may_read(principal, conversation):
+                    shown.discard(conversation.id)
+                    gone = {"id": conversation.id, "status": conversation.status}
+                    yield f"event: gone\ndata: {json.dumps(gone)}\n\n"
+                    continue
+                if conversation.status in handoff.OPEN:
+                    shown.add(conversation.id)
                 marker = ("c", conversation.id, conversation.status, conversation.agent_id)
                 if marker in seen:
                     continue
@@ -324,13 +357,8 @@ async def live(request: Request,
                 if marker in seen:
                     continue
                 seen.add(marker)
-                item = HistoryItem(id=message.id, direction=message.direction,
-                                   text=message.text, status=message.status,
-                                   error=message.error,
-                                   author=(message.payload or {}).get("agent"),
-                                   created_at=message.created_at)
                 payload = {"conversation_id": by_subscriber[message.subscriber_id],
-                           **item.model_dump(mode="json")}
+                           **_item(message).model_dump(mode="json")}
                 yield f"event: message\ndata: {json.dumps(payload)}\n\n"
                 last_message_id = max(last_message_id, message.id)
             since = now

@@ -10,16 +10,15 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 
-from admin_api.security import EVERYONE, MARKETING, get_platform, roles
+from admin_api.security import ADMIN, EVERYONE, MARKETING, current, get_platform, roles
+from bot_platform import handoff, privacy
+from bot_platform.apikeys import Principal
 from bot_platform.models import (
-    Answer,
-    Contact,
-    Conversation,
-    CustomerEvent,
     FlowState,
     Message,
     Subscriber,
@@ -81,8 +80,18 @@ class FlowStatePublic(BaseModel):
 
 class Profile(SubscriberPublic):
     identities: list[SubscriberPublic]
-    recent_messages: list[MessagePublic]
+    recent_messages: list[MessagePublic] | None = Field(
+        description="The last 50 messages in and out; null when the caller may not read "
+                    "this person's chats (marketers; agents without a waiting chat of "
+                    "theirs or one assigned to them)")
     flows: list[FlowStatePublic]
+
+
+class PersonalData(BaseModel):
+    subscriber_id: int
+    tables: dict[str, list[dict[str, Any]]] = Field(
+        description="Every row that holds the person's data, per table, all columns "
+                    "(the inventory in bot_platform/privacy.py)")
 
 
 class SubscriberUpdate(BaseModel):
@@ -214,9 +223,11 @@ async def export(format: Literal["csv", "json"] = "csv", channel: text(32) | Non
 
 
 @router.get("/{subscriber_id}", response_model=Profile, **roles(EVERYONE))
-async def profile(subscriber_id: int, platform: Any = Depends(get_platform)) -> Profile:
+async def profile(subscriber_id: int, principal: Principal = current(EVERYONE),
+                  platform: Any = Depends(get_platform)) -> Profile:
     """A subscriber with tags, attributes, all channel identities of the contact, recent
-    messages and flow positions."""
+    messages (only for callers who may read the person's chats: the handoff rule) and
+    flow positions."""
     async with platform.db.session() as session:
         subscriber = await session.get(Subscriber, subscriber_id)
         if subscriber is None:
@@ -224,17 +235,34 @@ async def profile(subscriber_id: int, platform: Any = Depends(get_platform)) -> 
         identities = (await session.scalars(select(Subscriber).where(
             Subscriber.contact_id == subscriber.contact_id).order_by(Subscriber.id))).all()
         tags = await _tags(session, [s.id for s in identities])
-        messages = (await session.scalars(select(Message).where(
-            Message.subscriber_id == subscriber_id).order_by(Message.id.desc())
-            .limit(50))).all()
+        recent: list[MessagePublic] | None = None
+        if await handoff.may_read_subscriber(session, principal, subscriber_id):
+            messages = (await session.scalars(select(Message).where(
+                Message.subscriber_id == subscriber_id).order_by(Message.id.desc())
+                .limit(50))).all()
+            recent = [MessagePublic.model_validate(m, from_attributes=True)
+                      for m in reversed(messages)]
         flows = (await session.scalars(select(FlowState).where(
             FlowState.subscriber_id == subscriber_id).order_by(FlowState.flow))).all()
     return Profile(
         **_public(subscriber, tags[subscriber.id]).model_dump(),
         identities=[_public(s, tags[s.id]) for s in identities],
-        recent_messages=[MessagePublic.model_validate(m, from_attributes=True)
-                         for m in reversed(messages)],
+        recent_messages=recent,
         flows=[FlowStatePublic.model_validate(f, from_attributes=True) for f in flows])
+
+
+@router.get("/{subscriber_id}/personal-data", response_model=PersonalData, **roles(ADMIN))
+async def personal_data(subscriber_id: int,
+                        platform: Any = Depends(get_platform)) -> PersonalData:
+    """Everything stored about the person behind a subscriber (every channel identity of
+    its contact), from the same inventory the delete uses: for a data subject's access
+    request. Admins only: it includes chat texts and notes."""
+    async with platform.db.session() as session:
+        person = await privacy.find_person(session, subscriber_id)
+        if person is None:
+            raise HTTPException(404, "no such subscriber")
+        tables = await privacy.export_person(session, person)
+    return PersonalData(subscriber_id=subscriber_id, tables=jsonable_encoder(tables))
 
 
 @router.patch("/{subscriber_id}", response_model=SubscriberPublic, **roles(MARKETING))
@@ -270,27 +298,11 @@ async def update_subscriber(subscriber_id: DbId, body: SubscriberUpdate,
 
 @router.delete("/{subscriber_id}", status_code=204, **roles(MARKETING))
 async def forget(subscriber_id: int, platform: Any = Depends(get_platform)) -> None:
-    """Right to be forgotten: personal data and messages go; anonymous counts stay (the
-    subscriber row remains as "forgotten", without names, ids or attributes)."""
-    async with platform.db.session() as session:
-        subscriber = await session.get(Subscriber, subscriber_id)
-        if subscriber is None:
-            raise HTTPException(404, "no such subscriber")
-        await session.execute(update(Message).where(Message.subscriber_id == subscriber_id)
-                              .values(text=None, payload=None))
-        await session.execute(delete(SubscriberTag).where(
-            SubscriberTag.subscriber_id == subscriber_id))
-        await session.execute(delete(Answer).where(Answer.subscriber_id == subscriber_id))
-        await session.execute(update(Conversation).where(
-            Conversation.subscriber_id == subscriber_id).values(summary=None, data={}))
-        await session.execute(update(CustomerEvent).where(
-            CustomerEvent.subscriber_id == subscriber_id).values(data={}))
-        contact = await session.get(Contact, subscriber.contact_id)
-        if contact is not None:
-            contact.phone = contact.email = None
-        subscriber.user_id = f"forgotten-{subscriber.id}"
-        subscriber.first_name = subscriber.last_name = subscriber.username = None
-        subscriber.source_ref = None
-        subscriber.attributes = {}
-        subscriber.status = "unsubscribed"
-        subscriber.updated_at = platform.clock.now()
+    """Right to be forgotten, for the person behind the subscriber (every channel identity
+    of its contact): names, username, phone, email, attributes, messenger user ids, the
+    texts of every message in and out, chat summaries and internal notes, flow positions,
+    answers, timers and shop event details go; queued messages are not sent; open chats
+    are closed. Anonymous rows stay so figures keep their counts (the subscriber rows
+    remain as "forgotten-<id>"). The inventory is ``bot_platform/privacy.py``."""
+    if not await privacy.forget(platform.engine, subscriber_id, now=platform.clock.now()):
+        raise HTTPException(404, "no such subscriber")

@@ -90,6 +90,7 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
 
     def shutdown() -> None:
         stop.set()
+        platform.stopping.set()  # open live streams end, so the server can stop
         if server is not None:
             server.should_exit = True
 

@@ -52,6 +52,7 @@ from bot_platform.models import (
     Subscriber,
     SubscriberTag,
 )
+from bot_platform.privacy import event_key
 from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
 
@@ -278,7 +279,7 @@ class Engine:
         i, session = context.inbound, context.session
         assert session is not None
         result = await session.execute(insert_ignore(session, ProcessedEvent).values(
-            channel=i.channel, bot_id=i.bot_id, event_id=i.event_id,
+            channel=i.channel, bot_id=i.bot_id, event_id=event_key(i.event_id),
             processed_at=self.clock.now()))
         if result.rowcount == 0:
             context.duplicate = True

@@ -75,6 +75,9 @@ class Platform:
             (bot.channel, bot.id): bot for bot in settings.all_bots()}
         self.http: aiohttp.ClientSession | None = None
         self.worker_id = new_worker_id()
+        # Set when the process is asked to stop: long responses (the live stream) end, or
+        # the web server would wait for them forever.
+        self.stopping = asyncio.Event()
         self.catalogs: Catalogs
         self.flows: FlowSet
         self.engine: Engine
@@ -265,6 +268,7 @@ class Platform:
                 if hasattr(adapter, "poll")]
 
     async def close(self) -> None:
+        self.stopping.set()
         for adapter in self.channels.values():
             close = getattr(adapter, "close", None)
             if close is not None:

@@ -130,6 +130,9 @@ async def test_subscribers_list_profile_update_export_and_forget(api) -> None:
     subscriber_id = page["items"][0]["id"]
     profile = (await client.get(f"/api/subscribers/{subscriber_id}", headers=agent)).json()
     assert profile["tags"] == ["new-subscriber"]
+    assert profile["recent_messages"] is None  # no chat of theirs: the handoff rule
+    admin = auth(keys["admin"])
+    profile = (await client.get(f"/api/subscribers/{subscriber_id}", headers=admin)).json()
     assert profile["recent_messages"][-1]["text"].startswith("Hi Alex!")
     assert profile["flows"][0]["flow"] == "welcome"
     assert (await client.patch(f"/api/subscribers/{subscriber_id}", json={},
@@ -148,7 +151,7 @@ async def test_subscribers_list_profile_update_export_and_forget(api) -> None:
 
     assert (await client.delete(f"/api/subscribers/{subscriber_id}",
                                 headers=marketer)).status_code == 204
-    forgotten = (await client.get(f"/api/subscribers/{subscriber_id}", headers=agent)).json()
+    forgotten = (await client.get(f"/api/subscribers/{subscriber_id}", headers=admin)).json()
     assert forgotten["first_name"] is None and forgotten["attributes"] == {}
     assert forgotten["user_id"] == f"forgotten-{subscriber_id}"
     assert all(m["text"] is None for m in forgotten["recent_messages"])

@@ -116,3 +116,108 @@ async def test_inbox_shows_escalations_live_replies_and_resolves(make_platform) 
             await working
             server.should_exit = True
             await serving
+
+
+class CuttableProxy:
+    """A TCP relay in front of the server whose connections can be cut (a network error:
+    the browser's stream read fails, new connections are refused) and restored."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+
+async def test_inbox_reconnects_after_a_network_error(make_platform) -> None:
+    import httpx
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import admin_api.conversations as conversations
+
+    browser = await asyncio.to_thread(_browser)
+    async with FakeTelegramServer() as fake:
+        platform = await make_platform(bots=[BotConfig(
+            id="shop", channel="telegram", token=TOKEN, secret=SECRET, api_base=fake.url)])
+        _, key = await create_key(platform.db, name="ann", role="agent",
+                                  now=platform.clock.now())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(platform.app(), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve())
+        proxy = CuttableProxy(port)
+        old_poll, conversations.LIVE_POLL_SECONDS = conversations.LIVE_POLL_SECONDS, 0.1
+        try:
+            for _ in range(250):
+                if server.started:
+                    break
+                await asyncio.sleep(0.02)
+            await proxy.start()
+
+            def connect() -> None:
+                browser.get(f"http://127.0.0.1:{proxy.port}/inbox")
+                browser.find_element(By.ID, "key").send_keys(key)
+                browser.find_element(By.ID, "connect").click()
+                WebDriverWait(browser, 20).until(
+                    ec.text_to_be_present_in_element((By.ID, "status"), "connected as ann"))
+
+            await asyncio.to_thread(connect)
+            await proxy.cut()  # the stream breaks mid-read; reconnects are refused
+            await asyncio.to_thread(WebDriverWait(browser, 20).until,
+                                    ec.text_to_be_present_in_element((By.ID, "status"),
+                                                                     "reconnecting"))
+            await asyncio.sleep(1.5)
+            await proxy.start()  # the network is back, same address
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                await client.post("/webhooks/telegram/shop",
+                                  content=json.dumps(message_update(1, "оператор")),
+                                  headers={"X-Telegram-Bot-Api-Secret-Token": SECRET,
+                                           "Content-Type": "application/json"})
+
+            def sees_the_new_chat() -> None:
+                wait = WebDriverWait(browser, 40)
+                wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#queue li .claim")))
+                wait.until(ec.text_to_be_present_in_element((By.ID, "status"),
+                                                            "connected as ann"))
+
+            await asyncio.to_thread(sees_the_new_chat)
+        finally:
+            conversations.LIVE_POLL_SECONDS = old_poll
+            await asyncio.to_thread(browser.quit)
+            await proxy.cut()
+            server.should_exit = True
+            platform.stopping.set()
+            await serving
