@@ -232,6 +232,25 @@ async def test_players_racing_for_the_last_codes_are_never_promised_one_in_vain(
     assert await scalar(platform, issued) == 3
 
 
+async def test_a_prize_with_a_stock_is_won_at_most_that_often(
+        make_platform, tmp_path: Path, db_url: str) -> None:
+    flow = WHEEL.replace("MAX_WINS", "").replace(
+        "pool: roulette-10}", "stock: 2}")
+    flows = tmp_path / "stock-flows"
+    flows.mkdir()
+    (flows / "wheel.yaml").write_text(flow)
+    platform = await make_platform(flows_dir=flows, database_url=db_url)
+    console = platform.channel("console", "console")
+    users = [f"s{n}" for n in range(12)]
+    for line in ("spin", "Spin!"):
+        await asyncio.gather(*(platform.engine.handle(console.inbound(u, line))
+                               for u in users))
+        await platform.drain()
+    texts = [m.text for _, m in console.sent]
+    assert texts.count(WON) == 2 and texts.count(OUT) == 10
+    assert await scalar(platform, select(func.count()).select_from(GameWin)) == 2
+
+
 async def test_200_concurrent_spins_against_50_codes(make_platform, tmp_path: Path,
                                                      db_url: str) -> None:
     platform = await make_platform(flows_dir=wheel_dir(tmp_path), database_url=db_url)
