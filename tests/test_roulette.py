@@ -194,6 +194,31 @@ async def test_a_winner_cannot_spin_again_for_another_prize(
     assert tuple(row) == (1, 1)  # refused spins are not counted
 
 
+async def test_one_person_on_two_messengers_spinning_at_once_wins_once(
+        make_platform, tmp_path: Path, db_url: str) -> None:
+    from sqlalchemy import update
+
+    platform = await make_platform(flows_dir=wheel_dir(tmp_path), database_url=db_url)
+    await import_codes(platform.db, "roulette-10", ["C-1", "C-2", "C-3"], platform.clock.now())
+    platform.engine.random = LowestPoint()
+    for user in ("a", "b"):
+        await Chat(platform, user=user).say("spin")
+    async with platform.db.session() as session:  # one contact, two messenger identities
+        contact_id = await session.scalar(select(Subscriber.contact_id).where(
+            Subscriber.user_id == "a"))
+        await session.execute(update(Subscriber).where(Subscriber.user_id == "b")
+                              .values(contact_id=contact_id))
+    console = platform.channel("console", "console")
+    # Each identity has its own chat lock: only the spin's compare-and-set keeps them apart.
+    await asyncio.gather(*(platform.engine.handle(console.inbound(user, "Spin!"))
+                           for user in ("a", "b") * 3))
+    await platform.drain()
+    texts = [m.text for _, m in console.sent]
+    assert texts.count(WON) == 1
+    assert sum(t.startswith("You have already won 10% off.") for t in texts) == 5
+    assert await scalar(platform, issued) == 1
+
+
 async def test_several_prizes_per_player_when_configured(make_platform, tmp_path) -> None:
     platform = await make_platform(flows_dir=wheel_dir(tmp_path, "max_wins: null"))
     await import_codes(platform.db, "roulette-10", ["M-1", "M-2"], platform.clock.now())
