@@ -9,12 +9,14 @@ actions and flows. ``docs/flows.md`` documents the language.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import re2
 import yaml
 from pydantic import (
     BaseModel,
@@ -50,6 +52,27 @@ def parse_duration(value: Any) -> timedelta:
     if seconds <= 0:
         raise ValueError(f"bad duration {value!r}: must be positive")
     return timedelta(seconds=seconds)
+
+
+# Capture patterns run on customer text, so they are compiled with RE2, which matches in
+# time linear in the input (no backtracking: ``(a+)+$`` cannot hang the event loop); the
+# price is no backreferences or lookaround, and ``\w``, ``\d``, ``\b`` are ASCII (use
+# ``\pL``, ``\pN`` for letters and digits of every script).
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is reported as a flow issue, not on stderr
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> Any:
+    """A capture pattern compiled with RE2; raises ValueError with RE2's reason."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as error:
+        reason = error.args[0] if error.args else error
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        raise ValueError(f"bad pattern {pattern!r}: {reason} (patterns use RE2 syntax: "
+                         "no backreferences or lookaround)") from error
 
 
 class _Spec(BaseModel):
@@ -175,13 +198,21 @@ class PrizeSpec(_Spec):
 
 class SpinSpec(_Spec):
     """Spin the wheel of ``game``: sets ``attribute`` to the prize's name (``no_spins``
-    once the allowance is used, ``out_of_prizes`` when nothing is left), and
-    ``<attribute>_label`` / ``<attribute>_pool`` for the messages and the code draw."""
+    once the allowance is used, ``already_won`` once the contact has won ``max_wins``
+    prizes, ``out_of_prizes`` when nothing is left), and ``<attribute>_label``,
+    ``<attribute>_pool`` and ``<attribute>_code`` (the code reserved for the win, drawn
+    before the outcome is announced).
+
+    A prize with neither ``pool`` nor ``stock`` is a blank ("nothing this time"): it does
+    not count as a win."""
 
     game: str = Field(pattern=NAME_PATTERN)
     prizes: list[PrizeSpec] = Field(min_length=1)
     max_spins: int = Field(default=3, ge=0)
-    referral_bonus: int = Field(default=1, ge=0)  # extra spins per referred new subscriber
+    # Extra spins per new subscriber who came through the contact's referral link; the
+    # referred friend gets the same bonus once.
+    referral_bonus: int = Field(default=1, ge=0)
+    max_wins: int | None = Field(default=1, ge=1)  # prizes per contact; null: no limit
     attribute: str = "prize"
 
     def catalog_keys(self) -> list[tuple[str, str]]:
@@ -190,6 +221,19 @@ class SpinSpec(_Spec):
 
 class SpinAction(_Spec):
     spin: SpinSpec
+
+
+class SpinsLeftSpec(_Spec):
+    """Put the contact's spins left on the wheel of ``game`` (spun by a ``spin`` action of
+    the same flow, whose allowance it uses) into ``attribute``; 0 once a win used up
+    ``max_wins``."""
+
+    game: str = Field(pattern=NAME_PATTERN)
+    attribute: str = "spins_left"
+
+
+class SpinsLeftAction(_Spec):
+    spins_left: SpinsLeftSpec
 
 
 class EscalationSpec(_Spec):
@@ -218,6 +262,7 @@ ACTIONS: dict[str, type[_Spec]] = {
     "promo_code": PromoCodeAction,
     "recommend": RecommendAction,
     "spin": SpinAction,
+    "spins_left": SpinsLeftAction,
 }
 
 
@@ -310,10 +355,7 @@ class CaptureSpec(_Spec):
         if self.type == "regex":
             if not self.pattern:
                 raise ValueError("type regex needs a pattern")
-            try:
-                re.compile(self.pattern)
-            except re.error as error:
-                raise ValueError(f"bad pattern: {error}") from error
+            compile_pattern(self.pattern)
         if self.type == "choice" and not self.choices:
             raise ValueError("type choice needs choices")
         return self
@@ -408,6 +450,14 @@ class FlowSpec(_Spec):
         if not states:
             raise ValueError("a flow needs at least one state")
         return states
+
+    def spin_spec(self, game: str) -> SpinSpec | None:
+        """The first ``spin`` action of ``game`` in this flow (its allowance rules)."""
+        for state in self.states.values():
+            for _, action in _state_actions(state):
+                if isinstance(action, SpinAction) and action.spin.game == game:
+                    return action.spin
+        return None
 
 
 # ---- semantic checks -------------------------------------------------------------------
@@ -505,6 +555,12 @@ def check_flow(spec: FlowSpec, file: str, catalogs: Catalogs) -> list[FlowIssue]
         for suffix, target in state_edges(state):
             if target not in spec.states:
                 issues.append(unknown(f"states.{name}.{suffix}", target))
+        for suffix, action in _state_actions(state):
+            if isinstance(action, SpinsLeftAction) and spec.spin_spec(
+                    action.spins_left.game) is None:
+                issues.append(FlowIssue(
+                    file, f"states.{name}.{suffix}.spins_left.game",
+                    f"no spin action of game {action.spins_left.game!r} in this flow"))
         for suffix, key in catalog_keys(state):
             path = f"states.{name}.{suffix}"
             if not catalogs.has(catalogs.default_locale, key):

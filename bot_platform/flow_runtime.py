@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from transitions import Machine, MachineError, State
 
@@ -38,11 +39,13 @@ from bot_platform.flow_dsl import (
     ScoreAction,
     SetAction,
     SpinAction,
+    SpinsLeftAction,
     StartFlowAction,
     StateSpec,
     TagAction,
     TagCondition,
     UntagAction,
+    compile_pattern,
     parse_duration,
 )
 from bot_platform.i18n import Catalogs
@@ -222,12 +225,18 @@ def condition_holds(condition: Condition, turn: Turn) -> bool:
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^\+?\d{7,15}$")
+# Customer text longer than this never validates against a pattern (an email, a phone, a
+# number, a flow's regex, a choice): a bound on the work one message can cause, far above
+# any value such a capture expects. Free ``text`` captures keep what they get.
+MAX_MATCHED_CHARS = 1000
 
 
 def validate_capture(spec: CaptureSpec, text: str) -> tuple[bool, Any]:
     """Check free text against a capture spec; returns (ok, normalized value)."""
     text = text.strip()
     if not text:
+        return False, None
+    if spec.type != "text" and len(text) > MAX_MATCHED_CHARS:
         return False, None
     if spec.type == "email":
         return (True, text.lower()) if _EMAIL.match(text) else (False, None)
@@ -242,7 +251,9 @@ def validate_capture(spec: CaptureSpec, text: str) -> tuple[bool, Any]:
             return False, None
         return True, int(number) if number.is_integer() else number
     if spec.type == "regex":
-        return (True, text) if re.fullmatch(spec.pattern or "", text) else (False, None)
+        # RE2: linear time, whatever the pattern (validated at load with the same engine).
+        matched = compile_pattern(spec.pattern or "").fullmatch(text)
+        return (True, text) if matched else (False, None)
     if spec.type == "choice":
         for choice in spec.choices:
             if choice.casefold() == text.casefold():
@@ -254,10 +265,39 @@ def validate_capture(spec: CaptureSpec, text: str) -> tuple[bool, Any]:
 # ---- actions ---------------------------------------------------------------------------
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _placeholder_value(turn: Turn, name: str) -> str:
+    """An attribute as placeholder text; a missing one is empty (0 stays "0")."""
+    value = turn.lookup(name)
+    return "" if value is None else str(value)
+
+
 def _interpolate(value: Any, turn: Turn) -> Any:
     if not isinstance(value, str):
         return value
-    return re.sub(r"\{(\w+)\}", lambda m: str(turn.lookup(m.group(1)) or ""), value)
+    return _PLACEHOLDER.sub(lambda m: _placeholder_value(turn, m.group(1)), value)
+
+
+def fill_url(url: str, turn: Turn) -> str | None:
+    """A button URL with its ``{attribute}`` placeholders filled like texts fill them
+    (a missing attribute is empty), each value percent-encoded as one URL component, so
+    an order id like ``A&B 1/2`` cannot add query parameters or path segments. A URL
+    that starts with a placeholder takes the value as the URL's start, unencoded (a link
+    the shop sent, e.g. ``{cart_updated_url}``). None when the result is not an http(s)
+    URL: the button is left out rather than the message refused by the messenger."""
+    def component(match: re.Match[str]) -> str:
+        text = _placeholder_value(turn, match.group(1))
+        return text if match.start() == 0 else quote(text, safe="")
+
+    filled = _PLACEHOLDER.sub(component, url)
+    if urlsplit(filled).scheme.lower() not in ("http", "https") or any(
+            c.isspace() or ord(c) < 32 for c in filled):
+        log.warning("button URL %r is %r after filling placeholders; button left out",
+                    url, filled)
+        return None
+    return filled
 
 
 def _do_tag(turn: Turn, position: Position, action: TagAction) -> None:
@@ -347,29 +387,30 @@ async def _do_recommend(turn: Turn, position: Position, action: RecommendAction)
 async def _do_spin(turn: Turn, position: Position, action: SpinAction) -> None:
     from bot_platform import games
 
-    spec = action.spin
-    session, name = turn.session, spec.attribute
-    allowed = spec.max_spins + spec.referral_bonus * await games.referral_count(
-        session, turn.contact_id)
+    spec, name = action.spin, action.spin.attribute
+    outcome = await games.spin(turn.session, contact_id=turn.contact_id,
+                               subscriber_id=turn.subscriber_id, spec=spec,
+                               rng=turn.services.random, now=turn.now)
     turn.attributes_changed = True
-    turn.attributes[f"{name}_pool"] = None
-    if await games.take_spin(session, contact_id=turn.contact_id, game=spec.game,
-                             allowed=allowed) is None:
-        turn.attributes[name] = games.NO_SPINS
-        return
-    available = [p for p in spec.prizes if p.weight > 0 and await games.in_stock(
-        session, spec.game, p.name, p.pool, p.stock)]
-    chosen = games.choose([(p.name, p.weight) for p in available], turn.services.random)
-    prize = next((p for p in available if p.name == chosen), None)
-    if prize is None:
-        turn.attributes[name] = games.OUT_OF_PRIZES
-        return
-    await games.record_win(session, contact_id=turn.contact_id, game=spec.game,
-                           prize=prize.name, now=turn.now)
-    turn.attributes[name] = prize.name
-    turn.attributes[f"{name}_pool"] = prize.pool
-    turn.attributes[f"{name}_label"] = turn.services.catalogs.format(
-        turn.locale, prize.label, turn.variables(turn.services.catalogs))
+    turn.attributes[name] = outcome.result
+    turn.attributes[f"{name}_pool"] = outcome.prize.pool if outcome.prize else None
+    if outcome.code is not None:
+        # Kept until the next win: an old "get my code" button shows this same code.
+        turn.attributes[f"{name}_code"] = outcome.code
+    if outcome.prize is not None:
+        turn.attributes[f"{name}_label"] = turn.services.catalogs.format(
+            turn.locale, outcome.prize.label, turn.variables(turn.services.catalogs))
+
+
+async def _do_spins_left(turn: Turn, position: Position, action: SpinsLeftAction) -> None:
+    from bot_platform import games
+
+    spec = turn.services.flows[position.flow].spec.spin_spec(action.spins_left.game)
+    if spec is None:  # check_flow rejects this at load
+        raise FlowError(f"flow {position.flow!r} has no spin of {action.spins_left.game!r}")
+    turn.attributes[action.spins_left.attribute] = await games.spins_left(
+        turn.session, turn.contact_id, spec)
+    turn.attributes_changed = True
 
 
 # Action model -> executor; later capabilities add their own entries.
@@ -384,6 +425,7 @@ ACTION_EXECUTORS: dict[type, Callable[[Turn, Position, Any], None]] = {
     PromoCodeAction: _do_promo_code,
     RecommendAction: _do_recommend,
     SpinAction: _do_spin,
+    SpinsLeftAction: _do_spins_left,
 }
 
 
@@ -538,16 +580,18 @@ class CompiledFlow:
                     for m in state.say]
         if not messages:
             return []
-        buttons = tuple(
-            Button(title=fmt(turn.locale, b.label, variables), url=b.url) if b.url else
-            Button(title=fmt(turn.locale, b.label, variables),
-                   payload=self.payloads[(name, "button", i)])
-            for i, b in enumerate(state.buttons))
+        buttons = []
+        for i, b in enumerate(state.buttons):
+            title = fmt(turn.locale, b.label, variables)
+            if not b.url:
+                buttons.append(Button(title=title, payload=self.payloads[(name, "button", i)]))
+            elif (url := fill_url(b.url, turn)) is not None:
+                buttons.append(Button(title=title, url=url))
         quick = tuple(
             QuickReply(title=fmt(turn.locale, q.label, variables),
                        payload=self.payloads.get((name, "quick", i), ""), request=q.request)
             for i, q in enumerate(state.quick_replies))
-        messages[-1] = messages[-1].model_copy(update={"buttons": buttons,
+        messages[-1] = messages[-1].model_copy(update={"buttons": tuple(buttons),
                                                        "quick_replies": quick})
         return messages
 

@@ -363,10 +363,14 @@ class GameSpin(Base):
         ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
     game: Mapped[str] = mapped_column(String(64), primary_key=True)
     spins: Mapped[int] = mapped_column(Integer, default=0)
+    # Prizes won (blanks excluded): the spin's compare-and-set also checks it, so a
+    # contact wins at most ``max_wins`` prizes whatever the interleaving.
+    wins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class GameWin(Base):
-    """A prize won, for stock limits and analytics."""
+    """A spin's outcome, for stock limits and analytics; ``code`` is the promo code
+    reserved for it in the same transaction (drawn before the win is announced)."""
 
     __tablename__ = "game_wins"
     __table_args__ = (Index("ix_game_wins_prize", "game", "prize"),)
@@ -375,6 +379,7 @@ class GameWin(Base):
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
     game: Mapped[str] = mapped_column(String(64))
     prize: Mapped[str] = mapped_column(String(64))
+    code: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
 
 

@@ -134,6 +134,14 @@ def test_warnings_unreachable_state_and_missing_translation(
     ("start: one\nstates: {one: {actions: [{start_flow: nope}], end: true}}",
      "states.one.actions[0].start_flow", "unknown flow 'nope'"),
     ("start: One\nstates: {One: {say: a}}", "states", "state names must match"),
+    # Capture patterns are compiled with RE2 at load: what it cannot run is an error there.
+    ("start: one\nstates: {one: {say: a, capture: {attribute: x, type: regex, "
+     "pattern: '(a)\\1', retry: a, goto: one}}}", "states.one.capture",
+     "no backreferences or lookaround"),
+    ("start: one\nstates: {one: {say: a, capture: {attribute: x, type: regex, "
+     "pattern: '(?=a)a', retry: a, goto: one}}}", "states.one.capture", "RE2 syntax"),
+    ("start: one\nstates: {one: {actions: [{spins_left: {game: g}}], end: true}}",
+     "states.one.actions[0].spins_left.game", "no spin action of game 'g' in this flow"),
 ])
 def test_structural_errors_name_the_path(tmp_path: Path, body: str, path: str,
                                          fragment: str) -> None:
@@ -203,3 +211,56 @@ def test_the_documented_example_is_a_valid_flow(tmp_path: Path) -> None:
     specs, issues = validate_paths(tmp_path / "flows", catalogs)
     errors = [i for i in issues if i.severity == "error" and "skin_quiz" in i.file]
     assert errors == [] and "skin_quiz" in specs
+
+
+CAPTURE = """
+    flow: code
+    triggers: [{on: keyword, keywords: [code]}]
+    start: ask
+    states:
+      ask:
+        say: a
+        capture: {attribute: answer, type: regex, pattern: "PATTERN", retry: b, goto: done}
+      done: {say: c, end: true}
+"""
+
+
+def capture_spec(pattern: str):
+    from bot_platform.flow_dsl import CaptureSpec
+
+    return CaptureSpec(attribute="x", type="regex", pattern=pattern, retry="r", goto="g")
+
+
+def test_a_backtracking_pattern_cannot_hang_on_customer_text() -> None:
+    from bot_platform.flow_runtime import validate_capture
+
+    # With a backtracking engine (Python's re) this takes longer than the universe's age;
+    # RE2 answers at once. No timer: the test simply has to finish.
+    spec = capture_spec("(a+)+$")
+    assert validate_capture(spec, "a" * 50 + "b") == (False, None)
+    assert validate_capture(spec, "a" * 50) == (True, "a" * 50)
+    assert validate_capture(capture_spec("(x+x+)+y"), "x" * 5000) == (False, None)
+
+
+def test_captures_bound_the_text_they_match_and_read_every_script() -> None:
+    from bot_platform.flow_runtime import MAX_MATCHED_CHARS, validate_capture
+
+    spec = capture_spec("a+")
+    assert validate_capture(spec, "a" * MAX_MATCHED_CHARS)[0]
+    assert validate_capture(spec, "a" * (MAX_MATCHED_CHARS + 1)) == (False, None)
+    assert validate_capture(capture_spec(r"\pL+ \pL+"), "Оля Коваль") == (True, "Оля Коваль")
+
+
+async def test_a_flow_with_a_backtracking_pattern_answers_with_its_retry(
+        make_platform, tmp_path: Path) -> None:
+    from tests.test_engine import Chat
+
+    write(tmp_path / "locales" / "en", "x.ftl",
+          "a = Your code?\nb = Not a code.\nc = Thanks!\ndefault-name = you\n")
+    write(tmp_path / "flows", "code.yaml", CAPTURE.replace("PATTERN", "(a+)+$"))
+    platform = await make_platform(flows_dir=tmp_path / "flows",
+                                   locales_dir=tmp_path / "locales")
+    chat = Chat(platform)
+    assert [m.text for m in await chat.say("code")] == ["Your code?"]
+    assert [m.text for m in await chat.say("a" * 50 + "b")] == ["Not a code."]
+    assert [m.text for m in await chat.say("aaaa")] == ["Thanks!"]
