@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, SecretStr
 from sqlalchemy import select
 
+from admin_api.errors import unprocessable
 from admin_api.security import ADMIN, get_platform, roles
 from bot_platform.channels import BUILTIN_CHANNELS, Redactor
 from bot_platform.models import BotRecord
@@ -157,7 +158,7 @@ async def register(body: BotCreate, platform: Any = Depends(get_platform)) -> Bo
             await session.delete(await session.get(BotRecord, record.id))
         redact = Redactor(*(s.get_secret_value() for s in (
             body.token, body.secret, body.verify_token) if s is not None))
-        raise HTTPException(422, f"cannot build this bot: {redact(str(error))}") from None
+        raise unprocessable(f"cannot build this bot: {redact(str(error))}") from None
     webhook = await _setup_webhook(platform, body.channel, body.bot_id)
     return _public(platform, record, webhook)
 

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 
+from admin_api.errors import unprocessable
 from admin_api.security import SUPPORT, current, get_platform
 from bot_platform import handoff
 from bot_platform.apikeys import Principal
@@ -33,6 +34,7 @@ from bot_platform.models import (
     Outbox,
     Subscriber,
 )
+from bot_platform.text import DbId, StorableText
 from bot_platform.types import Outgoing
 
 router = APIRouter(prefix="/conversations", tags=["handoff"])
@@ -75,12 +77,12 @@ class ReplyButton(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    title: str = Field(min_length=1, max_length=64)
-    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://")
+    title: StorableText = Field(min_length=1, max_length=64)
+    url: StorableText = Field(min_length=1, max_length=2048, pattern=r"^https?://")
 
 
 class Reply(BaseModel):
-    text: str = Field(min_length=1, max_length=4000)
+    text: StorableText = Field(min_length=1, max_length=4000)
     buttons: list[ReplyButton] = Field(default_factory=list, max_length=3)
     image_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
 
@@ -91,7 +93,7 @@ class ReplyQueued(BaseModel):
 
 
 class Note(BaseModel):
-    text: str = Field(min_length=1, max_length=4000)
+    text: StorableText = Field(min_length=1, max_length=4000)
 
 
 class Transfer(BaseModel):
@@ -168,7 +170,7 @@ async def queue(status: str = Query("waiting", pattern="^(waiting|assigned|resol
 
 
 @router.post("/{conversation_id}/claim", response_model=ConversationPublic, **ROLES)
-async def claim(conversation_id: int, principal: Principal = current(SUPPORT),
+async def claim(conversation_id: DbId, principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> ConversationPublic:
     """Take a waiting chat. Two agents at once: one wins, the other gets 409."""
     async with platform.db.session() as session:
@@ -184,7 +186,7 @@ async def claim(conversation_id: int, principal: Principal = current(SUPPORT),
 
 
 @router.get("/{conversation_id}", response_model=ConversationDetail, **ROLES)
-async def history(conversation_id: int, principal: Principal = current(SUPPORT),
+async def history(conversation_id: DbId, principal: Principal = current(SUPPORT),
                   platform: Any = Depends(get_platform)) -> ConversationDetail:
     """The whole chat: the customer's and the bot's messages (with the answers that led
     here), agents' replies with their delivery status, and internal notes."""
@@ -206,7 +208,7 @@ async def history(conversation_id: int, principal: Principal = current(SUPPORT),
 
 @router.post("/{conversation_id}/messages", response_model=ReplyQueued, status_code=202,
              **ROLES)
-async def reply(conversation_id: int, body: Reply, principal: Principal = current(SUPPORT),
+async def reply(conversation_id: DbId, body: Reply, principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> ReplyQueued:
     """Send a reply through the customer's messenger (the delivery worker sends it; its
     status shows in the history). On Facebook it carries the HUMAN_AGENT tag. 409 when
@@ -235,7 +237,7 @@ async def reply(conversation_id: int, body: Reply, principal: Principal = curren
 
 @router.post("/{conversation_id}/notes", status_code=201, response_model=HistoryItem,
              **ROLES)
-async def add_note(conversation_id: int, body: Note, principal: Principal = current(SUPPORT),
+async def add_note(conversation_id: DbId, body: Note, principal: Principal = current(SUPPORT),
                    platform: Any = Depends(get_platform)) -> HistoryItem:
     """An internal note: agents who may read the chat see it, the customer never does."""
     now = platform.clock.now()
@@ -250,7 +252,7 @@ async def add_note(conversation_id: int, body: Note, principal: Principal = curr
 
 
 @router.post("/{conversation_id}/transfer", response_model=ConversationPublic, **ROLES)
-async def transfer(conversation_id: int, body: Transfer,
+async def transfer(conversation_id: DbId, body: Transfer,
                    principal: Principal = current(SUPPORT),
                    platform: Any = Depends(get_platform)) -> ConversationPublic:
     """Hand an open chat to another agent (by their key id); 409 for a resolved chat."""
@@ -259,7 +261,7 @@ async def transfer(conversation_id: int, body: Transfer,
                                                act=True)
         target = await session.get(ApiKey, body.agent_id)
         if target is None or target.revoked_at is not None or target.role not in SUPPORT:
-            raise HTTPException(422, "no such agent")
+            raise unprocessable("no such agent", loc=("body", "agent_id"))
         if not await handoff.transfer(session, conversation, to_agent=str(target.id),
                                       now=platform.clock.now()):
             await _changed(session, conversation)
@@ -268,12 +270,12 @@ async def transfer(conversation_id: int, body: Transfer,
 
 
 @router.post("/{conversation_id}/resolve", response_model=ConversationPublic, **ROLES)
-async def resolve(conversation_id: int, body: Resolve, principal: Principal = current(SUPPORT),
+async def resolve(conversation_id: DbId, body: Resolve, principal: Principal = current(SUPPORT),
                   platform: Any = Depends(get_platform)) -> ConversationPublic:
     """Close the chat: the bot answers the customer again (optionally starting a flow).
     409 when it is already resolved (``resolved_at`` keeps the first resolution)."""
     if body.start_flow and body.start_flow not in platform.flows:
-        raise HTTPException(422, f"unknown flow {body.start_flow!r}")
+        raise unprocessable(f"unknown flow {body.start_flow!r}", loc=("body", "start_flow"))
     async with platform.db.session() as session:
         conversation, subscriber = await _load(session, conversation_id, principal,
                                                act=True)

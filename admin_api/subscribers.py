@@ -223,7 +223,7 @@ async def export(format: Literal["csv", "json"] = "csv", channel: text(32) | Non
 
 
 @router.get("/{subscriber_id}", response_model=Profile, **roles(EVERYONE))
-async def profile(subscriber_id: int, principal: Principal = current(EVERYONE),
+async def profile(subscriber_id: DbId, principal: Principal = current(EVERYONE),
                   platform: Any = Depends(get_platform)) -> Profile:
     """A subscriber with tags, attributes, all channel identities of the contact, recent
     messages (only for callers who may read the person's chats: the handoff rule) and
@@ -252,7 +252,7 @@ async def profile(subscriber_id: int, principal: Principal = current(EVERYONE),
 
 
 @router.get("/{subscriber_id}/personal-data", response_model=PersonalData, **roles(ADMIN))
-async def personal_data(subscriber_id: int,
+async def personal_data(subscriber_id: DbId,
                         platform: Any = Depends(get_platform)) -> PersonalData:
     """Everything stored about the person behind a subscriber (every channel identity of
     its contact), from the same inventory the delete uses: for a data subject's access
@@ -297,7 +297,7 @@ async def update_subscriber(subscriber_id: DbId, body: SubscriberUpdate,
 
 
 @router.delete("/{subscriber_id}", status_code=204, **roles(MARKETING))
-async def forget(subscriber_id: int, platform: Any = Depends(get_platform)) -> None:
+async def forget(subscriber_id: DbId, platform: Any = Depends(get_platform)) -> None:
     """Right to be forgotten, for the person behind the subscriber (every channel identity
     of its contact): names, username, phone, email, attributes, messenger user ids, the
     texts of every message in and out, chat summaries and internal notes, flow positions,
