@@ -76,6 +76,7 @@ TRACKING_LIMIT = 4096
 def _reply_button(title: str, payload: str | None, *, columns: int) -> dict[str, Any]:
     """A reply button that never shows its payload: Viber posts the ActionBody into the
     chat as the customer's message unless the button is ``Silent``."""
+    title = (title or "…")[:250]
     return {"ActionType": "reply", "ActionBody": payload or title, "Text": title,
             "Silent": True, "Columns": columns, "Rows": 1}
 
@@ -274,10 +275,10 @@ class ViberChannel:
                       **_tap(card.url, fallback=caption[:250])})
         for button in card_buttons:
             if button.url:
-                cells.append({"Columns": 6, "Rows": 1, "Text": button.title,
+                cells.append({"Columns": 6, "Rows": 1, "Text": (button.title or "…")[:250],
                               "ActionType": "open-url", "ActionBody": button.url})
             else:
-                cells.append({**_reply_button(button.title, button.payload, columns=6)})
+                cells.append(_reply_button(button.title, button.payload, columns=6))
         return cells
 
     def _message_body(self, message: Outgoing) -> list[dict[str, Any]]:
