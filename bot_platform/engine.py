@@ -426,7 +426,7 @@ class Engine:
             turn, rows = await self.load_turn(session, subscriber)
             await self.route_inbound(turn, context.inbound)
             context.queued.extend(await self.save_turn(session, subscriber, turn, rows,
-                                                       hold=context.hold))
+                                                       hold=context.hold, in_reply=True))
         await call_next(context)
 
     # ---- routing --------------------------------------------------------------------
@@ -646,9 +646,12 @@ class Engine:
         return turn, rows
 
     async def save_turn(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
-                        rows: dict[str, FlowState], hold: timedelta | None = None
-                        ) -> list[tuple[int, Outgoing]]:
-        """Persist a turn: positions, tags, attributes, timers and outbox rows."""
+                        rows: dict[str, FlowState], hold: timedelta | None = None,
+                        in_reply: bool = False) -> list[tuple[int, Outgoing]]:
+        """Persist a turn: positions, tags, attributes, timers and outbox rows.
+
+        ``in_reply``: the turn handles the customer's message, so what it sends answers it
+        (``Outgoing.in_reply``); timers and shop events send proactively."""
         now = turn.now
         for flow, position in turn.positions.items():
             if not position.changed:
@@ -701,6 +704,8 @@ class Engine:
         sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:
             sends.extend(await self.escalate(session, subscriber, turn))
+        if in_reply:
+            sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
         queued = await self.enqueue(session, subscriber, sends, hold=hold)
         if any(e.fallback for e in effects):
             await self._schedule_fallbacks(session, subscriber, effects, queued, now)

@@ -111,6 +111,10 @@ class Outgoing(BaseModel):
     image_url: str | None = None
     cards: tuple[Card, ...] = ()
     tag: str | None = None  # Facebook message tag, allowed outside the 24-hour window
+    # A direct answer to the customer's message, queued in the turn that handled it.
+    # False for everything else (broadcasts, timers, shop events, fallbacks, agents):
+    # Facebook sends those as UPDATE, never RESPONSE.
+    in_reply: bool = False
     extras: dict[str, Any] = Field(default_factory=dict)  # channel-specific additions
 
 
@@ -234,7 +238,8 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
     button_groups = [buttons[i: i + caps.max_buttons]
                      for i in range(0, len(buttons), max(caps.max_buttons, 1))] or [[]]
     for chunk in texts[:-1]:
-        parts.append(Outgoing(text=chunk, tag=message.tag, extras=message.extras))
+        parts.append(Outgoing(text=chunk, tag=message.tag, in_reply=message.in_reply,
+                              extras=message.extras))
     last_text = texts[-1]
     for index, group in enumerate(button_groups):
         parts.append(Outgoing(
@@ -242,6 +247,7 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
             buttons=tuple(group),
             image_url=message.image_url if index == 0 and caps.images else None,
             tag=message.tag,
+            in_reply=message.in_reply,
             extras=message.extras,
         ))
     if message.image_url and not caps.images:
@@ -254,7 +260,8 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
         if caps.carousels:
             for i in range(0, len(cards), caps.max_cards):
                 parts.append(Outgoing(cards=tuple(cards[i: i + caps.max_cards]),
-                                      tag=message.tag, extras=message.extras))
+                                      tag=message.tag, in_reply=message.in_reply,
+                                      extras=message.extras))
         else:
             for card in cards:
                 caption = "\n".join(x for x in (card.title, card.subtitle) if x)
@@ -263,7 +270,8 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
                     card_buttons = [Button(title=card.title, url=card.url)]
                 parts.extend(fit_message(Outgoing(
                     text=caption, image_url=card.image_url, buttons=tuple(card_buttons),
-                    tag=message.tag, extras=message.extras), caps))
+                    tag=message.tag, in_reply=message.in_reply, extras=message.extras),
+                    caps))
     # An empty leading text part (a message that was only cards) carries nothing.
     parts = [p for p in parts if p.text or p.buttons or p.image_url or p.cards] or parts[:1]
     if quick:

@@ -3,8 +3,13 @@ raw body with the app secret, constant-time), the Send API over our injected aio
 session at a configurable Graph base URL and version.
 
 The 24-hour standard messaging window is declared as a capability: the delivery worker
-skips untagged messages to subscribers whose last message is older (``outside_window``);
-a message tag (``Outgoing.tag``) sends ``messaging_type: MESSAGE_TAG``.
+skips untagged messages to subscribers whose last message is older (``outside_window``).
+``messaging_type`` says why a message is sent: ``RESPONSE`` only for a direct answer to
+the customer's message (``Outgoing.in_reply``: queued by the turn that handled it),
+``UPDATE`` for everything sent on our own initiative inside the window (broadcasts,
+timers, shop events, channel fallbacks, AI answers from a job), and ``MESSAGE_TAG`` with
+the message's tag (``Outgoing.tag``: agents' replies carry ``HUMAN_AGENT``, allowed for
+7 days after the customer's last message).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ FACEBOOK_CAPABILITIES = Capabilities(
     reply_window=timedelta(hours=24), read_receipts=True,
 )
 BUTTON_TEXT_LIMIT = 640
+BUTTON_TITLE = 20
 QUICK_REPLY_TITLE = 20
+MAX_QUICK_REPLIES = 13
 GET_STARTED = "GET_STARTED"
 RATE_LIMIT_CODES = {4, 17, 32, 613}
 
@@ -183,9 +190,10 @@ class FacebookChannel:
 
     @staticmethod
     def _button(button: Any) -> dict[str, Any]:
+        title = (button.title or "…")[:BUTTON_TITLE]
         if button.url:
-            return {"type": "web_url", "url": button.url, "title": button.title}
-        return {"type": "postback", "title": button.title, "payload": button.payload or ""}
+            return {"type": "web_url", "url": button.url, "title": title}
+        return {"type": "postback", "title": title, "payload": button.payload or title}
 
     def _bodies(self, message: Outgoing) -> list[dict[str, Any]]:
         """The Send API ``message`` objects for one (already fitted) message, in order."""
@@ -196,7 +204,7 @@ class FacebookChannel:
         if message.cards:
             elements = []
             for card in message.cards:
-                element: dict[str, Any] = {"title": card.title[:80]}
+                element: dict[str, Any] = {"title": (card.title or "…")[:80]}
                 if card.subtitle:
                     element["subtitle"] = card.subtitle[:80]
                 if card.image_url:
@@ -204,20 +212,23 @@ class FacebookChannel:
                 if card.url:
                     element["default_action"] = {"type": "web_url", "url": card.url}
                 if card.buttons:
-                    element["buttons"] = [self._button(b) for b in card.buttons]
+                    element["buttons"] = [self._button(b) for b in card.buttons[:3]]
                 elements.append(element)
             if message.text:
                 bodies.append({"text": message.text})
             bodies.append({"attachment": {"type": "template", "payload": {
                 "template_type": "generic", "elements": elements}}})
-        elif message.text:
+        elif message.text or message.buttons:
             limit = BUTTON_TEXT_LIMIT if message.buttons else self.capabilities.max_text_length
-            chunks = split_text(message.text, limit)
+            chunks = split_text(message.text or "…", limit)
             bodies.extend({"text": chunk} for chunk in chunks[:-1])
-            if message.buttons:
-                bodies.append({"attachment": {"type": "template", "payload": {
-                    "template_type": "button", "text": chunks[-1],
-                    "buttons": [self._button(b) for b in message.buttons]}}})
+            if message.buttons:  # a button template holds 1-3 buttons
+                for start in range(0, len(message.buttons), 3):
+                    bodies.append({"attachment": {"type": "template", "payload": {
+                        "template_type": "button",
+                        "text": chunks[-1] if start == 0 else "…",
+                        "buttons": [self._button(b)
+                                    for b in message.buttons[start:start + 3]]}}})
             else:
                 bodies.append({"text": chunks[-1]})
         if message.quick_replies and bodies:
@@ -226,11 +237,19 @@ class FacebookChannel:
                 if reply.request == "phone":
                     replies.append({"content_type": "user_phone_number"})
                 else:
-                    replies.append({"content_type": "text",
-                                    "title": reply.title[:QUICK_REPLY_TITLE],
-                                    "payload": reply.payload or reply.title})
-            bodies[-1]["quick_replies"] = replies
+                    title = (reply.title or "…")[:QUICK_REPLY_TITLE]
+                    replies.append({"content_type": "text", "title": title,
+                                    "payload": reply.payload or title})
+            bodies[-1]["quick_replies"] = replies[:MAX_QUICK_REPLIES]
         return bodies
+
+    @staticmethod
+    def messaging_type(message: Outgoing) -> dict[str, str]:
+        """RESPONSE answers the customer's message; anything we start is UPDATE, or
+        MESSAGE_TAG with its tag (the only way past the 24-hour window)."""
+        if message.tag:
+            return {"messaging_type": "MESSAGE_TAG", "tag": message.tag}
+        return {"messaging_type": "RESPONSE" if message.in_reply else "UPDATE"}
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
         """One message; whatever went wrong comes back as a result without the tokens."""
@@ -238,9 +257,7 @@ class FacebookChannel:
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         envelope: dict[str, Any] = {"recipient": {"id": recipient},
-                                    "messaging_type": "RESPONSE"}
-        if message.tag:
-            envelope.update(messaging_type="MESSAGE_TAG", tag=message.tag)
+                                    **self.messaging_type(message)}
         last: SendResult = SendResult.failed("nothing to send")
         for body in self._bodies(message):
             last = await self._post({**envelope, "message": body})

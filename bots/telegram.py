@@ -301,7 +301,9 @@ class TelegramChannel:
                 if button.url:
                     rows.append([InlineKeyboardButton(text=button.title, url=button.url)])
                 else:
-                    data = await self._callback_data(button.payload or "")
+                    # callback_data must be 1-64 bytes: a button with no payload
+                    # (an agent's) answers with its title.
+                    data = await self._callback_data(button.payload or button.title)
                     rows.append([InlineKeyboardButton(text=button.title, callback_data=data)])
             return InlineKeyboardMarkup(inline_keyboard=rows)
         if message.quick_replies:

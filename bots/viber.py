@@ -7,9 +7,16 @@ API URL, has no ``broadcast_message``, raises bare ``Exception``s, compares sign
 event loop never blocks), the base URL is configurable, signatures are compared in constant
 time, results are typed ``SendResult``s, and unknown events are logged and acknowledged.
 
-Button presses: keyboard buttons reply with their ``ActionBody`` as the message text; each
-keyboard we send carries the payloads it shows in ``tracking_data``, which Viber returns
-with the user's reply, so a reply whose text is one of them is a button press.
+Button presses: reply buttons send their ``ActionBody`` (our payload) as the message text;
+each keyboard or carousel we send carries the payloads it shows in ``tracking_data``, which
+Viber returns with the user's reply, so a reply whose text is one of them is a button press.
+Every reply button is ``Silent`` (Viber 6.7+, ``min_api_version`` 2): without it Viber
+would post the payload into the chat as the customer's own message.
+
+Carousels are rich media of 6 x 7 cells per card, each card filling its group exactly
+(picture 3 rows, caption the rows left, a row per button), every cell with an
+``ActionBody``: Viber refuses a button without one (``badData``), and a card that leaves
+rows free makes the next one start mid-group. docs/channels/viber.md has the details.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from bot_platform.config import BotConfig
 from bot_platform.errors import BadPayload, BadSignature
 from bot_platform.types import (
     Capabilities,
+    Card,
     Inbound,
     InboundKind,
     Outgoing,
@@ -57,6 +65,46 @@ EVENT_TYPES = ["delivered", "seen", "failed", "subscribed", "unsubscribed",
                "conversation_started"]
 BLOCKED_STATUSES = {5, 6, 7}  # not registered, not subscribed, account blocked
 RETRY_STATUSES = {12}  # too many requests
+
+
+# Viber API levels (``min_api_version``) of what we use. ``Silent`` and rich media came
+# with Viber 6.7 (level 2), share-phone with level 3 (the keyboard docs' table).
+SILENT_API = 2
+RICH_MEDIA_API = 2
+SHARE_PHONE_API = 3
+CARD_ROWS = 7  # rows of one carousel card (a group of 6 x 7 cells)
+CARD_IMAGE_ROWS = 3
+MAX_CARD_BUTTONS = 2  # with a picture: 3 + caption 2 + 2 buttons = 7 rows
+MAX_CARDS = 6  # rich media holds at most 6 groups
+TRACKING_LIMIT = 4096
+
+
+def _reply_button(title: str, payload: str | None, *, columns: int) -> dict[str, Any]:
+    """A reply button that never shows its payload: Viber posts the ActionBody into the
+    chat as the customer's message unless the button is ``Silent``."""
+    title = (title or "…")[:250]
+    return {"ActionType": "reply", "ActionBody": payload or title, "Text": title,
+            "Silent": True, "Columns": columns, "Rows": 1}
+
+
+def _tap(url: str | None, *, fallback: str) -> dict[str, Any]:
+    """What tapping a card cell does: open the product, or nothing (``none`` still needs a
+    non-empty ActionBody)."""
+    if url:
+        return {"ActionType": "open-url", "ActionBody": url}
+    return {"ActionType": "none", "ActionBody": fallback or "…"}
+
+
+def _tracking(payloads: list[str]) -> str:
+    """``tracking_data`` naming the payloads on screen (Viber returns it with the reply),
+    within Viber's 4096 characters: payloads that do not fit are left out (logged)."""
+    kept: list[str] = []
+    for payload in dict.fromkeys(payloads):
+        if len(json.dumps({"payloads": [*kept, payload]})) > TRACKING_LIMIT:
+            log.warning("viber: tracking_data full; payload %r left out", payload[:40])
+            continue
+        kept.append(payload)
+    return json.dumps({"payloads": kept})
 
 
 class ForbiddenSignature(BadSignature):
@@ -190,54 +238,71 @@ class ViberChannel:
 
     # ---- outbound ----------------------------------------------------------------------
 
-    def _keyboard(self, message: Outgoing) -> tuple[dict[str, Any] | None, str | None]:
-        buttons, payloads = [], []
+    def _keyboard(self, message: Outgoing) -> tuple[dict[str, Any] | None, list[str], int]:
+        """The keyboard, the reply payloads it shows and the API level it needs."""
+        buttons: list[dict[str, Any]] = []
+        payloads: list[str] = []
+        level = 1
         for button in message.buttons:
             if button.url:
                 buttons.append({"ActionType": "open-url", "ActionBody": button.url,
                                 "Text": button.title, "Columns": 6, "Rows": 1})
             else:
-                buttons.append({"ActionType": "reply", "ActionBody": button.payload or "",
-                                "Text": button.title, "Columns": 6, "Rows": 1})
-                payloads.append(button.payload or "")
+                buttons.append(_reply_button(button.title, button.payload, columns=6))
+                payloads.append(buttons[-1]["ActionBody"])
         for reply in message.quick_replies:
             if reply.request == "phone":
                 buttons.append({"ActionType": "share-phone", "ActionBody": "phone",
                                 "Text": reply.title, "Columns": 6, "Rows": 1})
+                level = max(level, SHARE_PHONE_API)
                 continue
-            body = reply.payload or reply.title
-            buttons.append({"ActionType": "reply", "ActionBody": body, "Text": reply.title,
-                            "Columns": 3, "Rows": 1})
-            payloads.append(body)
+            buttons.append(_reply_button(reply.title, reply.payload, columns=3))
+            payloads.append(buttons[-1]["ActionBody"])
         if not buttons:
-            return None, None
+            return None, [], level
+        if payloads:
+            level = max(level, SILENT_API)
         keyboard = {"Type": "keyboard", "DefaultHeight": False, "Buttons": buttons[:24]}
-        return keyboard, json.dumps({"payloads": payloads})
+        return keyboard, payloads, level
+
+    @staticmethod
+    def _card_buttons(card: Card) -> list[dict[str, Any]]:
+        """One card = one group of 6 x ``CARD_ROWS`` cells, filled exactly: the picture
+        (3 rows, if any), the caption (the rows left) and a row per button. Every cell has
+        an ActionBody (Viber requires it, for ``none`` too)."""
+        card_buttons = list(card.buttons[:MAX_CARD_BUTTONS])
+        cells: list[dict[str, Any]] = []
+        caption = "\n".join(x for x in (card.title, card.subtitle) if x) or "…"
+        if card.image_url:
+            cells.append({"Columns": 6, "Rows": CARD_IMAGE_ROWS, "Image": card.image_url,
+                          **_tap(card.url, fallback=card.title or card.image_url)})
+        caption_rows = CARD_ROWS - len(cells) * CARD_IMAGE_ROWS - len(card_buttons)
+        cells.append({"Columns": 6, "Rows": caption_rows, "Text": caption[:250],
+                      "TextVAlign": "middle", "TextHAlign": "left",
+                      **_tap(card.url, fallback=caption[:250])})
+        for button in card_buttons:
+            if button.url:
+                cells.append({"Columns": 6, "Rows": 1, "Text": (button.title or "…")[:250],
+                              "ActionType": "open-url", "ActionBody": button.url})
+            else:
+                cells.append(_reply_button(button.title, button.payload, columns=6))
+        return cells
 
     def _message_body(self, message: Outgoing) -> list[dict[str, Any]]:
         """Viber message dicts (without receiver) for one fitted message, in order."""
         bodies: list[dict[str, Any]] = []
-        keyboard, tracking = self._keyboard(message)
+        keyboard, payloads, level = self._keyboard(message)
         if message.cards:
-            columns = []
-            for card in message.cards:
-                if card.image_url:
-                    columns.append({"Columns": 6, "Rows": 3, "ActionType": "open-url",
-                                    "ActionBody": card.url or card.image_url,
-                                    "Image": card.image_url})
-                caption = "\n".join(x for x in (card.title, card.subtitle) if x)
-                columns.append({"Columns": 6, "Rows": 2, "Text": caption[:250],
-                                "ActionType": "none"})
-                for button in card.buttons[:2]:
-                    columns.append({"Columns": 6, "Rows": 1, "Text": button.title,
-                                    "ActionType": "open-url" if button.url else "reply",
-                                    "ActionBody": button.url or button.payload or ""})
+            cells = [cell for card in message.cards[:MAX_CARDS]
+                     for cell in self._card_buttons(card)]
             if message.text:
                 bodies.append(TextMessage(text=message.text).to_dict())
+            card_payloads = [c["ActionBody"] for c in cells if c["ActionType"] == "reply"]
             bodies.append(RichMediaMessage(rich_media={
-                "Type": "rich_media", "ButtonsGroupColumns": 6, "ButtonsGroupRows": 7,
-                "BgColor": "#FFFFFF", "Buttons": columns}, min_api_version=2,
-                alt_text=message.text or message.cards[0].title).to_dict())
+                "Type": "rich_media", "ButtonsGroupColumns": 6, "ButtonsGroupRows": CARD_ROWS,
+                "BgColor": "#FFFFFF", "Buttons": cells}, min_api_version=RICH_MEDIA_API,
+                alt_text=(message.text or message.cards[0].title or "…")[:7000],
+                tracking_data=_tracking(card_payloads) if card_payloads else None).to_dict())
         else:
             if message.image_url:
                 caption = message.text if len(message.text) <= 120 else ""
@@ -250,8 +315,12 @@ class ViberChannel:
         if not bodies:
             bodies.append(TextMessage(text="…").to_dict())
         if keyboard is not None:
-            bodies[-1]["keyboard"] = keyboard
-            bodies[-1]["tracking_data"] = tracking
+            last = bodies[-1]
+            last["keyboard"] = keyboard
+            known = json.loads(last["tracking_data"])["payloads"] \
+                if last.get("tracking_data") else []
+            last["tracking_data"] = _tracking(known + payloads)
+            last["min_api_version"] = max(int(last.get("min_api_version") or 1), level)
         for body in bodies:
             for key in [k for k, v in body.items() if v is None]:
                 del body[key]

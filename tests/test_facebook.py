@@ -30,9 +30,12 @@ async def graph() -> Any:
 
 @pytest.fixture
 async def facebook(make_platform, graph):
-    return await make_platform(bots=[BotConfig(
+    platform = await make_platform(bots=[BotConfig(
         id="page", channel="facebook", token="PAGE-TOKEN", secret=APP_SECRET,
         verify_token="verify-me", api_base=graph.url)])
+    graph.clock = platform.clock.now  # the 24-hour and 7-day windows on the same clock
+    platform.graph = graph  # post() tells it what the person did
+    return platform
 
 
 def webhook(*events: dict) -> dict:
@@ -55,6 +58,8 @@ def get_started(psid: str = "PSID1", ts: int = 1, ref: str | None = None) -> dic
 async def post(platform, body: dict | bytes, secret: str | None = APP_SECRET):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
+    if isinstance(body, dict) and secret == APP_SECRET and hasattr(platform, "graph"):
+        platform.graph.observe(body)
     if secret is not None:
         digest = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
         headers["X-Hub-Signature-256"] = f"sha256={digest}"
@@ -210,3 +215,116 @@ async def test_rendering_carousels_images_and_long_button_text(facebook, graph) 
     *plain, template = graph.messages("P")[2:]
     assert plain and len(template["attachment"]["payload"]["text"]) <= 640
     assert template["quick_replies"][0]["title"] == "A very long quick re"
+
+
+# ---- messaging_type: RESPONSE only answers the person's message (issue 14, item 3) --------
+
+async def test_the_fake_refuses_what_the_send_api_refuses(facebook, graph) -> None:
+    from tests.fakes.graph_api import check_message
+
+    def send(message: dict, **envelope: Any) -> str | None:
+        return check_message({"recipient": {"id": "P"}, "messaging_type": "UPDATE",
+                              "message": message, **envelope})
+
+    button = {"type": "postback", "title": "Yes", "payload": "y"}
+    template = {"attachment": {"type": "template", "payload": {
+        "template_type": "button", "text": "Pick", "buttons": [button] * 3}}}
+    assert send(template) is None
+    template["attachment"]["payload"]["buttons"] = [button] * 4
+    assert "1-3 buttons" in send(template)
+    assert "1-20" in send({"attachment": {"type": "template", "payload": {
+        "template_type": "button", "text": "Pick",
+        "buttons": [{**button, "title": "A title of 21 chars.."}]}}})
+    element = {"title": "Cream", "subtitle": "29 EUR"}
+    assert send({"attachment": {"type": "template", "payload": {
+        "template_type": "generic", "elements": [element] * 11}}}) is not None
+    assert "quick replies" in send({"text": "Rate us", "quick_replies": [
+        {"content_type": "text", "title": str(n), "payload": str(n)} for n in range(14)]})
+    assert "1-2000" in send({"text": "x" * 2001})
+    assert "messaging_type" in send({"text": "hi"}, messaging_type="PROMOTION")
+    assert "tag" in send({"text": "hi"}, messaging_type="MESSAGE_TAG", tag="SALE")
+    assert "alone" in check_message({"recipient": {"id": "P"}, "sender_action": "typing_on",
+                                     "message": {"text": "hi"}})
+
+    await post(facebook, webhook(get_started()))
+    await facebook.drain()
+    assert graph.sent("PSID1")[-1].body["messaging_type"] == "RESPONSE"
+    graph.settle()  # the answer was delivered: whatever comes next is proactive
+    channel = facebook.channel("facebook", "page")
+    refused = await channel.send("PSID1", Outgoing(text="Sale!", in_reply=True))
+    assert refused.status == "failed" and "RESPONSE" in (refused.reason or "")
+    assert (await channel.send("PSID1", Outgoing(text="Sale!"))).status == "sent"
+    assert graph.sent("PSID1")[-1].body["messaging_type"] == "UPDATE"
+
+
+async def outbox_errors(platform) -> list[str | None]:
+    async with platform.db.session() as session:
+        return list((await session.scalars(select(Outbox.last_error).order_by(
+            Outbox.id))).all())
+
+
+async def test_a_broadcast_goes_out_as_update(facebook, graph) -> None:
+    from bot_platform.apikeys import create_key
+
+    await post(facebook, webhook(get_started()))
+    await facebook.drain()
+    graph.settle()
+    _, key = await create_key(facebook.db, name="m", role="marketer",
+                              now=facebook.clock.now())
+    async with facebook.http_client() as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        created = await client.post("/api/broadcasts", json={
+            "name": "spring", "filter": {"status": "subscribed"},
+            "variants": [{"name": "A", "percent": 100,
+                          "messages": {"en": {"text": "Spring sale: 20% off!"}}}]})
+        assert (await client.post(f"/api/broadcasts/{created.json()['id']}/start")
+                ).status_code == 200
+        await facebook.drain()
+    last = graph.sent("PSID1")[-1].body
+    assert (last["messaging_type"], last["message"]) == (
+        "UPDATE", {"text": "Spring sale: 20% off!"})
+    assert graph.refused() == []
+
+
+async def test_a_flow_timer_goes_out_as_update(facebook, graph) -> None:
+    await post(facebook, webhook(get_started()))
+    await facebook.drain()
+    facebook.clock.advance(timedelta(hours=20))
+    await post(facebook, webhook(event("PSID1", 2, message={"mid": "m-2", "text": "hmm"})))
+    await facebook.drain()  # the "did not get that" answer: a RESPONSE
+    assert graph.sent("PSID1")[-1].body["messaging_type"] == "RESPONSE"
+    graph.settle()
+    before = len(graph.sent("PSID1"))
+    facebook.clock.advance(timedelta(hours=4, minutes=1))  # the greeting's 1-day timer
+    await facebook.drain()
+    [tip] = graph.sent("PSID1")[before:]
+    assert tip.body["messaging_type"] == "UPDATE"
+    assert graph.refused() == []
+
+
+async def test_agent_replies_carry_human_agent_and_stop_after_seven_days(
+        facebook, graph) -> None:
+    from bot_platform.apikeys import create_key
+
+    await post(facebook, webhook(get_started()))
+    await post(facebook, webhook(event("PSID1", 2, message={"mid": "m-2", "text": "human"})))
+    await facebook.drain()
+    graph.settle()
+    _, key = await create_key(facebook.db, name="ann", role="agent",
+                              now=facebook.clock.now())
+    async with facebook.http_client() as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        [waiting] = (await client.get("/api/conversations")).json()
+        path = f"/api/conversations/{waiting['id']}"
+        await client.post(f"{path}/claim")
+        await client.post(f"{path}/messages", json={"text": "Hi, Ann here."})
+        await facebook.drain()
+        last = graph.sent("PSID1")[-1].body
+        assert (last["messaging_type"], last["tag"]) == ("MESSAGE_TAG", "HUMAN_AGENT")
+        facebook.clock.advance(timedelta(days=8))
+        await client.post(f"{path}/messages", json={"text": "Still there?"})
+        await facebook.drain()
+    assert graph.messages("PSID1")[-1] == {"text": "Hi, Ann here."}
+    [late] = graph.refused()
+    assert late.body["message"] == {"text": "Still there?"}
+    assert (await outbox_errors(facebook))[-1].startswith("outside_window")

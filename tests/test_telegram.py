@@ -349,3 +349,53 @@ async def test_viewed_birthday_winback_and_language_through_telegram(telegram, f
     telegram.clock.advance(timedelta(days=31))
     await telegram.drain()
     assert fake.texts(1111)[-1].startswith("Tęsknimy, Olena!")
+
+
+async def test_the_fake_refuses_what_the_bot_api_refuses(telegram, fake) -> None:
+    """The Bot API's documented limits, answered 400 with Telegram's descriptions."""
+    import aiohttp
+
+    from tests.fakes.telegram_api import check_send
+
+    def send(**params: Any) -> str | None:
+        return check_send("sendMessage", {"chat_id": 1, "parse_mode": "HTML", **params})
+
+    button = {"text": "Go", "callback_data": "x" * 64}
+    assert send(text="hi", reply_markup={"inline_keyboard": [[button]]}) is None
+    assert send(text="hi", reply_markup={"inline_keyboard": [[{
+        **button, "callback_data": "x" * 65}]]}) == "BUTTON_DATA_INVALID"
+    assert send(text="hi", reply_markup={"inline_keyboard": [[{
+        **button, "callback_data": "й" * 33}]]}) == "BUTTON_DATA_INVALID"  # 66 bytes
+    assert send(text="hi", reply_markup={"inline_keyboard": [[{
+        **button, "callback_data": ""}]]}) == "BUTTON_DATA_INVALID"
+    assert send(text="hi", reply_markup={"inline_keyboard": [[{
+        "text": "Go", "url": "shop.example.com"}]]}) == "BUTTON_URL_INVALID"
+    assert send(text="hi", reply_markup={"inline_keyboard": [[{"text": "Go"}]]}) == \
+        "text buttons are unallowed in the inline keyboard"
+    assert send(text="") == "message text is empty"
+    assert send(text="&lt;" * 4096) is None  # one character each after parsing
+    assert send(text="x" * 4097) == "message is too long"
+    assert send(text="😀" * 2049) == "message is too long"  # 4098 UTF-16 units
+    assert send(text="Tom & Jerry").startswith("can't parse entities")
+    assert send(text="<blink>hi</blink>").startswith("can't parse entities")
+    assert check_send("sendPhoto", {"chat_id": 1, "photo": "https://i.example/p.jpg",
+                                    "caption": "x" * 1025}) == "message caption is too long"
+
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{fake.url}/bot{TOKEN}/sendMessage",
+            json={"chat_id": 1111, "text": "x" * 4097}) as response:
+        assert (response.status, await response.json()) == (400, {
+            "ok": False, "error_code": 400, "description": "Bad Request: message is too long"})
+    assert fake.sent() == [] and len(fake.refused()) == 1
+
+
+async def test_a_button_without_payload_or_url_still_sends(telegram, fake) -> None:
+    """An agent's reply button with a title only used to become callback_data "" (1-64
+    bytes required): Telegram refused the whole message."""
+    channel = telegram.channel("telegram", "shop")
+    result = await channel.send("1111", Outgoing(text="Anything else?", buttons=(
+        Button(title="Call me back"),)))
+    assert result.status == "sent", result.reason
+    markup = fake.sent(1111)[-1].params["reply_markup"]["inline_keyboard"]
+    assert markup[0][0]["callback_data"] == "Call me back"
+    assert fake.refused() == []

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +191,123 @@ async def test_contact_and_deep_link_context(viber, api) -> None:
         subscriber = await session.scalar(select(Subscriber))
         assert subscriber.source_ref == "promo-spring"
         assert subscriber.attributes["phone"] == "+380501112233"
+
+
+# ---- what the real API refuses or shows wrongly (issue 14, items 1 and 2) -----------------
+
+def reply_buttons(body: dict) -> list[dict]:
+    cells = body.get("keyboard", {}).get("Buttons", []) + body.get("rich_media", {}).get(
+        "Buttons", [])
+    return [b for b in cells if b["ActionType"] == "reply"]
+
+
+async def test_the_fake_refuses_what_the_docs_refuse(api) -> None:
+    """The carousel the platform used to send (a caption cell without ActionBody, cards of
+    3+2+1 rows in 6x7 groups) and a reply button echoing its token are badData."""
+    import aiohttp
+
+    from tests.fakes.viber_api import check_message
+
+    sender = {"name": "Shop"}
+    old_card = [{"Columns": 6, "Rows": 3, "ActionType": "open-url",
+                 "ActionBody": "https://s.example/p", "Image": "https://s.example/p.jpg"},
+                {"Columns": 6, "Rows": 2, "Text": "Cream\n29 EUR", "ActionType": "none"},
+                {"Columns": 6, "Rows": 1, "Text": "View", "ActionType": "open-url",
+                 "ActionBody": "https://s.example/p"}]
+    rich = {"type": "rich_media", "min_api_version": 2, "sender": sender, "rich_media": {
+        "Type": "rich_media", "ButtonsGroupColumns": 6, "ButtonsGroupRows": 7,
+        "Buttons": old_card * 2}}
+    assert "ActionBody is required" in check_message(rich)
+    old_card[1]["ActionBody"] = "Cream"
+    assert "does not fit group 1" in check_message(rich)  # card 2 would start mid-group
+    rich["rich_media"]["Buttons"] = old_card  # one card, one free row
+    assert "not filled" in check_message(rich)
+    old_card[1]["Rows"] = 3
+    assert check_message(rich) is None
+    rich["rich_media"]["Buttons"] = old_card * 7
+    assert "at most 6" in check_message(rich)
+
+    token = {"ActionType": "reply", "ActionBody": "f:spring_promo:hello:b0", "Text": "Yes"}
+    keyboard = {"type": "text", "text": "Hi", "sender": sender,
+                "keyboard": {"Type": "keyboard", "Buttons": [token]}}
+    assert "would show its ActionBody" in check_message(keyboard)
+    token["Silent"] = True
+    assert "below the API level 2" in check_message(keyboard)
+    keyboard["min_api_version"] = 2
+    assert check_message(keyboard) is None
+    assert "text is required" in check_message({**keyboard, "text": ""})
+    assert "7000" in check_message({**keyboard, "text": "x" * 7001})
+
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{api.url}/send_message", json={**rich, "receiver": "u"},
+            headers={"X-Viber-Auth-Token": TOKEN}) as response:
+        answer = await response.json()
+    assert answer["status"] == 3 and answer["status_message"].startswith("badData")
+    assert api.sent() == [] and len(api.refused()) == 1
+
+
+async def test_quiz_recommendations_reach_viber_as_a_valid_carousel(viber, api) -> None:
+    """The quiz through the webhook: every keyboard's reply buttons are Silent, pressing
+    them works, and the product carousel is accepted with one full group per card."""
+    from bot_platform.catalog import parse_products, upsert_products
+    from tests.fakes.viber_api import check_message
+
+    data = (Path(__file__).parent / "data" / "catalog.csv").read_text()
+    products, errors = parse_products(data, "catalog.csv")
+    assert errors == []
+    await upsert_products(viber.db, products, viber.clock.now())
+    welcome = (await post(viber, started())).json()
+    assert check_message(welcome) is None  # the reply body is a message too
+
+    async def say(token: int, text: str, tracking: str | None = None) -> list[dict]:
+        before = len(api.sent(USER["id"]))
+        assert (await post(viber, text_message(token, text, tracking))).status_code == 200
+        await viber.drain()
+        return api.sent(USER["id"])[before:]
+
+    [question] = await say(100, "quiz")
+    for choice, token in ((1, 101), (0, 102)):  # oily, then shine
+        buttons = reply_buttons(question)
+        assert buttons and all(b["Silent"] is True for b in buttons)
+        assert question["min_api_version"] >= 2
+        [question] = await say(token, buttons[choice]["ActionBody"],
+                               question["tracking_data"])
+    result = await say(103, "25")
+    assert api.refused() == []
+    texts = [m.get("text") for m in result]
+    assert "Засоби для вашого догляду:" in texts
+    [carousel] = [m for m in result if m["type"] == "rich_media"]
+    rich = carousel["rich_media"]
+    assert (rich["ButtonsGroupColumns"], rich["ButtonsGroupRows"]) == (6, 7)
+    captions = [b["Text"].split("\n")[0] for b in rich["Buttons"] if b.get("Text")
+                and "\n" in b["Text"]]
+    assert captions == ["Gel cleanser", "Oil-free moisturiser", "Clay mask"]
+    assert all(b.get("ActionBody") for b in rich["Buttons"])
+    assert sum(b["Rows"] for b in rich["Buttons"]) == 7 * 3  # three full groups
+
+
+async def test_button_payloads_never_show_as_the_customers_message(viber, api) -> None:
+    """Reply buttons and quick replies are Silent (the chat shows nothing, not the
+    payload); URL and share-phone buttons are unchanged; min_api_version covers them."""
+    from bot_platform.types import Button, Card, QuickReply
+
+    channel = viber.channel("viber", "vb")
+    result = await channel.send("u", Outgoing(
+        text="Pick one", buttons=(Button(title="Yes", payload="f:spring_promo:hello:b0"),
+                                  Button(title="Shop", url="https://shop.example")),
+        quick_replies=(QuickReply(title="Phone", request="phone"),
+                       QuickReply(title="Later", payload="f:x:y:q1"))))
+    assert result.status == "sent", result.reason
+    body = api.sent("u")[-1]
+    assert [(b["ActionType"], b.get("Silent")) for b in body["keyboard"]["Buttons"]] == [
+        ("reply", True), ("open-url", None), ("share-phone", None), ("reply", True)]
+    assert body["min_api_version"] == 3  # share-phone
+    assert json.loads(body["tracking_data"])["payloads"] == ["f:spring_promo:hello:b0",
+                                                             "f:x:y:q1"]
+    await channel.send("u", Outgoing(cards=(Card(title="Mask", buttons=(
+        Button(title="Add", payload="f:cart:add:b1"),)),)))
+    rich = api.sent("u")[-1]
+    assert [b["Rows"] for b in rich["rich_media"]["Buttons"]] == [6, 1]
+    assert rich["rich_media"]["Buttons"][0]["ActionType"] == "none"
+    assert json.loads(rich["tracking_data"])["payloads"] == ["f:cart:add:b1"]
+    assert api.refused() == []

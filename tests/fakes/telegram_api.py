@@ -5,21 +5,139 @@ It answers like Telegram (``{"ok": true, "result": ...}`` envelopes, Message obj
 increasing ids, error envelopes with ``error_code``/``description``/``parameters``),
 records every call, and can be told to rate-limit (429 with ``retry_after``), to act as if
 a chat blocked the bot (403), to fail (5xx) or to be slow. Reusable by ``bench/``.
+
+Sends are checked as the Bot API docs say (``check_send``) and refused with
+``{"ok": false, "error_code": 400, "description": "Bad Request: ..."}`` like Telegram:
+text 1-4096 characters and captions at most 1024 *after entity parsing*, counted in UTF-16
+code units; HTML with only the supported tags and every other ``<``/``&`` escaped;
+inline buttons with a text and exactly one action, ``callback_data`` of 1-64 bytes
+(``BUTTON_DATA_INVALID``), ``url`` an http(s)/tg URL (``BUTTON_URL_INVALID``), at most
+100 buttons; reply-keyboard buttons with a text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import itertools
 import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from tests.fakes.server import LoopbackServer
+
+HTML_TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span",
+             "tg-spoiler", "a", "code", "pre", "blockquote", "tg-emoji"}
+BUTTON_ACTIONS = ("url", "callback_data", "login_url", "switch_inline_query",
+                  "switch_inline_query_current_chat", "callback_game", "pay", "web_app",
+                  "copy_text", "switch_inline_query_chosen_chat")
+_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:\s[^<>]*)?)>")
+_ENTITY = re.compile(r"&(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);")
+
+
+def utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def parse_entities(text: str, parse_mode: str | None) -> tuple[str | None, str]:
+    """(problem, plain text) for ``text`` under ``parse_mode`` (HTML or none)."""
+    if (parse_mode or "").upper() != "HTML":
+        return None, text
+    plain: list[str] = []
+    position = 0
+    for match in _TAG.finditer(text):
+        plain.append(text[position:match.start()])
+        if match.group(2).lower() not in HTML_TAGS:
+            offset = len(text[:match.start()].encode())
+            return (f"can't parse entities: Unsupported start tag \"{match.group(2)}\" at "
+                    f"byte offset {offset}"), ""
+        position = match.end()
+    plain.append(text[position:])
+    raw = "".join(plain)
+    if "<" in raw or ">" in raw:
+        return "can't parse entities: unescaped \"<\" or \">\" outside a tag", ""
+    stray = [m for m in re.finditer("&", raw) if not _ENTITY.match(raw, m.start())]
+    if stray:
+        return "can't parse entities: unescaped \"&\"", ""
+    return None, html.unescape(raw)
+
+
+def _valid_button_url(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    parts = urlsplit(url)
+    return (parts.scheme in ("http", "https") and bool(parts.netloc)) or parts.scheme == "tg"
+
+
+def check_markup(markup: Any) -> str | None:
+    if markup is None or markup == "":
+        return None
+    if not isinstance(markup, dict):
+        return "can't parse reply keyboard markup JSON object"
+    if "inline_keyboard" in markup:
+        rows = markup["inline_keyboard"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            return "field \"inline_keyboard\" must be an Array of Array"
+        buttons = [b for row in rows for b in row]
+        if len(buttons) > 100:
+            return "reply markup is too long"
+        for button in buttons:
+            if not isinstance(button, dict) or not button.get("text"):
+                return "text must be non-empty"
+            actions = [k for k in BUTTON_ACTIONS if button.get(k) not in (None, False)]
+            if len(actions) != 1:
+                return "text buttons are unallowed in the inline keyboard" if not actions \
+                    else "inline keyboard button must have exactly one action"
+            if actions == ["callback_data"] and not (
+                    isinstance(button["callback_data"], str)
+                    and 1 <= len(button["callback_data"].encode()) <= 64):
+                return "BUTTON_DATA_INVALID"
+            if actions == ["url"] and not _valid_button_url(button["url"]):
+                return "BUTTON_URL_INVALID"
+        return None
+    if "keyboard" in markup:
+        rows = markup["keyboard"]
+        if not isinstance(rows, list) or not rows:
+            return "keyboard must be non-empty"
+        for row in rows:
+            for button in row if isinstance(row, list) else [None]:
+                text = button.get("text") if isinstance(button, dict) else button
+                if not isinstance(text, str) or not text:
+                    return "keyboard button text must be non-empty"
+        return None
+    if markup.get("remove_keyboard") is True or "force_reply" in markup:
+        return None
+    return "unsupported reply markup"
+
+
+def check_send(method: str, params: dict[str, Any]) -> str | None:
+    """Why the Bot API would answer 400 to this sendMessage/sendPhoto, or None."""
+    if params.get("chat_id") in (None, ""):
+        return "chat_id is empty"
+    mode = params.get("parse_mode")
+    if method == "sendMessage":
+        problem, plain = parse_entities(str(params.get("text") or ""), mode)
+        if problem:
+            return problem
+        if not plain.strip():
+            return "message text is empty"
+        if utf16_length(plain) > 4096:
+            return "message is too long"
+    elif method == "sendPhoto":
+        if not params.get("photo"):
+            return "there is no photo in the request"
+        problem, plain = parse_entities(str(params.get("caption") or ""), mode)
+        if problem:
+            return problem
+        if utf16_length(plain) > 1024:
+            return "message caption is too long"
+    return check_markup(params.get("reply_markup"))
 
 
 @dataclass
@@ -168,10 +286,25 @@ class FakeTelegramServer(LoopbackServer):
         call.params["_ok"] = True
         return web.json_response({"ok": True, "result": self._message(chat_id, **extra)})
 
+    def refused(self) -> list[Call]:
+        """Sends answered 400 because they broke the documented rules."""
+        return [c for c in self.calls if c.params.get("_problem")]
+
+    def _check(self, call: Call) -> web.Response | None:
+        problem = check_send(call.method, call.params)
+        if problem is None:
+            return None
+        call.params["_problem"] = problem
+        return self._error(400, f"Bad Request: {problem}")
+
     async def _m_sendMessage(self, call: Call) -> web.Response:
+        if refused := self._check(call):
+            return refused
         return await self._send(call, text=call.params.get("text", ""))
 
     async def _m_sendPhoto(self, call: Call) -> web.Response:
+        if refused := self._check(call):
+            return refused
         photo = [{"file_id": "photo-1", "file_unique_id": "u1", "width": 800, "height": 800}]
         extra: dict[str, Any] = {"photo": photo}
         if call.params.get("caption"):
@@ -179,6 +312,11 @@ class FakeTelegramServer(LoopbackServer):
         return await self._send(call, **extra)
 
     async def _m_answerCallbackQuery(self, call: Call) -> web.Response:
+        if not call.params.get("callback_query_id"):
+            return self._error(400, "Bad Request: query is too old and response timeout "
+                                    "expired or query ID is invalid")
+        if len(str(call.params.get("text") or "")) > 200:
+            return self._error(400, "Bad Request: MESSAGE_TOO_LONG")
         return web.json_response({"ok": True, "result": True})
 
     async def _m_setWebhook(self, call: Call) -> web.Response:
