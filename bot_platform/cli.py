@@ -1,4 +1,4 @@
-"""``botp``: the command line.
+"""botp: the command line.
 
     botp run                 web (webhooks, admin API) + worker in one process
     botp web                 only the web process (scale-out: run several behind a balancer)
@@ -71,12 +71,37 @@ def _make_server_class() -> type:
     return Server
 
 
+class PortInUse(Exception):
+    """The web port cannot be had: said before anything claims to be serving."""
+
+
+def _listen(host: str, port: int) -> Any:
+    """The web socket, bound before the platform starts: a second ``botp run`` on the same
+    port fails at once with a clear message instead of saying "serving" first."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise PortInUse(
+            f"cannot listen on {host}:{port}: {error.strerror or error}. Is another botp "
+            f"(or another server) running there? Stop it, or choose another port: "
+            f"BOTP_PORT={port + 1} (and BOTP_HOST for the address)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     import uvicorn
 
     from bot_platform.platform import Platform
 
     _Server = _make_server_class()
+    sock = _listen(settings.host, settings.port) if web else None
     platform = Platform(settings)
     await platform.start()
     # What start-up built (modules, schemas, compiled flows) lives as long as the process:
@@ -101,14 +126,15 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
         if worker:
             worker_task = asyncio.create_task(platform.worker.run(
                 stop, grace=settings.worker.shutdown_grace))
+        # Every bot is checked (and, in a web process, polled or given its webhook); bots
+        # registered or removed through the API anywhere are followed.
+        tasks.append(asyncio.create_task(platform.serve_bots(receive=web)))
         if web:
-            await platform.setup_webhooks()
-            tasks.extend(asyncio.create_task(p) for p in platform.pollers())
             server = _Server(uvicorn.Config(
                 platform.app(), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), lifespan="off"))
             log.info("serving on http://%s:%s", settings.host, settings.port)
-            await server.serve()  # returns once shutdown() asked it to
+            await server.serve(sockets=[sock])  # returns once shutdown() asked it to
         else:
             await stop.wait()
     finally:
@@ -123,6 +149,8 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
             tasks.append(worker_task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await platform.close()
+        if sock is not None:
+            sock.close()
 
 
 def _run_server(main: Any) -> None:
@@ -145,6 +173,9 @@ def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> 
         upgrade(settings.database_url)
     try:
         _run_server(_serve(settings, web=web, worker=worker))
+    except PortInUse as error:
+        print(f"botp: {error}", file=sys.stderr)
+        return 1
     except FlowValidationError as error:
         print(error, file=sys.stderr)
         print("refusing to start with invalid flows; fix them or pass --skip-invalid-flows",
@@ -442,6 +473,21 @@ def cmd_flows_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EPILOG = """environment (or a .env file in the working directory):
+  BOTP_HOST           address the web server listens on (default 127.0.0.1;
+                      0.0.0.0 for every interface)
+  BOTP_PORT           its port (default 8080)
+  BOTP_DATABASE_URL   default sqlite+aiosqlite:///./data/botp.sqlite3
+  BOTP_PUBLIC_URL     https://... the messengers reach this server at: webhooks are
+                      registered there; unset, Telegram bots are polled instead
+  BOTP_BOTS           the bots, as JSON (or register them: POST /api/bots)
+  BOTP_REDIS_URL      shared rate limits for several workers (optional)
+  BOTP_LOG_LEVEL      INFO (default), DEBUG, WARNING ...
+
+At start every bot is checked and logged as "connected: NAME (channel, bot id ID)" or
+"failed: ..." with the reason; see docs/channels/ for troubleshooting."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="botp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -449,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("run", "web + worker in one process"), ("web", "only the web process"),
                        ("worker", "only the worker")):
-        command = commands.add_parser(name, help=text)
+        command = commands.add_parser(
+            name, help=text, description=f"botp {name}: {text}.", epilog=SERVE_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("--skip-invalid-flows", action="store_true",
                              help="start without invalid flow files (and say which)")
         command.add_argument("--migrate", action="store_true",

@@ -3,6 +3,7 @@
     PlatformError
     ├── ConfigError               settings or bot configuration that cannot work
     ├── ChannelError              something at a messenger edge
+    │   ├── BadToken              the messenger refused the bot's token (401/403, code 190)
     │   ├── BadSignature          forged, missing or wrong webhook signature/secret -> 401/403
     │   ├── BadPayload            a body that is not what the messenger sends -> 400
     │   ├── RateLimited           the messenger said "slow down"; carries ``retry_after``
@@ -31,6 +32,11 @@ class ConfigError(PlatformError):
 
 class ChannelError(PlatformError):
     """Something went wrong at a messenger edge (inbound or outbound)."""
+
+
+class BadToken(ChannelError):
+    """The messenger refused the bot's token: nothing works until it is replaced. The
+    message names the bot, never the token."""
 
 
 class BadSignature(ChannelError):

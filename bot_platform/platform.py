@@ -17,13 +17,18 @@ from typing import Any
 import aiohttp
 
 from bot_platform import broadcasts
-from bot_platform.channels import Channel, ChannelDeps, load_channel_factory
+from bot_platform.channels import (
+    Channel,
+    ChannelDeps,
+    load_channel_factory,
+    redact_secrets,
+)
 from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore, listen
 from bot_platform.delivery import Delivery
 from bot_platform.engine import WORK_CHANNEL, Engine, SupportHours
-from bot_platform.errors import FlowValidationError
+from bot_platform.errors import BadToken, FlowValidationError
 from bot_platform.flow_dsl import validate_paths
 from bot_platform.flow_runtime import FlowSet
 from bot_platform.i18n import Catalogs
@@ -55,6 +60,12 @@ def load_flows(settings: Settings, catalogs: Catalogs) -> FlowSet:
 class Platform:
     """Wires settings, database, catalogs, flows, channels, engine and worker."""
 
+    # How often a process compares its bots with the bots table (others' API changes),
+    # and the backoff between tries of a bot that cannot connect (seconds).
+    BOTS_REFRESH_SECONDS = 2.0
+    RETRY_FIRST = 1.0
+    RETRY_MAX = 60.0
+
     def __init__(
         self,
         settings: Settings,
@@ -75,6 +86,12 @@ class Platform:
             (bot.channel, bot.id): bot for bot in settings.all_bots()}
         self.http: aiohttp.ClientSession | None = None
         self.worker_id = new_worker_id()
+        # Bots served here: a task per bot checks it, then polls or registers its webhook.
+        self._runners: dict[tuple[str, str], tuple[Channel, asyncio.Task[None]]] = {}
+        self._receive: bool | None = None  # set by serve_bots: None = not serving bots
+        self._from_db: set[tuple[str, str]] = set()  # bots built from the bots table
+        self._bots_lock = asyncio.Lock()
+        self.bot_status: dict[tuple[str, str], str] = {}  # "connected: @x" / "failed: why"
         # Set when the process is asked to stop: long responses (the live stream) end, or
         # the web server would wait for them forever.
         self.stopping = asyncio.Event()
@@ -176,8 +193,10 @@ class Platform:
         await self.reload_flows()
 
     async def refresh_bots(self) -> list[BotConfig]:
-        """Bring in bots registered through the admin API (by this or another process);
-        returns the ones that were new here. Settings' bots take precedence."""
+        """Bring in bots registered through the admin API (by this or another process) and
+        drop the ones disabled or removed there; returns the ones that were new here.
+        Settings' bots take precedence. While ``serve_bots`` runs, new bots start polling
+        (or get their webhook) and dropped ones stop, at once."""
         from sqlalchemy import select
 
         from bot_platform.models import BotRecord
@@ -185,26 +204,155 @@ class Platform:
         async with self.db.session() as session:
             records = (await session.scalars(select(BotRecord))).all()
         added = []
-        for record in records:
-            key = (record.channel, record.bot_id)
-            if not record.enabled:
-                if key in self.channels and key not in self._settings_bots():
+        failure: Exception | None = None
+        async with self._bots_lock:
+            seen = set()
+            for record in records:
+                key = (record.channel, record.bot_id)
+                seen.add(key)
+                if not record.enabled:
+                    await self._drop_db_bot(key)
+                    continue
+                config = BotConfig(
+                    id=record.bot_id, channel=record.channel, token=record.token,
+                    secret=record.secret, verify_token=record.verify_token,
+                    api_base=record.api_base, messages_per_second=record.messages_per_second,
+                    per_chat_per_second=record.per_chat_per_second, options=record.options)
+                if key in self._settings_bots() or self.bots.get(key) == config:
+                    continue
+                try:
+                    adapter = load_channel_factory(config.channel)(config, self.deps)
+                except Exception as error:  # the others are still brought in
+                    failure = failure or error
+                    continue
+                await self._stop_runner(key)
+                if key in self.channels:
                     await self._close_channel(self.channels.pop(key))
-                    self.bots.pop(key, None)
-                continue
-            config = BotConfig(
-                id=record.bot_id, channel=record.channel, token=record.token,
-                secret=record.secret, verify_token=record.verify_token,
-                api_base=record.api_base, messages_per_second=record.messages_per_second,
-                per_chat_per_second=record.per_chat_per_second, options=record.options)
-            if key in self._settings_bots() or self.bots.get(key) == config:
-                continue
-            if key in self.channels:
-                await self._close_channel(self.channels.pop(key))
-            self.channels[key] = load_channel_factory(config.channel)(config, self.deps)
-            self.bots[key] = config
-            added.append(config)
+                self.channels[key] = adapter
+                self.bots[key] = config
+                self._from_db.add(key)
+                added.append(config)
+            for key in self._from_db - seen:  # the row itself is gone
+                await self._drop_db_bot(key)
+            self._sync_runners()
+        if failure is not None:
+            raise failure
         return added
+
+    async def _drop_db_bot(self, key: tuple[str, str]) -> None:
+        if key not in self._from_db or key in self._settings_bots():
+            return
+        await self._stop_runner(key)
+        adapter = self.channels.pop(key, None)
+        if adapter is not None:
+            await self._close_channel(adapter)
+        self.bots.pop(key, None)
+        self._from_db.discard(key)
+        self.bot_status.pop(key, None)
+        log.info("stopped: %s bot %s (disabled or removed through the API)", *key)
+
+    # ---- serving bots: checks, pollers, webhooks ------------------------------------------
+
+    async def serve_bots(self, *, receive: bool) -> None:
+        """Until cancelled: check every bot (and log ``connected: ...`` or why not), and in
+        a process that receives (``receive``: web) poll it or register its webhook; every
+        ``BOTS_REFRESH_SECONDS``, follow the bots table, so a bot registered or removed
+        through the API in any process starts or stops here too, without a restart."""
+        self._receive = receive
+        try:
+            async with self._bots_lock:
+                self._sync_runners()
+            while True:
+                await asyncio.sleep(self.BOTS_REFRESH_SECONDS)
+                try:
+                    await self.refresh_bots()
+                except Exception:  # a database hiccup: the next round tries again
+                    log.exception("following the bots table failed")
+        finally:
+            self._receive = None
+            for key in list(self._runners):
+                await self._stop_runner(key)
+
+    def _sync_runners(self) -> None:
+        """A runner for every bot without one (while serving bots)."""
+        if self._receive is None:
+            return
+        for key, adapter in self.channels.items():
+            runner = self._runners.get(key)
+            if runner is not None and runner[0] is adapter and not runner[1].done():
+                continue
+            if not (hasattr(adapter, "check") or hasattr(adapter, "poll")
+                    or hasattr(adapter, "setup")):
+                continue  # the console: nothing to connect to
+            task = asyncio.create_task(self._run_bot(key, adapter),
+                                       name=f"bot {key[0]}/{key[1]}")
+            self._runners[key] = (adapter, task)
+
+    async def _stop_runner(self, key: tuple[str, str]) -> None:
+        runner = self._runners.pop(key, None)
+        if runner is None:
+            return
+        task = runner[1]
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # we are being cancelled ourselves
+        except Exception:  # it had failed: it is stopped either way
+            pass
+
+    async def _run_bot(self, key: tuple[str, str], adapter: Any) -> None:
+        """Check the bot, then poll it (no public URL) or register its webhook; whatever
+        fails is logged, naming the bot (never its token), and tried again with backoff:
+        a poller that dies is restarted."""
+        channel, bot_id = key
+        delay = self.RETRY_FIRST
+        while True:
+            stage = "start-up check"
+            try:
+                check = getattr(adapter, "check", None)
+                if check is not None:
+                    name = await check()
+                    self.bot_status[key] = f"connected: {name}"
+                    log.info("connected: %s (%s, bot id %s)", name, channel, bot_id)
+                delay = self.RETRY_FIRST
+                if not self._receive:
+                    return
+                bot = self.bots.get(key)
+                url = self.webhook_url(bot) if bot is not None else None
+                if url is not None:
+                    if hasattr(adapter, "setup"):
+                        stage = "webhook registration"
+                        await adapter.setup(url)
+                        log.info("webhook of %s/%s registered: %s", channel, bot_id, url)
+                    return
+                if not hasattr(adapter, "poll"):
+                    return
+                stage = "poller"
+                log.info("polling: %s bot %s (no public URL: BOTP_PUBLIC_URL unset)",
+                         channel, bot_id)
+                await adapter.poll(self.engine.handle)
+                raise RuntimeError("the poller returned")
+            except asyncio.CancelledError:
+                raise
+            except BadToken as error:
+                self.bot_status[key] = f"failed: {error}"
+                log.error("failed: %s; replace the token (PATCH /api/bots/%s/%s or "
+                          "settings); trying again in %.0f s", redact_secrets(str(error)),
+                          channel, bot_id, delay)
+            except Exception as error:
+                reason = redact_secrets(f"{type(error).__name__}: {error}")
+                self.bot_status[key] = f"failed: {reason}"
+                if stage == "poller":
+                    log.error("the poller of %s bot %s died (%s); restarting it in %.0f s",
+                              channel, bot_id, reason, delay, exc_info=True)
+                else:
+                    log.warning("failed: %s bot %s: %s failed (%s); retrying in %.0f s",
+                                channel, bot_id, stage, reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.RETRY_MAX)
 
     def _settings_bots(self) -> set[tuple[str, str]]:
         return {(bot.channel, bot.id) for bot in self.settings.all_bots()}
@@ -247,28 +395,10 @@ class Platform:
             return None
         return f"{self.settings.public_url.rstrip('/')}/webhooks/{bot.channel}/{bot.id}"
 
-    async def setup_webhooks(self) -> None:
-        """Register webhooks where a public URL is configured."""
-        for key, adapter in self.channels.items():
-            bot = self.bots.get(key)
-            url = self.webhook_url(bot) if bot else None
-            setup = getattr(adapter, "setup", None)
-            if url and setup is not None:
-                try:
-                    await setup(url)
-                    log.info("webhook of %s/%s registered", *key)
-                except Exception:
-                    log.exception("could not register the webhook of %s/%s", *key)
-
-    def pollers(self) -> list[Any]:
-        """Coroutines polling bots that cannot receive webhooks (no public URL)."""
-        if self.settings.public_url:
-            return []
-        return [adapter.poll(self.engine.handle) for adapter in self.channels.values()
-                if hasattr(adapter, "poll")]
-
     async def close(self) -> None:
         self.stopping.set()
+        for key in list(self._runners):
+            await self._stop_runner(key)
         for adapter in self.channels.values():
             close = getattr(adapter, "close", None)
             if close is not None:

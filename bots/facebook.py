@@ -33,7 +33,7 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
-from bot_platform.errors import BadPayload, BadSignature
+from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.types import (
     Capabilities,
     Inbound,
@@ -297,6 +297,27 @@ class FacebookChannel:
         if code in (1, 2) or status >= 500 or error.get("is_transient"):
             return SendResult.transient(text)
         return SendResult.failed(text)
+
+    async def check(self) -> str:
+        """The Page's name, from ``GET /me?fields=id,name`` with the page token: proves
+        the token and the network at start-up. A refused token (code 190, 401/403) raises
+        ``BadToken``; network errors and 5xx are raised for the caller to retry."""
+        async with self.http.get(f"{self.api}/me", params={
+                "access_token": self.page_token, "fields": "id,name"}) as response:
+            try:
+                data = await response.json(content_type=None)
+            except ValueError:
+                data = {}
+            status = response.status
+        data = data if isinstance(data, dict) else {}
+        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        if error.get("code") == 190 or status in (401, 403):
+            raise BadToken(f"facebook bot {self.bot_id}: the page access token was "
+                           f"refused ({self.redact(str(error.get('message') or status))})")
+        if status != 200 or not data.get("id"):
+            raise ConnectionError(self.redact(
+                f"GET /me: HTTP {status} {error.get('message') or ''}".strip()))
+        return f"{data.get('name') or data['id']} (page {data['id']})"
 
     async def setup(self, webhook_url: str) -> None:
         """Subscribe the Page to the app's webhook fields (the callback URL itself is set

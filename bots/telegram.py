@@ -60,7 +60,7 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
-from bot_platform.errors import BadPayload, BadSignature
+from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.kv import KeyValueStore
 from bot_platform.types import (
     Capabilities,
@@ -124,6 +124,7 @@ class TelegramChannel:
         self.webhook_secret = webhook_secret
         self.capabilities = capabilities
         self.poll_timeout = poll_timeout
+        self.retry_first, self.retry_max = 1.0, 60.0  # seconds between polling retries
         # The token travels in every API URL (``/bot<token>/``): client errors carry it.
         self.redact = Redactor(bot.token, bot.token.partition(":")[2], webhook_secret)
         _keep_response_types()
@@ -245,24 +246,55 @@ class TelegramChannel:
     def _offset_key(self) -> str:
         return f"telegram:{self.bot_id}:offset"
 
+    async def check(self) -> str:
+        """Who this bot is (``@username``), from ``getMe``: proves the token and the
+        network at start-up. A refused token raises ``BadToken``; a network error is
+        raised as it is (the caller retries)."""
+        try:
+            me = await self.bot.get_me()
+        except (TelegramUnauthorizedError, TelegramForbiddenError, TelegramNotFound) as error:
+            # A malformed token gets 404 from the Bot API, a wrong one 401.
+            raise BadToken(f"telegram bot {self.bot_id}: the token was refused "
+                           f"({self.redact(error.message)})") from None
+        return f"@{me.username}" if me.username else me.first_name
+
     async def poll(self, handler: InboundHandler) -> None:
         """Long-poll ``getUpdates`` until cancelled; the offset moves only after an update
-        was handled, so a crash re-fetches (and dedupe drops) at most the update in hand."""
-        await self.bot.delete_webhook(drop_pending_updates=False)
+        was handled, so a crash re-fetches (and dedupe drops) at most the update in hand.
+        A refused token or an unreachable API is logged on every try and retried with
+        backoff (``deleteWebhook`` included): a bot whose token is fixed, or whose network
+        comes back, starts answering without a restart."""
+        webhook_deleted = False
+        delay = self.retry_first
         while True:
-            stored = await self.kv.get(self._offset_key())
-            offset = int(stored) if stored else None
             try:
+                if not webhook_deleted:
+                    await self.bot.delete_webhook(drop_pending_updates=False)
+                    webhook_deleted = True
+                stored = await self.kv.get(self._offset_key())
+                offset = int(stored) if stored else None
                 updates = await self.bot.get_updates(
                     offset=offset, timeout=self.poll_timeout, allowed_updates=ALLOWED_UPDATES)
             except TelegramRetryAfter as error:
                 await asyncio.sleep(error.retry_after)
                 continue
-            except (TelegramNetworkError, TelegramServerError, ClientDecodeError) as error:
-                log.warning("telegram %s: getUpdates failed (%s); retrying", self.bot_id,
-                            self.redact(str(error)))
-                await asyncio.sleep(2)
+            except (TelegramUnauthorizedError, TelegramForbiddenError,
+                    TelegramNotFound) as error:
+                log.error("telegram %s: the token was refused (%s): polling stopped until "
+                          "it is replaced; retrying in %.0f s", self.bot_id,
+                          self.redact(error.message), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
                 continue
+            except (TelegramNetworkError, TelegramServerError, ClientDecodeError,
+                    TimeoutError, OSError) as error:
+                log.warning("telegram %s: %s failed (%s); retrying in %.0f s", self.bot_id,
+                            "getUpdates" if webhook_deleted else "deleteWebhook",
+                            self.redact(f"{type(error).__name__}: {error}"), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            delay = self.retry_first
             for update in updates:
                 events = await self.normalize(update)
                 for event in events:
@@ -386,6 +418,9 @@ def build(bot: BotConfig, deps: ChannelDeps) -> TelegramChannel:
                  default=DefaultBotProperties(parse_mode="HTML"))
     secret = bot.secret.get_secret_value() if bot.secret else None
     # Per-bot rate overrides (paid broadcasts) are applied by the delivery worker.
-    return TelegramChannel(bot.id, client, deps.kv, webhook_secret=secret,
-                           poll_timeout=int(bot.options.get("poll_timeout", 25)))
+    channel = TelegramChannel(bot.id, client, deps.kv, webhook_secret=secret,
+                              poll_timeout=int(bot.options.get("poll_timeout", 25)))
+    channel.retry_max = float(bot.options.get("retry_max_delay", channel.retry_max))
+    channel.retry_first = min(channel.retry_first, channel.retry_max)
+    return channel
 

@@ -41,7 +41,7 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
-from bot_platform.errors import BadPayload, BadSignature
+from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.types import (
     Capabilities,
     Card,
@@ -402,6 +402,23 @@ class ViberChannel:
                 batch = [r for r in batch if outcome[r].message_id is not None]
             results.update(outcome)
         return results
+
+    async def check(self) -> str:
+        """The public account's name, from ``get_account_info``: proves the token and the
+        network at start-up. A refused token raises ``BadToken``; network errors and 5xx
+        are raised for the caller to retry."""
+        status, data = await self._call("get_account_info", {})
+        if status >= 500:
+            raise ConnectionError(f"get_account_info: HTTP {status}")
+        if data.get("status") == 2 or status in (401, 403):
+            raise BadToken(f"viber bot {self.bot_id}: the auth token was refused "
+                           f"({self.redact(str(data.get('status_message') or status))})")
+        if status != 200 or data.get("status") != 0:
+            raise ConnectionError(self.redact(
+                f"get_account_info: ({data.get('status')}) {data.get('status_message')}"))
+        uri = data.get("uri")
+        return f"{data.get('name') or self.bot_id}" + (f" (viber://pa?chatURI={uri})"
+                                                        if uri else "")
 
     async def setup(self, webhook_url: str) -> None:
         status, data = await self._call("set_webhook", {

@@ -196,6 +196,9 @@ class FakeGraphServer(LoopbackServer):
         self.last_inbound: dict[str, datetime] = {}
         self.awaiting: set[str] = set()  # people whose message is being answered
         self._ids = itertools.count(1)
+        self.page_name = "Example Shop"  # GET /me with the page token
+        self.page_id = "1067280970047460"
+        self.invalid_tokens: set[str] = set()  # answered code 190 (invalid OAuth token)
 
     # ---- what the person did (the test tells the fake) ----------------------------------
 
@@ -299,6 +302,21 @@ class FakeGraphServer(LoopbackServer):
                                     dict(request.query), ok=True))
         return web.json_response({"success": True})
 
+    async def _me(self, request: web.Request) -> web.Response:
+        """``GET /me`` with a page token: the Page itself (``fields=id,name``)."""
+        token = request.query.get("access_token")
+        call = GraphCall(request.path, token, dict(request.query))
+        self.calls.append(call)
+        if not token or token in self.invalid_tokens:
+            return self._error(400 if token else 401, {
+                "message": "Invalid OAuth access token - Cannot parse access token",
+                "type": "OAuthException", "code": 190, "fbtrace_id": "AbCdEf"})
+        call.ok = True
+        fields = (request.query.get("fields") or "id,name").split(",")
+        page = {"id": self.page_id, "name": self.page_name}
+        return web.json_response({k: page[k] for k in fields if k in page} or {"id": self.page_id})
+
     def routes(self, app: web.Application) -> None:
+        app.router.add_get(f"/{self.version}/me", self._me)
         app.router.add_post(f"/{self.version}/me/messages", self._messages)
         app.router.add_post(f"/{self.version}/me/subscribed_apps", self._subscribed_apps)

@@ -21,12 +21,14 @@ class LoopbackServer:
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    async def start(self) -> Self:
+    async def start(self, port: int = 0) -> Self:
+        """Listen on ``port`` (0: any free one; a fixed one lets a test start the fake
+        after a client already failed to reach it)."""
         app = web.Application()
         self.routes(app)
         self._runner = web.AppRunner(app, shutdown_timeout=self.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}{self.url_suffix}"

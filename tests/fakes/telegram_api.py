@@ -147,6 +147,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    token: str = ""  # the bot token in the URL (``/bot<token>/<method>``)
 
 
 def _decode(value: str) -> Any:
@@ -177,6 +178,7 @@ class FakeTelegramServer(LoopbackServer):
         self._released: asyncio.Event | None = None  # set while requests are held
         self.released_at: list[float] = []  # when held requests were let through at once
         self.limited_at: list[float] = []  # when a 429 was answered
+        self.revoked: set[str] = set()  # tokens answered 401 Unauthorized (as Telegram does)
 
     # ---- knobs --------------------------------------------------------------------------
 
@@ -203,6 +205,13 @@ class FakeTelegramServer(LoopbackServer):
     def fail_next(self, count: int = 1, status: int = 502) -> None:
         self.failures.extend([status] * count)
 
+    def revoke(self, token: str) -> None:
+        """Answer every call with ``token`` ``401 Unauthorized`` (a wrong or revoked token)."""
+        self.revoked.add(token)
+
+    def restore(self, token: str) -> None:
+        self.revoked.discard(token)
+
     def push_update(self, update: dict[str, Any]) -> dict[str, Any]:
         """Queue an update for ``getUpdates`` (an ``update_id`` is given if missing)."""
         update = {"update_id": next(self._update_ids), **update}
@@ -224,6 +233,10 @@ class FakeTelegramServer(LoopbackServer):
 
     def of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
+
+    def polls(self, token: str | None = None) -> list[Call]:
+        """``getUpdates`` calls, optionally those made with one bot token."""
+        return [c for c in self.of("getUpdates") if token is None or c.token == token]
 
     # ---- the server -----------------------------------------------------------------------
 
@@ -248,8 +261,10 @@ class FakeTelegramServer(LoopbackServer):
         else:
             form = await request.post()
             params = {k: _decode(v) if isinstance(v, str) else v for k, v in form.items()}
-        call = Call(method, dict(params))
+        call = Call(method, dict(params), token=request.match_info["token"])
         self.calls.append(call)
+        if call.token in self.revoked:
+            return self._error(401, "Unauthorized")
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.failures:

@@ -227,6 +227,11 @@ class FakeViberServer(LoopbackServer):
         self.statuses: deque[int] = deque()  # Viber status codes for the next sends
         self.http_failures: deque[int] = deque()
         self._tokens = itertools.count(5_000_000_000_000_000_000)
+        self.account_name = "Example Shop"  # get_account_info
+        self.account_uri = "exampleshop"
+        self.subscribers: set[str] = set()
+        self.webhook_url: str | None = None
+        self.event_types: list[str] = []
 
     def sent(self, user: str | None = None) -> list[dict[str, Any]]:
         """Messages delivered by send_message, optionally to one user."""
@@ -250,7 +255,16 @@ class FakeViberServer(LoopbackServer):
             return web.Response(status=self.http_failures.popleft(), text="error")
         if call.token != self.token:
             return web.json_response({"status": 2, "status_message": "invalidAuthToken"})
+        if method == "get_account_info":
+            call.ok = True
+            return web.json_response({
+                "status": 0, "status_message": "ok", "id": "pa:75346594275468546724",
+                "name": self.account_name, "uri": self.account_uri, "icon": None,
+                "subscribers_count": len(self.subscribers),
+                "webhook": self.webhook_url, "event_types": self.event_types})
         if method == "set_webhook":
+            self.webhook_url = body.get("url")
+            self.event_types = body.get("event_types", [])
             call.ok = True
             return web.json_response({"status": 0, "status_message": "ok",
                                       "event_types": body.get("event_types", [])})
