@@ -116,6 +116,11 @@ class Catalogs:
     def locales(self) -> list[str]:
         return sorted(self.bundles)
 
+    def keys(self, locale: str) -> list[str]:
+        """The message keys of ``locale`` (for suggestions)."""
+        bundle = self.bundles.get(locale)
+        return sorted(bundle._messages) if bundle is not None else []
+
     def has(self, locale: str, key: str) -> bool:
         bundle = self.bundles.get(locale)
         return bundle is not None and bundle.has_message(key)
