@@ -1,5 +1,6 @@
 """Flows: upload a new version (validated with the same messages as ``botp flows
-validate``), list versions, activate one explicitly."""
+validate``), with the texts it uses per locale if they are new, list versions, activate
+one explicitly (every process follows within ``flow_reload_seconds``)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
-from pydantic import BaseModel
-from sqlalchemy import func, select, update
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy import case, func, select, update
 
 from admin_api.security import MARKETING, get_platform, roles
-from bot_platform.flow_dsl import check_cross_flow, parse_flow_text
+from bot_platform.errors import FlowIssue
+from bot_platform.flow_dsl import check_cross_flow, load_yaml, parse_flow_text
+from bot_platform.flow_versions import Texts, active_versions, version_texts
+from bot_platform.i18n import LOCALE_PATTERN, parse_ftl
 from bot_platform.models import FlowVersion
 from bot_platform.text import INT32_MAX, StorableText, text
 
 FlowName = text(64, min_length=1)
+Locale = Annotated[str, StringConstraints(pattern=LOCALE_PATTERN, max_length=16)]
 
 router = APIRouter(prefix="/flows", tags=["flows"])
 
@@ -52,31 +57,85 @@ async def flows_in_use(platform: Any = Depends(get_platform)) -> list[FlowInUse]
             for name, flow in sorted(platform.flows.flows.items())]
 
 
-@router.post("", status_code=201, response_model=FlowVersionPublic, **roles(MARKETING))
-async def upload(text: StorableText = Body(media_type="application/yaml"),
-                 platform: Any = Depends(get_platform)) -> FlowVersionPublic:
-    """Store a new version of a flow (not active until activated); an invalid flow is
-    rejected with 422 and every problem (path and reason)."""
-    spec, issues = parse_flow_text(text, "upload.yaml", platform.catalogs)
+class FlowUpload(BaseModel):
+    """A flow and the catalog entries it brings, per locale, in Fluent syntax
+    (``{"en": "spring-hi = Hi { $first_name }!\\n"}``). While the version is active its
+    entries are in use in every process, over file entries of the same key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    yaml: StorableText
+    texts: dict[Locale, StorableText] = Field(default_factory=dict, max_length=64)
+
+
+def _flow_name(source: str) -> str | None:
+    try:
+        raw = load_yaml(source)
+    except Exception:  # reported by the validator with its line
+        return None
+    name = raw.get("flow") if isinstance(raw, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _problem(issue: FlowIssue, loc: list[str]) -> dict[str, Any]:
+    where = issue.file.removeprefix("upload.yaml")
+    return {"loc": [*loc, *(issue.path.split(".") if issue.path else [])],
+            "msg": f"{where.lstrip(':')}: {issue.message}" if where else issue.message,
+            "type": "flow_invalid", "path": issue.path, "message": issue.message}
+
+
+async def _store(platform: Any, source: str, texts: dict[str, str],
+                 yaml_loc: list[str]) -> FlowVersionPublic:
+    """Validate the flow with the catalogs it would run with (the files, the other active
+    flows' texts and ``texts``), every problem at once, and store it as a new version."""
+    problems = []
+    upload: Texts = {}
+    for locale, entries in sorted(texts.items()):
+        upload[locale] = [(f"texts.{locale}", entries)]
+        _, found = parse_ftl(upload[locale])
+        problems += [_problem(i, ["body", "texts", locale]) | {"line": int(
+            i.file.rpartition(":")[2])} for i in found]
+    name = _flow_name(source)
+    others = [row for row in await active_versions(platform.db) if row.flow != name]
+    catalogs = platform.catalogs.with_texts(version_texts(others, upload))
+    spec, issues = parse_flow_text(source, "upload.yaml", catalogs)
     if spec is not None:
         known = {name: (flow.spec, name) for name, flow in platform.flows.flows.items()}
         known[spec.flow] = (spec, "upload.yaml")
         issues += [i for i in check_cross_flow(known) if i.file == "upload.yaml"]
-    errors = [i for i in issues if i.severity == "error"]
-    if spec is None or errors:
-        raise HTTPException(422, [{"loc": ["body", *i.path.split(".")], "msg": i.message,
-                                   "type": "flow_invalid", "path": i.path,
-                                   "message": i.message} for i in errors])
+    problems += [_problem(i, yaml_loc) for i in issues if i.severity == "error"]
+    if spec is None or problems:
+        raise HTTPException(422, problems)
     now = platform.clock.now()
     async with platform.db.session() as session:
         latest = await session.scalar(select(func.max(FlowVersion.version)).where(
             FlowVersion.flow == spec.flow))
-        row = FlowVersion(flow=spec.flow, version=(latest or 0) + 1, text=text,
-                          active=False, created_at=now)
+        row = FlowVersion(flow=spec.flow, version=(latest or 0) + 1, text=source,
+                          texts=dict(texts) or None, active=False, created_at=now)
         session.add(row)
         await session.flush()
         data = FlowVersionPublic.model_validate(row, from_attributes=True)
     return data.model_copy(update={"warnings": [f"{i.path}: {i.message}" for i in issues]})
+
+
+@router.post("", status_code=201, response_model=FlowVersionPublic, **roles(MARKETING))
+async def upload(text: StorableText = Body(media_type="application/yaml"),
+                 platform: Any = Depends(get_platform)) -> FlowVersionPublic:
+    """Store a new version of a flow (not active until activated); an invalid flow is
+    rejected with 422 and every problem (path and reason). Its texts must exist already;
+    ``POST /api/flows/versions`` uploads a flow with its texts."""
+    return await _store(platform, text, {}, ["body"])
+
+
+@router.post("/versions", status_code=201, response_model=FlowVersionPublic,
+             **roles(MARKETING))
+async def upload_with_texts(body: FlowUpload,
+                            platform: Any = Depends(get_platform)) -> FlowVersionPublic:
+    """Store a new version of a flow with its catalog entries per locale (not active
+    until activated). Checked like files: Fluent syntax errors and duplicate keys with
+    their line, every key the flow uses must exist in the default locale (in ``texts`` or
+    the files) -> 422 with every problem."""
+    return await _store(platform, body.yaml, body.texts, ["body", "yaml"])
 
 
 @router.get("/{flow}/versions", response_model=list[FlowVersionPublic], **roles(MARKETING))
@@ -92,16 +151,20 @@ async def versions(flow: FlowName,
              **roles(MARKETING))
 async def activate(flow: FlowName, version: Annotated[int, Path(ge=1, le=INT32_MAX)],
                    platform: Any = Depends(get_platform)) -> FlowVersionPublic:
-    """Make this version the one in use (here at once; other processes within a round)."""
+    """Make this version the one in use: here at once, in every other process (web and
+    worker) within ``flow_reload_seconds``. One statement switches every version of the
+    flow, so concurrent activations leave exactly one active."""
     now = platform.clock.now()
+    chosen = FlowVersion.version == version
     async with platform.db.session() as session:
-        row = await session.scalar(select(FlowVersion).where(
-            FlowVersion.flow == flow, FlowVersion.version == version))
-        if row is None:
+        if await session.scalar(select(FlowVersion.id).where(
+                FlowVersion.flow == flow, chosen)) is None:
             raise HTTPException(404, "no such flow version")
-        await session.execute(update(FlowVersion).where(FlowVersion.flow == flow)
-                              .values(active=False))
-        row.active, row.activated_at = True, now
+        await session.execute(update(FlowVersion).where(FlowVersion.flow == flow).values(
+            active=chosen, activated_at=case((chosen, now),
+                                             else_=FlowVersion.activated_at)))
+        row = await session.scalar(select(FlowVersion).where(FlowVersion.flow == flow,
+                                                             chosen))
         data = FlowVersionPublic.model_validate(row, from_attributes=True)
     await platform.reload_flows()
     return data

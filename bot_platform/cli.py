@@ -439,6 +439,8 @@ def cmd_flows_validate(args: argparse.Namespace) -> int:
     settings = get_settings()
     catalogs = Catalogs.load(Path(args.locales or settings.locales_dir), settings.default_locale)
     specs, issues = validate_paths(Path(args.path), catalogs)
+    # Every problem in one run, one line each: catalogs (file:line) first, then flows.
+    issues = [*catalogs.issues, *issues]
     for issue in issues:
         print(issue)
     errors = sum(issue.severity == "error" for issue in issues)

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     locales_dir: Path = Path("locales")
     default_locale: str = "en"
     skip_invalid_flows: bool = False
+    # How often every process checks for flow versions activated through the API (0: never)
+    flow_reload_seconds: float = 1.0
     bots: list[BotConfig] = Field(default_factory=list)
     # Opens POST /webhooks/console/console to callers sending it in X-Botp-Console-Secret
     # (scripted smoke tests); unset, the console is reachable only through ``botp chat``.

@@ -8,6 +8,7 @@ actions and flows. ``docs/flows.md`` documents the language.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import re
@@ -82,6 +83,34 @@ class _Spec(BaseModel):
 # ---- conditions ------------------------------------------------------------------------
 
 Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains"]
+OPS: tuple[str, ...] = Op.__args__
+# Words people write for an op, for the suggestion in the error.
+_OP_SYNONYMS = {
+    "bigger": "gt", "greater": "gt", "greater_than": "gt", "more": "gt", "above": "gt",
+    "over": "gt", ">": "gt", "gt_eq": "gte", "ge": "gte", ">=": "gte", "at_least": "gte",
+    "smaller": "lt", "less": "lt", "less_than": "lt", "fewer": "lt", "below": "lt",
+    "under": "lt", "<": "lt", "le": "lte", "lt_eq": "lte", "<=": "lte", "at_most": "lte",
+    "=": "eq", "==": "eq", "equals": "eq", "equal": "eq", "is": "eq", "!=": "ne",
+    "not_eq": "ne", "neq": "ne", "not_equal": "ne", "is_not": "ne", "one_of": "in",
+    "not_one_of": "not_in", "nin": "not_in", "has": "contains", "includes": "contains",
+    "exist": "exists", "present": "exists", "set": "exists",
+}
+
+
+def did_you_mean(value: Any, choices: Any, synonyms: dict[str, str] | None = None,
+                 cutoff: float = 0.6) -> str:
+    """`` (did you mean 'gt'?)`` when something close (or a known synonym) exists."""
+    word = str(value).strip().lower()
+    hint = (synonyms or {}).get(word) or next(
+        iter(difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)), None)
+    return f" (did you mean {hint!r}?)" if hint else ""
+
+
+def _check_op(value: Any) -> Any:
+    if isinstance(value, str) and value in OPS:
+        return value
+    raise ValueError(f"unknown op {value!r}{did_you_mean(value, OPS, _OP_SYNONYMS)}; "
+                     f"ops: {', '.join(OPS)}")
 
 
 class TagCondition(_Spec):
@@ -94,23 +123,44 @@ class AttributeCondition(_Spec):
     """Compares a subscriber attribute (or ``locale``/``channel``) with ``value``."""
 
     attribute: str
-    op: Op = "eq"
+    op: Annotated[Op, BeforeValidator(_check_op)] = "eq"
     value: Any = None
 
 
 class AllCondition(_Spec):
-    all: list[Condition]
+    all: list[ConditionField]
 
 
 class AnyCondition(_Spec):
-    any: list[Condition]
+    any: list[ConditionField]
 
 
 class NotCondition(_Spec):
-    not_: Condition = Field(alias="not")
+    not_: ConditionField = Field(alias="not")
 
 
 Condition = TagCondition | AttributeCondition | AllCondition | AnyCondition | NotCondition
+_CONDITIONS: dict[str, type[_Spec]] = {"tag": TagCondition, "attribute": AttributeCondition,
+                                       "all": AllCondition, "any": AnyCondition,
+                                       "not": NotCondition}
+
+
+def _parse_condition(value: Any) -> Any:
+    """Pick the condition's kind by its key, so a mistake gives one message about that
+    kind (not one per kind of the union)."""
+    if isinstance(value, _Spec):
+        return value
+    kinds = [key for key in value if key in _CONDITIONS] if isinstance(value, dict) else []
+    if len(kinds) != 1:
+        keys = list(value) if isinstance(value, dict) else []
+        hint = next((did_you_mean(k, _CONDITIONS) for k in keys if did_you_mean(
+            k, _CONDITIONS)), "")
+        raise ValueError(f"a condition has one of the keys {', '.join(_CONDITIONS)} "
+                         f"(got {', '.join(map(str, keys)) or repr(value)}){hint}")
+    return _CONDITIONS[kinds[0]].model_validate(value)
+
+
+ConditionField = Annotated[Any, BeforeValidator(_parse_condition)]
 for _model in (AllCondition, AnyCondition, NotCondition):
     _model.model_rebuild()
 
@@ -378,7 +428,7 @@ class TimerSpec(_Spec):
 class BranchRule(_Spec):
     """One rule of a branch; the first whose ``when`` holds wins; no ``when`` = else."""
 
-    when: Condition | None = None
+    when: ConditionField | None = None
     goto: str
 
 
@@ -564,10 +614,12 @@ def check_flow(spec: FlowSpec, file: str, catalogs: Catalogs) -> list[FlowIssue]
         for suffix, key in catalog_keys(state):
             path = f"states.{name}.{suffix}"
             if not catalogs.has(catalogs.default_locale, key):
+                hint = did_you_mean(key, catalogs.keys(catalogs.default_locale), cutoff=0.85)
                 issues.append(FlowIssue(
                     file, path,
                     f"unknown catalog key {key!r} in the default locale "
-                    f"{catalogs.default_locale!r} (locales/{catalogs.default_locale}/*.ftl)"))
+                    f"{catalogs.default_locale!r} (locales/{catalogs.default_locale}/*.ftl)"
+                    f"{hint}"))
                 continue
             missing = [loc for loc in catalogs.locales
                        if loc != catalogs.default_locale and not catalogs.has(loc, key)]
@@ -640,21 +692,141 @@ def parse_flow_text(text: str, file: str,
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as error:
-        return None, [FlowIssue(file, "", f"cannot read YAML: {error}")]
+        mark = getattr(error, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else file
+        reason = " ".join(str(getattr(error, "problem", None) or error).split())
+        context = getattr(error, "context", None)
+        return None, [FlowIssue(where, "", f"cannot read YAML: {reason}"
+                                           + (f" ({context})" if context else ""))]
     if not isinstance(raw, dict):
         return None, [FlowIssue(file, "", "a flow file is a mapping with flow, start, states")]
-    try:
-        spec = FlowSpec.model_validate(raw)
-    except ValidationError as error:
-        issues = []
-        for item in error.errors():
-            message = item["msg"].removeprefix("Value error, ")
-            issues.append(FlowIssue(file, _format_loc(item["loc"]), message))
+    spec, issues = _validate_leniently(raw, file)
+    if spec is None:
         return None, _dedupe(issues)
-    issues = check_flow(spec, file, catalogs)
+    issues += check_flow(spec, file, catalogs)
     if any(issue.severity == "error" for issue in issues):
-        return None, issues
+        return None, _dedupe(issues)
     return spec, issues
+
+
+def _field_names() -> list[str]:
+    names: set[str] = set()
+    todo: list[type[BaseModel]] = [_Spec]
+    while todo:
+        model = todo.pop()
+        todo.extend(model.__subclasses__())
+        for name, field in model.model_fields.items():
+            names.add(field.alias or name)
+    return sorted(names)
+
+
+def _message(item: Any, data_key: Any) -> str:
+    """Pydantic's message in the words of the flow file, with a suggestion where one
+    fits."""
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return f"unknown field {data_key!r}{did_you_mean(data_key, _field_names())}"
+    if kind == "missing":
+        return "required field is missing"
+    return item["msg"].removeprefix("Value error, ")
+
+
+def _walk(data: Any, loc: tuple[Any, ...]) -> list[tuple[Any, Any]]:
+    """The (container, key) steps of ``loc`` that exist in ``data`` (pydantic's own parts,
+    such as union or validator names, are skipped)."""
+    steps, current = [], data
+    for part in loc:
+        if (isinstance(current, dict) and isinstance(part, str) and part in current) or (
+                isinstance(current, list) and isinstance(part, int)
+                and 0 <= part < len(current)):
+            steps.append((current, part))
+            current = current[part]
+    return steps
+
+
+def _prune(data: dict[str, Any], steps: list[tuple[Any, Any]], extra: bool) -> bool:
+    """Take out the smallest part holding an error, so the rest can be checked: the
+    unknown key, a list item, a state's field, the state (emptied, so references to it
+    still resolve); returns whether anything changed."""
+    if extra and steps:
+        container, key = steps[-1]
+        del container[key]
+        return True
+    states = data.get("states")
+    for depth in range(len(steps) - 1, -1, -1):
+        container, key = steps[depth]
+        if isinstance(container, list):
+            container[key] = _PRUNED
+            return True
+        if container is states and depth == 1:
+            if states[key] == {}:
+                return False
+            states[key] = {}
+            return True
+        if depth == 2 and steps[1][0] is states:
+            del container[key]
+            return True
+    if not steps:
+        return False
+    key = steps[0][1]
+    if key == "states" and isinstance(states, dict):
+        bad = [name for name in states if not re.match(NAME_PATTERN, str(name))]
+        for name in bad:
+            del states[name]
+        return bool(bad)
+    if key == "flow":
+        data["flow"] = "unnamed"
+        return True
+    if key in ("description", "intent", "triggers"):
+        del data[key]
+        return True
+    return False
+
+
+_PRUNED = object()
+
+
+def _drop_pruned(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_pruned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_drop_pruned(v) for v in value if v is not _PRUNED]
+    return value
+
+
+def _validate_leniently(raw: dict[str, Any], file: str) -> tuple[FlowSpec | None,
+                                                                  list[FlowIssue]]:
+    """Validate the flow; on errors, report them, take the broken parts out and validate
+    again, so one run reports every problem (and the semantic checks still run on the
+    rest). Returns a spec only when the file had no such errors (or the pruned one, with
+    the errors, for ``check_flow``)."""
+    data = copy.deepcopy(raw)
+    issues: list[FlowIssue] = []
+    pruned: list[str] = []
+    for _ in range(200):
+        try:
+            spec = FlowSpec.model_validate(_drop_pruned(data) if pruned else data)
+        except ValidationError as error:
+            changed = False
+            for item in error.errors():
+                path = _format_loc(item["loc"])
+                steps = _walk(data, item["loc"])
+                extra = item["type"] == "extra_forbidden"
+                # After a prune, an error on a part that held the pruned one is its echo.
+                if not any(p == path or p.startswith((f"{path}.", f"{path}["))
+                           for p in pruned):
+                    issues.append(FlowIssue(file, path, _message(
+                        item, steps[-1][1] if steps else None)))
+                if _prune(data, steps, extra):
+                    changed = True
+                    pruned.append(path)
+            if not changed:
+                return None, issues
+            continue
+        if issues:
+            return (spec if "start" in raw and "states" in raw else None), issues
+        return spec, issues
+    return None, issues
 
 
 def _dedupe(issues: list[FlowIssue]) -> list[FlowIssue]:

@@ -12,34 +12,114 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fluent.runtime import FluentBundle, FluentResource
+from fluent.runtime import FluentBundle
+from fluent.syntax import FluentParser
+from fluent.syntax import ast as ftl
+
+from bot_platform.errors import FlowIssue
 
 log = logging.getLogger(__name__)
+
+LOCALE_PATTERN = r"^[a-z]{2,3}(-[a-z0-9]{2,8})*$"
+
+
+def _line(source: str, offset: int) -> int:
+    return source.count("\n", 0, offset) + 1
+
+
+def parse_ftl(sources: list[tuple[str, str]]) -> tuple[list[ftl.Resource], list[FlowIssue]]:
+    """Parse one locale's ``(file, text)`` sources; every syntax error (a Junk entry) and
+    every key defined twice (in one file or across the locale's files) is an issue named
+    ``file:line``. Fluent itself would skip the broken entry and keep the first
+    definition, silently: a text would fall back to the default locale or stay old."""
+    parser = FluentParser()
+    resources, issues = [], []
+    seen: dict[str, str] = {}
+    for file, source in sources:
+        resource = parser.parse(source)
+        resources.append(resource)
+        for entry in resource.body:
+            if isinstance(entry, ftl.Junk):
+                # The entry's first line (the parser notices the error later, often on
+                # the next line), with the parser's reason.
+                first = entry.content.strip().splitlines()[0][:60] if entry.content else ""
+                reasons = "; ".join(note.message for note in entry.annotations) or "cannot parse"
+                issues.append(FlowIssue(f"{file}:{_line(source, entry.span.start)}", "",
+                                        f"syntax error in {first!r}: {reasons}"))
+            elif isinstance(entry, ftl.Message | ftl.Term):
+                key = ("-" if isinstance(entry, ftl.Term) else "") + entry.id.name
+                where = f"{file}:{_line(source, entry.span.start if entry.span else 0)}"
+                if key in seen:
+                    issues.append(FlowIssue(where, key, f"duplicate key {key!r} (first "
+                                                        f"defined at {seen[key]})"))
+                else:
+                    seen[key] = where
+    return resources, issues
 
 
 class Catalogs:
     """All locales' messages; formatting falls back to the default locale per key."""
 
-    def __init__(self, bundles: Mapping[str, FluentBundle], default_locale: str) -> None:
+    def __init__(self, bundles: Mapping[str, FluentBundle], default_locale: str,
+                 sources: Mapping[str, list[tuple[str, str]]] | None = None,
+                 issues: list[FlowIssue] | None = None) -> None:
         self.bundles = dict(bundles)
         self.default_locale = default_locale
+        # Per locale, the (file, text) it was built from, so texts uploaded with a flow
+        # version can be laid over it (``with_texts``).
+        self.sources = {locale: list(items) for locale, items in (sources or {}).items()}
+        self.issues = list(issues or [])  # syntax errors and duplicate keys (file:line)
 
     @classmethod
     def load(cls, directory: Path, default_locale: str = "en") -> Catalogs:
-        bundles: dict[str, FluentBundle] = {}
+        """Every ``<locale>/*.ftl`` under ``directory``; problems are kept in ``issues``
+        (the platform refuses to start with them, ``botp flows validate`` prints them)."""
+        sources: dict[str, list[tuple[str, str]]] = {}
         if directory.is_dir():
             for locale_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
-                bundle = FluentBundle([locale_dir.name], use_isolating=False)
-                for file in sorted(locale_dir.glob("*.ftl")):
-                    bundle.add_resource(FluentResource(file.read_text(encoding="utf-8")))
-                bundles[locale_dir.name] = bundle
-        if default_locale not in bundles:
-            bundles[default_locale] = FluentBundle([default_locale], use_isolating=False)
-        return cls(bundles, default_locale)
+                sources[locale_dir.name] = [
+                    (str(file), file.read_text(encoding="utf-8"))
+                    for file in sorted(locale_dir.glob("*.ftl"))]
+        return cls.build(sources, default_locale)
+
+    @classmethod
+    def build(cls, sources: Mapping[str, list[tuple[str, str]]], default_locale: str,
+              overrides: Mapping[str, list[tuple[str, str]]] | None = None) -> Catalogs:
+        """Catalogs from per-locale sources; ``overrides`` (texts of flow versions) are
+        added last and replace keys of the same name."""
+        bundles: dict[str, FluentBundle] = {}
+        issues: list[FlowIssue] = []
+        overrides = overrides or {}
+        for locale in sorted({*sources, *overrides, default_locale}):
+            bundle = FluentBundle([locale], use_isolating=False)
+            resources, found = parse_ftl(sources.get(locale, []))
+            issues += found
+            for resource in resources:
+                bundle.add_resource(resource)
+            extra, found = parse_ftl(overrides.get(locale, []))
+            issues += found
+            for resource in extra:
+                bundle.add_resource(resource, allow_overrides=True)
+            bundles[locale] = bundle
+        return cls(bundles, default_locale, sources, issues)
+
+    def with_texts(self, texts: Mapping[str, list[tuple[str, str]]]) -> Catalogs:
+        """These catalogs plus ``texts`` (locale -> [(origin, Fluent text)]) on top."""
+        return Catalogs.build(self.sources, self.default_locale, texts)
+
+    def adopt(self, other: Catalogs) -> None:
+        """Take ``other``'s messages in place: the engine, the flows and the API hold this
+        object, and all see the new texts at once."""
+        self.bundles = other.bundles
 
     @property
     def locales(self) -> list[str]:
         return sorted(self.bundles)
+
+    def keys(self, locale: str) -> list[str]:
+        """The message keys of ``locale`` (for suggestions)."""
+        bundle = self.bundles.get(locale)
+        return sorted(bundle._messages) if bundle is not None else []
 
     def has(self, locale: str, key: str) -> bool:
         bundle = self.bundles.get(locale)

@@ -482,6 +482,9 @@ class FlowVersion(Base):
     flow: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
+    # Catalog entries uploaded with the version: locale -> Fluent text. In use (over the
+    # files' keys of the same name) while the version is active.
+    texts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime]
     activated_at: Mapped[datetime | None]

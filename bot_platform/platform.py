@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 
 
 def load_flows(settings: Settings, catalogs: Catalogs) -> FlowSet:
-    """Load and validate every flow; refuse to start on an invalid one unless told to skip
-    it (``skip_invalid_flows``), and then say which were skipped and why."""
+    """Load and validate every flow (and the catalogs: a syntax error or a duplicate key in
+    an ``.ftl`` file); refuse to start on an invalid one unless told to skip it
+    (``skip_invalid_flows``), and then say which were skipped and why."""
     specs, issues = validate_paths(settings.flows_dir, catalogs)
-    errors = [issue for issue in issues if issue.severity == "error"]
+    errors = [*catalogs.issues, *(issue for issue in issues if issue.severity == "error")]
     for issue in issues:
         if issue.severity == "warning":
             log.warning("%s", issue)
@@ -132,6 +133,7 @@ class Platform:
         await ensure_scan(self.db, self.engine)
         if self.settings.ai.enabled:
             await self._start_ai(scheduler)
+        self._watch_flows()
         return self
 
     async def _start_ai(self, scheduler: Scheduler) -> None:
@@ -156,36 +158,20 @@ class Platform:
         self.engine.text_fallback_job = JOB_KIND
 
     async def reload_flows(self) -> bool:
-        """Use the active uploaded flow versions (they replace files of the same name);
-        returns whether anything changed. Cheap when nothing did."""
-        from sqlalchemy import select
+        """Use the active uploaded flow versions and their texts (``flow_versions``);
+        returns whether anything changed."""
+        from bot_platform.flow_versions import reload_flows
 
-        from bot_platform.flow_dsl import check_cross_flow, parse_flow_text, validate_paths
-        from bot_platform.models import FlowVersion
+        return await reload_flows(self)
 
-        async with self.db.session() as session:
-            active = (await session.execute(select(
-                FlowVersion.flow, FlowVersion.version, FlowVersion.text).where(
-                FlowVersion.active.is_(True)).order_by(FlowVersion.flow))).all()
-        signature = tuple((flow, version) for flow, version, _ in active)
-        if signature == getattr(self, "_flow_signature", ()):
-            return False
-        specs, _ = validate_paths(self.settings.flows_dir, self.catalogs)
-        for flow, version, text in active:
-            spec, issues = parse_flow_text(text, f"{flow} v{version}", self.catalogs)
-            if spec is None:
-                log.error("active flow %s v%s is invalid now and was skipped: %s", flow,
-                          version, "; ".join(str(i) for i in issues))
-                continue
-            specs[spec.flow] = (spec, f"{flow} v{version}")
-        for issue in check_cross_flow(specs):
-            log.error("%s", issue)
-        self.flows = FlowSet([spec for spec, _ in specs.values()], self.catalogs)
-        if hasattr(self, "engine"):
-            self.engine.flows = self.flows
-        self._flow_signature = signature
-        log.info("flows in use: %s", ", ".join(sorted(self.flows.flows)))
-        return True
+    def _watch_flows(self) -> None:
+        """Follow flow activations made through any process's API (every process: web
+        and worker) within ``flow_reload_seconds``."""
+        from bot_platform.flow_versions import watch
+
+        if self.settings.flow_reload_seconds > 0:
+            self._flow_watch = asyncio.create_task(
+                watch(self, self.settings.flow_reload_seconds, self.stopping))
 
     async def housekeeping(self) -> None:
         """Between worker rounds: pick up bots and flows changed by other processes."""
@@ -397,6 +383,8 @@ class Platform:
 
     async def close(self) -> None:
         self.stopping.set()
+        if getattr(self, "_flow_watch", None) is not None:
+            self._flow_watch.cancel()
         for key in list(self._runners):
             await self._stop_runner(key)
         for adapter in self.channels.values():

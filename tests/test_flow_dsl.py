@@ -126,7 +126,7 @@ def test_warnings_unreachable_state_and_missing_translation(
     ("start: one\nstates: {one: {actions: [{tagg: x}], end: true}}", "states.one.actions[0]",
      "unknown action 'tagg' (did you mean 'tag'?)"),
     ("start: one\nstates: {one: {say: a, colour: red}}", "states.one.colour",
-     "Extra inputs are not permitted"),
+     "unknown field 'colour'"),
     ("start: one\nstates: {one: {say: a, goto: one, after: {delay: 1d, goto: one}}}",
      "states.one", "cannot wait for input"),
     ("triggers: [{on: ref}]\nstart: one\nstates: {one: {say: a}}", "triggers[0]",
