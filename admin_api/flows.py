@@ -84,10 +84,10 @@ def _problem(issue: FlowIssue, loc: list[str]) -> dict[str, Any]:
             "type": "flow_invalid", "path": issue.path, "message": issue.message}
 
 
-async def _store(platform: Any, source: str, texts: dict[str, str],
-                 yaml_loc: list[str]) -> FlowVersionPublic:
+async def _check(platform: Any, source: str, texts: dict[str, str],
+                 yaml_loc: list[str]) -> tuple[Any, list[FlowIssue], list[dict[str, Any]]]:
     """Validate the flow with the catalogs it would run with (the files, the other active
-    flows' texts and ``texts``), every problem at once, and store it as a new version."""
+    flows' texts and ``texts``): the flow, its issues, and every error as a 422 problem."""
     problems = []
     upload: Texts = {}
     for locale, entries in sorted(texts.items()):
@@ -104,6 +104,13 @@ async def _store(platform: Any, source: str, texts: dict[str, str],
         known[spec.flow] = (spec, "upload.yaml")
         issues += [i for i in check_cross_flow(known) if i.file == "upload.yaml"]
     problems += [_problem(i, yaml_loc) for i in issues if i.severity == "error"]
+    return spec, issues, problems
+
+
+async def _store(platform: Any, source: str, texts: dict[str, str],
+                 yaml_loc: list[str]) -> FlowVersionPublic:
+    """Validate the flow, every problem at once, and store it as a new version."""
+    spec, issues, problems = await _check(platform, source, texts, yaml_loc)
     if spec is None or problems:
         raise HTTPException(422, problems)
     now = platform.clock.now()
@@ -116,6 +123,25 @@ async def _store(platform: Any, source: str, texts: dict[str, str],
         await session.flush()
         data = FlowVersionPublic.model_validate(row, from_attributes=True)
     return data.model_copy(update={"warnings": [f"{i.path}: {i.message}" for i in issues]})
+
+
+class FlowCheck(BaseModel):
+    """What the validator says of a flow: every error and warning with its path;
+    ``valid`` when there is no error."""
+
+    valid: bool
+    issues: list[dict[str, str]]
+
+
+@router.post("/validate", response_model=FlowCheck, **roles(MARKETING))
+async def validate(text: StorableText = Body(media_type="application/yaml",
+                                             description="A flow file (YAML)"),
+                   platform: Any = Depends(get_platform)) -> FlowCheck:
+    """Check a flow file as ``botp flows validate`` would (with the catalogs and flows in
+    use), every problem at once, storing nothing."""
+    spec, issues, problems = await _check(platform, text, {}, ["body"])
+    return FlowCheck(valid=spec is not None and not problems, issues=[
+        {"severity": i.severity, "path": i.path, "message": i.message} for i in issues])
 
 
 @router.post("", status_code=201, response_model=FlowVersionPublic, **roles(MARKETING))

@@ -79,25 +79,3 @@ async def pool_status(pool: Pool, platform: Any = Depends(get_platform)) -> Pool
         raise HTTPException(404, f"pool {pool!r} has no codes")
     return PoolPublic(pool=pool, total=total, free=free)
 
-
-class FlowValidation(BaseModel):
-    valid: bool
-    issues: list[dict[str, str]]
-
-
-@router.post("/flows/validate", response_model=FlowValidation, **roles(MARKETING))
-async def validate_flow(
-    text: str = Body(media_type="application/yaml", description="A flow file (YAML)"),
-    platform: Any = Depends(get_platform),
-) -> FlowValidation:
-    """Check a flow file against the platform's catalogs and flows, without storing it."""
-    from bot_platform.flow_dsl import check_cross_flow, parse_flow_text
-
-    spec, issues = parse_flow_text(text, "upload.yaml", platform.catalogs)
-    if spec is not None:
-        known = {name: (flow.spec, name) for name, flow in platform.flows.flows.items()}
-        known[spec.flow] = (spec, "upload.yaml")
-        issues += [i for i in check_cross_flow(known) if i.file == "upload.yaml"]
-    found = [{"severity": i.severity, "path": i.path, "message": i.message} for i in issues]
-    return FlowValidation(valid=not any(i.severity == "error" for i in issues), issues=found)
-

@@ -143,3 +143,22 @@ async def test_the_api_reports_every_problem_at_once(make_platform) -> None:
         "states.ask.brnch", "states.check.branch[0].when.op", "states.ask.buttons[0].goto",
         "states.wait.after.delay", "states.wait.say[0].text"]
     assert "did you mean 'gt'?" in problems[1]["msg"]
+
+
+async def test_the_api_validates_without_storing(make_platform) -> None:
+    platform = await make_platform()
+    _, key = await create_key(platform.db, name="m", role="marketer", now=platform.clock.now())
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/yaml"}
+    good = (ROOT / "flows" / "welcome.yaml").read_text()
+    async with platform.http_client() as client:
+        broken = await client.post("/api/flows/validate", content=FIVE_PROBLEMS,
+                                   headers=headers)
+        fine = await client.post("/api/flows/validate", content=good, headers=headers)
+        versions = await client.get("/api/flows/five/versions", headers=headers)
+    assert broken.status_code == 200, broken.text
+    assert broken.json()["valid"] is False
+    assert [i["path"] for i in broken.json()["issues"] if i["severity"] == "error"] == [
+        "states.ask.brnch", "states.check.branch[0].when.op", "states.ask.buttons[0].goto",
+        "states.wait.after.delay", "states.wait.say[0].text"]
+    assert fine.json()["valid"] is True
+    assert versions.json() == []  # nothing stored
