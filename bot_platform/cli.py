@@ -34,11 +34,10 @@ log = logging.getLogger("botp")
 
 def _setup_logging(settings: Settings, quiet: bool = False) -> None:
     from bot_platform.channels import install_log_redaction
+    from bot_platform.logs import handler
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING if quiet else settings.log_level.upper(),
+                        handlers=[handler(settings.log_format)])  # text, or JSON lines
     install_log_redaction()  # no bot secret in any log line (the bots add theirs)
 
 
@@ -74,6 +73,7 @@ def _make_server_class() -> type:
 async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     import uvicorn
 
+    from bot_platform.logs import uvicorn_log_config
     from bot_platform.platform import Platform
 
     _Server = _make_server_class()
@@ -106,7 +106,8 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
             tasks.extend(asyncio.create_task(p) for p in platform.pollers())
             server = _Server(uvicorn.Config(
                 platform.app(), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), lifespan="off"))
+                log_level=settings.log_level.lower(), lifespan="off",
+                log_config=uvicorn_log_config(settings.log_format)))
             log.info("serving on http://%s:%s", settings.host, settings.port)
             await server.serve()  # returns once shutdown() asked it to
         else:
