@@ -274,6 +274,15 @@ def create_app(platform: Platform) -> FastAPI:
     return app
 
 
+def create_metrics_app(platform: Platform) -> FastAPI:
+    """Only ``GET /metrics``: what a worker process serves (``BOTP_METRICS_PORT``), so
+    its send and 429 counters can be scraped too."""
+    app = _App(title="botp worker", docs_url=None, redoc_url=None, openapi_url=None)
+    install_log_redaction()
+    _metrics_route(app, platform)
+    return app
+
+
 class _WorkerWasFaster(Exception):
     pass
 

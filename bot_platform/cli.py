@@ -110,6 +110,14 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
                 log_config=uvicorn_log_config(settings.log_format)))
             log.info("serving on http://%s:%s", settings.host, settings.port)
             await server.serve()  # returns once shutdown() asked it to
+        elif settings.metrics_port:  # a worker: its send counters, for Prometheus
+            from bot_platform.app import create_metrics_app
+
+            server = _Server(uvicorn.Config(
+                create_metrics_app(platform), host=settings.host, port=settings.metrics_port,
+                log_level="warning", lifespan="off",
+                log_config=uvicorn_log_config(settings.log_format)))
+            await server.serve()
         else:
             await stop.wait()
     finally:

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     # Bearer token a Prometheus must send to GET /metrics; unset, only direct callers from
     # loopback or a private network (not through a proxy) may scrape (bot_platform.metrics).
     metrics_token: SecretStr | None = None
+    # A `botp worker` (which serves no HTTP otherwise) serves GET /metrics on this port.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("bots", mode="before")
     @classmethod

@@ -101,7 +101,10 @@ async def test_webhook_paths_of_unknown_channels_share_one_series(telegram) -> N
     assert not [key for key in samples if ("channel", "nope") in key[1]]
 
 
-async def test_job_lag_queue_depth_and_broadcast_progress(telegram, fake) -> None:
+async def test_job_lag_queue_depth_and_broadcast_progress(make_platform, fake,
+                                                          db_url) -> None:
+    telegram = await make_platform(database_url=db_url, bots=[BotConfig(
+        id="shop", channel="telegram", token=TOKEN, secret=SECRET, api_base=fake.url)])
     now = telegram.clock.now()
     await post(telegram, message_update(1, "/start"))
     await post(telegram, message_update(2, "/start", uid=2222))
@@ -252,3 +255,19 @@ async def test_the_inbound_chain_sets_bot_channel_and_subscriber(telegram, fake)
     assert (duplicate["bot"], duplicate["channel"]) == ("shop", "telegram")
     assert "subscriber_id" not in duplicate
     assert TOKEN not in stream.getvalue()
+
+
+async def test_a_worker_serves_its_own_counters(telegram, fake) -> None:
+    """``botp worker`` with BOTP_METRICS_PORT serves this app: only /metrics, with the
+    worker's send counters (a web process sends nothing in a scaled-out set-up)."""
+    from bot_platform.app import create_metrics_app
+
+    await post(telegram, message_update(1, "/start"))
+    await telegram.drain()
+    transport = httpx.ASGITransport(app=create_metrics_app(telegram))
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        samples = await scrape(telegram, client)
+        assert (await client.get("/docs")).status_code == 404
+        assert (await client.get("/webhooks/telegram/shop")).status_code == 404
+    assert value(samples, "botp_sends_total", channel="telegram", result="sent") == 1
+    assert value(samples, "botp_outbox_rows", status="sent") == 1
