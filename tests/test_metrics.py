@@ -271,3 +271,22 @@ async def test_a_worker_serves_its_own_counters(telegram, fake) -> None:
         assert (await client.get("/webhooks/telegram/shop")).status_code == 404
     assert value(samples, "botp_sends_total", channel="telegram", result="sent") == 1
     assert value(samples, "botp_outbox_rows", status="sent") == 1
+
+
+def test_the_command_line_logs_json_lines_when_asked(tmp_path) -> None:
+    """``botp``'s logging set-up with BOTP_LOG_FORMAT=json: every line a JSON object."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = ("import logging; from bot_platform.cli import _setup_logging; "
+              "from bot_platform.config import Settings; "
+              "_setup_logging(Settings(_env_file=None)); "
+              "logging.getLogger('botp').info('ready %s', 42)")
+    env = {**os.environ, "BOTP_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=True)
+    [line] = [json.loads(line) for line in done.stderr.splitlines()]
+    assert (line["logger"], line["level"], line["message"]) == ("botp", "INFO", "ready 42")
