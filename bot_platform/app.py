@@ -8,7 +8,8 @@ that safe).
 Every response carries security headers (``SecurityHeaders``): no sniffing, no framing, no
 referrer, and a Content-Security-Policy. JSON and text get a policy that allows nothing;
 HTML pages set their own (``html_csp``), allowing exactly their inline scripts and styles
-by hash, plus what they load.
+by hash, plus what they load (from this origin only). ``/metrics`` serves Prometheus
+(``bot_platform.metrics``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import importlib
 import logging
+import pathlib
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import timedelta
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select, text, update
 
 from bot_platform.channels import WebhookRequest, install_log_redaction
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot, http_status_for
+from bot_platform.metrics import Metrics, WebhookCounter, exposition, may_scrape, metrics_of
 from bot_platform.models import Message, Outbox
 
 if TYPE_CHECKING:
@@ -53,12 +57,15 @@ SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 )
-# The API docs pages load Swagger UI / ReDoc (scripts, styles, fonts) from these CDNs.
+# The API docs pages run Swagger UI / ReDoc from files this server serves (DOCS_ASSETS):
+# nothing is loaded from another origin, so the pages work offline and a CDN cannot change
+# what runs on them. Both inject styles at run time ('unsafe-inline', styles only) and
+# show inline SVG/data: images; ReDoc's search runs in a worker made from a blob: URL.
+DOCS_ASSETS = "/static/docs"
 DOCS_SOURCES = {
-    "script-src": "https://cdn.jsdelivr.net",
-    "style-src": "https://cdn.jsdelivr.net https://fonts.googleapis.com 'unsafe-inline'",
-    "img-src": "'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly",
-    "font-src": "https://fonts.gstatic.com",
+    "script-src": "'self'",
+    "style-src": "'self' 'unsafe-inline'",
+    "img-src": "'self' data:",
     "worker-src": "blob:",
 }
 _INLINE = {kind: re.compile(rf"<{kind}(?![^>]*\bsrc=)[^>]*>(.*?)</{kind}>", re.S | re.I)
@@ -115,32 +122,71 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def docs_assets_dir() -> pathlib.Path:
+    """Swagger UI's and ReDoc's bundles as the ``fastapi-offline`` package ships them
+    (swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon.png)."""
+    return pathlib.Path(importlib.import_module("fastapi_offline").__file__ or "").parent / "static"
+
+
 def _docs_routes(app: FastAPI) -> None:
-    """Swagger UI and ReDoc as FastAPI serves them, with a CSP of their own."""
+    """Swagger UI and ReDoc served from this origin, with a CSP of their own."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
 
     def page(html: str) -> Response:
         return Response(html, media_type="text/html",
                         headers={"Content-Security-Policy": html_csp(html, DOCS_SOURCES)})
 
+    def base(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/")
+
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> Response:
-        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
-        return page(get_swagger_ui_html(openapi_url=openapi, title=f"{app.title} - Swagger UI",
-                                        swagger_ui_parameters=app.swagger_ui_parameters
-                                        ).body.decode())
+        root = base(request)
+        return page(get_swagger_ui_html(
+            openapi_url=root + (app.openapi_url or ""), title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            swagger_ui_parameters=app.swagger_ui_parameters).body.decode())
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> Response:
-        openapi = request.scope.get("root_path", "").rstrip("/") + (app.openapi_url or "")
-        return page(get_redoc_html(openapi_url=openapi, title=f"{app.title} - ReDoc"
-                                   ).body.decode())
+        root = base(request)
+        return page(get_redoc_html(
+            openapi_url=root + (app.openapi_url or ""), title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False).body.decode())
+
+
+def _metrics_route(app: FastAPI, platform: Platform) -> None:
+    metrics = metrics_of(platform)
+    token = platform.settings.metrics_token
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "The text exposition format",
+                              "content": {"text/plain": {}}},
+                        404: {"description": "Not for this caller (see docs/deploy.md)",
+                              "content": {"text/plain": {}}}})
+    async def prometheus(request: Request) -> Response:
+        if not may_scrape(request, token.get_secret_value() if token else None):
+            # 404, not 401: the public side does not learn that the endpoint exists.
+            return Response("not found", status_code=404, media_type="text/plain")
+        body, content_type = await exposition(platform, metrics)
+        return Response(body, media_type=content_type)
 
 
 class _App(FastAPI):
-    """FastAPI with the security headers outermost: error pages (500) get them too."""
+    """FastAPI with the security headers outermost: error pages (500) get them too; and
+    webhook answers counted (500s included) for /metrics."""
+
+    webhook_metrics: Metrics | None = None
 
     def build_middleware_stack(self) -> Any:
-        return SecurityHeaders(super().build_middleware_stack())
+        stack = super().build_middleware_stack()
+        if self.webhook_metrics is not None:
+            stack = WebhookCounter(stack, self.webhook_metrics)
+        return SecurityHeaders(stack)
 
 
 def create_app(platform: Platform) -> FastAPI:
@@ -150,6 +196,8 @@ def create_app(platform: Platform) -> FastAPI:
     app.state.platform = platform
     install_log_redaction()
     _docs_routes(app)
+    _metrics_route(app, platform)
+    app.webhook_metrics = metrics_of(platform)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -223,6 +271,15 @@ def create_app(platform: Platform) -> FastAPI:
         factory = getattr(module, attribute, None)
         if factory is not None:
             app.include_router(factory(platform))
+    return app
+
+
+def create_metrics_app(platform: Platform) -> FastAPI:
+    """Only ``GET /metrics``: what a worker process serves (``BOTP_METRICS_PORT``), so
+    its send and 429 counters can be scraped too."""
+    app = _App(title="botp worker", docs_url=None, redoc_url=None, openapi_url=None)
+    install_log_redaction()
+    _metrics_route(app, platform)
     return app
 
 

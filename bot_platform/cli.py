@@ -34,11 +34,10 @@ log = logging.getLogger("botp")
 
 def _setup_logging(settings: Settings, quiet: bool = False) -> None:
     from bot_platform.channels import install_log_redaction
+    from bot_platform.logs import handler
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING if quiet else settings.log_level.upper(),
+                        handlers=[handler(settings.log_format)])  # text, or JSON lines
     install_log_redaction()  # no bot secret in any log line (the bots add theirs)
 
 
@@ -98,6 +97,7 @@ def _listen(host: str, port: int) -> Any:
 async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
     import uvicorn
 
+    from bot_platform.logs import uvicorn_log_config
     from bot_platform.platform import Platform
 
     _Server = _make_server_class()
@@ -132,9 +132,18 @@ async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
         if web:
             server = _Server(uvicorn.Config(
                 platform.app(), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), lifespan="off"))
+                log_level=settings.log_level.lower(), lifespan="off",
+                log_config=uvicorn_log_config(settings.log_format)))
             log.info("serving on http://%s:%s", settings.host, settings.port)
             await server.serve(sockets=[sock])  # returns once shutdown() asked it to
+        elif settings.metrics_port:  # a worker: its send counters, for Prometheus
+            from bot_platform.app import create_metrics_app
+
+            server = _Server(uvicorn.Config(
+                create_metrics_app(platform), host=settings.host, port=settings.metrics_port,
+                log_level="warning", lifespan="off",
+                log_config=uvicorn_log_config(settings.log_format)))
+            await server.serve()
         else:
             await stop.wait()
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     ai: AiSettings = Field(default_factory=AiSettings)
     support: SupportSettings = Field(default_factory=SupportSettings)
     log_level: str = "INFO"
+    # "text" (for people) or "json" (one object per line, with bot, channel, subscriber_id)
+    log_format: Literal["text", "json"] = "text"
+    # Bearer token a Prometheus must send to GET /metrics; unset, only direct callers from
+    # loopback or a private network (not through a proxy) may scrape (bot_platform.metrics).
+    metrics_token: SecretStr | None = None
+    # A `botp worker` (which serves no HTTP otherwise) serves GET /metrics on this port.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("bots", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ would make another worker send the message again once the lease expires.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -33,6 +34,8 @@ from bot_platform.channels import Channel, redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error, renew_leases
+from bot_platform.logs import log_context
+from bot_platform.metrics import Metrics
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter
@@ -105,6 +108,7 @@ class Delivery:
         # Rows claimed and still being worked on here: only these have their leases
         # renewed, so a row whose handling died without a result is retried.
         self.in_hand: set[int] = set()
+        self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
 
     # ---- claiming ---------------------------------------------------------------------
 
@@ -259,7 +263,8 @@ class Delivery:
     async def deliver_many(self, rows: list[ClaimedRow]) -> int:
         """One API call for many recipients of the same message; a result per row."""
         try:
-            return await self._deliver_many(rows)
+            with log_context(bot=rows[0].bot_id, channel=rows[0].channel):
+                return await self._deliver_many(rows)
         finally:
             self.in_hand.difference_update(row.id for row in rows)
 
@@ -303,7 +308,9 @@ class Delivery:
         """Send one claimed row and record the result; returns the send status (None when
         the row was put back to wait for its rate-limit slot)."""
         try:
-            return await self._deliver(row)
+            with log_context(bot=row.bot_id, channel=row.channel,
+                             subscriber_id=row.subscriber_id):
+                return await self._deliver(row)
         finally:
             self.in_hand.discard(row.id)
 
@@ -359,6 +366,7 @@ class Delivery:
 
     async def record(self, row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
         """Write what happened to one row; returns once it is committed."""
+        self.metrics.send_result(row.channel, result, skipped)
         await self._commit(_Outcome(row, result, skipped))
 
     # ---- group commit -------------------------------------------------------------------
@@ -367,7 +375,9 @@ class Delivery:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._commits.append((outcome, future))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+            # In a context of its own: it writes many senders' rows, and its log lines
+            # must not carry the first sender's subscriber (bot_platform.logs).
+            self._flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
         await asyncio.shield(future)  # a cancelled sender must not lose its row's result
 
     async def _flush(self) -> None:

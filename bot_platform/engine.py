@@ -39,6 +39,8 @@ from bot_platform.flow_runtime import (
     Turn,
 )
 from bot_platform.i18n import Catalogs
+from bot_platform.logs import log_context, set_log_field
+from bot_platform.metrics import Metrics
 from bot_platform.models import (
     Answer,
     Contact,
@@ -225,6 +227,7 @@ class Engine:
         # Called for a customer message that went to an open conversation (live updates).
         self.on_conversation_message: Callable[[int, Inbound], None] | None = None
         self.locks = KeyedLocks()
+        self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         self.steps: list[Step] = [
             self.step_log_errors, self.step_lock, self.step_transaction, self.step_dedupe,
             self.step_receipts, self.step_upsert_subscriber, self.step_referral,
@@ -240,7 +243,9 @@ class Engine:
         ``hold`` keeps the messages it queues from the worker for that long (or until
         ``release`` is called), so a webhook can answer with one of them itself."""
         context = EventContext(storable_inbound(inbound), hold=hold)
-        await self._run(0, context)
+        self.metrics.inbound_event(context.inbound.channel, str(context.inbound.kind))
+        with log_context(bot=context.inbound.bot_id, channel=context.inbound.channel):
+            await self._run(0, context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,
             outbox_ids=tuple(i for i, _ in context.queued),
@@ -348,6 +353,7 @@ class Engine:
         subscriber.updated_at = now
         await session.flush()
         context.subscriber = subscriber
+        set_log_field("subscriber_id", subscriber.id)
         await call_next(context)
 
     async def _link_phone(self, session: AsyncSession, subscriber: Subscriber,
