@@ -22,7 +22,7 @@ import gc
 import logging
 import signal
 import sys
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,31 +163,32 @@ CHAT_HELP = """Type messages as a customer would. Commands:
   /help          this text          /quit   leave"""
 
 
-CLOCK_OFFSET_KEY = "console:clock_offset"
+async def _read_line() -> str:
+    return await asyncio.to_thread(input, "you> ")
 
 
-async def _chat(settings: Settings, user: str, name: str | None, language: str | None) -> None:
-    from bot_platform.clock import OffsetClock
+async def _chat(settings: Settings, user: str, name: str | None, language: str | None,
+                read_line: Callable[[], Awaitable[str]] = _read_line) -> None:
+    """The chat loop: this process is the terminal of ``user`` (see bots/console.py). It
+    shows only that user's messages, and ``/wait`` moves only that user's timers: the
+    clock stays real for every row it writes, so nothing another process reads is dated
+    in the future."""
     from bot_platform.flow_dsl import parse_duration
     from bot_platform.platform import Platform
     from bot_platform.types import Profile
-    from bots.console import ConsoleChannel
+    from bots.console import ConsoleChannel, attach_terminal, fast_forward
 
-    console = ConsoleChannel("console")
-    platform = Platform(settings, clock=OffsetClock(),
-                        channel_overrides={("console", "console"): console})
+    console = ConsoleChannel("console", terminal_user=user)
+    platform = Platform(settings, channel_overrides={("console", "console"): console})
     await platform.start()
-    # The console's virtual time survives restarts, so timers set after a /wait stay due.
-    saved_offset = await platform.kv.get(CLOCK_OFFSET_KEY)
-    if saved_offset:
-        platform.clock.advance(timedelta(seconds=float(saved_offset)))
+    await attach_terminal(platform.kv, console.bot_id, user)
     profile = Profile(first_name=name, language=language)
     print(CHAT_HELP, "\n", flush=True)
     try:
         await platform.drain()
         while True:
             try:
-                line = (await asyncio.to_thread(input, "you> ")).strip()
+                line = (await read_line()).strip()
             except EOFError:
                 break
             if not line:
@@ -203,10 +204,8 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
                 except ValueError as error:
                     print(error, flush=True)
                     continue
-                platform.clock.advance(delta)
-                await platform.kv.set(CLOCK_OFFSET_KEY,
-                                      str(platform.clock.offset.total_seconds()))
-                print(f"... {delta} later ({platform.clock.now():%Y-%m-%d %H:%M} UTC)",
+                await fast_forward(platform.db, platform.clock, console.bot_id, user, delta)
+                print(f"... {delta} later (for {user} only: their timers moved forward)",
                       flush=True)
             else:
                 await platform.engine.handle(console.inbound(user, line, profile))
