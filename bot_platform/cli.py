@@ -159,8 +159,10 @@ CHAT_HELP = """Type messages as a customer would. Commands:
   /start [ref]   start the bot (optionally with a deep-link ref, e.g. /start promo-spring)
   1, 2, ...      press a button of the last message
   /phone NUMBER  share a phone number
-  /wait 1d       let time pass (1d, 3h, 30m...) and see the timers fire
-  /help          this text          /quit   leave"""
+  /wait 1d       let time pass for you (1d, 3h, 30m...): your timers fire now
+  /help          this text          /quit   leave
+Only your messages show here: those of other chats wait for their own terminal."""
+CHAT_POLL_SECONDS = 1.0  # how often messages that arrive while you type are shown
 
 
 async def _read_line() -> str:
@@ -184,8 +186,25 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
     await attach_terminal(platform.kv, console.bot_id, user)
     profile = Profile(first_name=name, language=language)
     print(CHAT_HELP, "\n", flush=True)
+    lock = asyncio.Lock()  # one drain at a time: the loop's and the background one
+
+    async def drain() -> None:
+        async with lock:
+            await platform.drain()
+
+    async def keep_showing() -> None:
+        """What arrives while the user types (an agent's answer, a timer another process
+        fired) shows up without waiting for the next line."""
+        while True:
+            await asyncio.sleep(CHAT_POLL_SECONDS)
+            try:
+                await drain()
+            except Exception:  # the next round tries again; the loop must not die
+                logging.getLogger(__name__).exception("console: delivery round failed")
+
+    background = asyncio.create_task(keep_showing())
     try:
-        await platform.drain()
+        await drain()
         while True:
             try:
                 line = (await read_line()).strip()
@@ -209,8 +228,11 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
                       flush=True)
             else:
                 await platform.engine.handle(console.inbound(user, line, profile))
-            await platform.drain()
+            await drain()
     finally:
+        async with lock:  # never cancelled halfway through a delivery
+            background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
         await platform.close()
 
 

@@ -6,6 +6,7 @@ messages, and a ``botp run`` worker prints none. The chat loop runs in-process
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -136,3 +137,60 @@ async def test_each_process_shows_only_its_own_console_users_messages(
     assert "bot> Let's find your routine." in out
     assert "What bothers you most?" in out
     assert await answers_of(run, "alice") == [("skin_type", "dry")]
+
+
+async def test_messages_that_arrive_while_the_user_types_are_shown(make_platform, db_url,
+                                                                   capsys) -> None:
+    """An answer produced by another process (here the server handles alice's message, as
+    an agent's reply or a timer would) shows up in alice's terminal without a new line."""
+    from bot_platform.models import Outbox
+
+    run = await server(make_platform, db_url)
+    typed = 0
+
+    async def read_line() -> str:
+        nonlocal typed
+        typed += 1
+        if typed == 1:
+            return "/start"
+        if typed == 2:
+            await run.engine.handle(run.channel("console", "console").inbound("alice", "quiz"))
+            for _ in range(200):  # the terminal's background round delivers it
+                async with run.db.session() as session:
+                    waiting = await session.scalar(select(Outbox.id).where(
+                        Outbox.recipient == "alice", Outbox.status != "sent"))
+                if waiting is None:
+                    return "/quit"
+                await asyncio.sleep(0.05)
+        raise EOFError
+
+    await cli._chat(make_settings(db_url), "alice", "Alex", "en", read_line=read_line)
+    assert "bot> Let's find your routine." in capsys.readouterr().out
+
+
+async def test_wait_races_with_workers_and_each_timer_fires_once(make_platform,
+                                                                 db_url) -> None:
+    """``/wait`` moves a timer while several workers poll for due jobs: it fires once."""
+    from datetime import timedelta
+
+    from bots.console import fast_forward
+
+    workers = [await server(make_platform, db_url) for _ in range(3)]
+    first = workers[0]
+    await first.engine.handle(first.channel("console", "console").inbound("alice", "/start"))
+    await first.drain()
+
+    async def drains() -> None:
+        for _ in range(5):
+            await asyncio.gather(*(w.drain() for w in workers))
+
+    moved, _ = await asyncio.gather(
+        fast_forward(first.db, first.clock, "console", "alice", timedelta(days=1)), drains())
+    assert moved == 1
+    await asyncio.gather(*(w.drain() for w in workers))
+    async with first.db.session() as session:
+        fired = (await session.scalars(select(Job.status).where(
+            Job.kind == "flow_timer", Job.status == "done"))).all()
+        tips = (await session.scalars(select(Message.id).where(
+            Message.direction == "out", Message.text.like("Tip of the day%")))).all()
+    assert (len(fired), len(tips)) == (1, 1)
