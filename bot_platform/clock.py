@@ -1,6 +1,9 @@
 """Time as a seam: the engine, scheduler and delivery read time only through a ``Clock``.
 
-Tests and the console's ``/wait 1d`` move a clock forward instead of sleeping.
+Tests move a ``ManualClock`` forward instead of sleeping. A running process always uses
+the real time: the console's ``/wait 1d`` does not move any clock (a moved clock would
+date rows other processes read in the future); it makes one user's own timers due earlier
+(``bots.console.fast_forward``).
 """
 
 from __future__ import annotations
@@ -21,19 +24,6 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
-
-
-class OffsetClock:
-    """Real time plus an offset that only grows: the console's ``/wait`` advances it."""
-
-    def __init__(self, offset: timedelta = timedelta(0)) -> None:
-        self.offset = offset
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, delta: timedelta) -> None:
-        self.offset += delta
 
 
 class ManualClock:

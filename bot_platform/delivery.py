@@ -109,6 +109,9 @@ class Delivery:
         # renewed, so a row whose handling died without a result is retried.
         self.in_hand: set[int] = set()
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
+        # Which rows this process may claim at all (None: every row). The console uses it:
+        # a ``botp chat`` user's messages are delivered only by that user's terminal.
+        self.claim_scope: Any = None
 
     # ---- claiming ---------------------------------------------------------------------
 
@@ -121,6 +124,8 @@ class Delivery:
         no_earlier_unsent = ~exists().where(
             earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
             earlier.status.in_(("pending", "sending")))
+        if self.claim_scope is not None:
+            return and_(ready, self.claim_scope, no_earlier_unsent)
         return and_(ready, no_earlier_unsent)
 
     async def _claim(self, condition, limit: int) -> tuple[list[ClaimedRow], set[int]]:

@@ -511,7 +511,7 @@ class Engine:
             turn.effects.append(JobEffect(self.text_fallback_job,
                                           {"text": text, "locale": turn.locale}, turn.now))
             return
-        turn.effects.append(SendEffect(None, self.fallback_message(turn)))
+        turn.effects.extend(self.off_script(turn))
 
     async def release(self, outbox_ids: Sequence[int]) -> None:
         """Hand held messages to the worker now."""
@@ -527,6 +527,36 @@ class Engine:
         words = self.handoff_keywords.get(locale, []) + self.handoff_keywords.get("*", [])
         wanted = text.strip().casefold().rstrip("!?.")
         return bool(wanted) and wanted in {w.casefold() for w in words}
+
+    def off_script(self, turn: Turn) -> list[SendEffect]:
+        """Text that fits nothing. Mid-question the customer is asked again (the question
+        with its buttons, and how to reach a person) instead of being sent back to the
+        start; outside any question, the catalog's fallback."""
+        active = self._active(turn)
+        if active:
+            position = active[0]
+            flow = self.flows[position.flow]
+            messages = flow.render(position.state, turn) if flow.waits_for_choice(
+                position.state) else []
+            if messages:
+                question = messages[-1]
+                hint = self.reask_hint(turn)
+                if question.text and not question.image_url:
+                    return [SendEffect(position.flow, question.model_copy(
+                        update={"text": f"{hint}\n\n{question.text}"}))]
+                return [SendEffect(None, Outgoing(text=hint)),
+                        SendEffect(position.flow, question)]
+        return [SendEffect(None, self.fallback_message(turn))]
+
+    def reask_hint(self, turn: Turn) -> str:
+        """"Please choose one of the options", naming a word that reaches a person."""
+        words = (self.handoff_keywords.get(turn.locale)
+                 or self.handoff_keywords.get("*") or [])
+        variables = {**turn.variables(self.catalogs)}
+        if words:
+            variables["keyword"] = words[0]
+            return self.catalogs.format(turn.locale, "common-reask", variables)
+        return self.catalogs.format(turn.locale, "common-reask-plain", variables)
 
     def fallback_message(self, turn: Turn) -> Outgoing:
         """The localized "I did not get that"."""

@@ -676,6 +676,12 @@ class CompiledFlow:
             self.machine.remove_model(model)
         return model.steps
 
+    def waits_for_choice(self, name: str) -> bool:
+        """The state asks a question answered by one of its buttons or quick replies."""
+        state = self.spec.states.get(name)
+        return bool(state and not state.end and (
+            any(not b.url for b in state.buttons) or state.quick_replies))
+
     def waits_for_text(self, name: str) -> bool:
         state = self.spec.states.get(name)
         return bool(state and (state.capture or state.buttons or state.quick_replies))

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import aiohttp
+from sqlalchemy import and_
 
 from bot_platform import broadcasts
 from bot_platform.channels import (
@@ -124,6 +125,12 @@ class Platform:
                               self.worker_id)
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
+        # A channel may keep some of its rows from this process (the console: a terminal
+        # user's messages are shown only by that user's ``botp chat``).
+        scopes = [scope for adapter in self.channels.values()
+                  if (scope := getattr(adapter, "claim_scope", None)) is not None]
+        if scopes:
+            delivery.claim_scope = and_(*scopes)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval,
                              on_idle=self.housekeeping,
                              wakeups=None if self.db.is_sqlite else self._listen_for_work)

@@ -2,6 +2,14 @@
 pipeline (database, engine, scheduler, delivery). ``botp chat`` runs the platform in its
 own process and hands typed lines to the engine directly: no HTTP involved.
 
+Each ``botp chat`` is the terminal of one console user: the first time it runs it marks
+that user as a terminal user (a ``kv`` row), and from then on that user's messages are
+delivered only by a ``botp chat`` of that user (they wait in the outbox while none runs,
+like messages in a messenger's inbox). Other processes (``botp run``, another ``botp
+chat``) leave them alone, and print nothing they deliver to console users. ``/wait`` moves
+only that user's own timers and held messages earlier: time is never moved for anyone
+else, and no row gets a timestamp in the future.
+
 Over HTTP (``POST /webhooks/console/console`` with ``{"user_id": "...", "text": "..."}``,
 handy for scripted smoke tests) it answers only when a secret is configured
 (``BOTP_CONSOLE_SECRET``, or ``secret`` in the console bot's config) and the call carries
@@ -14,16 +22,21 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
+import logging
 import math
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
+from sqlalchemy import ColumnElement, and_, exists, literal, or_, select, update
 
 from bot_platform.channels import ChannelDeps, WebhookRequest
 from bot_platform.config import BotConfig
+from bot_platform.database import Database
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot
+from bot_platform.models import Job, KeyValue, Outbox, Subscriber
 from bot_platform.types import (
     Button,
     Capabilities,
@@ -41,6 +54,8 @@ CONSOLE_CAPABILITIES = Capabilities(
     carousels=False, messages_per_second=math.inf, per_chat_per_second=math.inf,
 )
 SECRET_HEADER = "x-botp-console-secret"
+TERMINAL_KEY = "console:terminal:"  # + bot id + ":" + user id: a user of a ``botp chat``
+log = logging.getLogger(__name__)
 
 
 def render(message: Outgoing) -> str:
@@ -73,10 +88,14 @@ class ConsoleChannel:
 
     def __init__(self, bot_id: str, output: Callable[[str, str], None] | None = None,
                  relay_url: str | None = None, http: aiohttp.ClientSession | None = None,
-                 webhook_secret: str | None = None) -> None:
+                 webhook_secret: str | None = None, terminal_user: str | None = None) -> None:
         self.bot_id = bot_id
         self.webhook_secret = webhook_secret
-        self.output = output or (lambda user, text: print(f"bot> {text}\n", flush=True))
+        # The user this process is the terminal of (``botp chat``); None in a server.
+        self.terminal_user = terminal_user
+        self.output = output or (
+            (lambda user, text: print(f"bot> {text}\n", flush=True)) if terminal_user
+            else (lambda user, text: log.debug("console message for %s: %s", user, text)))
         self.relay_url = relay_url.rstrip("/") if relay_url else None
         self.http = http
         self.sent: list[tuple[str, Outgoing]] = []
@@ -138,11 +157,23 @@ class ConsoleChannel:
                 return result
             message_id = result.message_id
         self.sent.append((recipient, message))
-        choices = [*message.buttons, *message.quick_replies]
-        if choices:
-            self._choices[recipient] = choices
-        self.output(recipient, render(message))
+        # Numbers press buttons of the last message only: after a question without
+        # buttons (an age, an email) a typed number is the answer, not an old button.
+        self._choices[recipient] = [*message.buttons, *message.quick_replies]
+        if self.terminal_user is None or recipient == self.terminal_user:
+            self.output(recipient, render(message))
         return SendResult.sent(message_id)
+
+    @property
+    def claim_scope(self) -> ColumnElement[bool]:
+        """Which outbox rows this process may deliver: all but this bot's rows of terminal
+        users, except, in a ``botp chat``, its own user's."""
+        attached = exists().where(
+            KeyValue.key == literal(f"{TERMINAL_KEY}{self.bot_id}:") + Outbox.recipient)
+        scope = [Outbox.channel != self.name, Outbox.bot_id != self.bot_id, ~attached]
+        if self.terminal_user is not None:
+            scope.append(Outbox.recipient == self.terminal_user)
+        return or_(*scope)
 
     async def _relay(self, recipient: str, message: Outgoing) -> SendResult:
         assert self.http is not None
@@ -168,3 +199,43 @@ def build(bot: BotConfig, deps: ChannelDeps) -> ConsoleChannel:
     secret = bot.secret.get_secret_value() if bot.secret else None
     return ConsoleChannel(bot.id, relay_url=bot.api_base, http=deps.http,
                           webhook_secret=secret)
+
+
+async def attach_terminal(kv: Any, bot_id: str, user_id: str) -> None:
+    """Mark ``user_id`` as a ``botp chat`` user: only such a process delivers its messages."""
+    await kv.set(f"{TERMINAL_KEY}{bot_id}:{user_id}", "botp chat")
+
+
+async def fast_forward(db: Database, clock: Any, bot_id: str, user_id: str,
+                       delta: timedelta) -> int:
+    """The console's ``/wait``: the user's own pending timers and held messages become due
+    ``delta`` earlier, as if that much time had passed for them alone. Nothing else moves:
+    other subscribers' timers, broadcasts and every timestamp stay on the real clock.
+    Each row moves with a compare-and-set on its status and old time (a worker may be
+    running it at that moment). Returns how many rows moved."""
+    moved = 0
+    async with db.session() as session:
+        subscriber_id = await session.scalar(select(Subscriber.id).where(
+            Subscriber.channel == "console", Subscriber.bot_id == bot_id,
+            Subscriber.user_id == user_id))
+        if subscriber_id is None:
+            return 0
+        now = clock.now()
+        jobs = (await session.execute(select(Job.id, Job.due_at).where(
+            Job.subscriber_id == subscriber_id, Job.status == "pending",
+            Job.due_at > now))).all()
+        for job_id, due_at in jobs:
+            result = await session.execute(update(Job).where(and_(
+                Job.id == job_id, Job.status == "pending", Job.due_at == due_at,
+            )).values(due_at=max(due_at - delta, now)))
+            moved += result.rowcount or 0
+        rows = (await session.execute(select(Outbox.id, Outbox.next_attempt_at).where(
+            Outbox.subscriber_id == subscriber_id, Outbox.status == "pending",
+            Outbox.next_attempt_at > now))).all()
+        for row_id, next_attempt_at in rows:
+            result = await session.execute(update(Outbox).where(and_(
+                Outbox.id == row_id, Outbox.status == "pending",
+                Outbox.next_attempt_at == next_attempt_at,
+            )).values(next_attempt_at=max(next_attempt_at - delta, now)))
+            moved += result.rowcount or 0
+    return moved

@@ -62,6 +62,6 @@ class AiReplyJob:
                                              turn.variables(engine.catalogs))
             turn.effects.append(SendEffect(None, Outgoing(text=clarify)))
         else:
-            turn.effects.append(SendEffect(None, engine.fallback_message(turn)))
+            turn.effects.extend(engine.off_script(turn))
         await engine.save_turn(session, subscriber, turn, rows)
         return f"{decision.kind}:{decision.reason or decision.flow or 'ok'}"[:32]

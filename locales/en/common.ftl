@@ -9,3 +9,5 @@ language-choose = Which language do you prefer?
 language-set = Done! I will speak English from now on.
 ai-clarify = I am not sure I understood. Could you say a bit more about what you are looking for?
 handoff-waiting-closed = Thanks! Our team is offline now; we will answer you here from { $opens }.
+common-reask = Please choose one of the options below, or type “{ $keyword }” to talk to a person.
+common-reask-plain = Please choose one of the options below.

@@ -9,3 +9,5 @@ language-choose = Jaki język wolisz?
 language-set = Gotowe! Od teraz będę mówić po polsku.
 ai-clarify = Nie jestem pewien, czy dobrze rozumiem. Czy możesz napisać trochę więcej, czego szukasz?
 handoff-waiting-closed = Dziękujemy! Nasz zespół jest teraz offline; odpowiemy Ci tutaj od { $opens }.
+common-reask = Wybierz jedną z opcji poniżej albo napisz „{ $keyword }”, aby porozmawiać z człowiekiem.
+common-reask-plain = Wybierz jedną z opcji poniżej.
