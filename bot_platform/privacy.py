@@ -51,6 +51,7 @@ from bot_platform.models import (
     GameSpin,
     GameWin,
     Job,
+    KeyValue,
     Message,
     Outbox,
     ProcessedEvent,
@@ -145,7 +146,8 @@ HOLDINGS: tuple[Holding, ...] = (
 
 NOT_PERSONAL: Mapping[str, str] = {
     "processed_events": "inbound event ids are stored hashed (event_key)",
-    "kv": "adapter state: polling offsets, long button payloads, AI token budgets",
+    "kv": "adapter state: polling offsets, long button payloads, AI token budgets; a "
+          "key naming a person ends in ':<bot>:<user id>' and is deleted (_forget_keys)",
     "products": "the shop's catalog",
     "api_keys": "staff keys (hashed)",
     "broadcasts": "campaigns; recipients are in broadcast_recipients",
@@ -219,6 +221,19 @@ async def forget_person(session: AsyncSession, person: Person, *, now: datetime)
     await session.execute(update(Subscriber).where(Subscriber.id.in_(ids)).values(
         updated_at=now))
     await _forget_legacy_event_ids(session, person.identities)
+    await _forget_keys(session, person.identities)
+
+
+def _like_literal(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def _forget_keys(session: AsyncSession,
+                       identities: Sequence[tuple[str, str, str]]) -> None:
+    """Adapter state keyed by a person (``console:terminal:<bot>:<user id>``)."""
+    for _channel, bot_id, user_id in identities:
+        await session.execute(delete(KeyValue).where(KeyValue.key.like(
+            f"%:{_like_literal(bot_id)}:{_like_literal(user_id)}", escape="\\")))
 
 
 async def _forget(session: AsyncSession, holding: Holding, person: Person) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 from bot_platform import privacy
 from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
-from bot_platform.models import Base, Message, Outbox, ProcessedEvent, Subscriber
+from bot_platform.models import Base, KeyValue, Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.promo import import_codes
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.test_telegram import SECRET, TOKEN, post
@@ -227,3 +227,23 @@ async def test_event_ids_are_stored_hashed_and_still_dedupe(make_platform,
             Message).where(Message.direction == "in"))
     assert stored == [privacy.event_key("user-4242:1767225600:message")]
     assert inbound_messages == 1
+
+
+async def test_a_console_terminal_mark_is_forgotten(make_platform) -> None:
+    """``botp chat`` marks its user in ``kv`` (``console:terminal:<bot>:<user id>``)."""
+    from bots.console import attach_terminal
+
+    platform = await make_platform()
+    console = platform.channel("console", "console")
+    await platform.engine.handle(console.inbound("user_77%", "hello"))
+    await platform.engine.handle(console.inbound("user-78", "hello"))
+    for user in ("user_77%", "user-78"):
+        await attach_terminal(platform.kv, "console", user)
+    async with platform.db.session() as session:
+        forgotten = await session.scalar(select(Subscriber.id).where(
+            Subscriber.user_id == "user_77%"))
+    assert await privacy.forget(platform.engine, forgotten, now=platform.clock.now())
+    async with platform.db.session() as session:
+        keys = (await session.scalars(select(KeyValue.key))).all()
+    assert [k for k in keys if k.startswith("console:terminal:")] == [
+        "console:terminal:console:user-78"]
