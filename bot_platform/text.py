@@ -44,11 +44,18 @@ def utf16_len(text: str) -> int:
     return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
 
 
+# Right-to-left letters, Arabic digits, and the explicit embeddings, overrides and isolates.
+_DIRECTIONAL = frozenset({"R", "AL", "AN", "LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI",
+                          "FSI", "PDI"})
+
+
 def needs_isolation(value: str) -> bool:
-    """ASCII has no right-to-left letters and no bidi controls: it cannot reorder the text
-    around it, and promo codes and links stay free of invisible characters. Anything else
-    may, so it is isolated."""
-    return not value.isascii()
+    """Whether ``value`` can change the direction of the text around it: it has
+    right-to-left letters or bidi controls. Left-to-right text (Latin, Cyrillic, digits,
+    emoji) cannot, and stays bare: promo codes and links get no invisible characters, and
+    a right-to-left message that starts with it gets a mark instead (``rtl_start``)."""
+    return not value.isascii() and any(
+        unicodedata.bidirectional(char) in _DIRECTIONAL for char in value)
 
 
 def isolate(value: str) -> str:

@@ -10,8 +10,10 @@ a chat blocked the bot (403), to fail (5xx) or to be slow. Reusable by ``bench/`
 from __future__ import annotations
 
 import asyncio
+import html
 import itertools
 import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.server import LoopbackServer
+
+TEXT_LIMIT = 4096  # UTF-16 code units of the text after entity parsing
+CAPTION_LIMIT = 1024
 
 
 @dataclass
@@ -168,10 +173,30 @@ class FakeTelegramServer(LoopbackServer):
         call.params["_ok"] = True
         return web.json_response({"ok": True, "result": self._message(chat_id, **extra)})
 
+    @staticmethod
+    def _entity_text(call: Call, key: str) -> str:
+        """The text as Telegram measures it: after parsing HTML entities (tags and
+        escapes do not count)."""
+        text = str(call.params.get(key) or "")
+        if str(call.params.get("parse_mode", "")).upper() == "HTML":
+            text = html.unescape(re.sub(r"<[^>]*>", "", text))
+        return text
+
+    @staticmethod
+    def _utf16_units(text: str) -> int:
+        return len(text.encode("utf-16-le")) // 2
+
     async def _m_sendMessage(self, call: Call) -> web.Response:
+        text = self._entity_text(call, "text")
+        if not text.strip():
+            return self._error(400, "Bad Request: message text is empty")
+        if self._utf16_units(text) > TEXT_LIMIT:  # Telegram counts UTF-16 code units
+            return self._error(400, "Bad Request: message is too long")
         return await self._send(call, text=call.params.get("text", ""))
 
     async def _m_sendPhoto(self, call: Call) -> web.Response:
+        if self._utf16_units(self._entity_text(call, "caption")) > CAPTION_LIMIT:
+            return self._error(400, "Bad Request: message caption is too long")
         photo = [{"file_id": "photo-1", "file_unique_id": "u1", "width": 800, "height": 800}]
         extra: dict[str, Any] = {"photo": photo}
         if call.params.get("caption"):
