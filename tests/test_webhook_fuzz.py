@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 from bot_platform.clock import ManualClock
 from bot_platform.config import BotConfig
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
-from tests.conftest import TestPlatform, make_settings
+from tests.conftest import TestPlatform, fresh_postgres_database, make_settings
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
@@ -35,7 +35,7 @@ TG_TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
 TG_SECRET = "s3cret-token"
 VIBER_TOKEN = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
 FB_SECRET = "app-secret-123"
-EXAMPLES = 100
+EXAMPLES = 60
 
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -105,20 +105,26 @@ async def _check(platform: TestPlatform, path: str, body: bytes,
     return response.status_code
 
 
-def _fuzz(tmp_path: Path, server: Any, bots: Callable[[str], list[BotConfig]], path: str,
-          sign: Callable[[bytes], dict[str, str]], strategy: st.SearchStrategy[bytes]) -> None:
-    """Run the property on one platform (one event loop, one SQLite file) for all
-    examples: a platform per example would spend the time budget on start-ups."""
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+EXAMPLES_ON = {"sqlite": EXAMPLES, "postgres": 25}  # PostgreSQL: column sizes, NUL
+
+
+def _fuzz(tmp_path: Path, backend: str, server: Any, bots: Callable[[str], list[BotConfig]],
+          path: str, sign: Callable[[bytes], dict[str, str]],
+          strategy: st.SearchStrategy[bytes]) -> None:
+    """Run the property on one platform (one event loop, one database) for all examples:
+    a platform per example would spend the time budget on start-ups."""
     with asyncio.Runner() as runner:
+        database = fresh_postgres_database() if backend == "postgres" else None
+        url = runner.run(database.__aenter__()) if database is not None else \
+            f"sqlite+aiosqlite:///{tmp_path}/fuzz.sqlite3"
         runner.run(server.start())
-        platform = TestPlatform(make_settings(
-            f"sqlite+aiosqlite:///{tmp_path}/fuzz.sqlite3", bots(server.url)),
-            clock=ManualClock())
+        platform = TestPlatform(make_settings(url, bots(server.url)), clock=ManualClock())
         try:
             runner.run(platform.db.create_all())
             runner.run(platform.start())
 
-            @FUZZ
+            @settings(FUZZ, max_examples=EXAMPLES_ON[backend])
             @given(body=strategy)
             def property_holds(body: bytes) -> None:
                 runner.run(_check(platform, path, body, sign(body)))
@@ -127,6 +133,8 @@ def _fuzz(tmp_path: Path, server: Any, bots: Callable[[str], list[BotConfig]], p
         finally:
             runner.run(platform.close())
             runner.run(server.close())
+            if database is not None:
+                runner.run(database.__aexit__(None, None, None))
 
 
 # ---- Telegram ------------------------------------------------------------------------------
@@ -168,8 +176,9 @@ def tg_sign(body: bytes) -> dict[str, str]:
     return {"X-Telegram-Bot-Api-Secret-Token": TG_SECRET}
 
 
-def test_telegram_signed_bodies_never_get_a_5xx(tmp_path: Path) -> None:
-    _fuzz(tmp_path, FakeTelegramServer(), tg_bots, "/webhooks/telegram/shop", tg_sign,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_telegram_signed_bodies_never_get_a_5xx(tmp_path: Path, backend: str) -> None:
+    _fuzz(tmp_path, backend, FakeTelegramServer(), tg_bots, "/webhooks/telegram/shop", tg_sign,
           bodies(TG_TEMPLATES))
 
 
@@ -213,8 +222,9 @@ def viber_sign(body: bytes) -> dict[str, str]:
                                                   hashlib.sha256).hexdigest()}
 
 
-def test_viber_signed_bodies_never_get_a_5xx(tmp_path: Path) -> None:
-    _fuzz(tmp_path, FakeViberServer(VIBER_TOKEN), viber_bots, "/webhooks/viber/vb",
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_viber_signed_bodies_never_get_a_5xx(tmp_path: Path, backend: str) -> None:
+    _fuzz(tmp_path, backend, FakeViberServer(VIBER_TOKEN), viber_bots, "/webhooks/viber/vb",
           viber_sign, bodies(VIBER_TEMPLATES))
 
 
@@ -256,8 +266,9 @@ def fb_sign(body: bytes) -> dict[str, str]:
     return {"X-Hub-Signature-256": f"sha256={digest}"}
 
 
-def test_facebook_signed_bodies_never_get_a_5xx(tmp_path: Path) -> None:
-    _fuzz(tmp_path, FakeGraphServer(), fb_bots, "/webhooks/facebook/page", fb_sign,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_facebook_signed_bodies_never_get_a_5xx(tmp_path: Path, backend: str) -> None:
+    _fuzz(tmp_path, backend, FakeGraphServer(), fb_bots, "/webhooks/facebook/page", fb_sign,
           bodies(FB_TEMPLATES))
 
 
