@@ -1,8 +1,12 @@
 """Message catalogs (Project Fluent): ``locales/<locale>/*.ftl``.
 
-Fluent gets plural categories of uk, pl and ar right. Bidi isolation marks are off:
-messengers render the surrounding text direction themselves, and the invisible FSI/PDI
-characters would end up inside links and copied promo codes.
+Fluent gets plural categories of uk, pl and ar right. Fluent's own bidi isolation
+(``use_isolating``) is off: it would wrap every placeable, and the invisible FSI/PDI would
+end up inside links and copied promo codes. Instead ``format`` isolates each string value
+that can change the direction of the text around it (a name with Arabic letters or a
+RIGHT-TO-LEFT OVERRIDE), and starts a right-to-left message whose
+first placeable puts a Latin word first with a RIGHT-TO-LEFT MARK, so the messenger does
+not lay it out left to right (see ``bot_platform.text``).
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from fluent.runtime import FluentBundle
+from fluent.runtime.resolver import Placeable
 from fluent.syntax import FluentParser
 from fluent.syntax import ast as ftl
 
 from bot_platform.errors import FlowIssue
+from bot_platform.text import is_rtl_locale, isolate, needs_isolation, rtl_start
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +151,19 @@ class Catalogs:
             message = bundle.get_message(key)
             if message.value is None:
                 continue
-            text, errors = bundle.format_pattern(message.value, dict(variables or {}))
+            text, errors = bundle.format_pattern(message.value, _isolated(variables))
             if errors:
                 log.warning("catalog %s/%s: %s", candidate, key, errors[0])
+            # A plain text compiles to one TextElement, anything else to a Pattern.
+            elements = getattr(message.value, "elements", [message.value])
+            if elements and isinstance(elements[0], Placeable) and is_rtl_locale(candidate):
+                text = rtl_start(text)
             return text
         log.warning("missing catalog key %r in %s and %s", key, locale, self.default_locale)
         return key
+
+
+def _isolated(variables: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The variables with every string that could reorder its surroundings isolated."""
+    return {name: isolate(value) if isinstance(value, str) and needs_isolation(value)
+            else value for name, value in (variables or {}).items()}

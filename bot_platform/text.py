@@ -6,12 +6,17 @@ UTF-16 surrogate (``"\\ud800"``, which JSON can carry), and every column has a l
 API rejects such values with 422 (``StorableText``, ``DbInt``, ``StorableJson``); text from
 messengers and shop events is made storable instead (``storable``), since a messenger
 re-sends a refused update forever.
+
+Bidi and lengths: a first name such as ``"\\u202eevil"`` (RIGHT-TO-LEFT OVERRIDE) inserted
+into "Hi {name}! Welcome..." would render the rest of the message backwards; inside
+FSI ... PDI (``isolate``) it can only affect itself. ``utf16_len``: Telegram's 4096/1024
+limits count UTF-16 code units (an emoji is 2).
 """
 
 from __future__ import annotations
 
 import math
-import re
+import unicodedata
 from typing import Annotated, Any
 
 from annotated_types import Ge, Le, MaxLen, MinLen
@@ -21,7 +26,6 @@ INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 INT32_MAX = 2**31 - 1  # an Integer column on PostgreSQL
 JSON_MAX_DEPTH = 16  # nesting of a JSON value (attributes, event data)
-_SURROGATE = re.compile("[\ud800-\udfff]")  # (a str holds a valid pair as one character)
 
 # An integer a BIGINT column (or SQLite's INTEGER) holds; ids are positive.
 DbInt = Annotated[int, Ge(INT64_MIN), Le(INT64_MAX)]
@@ -56,11 +60,18 @@ def text(max_length: int, min_length: int = 0) -> Any:
 
 
 def storable(value: str, max_length: int | None = None) -> str:
-    """``value`` made storable: NUL removed, unpaired surrogates replaced (U+FFFD), cut to
-    ``max_length`` characters."""
-    if unstorable(value):
-        value = _SURROGATE.sub("\ufffd", value.replace("\x00", ""))
+    """``value`` made storable: NUL removed, unpaired surrogates replaced (U+FFFD; a proper
+    pair written as two escapes becomes its character), cut to ``max_length`` characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if "\x00" in value:
+        value = value.replace("\x00", "")
     return value[:max_length] if max_length is not None else value
+
+
+storable_text = storable  # the name the messenger edge uses
 
 
 def storable_or_none(value: str | None, max_length: int | None = None) -> str | None:
@@ -122,3 +133,77 @@ def storable_json(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         return {storable(str(k)): storable_json(v, depth + 1) for k, v in value.items()}
     return storable(str(value))
+
+FSI = "\u2068"  # FIRST STRONG ISOLATE
+PDI = "\u2069"  # POP DIRECTIONAL ISOLATE
+RLM = "\u200f"  # RIGHT-TO-LEFT MARK
+_ISOLATE_OPENERS = frozenset("\u2066\u2067\u2068")  # LRI, RLI, FSI
+# Bidi class B: each ends a paragraph, and with it every isolate opened before it.
+_PARAGRAPH_BREAKS = frozenset("\n\r\x1c\x1d\x1e\x85\u2029")
+RTL_LANGUAGES = frozenset({"ar", "arc", "ckb", "dv", "fa", "he", "ks", "ps", "sd", "ug",
+                           "ur", "yi"})
+
+
+def utf16_len(text: str) -> int:
+    """Length in UTF-16 code units: characters outside the Basic Multilingual Plane
+    (most emoji) count twice."""
+    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
+
+
+# Right-to-left letters, Arabic digits, and the explicit embeddings, overrides and isolates.
+_DIRECTIONAL = frozenset({"R", "AL", "AN", "LRE", "RLE", "LRO", "RLO", "PDF", "LRI", "RLI",
+                          "FSI", "PDI"})
+
+
+def needs_isolation(value: str) -> bool:
+    """Whether ``value`` can change the direction of the text around it: it has
+    right-to-left letters or bidi controls. Left-to-right text (Latin, Cyrillic, digits,
+    emoji) cannot, and stays bare: promo codes and links get no invisible characters, and
+    a right-to-left message that starts with it gets a mark instead (``rtl_start``)."""
+    return not value.isascii() and any(
+        unicodedata.bidirectional(char) in _DIRECTIONAL for char in value)
+
+
+def isolate(value: str) -> str:
+    """``value`` between FSI and PDI, with nothing inside able to end the isolate early:
+    a PDI without its opener is dropped, openers without a PDI are closed, and paragraph
+    breaks (which end every isolate) become spaces. Embeddings and overrides inside
+    (RLO, LRE, ...) are ended by the closing PDI."""
+    out = [FSI]
+    depth = 0
+    for char in value:
+        if char in _PARAGRAPH_BREAKS:
+            char = " "
+        elif char in _ISOLATE_OPENERS:
+            depth += 1
+        elif char == PDI:
+            if depth == 0:
+                continue
+            depth -= 1
+        out.append(char)
+    out.append(PDI * depth)
+    out.append(PDI)
+    return "".join(out)
+
+
+def first_strong(text: str) -> str | None:
+    """The bidi class (``"L"``, ``"R"`` or ``"AL"``) of the first strong character, looking
+    inside isolates too (clients that ignore them decide the direction from it)."""
+    for char in text:
+        kind = unicodedata.bidirectional(char)
+        if kind in ("L", "R", "AL"):
+            return kind
+    return None
+
+
+def is_rtl_locale(locale: str) -> bool:
+    return locale.replace("_", "-").split("-")[0].lower() in RTL_LANGUAGES
+
+
+def rtl_start(text: str) -> str:
+    """A right-to-left message whose first strong character is left-to-right (a Latin
+    name at its start) gets a RIGHT-TO-LEFT MARK first, so Telegram and Viber, which take
+    the direction from the first strong character, lay it out right to left."""
+    if text and not text.startswith(RLM) and first_strong(text) == "L":
+        return RLM + text
+    return text

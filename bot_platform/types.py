@@ -8,11 +8,23 @@ Adapters in ``bots/`` turn a messenger's webhook bodies into ``Inbound`` events 
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bot_platform.text import storable_text, utf16_len
+
+# Bounds of what an inbound event may carry (the columns they end up in, or generous
+# multiples of the messengers' own limits): longer text is cut, longer ids are refused.
+MAX_USER_ID = 128
+MAX_EVENT_ID = 255
+MAX_INBOUND_TEXT = 16384
+MAX_PAYLOAD = 4096
+MAX_PROFILE_VALUE = 255
+MAX_DATA_STRING = 4096
 
 
 class InboundKind(enum.StrEnum):
@@ -42,6 +54,21 @@ class Profile(BaseModel):
     language: str | None = None  # BCP-47-ish code as the messenger gives it ("en", "uk-UA")
     phone: str | None = None
 
+    @field_validator("first_name", "last_name", "username")
+    @classmethod
+    def _storable_name(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, MAX_PROFILE_VALUE)
+
+    @field_validator("language")
+    @classmethod
+    def _storable_language(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, 35)
+
+    @field_validator("phone")
+    @classmethod
+    def _storable_phone(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, 32)
+
 
 class Inbound(BaseModel):
     """One normalized event from a messenger, for one user of one bot."""
@@ -62,10 +89,55 @@ class Inbound(BaseModel):
     watermark: datetime | None = None  # "everything up to here was read" (Facebook)
     data: dict[str, Any] = Field(default_factory=dict)  # channel extras (media urls, ...)
 
+    @field_validator("user_id", "event_id")
+    @classmethod
+    def _bounded_id(cls, value: str, info: Any) -> str:
+        limit = MAX_USER_ID if info.field_name == "user_id" else MAX_EVENT_ID
+        value = storable_text(value)
+        if not value or len(value) > limit:
+            raise ValueError(f"must be 1 to {limit} characters")
+        return value
+
+    @field_validator("text")
+    @classmethod
+    def _storable_body(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, MAX_INBOUND_TEXT)
+
+    @field_validator("payload")
+    @classmethod
+    def _storable_payload(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, MAX_PAYLOAD)
+
+    @field_validator("ref")
+    @classmethod
+    def _storable_ref(cls, value: str | None) -> str | None:
+        return None if value is None else storable_text(value, MAX_PROFILE_VALUE)
+
+    @field_validator("message_ids")
+    @classmethod
+    def _storable_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(storable_text(v, MAX_EVENT_ID) for v in value)
+
+    @field_validator("data")
+    @classmethod
+    def _storable_data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _storable(value)
+
     @property
     def is_status(self) -> bool:
         """Delivery/read/failed receipts carry no user intent and never touch flows."""
         return self.kind in (InboundKind.DELIVERED, InboundKind.READ, InboundKind.FAILED)
+
+
+def _storable(value: Any) -> Any:
+    """A JSON-like value with every string (keys too) made storable and bounded."""
+    if isinstance(value, str):
+        return storable_text(value, MAX_DATA_STRING)
+    if isinstance(value, dict):
+        return {storable_text(str(k), MAX_DATA_STRING): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
 
 
 class Button(BaseModel):
@@ -169,6 +241,7 @@ class Capabilities:
     """
 
     max_text_length: int = 4096
+    text_units: Literal["chars", "utf16"] = "chars"  # what max_text_length counts
     max_buttons: int = 8  # inline buttons on one message
     max_button_title: int = 64
     callback_payload_bytes: int | None = None  # None: unlimited
@@ -188,21 +261,59 @@ class Capabilities:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def split_text(text: str, limit: int) -> list[str]:
-    """Split ``text`` into chunks of at most ``limit`` characters on word boundaries."""
-    if len(text) <= limit:
+_NO_CUT_BEFORE = frozenset("\u200d\ufe0e\ufe0f")  # ZWJ, text/emoji variation selectors
+
+
+def _hard_cut(text: str, end: int) -> int:
+    """Move a cut at ``end`` back so it does not separate a character from the combining
+    mark, joiner or variation selector after it (an emoji sequence stays whole when it
+    can); a cut at the start is not moved."""
+    cut = end
+    while cut > 1 and (text[cut] in _NO_CUT_BEFORE or text[cut - 1] == "\u200d"
+                       or unicodedata.combining(text[cut])
+                       or 0x1F3FB <= ord(text[cut]) <= 0x1F3FF):  # skin tones
+        cut -= 1
+    return cut if cut > end - 16 else end
+
+
+def split_text(text: str, limit: int, *, utf16: bool = False) -> list[str]:
+    """Split ``text`` into chunks of at most ``limit`` characters, or UTF-16 code units
+    with ``utf16`` (Telegram counts them: an emoji is 2), on word boundaries where there
+    are any. A chunk never ends inside a character (a surrogate pair)."""
+    measure = utf16_len if utf16 else len
+    if measure(text) <= limit:
         return [text]
     chunks: list[str] = []
     rest = text
-    while len(rest) > limit:
-        cut = max(rest.rfind("\n", 0, limit + 1), rest.rfind(" ", 0, limit + 1))
+    while measure(rest) > limit:
+        end = limit if not utf16 else _fits_utf16(rest, limit)
+        cut = max(rest.rfind("\n", 0, end + 1), rest.rfind(" ", 0, end + 1))
         if cut <= 0:
-            cut = limit  # one very long word: cut it hard
-        chunks.append(rest[:cut].rstrip())
+            cut = _hard_cut(rest, end)  # one very long word: cut it hard
+        chunk = rest[:cut].rstrip()
+        if not chunk:  # only spaces before the cut: cut the word itself
+            cut = _hard_cut(rest, end)
+            chunk = rest[:cut]
+        chunks.append(chunk)
         rest = rest[cut:].lstrip()
     if rest:
         chunks.append(rest)
     return chunks
+
+
+def _fits_utf16(text: str, limit: int) -> int:
+    """The largest ``n`` with ``utf16_len(text[:n]) <= limit`` (at least 1)."""
+    units = 0
+    for index, char in enumerate(text):
+        units += 2 if ord(char) > 0xFFFF else 1
+        if units > limit:
+            return max(index, 1)
+    return len(text)
+
+
+def truncate_utf16(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-16 code units, between characters."""
+    return text if utf16_len(text) <= limit else text[:_fits_utf16(text, limit)]
 
 
 def _truncate(title: str, limit: int) -> str:
@@ -234,7 +345,8 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
                        if q.request is None and q.payload)
 
     parts: list[Outgoing] = []
-    texts = split_text(text, caps.max_text_length) if text else [""]
+    texts = split_text(text, caps.max_text_length,
+                       utf16=caps.text_units == "utf16") if text else [""]
     button_groups = [buttons[i: i + caps.max_buttons]
                      for i in range(0, len(buttons), max(caps.max_buttons, 1))] or [[]]
     for chunk in texts[:-1]:

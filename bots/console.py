@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hmac
 import itertools
-import json
 import logging
 import math
 import uuid
@@ -30,11 +29,13 @@ from datetime import timedelta
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, exists, literal, or_, select, update
 
 from bot_platform.channels import ChannelDeps, WebhookRequest
 from bot_platform.config import BotConfig
 from bot_platform.database import Database
+from bot_platform.edge import expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot
 from bot_platform.models import Job, KeyValue, Outbox, Subscriber
 from bot_platform.types import (
@@ -47,6 +48,14 @@ from bot_platform.types import (
     QuickReply,
     SendResult,
 )
+
+
+def _id(value: Any, what: str) -> str:
+    """A string, or a number written as one (the console accepts ``"user_id": 7``)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadPayload(f"console webhook needs {what} as a string")
+    return str(value)
+
 
 CONSOLE_CAPABILITIES = Capabilities(
     max_text_length=4096, max_buttons=10, max_button_title=64, quick_replies=True,
@@ -138,15 +147,22 @@ class ConsoleChannel:
 
     async def parse(self, request: WebhookRequest) -> list[Inbound]:
         self.verify(request)
+        body = load_json(request.body)
+        if not isinstance(body, dict):
+            raise BadPayload("console webhook needs a JSON object with user_id and text")
         try:
-            body = json.loads(request.body)
-            user_id, text = str(body["user_id"]), str(body["text"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise BadPayload(f"console webhook needs JSON user_id and text: {error}") from error
-        event = self.inbound(user_id, text, Profile(
-            first_name=body.get("first_name"), language=body.get("language")))
-        if body.get("event_id"):
-            event = event.model_copy(update={"event_id": str(body["event_id"])})
+            user_id = _id(body.get("user_id"), "user_id")
+            text = _id(body.get("text"), "text")
+            event_id = body.get("event_id")
+            profile = Profile(first_name=expect_str(body.get("first_name"), "first_name"),
+                              language=expect_str(body.get("language"), "language"))
+            event = self.inbound(user_id, text, profile)
+            if event_id:
+                event = Inbound.model_validate(
+                    {**event.model_dump(), "event_id": _id(event_id, "event_id")})
+        except ValidationError as error:
+            raise BadPayload(f"console webhook: {error.error_count()} invalid value(s)") \
+                from error
         return [event]
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:

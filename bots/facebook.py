@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from bot_platform.channels import (
     ChannelDeps,
@@ -33,6 +33,7 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
+from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.types import (
     Capabilities,
@@ -67,8 +68,11 @@ class ForbiddenSignature(BadSignature):
     status_code = 403
 
 
-def _time(ms: Any) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, UTC) if isinstance(ms, int | float) else None
+def _id(value: Any, what: str) -> str:
+    """A Messenger id as text: a string or an integer (page-scoped ids are digits)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadPayload(f"{what} is {type(value).__name__}, not an id")
+    return str(value)
 
 
 class FacebookChannel:
@@ -105,78 +109,103 @@ class FacebookChannel:
                                         hashlib.sha256).hexdigest()
         if not hmac.compare_digest(signature.encode(), expected.encode()):
             raise ForbiddenSignature("missing or wrong X-Hub-Signature-256")
-        try:
-            body = json.loads(request.body)
-        except ValueError as error:
-            raise BadPayload(f"body is not JSON: {error}") from error
+        body = load_json(request.body)
         if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
             raise BadPayload("body is not a Messenger webhook (no entry list)")
         if body.get("object") != "page":
-            log.info("facebook %s: %r webhook ignored", self.bot_id, body.get("object"))
+            log.info("facebook %s: %r webhook ignored", self.bot_id,
+                     str(body.get("object"))[:64])
             return []
         events = []
-        for entry in body["entry"]:
-            for item in (entry or {}).get("messaging") or []:
-                event = self._normalize(item)
-                if event is not None:
-                    events.append(event)
+        try:
+            for entry in body["entry"]:
+                items = expect_dict(entry, "entry", optional=False).get("messaging")
+                if items is not None and not isinstance(items, list):
+                    raise BadPayload("entry.messaging is not a list")
+                for item in items or []:
+                    event = self._normalize(expect_dict(item, "messaging event",
+                                                        optional=False))
+                    if event is not None:
+                        events.append(event)
+        except ValidationError as error:
+            raise BadPayload(f"messaging event: {error.error_count()} invalid value(s)") \
+                from error
         return events
 
     def _normalize(self, item: dict[str, Any]) -> Inbound | None:
-        sender = str((item.get("sender") or {}).get("id", ""))
+        sender_id = expect_dict(item.get("sender"), "sender").get("id")
+        sender = _id(sender_id, "sender.id") if sender_id is not None else ""
         if not sender:
             return None
         stamp = item.get("timestamp")
         common: dict[str, Any] = {"channel": self.name, "bot_id": self.bot_id,
-                                  "user_id": sender, "occurred_at": _time(stamp),
+                                  "user_id": sender, "occurred_at": epoch_ms(stamp),
                                   "profile": Profile()}
         if "message" in item:
-            message = item["message"] or {}
+            message = expect_dict(item["message"], "message")
             if message.get("is_echo"):
                 return None
-            event_id = str(message.get("mid") or f"{sender}:{stamp}:message")
-            quick = message.get("quick_reply") or {}
-            if quick.get("payload"):
-                if quick["payload"].startswith("+") or quick["payload"].isdigit():
-                    profile = Profile(phone=quick["payload"])  # user_phone_number reply
+            mid = expect_str(message.get("mid"), "message.mid")
+            event_id = mid or f"{sender}:{stamp}:message"
+            text = expect_str(message.get("text"), "message.text")
+            quick = expect_dict(message.get("quick_reply"), "quick_reply")
+            payload = expect_str(quick.get("payload"), "quick_reply.payload")
+            if payload:
+                if payload.startswith("+") or payload.isdigit():
+                    profile = Profile(phone=payload)  # user_phone_number reply
                     return Inbound(**{**common, "profile": profile}, event_id=event_id,
                                    kind=InboundKind.CONTACT)
                 return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
-                               payload=quick["payload"], text=message.get("text"))
-            if message.get("attachments"):
-                attachment = message["attachments"][0]
+                               payload=payload, text=text)
+            attachments = message.get("attachments")
+            if attachments is not None and not isinstance(attachments, list):
+                raise BadPayload("message.attachments is not a list")
+            if attachments:
+                attachment = expect_dict(attachments[0], "attachment")
+                media = expect_dict(attachment.get("payload"), "attachment.payload")
                 return Inbound(**common, event_id=event_id, kind=InboundKind.MEDIA,
-                               text=message.get("text"), data={
-                                   "type": attachment.get("type"),
-                                   "url": (attachment.get("payload") or {}).get("url")})
+                               text=text, data={
+                                   "type": expect_str(attachment.get("type"),
+                                                      "attachment.type"),
+                                   "url": expect_str(media.get("url"), "attachment url")})
             return Inbound(**common, event_id=event_id, kind=InboundKind.TEXT,
-                           text=message.get("text", ""))
+                           text=text or "")
         if "postback" in item:
-            postback = item["postback"] or {}
-            event_id = str(postback.get("mid") or f"{sender}:{stamp}:postback")
-            referral = (postback.get("referral") or {}).get("ref")
-            if postback.get("payload") == self.get_started:
+            postback = expect_dict(item["postback"], "postback")
+            mid = expect_str(postback.get("mid"), "postback.mid")
+            event_id = mid or f"{sender}:{stamp}:postback"
+            referral = expect_str(expect_dict(postback.get("referral"), "referral").get(
+                "ref"), "referral.ref")
+            payload = expect_str(postback.get("payload"), "postback.payload")
+            if payload == self.get_started:
                 return Inbound(**common, event_id=event_id, kind=InboundKind.START,
                                ref=referral)
             return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
-                           payload=postback.get("payload"), text=postback.get("title"))
+                           payload=payload,
+                           text=expect_str(postback.get("title"), "postback.title"))
         if "referral" in item:
-            ref = (item["referral"] or {}).get("ref")
+            ref = expect_str(expect_dict(item["referral"], "referral").get("ref"),
+                             "referral.ref")
             return Inbound(**common, event_id=f"{sender}:{stamp}:referral",
                            kind=InboundKind.REFERRAL, ref=ref)
         if "read" in item:
-            watermark = (item["read"] or {}).get("watermark")
+            watermark = expect_dict(item["read"], "read").get("watermark")
             return Inbound(**common, event_id=f"{sender}:{watermark}:read",
-                           kind=InboundKind.READ, watermark=_time(watermark))
+                           kind=InboundKind.READ, watermark=epoch_ms(watermark))
         if "delivery" in item:
-            delivery = item["delivery"] or {}
-            mids = tuple(str(m) for m in delivery.get("mids") or ())
+            delivery = expect_dict(item["delivery"], "delivery")
+            mids = delivery.get("mids") or []
+            if not isinstance(mids, list):
+                raise BadPayload("delivery.mids is not a list")
             watermark = delivery.get("watermark")
+            moment = epoch_ms(watermark)
             return Inbound(**common, event_id=f"{sender}:{watermark}:delivery",
-                           kind=InboundKind.DELIVERED, message_ids=mids,
-                           watermark=None if mids else _time(watermark))
+                           kind=InboundKind.DELIVERED,
+                           message_ids=tuple(_id(m, "delivery mid") for m in mids),
+                           watermark=None if mids else moment)
         log.info("facebook %s: messaging event of an unused kind ignored: %s", self.bot_id,
-                 sorted(k for k in item if k not in ("sender", "recipient", "timestamp")))
+                 sorted(str(k)[:64] for k in item
+                        if k not in ("sender", "recipient", "timestamp"))[:10])
         return None
 
     async def reply(self, request: WebhookRequest,

@@ -9,8 +9,9 @@ the client's spinner stops.
 Outbound: HTML parse mode with every text escaped; inline keyboards (callback data over
 64 bytes is kept server-side under a short token); URL buttons; reply keyboards for quick
 replies (with "share phone"); photos with captions; carousels as photo cards; texts split at
-4096 characters. Errors become ``SendResult``s: ``TelegramRetryAfter`` -> retry_after,
-forbidden -> blocked, bad request -> failed, network/5xx -> transient.
+4096 UTF-16 code units (Telegram's unit: an emoji counts 2), captions at 1024. Errors become
+``SendResult``s: ``TelegramRetryAfter`` -> retry_after, forbidden -> blocked, bad request ->
+failed, network/5xx -> transient.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
+from bot_platform.edge import load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.kv import KeyValueStore
+from bot_platform.text import utf16_len
 from bot_platform.types import (
     Capabilities,
     Inbound,
@@ -70,12 +73,14 @@ from bot_platform.types import (
     Profile,
     SendResult,
     split_text,
+    truncate_utf16,
 )
 
 log = logging.getLogger(__name__)
 
 TELEGRAM_CAPABILITIES = Capabilities(
-    max_text_length=4096, max_buttons=24, max_button_title=64, callback_payload_bytes=64,
+    max_text_length=4096, text_units="utf16", max_buttons=24, max_button_title=64,
+    callback_payload_bytes=64,
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=False,
     max_cards=10, max_card_buttons=3, images=True, batch_size=1, messages_per_second=30.0,
     per_chat_per_second=1.0, per_chat_burst=3, reply_window=None, read_receipts=False,
@@ -138,17 +143,15 @@ class TelegramChannel:
         if not self.webhook_secret or not hmac.compare_digest(given.encode(),
                                                               self.webhook_secret.encode()):
             raise BadSignature("missing or wrong X-Telegram-Bot-Api-Secret-Token")
-        try:
-            data = json.loads(request.body)
-        except ValueError as error:
-            raise BadPayload(f"body is not JSON: {error}") from error
-        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+        data = load_json(request.body)
+        if not isinstance(data, dict) or isinstance(data.get("update_id"), bool) or \
+                not isinstance(data.get("update_id"), int):
             raise BadPayload("body is not a Telegram Update (no update_id)")
         try:
             update = Update.model_validate(data, context={"bot": self.bot})
+            return await self.normalize(update)
         except ValidationError as error:
             raise BadPayload(f"invalid Update: {error.error_count()} problem(s)") from error
-        return await self.normalize(update)
 
     async def normalize(self, update: Update) -> list[Inbound]:
         """One Update as normalized events ([] for kinds the platform does not use)."""
@@ -181,7 +184,7 @@ class TelegramChannel:
             return Inbound(kind=InboundKind.START, text=text, ref=ref, **common)
         if message.contact is not None:
             profile = common.pop("profile").model_copy(
-                update={"phone": message.contact.phone_number})
+                update={"phone": Profile(phone=message.contact.phone_number).phone})
             return Inbound(kind=InboundKind.CONTACT, profile=profile,
                            data={"contact_user_id": message.contact.user_id}, **common)
         if text is not None:
@@ -380,7 +383,8 @@ class TelegramChannel:
             markup = await self._markup(Outgoing(buttons=card.buttons))
             if card.image_url:
                 sent = await self.bot.send_photo(chat_id, card.image_url,
-                                                 caption=escape(caption[:CAPTION_LIMIT]),
+                                                 caption=escape(truncate_utf16(
+                                                     caption, CAPTION_LIMIT)),
                                                  reply_markup=markup)
             else:
                 sent = await self.bot.send_message(chat_id, escape(caption or "…"),
@@ -390,14 +394,14 @@ class TelegramChannel:
             return last_id
         markup = await self._markup(message)
         if message.image_url:
-            caption = message.text if len(message.text) <= CAPTION_LIMIT else ""
+            caption = message.text if utf16_len(message.text) <= CAPTION_LIMIT else ""
             sent = await self.bot.send_photo(chat_id, message.image_url,
                                              caption=escape(caption) or None,
                                              reply_markup=None if not caption else markup)
             last_id = sent.message_id
             if caption:
                 return last_id
-        chunks = split_text(message.text, self.capabilities.max_text_length) \
+        chunks = split_text(message.text, self.capabilities.max_text_length, utf16=True) \
             if message.text else []
         for index, chunk in enumerate(chunks):
             final = index == len(chunks) - 1

@@ -27,10 +27,10 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 from viberbot.api.messages import PictureMessage, RichMediaMessage, TextMessage
 
 from bot_platform.channels import (
@@ -41,6 +41,7 @@ from bot_platform.channels import (
     WebhookRequest,
 )
 from bot_platform.config import BotConfig
+from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.types import (
     Capabilities,
@@ -111,8 +112,11 @@ class ForbiddenSignature(BadSignature):
     status_code = 403
 
 
-def _time(ms: Any) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, UTC) if isinstance(ms, int | float) else None
+def _id(value: Any, what: str) -> str:
+    """A Viber id or token as text: a string or an integer (message tokens are 64-bit)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadPayload(f"{what} is {type(value).__name__}, not an id")
+    return str(value)
 
 
 class ViberChannel:
@@ -143,38 +147,44 @@ class ViberChannel:
         expected = hmac.new(self.token.encode(), request.body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(signature.encode(), expected.encode()):
             raise ForbiddenSignature("missing or wrong X-Viber-Content-Signature")
-        try:
-            body = json.loads(request.body)
-        except ValueError as error:
-            raise BadPayload(f"body is not JSON: {error}") from error
-        if not isinstance(body, dict) or "event" not in body:
+        body = load_json(request.body)
+        if not isinstance(body, dict) or not isinstance(body.get("event"), str):
             raise BadPayload("body is not a Viber callback (no event)")
-        event = self._normalize(body)
+        try:
+            event = self._normalize(body)
+        except ValidationError as error:
+            raise BadPayload(f"Viber {body['event']} event: {error.error_count()} "
+                             "invalid value(s)") from error
         return [event] if event is not None else []
 
     def _user(self, data: dict[str, Any]) -> tuple[str, Profile]:
-        user = data.get("sender") or data.get("user") or {}
-        name = (user.get("name") or "").strip()
+        user = expect_dict(data.get("sender") or data.get("user"), "sender/user")
+        name = (expect_str(user.get("name"), "user name") or "").strip()
         first, _, last = name.partition(" ")
-        return str(user.get("id") or data.get("user_id") or ""), Profile(
+        user_id = user.get("id") or data.get("user_id")
+        return _id(user_id, "user id") if user_id else "", Profile(
             first_name=first or None, last_name=last or None,
-            language=user.get("language"))
+            language=expect_str(user.get("language"), "user language"))
 
     def _normalize(self, body: dict[str, Any]) -> Inbound | None:
         kind = body["event"]
-        token = str(body.get("message_token", ""))
+        if kind == "webhook":
+            return None  # the set-up handshake: a 200 is the whole answer
+        if kind not in EVENT_TYPES and kind != "message":
+            log.info("viber %s: event %r ignored", self.bot_id, kind[:64])
+            return None
+        token = _id(body["message_token"], "message_token") \
+            if body.get("message_token") is not None else ""
         user_id, profile = self._user(body)
         common: dict[str, Any] = {"channel": self.name, "bot_id": self.bot_id,
                                   "user_id": user_id, "profile": profile,
-                                  "occurred_at": _time(body.get("timestamp"))}
-        if kind == "webhook":
-            return None  # the set-up handshake: a 200 is the whole answer
+                                  "occurred_at": epoch_ms(body.get("timestamp"))}
         if not user_id:
             raise BadPayload(f"Viber {kind} event without a user")
         event_id = f"{kind}:{token}" if token else f"{kind}:{user_id}:{body.get('timestamp')}"
         if kind == "conversation_started":
             return Inbound(**common, event_id=event_id, kind=InboundKind.START,
-                           ref=body.get("context") or None,
+                           ref=expect_str(body.get("context"), "context") or None,
                            data={"subscribed": bool(body.get("subscribed"))})
         if kind == "subscribed":
             return Inbound(**common, event_id=event_id, kind=InboundKind.SUBSCRIBED)
@@ -183,40 +193,45 @@ class ViberChannel:
         if kind in ("delivered", "seen", "failed"):
             status = {"delivered": InboundKind.DELIVERED, "seen": InboundKind.READ,
                       "failed": InboundKind.FAILED}[kind]
+            reason = expect_str(body.get("desc"), "desc")
             return Inbound(**common, event_id=event_id, kind=status, message_ids=(token,),
-                           data={"reason": body.get("desc")} if kind == "failed" else {})
-        if kind == "message":
-            return self._message(body.get("message") or {}, common, event_id)
-        log.info("viber %s: event %r ignored", self.bot_id, kind)
-        return None
+                           data={"reason": reason} if kind == "failed" else {})
+        return self._message(expect_dict(body.get("message"), "message"), common, event_id)
 
     def _message(self, message: dict[str, Any], common: dict[str, Any],
                  event_id: str) -> Inbound:
-        kind = message.get("type")
+        kind = expect_str(message.get("type"), "message type")
+        text = expect_str(message.get("text"), "message text")
         if kind == "text":
-            text = message.get("text", "")
+            text = text or ""
             if text in self._tracked_payloads(message.get("tracking_data")):
                 return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
                                payload=text)
             return Inbound(**common, event_id=event_id, kind=InboundKind.TEXT, text=text)
         if kind == "contact":
-            phone = (message.get("contact") or {}).get("phone_number")
-            profile = common.pop("profile").model_copy(update={"phone": phone})
+            contact = expect_dict(message.get("contact"), "contact")
+            phone = expect_str(contact.get("phone_number"), "phone_number")
+            profile = common.pop("profile").model_copy(
+                update={"phone": Profile(phone=phone).phone})
             return Inbound(**common, profile=profile, event_id=event_id,
                            kind=InboundKind.CONTACT)
         data: dict[str, Any] = {"type": kind}
         if message.get("media"):
-            data["url"] = message["media"]
-        if message.get("location"):
-            data.update(message["location"])
-        return Inbound(**common, event_id=event_id, kind=InboundKind.MEDIA,
-                       text=message.get("text"), data=data)
+            data["url"] = expect_str(message["media"], "media")
+        location = expect_dict(message.get("location"), "location")
+        for key in ("lat", "lon"):
+            if isinstance(location.get(key), int | float):
+                data[key] = location[key]
+        return Inbound(**common, event_id=event_id, kind=InboundKind.MEDIA, text=text,
+                       data=data)
 
     @staticmethod
     def _tracked_payloads(tracking_data: Any) -> list[str]:
+        if not expect_str(tracking_data, "tracking_data"):
+            return []
         try:
-            data = json.loads(tracking_data) if tracking_data else {}
-        except ValueError:
+            data = json.loads(tracking_data)
+        except (ValueError, RecursionError):  # not ours: plain text, not a button
             return []
         payloads = data.get("payloads") if isinstance(data, dict) else None
         return [p for p in payloads if isinstance(p, str)] if isinstance(payloads, list) \
