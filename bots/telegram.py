@@ -299,7 +299,13 @@ class TelegramChannel:
                 continue
             delay = self.retry_first
             for update in updates:
-                events = await self.normalize(update)
+                try:
+                    events = await self.normalize(update)
+                except (BadPayload, ValidationError) as error:  # skipped, as a webhook gets 400
+                    log.warning("telegram bot %s: update %s skipped: %s", self.bot_id,
+                                update.update_id, error)
+                    await self.kv.set(self._offset_key(), str(update.update_id + 1))
+                    continue
                 for event in events:
                     await handler(event)
                 await self.kv.set(self._offset_key(), str(update.update_id + 1))
