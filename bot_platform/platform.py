@@ -391,7 +391,10 @@ class Platform:
     async def close(self) -> None:
         self.stopping.set()
         if getattr(self, "_flow_watch", None) is not None:
+            # Awaited, not only cancelled: a reload caught mid-query by the database's
+            # close below would wait forever for a connection that is gone.
             self._flow_watch.cancel()
+            await asyncio.gather(self._flow_watch, return_exceptions=True)
         for key in list(self._runners):
             await self._stop_runner(key)
         for adapter in self.channels.values():
