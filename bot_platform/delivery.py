@@ -11,9 +11,11 @@ A worker sends only what it still owns. Every claim (and every renewal by the he
 gives the row a deadline on this process's monotonic clock: the moment taken *before* the
 claim statement was issued, plus the lease, minus a safety margin. Right before each
 messenger call the deadline is checked; a row whose deadline passed (the process was
-frozen, SIGSTOP, a VM pause, a swap storm: the monotonic clock keeps running meanwhile) is
-dropped here, unsent, because another worker may already have taken it over and sent it.
-The check costs no round trip.
+frozen, SIGSTOP, a swap storm: the monotonic clock keeps running meanwhile) is dropped
+here, unsent, because another worker may already have taken it over and sent it. The
+stamped ``lease_expires_at`` (minus the margin) is checked against the wall clock as well,
+the clock other workers judge the lease by: it also catches a whole-machine pause that a
+monotonic clock may not see (a VM paused, then its clock corrected). No round trip.
 
 Interactive rows (replies, timers, agents' messages: not a broadcast's) go first: they are
 claimed by a pipeline of their own, together with any earlier row of the same subscriber
@@ -94,6 +96,16 @@ class _Outcome:
     release_after: float = 0.0
 
 
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def boot_clock() -> float:
+    """Seconds on a clock that never jumps and keeps running while this process is
+    stopped (SIGSTOP) and while the machine sleeps (``CLOCK_BOOTTIME`` on Linux;
+    ``time.monotonic`` elsewhere, which also runs through a SIGSTOP)."""
+    return time.clock_gettime(_BOOT_CLOCK) if _BOOT_CLOCK is not None else time.monotonic()
+
+
 def backoff_delay(attempt: int, base: float, ceiling: float) -> float:
     """Exponential backoff with full jitter (attempt 1 -> up to ``base`` seconds)."""
     return random.uniform(base / 2, min(ceiling, base * 2 ** (attempt - 1)))
@@ -122,11 +134,11 @@ class Delivery:
         self.worker_id = worker_id
         self._commits: list[tuple[_Outcome, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        # Rows claimed and still being worked on here, with the monotonic deadline until
-        # which each is surely still ours: only these have their leases renewed, so a row
-        # whose handling died without a result is retried.
-        self.in_hand: dict[int, float] = {}
-        self.monotonic: Callable[[], float] = time.monotonic  # tests hand in their own
+        # Rows claimed and still being worked on here, with the deadlines (monotonic, wall
+        # clock) until which each is surely still ours: only these have their leases
+        # renewed, so a row whose handling died without a result is retried.
+        self.in_hand: dict[int, tuple[float, datetime]] = {}
+        self.monotonic: Callable[[], float] = boot_clock  # tests hand in their own
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         # Which rows this process may claim at all (None: every row). The console uses it:
@@ -159,15 +171,18 @@ class Delivery:
             conditions.append(Outbox.broadcast_id.is_not(None))
         return and_(*conditions)
 
-    def _deadline(self, started: float) -> float:
-        """Until when a lease taken (or renewed) by a statement issued after ``started``
-        (monotonic) is surely still ours."""
+    def _deadline(self, started: float, stamped: datetime) -> tuple[float, datetime]:
+        """Until when a lease stamped ``stamped`` by a statement issued after ``started``
+        (monotonic) is surely still ours, on either clock."""
         lease = self.settings.lease_seconds
-        return started + lease - min(LEASE_MARGIN, lease / 4)
+        margin = min(LEASE_MARGIN, lease / 4)
+        return started + lease - margin, stamped - timedelta(seconds=margin)
 
     def owns(self, row: ClaimedRow) -> bool:
         """Whether this worker surely still holds ``row``: checked right before sending."""
-        return self.in_hand.get(row.id, -math.inf) > self.monotonic()
+        deadline = self.in_hand.get(row.id)
+        return (deadline is not None and self.monotonic() < deadline[0]
+                and self.clock.now() < deadline[1])
 
     async def _claim(self, condition, limit: int, urgent: bool = False
                      ) -> tuple[list[ClaimedRow], set[int]]:
@@ -188,7 +203,7 @@ class Delivery:
                 .execution_options(synchronize_session=False))).all()
             if not claimed:
                 return [], set()
-            deadline = self._deadline(started)
+            deadline = self._deadline(started, lease)
             self.in_hand.update((c.id, deadline) for c in claimed)
             subscriber_ids = {c.subscriber_id for c in claimed}
             subscribers = {row.id: row for row in (await session.execute(
@@ -239,13 +254,13 @@ class Delivery:
         ours, or no longer in hand). Returns how many rows were renewed."""
         held = dict(self.in_hand)
         started = self.monotonic()
-        renewed = await renew_leases(
-            self.db, Outbox, held, worker_id=self.worker_id, status="sending",
-            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds))
-        deadline = self._deadline(started)
+        until = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+        renewed = await renew_leases(self.db, Outbox, held, worker_id=self.worker_id,
+                                     status="sending", until=until)
+        deadline = self._deadline(started, until)
         for row_id in renewed:
             if self.in_hand.get(row_id) == held[row_id]:  # not finished nor re-claimed since
-                self.in_hand[row_id] = max(held[row_id], deadline)
+                self.in_hand[row_id] = deadline
         return len(renewed)
 
     # ---- sending ----------------------------------------------------------------------

@@ -95,6 +95,20 @@ async def test_the_deadline_keeps_a_safety_margin_before_the_lease(make_platform
     assert [user for user, _ in channel.delivered()] == ["u1"]
 
 
+async def test_a_pause_only_the_wall_clock_saw_also_drops_the_row(make_platform,
+                                                                  db_url) -> None:
+    """A whole machine paused (a VM) may come back with its monotonic clock unmoved and
+    its wall clock corrected: the lease stamped in the row, which other workers judge by
+    their wall clocks, has passed, so the row is not sent either."""
+    platform, channel, _ = await fenced_platform(make_platform, db_url)
+    await platform.engine.handle(start())
+    delivery = platform.worker.delivery
+    [row], _ = await delivery.claim_batch()
+    platform.clock.advance(timedelta(seconds=platform.settings.worker.lease_seconds + 1))
+    assert await delivery.deliver(row) is None
+    assert channel.calls == []
+
+
 async def test_a_renewal_extends_the_deadline_by_what_it_proves(make_platform,
                                                                 db_url) -> None:
     """The heartbeat keeps a slow (not frozen) worker's rows sendable: the deadline
