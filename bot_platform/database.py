@@ -3,7 +3,11 @@
 SQLite (the embedded default) runs in WAL mode; every transaction starts with
 ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade, and the pool holds one
 connection so in-process writers queue fairly instead of spinning on ``busy_timeout``.
-PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``.
+PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``. Its sessions
+carry ``idle_in_transaction_session_timeout`` and ``statement_timeout``: a process frozen
+inside a transaction (SIGSTOP, a VM pause, a swap storm) loses that transaction, and the
+rows it locked, after the timeout instead of holding up other workers for as long as it
+stays frozen.
 """
 
 from __future__ import annotations
@@ -38,8 +42,23 @@ def _prepare_sqlite_path(url: str) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine with the per-dialect settings this platform relies on."""
+# A transaction left idle this long on PostgreSQL is ended by the server (its process is
+# frozen or stuck); the lease (``WorkerSettings.lease_seconds``) usually sets it instead.
+IDLE_IN_TRANSACTION_TIMEOUT = 60.0
+STATEMENT_TIMEOUT = 120.0  # seconds one statement may run (a lock wait included)
+
+
+def idle_timeout_for(lease_seconds: float) -> float:
+    """Twice a lease, at most a minute: a frozen holder loses its locks about when it
+    loses its leases, and never keeps them longer than a minute."""
+    return min(IDLE_IN_TRANSACTION_TIMEOUT, 2 * lease_seconds)
+
+
+def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
+                  statement_timeout: float | None = None) -> AsyncEngine:
+    """An async engine with the per-dialect settings this platform relies on. The
+    timeouts (seconds, PostgreSQL only; None: the server's default) bound how long a
+    session may hold locks without progress."""
     if url.startswith("sqlite"):
         _prepare_sqlite_path(url)
         from bot_platform.sqlite_driver import onehop_dbapi
@@ -71,15 +90,26 @@ def create_engine(url: str) -> AsyncEngine:
         return engine
     if url.startswith("postgresql") and "+asyncpg" not in url:
         url = url.replace("postgresql://", "postgresql+asyncpg://", 1)
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    server_settings = {}
+    if idle_in_transaction_timeout:
+        server_settings["idle_in_transaction_session_timeout"] = str(
+            int(idle_in_transaction_timeout * 1000))
+    if statement_timeout:
+        server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
+    connect_args = {"server_settings": server_settings} if server_settings else {}
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                               connect_args=connect_args)
 
 
 class Database:
     """Owns the engine and hands out sessions. Built by the composition root."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *,
+                 idle_in_transaction_timeout: float | None = IDLE_IN_TRANSACTION_TIMEOUT,
+                 statement_timeout: float | None = STATEMENT_TIMEOUT) -> None:
         self.url = url
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, idle_in_transaction_timeout=idle_in_transaction_timeout,
+                                    statement_timeout=statement_timeout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -144,16 +174,18 @@ def is_transient_db_error(error: BaseException) -> bool:
 
 
 async def renew_leases(db: Database, model: Any, ids: Collection[int], *, worker_id: str,
-                       status: str, until: datetime) -> int:
+                       status: str, until: datetime) -> set[int]:
     """Extend to ``until`` the leases of the rows ``ids`` of ``model`` (jobs, outbox) that
-    this worker still holds in ``status``; returns how many were renewed."""
+    this worker still holds in ``status``; returns the ids renewed (the others are no
+    longer this worker's)."""
     if not ids:
-        return 0
+        return set()
     async with db.session() as session:
-        renewed = await session.execute(update(model).where(
+        renewed = await session.scalars(update(model).where(
             model.id.in_(list(ids)), model.locked_by == worker_id, model.status == status,
-        ).values(lease_expires_at=until).execution_options(synchronize_session=False))
-    return renewed.rowcount
+        ).values(lease_expires_at=until).returning(model.id)
+            .execution_options(synchronize_session=False))
+        return set(renewed.all())
 
 
 def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:

@@ -7,6 +7,21 @@ exactly once. A subscriber's rows go out strictly in order: only the oldest unse
 subscriber is claimable, and the worker that sent it claims that subscriber's next row
 directly. On PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so workers share the queue.
 
+A worker sends only what it still owns. Every claim (and every renewal by the heartbeat)
+gives the row a deadline on this process's monotonic clock: the moment taken *before* the
+claim statement was issued, plus the lease, minus a safety margin. Right before each
+messenger call the deadline is checked; a row whose deadline passed (the process was
+frozen, SIGSTOP, a swap storm: the monotonic clock keeps running meanwhile) is dropped
+here, unsent, because another worker may already have taken it over and sent it. The
+stamped ``lease_expires_at`` (minus the margin) is checked against the wall clock as well,
+the clock other workers judge the lease by: it also catches a whole-machine pause that a
+monotonic clock may not see (a VM paused, then its clock corrected). No round trip.
+
+Interactive rows (replies, timers, agents' messages: not a broadcast's) go first: they are
+claimed by a pipeline of their own, together with any earlier row of the same subscriber
+that holds them up, and take the next rate-limit slot before a broadcast's rows (``Pacer``).
+A reply waits for a slot, not for the broadcast.
+
 Results are written by group commit: every sender waits until its own row is committed,
 but rows that finish together share one transaction. A database that goes away (a
 restart, a failover) is waited for: a result is never dropped, because a dropped "sent"
@@ -48,6 +63,9 @@ MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot
 # own windows and network jitter bunches requests, so planning at 100% provokes 429s.
 SEND_HEADROOM = 0.97
 MAX_GROUP_COMMIT = 500  # results written in one transaction at most
+# A row is sent only if at least this long (at most a quarter lease) is left of its lease:
+# room for the clocks of two workers' hosts to disagree and for the request to leave.
+LEASE_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +83,7 @@ class ClaimedRow:
     subscriber_status: str
     last_inbound_at: datetime | None
     broadcast_id: int | None = None
+    urgent: bool = False  # someone waits for it (see the module docstring)
 
 
 @dataclass(slots=True)
@@ -75,6 +94,16 @@ class _Outcome:
     result: SendResult | None
     skipped: bool = False
     release_after: float = 0.0
+
+
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def boot_clock() -> float:
+    """Seconds on a clock that never jumps and keeps running while this process is
+    stopped (SIGSTOP) and while the machine sleeps (``CLOCK_BOOTTIME`` on Linux;
+    ``time.monotonic`` elsewhere, which also runs through a SIGSTOP)."""
+    return time.clock_gettime(_BOOT_CLOCK) if _BOOT_CLOCK is not None else time.monotonic()
 
 
 def backoff_delay(attempt: int, base: float, ceiling: float) -> float:
@@ -105,9 +134,12 @@ class Delivery:
         self.worker_id = worker_id
         self._commits: list[tuple[_Outcome, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        # Rows claimed and still being worked on here: only these have their leases
+        # Rows claimed and still being worked on here, with the deadlines (monotonic, wall
+        # clock) until which each is surely still ours: only these have their leases
         # renewed, so a row whose handling died without a result is retried.
-        self.in_hand: set[int] = set()
+        self.in_hand: dict[int, tuple[float, datetime]] = {}
+        self.monotonic: Callable[[], float] = boot_clock  # tests hand in their own
+        self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         # Which rows this process may claim at all (None: every row). The console uses it:
         # a ``botp chat`` user's messages are delivered only by that user's terminal.
@@ -115,7 +147,10 @@ class Delivery:
 
     # ---- claiming ---------------------------------------------------------------------
 
-    def _claimable(self, now: datetime):
+    def _claimable(self, now: datetime, kind: str | None = None):
+        """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
+        row that is not a broadcast's waiting (their oldest row first, whatever it is);
+        "bulk": only broadcasts' rows."""
         earlier = aliased(Outbox)
         ready = or_(
             and_(Outbox.status == "pending", Outbox.next_attempt_at <= now),
@@ -124,12 +159,35 @@ class Delivery:
         no_earlier_unsent = ~exists().where(
             earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
             earlier.status.in_(("pending", "sending")))
+        conditions = [ready, no_earlier_unsent]
         if self.claim_scope is not None:
-            return and_(ready, self.claim_scope, no_earlier_unsent)
-        return and_(ready, no_earlier_unsent)
+            conditions.append(self.claim_scope)
+        if kind == "interactive":
+            interactive = aliased(Outbox)
+            conditions.append(Outbox.subscriber_id.in_(select(interactive.subscriber_id).where(
+                interactive.broadcast_id.is_(None),
+                interactive.status.in_(("pending", "sending"))).scalar_subquery()))
+        elif kind == "bulk":
+            conditions.append(Outbox.broadcast_id.is_not(None))
+        return and_(*conditions)
 
-    async def _claim(self, condition, limit: int) -> tuple[list[ClaimedRow], set[int]]:
+    def _deadline(self, started: float, stamped: datetime) -> tuple[float, datetime]:
+        """Until when a lease stamped ``stamped`` by a statement issued after ``started``
+        (monotonic) is surely still ours, on either clock."""
+        lease = self.settings.lease_seconds
+        margin = min(LEASE_MARGIN, lease / 4)
+        return started + lease - margin, stamped - timedelta(seconds=margin)
+
+    def owns(self, row: ClaimedRow) -> bool:
+        """Whether this worker surely still holds ``row``: checked right before sending."""
+        deadline = self.in_hand.get(row.id)
+        return (deadline is not None and self.monotonic() < deadline[0]
+                and self.clock.now() < deadline[1])
+
+    async def _claim(self, condition, limit: int, urgent: bool = False
+                     ) -> tuple[list[ClaimedRow], set[int]]:
         """Claim rows; also returns the subscribers that have more rows waiting."""
+        started = self.monotonic()  # before the claim is issued: see ``owns``
         now = self.clock.now()
         lease = now + timedelta(seconds=self.settings.lease_seconds)
         async with self.db.session() as session:
@@ -145,7 +203,8 @@ class Delivery:
                 .execution_options(synchronize_session=False))).all()
             if not claimed:
                 return [], set()
-            self.in_hand.update(c.id for c in claimed)
+            deadline = self._deadline(started, lease)
+            self.in_hand.update((c.id, deadline) for c in claimed)
             subscriber_ids = {c.subscriber_id for c in claimed}
             subscribers = {row.id: row for row in (await session.execute(
                 select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
@@ -159,27 +218,50 @@ class Delivery:
             rows.append(ClaimedRow(
                 c.id, c.message_id, c.subscriber_id, c.channel, c.bot_id, c.recipient,
                 c.payload, c.attempts, sub.status if sub else "deleted",
-                sub.last_inbound_at if sub else None, c.broadcast_id))
+                sub.last_inbound_at if sub else None, c.broadcast_id,
+                urgent or c.broadcast_id is None))
         return rows, more
 
-    async def claim_batch(self, limit: int | None = None) -> tuple[list[ClaimedRow], set[int]]:
-        return await self._claim(self._claimable(self.clock.now()),
-                                 limit or self.settings.batch_size)
+    async def claim_batch(self, limit: int | None = None, kind: str | None = None
+                          ) -> tuple[list[ClaimedRow], set[int]]:
+        """Claim up to ``limit`` rows: of ``kind`` ("interactive", "bulk"), or interactive
+        rows first and then the rest."""
+        limit = limit or self.settings.batch_size
+        if kind is not None:
+            return await self._claim(self._claimable(self.clock.now(), kind), limit,
+                                     urgent=kind == "interactive")
+        rows, more = await self._claim(self._claimable(self.clock.now(), "interactive"),
+                                       limit, urgent=True)
+        if len(rows) < limit:
+            rest, more_rest = await self._claim(self._claimable(self.clock.now()),
+                                                limit - len(rows))
+            rows, more = rows + rest, more | more_rest
+        return rows, more
 
-    async def claim_next_of(self, subscriber_id: int) -> tuple[ClaimedRow | None, bool]:
+    async def claim_next_of(self, subscriber_id: int, urgent: bool = False
+                            ) -> tuple[ClaimedRow | None, bool]:
         """The subscriber's next row, and whether yet more are waiting."""
         condition = and_(Outbox.subscriber_id == subscriber_id,
                          self._claimable(self.clock.now()))
-        rows, more = await self._claim(condition, 1)
+        rows, more = await self._claim(condition, 1, urgent)
         return (rows[0] if rows else None), subscriber_id in more
 
     async def renew_leases(self) -> int:
         """Extend the lease of every row in hand: a lease expires when its holder is dead
         (or dropped the row), not when it is slow (a row may wait in the pipeline for its
-        rate-limit slot longer than a lease). Returns how many rows were renewed."""
-        return await renew_leases(
-            self.db, Outbox, self.in_hand, worker_id=self.worker_id, status="sending",
-            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds))
+        rate-limit slot longer than a lease). A renewed row's deadline moves only as far
+        as the renewal proves; a row not renewed keeps its deadline (it is no longer
+        ours, or no longer in hand). Returns how many rows were renewed."""
+        held = dict(self.in_hand)
+        started = self.monotonic()
+        until = self.clock.now() + timedelta(seconds=self.settings.lease_seconds)
+        renewed = await renew_leases(self.db, Outbox, held, worker_id=self.worker_id,
+                                     status="sending", until=until)
+        deadline = self._deadline(started, until)
+        for row_id in renewed:
+            if self.in_hand.get(row_id) == held[row_id]:  # not finished nor re-claimed since
+                self.in_hand[row_id] = deadline
+        return len(renewed)
 
     # ---- sending ----------------------------------------------------------------------
 
@@ -216,7 +298,8 @@ class Delivery:
                         handled += 1
                         if status != SendStatus.SENT or not has_more:
                             return
-                        row, has_more = await self.claim_next_of(row.subscriber_id)
+                        row, has_more = await self.claim_next_of(row.subscriber_id,
+                                                                 row.urgent)
             finally:
                 finished(1)
 
@@ -224,13 +307,14 @@ class Delivery:
                              *(subscriber_queue(row) for row in rows))
         return handled
 
-    def pipeline(self) -> Pipeline:
+    def pipeline(self, kind: str | None = None) -> Pipeline:
         """Deliver continuously: the next rows are claimed while earlier ones are still
-        being sent (at most ``batch_size`` held), so a bot's rate is used without pauses."""
+        being sent (at most ``batch_size`` held), so a bot's rate is used without pauses.
+        ``kind``: only interactive rows, or only broadcasts' (see ``pipelines``)."""
         semaphore = asyncio.Semaphore(self.settings.concurrency)
 
         async def claim(limit: int) -> tuple[int, tuple[list[ClaimedRow], set[int]]]:
-            rows, more = await self.claim_batch(limit)
+            rows, more = await self.claim_batch(limit, kind)
             return len(rows), (rows, more)
 
         async def handle(claimed: tuple[list[ClaimedRow], set[int]],
@@ -238,7 +322,13 @@ class Delivery:
             rows, more = claimed
             return await self._deliver_claimed(rows, more, semaphore, finished)
 
-        return Pipeline("delivery", self.settings.batch_size, claim, handle)
+        return Pipeline(f"delivery ({kind or 'all'})", self.settings.batch_size, claim,
+                        handle)
+
+    def pipelines(self) -> list[Pipeline]:
+        """Interactive rows and broadcasts' rows in pipelines of their own: a reply never
+        waits for room in a pipeline full of a broadcast's rows."""
+        return [self.pipeline("interactive"), self.pipeline("bulk")]
 
     def _batchable(self, rows: list[ClaimedRow], more: set[int]
                    ) -> tuple[list[list[ClaimedRow]], list[ClaimedRow]]:
@@ -271,7 +361,8 @@ class Delivery:
             with log_context(bot=rows[0].bot_id, channel=rows[0].channel):
                 return await self._deliver_many(rows)
         finally:
-            self.in_hand.difference_update(row.id for row in rows)
+            for row in rows:
+                self.in_hand.pop(row.id, None)
 
     async def _deliver_many(self, rows: list[ClaimedRow]) -> int:
         first = rows[0]
@@ -279,10 +370,16 @@ class Delivery:
         assert channel is not None
         limits = self._limits(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
-        delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only)
+        delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only,
+                                      first.urgent)
         if delay > MAX_LIMITER_WAIT:
             await asyncio.gather(*(self.release(row, delay) for row in rows))
             return len(rows)
+        handled = len(rows)
+        rows = [row for row in rows if self._still_ours(row)]
+        if not rows:
+            return handled
+        first = rows[0]
         message = Outgoing.model_validate(first.payload)
         try:
             results = await channel.send_many([r.recipient for r in rows], message)
@@ -298,7 +395,7 @@ class Delivery:
                 await self.limiter.pause(f"{row.channel}:{row.bot_id}",
                                          result.retry_after or 1.0)
             await self.record(row, result)
-        return len(rows)
+        return handled
 
     def _limits(self, channel: Channel, bot: BotConfig | None) -> Limits:
         caps = channel.capabilities
@@ -317,7 +414,7 @@ class Delivery:
                              subscriber_id=row.subscriber_id):
                 return await self._deliver(row)
         finally:
-            self.in_hand.discard(row.id)
+            self.in_hand.pop(row.id, None)
 
     async def _deliver(self, row: ClaimedRow) -> SendStatus | None:
         channel = self.channels(row.channel, row.bot_id)
@@ -341,9 +438,12 @@ class Delivery:
             await self.record(row, SendResult.outside_window())
             return SendStatus.OUTSIDE_WINDOW
         limits = self._limits(channel, self.bots(row.channel, row.bot_id))
-        delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits)
+        delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits,
+                                      row.urgent)
         if delay > MAX_LIMITER_WAIT:
             await self.release(row, delay)
+            return None
+        if not self._still_ours(row):
             return None
         try:
             result = await channel.send(row.recipient, message)
@@ -355,11 +455,22 @@ class Delivery:
         await self.record(row, result)
         return result.status
 
-    async def _take_slot(self, bot: str, chat: str, limits: Limits) -> float:
+    def _still_ours(self, row: ClaimedRow) -> bool:
+        """Checked right before the messenger call: a row whose lease may have lapsed is
+        dropped unsent (no result is written: it is, or soon will be, another worker's)."""
+        if self.owns(row):
+            return True
+        self.dropped += 1
+        log.warning("outbox row %s: its lease lapsed before it was sent (was this process "
+                    "paused?); left to the worker that takes it over", row.id)
+        return False
+
+    async def _take_slot(self, bot: str, chat: str, limits: Limits,
+                         urgent: bool = False) -> float:
         """Wait for a send slot (0: send now; more than ``MAX_LIMITER_WAIT``: the row
         goes back). If the limiter cannot be asked (Redis away), the row waits."""
         try:
-            return await self.pacer.wait(bot, chat, limits, MAX_LIMITER_WAIT)
+            return await self.pacer.wait(bot, chat, limits, MAX_LIMITER_WAIT, urgent)
         except Exception as error:
             log.warning("rate limiter unavailable (%s: %s); holding sends of %s",
                         type(error).__name__, error, bot)

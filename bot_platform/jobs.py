@@ -83,9 +83,9 @@ class Scheduler:
         """Extend the lease of every job in hand (see ``Delivery.renew_leases``): a job
         whose run ended without a result (the database was away) is not renewed, so it
         is claimed again once its lease expires."""
-        return await renew_leases(
+        return len(await renew_leases(
             self.db, Job, self.in_hand, worker_id=self.worker_id, status="running",
-            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds))
+            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds)))
 
     async def run_once(self) -> int:
         """Claim a batch of due jobs and run them; returns how many ran."""

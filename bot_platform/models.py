@@ -22,6 +22,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -194,6 +195,11 @@ class Outbox(Base):
     __table_args__ = (
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_subscriber", "subscriber_id", "status"),
+        # Interactive rows (not a broadcast's) waiting or in hand: the delivery claims
+        # these first, and finds them without reading a running broadcast's rows.
+        Index("ix_outbox_interactive", "status", "subscriber_id",
+              postgresql_where=sql_text("broadcast_id IS NULL"),
+              sqlite_where=sql_text("broadcast_id IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

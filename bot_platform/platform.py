@@ -26,7 +26,7 @@ from bot_platform.channels import (
 )
 from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
-from bot_platform.database import Database, SqlKeyValueStore, listen
+from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, listen
 from bot_platform.delivery import Delivery
 from bot_platform.engine import WORK_CHANNEL, Engine, SupportHours
 from bot_platform.errors import BadToken, FlowValidationError
@@ -81,7 +81,9 @@ class Platform:
         # With Redis, every worker process draws from the same buckets.
         self.limiter = limiter or (RedisRateLimiter.from_url(settings.redis_url)
                                    if settings.redis_url else MemoryRateLimiter())
-        self.db = Database(settings.database_url)
+        # A frozen process's open transaction ends about when its leases do.
+        self.db = Database(settings.database_url, idle_in_transaction_timeout=idle_timeout_for(
+            settings.worker.lease_seconds))
         self.kv = SqlKeyValueStore(self.db, self.clock)
         self.channels: dict[tuple[str, str], Channel] = dict(channel_overrides or {})
         self.bots: dict[tuple[str, str], BotConfig] = {

@@ -42,6 +42,9 @@ class RateLimiter(Protocol):
         ...
 
 
+_Waiter = tuple[asyncio.Future[float], Limits, float]  # slot, bot-only limits, max_wait
+
+
 class Pacer:
     """Takes send slots for one process: the chat's slot first (waiting for it holds
     nobody else up), then the bot's, handed out in order by one pacing task per bot.
@@ -51,14 +54,20 @@ class Pacer:
     finds the bucket refilled, never beyond its 10 ms capacity, and wakes the next
     senders at once: late sends cannot bunch up and overrun the messenger's window, and
     no slot is wasted. (Every sender reserving ahead and sleeping until its own slot would
-    bunch them whenever the loop ran late.)"""
+    bunch them whenever the loop ran late.)
+
+    Urgent senders (an answer to someone in a conversation) are handed the next slot
+    before any bulk sender (a broadcast) still waiting: a reply waits for one slot, not
+    behind every broadcast row this process holds."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
-        self._waiting: dict[str, deque[tuple[asyncio.Future[float], Limits, float]]] = {}
+        # Per bot: (urgent, bulk) senders waiting for a bot-wide slot, each in order.
+        self._waiting: dict[str, tuple[deque[_Waiter], deque[_Waiter]]] = {}
         self._pacers: dict[str, asyncio.Task[None]] = {}
 
-    async def wait(self, bot: str, chat: str, limits: Limits, max_wait: float) -> float:
+    async def wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
+                   urgent: bool = False) -> float:
         """0 when it is time to send; otherwise the wait (more than ``max_wait``) for the
         next slot, and the caller should come back later."""
         chat_only = Limits(per_bot=math.inf, per_chat=limits.per_chat,
@@ -73,15 +82,17 @@ class Pacer:
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf,
                           bot_burst=limits.bot_burst)
         slot: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(bot, deque()).append((slot, bot_only, max_wait))
+        queues = self._waiting.setdefault(bot, (deque(), deque()))
+        queues[0 if urgent else 1].append((slot, bot_only, max_wait))
         pacer = self._pacers.get(bot)
         if pacer is None or pacer.done():
             self._pacers[bot] = asyncio.create_task(self._pace(bot))
         return await slot
 
     async def _pace(self, bot: str) -> None:
-        waiting = self._waiting[bot]
-        while waiting:
+        queues = self._waiting[bot]
+        while queues[0] or queues[1]:
+            waiting = queues[0] or queues[1]  # the urgent first, looked at for every slot
             slot, limits, max_wait = waiting[0]
             if slot.done():  # its sender was cancelled
                 waiting.popleft()
@@ -95,7 +106,7 @@ class Pacer:
                 continue
             if 0 < delay <= max_wait:
                 await asyncio.sleep(delay)
-            waiting.popleft()
+            waiting.popleft()  # the slot was reserved for this sender: it keeps it
             if not slot.done():
                 slot.set_result(delay if delay > max_wait else 0.0)
 

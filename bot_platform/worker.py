@@ -33,7 +33,7 @@ class Worker:
         self.delivery = delivery
         self.poll_interval = poll_interval
         self.wake = asyncio.Event()  # the scheduler's
-        self.delivery_wake = asyncio.Event()
+        self.delivery_wakes = (asyncio.Event(), asyncio.Event())  # interactive, bulk
         self.on_idle = on_idle  # housekeeping every idle_every s (new bots from the API)
         self.idle_every = idle_every
         # Runs beside the loops and calls ``notify`` when another process queued work
@@ -43,7 +43,8 @@ class Worker:
     def notify(self) -> None:
         """New work was committed in this process: do not wait for the next poll."""
         self.wake.set()
-        self.delivery_wake.set()
+        for wake in self.delivery_wakes:
+            wake.set()
 
     async def tick(self) -> int:
         """One round of timers and deliveries; returns how much work was done."""
@@ -61,8 +62,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, grace: float = 15.0) -> None:
         """Timers and deliveries side by side until ``stop`` is set, each a pipeline, so a
-        burst of timers never pauses a broadcast (nor the reverse); then what is in hand
-        may finish for ``grace`` seconds."""
+        burst of timers never pauses a broadcast (nor the reverse), and replies have a
+        delivery pipeline of their own beside the broadcasts'; then what is in hand may
+        finish for ``grace`` seconds."""
         log.info("worker %s started", self.delivery.worker_id)
         helpers = [asyncio.create_task(self._renew_leases(stop)),
                    asyncio.create_task(self._housekeeping(stop))]
@@ -71,8 +73,8 @@ class Worker:
         try:
             await asyncio.gather(
                 self.scheduler.pipeline().run(stop, self.wake, self.poll_interval, grace),
-                self.delivery.pipeline().run(stop, self.delivery_wake, self.poll_interval,
-                                             grace))
+                *(pipeline.run(stop, wake, self.poll_interval, grace) for pipeline, wake
+                  in zip(self.delivery.pipelines(), self.delivery_wakes, strict=True)))
         finally:
             for helper in helpers:
                 helper.cancel()
