@@ -200,16 +200,8 @@ async def messenger(request) -> Any:
         yield kind(server)
 
 
-async def test_a_fault_on_part_two_delivers_each_part_once_and_counts_one_person(
-        make_platform, messenger) -> None:
-    fake_time = [1000.0]  # the rate limiter's clock: a retry_after pause ends when we say
-    platform = await make_platform(
-        bots=[messenger.bot()], limiter=MemoryRateLimiter(monotonic=lambda: fake_time[0]))
-    await messenger.subscribe(platform)
-    await platform.drain()
-    before = messenger.calls()
-    messenger.fail_send(before + 2)  # the broadcast's second call
-
+async def _broadcast(platform, messenger, fake_time: list[float]) -> int:
+    """Start a picture + long text + button broadcast and deliver it, past any pause."""
     _, key = await create_key(platform.db, name="m", role="marketer",
                               now=platform.clock.now())
     content = {"text": LONG_TEXT, "image_url": PICTURE, "buttons": [BUTTON]}
@@ -227,6 +219,19 @@ async def test_a_fault_on_part_two_delivers_each_part_once_and_counts_one_person
         fake_time[0] += 120
         platform.clock.advance(timedelta(minutes=2))
     await platform.drain()
+    return broadcast_id
+
+
+async def test_a_fault_on_part_two_delivers_each_part_once_and_counts_one_person(
+        make_platform, messenger) -> None:
+    fake_time = [1000.0]  # the rate limiter's clock: a retry_after pause ends when we say
+    platform = await make_platform(
+        bots=[messenger.bot()], limiter=MemoryRateLimiter(monotonic=lambda: fake_time[0]))
+    await messenger.subscribe(platform)
+    await platform.drain()
+    before = messenger.calls()
+    messenger.fail_send(before + 2)  # the broadcast's second call
+    broadcast_id = await _broadcast(platform, messenger, fake_time)
 
     arrived = messenger.arrived(before)
     assert [what for what, ok in arrived if ok] == messenger.expected()  # once, in order
@@ -269,3 +274,44 @@ async def test_send_makes_exactly_one_call_per_fitted_part(make_platform, messen
     result = await channel.send(messenger.user, unfitted)
     assert (result.status, messenger.calls()) == ("failed", before)
     assert "not fitted" in (result.reason or "")
+
+
+def test_fit_message_puts_a_picture_first_when_its_text_is_no_caption() -> None:
+    from bots.telegram import TELEGRAM_CAPABILITIES
+    from bots.viber import VIBER_CAPABILITIES
+
+    button = (Button(**BUTTON),)
+    short = Outgoing(text="Spring sale", image_url=PICTURE, buttons=button)
+    for caps in (TELEGRAM_CAPABILITIES, VIBER_CAPABILITIES):
+        assert fit_message(short, caps) == [short]  # a caption with its keyboard: one call
+        long = short.model_copy(update={"text": LONG_TEXT})
+        picture, text = fit_message(long, caps)
+        assert (picture.image_url, picture.text, picture.buttons) == (PICTURE, "", ())
+        assert (text.image_url, text.text, text.buttons) == (None, LONG_TEXT, button)
+    # Facebook: a picture carries neither text nor buttons; a button template's text is
+    # 640 characters at most, a plain text's 2,000.
+    parts = fit_message(short.model_copy(update={"text": LONG_TEXT}), FACEBOOK_CAPS)
+    assert [p.image_url for p in parts] == [PICTURE, None, None]
+    assert [bool(p.buttons) for p in parts] == [False, False, True]
+    assert len(parts[1].text) <= 2000 and len(parts[2].text) <= 640
+    assert " ".join(p.text for p in parts[1:]) == LONG_TEXT
+    # A Telegram caption counts UTF-16 units: 600 emoji are 1,200 units, too long.
+    emoji = Outgoing(text="😀" * 600, image_url=PICTURE)
+    assert len(fit_message(emoji, TELEGRAM_CAPABILITIES)) == 2
+
+
+async def test_a_person_blocked_on_part_two_counts_once_as_failed(make_platform) -> None:
+    async with FakeTelegramServer() as server:
+        messenger = Telegram(server)
+        fake_time = [1000.0]
+        platform = await make_platform(bots=[messenger.bot()], limiter=MemoryRateLimiter(
+            monotonic=lambda: fake_time[0]))
+        await messenger.subscribe(platform)
+        await platform.drain()
+        server.fail_send(messenger.calls() + 2, status=403)  # blocked after the picture
+        broadcast_id = await _broadcast(platform, messenger, fake_time)
+        async with platform.db.session() as session:
+            figures = await broadcasts.stats(session, await session.get(Broadcast,
+                                                                        broadcast_id))
+    assert figures["A"]["sent"] == 0
+    assert sum(figures["A"]["failed"].values()) + sum(figures["A"]["skipped"].values()) == 1
