@@ -20,8 +20,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot_platform.database import insert_ignore
 from bot_platform.engine import OPEN_CONVERSATION, Engine
@@ -411,24 +412,40 @@ async def stats(session: AsyncSession, broadcast: Broadcast,
     recipient_variant = select(BroadcastRecipient.subscriber_id, BroadcastRecipient.variant,
                                BroadcastRecipient.status, BroadcastRecipient.due_at).where(
         BroadcastRecipient.broadcast_id == broadcast.id).subquery()
-    outcomes = (await session.execute(select(
-        recipient_variant.c.variant, Message.status, Outbox.status, Outbox.last_error,
-        func.count()).join(Outbox, Outbox.subscriber_id == recipient_variant.c.subscriber_id)
-        .join(Message, Message.id == Outbox.message_id).where(
+    # A message may go out as several parts (one outbox row and one call each: picture,
+    # text, buttons): figures count people. A person is sent when all their parts were,
+    # delivered / read when any part was, failed or skipped by their first such part.
+    per_person = select(
+        recipient_variant.c.variant.label("variant"),
+        func.count().label("parts"),
+        func.sum(case((Outbox.status == "sent", 1), else_=0)).label("sent"),
+        func.max(case((Message.status.in_(("delivered", "read")), 1), else_=0))
+        .label("delivered"),
+        func.max(case((Message.status == "read", 1), else_=0)).label("read"),
+        func.min(case((Outbox.status.in_(("failed", "skipped")), Outbox.id)))
+        .label("first_bad"),
+    ).join(Outbox, Outbox.subscriber_id == recipient_variant.c.subscriber_id).join(
+        Message, Message.id == Outbox.message_id).where(
         Outbox.broadcast_id == broadcast.id).group_by(
-        recipient_variant.c.variant, Message.status, Outbox.status, Outbox.last_error))).all()
-    for variant, message_status, outbox_status, error, count in outcomes:
+        recipient_variant.c.variant, recipient_variant.c.subscriber_id).subquery()
+    bad = aliased(Outbox)
+    all_sent = (per_person.c.parts == per_person.c.sent).label("all_sent")
+    outcomes = (await session.execute(select(
+        per_person.c.variant, all_sent, per_person.c.delivered, per_person.c.read,
+        bad.status, bad.last_error, func.count()).outerjoin(
+        bad, bad.id == per_person.c.first_bad).group_by(
+        per_person.c.variant, all_sent, per_person.c.delivered, per_person.c.read,
+        bad.status, bad.last_error))).all()
+    for variant, sent, delivered, read, bad_status, error, count in outcomes:
         row = result[variant]
-        if outbox_status == "sent":
-            row["sent"] += count
-            if message_status in ("delivered", "read"):
-                row["delivered"] += count
-            if message_status == "read":
-                row["read"] += count
-        elif outbox_status in ("failed", "skipped"):
-            reason = (error or outbox_status).split(":")[0]
-            bucket = row["skipped"] if outbox_status == "skipped" else row["failed"]
+        if bad_status in ("failed", "skipped"):
+            reason = (error or bad_status).split(":")[0]
+            bucket = row["skipped"] if bad_status == "skipped" else row["failed"]
             bucket[reason] = bucket.get(reason, 0) + count
+        elif sent:
+            row["sent"] += count
+            row["delivered"] += count if delivered else 0
+            row["read"] += count if read else 0
     clicked = (await session.execute(select(
         recipient_variant.c.variant, func.count(func.distinct(TrackedLink.subscriber_id)))
         .join(TrackedLink, TrackedLink.subscriber_id == recipient_variant.c.subscriber_id)

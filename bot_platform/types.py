@@ -252,6 +252,13 @@ class Capabilities:
     max_cards: int = 10
     max_card_buttons: int = 3
     images: bool = True
+    # A picture and text in one call: the longest text that rides as its caption (None:
+    # any text that fits one message), and whether a captioned picture carries buttons.
+    # A longer text, or buttons on a picture that cannot carry them, make the picture a
+    # part of its own (one part = one API call: see ``fit_message``).
+    max_caption: int | None = None
+    caption_buttons: bool = True
+    max_button_text: int | None = None  # the text of a message with buttons (Facebook: 640)
     batch_size: int = 1  # recipients per call for send_many
     messages_per_second: float = 30.0  # per bot
     per_chat_per_second: float = 1.0
@@ -323,13 +330,25 @@ def _truncate(title: str, limit: int) -> str:
 CONTINUATION_TEXT = "…"
 
 
-def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
-    """Fit one message to a channel's capabilities, splitting it into several if needed.
+class NotOneCall(ValueError):
+    """A message an adapter cannot send in one API call: it was not fitted
+    (``fit_message``). Refused rather than sent in pieces, which a retry would repeat."""
 
-    Pure and deterministic: long text is split on word boundaries (buttons stay on the last
-    part), surplus buttons move to follow-up messages, URL buttons become links in the text
-    where the channel has none, carousels become a sequence of image cards where the channel
-    has no carousel, and surplus quick replies are dropped from the end.
+
+def _text_len(text: str, caps: Capabilities) -> int:
+    return utf16_len(text) if caps.text_units == "utf16" else len(text)
+
+
+def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
+    """Fit one message to a channel's capabilities: the parts it sends, one API call each.
+
+    Each part becomes its own outbox row, so a retry re-sends only the part that failed.
+    Pure and deterministic: a picture whose text cannot be its caption goes first on its
+    own; long text is split on word boundaries (buttons stay on the last part, whose text
+    the channel may limit further); surplus buttons move to follow-up messages, URL buttons
+    become links in the text where the channel has none, carousels become a sequence of
+    image cards where the channel has no carousel, and surplus quick replies are dropped
+    from the end.
     """
     buttons = [b.model_copy(update={"title": _truncate(b.title, caps.max_button_title)})
                for b in message.buttons]
@@ -344,23 +363,31 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
         buttons.extend(Button(title=q.title, payload=q.payload) for q in message.quick_replies
                        if q.request is None and q.payload)
 
+    common: dict[str, Any] = {"tag": message.tag, "in_reply": message.in_reply,
+                              "extras": message.extras}
     parts: list[Outgoing] = []
-    texts = split_text(text, caps.max_text_length,
-                       utf16=caps.text_units == "utf16") if text else [""]
+    utf16 = caps.text_units == "utf16"
+    texts = split_text(text, caps.max_text_length, utf16=utf16) if text else [""]
+    if buttons and caps.max_button_text is not None and \
+            _text_len(texts[-1], caps) > caps.max_button_text:
+        texts[-1:] = split_text(texts[-1], caps.max_button_text, utf16=utf16)
+    image = message.image_url if caps.images else None
+    if image and caps.max_caption is not None and not (
+            len(texts) == 1 and _text_len(texts[0], caps) <= caps.max_caption
+            and (caps.caption_buttons or not buttons)):
+        parts.append(Outgoing(image_url=image, **common))  # the picture on its own
+        image = None
     button_groups = [buttons[i: i + caps.max_buttons]
                      for i in range(0, len(buttons), max(caps.max_buttons, 1))] or [[]]
     for chunk in texts[:-1]:
-        parts.append(Outgoing(text=chunk, tag=message.tag, in_reply=message.in_reply,
-                              extras=message.extras))
+        parts.append(Outgoing(text=chunk, **common))
     last_text = texts[-1]
     for index, group in enumerate(button_groups):
         parts.append(Outgoing(
             text=last_text if index == 0 else CONTINUATION_TEXT,
             buttons=tuple(group),
-            image_url=message.image_url if index == 0 and caps.images else None,
-            tag=message.tag,
-            in_reply=message.in_reply,
-            extras=message.extras,
+            image_url=image if index == 0 else None,
+            **common,
         ))
     if message.image_url and not caps.images:
         parts[0] = parts[0].model_copy(
@@ -371,9 +398,7 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
                  for c in message.cards]
         if caps.carousels:
             for i in range(0, len(cards), caps.max_cards):
-                parts.append(Outgoing(cards=tuple(cards[i: i + caps.max_cards]),
-                                      tag=message.tag, in_reply=message.in_reply,
-                                      extras=message.extras))
+                parts.append(Outgoing(cards=tuple(cards[i: i + caps.max_cards]), **common))
         else:
             for card in cards:
                 caption = "\n".join(x for x in (card.title, card.subtitle) if x)
@@ -382,8 +407,7 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
                     card_buttons = [Button(title=card.title, url=card.url)]
                 parts.extend(fit_message(Outgoing(
                     text=caption, image_url=card.image_url, buttons=tuple(card_buttons),
-                    tag=message.tag, in_reply=message.in_reply, extras=message.extras),
-                    caps))
+                    **common), caps))
     # An empty leading text part (a message that was only cards) carries nothing.
     parts = [p for p in parts if p.text or p.buttons or p.image_url or p.cards] or parts[:1]
     if quick:

@@ -39,10 +39,10 @@ from bot_platform.types import (
     Capabilities,
     Inbound,
     InboundKind,
+    NotOneCall,
     Outgoing,
     Profile,
     SendResult,
-    split_text,
 )
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,11 @@ log = logging.getLogger(__name__)
 FACEBOOK_CAPABILITIES = Capabilities(
     max_text_length=2000, max_buttons=3, max_button_title=20, callback_payload_bytes=1000,
     url_buttons=True, quick_replies=True, max_quick_replies=13, carousels=True, max_cards=10,
-    max_card_buttons=3, images=True, batch_size=1, messages_per_second=250.0,
+    max_card_buttons=3, images=True, max_caption=0, caption_buttons=False,
+    max_button_text=640,  # a button template's text batch_size=1, messages_per_second=250.0,
     per_chat_per_second=math.inf, per_chat_burst=3,
     reply_window=timedelta(hours=24), read_receipts=True,
 )
-BUTTON_TEXT_LIMIT = 640
 BUTTON_TITLE = 20
 QUICK_REPLY_TITLE = 20
 MAX_QUICK_REPLIES = 13
@@ -224,13 +224,20 @@ class FacebookChannel:
             return {"type": "web_url", "url": button.url, "title": title}
         return {"type": "postback", "title": title, "payload": button.payload or title}
 
-    def _bodies(self, message: Outgoing) -> list[dict[str, Any]]:
-        """The Send API ``message`` objects for one (already fitted) message, in order."""
-        bodies: list[dict[str, Any]] = []
+    def _body(self, message: Outgoing) -> dict[str, Any]:
+        """The Send API ``message`` object of one fitted part: one call. ``fit_message``
+        put the picture, text chunks, button templates and carousels in parts of their
+        own; a part that still needs two calls raises ``NotOneCall``."""
+        caps = self.capabilities
+        body: dict[str, Any]
         if message.image_url:
-            bodies.append({"attachment": {"type": "image", "payload": {
-                "url": message.image_url, "is_reusable": True}}})
-        if message.cards:
+            if message.text or message.buttons or message.cards:
+                raise NotOneCall("a picture with text, buttons or cards")
+            body = {"attachment": {"type": "image", "payload": {
+                "url": message.image_url, "is_reusable": True}}}
+        elif message.cards:
+            if message.text or message.buttons:
+                raise NotOneCall("a carousel with text or buttons")
             elements = []
             for card in message.cards:
                 element: dict[str, Any] = {"title": (card.title or "…")[:80]}
@@ -243,24 +250,20 @@ class FacebookChannel:
                 if card.buttons:
                     element["buttons"] = [self._button(b) for b in card.buttons[:3]]
                 elements.append(element)
-            if message.text:
-                bodies.append({"text": message.text})
-            bodies.append({"attachment": {"type": "template", "payload": {
-                "template_type": "generic", "elements": elements}}})
-        elif message.text or message.buttons:
-            limit = BUTTON_TEXT_LIMIT if message.buttons else self.capabilities.max_text_length
-            chunks = split_text(message.text or "…", limit)
-            bodies.extend({"text": chunk} for chunk in chunks[:-1])
-            if message.buttons:  # a button template holds 1-3 buttons
-                for start in range(0, len(message.buttons), 3):
-                    bodies.append({"attachment": {"type": "template", "payload": {
-                        "template_type": "button",
-                        "text": chunks[-1] if start == 0 else "…",
-                        "buttons": [self._button(b)
-                                    for b in message.buttons[start:start + 3]]}}})
-            else:
-                bodies.append({"text": chunks[-1]})
-        if message.quick_replies and bodies:
+            body = {"attachment": {"type": "template", "payload": {
+                "template_type": "generic", "elements": elements}}}
+        elif message.buttons:  # a button template holds 1-3 buttons
+            if len(message.buttons) > caps.max_buttons or \
+                    len(message.text) > (caps.max_button_text or caps.max_text_length):
+                raise NotOneCall("a button template over its limits")
+            body = {"attachment": {"type": "template", "payload": {
+                "template_type": "button", "text": message.text or "…",
+                "buttons": [self._button(b) for b in message.buttons]}}}
+        else:
+            if len(message.text) > caps.max_text_length:
+                raise NotOneCall("a text longer than one message")
+            body = {"text": message.text or "…"}
+        if message.quick_replies:
             replies = []
             for reply in message.quick_replies:
                 if reply.request == "phone":
@@ -269,8 +272,8 @@ class FacebookChannel:
                     title = (reply.title or "…")[:QUICK_REPLY_TITLE]
                     replies.append({"content_type": "text", "title": title,
                                     "payload": reply.payload or title})
-            bodies[-1]["quick_replies"] = replies[:MAX_QUICK_REPLIES]
-        return bodies
+            body["quick_replies"] = replies[:MAX_QUICK_REPLIES]
+        return body
 
     @staticmethod
     def messaging_type(message: Outgoing) -> dict[str, str]:
@@ -285,14 +288,12 @@ class FacebookChannel:
         return self.redact.result(await self._send_one(recipient, message))
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
-        envelope: dict[str, Any] = {"recipient": {"id": recipient},
-                                    **self.messaging_type(message)}
-        last: SendResult = SendResult.failed("nothing to send")
-        for body in self._bodies(message):
-            last = await self._post({**envelope, "message": body})
-            if last.message_id is None:
-                return last
-        return last
+        try:
+            body = self._body(message)
+        except NotOneCall as error:
+            return SendResult.failed(f"not fitted to one call: {error}")
+        return await self._post({"recipient": {"id": recipient},
+                                 **self.messaging_type(message), "message": body})
 
     async def _post(self, payload: dict[str, Any]) -> SendResult:
         url = f"{self.api}/me/messages"

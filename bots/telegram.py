@@ -69,10 +69,10 @@ from bot_platform.types import (
     Capabilities,
     Inbound,
     InboundKind,
+    NotOneCall,
     Outgoing,
     Profile,
     SendResult,
-    split_text,
     truncate_utf16,
 )
 
@@ -82,10 +82,11 @@ TELEGRAM_CAPABILITIES = Capabilities(
     max_text_length=4096, text_units="utf16", max_buttons=24, max_button_title=64,
     callback_payload_bytes=64,
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=False,
-    max_cards=10, max_card_buttons=3, images=True, batch_size=1, messages_per_second=30.0,
+    max_cards=10, max_card_buttons=3, images=True, max_caption=1024, caption_buttons=True,
+    batch_size=1, messages_per_second=30.0,
     per_chat_per_second=1.0, per_chat_burst=3, reply_window=None, read_receipts=False,
 )
-CAPTION_LIMIT = 1024
+CAPTION_LIMIT = TELEGRAM_CAPABILITIES.max_caption or 1024
 CALLBACK_LIMIT = 64
 LONG_PAYLOAD_PREFIX = "~"
 ALLOWED_UPDATES = ["message", "callback_query", "my_chat_member"]
@@ -379,42 +380,42 @@ class TelegramChannel:
             return SendResult.transient(f"{type(error).__name__}: {error.message}")
         except (TimeoutError, OSError) as error:
             return SendResult.transient(f"{type(error).__name__}: {error}")
+        except NotOneCall as error:
+            return SendResult.failed(f"not fitted to one call: {error}")
         return SendResult.sent(str(message_id))
 
     async def _send(self, chat_id: int, message: Outgoing) -> int:
-        """Render one message (already fitted to our capabilities); the last id counts."""
-        last_id = 0
-        for card in message.cards:  # no native carousel: a photo card each
+        """Render one fitted part in exactly one call (``fit_message`` made it fit: the
+        outbox row is this call, so a retry repeats nothing that already arrived)."""
+        if message.cards:  # no native carousel: fit_message makes each card a photo
+            if len(message.cards) > 1 or message.text or message.image_url:
+                raise NotOneCall(f"{len(message.cards)} cards and text or a picture")
+            card = message.cards[0]
             caption = "\n".join(x for x in (card.title, card.subtitle) if x)
             markup = await self._markup(Outgoing(buttons=card.buttons))
             if card.image_url:
-                sent = await self.bot.send_photo(chat_id, card.image_url,
-                                                 caption=escape(truncate_utf16(
-                                                     caption, CAPTION_LIMIT)),
-                                                 reply_markup=markup)
+                sent = await self.bot.send_photo(
+                    chat_id, card.image_url,
+                    caption=escape(truncate_utf16(caption, CAPTION_LIMIT)),
+                    reply_markup=markup)
             else:
                 sent = await self.bot.send_message(chat_id, escape(caption or "…"),
                                                    reply_markup=markup)
-            last_id = sent.message_id
+            return sent.message_id
         if not (message.text or message.image_url):
-            return last_id
+            return 0
         markup = await self._markup(message)
         if message.image_url:
-            caption = message.text if utf16_len(message.text) <= CAPTION_LIMIT else ""
+            if utf16_len(message.text) > CAPTION_LIMIT:
+                raise NotOneCall("a picture with a text longer than a caption")
             sent = await self.bot.send_photo(chat_id, message.image_url,
-                                             caption=escape(caption) or None,
-                                             reply_markup=None if not caption else markup)
-            last_id = sent.message_id
-            if caption:
-                return last_id
-        chunks = split_text(message.text, self.capabilities.max_text_length, utf16=True) \
-            if message.text else []
-        for index, chunk in enumerate(chunks):
-            final = index == len(chunks) - 1
-            sent = await self.bot.send_message(chat_id, escape(chunk),
-                                               reply_markup=markup if final else None)
-            last_id = sent.message_id
-        return last_id
+                                             caption=escape(message.text) or None,
+                                             reply_markup=markup)
+            return sent.message_id
+        if utf16_len(message.text) > self.capabilities.max_text_length:
+            raise NotOneCall("a text longer than one message")
+        sent = await self.bot.send_message(chat_id, escape(message.text), reply_markup=markup)
+        return sent.message_id
 
 
 def build(bot: BotConfig, deps: ChannelDeps) -> TelegramChannel:

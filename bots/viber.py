@@ -48,10 +48,10 @@ from bot_platform.types import (
     Card,
     Inbound,
     InboundKind,
+    NotOneCall,
     Outgoing,
     Profile,
     SendResult,
-    split_text,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 VIBER_CAPABILITIES = Capabilities(
     max_text_length=7000, max_buttons=24, max_button_title=250, callback_payload_bytes=250,
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=True, max_cards=6,
-    max_card_buttons=2, images=True, batch_size=300, messages_per_second=50.0,
+    max_card_buttons=2, images=True, max_caption=120, caption_buttons=True, batch_size=300,
+    messages_per_second=50.0,
     per_chat_per_second=math.inf, per_chat_burst=3, reply_window=None, read_receipts=True,
 )
 EVENT_TYPES = ["delivered", "seen", "failed", "subscribed", "unsubscribed",
@@ -244,7 +245,7 @@ class ViberChannel:
         for event in handled:
             if event.inbound.kind == InboundKind.START and event.replies and \
                     not event.duplicate:
-                body = self._message_body(event.replies[0])[0]
+                body = self._body(event.replies[0])
                 body["sender"] = self.sender
                 return WebhookReply(body=json.dumps(body).encode(),
                                     content_type="application/json",
@@ -303,43 +304,37 @@ class ViberChannel:
                 cells.append(_reply_button(button.title, button.payload, columns=6))
         return cells
 
-    def _message_body(self, message: Outgoing) -> list[dict[str, Any]]:
-        """Viber message dicts (without receiver) for one fitted message, in order."""
-        bodies: list[dict[str, Any]] = []
+    def _body(self, message: Outgoing) -> dict[str, Any]:
+        """The Viber message dict (without receiver) of one fitted part: one call.
+        ``fit_message`` put text, picture and carousel in parts of their own where they
+        cannot share a message; a part that still needs two calls raises ``NotOneCall``."""
         keyboard, payloads, level = self._keyboard(message)
         if message.cards:
+            if message.text or message.image_url:
+                raise NotOneCall("a carousel with text or a picture")
             cells = [cell for card in message.cards[:MAX_CARDS]
                      for cell in self._card_buttons(card)]
-            if message.text:
-                bodies.append(TextMessage(text=message.text).to_dict())
             card_payloads = [c["ActionBody"] for c in cells if c["ActionType"] == "reply"]
-            bodies.append(RichMediaMessage(rich_media={
+            body = RichMediaMessage(rich_media={
                 "Type": "rich_media", "ButtonsGroupColumns": 6, "ButtonsGroupRows": CARD_ROWS,
                 "BgColor": "#FFFFFF", "Buttons": cells}, min_api_version=RICH_MEDIA_API,
-                alt_text=(message.text or message.cards[0].title or "…")[:7000],
-                tracking_data=_tracking(card_payloads) if card_payloads else None).to_dict())
+                alt_text=(message.cards[0].title or "…")[:7000],
+                tracking_data=_tracking(card_payloads) if card_payloads else None).to_dict()
+        elif message.image_url:
+            if len(message.text) > (self.capabilities.max_caption or 0):
+                raise NotOneCall("a picture with a text longer than a caption")
+            body = PictureMessage(media=message.image_url, text=message.text).to_dict()
         else:
-            if message.image_url:
-                caption = message.text if len(message.text) <= 120 else ""
-                bodies.append(PictureMessage(media=message.image_url, text=caption).to_dict())
-                text = "" if caption else message.text
-            else:
-                text = message.text
-            for chunk in split_text(text, self.capabilities.max_text_length) if text else []:
-                bodies.append(TextMessage(text=chunk).to_dict())
-        if not bodies:
-            bodies.append(TextMessage(text="…").to_dict())
+            if len(message.text) > self.capabilities.max_text_length:
+                raise NotOneCall("a text longer than one message")
+            body = TextMessage(text=message.text or "…").to_dict()
         if keyboard is not None:
-            last = bodies[-1]
-            last["keyboard"] = keyboard
-            known = json.loads(last["tracking_data"])["payloads"] \
-                if last.get("tracking_data") else []
-            last["tracking_data"] = _tracking(known + payloads)
-            last["min_api_version"] = max(int(last.get("min_api_version") or 1), level)
-        for body in bodies:
-            for key in [k for k, v in body.items() if v is None]:
-                del body[key]
-        return bodies
+            known = json.loads(body["tracking_data"])["payloads"] \
+                if body.get("tracking_data") else []
+            body["keyboard"] = keyboard
+            body["tracking_data"] = _tracking(known + payloads)
+            body["min_api_version"] = max(int(body.get("min_api_version") or 1), level)
+        return {k: v for k, v in body.items() if v is not None}
 
     async def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         async with self.http.post(f"{self.api}/{path}", json=payload,
@@ -370,17 +365,16 @@ class ViberChannel:
         return self.redact.result(await self._send_one(recipient, message))
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
-        last = SendResult.failed("nothing to send")
-        for body in self._message_body(message):
-            try:
-                status, data = await self._call("send_message", {
-                    "receiver": recipient, "sender": self.sender, **body})
-            except (aiohttp.ClientError, TimeoutError) as error:
-                return SendResult.transient(f"{type(error).__name__}: {error}")
-            last = self._result(status, data)
-            if last.message_id is None:
-                return last
-        return last
+        try:
+            body = self._body(message)
+        except NotOneCall as error:
+            return SendResult.failed(f"not fitted to one call: {error}")
+        try:
+            status, data = await self._call("send_message", {
+                "receiver": recipient, "sender": self.sender, **body})
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return SendResult.transient(f"{type(error).__name__}: {error}")
+        return self._result(status, data)
 
     async def send_many(self, recipients: Sequence[str],
                         message: Outgoing) -> dict[str, SendResult]:
@@ -390,32 +384,32 @@ class ViberChannel:
 
     async def _send_batches(self, recipients: Sequence[str],
                             message: Outgoing) -> dict[str, SendResult]:
+        """One call per batch of receivers (a row is in exactly one call)."""
         results: dict[str, SendResult] = {}
-        bodies = self._message_body(message)
+        try:
+            body = self._body(message)
+        except NotOneCall as error:
+            return dict.fromkeys(recipients, SendResult.failed(
+                f"not fitted to one call: {error}"))
         for start in range(0, len(recipients), self.capabilities.batch_size):
             batch = list(recipients[start:start + self.capabilities.batch_size])
-            outcome: dict[str, SendResult] = {}
-            for body in bodies:
-                try:
-                    status, data = await self._call("broadcast_message", {
-                        "broadcast_list": batch, "sender": self.sender, **body})
-                except (aiohttp.ClientError, TimeoutError) as error:
-                    failure = SendResult.transient(f"{type(error).__name__}: {error}")
-                    outcome = dict.fromkeys(batch, failure)
-                    break
-                batch_result = self._result(status, data)
-                if batch_result.message_id is None:
-                    outcome = dict.fromkeys(batch, batch_result)
-                    break
+            try:
+                status, data = await self._call("broadcast_message", {
+                    "broadcast_list": batch, "sender": self.sender, **body})
+            except (aiohttp.ClientError, TimeoutError) as error:
+                results.update(dict.fromkeys(batch, SendResult.transient(
+                    f"{type(error).__name__}: {error}")))
+                continue
+            batch_result = self._result(status, data)
+            if batch_result.message_id is not None:
                 for failed in data.get("failed_list") or []:
                     receiver = str(failed.get("receiver"))
-                    outcome[receiver] = self._result(200, {
-                        "status": failed.get("status"),
-                        "status_message": failed.get("status_message")})
-                for receiver in batch:
-                    outcome.setdefault(receiver, batch_result)
-                batch = [r for r in batch if outcome[r].message_id is not None]
-            results.update(outcome)
+                    if receiver in batch:
+                        results[receiver] = self._result(200, {
+                            "status": failed.get("status"),
+                            "status_message": failed.get("status_message")})
+            for receiver in batch:
+                results.setdefault(receiver, batch_result)
         return results
 
     async def check(self) -> str:

@@ -197,10 +197,16 @@ async def test_graph_errors_map_to_send_results(facebook, graph, code, subcode, 
 
 
 async def test_rendering_carousels_images_and_long_button_text(facebook, graph) -> None:
-    from bot_platform.types import Button, Card, QuickReply
+    from bot_platform.types import Button, Card, QuickReply, fit_message
 
     channel = facebook.channel("facebook", "page")
-    await channel.send("P", Outgoing(text="For you:", cards=tuple(
+
+    async def send(message: Outgoing) -> None:
+        """The parts the outbox queues, one call each."""
+        for part in fit_message(message, channel.capabilities):
+            assert (await channel.send("P", part)).status == "sent"
+
+    await send(Outgoing(text="For you:", cards=tuple(
         Card(title=f"Item {n}", subtitle="9.99 EUR", image_url=f"https://img/{n}.jpg",
              url=f"https://shop/{n}", buttons=(Button(title="View", url=f"https://shop/{n}"),))
         for n in range(3))))
@@ -209,7 +215,7 @@ async def test_rendering_carousels_images_and_long_button_text(facebook, graph) 
     elements = carousel["attachment"]["payload"]["elements"]
     assert carousel["attachment"]["payload"]["template_type"] == "generic"
     assert len(elements) == 3 and elements[0]["default_action"]["url"] == "https://shop/0"
-    await channel.send("P", Outgoing(text="word " * 200, buttons=(
+    await send(Outgoing(text="word " * 200, buttons=(
         Button(title="Yes", payload="y"),), quick_replies=(
         QuickReply(title="A very long quick reply title", payload="q"),)))
     *plain, template = graph.messages("P")[2:]

@@ -193,6 +193,8 @@ class FakeGraphServer(LoopbackServer):
         self.unavailable: set[str] = set()  # code 551: this person isn't available
         self.outside: set[str] = set()  # code 10 / 2018278 for untagged messages
         self.errors: deque[tuple[int, dict[str, Any]]] = deque()
+        # The nth /me/messages call (from 1) -> (HTTP status, error): a fault on a later part.
+        self.send_faults: dict[int, tuple[int, dict[str, Any]]] = {}
         self.last_inbound: dict[str, datetime] = {}
         self.awaiting: set[str] = set()  # people whose message is being answered
         self._ids = itertools.count(1)
@@ -232,6 +234,12 @@ class FakeGraphServer(LoopbackServer):
         if subcode is not None:
             error["error_subcode"] = subcode
         self.errors.extend([(status, error)] * count)
+
+    def fail_send(self, number: int, code: int, status: int = 400,
+                  message: str = "An error occurred") -> None:
+        """Answer the ``number``-th Send API call (counted from 1) with a Graph error."""
+        self.send_faults[number] = (status, {"message": message, "type": "OAuthException",
+                                             "code": code, "fbtrace_id": "AbCdEf"})
 
     def sent(self, psid: str | None = None) -> list[GraphCall]:
         return [c for c in self.calls if c.ok and c.path.endswith("/me/messages") and (
@@ -277,6 +285,10 @@ class FakeGraphServer(LoopbackServer):
         self.calls.append(call)
         if self.errors:
             return self._error(*self.errors.popleft())
+        if self.send_faults:
+            number = sum(c.path.endswith("/me/messages") for c in self.calls)
+            if number in self.send_faults:
+                return self._error(*self.send_faults.pop(number))
         if problem := check_message(body):
             return self._refuse(call, problem)
         psid = str(body["recipient"]["id"])

@@ -166,6 +166,7 @@ class FakeTelegramServer(LoopbackServer):
         self.too_many_requests = 0  # 429s answered
         self.blocked: set[int] = set()
         self.failures: deque[int] = deque()
+        self.send_faults: dict[int, int] = {}  # the nth send (1-based) -> HTTP status
         self.delay = 0.0
         self.webhook: dict[str, Any] | None = None
         self._per_second: float | None = None
@@ -204,6 +205,11 @@ class FakeTelegramServer(LoopbackServer):
 
     def fail_next(self, count: int = 1, status: int = 502) -> None:
         self.failures.extend([status] * count)
+
+    def fail_send(self, number: int, status: int = 429) -> None:
+        """Answer the ``number``-th send (sendMessage / sendPhoto, counted from 1) with
+        ``status``: 429 with ``retry_after``, or an error (a fault on a later part)."""
+        self.send_faults[number] = status
 
     def revoke(self, token: str) -> None:
         """Answer every call with ``token`` ``401 Unauthorized`` (a wrong or revoked token)."""
@@ -270,6 +276,16 @@ class FakeTelegramServer(LoopbackServer):
         if self.failures:
             status = self.failures.popleft()
             return self._error(status, "Internal Server Error" if status >= 500 else "Error")
+        if method in ("sendMessage", "sendPhoto") and self.send_faults:
+            number = sum(c.method in ("sendMessage", "sendPhoto") for c in self.calls)
+            status = self.send_faults.pop(number, 0)
+            if status == 429:
+                self.too_many_requests += 1
+                return self._error(429, f"Too Many Requests: retry after {self._retry_after}",
+                                   retry_after=self._retry_after)
+            if status:
+                return self._error(status, "Internal Server Error" if status >= 500
+                                   else "Error")
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return self._error(404, "Not Found: method not found")

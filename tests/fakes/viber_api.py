@@ -226,6 +226,9 @@ class FakeViberServer(LoopbackServer):
         self.unsubscribed: set[str] = set()
         self.statuses: deque[int] = deque()  # Viber status codes for the next sends
         self.http_failures: deque[int] = deque()
+        # The nth message call (send/broadcast, from 1) -> a Viber status (< 100) or an
+        # HTTP status (a fault on a later part of a message).
+        self.send_faults: dict[int, int] = {}
         self._tokens = itertools.count(5_000_000_000_000_000_000)
         self.account_name = "Example Shop"  # get_account_info
         self.account_uri = "exampleshop"
@@ -253,6 +256,15 @@ class FakeViberServer(LoopbackServer):
         self.calls.append(call)
         if self.http_failures:
             return web.Response(status=self.http_failures.popleft(), text="error")
+        if method in ("send_message", "broadcast_message") and self.send_faults:
+            number = sum(c.method in ("send_message", "broadcast_message")
+                         for c in self.calls)
+            fault = self.send_faults.pop(number, 0)
+            if fault >= 100:
+                return web.Response(status=fault, text="error")
+            if fault:
+                return web.json_response({"status": fault, "status_message": {
+                    6: "notSubscribed", 12: "tooManyRequests"}.get(fault, "error")})
         if call.token != self.token:
             return web.json_response({"status": 2, "status_message": "invalidAuthToken"})
         if method == "get_account_info":
