@@ -71,8 +71,6 @@ def storable(value: str, max_length: int | None = None) -> str:
     return value[:max_length] if max_length is not None else value
 
 
-storable_text = storable  # the name the messenger edge uses
-
 
 def storable_or_none(value: str | None, max_length: int | None = None) -> str | None:
     return None if value is None else storable(value, max_length)

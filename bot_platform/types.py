@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bot_platform.text import storable_text, utf16_len
+from bot_platform.text import storable, utf16_len
 
 # Bounds of what an inbound event may carry (the columns they end up in, or generous
 # multiples of the messengers' own limits): longer text is cut, longer ids are refused.
@@ -57,17 +57,17 @@ class Profile(BaseModel):
     @field_validator("first_name", "last_name", "username")
     @classmethod
     def _storable_name(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, MAX_PROFILE_VALUE)
+        return None if value is None else storable(value, MAX_PROFILE_VALUE)
 
     @field_validator("language")
     @classmethod
     def _storable_language(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, 35)
+        return None if value is None else storable(value, 35)
 
     @field_validator("phone")
     @classmethod
     def _storable_phone(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, 32)
+        return None if value is None else storable(value, 32)
 
 
 class Inbound(BaseModel):
@@ -93,7 +93,7 @@ class Inbound(BaseModel):
     @classmethod
     def _bounded_id(cls, value: str, info: Any) -> str:
         limit = MAX_USER_ID if info.field_name == "user_id" else MAX_EVENT_ID
-        value = storable_text(value)
+        value = storable(value)
         if not value or len(value) > limit:
             raise ValueError(f"must be 1 to {limit} characters")
         return value
@@ -101,22 +101,22 @@ class Inbound(BaseModel):
     @field_validator("text")
     @classmethod
     def _storable_body(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, MAX_INBOUND_TEXT)
+        return None if value is None else storable(value, MAX_INBOUND_TEXT)
 
     @field_validator("payload")
     @classmethod
     def _storable_payload(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, MAX_PAYLOAD)
+        return None if value is None else storable(value, MAX_PAYLOAD)
 
     @field_validator("ref")
     @classmethod
     def _storable_ref(cls, value: str | None) -> str | None:
-        return None if value is None else storable_text(value, MAX_PROFILE_VALUE)
+        return None if value is None else storable(value, MAX_PROFILE_VALUE)
 
     @field_validator("message_ids")
     @classmethod
     def _storable_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(storable_text(v, MAX_EVENT_ID) for v in value)
+        return tuple(storable(v, MAX_EVENT_ID) for v in value)
 
     @field_validator("data")
     @classmethod
@@ -132,9 +132,9 @@ class Inbound(BaseModel):
 def _storable(value: Any) -> Any:
     """A JSON-like value with every string (keys too) made storable and bounded."""
     if isinstance(value, str):
-        return storable_text(value, MAX_DATA_STRING)
+        return storable(value, MAX_DATA_STRING)
     if isinstance(value, dict):
-        return {storable_text(str(k), MAX_DATA_STRING): _storable(v) for k, v in value.items()}
+        return {storable(str(k), MAX_DATA_STRING): _storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_storable(v) for v in value]
     return value
