@@ -14,9 +14,9 @@ from bot_platform.ai.assistant import (
     MemoryTokenBudget,
     make_client,
     mask_pii,
-    unsupported_claims,
 )
 from bot_platform.ai.config import AiSettings
+from bot_platform.ai.grounding import Source, unsupported
 from bot_platform.ai.knowledge import Knowledge
 from bot_platform.models import Conversation, Job
 from tests.conftest import ROOT
@@ -56,10 +56,14 @@ def test_bm25_finds_the_right_faq_entry_in_each_language() -> None:
 
 def test_pii_is_masked_and_unsupported_claims_are_found() -> None:
     assert mask_pii("I am ann@example.com, +380 50 111 22 33") == "I am <email>, <phone>"
-    context = "Delivery costs 4.90 EUR. Use code SPRING15."
-    assert unsupported_claims("It costs 4.90 EUR with SPRING15.", context) == []
-    assert unsupported_claims("Only 3.50 EUR today!", context) == ["3.50 EUR"]
-    assert unsupported_claims("Try code SAVE20", context) == ["SAVE20"]
+    context = [Source("Delivery", "Delivery costs 4.90 EUR. Use code SPRING15.")]
+
+    def claims(answer: str) -> list[str]:
+        return [c.text for c in unsupported(answer, context, question="delivery?")]
+
+    assert claims("It costs 4.90 EUR with SPRING15.") == []
+    assert claims("Only 3.50 EUR today!") == ["3.50 EUR"]
+    assert claims("Try code SAVE20") == ["SAVE20"]
 
 
 async def test_a_faq_question_gets_the_grounded_answer(assistant, fake) -> None:

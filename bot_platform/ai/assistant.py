@@ -1,9 +1,12 @@
 """The assistant: one chat-completions call per unexpected message, with a strict system
 prompt and a JSON answer contract, then checks that keep it honest.
 
-It never raises: timeouts, connection errors, refusals, bad JSON, low confidence and an
-exhausted budget all become a ``Decision`` the engine knows how to act on. An answer that
-mentions a price or a promo code absent from the retrieved context is rejected.
+It never raises: timeouts, connection errors, an HTML page instead of JSON, refusals, bad
+JSON, low confidence and an exhausted budget all become a ``Decision`` the engine knows how
+to act on. The model answers with text and the numbers of the passages it used; an answer
+asserting a price, a discount, a code, a link, a phone number or an email address its
+sources do not hold is refused (``grounding``), and the cited products' prices and links
+are then added by the platform from the catalog, never taken from the model.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,35 +24,18 @@ from typing import Any, Literal, Protocol
 import openai
 
 from bot_platform.ai.config import AiSettings
+from bot_platform.ai.grounding import Source, facts_lines, unsupported
 from bot_platform.ai.knowledge import Knowledge, Passage
 
 log = logging.getLogger(__name__)
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
-_PRICE = re.compile(
-    r"(?:[$€£₴]\s?\d+(?:[.,]\d+)?|\d+(?:[.,]\d+)?\s?(?:[$€£₴]|usd|eur|uah|pln|gbp|грн|zł|zl)\b)",
-    re.IGNORECASE)
-_CODE = re.compile(r"\b(?=[A-Z0-9-]*\d)(?=[A-Z0-9-]*[A-Z])[A-Z0-9][A-Z0-9-]{3,}\b")
 
 
 def mask_pii(text: str) -> str:
     """Logs never carry emails or phone numbers."""
     return _PHONE.sub("<phone>", _EMAIL.sub("<email>", text))
-
-
-def _digits(text: str) -> str:
-    return re.sub(r"\D", "", text)
-
-
-def unsupported_claims(answer: str, context: str) -> list[str]:
-    """Prices and promo codes in ``answer`` that the context does not contain."""
-    context_digits = {_digits(m) for m in _PRICE.findall(context)} | set(
-        re.findall(r"\d+(?:[.,]\d+)?", context))
-    context_numbers = {_digits(n) for n in context_digits}
-    claims = [p for p in _PRICE.findall(answer) if _digits(p) not in context_numbers]
-    claims += [c for c in _CODE.findall(answer) if c not in context]
-    return claims
 
 
 Kind = Literal["answer", "route", "escalate", "fallback"]
@@ -111,12 +98,14 @@ Rules:
 - If CONTEXT does not answer the question, use action "unknown".
 - Reply in the language with code "{locale}", in at most 3 short sentences.
 - Never mention a price, a discount or a promo code that is not written in CONTEXT.
+- Do not copy prices, promo codes, links, phone numbers or email addresses: put the
+  numbers of the CONTEXT entries you used in "refs"; the shop adds their details.
 - If the customer wants one of these INTENTS, use action "route" with its name:
 {intents}
 - If the customer asks for a person, a human, an operator or an agent, use action "escalate".
 Reply with one JSON object only:
 {{"action": "answer" | "route" | "escalate" | "unknown",
-  "text": "...", "intent": "...", "confidence": 0.0-1.0}}
+  "text": "...", "refs": [1], "intent": "...", "confidence": 0.0-1.0}}
 
 CONTEXT:
 {context}"""
@@ -139,8 +128,10 @@ class Assistant:
         if limit and await self.budget.spent(bot_id, month) >= limit:
             log.info("ai %s: monthly token budget spent; no call made", bot_id)
             return Decision("fallback", reason="budget_exhausted")
+        text = text[:self.settings.max_input_chars]  # a pasted novel costs no more tokens
         passages = self.knowledge.search(text, locale)
-        context = "\n\n".join(f"[{p.source}] {p.title}\n{p.text}" for p in passages) or "-"
+        context = "\n\n".join(f"[{n}] {p.title}\n{p.text}"
+                              for n, p in enumerate(passages, 1)) or "-"
         prompt = SYSTEM_PROMPT.format(
             brand=self.settings.brand, locale=locale, context=context,
             intents="\n".join(f"  {name}: {about}" for name, about in intents.items())
@@ -160,49 +151,150 @@ class Assistant:
         except openai.APIError as error:
             log.warning("ai %s: model call failed: %s", bot_id, type(error).__name__)
             return Decision("fallback", reason=f"error:{type(error).__name__}")
-        used = response.usage.total_tokens if response.usage else 0
+        except Exception as error:  # a body no client can parse
+            log.warning("ai %s: unreadable model response: %s", bot_id, type(error).__name__)
+            return Decision("fallback", reason="bad_response")
+        usage = getattr(response, "usage", None)
+        used = getattr(usage, "total_tokens", 0)
+        used = used if isinstance(used, int) and used > 0 else 0
         if used:
             await self.budget.add(bot_id, month, used)
-        content = (response.choices[0].message.content or "") if response.choices else ""
-        decision = self._interpret(content, intents, passages)
+        try:
+            decision = self._interpret(_content(response), intents, passages, locale=locale,
+                                       question=text)
+        except Exception as error:  # "it never raises", whatever the body
+            log.warning("ai %s: unreadable model answer: %s", bot_id, type(error).__name__)
+            decision = Decision("fallback", reason="bad_response")
         log.info("ai %s: %s %s", bot_id, decision.kind,
-                 mask_pii(decision.text or decision.flow or decision.reason or ""))
+                 mask_pii(decision.text or decision.flow or decision.reason or "")[:200])
         return Decision(decision.kind, decision.text, decision.flow, decision.reason, used)
 
     def _interpret(self, content: str, intents: Mapping[str, str],
-                   passages: list[Passage]) -> Decision:
-        try:
-            data = json.loads(content)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:
+                   passages: list[Passage], *, locale: str = "en",
+                   question: str = "") -> Decision:
+        data = parse_answer(content)
+        if data is None:
             return Decision("fallback", reason="bad_json")
         action = data.get("action")
-        try:
-            confidence = float(data.get("confidence", 1.0))
-        except (TypeError, ValueError):
-            confidence = 0.0
+        confidence = _confidence(data.get("confidence", 1.0))
         if action == "escalate":
             return Decision("escalate", reason="asked_for_human")
         if action == "route":
             intent = data.get("intent")
-            if intent in intents and confidence >= self.settings.min_confidence:
-                return Decision("route", flow=str(intent))
+            if isinstance(intent, str) and intent in intents and \
+                    confidence >= self.settings.min_confidence:
+                return Decision("route", flow=intent)
             return self._unsure()
         if action == "answer":
-            answer = str(data.get("text") or "").strip()
+            answer = data.get("text")
+            if not isinstance(answer, str):
+                log.warning("ai: answer refused: bad_schema (text is %s)",
+                            type(answer).__name__)
+                return Decision("fallback", reason="bad_schema")
+            answer = answer.strip()
             if not answer:
                 return Decision("fallback", reason="empty_answer")
             if confidence < self.settings.min_confidence:
                 return self._unsure()
-            context = "\n".join(f"{p.title}\n{p.text}" for p in passages)
-            if claims := unsupported_claims(answer, context):
-                log.warning("ai: answer rejected, unsupported %s", claims)
-                return Decision("fallback", reason="unsupported_claim")
-            return Decision("answer", text=answer)
+            return self._checked(answer, data.get("refs"), passages, locale, question)
         return Decision("fallback", reason="unknown")
+
+    def _checked(self, answer: str, refs: Any, passages: list[Passage], locale: str,
+                 question: str) -> Decision:
+        """The answer if it is short, no echo of the rules, and asserts only what its
+        sources hold; then with the cited products' facts from the catalog."""
+        if len(answer) > self.settings.max_answer_chars:
+            log.warning("ai: answer refused: too_long (%d chars)", len(answer))
+            return Decision("fallback", reason="too_long")
+        if echoes_prompt(answer):
+            log.warning("ai: answer refused: prompt_echo")
+            return Decision("fallback", reason="prompt_echo")
+        cited = cited_passages(refs, passages)
+        sources = [to_source(p) for p in cited or passages]
+        catalog = [to_source(p) for p in getattr(self.knowledge, "products", [])]
+        if claims := unsupported(answer, sources, catalog, question=question):
+            kinds = sorted({claim.kind for claim in claims})
+            log.warning("ai: answer refused: unsupported_claim %s (%d)", ",".join(kinds),
+                        len(claims))
+            return Decision("fallback", reason="unsupported_claim")
+        lines = facts_lines(answer, [to_source(p) for p in cited], catalog, locale)
+        return Decision("answer", text="\n".join([answer, *lines]))
 
     def _unsure(self) -> Decision:
         if self.settings.on_low_confidence == "escalate":
             return Decision("escalate", reason="low_confidence")
         return Decision("fallback", reason="low_confidence")
+
+
+def _content(response: Any) -> str:
+    """The first choice's text; anything else (no choices, no message) is empty."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        return ""
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    return content if isinstance(content, str) else ""
+
+
+_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
+
+
+def parse_answer(content: str) -> dict[str, Any] | None:
+    """The model's JSON object, also inside a Markdown code fence (local models like
+    those); None for anything else."""
+    candidates = [content, *_FENCE.findall(content)]
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _confidence(value: Any) -> float:
+    """A finite number in [0, 1]; anything else (NaN, "high", true, 7) is no confidence."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    number = float(value)
+    return number if math.isfinite(number) and 0.0 <= number <= 1.0 else 0.0
+
+
+def cited_passages(refs: Any, passages: list[Passage]) -> list[Passage]:
+    """The passages named in ``refs`` (1-based numbers as the prompt shows them: 2, "2",
+    "[2]"); unknown numbers are ignored."""
+    if not isinstance(refs, list):
+        return []
+    cited: list[Passage] = []
+    for ref in refs[:20]:
+        digits = re.sub(r"\D", "", ref) if isinstance(ref, str) else ref
+        try:
+            index = int(digits) - 1
+        except (TypeError, ValueError):
+            continue
+        if 0 <= index < len(passages) and passages[index] not in cited:
+            cited.append(passages[index])
+    return cited
+
+
+def to_source(passage: Passage) -> Source:
+    """A passage as the grounding check sees it (a product with its catalog facts)."""
+    product = passage.product or {}
+    price = product.get("price")
+    return Source(passage.title, passage.text,
+                  float(price) if isinstance(price, int | float) else None,
+                  product.get("currency"), product.get("url"), passage.source == "product")
+
+
+def _shingles(text: str, size: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.casefold())
+    return {tuple(words[i:i + size]) for i in range(len(words) - size + 1)}
+
+
+# The fixed rules of the prompt (not its context: answering from that is the point).
+_RULES = _shingles(re.sub(r"\{[a-z]+\}", " ", SYSTEM_PROMPT.split("CONTEXT:")[0]))
+
+
+def echoes_prompt(answer: str, threshold: int = 3) -> bool:
+    """Whether the answer repeats the system prompt's rules ("print your instructions")."""
+    return len(_shingles(answer) & _RULES) >= threshold

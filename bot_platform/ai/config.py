@@ -20,3 +20,6 @@ class AiSettings(BaseModel):
     min_confidence: float = Field(default=0.6, ge=0, le=1)
     on_low_confidence: Literal["escalate", "clarify"] = "clarify"
     brand: str = "Example Shop"
+    # Customer text is cut to this before it reaches the model; a longer answer is refused.
+    max_input_chars: int = Field(default=1000, ge=50)
+    max_answer_chars: int = Field(default=700, ge=50)

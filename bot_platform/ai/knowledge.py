@@ -7,7 +7,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class Passage:
     title: str
     text: str
     source: str  # "faq" or "product"
+    # A product's catalog row (title, price, currency, url): the facts the platform
+    # states itself and checks the model's answer against.
+    product: dict[str, Any] | None = field(default=None, compare=False)
 
 
 class Bm25:
@@ -104,20 +107,24 @@ class Knowledge:
             for file in sorted(folder.iterdir()):
                 if file.suffix in (".yaml", ".yml", ".md"):
                     faq.setdefault(file.stem, []).extend(load_faq(file))
-        items = [Passage(p["title"], _product_text(p), "product") for p in products]
+        items = [Passage(p["title"], _product_text(p), "product", dict(p)) for p in products]
         return cls(faq, items, default_locale)
 
-    def search(self, text: str, locale: str, k: int = 3) -> list[Passage]:
+    def search(self, text: str, locale: str, k: int = 3,
+               min_ratio: float = 0.5) -> list[Passage]:
+        """The best passages, at most ``k``: only those scoring at least ``min_ratio`` of
+        the best one, so a weakly related entry does not ride along with the answer."""
         index = self.indexes.get(locale) or self.indexes[self.default_locale]
         found = index.search(text, k)
         if not found and index is not self.indexes[self.default_locale]:
             found = self.indexes[self.default_locale].search(text, k)
-        return [passage for _, passage in found]
+        best = found[0][0] if found else 0.0
+        return [passage for score, passage in found if score >= best * min_ratio]
 
 
 def _product_text(product: dict[str, Any]) -> str:
     price = product.get("price")
     parts = [product.get("description") or "", product.get("url") or ""]
     if price is not None:
-        parts.insert(0, f"Price: {price} {product.get('currency') or ''}".strip())
+        parts.insert(0, f"Price: {float(price):.2f} {product.get('currency') or ''}".strip())
     return ". ".join(p for p in parts if p)
