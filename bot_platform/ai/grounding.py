@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from babel.numbers import format_currency
+from babel.numbers import format_currency, is_currency
 
 # ISO code -> how customers and models write the currency (symbols, codes, words in
 # en/uk/pl/ar, inflected forms listed because Slavic words change their endings).
@@ -284,29 +284,24 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
     """The facts of ``answer`` that neither a ``cited`` source nor a product it names
     (from ``catalog``) supports.
 
-    A money amount must be the price of a product in scope of its sentence (named there,
-    else in the last sentence that named one, else cited), or an amount of a cited FAQ
-    entry sharing a content word with the sentence (or, when no product is named, with
-    the customer's ``question``); a percentage must be one of a cited entry's the same
-    way. Codes, links, phones and emails must appear in a cited or named source.
+    A money amount must be the price of a product named in its own sentence ("It costs
+    29 EUR." after naming the cream is refused: a price is bound to a name, never to a
+    neighbour), or an amount of a cited FAQ entry sharing a content word with the sentence
+    (or, when it names no product, with the customer's ``question``); a percentage must
+    be one of a cited entry's the same way. Codes, links, phones and emails must appear
+    in a cited or named source.
     """
     products = [s for s in [*cited, *catalog] if s.product]
-    cited_products = [s for s in cited if s.product]
     faq = [s for s in cited if not s.product]
     named = [p for p in products if _mentions(answer, p)]
     facts = _Facts([*cited, *named])
     claims: list[Claim] = []
-    in_scope: list[Source] = []
     for sentence in (s for s in _SENTENCE_END.split(answer) if s.strip()):
         here = [p for p in products if _mentions(sentence, p)]
-        in_scope = here or in_scope
-        words = _stems(sentence)
-        if not in_scope:
-            words |= _stems(question)
+        words = _stems(sentence) if here else _stems(sentence) | _stems(question)
         for found in extract(sentence):
             if found.kind == "money":
-                ok = any(_same_amount(found, _money(p.price), p.currency)
-                         for p in in_scope or cited_products) or any(
+                ok = any(_same_amount(found, _money(p.price), p.currency) for p in here) or any(
                     _same_amount(found, a.value, a.currency) and words & _stems(
                         f"{f.title} {f.text}") for f in faq for a in _amounts(f, "money"))
             elif found.kind == "percent":
@@ -328,6 +323,8 @@ def format_money(amount: float, currency: str | None, locale: str) -> str:
     code = currency_code(currency)
     if code is None:
         return f"{amount:.2f}"
+    if not is_currency(code):
+        return f"{amount:.2f} {code}"
     try:
         return format_currency(amount, code, locale=locale.replace("-", "_"))
     except (ValueError, LookupError):
