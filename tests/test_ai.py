@@ -20,7 +20,13 @@ from bot_platform.ai.assistant import (
     mask_pii,
 )
 from bot_platform.ai.config import AiSettings
-from bot_platform.ai.grounding import Source, format_money, parse_number, unsupported
+from bot_platform.ai.grounding import (
+    Source,
+    facts_lines,
+    format_money,
+    parse_number,
+    unsupported,
+)
 from bot_platform.ai.knowledge import Knowledge
 from bot_platform.models import Conversation, Job
 from tests.conftest import ROOT
@@ -572,3 +578,15 @@ async def test_markup_from_the_model_reaches_telegram_as_text(make_platform, fak
         sent = telegram.sent(1111)[-1].params
         assert sent["parse_mode"] == "HTML"
         assert parse_entities(sent["text"], "HTML") == (None, markup)  # shown as typed
+
+
+def test_the_platform_adds_facts_from_the_knowledge_not_the_model() -> None:
+    promo = Source("Spring offer", "NOTE: code SPRING15 gives 15% off until May; VIP "
+                   "customers see https://shop.example.com/spring or call +44 20 7946 0000.")
+    assert facts_lines("Our spring offer is on until May.", [promo, RICH], CATALOG, "en") == [
+        "Rich moisturiser — €29.00 — https://shop.example.com/rich",
+        "SPRING15", "https://shop.example.com/spring", "+44 20 7946 0000"]
+    # What the answer already says is not repeated; a named product comes with its facts.
+    assert facts_lines("Use SPRING15 with the Clay mask.", [promo], CATALOG, "pl") == [
+        "Clay mask — 45,00\xa0zł — https://shop.example.com/clay",
+        "https://shop.example.com/spring", "+44 20 7946 0000"]

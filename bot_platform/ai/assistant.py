@@ -267,6 +267,8 @@ def cited_passages(refs: Any, passages: list[Passage]) -> list[Passage]:
         return []
     cited: list[Passage] = []
     for ref in refs[:20]:
+        if isinstance(ref, bool):
+            continue
         digits = re.sub(r"\D", "", ref) if isinstance(ref, str) else ref
         try:
             index = int(digits) - 1

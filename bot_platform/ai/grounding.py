@@ -51,8 +51,10 @@ def _currency_pattern() -> str:
 
 _CUR = _currency_pattern()
 # A number in any script the locales use: Latin and Arabic-Indic digits, "." "," "٫" "٬"
-# separators, and spaces as thousands separators only before exactly three digits.
-_NUM = r"\d+(?:(?:[.,\u066b\u066c'\u2019\u00a0\u202f]|[ ](?=\d{3}(?!\d)))\d+)*"
+# separators, and spaces as thousands separators only before exactly three digits. It
+# starts only where a number starts, so a long run of digits costs linear time.
+_NUM = (r"(?<![\d.,\u066b\u066c])\d+"
+        r"(?:(?:[.,\u066b\u066c'\u2019\u00a0\u202f]|[ ](?=\d{3}(?!\d)))\d+)*")
 _MONEY = re.compile(rf"(?P<pre>{_CUR})[ \u00a0\u202f]?(?P<n1>{_NUM})"
                     rf"|(?P<n2>{_NUM})[ \u00a0\u202f]?(?P<post>{_CUR})", re.IGNORECASE)
 _PERCENT = re.compile(
@@ -155,6 +157,7 @@ class _Found:
     start: int
     value: Decimal | None = None
     currency: str | None = None
+    cued: bool = False  # a code with a digit or after a code word: surely meant as one
 
 
 def _mask(text: str, start: int, end: int) -> str:
@@ -188,8 +191,10 @@ def extract(text: str) -> list[_Found]:
             text = _mask(text, m.start(), m.end())
     tokens = list(_TOKEN.finditer(text))
     for index, m in enumerate(tokens):
-        if _code_like(m.group()) or _after_code_word(tokens, index):
-            found.append(_Found("code", m.group(), m.start()))
+        cued = _after_code_word(tokens, index) or (
+            _code_like(m.group()) and any(c.isdigit() for c in m.group()))
+        if cued or _code_like(m.group()):
+            found.append(_Found("code", m.group(), m.start(), cued=cued))
     return sorted(found, key=lambda f: f.start)
 
 
@@ -350,7 +355,7 @@ def facts_lines(answer: str, cited: Sequence[Source], catalog: Sequence[Source],
     said = _Facts([Source("", answer)])
     for source in (s for s in cited if not s.product):
         for found in extract(source.text):
-            if found.kind in ("url", "email", "phone", "code") and not said.supports(found) \
-                    and found.text not in lines:
+            wanted = found.kind in ("url", "email", "phone") or found.cued  # not "NOTE"
+            if wanted and not said.supports(found) and found.text not in lines:
                 lines.append(found.text)
     return lines
