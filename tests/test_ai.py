@@ -590,3 +590,12 @@ def test_the_platform_adds_facts_from_the_knowledge_not_the_model() -> None:
     assert facts_lines("Use SPRING15 with the Clay mask.", [promo], CATALOG, "pl") == [
         "Clay mask — 45,00\xa0zł — https://shop.example.com/clay",
         "https://shop.example.com/spring", "+44 20 7946 0000"]
+
+
+def test_a_translated_answer_may_use_the_amounts_of_the_entry_it_cites() -> None:
+    said = "التوصيل مجاني للطلبات فوق ٥٠ يورو، وإلا ٤٫٩٠ يورو."
+    assert refused(said, [DELIVERY], question="كم تكلفة التوصيل؟") == ["money", "money"]
+    assert unsupported(said, [DELIVERY], CATALOG, cited_by_model=True) == []
+    # Citing the entry does not make its amount the price of a product named beside it.
+    assert [c.kind for c in unsupported("Rich moisturiser kosztuje 50 EUR.", [DELIVERY, RICH],
+                                        CATALOG, cited_by_model=True)] == ["money"]

@@ -212,7 +212,8 @@ class Assistant:
         cited = cited_passages(refs, passages)
         sources = [to_source(p) for p in cited or passages]
         catalog = [to_source(p) for p in getattr(self.knowledge, "products", [])]
-        if claims := unsupported(answer, sources, catalog, question=question):
+        if claims := unsupported(answer, sources, catalog, question=question,
+                                 cited_by_model=bool(cited)):
             kinds = sorted({claim.kind for claim in claims})
             log.warning("ai: answer refused: unsupported_claim %s (%d)", ",".join(kinds),
                         len(claims))

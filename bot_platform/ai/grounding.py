@@ -285,33 +285,35 @@ def _same_amount(claim: _Found, value: Decimal | None, currency: str | None) -> 
 
 
 def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] = (), *,
-                question: str = "") -> list[Claim]:
+                question: str = "", cited_by_model: bool = False) -> list[Claim]:
     """The facts of ``answer`` that neither a ``cited`` source nor a product it names
     (from ``catalog``) supports.
 
     A money amount must be the price of a product named in its own sentence ("It costs
     29 EUR." after naming the cream is refused: a price is bound to a name, never to a
-    neighbour), or an amount of a cited FAQ entry sharing a content word with the sentence
-    (or, when it names no product, with the customer's ``question``); a percentage must
-    be one of a cited entry's the same way. Codes, links, phones and emails must appear
-    in a cited or named source.
+    neighbour), or an amount of a cited FAQ entry the sentence is about: it shares a
+    content word with the entry (or, when it names no product, so does the customer's
+    ``question``), or the model cited that entry itself (``cited_by_model``: a translated
+    answer shares no word with an English FAQ) and the sentence names no product. A
+    percentage must be one of a cited entry's the same way. Codes, links, phones and
+    emails must appear in a cited or named source.
     """
     products = [s for s in [*cited, *catalog] if s.product]
-    faq = [s for s in cited if not s.product]
+    faq = [(s, _stems(f"{s.title} {s.text}")) for s in cited if not s.product]
     named = [p for p in products if _mentions(answer, p)]
     facts = _Facts([*cited, *named])
     claims: list[Claim] = []
     for sentence in (s for s in _SENTENCE_END.split(answer) if s.strip()):
         here = [p for p in products if _mentions(sentence, p)]
         words = _stems(sentence) if here else _stems(sentence) | _stems(question)
+        about = [f for f, stems in faq if words & stems or (cited_by_model and not here)]
         for found in extract(sentence):
-            if found.kind == "money":
-                ok = any(_same_amount(found, _money(p.price), p.currency) for p in here) or any(
-                    _same_amount(found, a.value, a.currency) and words & _stems(
-                        f"{f.title} {f.text}") for f in faq for a in _amounts(f, "money"))
-            elif found.kind == "percent":
-                ok = any(found.value is not None and a.value == found.value and words & _stems(
-                    f"{f.title} {f.text}") for f in cited for a in _amounts(f, "percent"))
+            if found.kind in ("money", "percent"):
+                ok = any(_same_amount(found, a.value, a.currency)
+                         for f in about for a in _amounts(f, found.kind))
+                if found.kind == "money":
+                    ok = ok or any(_same_amount(found, _money(p.price), p.currency)
+                                   for p in here)
             else:
                 ok = facts.supports(found)
             if not ok:
