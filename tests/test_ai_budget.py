@@ -311,3 +311,24 @@ def _logs(folder: Path) -> str:
 async def _all_done(count: Any) -> bool:
     return await count(Job.status == "done") == 50
 
+
+
+def test_the_months_counted_in_kv_move_into_ai_budget(tmp_path: Path) -> None:
+    """Upgrading keeps what was spent this month (the old budget lived in ``kv``)."""
+    import sqlite3
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/m.sqlite3"
+    upgrade(url, "0004_outbox_interactive_index")
+    with sqlite3.connect(tmp_path / "m.sqlite3") as connection:
+        connection.executemany("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?)", [
+            ("ai:tokens:console:console:2026-11", "4800", "2026-11-30 00:00:00"),
+            ("ai:tokens:telegram:shop:2026-10", "120", "2026-10-31 00:00:00"),
+            ("telegram:shop:offset", "77", "2026-11-30 00:00:00")])
+    upgrade(url)
+    with sqlite3.connect(tmp_path / "m.sqlite3") as connection:
+        budgets = connection.execute(
+            "SELECT bot_id, month, spent, reserved FROM ai_budget ORDER BY month").fetchall()
+        keys = [key for (key,) in connection.execute("SELECT key FROM kv")]
+    assert budgets == [("telegram:shop", "2026-10", 120, 0),
+                       ("console:console", "2026-11", 4800, 0)]
+    assert keys == ["telegram:shop:offset"]
