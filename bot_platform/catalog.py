@@ -20,14 +20,15 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import Database
-from bot_platform.models import CustomerEvent, Product, TrackedLink
+from bot_platform.models import CustomerEvent, KeyValue, Product, TrackedLink
 from bot_platform.text import StorableJson, text
 
 CO_PURCHASE_ORDERS = 5000  # recent orders looked at for "also bought"
+VERSION_KEY = "catalog:version"  # in ``kv``: changes with every product upload
 
 
 class ProductIn(BaseModel):
@@ -123,7 +124,31 @@ async def upsert_products(db: Database, products: Iterable[ProductIn], now: date
                 index_elements=[Product.sku],
                 set_={name: statement.excluded[name] for name in rows[0] if name != "sku"})
             await session.execute(statement)
+        await bump_version(session, now)
     return len(rows)
+
+
+async def bump_version(session: AsyncSession, now: datetime) -> None:
+    """Mark the catalog changed, in the transaction that changes it: every process's AI
+    knowledge compares this mark (see ``catalog_stamp``) and rebuilds when it moved. A
+    random mark, not a time: two changes within one clock tick still differ."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    value = secrets.token_hex(8)
+    statement = insert(KeyValue).values(key=VERSION_KEY, value=value, updated_at=now)
+    await session.execute(statement.on_conflict_do_update(
+        index_elements=[KeyValue.key], set_={"value": value, "updated_at": now}))
+
+
+async def catalog_stamp(session: AsyncSession) -> tuple[Any, ...]:
+    """What changes whenever the products do: the version mark, and (for rows written
+    around ``upsert_products``) the row count and the newest ``updated_at``."""
+    mark = await session.scalar(select(KeyValue.value).where(KeyValue.key == VERSION_KEY))
+    count, newest = (await session.execute(
+        select(func.count(Product.id), func.max(Product.updated_at)))).one()
+    return mark, count, newest
 
 
 def skus_of(data: dict[str, Any]) -> list[str]:

@@ -224,6 +224,8 @@ class Engine:
         self.support_hours: SupportHours | None = None
         # A job kind that answers unexpected text (AI); None: the catalog's fallback.
         self.text_fallback_job: str | None = None
+        # What the text goes through before it is stored with that job (PII masking).
+        self.text_fallback_mask: Callable[[str], str] = str
         # Called for a customer message that went to an open conversation (live updates).
         self.on_conversation_message: Callable[[int, Inbound], None] | None = None
         self.locks = KeyedLocks()
@@ -508,8 +510,8 @@ class Engine:
             return
         if self.text_fallback_job is not None:
             # Answered outside this transaction (it may call a model): see jobs.py.
-            turn.effects.append(JobEffect(self.text_fallback_job,
-                                          {"text": text, "locale": turn.locale}, turn.now))
+            turn.effects.append(JobEffect(self.text_fallback_job, {
+                "text": self.text_fallback_mask(text), "locale": turn.locale}, turn.now))
             return
         turn.effects.extend(self.off_script(turn))
 

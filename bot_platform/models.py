@@ -494,3 +494,16 @@ class FlowVersion(Base):
     active: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime]
     activated_at: Mapped[datetime | None]
+
+
+class AiBudget(Base):
+    """AI tokens per bot and month: ``spent`` as billed, ``reserved`` by calls in flight.
+    A call reserves its maximum with a compare-and-set (``spent + reserved + n <= limit``)
+    and settles with its real usage, so concurrent calls never overspend together."""
+
+    __tablename__ = "ai_budget"
+
+    bot_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -146,25 +146,24 @@ class Platform:
         return self
 
     async def _start_ai(self, scheduler: Scheduler) -> None:
-        """Unexpected text goes to the model (FAQ and catalog as its knowledge)."""
-        from sqlalchemy import select
-
-        from bot_platform.ai.assistant import Assistant, KvTokenBudget, make_client
-        from bot_platform.ai.knowledge import Knowledge
+        """Unexpected text goes to the model (FAQ and catalog as its knowledge, kept
+        current from the database and the FAQ files)."""
+        from bot_platform.ai.assistant import Assistant, make_client, mask_pii
+        from bot_platform.ai.budget import SqlTokenBudget
+        from bot_platform.ai.knowledge import LiveKnowledge
         from bot_platform.ai.reply import JOB_KIND, AiReplyJob
-        from bot_platform.models import Product
 
-        async with self.db.session() as session:
-            products = [{"title": p.title, "price": p.price, "currency": p.currency,
-                         "url": p.url, "description": ", ".join(p.tags or [])}
-                        for p in (await session.scalars(select(Product).where(
-                            Product.in_stock.is_(True)))).all()]
         settings = self.settings.ai
-        knowledge = Knowledge.load(settings.faq_dir, products, self.settings.default_locale)
+        knowledge = LiveKnowledge(self.db, settings.faq_dir, self.settings.default_locale,
+                                  settings.knowledge_refresh_seconds, self.clock)
+        await knowledge.refresh(force=True)
         self.ai_client = make_client(settings)
-        assistant = Assistant(settings, self.ai_client, knowledge, KvTokenBudget(self.kv))
-        scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant)
+        assistant = Assistant(settings, self.ai_client, knowledge.knowledge,
+                              SqlTokenBudget(self.db))
+        scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant, knowledge)
         self.engine.text_fallback_job = JOB_KIND
+        if settings.mask_personal_data:
+            self.engine.text_fallback_mask = mask_pii
 
     async def reload_flows(self) -> bool:
         """Use the active uploaded flow versions and their texts (``flow_versions``);

@@ -146,13 +146,14 @@ HOLDINGS: tuple[Holding, ...] = (
 
 NOT_PERSONAL: Mapping[str, str] = {
     "processed_events": "inbound event ids are stored hashed (event_key)",
-    "kv": "adapter state: polling offsets, long button payloads, AI token budgets; a "
+    "kv": "adapter state: polling offsets, long button payloads, the catalog version; a "
           "key naming a person ends in ':<bot>:<user id>' and is deleted (_forget_keys)",
     "products": "the shop's catalog",
     "api_keys": "staff keys (hashed)",
     "broadcasts": "campaigns; recipients are in broadcast_recipients",
     "bots": "messenger bot settings",
     "flow_versions": "flow definitions",
+    "ai_budget": "AI tokens spent and reserved per bot and month",
 }
 
 

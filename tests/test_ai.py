@@ -131,7 +131,9 @@ async def test_timeouts_errors_and_bad_json_fall_back(assistant, fake) -> None:
 
 
 async def test_an_exhausted_budget_makes_no_call(fake) -> None:
-    settings = settings_for(fake, monthly_token_budget=200)
+    # Reservations of about 70 tokens: two calls billed 120 each fit, a third does not.
+    settings = settings_for(fake, monthly_token_budget=200, prompt_bytes_per_token=1000,
+                            max_tokens=16)
     client = make_client(settings)
     budget = MemoryTokenBudget()
     assistant = Assistant(settings, client, Knowledge.load(ROOT / "faq"), budget)

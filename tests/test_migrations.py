@@ -19,7 +19,7 @@ TABLES = {"contacts", "subscribers", "subscriber_tags", "flow_states", "messages
           "promo_codes", "products", "tracked_links", "answers",
           "game_spins", "game_wins", "referrals", "api_keys",
           "broadcasts", "broadcast_recipients", "bots", "flow_versions",
-          "conversation_notes"}
+          "conversation_notes", "ai_budget"}
 
 
 async def _schema(url: str) -> tuple[set[str], list]:

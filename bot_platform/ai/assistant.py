@@ -19,10 +19,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import openai
 
+from bot_platform.ai.budget import MemoryTokenBudget, TokenBudget, reservation
 from bot_platform.ai.config import AiSettings
 from bot_platform.ai.grounding import Source, facts_lines, unsupported
 from bot_platform.ai.knowledge import Knowledge, Passage
@@ -31,11 +32,45 @@ log = logging.getLogger(__name__)
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
+_CARD = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+_IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}")
+PHONE_DIGITS = 9  # fewer digits are a date, a price or a quantity, not a phone number
 
 
 def mask_pii(text: str) -> str:
-    """Logs never carry emails or phone numbers."""
-    return _PHONE.sub("<phone>", _EMAIL.sub("<email>", text))
+    """Emails, IBANs, card numbers (also spaced or dashed) and phone numbers become
+    placeholders: for logs, for what goes to the model and for what is stored with an AI
+    job. A card number passes the Luhn check and an IBAN its mod-97 check; any other run
+    of 9 or more digits is masked as a phone number."""
+    text = _EMAIL.sub("<email>", text)
+    text = _IBAN.sub(_mask_iban, text)
+    text = _CARD.sub(lambda m: "<card>" if _luhn(m.group()) else m.group(), text)
+    return _PHONE.sub(lambda m: "<phone>" if len(_digits(m.group())) >= PHONE_DIGITS
+                      else m.group(), text)
+
+
+def _digits(text: str) -> str:
+    return re.sub(r"\D", "", text)
+
+
+def _luhn(number: str) -> bool:
+    digits = [int(d) for d in _digits(number)][::-1]
+    total = sum(d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2)
+                for i, d in enumerate(digits))
+    return total % 10 == 0
+
+
+def _mask_iban(match: re.Match[str]) -> str:
+    """The longest prefix of the match that is a valid IBAN (the pattern may run on into
+    the next word), masked; the rest as it was."""
+    raw = match.group()
+    positions = [i for i, char in enumerate(raw) if char.isalnum()]
+    for count in range(len(positions), 14, -1):
+        compact = "".join(raw[i] for i in positions[:count]).upper()
+        moved = compact[4:] + compact[:4]
+        if compact.isascii() and int("".join(str(int(c, 36)) for c in moved)) % 97 == 1:
+            return "<iban>" + raw[positions[count - 1] + 1:]
+    return raw
 
 
 Kind = Literal["answer", "route", "escalate", "fallback"]
@@ -50,39 +85,6 @@ class Decision:
     flow: str | None = None  # the flow to start, for kind route
     reason: str | None = None  # why (fallback / escalate)
     tokens_used: int = 0
-
-
-class TokenBudget(Protocol):
-    """Tokens spent per bot and month."""
-
-    async def spent(self, bot_id: str, month: str) -> int: ...
-
-    async def add(self, bot_id: str, month: str, tokens: int) -> None: ...
-
-
-class MemoryTokenBudget:
-    def __init__(self) -> None:
-        self.used: dict[tuple[str, str], int] = {}
-
-    async def spent(self, bot_id: str, month: str) -> int:
-        return self.used.get((bot_id, month), 0)
-
-    async def add(self, bot_id: str, month: str, tokens: int) -> None:
-        self.used[(bot_id, month)] = self.used.get((bot_id, month), 0) + tokens
-
-
-class KvTokenBudget:
-    """The budget in the platform's key-value table, shared by every process."""
-
-    def __init__(self, kv: Any) -> None:
-        self.kv = kv
-
-    async def spent(self, bot_id: str, month: str) -> int:
-        return int(await self.kv.get(f"ai:tokens:{bot_id}:{month}") or 0)
-
-    async def add(self, bot_id: str, month: str, tokens: int) -> None:
-        key = f"ai:tokens:{bot_id}:{month}"
-        await self.kv.set(key, str(int(await self.kv.get(key) or 0) + tokens))
 
 
 def make_client(settings: AiSettings) -> openai.AsyncOpenAI:
@@ -124,10 +126,6 @@ class Assistant:
     async def decide(self, text: str, *, locale: str, intents: Mapping[str, str],
                      bot_id: str, now: datetime | None = None) -> Decision:
         month = (now or datetime.now()).strftime("%Y-%m")
-        limit = self.settings.monthly_token_budget
-        if limit and await self.budget.spent(bot_id, month) >= limit:
-            log.info("ai %s: monthly token budget spent; no call made", bot_id)
-            return Decision("fallback", reason="budget_exhausted")
         text = text[:self.settings.max_input_chars]  # a pasted novel costs no more tokens
         passages = self.knowledge.search(text, locale)
         context = "\n\n".join(f"[{n}] {p.title}\n{p.text}"
@@ -136,29 +134,42 @@ class Assistant:
             brand=self.settings.brand, locale=locale, context=context,
             intents="\n".join(f"  {name}: {about}" for name, about in intents.items())
             or "  (none)")
+        question = mask_pii(text) if self.settings.mask_personal_data else text
+        messages = [{"role": "system", "content": prompt}, {"role": "user", "content": question}]
+        # Reserve the call's maximum first: concurrent calls cannot all pass one check.
+        reserved = reservation(messages, self.settings.max_tokens,
+                               self.settings.prompt_bytes_per_token)
+        if not await self.budget.reserve(bot_id, month, reserved,
+                                         self.settings.monthly_token_budget):
+            log.info("ai %s: monthly token budget spent; no call made", bot_id)
+            return Decision("fallback", reason="budget_exhausted")
         log.info("ai %s: asking about %r (%d passages)", bot_id, mask_pii(text), len(passages))
+        charged = reserved  # a timeout or a cancel may still be billed: count the maximum
         try:
             async with asyncio.timeout(self.settings.timeout):
                 response = await self.client.chat.completions.create(
                     model=self.settings.model, max_tokens=self.settings.max_tokens,
                     temperature=0, response_format={"type": "json_object"},
-                    messages=[{"role": "system", "content": prompt},
-                              {"role": "user", "content": text}])
+                    messages=messages)  # type: ignore[arg-type]
+            used = getattr(getattr(response, "usage", None), "total_tokens", 0)
+            used = used if isinstance(used, int) and used > 0 else 0
+            charged = used or reserved
         except TimeoutError:
             return Decision("fallback", reason="timeout")
         except openai.APITimeoutError:
             return Decision("fallback", reason="timeout")
         except openai.APIError as error:
+            charged = 0  # refused or unreachable: nothing was generated
             log.warning("ai %s: model call failed: %s", bot_id, type(error).__name__)
             return Decision("fallback", reason=f"error:{type(error).__name__}")
         except Exception as error:  # a body no client can parse
             log.warning("ai %s: unreadable model response: %s", bot_id, type(error).__name__)
             return Decision("fallback", reason="bad_response")
-        usage = getattr(response, "usage", None)
-        used = getattr(usage, "total_tokens", 0)
-        used = used if isinstance(used, int) and used > 0 else 0
-        if used:
-            await self.budget.add(bot_id, month, used)
+        finally:
+            if charged > reserved:
+                log.warning("ai %s: a call used %d tokens, %d were reserved", bot_id,
+                            charged, reserved)
+            await self.budget.settle(bot_id, month, reserved, charged)
         try:
             decision = self._interpret(_content(response), intents, passages, locale=locale,
                                        question=text)

@@ -4,23 +4,29 @@ lock is held while it thinks; the decision is then applied like any flow event."
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.ai.assistant import Assistant, Decision, mask_pii
+from bot_platform.ai.knowledge import LiveKnowledge
 from bot_platform.engine import Engine
 from bot_platform.flow_runtime import Escalation, SendEffect
 from bot_platform.models import Job, Subscriber
 from bot_platform.types import Outgoing
 
 JOB_KIND = "ai_reply"
+RATE_LIMITED = "rate_limited"  # the reason, and the job's result "fallback:rate_limited"
 
 
 class AiReplyJob:
-    def __init__(self, engine: Engine, assistant: Assistant) -> None:
+    def __init__(self, engine: Engine, assistant: Assistant,
+                 knowledge: LiveKnowledge | None = None) -> None:
         self.engine = engine
         self.assistant = assistant
+        self.knowledge = knowledge
 
     def intents(self) -> dict[str, str]:
         """Flows that declared an ``intent`` can be started by the model."""
@@ -30,12 +36,32 @@ class AiReplyJob:
     async def prepare(self, job: Job) -> Decision:
         async with self.engine.db.session() as session:
             subscriber = await session.get(Subscriber, job.subscriber_id)
+            limited = subscriber is not None and await self.over_rate(session, job)
         if subscriber is None:
             return Decision("fallback", reason="no_subscriber")
+        if limited:
+            return Decision("fallback", reason=RATE_LIMITED)
+        if self.knowledge is not None:
+            await self.knowledge.refresh()
         return await self.assistant.decide(
             str(job.payload.get("text", "")), locale=str(job.payload.get("locale", "en")),
             intents=self.intents(), bot_id=f"{subscriber.channel}:{subscriber.bot_id}",
             now=self.engine.clock.now())
+
+    async def over_rate(self, session: AsyncSession, job: Job) -> bool:
+        """Whether this subscriber's earlier questions of the last hour (those not turned
+        away here themselves) reach ``answers_per_hour``. Counting the jobs before this
+        one, finished or not, keeps the limit when several workers hold one person's
+        questions at once."""
+        limit = self.assistant.settings.answers_per_hour
+        if not limit:
+            return False
+        since = self.engine.clock.now() - timedelta(hours=1)
+        earlier = await session.scalar(select(func.count(Job.id)).where(
+            Job.kind == JOB_KIND, Job.subscriber_id == job.subscriber_id, Job.id < job.id,
+            Job.created_at >= since,
+            or_(Job.result.is_(None), Job.result != f"fallback:{RATE_LIMITED}")))
+        return (earlier or 0) >= limit
 
     async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str:
         decision = prepared if isinstance(prepared, Decision) else Decision(
