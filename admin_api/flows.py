@@ -13,8 +13,9 @@ from sqlalchemy import case, func, select, update
 
 from admin_api.security import MARKETING, get_platform, roles
 from bot_platform.errors import FlowIssue
-from bot_platform.flow_dsl import check_cross_flow, load_yaml, parse_flow_text
 from bot_platform.flow_versions import Texts, active_versions, version_texts
+from bot_platform.flows.loading import load_yaml, parse_flow_text
+from bot_platform.flows.validation import check_cross_flow
 from bot_platform.i18n import LOCALE_PATTERN, parse_ftl
 from bot_platform.models import FlowVersion
 from bot_platform.text import INT32_MAX, StorableText, text

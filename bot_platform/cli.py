@@ -215,7 +215,7 @@ async def _chat(settings: Settings, user: str, name: str | None, language: str |
     shows only that user's messages, and ``/wait`` moves only that user's timers: the
     clock stays real for every row it writes, so nothing another process reads is dated
     in the future."""
-    from bot_platform.flow_dsl import parse_duration
+    from bot_platform.flows.base import parse_duration
     from bot_platform.platform import Platform
     from bot_platform.types import Profile
     from bots.console import ConsoleChannel, attach_terminal, fast_forward
@@ -463,7 +463,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_flows_validate(args: argparse.Namespace) -> int:
-    from bot_platform.flow_dsl import validate_paths
+    from bot_platform.flows.loading import validate_paths
     from bot_platform.i18n import Catalogs
 
     settings = get_settings()
@@ -481,7 +481,8 @@ def cmd_flows_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_flows_graph(args: argparse.Namespace) -> int:
-    from bot_platform.flow_dsl import state_edges, validate_paths
+    from bot_platform.flows.graph import mermaid
+    from bot_platform.flows.loading import validate_paths
     from bot_platform.i18n import Catalogs
 
     settings = get_settings()
@@ -492,15 +493,7 @@ def cmd_flows_graph(args: argparse.Namespace) -> int:
             print(issue, file=sys.stderr)
         return 1
     for spec, _ in specs.values():
-        print(f"%% flow {spec.flow}\nstateDiagram-v2\n    [*] --> {spec.start}")
-        for name, state in spec.states.items():
-            for path, target in state_edges(state):
-                label = path.split(".")[0].replace("[", " ").replace("]", "")
-                if state.after and path == "after.goto":
-                    label = f"after {state.after.delay}"
-                print(f"    {name} --> {target} : {label}")
-            if state.end:
-                print(f"    {name} --> [*]")
+        print(mermaid(spec))
         print()
     return 0
 

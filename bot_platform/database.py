@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
 from bot_platform.pipeline import wait_any
 
@@ -82,6 +83,7 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            register_sqlite_functions(dbapi_connection)  # what compiled segments call
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(connection: Any) -> None:

@@ -29,9 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
-from bot_platform.flow_runtime import (
+from bot_platform.flows.machine import FlowSet
+from bot_platform.flows.turn import (
     Escalation,
-    FlowSet,
     JobEffect,
     Position,
     SendEffect,

@@ -47,8 +47,9 @@ def version_texts(rows: Iterable[Any], extra: Texts | None = None) -> Texts:
 async def reload_flows(platform: Any) -> bool:
     """Use the active uploaded versions (they replace files of the same name) and their
     texts; returns whether anything changed. Cheap when nothing did."""
-    from bot_platform.flow_dsl import check_cross_flow, parse_flow_text, validate_paths
-    from bot_platform.flow_runtime import FlowSet
+    from bot_platform.flows.loading import parse_flow_text, validate_paths
+    from bot_platform.flows.machine import FlowSet
+    from bot_platform.flows.validation import check_cross_flow
 
     lock = platform.__dict__.setdefault("_flow_lock", asyncio.Lock())
     async with lock:

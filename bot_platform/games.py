@@ -31,7 +31,7 @@ from bot_platform.database import insert_ignore
 from bot_platform.models import GameSpin, GameWin, Referral, Subscriber
 
 if TYPE_CHECKING:
-    from bot_platform.flow_dsl import PrizeSpec, SpinSpec
+    from bot_platform.flows.shop_actions import PrizeSpec, SpinSpec
 
 NO_SPINS = "no_spins"
 OUT_OF_PRIZES = "out_of_prizes"

@@ -30,8 +30,8 @@ from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, 
 from bot_platform.delivery import Delivery
 from bot_platform.engine import WORK_CHANNEL, Engine, SupportHours
 from bot_platform.errors import BadToken, FlowValidationError
-from bot_platform.flow_dsl import validate_paths
-from bot_platform.flow_runtime import FlowSet
+from bot_platform.flows.loading import validate_paths
+from bot_platform.flows.machine import FlowSet
 from bot_platform.i18n import Catalogs
 from bot_platform.jobs import Scheduler
 from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter

@@ -1,5 +1,5 @@
 """Segments: a JSON filter language over subscribers, compiled to SQLAlchemy expressions
-(never string SQL), with a pure-Python reference evaluation the tests compare against.
+(never string SQL).
 
     {"all": [{"tag": "vip"},
              {"attribute": "age", "op": "gte", "value": 18},
@@ -9,6 +9,11 @@
              {"event": {"name": "order_placed", "min_count": 2, "within_days": 90}},
              {"rfm": "champions"},
              {"not": {"any": [{"tag": "blocked"}, {"tag": "test"}]}}]}
+
+An ``attribute`` filter means what a flow's attribute condition means: both go through
+``bot_platform.flows.conditions`` (``contains`` is case-insensitive, ``in``/``not_in``
+take a list, numbers written as text count as numbers), and the tests check that the
+SQL selects exactly what a flow's evaluation would.
 
 A filter is bounded (``MAX_DEPTH`` levels, ``MAX_CONDITIONS`` conditions, texts that fit
 their columns, numbers a database compares), so compiling one stays cheap enough for the
@@ -21,8 +26,6 @@ the contact's last order, frequency = orders, monetary = their sum.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -37,12 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from sqlalchemy import (
-    JSON,
-    Float,
-    String,
     and_,
-    case,
-    cast,
     false,
     func,
     not_,
@@ -52,11 +50,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ColumnElement
 
+from bot_platform.flows.conditions import (
+    COMPARISONS,
+    Op,
+    attribute_parts,
+    attribute_sql,
+)
 from bot_platform.models import CustomerEvent, Subscriber, SubscriberTag
 from bot_platform.text import INT64_MAX, INT64_MIN, text
 
 MAX_DEPTH = 8  # levels of all/any/not
-MAX_CONDITIONS = 100  # tests on subscribers (not all/any/not); an RFM group as RFM_WEIGHT
+MAX_CONDITIONS = 100  # tests on subscribers (not all/any/not); an RFM group as RFM_WEIGHT,
+# an in/not_in as its number of values
 RFM_WEIGHT = 5  # an RFM group compiles to several subqueries
 MAX_DAYS = 36_500  # a hundred years back is "ever"
 MAX_COUNT = 1_000_000_000
@@ -70,27 +75,43 @@ class TagFilter(_Filter):
     tag: text(64)
 
 
-Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "exists", "contains"]
+Scalar = text(1024) | float | int | bool
+MAX_ITEMS = 100  # values of one in/not_in
+
+
+def _check_scalar(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("the value must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            INT64_MIN <= value <= INT64_MAX):
+        raise ValueError("the value is out of the 64-bit integer range")
 
 
 class AttributeFilter(_Filter):
-    """``eq``/``ne`` compare like with like (a number with numbers, text with text, true/
-    false with booleans); ``gt``/``gte``/``lt``/``lte`` need a number and never match a
-    non-number; ``contains`` looks for text inside text (case-sensitive); ``exists`` is
-    true when the attribute is set (``value: false``: when it is not)."""
+    """An attribute compared with ``value``, with the flows' semantics
+    (``bot_platform.flows.conditions``): ``eq``/``ne`` compare numbers (numbers written
+    as text too) as numbers and anything else only with its own kind; ``gt``/``gte``/
+    ``lt``/``lte`` need a number and never match a non-number; ``in``/``not_in``: ``eq``
+    against any value of a list; ``contains`` looks for text inside text, ignoring case;
+    ``exists`` is true when the attribute is set (``value: false``: when it is not)."""
 
     attribute: str = Field(pattern=r"^[A-Za-z0-9_]{1,64}$")
     op: Op = "eq"
-    value: text(1024) | float | int | bool | None = None
+    value: Scalar | list[Scalar] | None = None
 
     @model_validator(mode="after")
     def _value_fits_op(self) -> AttributeFilter:
-        if isinstance(self.value, float) and not math.isfinite(self.value):
-            raise ValueError("the value must be a finite number")
-        if isinstance(self.value, int) and not isinstance(self.value, bool) and not (
-                INT64_MIN <= self.value <= INT64_MAX):
-            raise ValueError("the value is out of the 64-bit integer range")
-        if self.op in ("gt", "gte", "lt", "lte") and (
+        many = isinstance(self.value, list)
+        if self.op in ("in", "not_in"):
+            if not many:
+                raise ValueError(f"op {self.op} needs a list of values")
+            if len(self.value) > MAX_ITEMS:  # type: ignore[arg-type]
+                raise ValueError(f"op {self.op} takes at most {MAX_ITEMS} values")
+        elif many:
+            raise ValueError(f"op {self.op} needs a single value, not a list")
+        for value in self.value if many else [self.value]:  # type: ignore[union-attr]
+            _check_scalar(value)
+        if self.op in COMPARISONS and (
                 isinstance(self.value, bool) or not isinstance(self.value, int | float)):
             raise ValueError(f"op {self.op} needs a number")
         if self.op in ("eq", "ne", "contains") and self.value is None:
@@ -205,11 +226,14 @@ def _bounded(value: Any) -> Any:
         if not isinstance(node, dict):
             continue
         nested = [key for key in ("all", "any", "not") if key in node]
-        conditions += 0 if nested else RFM_WEIGHT if "rfm" in node else 1
+        values = node.get("value") if "attribute" in node else None
+        conditions += 0 if nested else RFM_WEIGHT if "rfm" in node else (
+            max(1, len(values)) if isinstance(values, list) else 1)  # in: one per value
         if conditions > MAX_CONDITIONS:
             raise PydanticCustomError(
                 "filter_too_large",
-                f"a filter has at most {{limit}} conditions (an rfm one counts {RFM_WEIGHT})",
+                f"a filter has at most {{limit}} conditions (an rfm one counts {RFM_WEIGHT}, "
+                "an in/not_in one each value)",
                 {"limit": MAX_CONDITIONS})
         for key in nested:
             if depth > MAX_DEPTH:
@@ -225,12 +249,6 @@ Filter = Annotated[AnyCondition, BeforeValidator(_bounded)]
 
 for _model in (AllFilter, AnyFilter, NotFilter):
     _model.model_rebuild()
-
-
-class Segment(BaseModel):
-    """A whole filter (the body of a segment)."""
-
-    filter: Filter
 
 
 # ---- RFM -------------------------------------------------------------------------------
@@ -277,58 +295,9 @@ def _range(column: Any, spec: DaysRange, now: datetime) -> ColumnElement[bool]:
     return and_(column.is_not(None), *parts)
 
 
-def _json_parts(name: str, dialect: str) -> tuple[Any, Any, Any]:
-    """(JSON type name, value as text, value as a number) of one attribute, per dialect.
-    Type names are normalized to: number, string, boolean, null (None when absent)."""
-    if dialect == "postgresql":
-        raw_kind = func.json_typeof(Subscriber.attributes.op("->", return_type=JSON)(name))
-        kind = raw_kind
-        text = Subscriber.attributes.op("->>", return_type=String)(name)
-        number = cast(case((raw_kind == "number", text), else_=None), Float)
-        return kind, text, number
-    path = f'$."{name}"'
-    raw_kind = func.json_type(Subscriber.attributes, path)
-    kind = case((raw_kind.in_(("integer", "real")), "number"), (raw_kind == "text", "string"),
-                (raw_kind.in_(("true", "false")), "boolean"), (raw_kind == "null", "null"),
-                else_=None)
-    raw = func.json_extract(Subscriber.attributes, path)
-    text = case((raw_kind == "true", "true"), (raw_kind == "false", "false"),
-                else_=cast(raw, String))
-    number = case((raw_kind.in_(("integer", "real")), cast(raw, Float)), else_=None)
-    return kind, text, number
-
-
-def _definite(condition: ColumnElement[bool]) -> ColumnElement[bool]:
-    """True or false, never SQL's unknown (which NOT would keep unknown)."""
-    return case((condition, true()), else_=false())
-
-
 def _attribute(spec: AttributeFilter, dialect: str) -> ColumnElement[bool]:
-    return _definite(_attribute_condition(spec, dialect))
-
-
-def _attribute_condition(spec: AttributeFilter, dialect: str) -> ColumnElement[bool]:
-    kind, text, number = _json_parts(spec.attribute, dialect)
-    is_set = _definite(and_(kind.is_not(None), kind != "null"))
-    value = spec.value
-    if spec.op == "exists":
-        return is_set if value is not False else not_(is_set)
-    if spec.op in ("gt", "gte", "lt", "lte"):
-        limit = float(value)  # type: ignore[arg-type]  # (the column is a float too)
-        compare = {"gt": number > limit, "gte": number >= limit, "lt": number < limit,
-                   "lte": number <= limit}[spec.op]
-        return and_(kind == "number", compare)
-    if spec.op == "contains":  # case-sensitive: SQLite's lower() knows only ASCII
-        position = (func.strpos(text, str(value)) if dialect == "postgresql"
-                    else func.instr(text, str(value)))
-        return and_(kind == "string", position > 0)
-    if isinstance(value, bool):
-        same = and_(kind == "boolean", text == ("true" if value else "false"))
-    elif isinstance(value, int | float):
-        same = and_(kind == "number", number == float(value))
-    else:
-        same = and_(kind == "string", text == str(value))
-    return _definite(same) if spec.op == "eq" else not_(_definite(same))
+    parts = attribute_parts(Subscriber.attributes, spec.attribute, dialect)
+    return attribute_sql(spec.op, spec.value, parts, dialect)
 
 
 def _orders(now: datetime) -> Any:
@@ -404,88 +373,6 @@ def compile_filter(spec: Any, *, now: datetime, dialect: str) -> ColumnElement[b
     if isinstance(spec, RfmFilter):
         return _rfm(spec.rfm, now)
     raise TypeError(f"unknown filter {type(spec).__name__}")
-
-
-# ---- the reference evaluation (for tests and previews without a database) ---------------
-
-
-@dataclass
-class SubscriberFacts:
-    """What the reference evaluation knows about one subscriber."""
-
-    channel: str
-    locale: str | None
-    status: str
-    attributes: Mapping[str, Any]
-    tags: set[str]
-    created_at: datetime
-    last_inbound_at: datetime | None
-    events: list[tuple[str, datetime]]  # the contact's events (name, occurred_at)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def evaluate(spec: Any, facts: SubscriberFacts, now: datetime) -> bool:
-    """The meaning of a filter, in plain Python."""
-    if isinstance(spec, AllFilter):
-        return all(evaluate(f, facts, now) for f in spec.all)
-    if isinstance(spec, AnyFilter):
-        return any(evaluate(f, facts, now) for f in spec.any)
-    if isinstance(spec, NotFilter):
-        return not evaluate(spec.not_, facts, now)
-    if isinstance(spec, TagFilter):
-        return spec.tag in facts.tags
-    if isinstance(spec, ChannelFilter):
-        return facts.channel == spec.channel
-    if isinstance(spec, LocaleFilter):
-        return (facts.locale or "") == spec.locale
-    if isinstance(spec, StatusFilter):
-        return facts.status == spec.status
-    if isinstance(spec, LastActiveFilter | CreatedFilter):
-        moment = facts.last_inbound_at if isinstance(spec, LastActiveFilter) \
-            else facts.created_at
-        window = spec.last_active if isinstance(spec, LastActiveFilter) else spec.created
-        if moment is None:
-            return False
-        if window.within_days is not None and moment < _days_ago(now, window.within_days):
-            return False
-        return not (window.before_days is not None
-                    and moment > _days_ago(now, window.before_days))
-    if isinstance(spec, EventFilter):
-        event = spec.event
-        count = sum(1 for name, at in facts.events if name == event.name and (
-            event.within_days is None or at >= _days_ago(now, event.within_days)))
-        return count >= event.min_count and (event.max_count is None
-                                             or count <= event.max_count)
-    if isinstance(spec, RfmFilter):
-        orders = [at for name, at in facts.events if name == "order_placed"]
-        recency = (now - max(orders)).total_seconds() / 86400 if orders else None
-        return rfm_group(recency, len(orders)) == spec.rfm
-    assert isinstance(spec, AttributeFilter)
-    actual = facts.attributes.get(spec.attribute)
-    value = spec.value
-    if spec.op == "exists":
-        return (actual is not None) if value is not False else actual is None
-    if spec.op in ("gt", "gte", "lt", "lte"):
-        number = _number(actual)
-        if number is None:
-            return False
-        limit = float(value)  # type: ignore[arg-type]
-        return {"gt": number > limit, "gte": number >= limit, "lt": number < limit,
-                "lte": number <= limit}[spec.op]
-    if spec.op == "contains":
-        return isinstance(actual, str) and str(value) in actual
-    if isinstance(value, bool):
-        same = isinstance(actual, bool) and actual == value
-    elif isinstance(value, int | float):
-        same = _number(actual) is not None and float(actual) == float(value)
-    else:
-        same = isinstance(actual, str) and actual == value
-    return same if spec.op == "eq" else not same
 
 
 async def preview(session: Any, spec: Any, *, now: datetime,

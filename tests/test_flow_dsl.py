@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bot_platform.errors import FlowValidationError
-from bot_platform.flow_dsl import parse_duration, validate_paths
+from bot_platform.flows.base import parse_duration
+from bot_platform.flows.loading import validate_paths
 from bot_platform.i18n import Catalogs
 from tests.conftest import ROOT
 
@@ -196,7 +197,8 @@ async def test_platform_refuses_invalid_flows_unless_told_to_skip(
 
 
 def test_the_documented_example_is_a_valid_flow(tmp_path: Path) -> None:
-    from bot_platform.flow_dsl import FlowSpec, catalog_keys, load_yaml
+    from bot_platform.flows.loading import load_yaml
+    from bot_platform.flows.spec import FlowSpec, catalog_keys
 
     doc = (ROOT / "docs" / "flows.md").read_text()
     example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
@@ -226,13 +228,13 @@ CAPTURE = """
 
 
 def capture_spec(pattern: str):
-    from bot_platform.flow_dsl import CaptureSpec
+    from bot_platform.flows.spec import CaptureSpec
 
     return CaptureSpec(attribute="x", type="regex", pattern=pattern, retry="r", goto="g")
 
 
 def test_a_backtracking_pattern_cannot_hang_on_customer_text() -> None:
-    from bot_platform.flow_runtime import validate_capture
+    from bot_platform.flows.captures import validate_capture
 
     # With a backtracking engine (Python's re) this takes longer than the universe's age;
     # RE2 answers at once. No timer: the test simply has to finish.
@@ -243,7 +245,7 @@ def test_a_backtracking_pattern_cannot_hang_on_customer_text() -> None:
 
 
 def test_captures_bound_the_text_they_match_and_read_every_script() -> None:
-    from bot_platform.flow_runtime import MAX_MATCHED_CHARS, validate_capture
+    from bot_platform.flows.captures import MAX_MATCHED_CHARS, validate_capture
 
     spec = capture_spec("a+")
     assert validate_capture(spec, "a" * MAX_MATCHED_CHARS)[0]

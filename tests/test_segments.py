@@ -1,10 +1,15 @@
 """The segment compiler: random filters on random data select exactly what the Python
-reference evaluation selects, on SQLite and PostgreSQL, and never inline a value into SQL."""
+reference evaluation below selects, on SQLite and PostgreSQL, and never inline a value
+into SQL. The reference evaluates attribute filters with the flows' own condition
+evaluation, so these tests also show that a segment and a flow agree on every attribute
+condition (``bot_platform.flows.conditions``)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,16 +20,38 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 
 from bot_platform.database import Database
+from bot_platform.flows.conditions import AttributeCondition, condition_holds
 from bot_platform.models import Base, Contact, CustomerEvent, Subscriber, SubscriberTag
-from bot_platform.segments import Filter, SubscriberFacts, compile_filter, evaluate, preview
+from bot_platform.segments import (
+    RFM_GROUPS,
+    AllFilter,
+    AnyFilter,
+    AttributeFilter,
+    ChannelFilter,
+    CreatedFilter,
+    EventFilter,
+    Filter,
+    LastActiveFilter,
+    LocaleFilter,
+    NotFilter,
+    RfmFilter,
+    StatusFilter,
+    TagFilter,
+    compile_filter,
+    preview,
+)
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FILTER = TypeAdapter(Filter)
 
 names = st.sampled_from(["a_age", "a_tier", "a_score", "a_vip"])
-texts = st.sampled_from(["v_gold", "v_silver", "v_gold_plus", "v_Ünï"])
+texts = st.sampled_from(["v_gold", "v_silver", "v_gold_plus", "v_Ünï", "V_GOLD", "v_üNÏ"])
 numbers = st.one_of(st.integers(-5, 60), st.sampled_from([0.5, 18.0, 29.99]))
-values = st.one_of(st.none(), st.booleans(), numbers, texts)
+# Numbers as a button or a set action stores them (and text that only looks like one).
+number_texts = st.sampled_from(["18", "+18", "-5", "0.5", "29,99", "018", "1e3", " 18",
+                                "18.", "٣"])
+scalars = st.one_of(st.booleans(), numbers, texts, number_texts)
+values = st.one_of(st.none(), scalars, st.lists(texts, max_size=2))
 tags = st.sampled_from(["t_vip", "t_new", "t_dry"])
 days = st.integers(0, 400)
 ranges = st.one_of(st.builds(lambda d: {"within_days": d}, days),
@@ -34,14 +61,14 @@ ranges = st.one_of(st.builds(lambda d: {"within_days": d}, days),
 
 leaf_filters = st.one_of(
     st.builds(lambda t: {"tag": t}, tags),
-    st.builds(lambda n, v: {"attribute": n, "op": "eq", "value": v}, names,
-              st.one_of(st.booleans(), numbers, texts)),
-    st.builds(lambda n, v: {"attribute": n, "op": "ne", "value": v}, names,
-              st.one_of(st.booleans(), numbers, texts)),
+    st.builds(lambda n, v: {"attribute": n, "op": "eq", "value": v}, names, scalars),
+    st.builds(lambda n, v: {"attribute": n, "op": "ne", "value": v}, names, scalars),
+    st.builds(lambda n, op, v: {"attribute": n, "op": op, "value": v}, names,
+              st.sampled_from(["in", "not_in"]), st.lists(scalars, max_size=3)),
     st.builds(lambda n, op, v: {"attribute": n, "op": op, "value": v}, names,
               st.sampled_from(["gt", "gte", "lt", "lte"]), numbers),
     st.builds(lambda n, v: {"attribute": n, "op": "contains", "value": v}, names,
-              st.sampled_from(["gold", "v_", "Ün"])),
+              st.sampled_from(["gold", "GoLd", "v_", "Ün", "üNï", "1"])),
     st.builds(lambda n, v: {"attribute": n, "op": "exists", "value": v}, names,
               st.sampled_from([True, False])),
     st.builds(lambda c: {"channel": c}, st.sampled_from(["telegram", "viber"])),
@@ -72,6 +99,84 @@ people = st.lists(st.fixed_dictionaries({
     "events": st.lists(st.tuples(st.sampled_from(["order_placed", "cart_updated"]), days),
                        max_size=5),
 }), min_size=1, max_size=12)
+
+
+# ---- the reference evaluation ----------------------------------------------------------
+
+
+@dataclass
+class SubscriberFacts:
+    """What the reference evaluation knows about one subscriber."""
+
+    channel: str
+    locale: str | None
+    status: str
+    attributes: Mapping[str, Any]
+    tags: set[str]
+    created_at: datetime
+    last_inbound_at: datetime | None
+    events: list[tuple[str, datetime]]  # the contact's events (name, occurred_at)
+
+    def lookup(self, name: str) -> Any:
+        """An attribute, as a flow's ``Turn`` looks it up."""
+        return self.attributes.get(name)
+
+
+def rfm_group(recency_days: float | None, frequency: int) -> str:
+    """The named group of a contact; "none" when no group fits (or no orders)."""
+    if frequency == 0 or recency_days is None:
+        return "none"
+    for name, r_min, r_max, f_min, f_max in RFM_GROUPS:
+        if r_min is not None and recency_days < r_min:
+            continue
+        if r_max is not None and recency_days > r_max:
+            continue
+        if frequency < f_min or (f_max is not None and frequency > f_max):
+            continue
+        return name
+    return "none"
+
+
+def evaluate(spec: Any, facts: SubscriberFacts, now: datetime) -> bool:
+    """The meaning of a filter, in plain Python; attribute filters the way a flow
+    evaluates the same condition."""
+    if isinstance(spec, AllFilter):
+        return all(evaluate(f, facts, now) for f in spec.all)
+    if isinstance(spec, AnyFilter):
+        return any(evaluate(f, facts, now) for f in spec.any)
+    if isinstance(spec, NotFilter):
+        return not evaluate(spec.not_, facts, now)
+    if isinstance(spec, TagFilter):
+        return spec.tag in facts.tags
+    if isinstance(spec, ChannelFilter):
+        return facts.channel == spec.channel
+    if isinstance(spec, LocaleFilter):
+        return (facts.locale or "") == spec.locale
+    if isinstance(spec, StatusFilter):
+        return facts.status == spec.status
+    if isinstance(spec, LastActiveFilter | CreatedFilter):
+        moment = facts.last_inbound_at if isinstance(spec, LastActiveFilter) \
+            else facts.created_at
+        window = spec.last_active if isinstance(spec, LastActiveFilter) else spec.created
+        if moment is None:
+            return False
+        if window.within_days is not None and moment < now - timedelta(window.within_days):
+            return False
+        return not (window.before_days is not None
+                    and moment > now - timedelta(window.before_days))
+    if isinstance(spec, EventFilter):
+        event = spec.event
+        count = sum(1 for name, at in facts.events if name == event.name and (
+            event.within_days is None or at >= now - timedelta(event.within_days)))
+        return count >= event.min_count and (event.max_count is None
+                                             or count <= event.max_count)
+    if isinstance(spec, RfmFilter):
+        orders = [at for name, at in facts.events if name == "order_placed"]
+        recency = (now - max(orders)).total_seconds() / 86400 if orders else None
+        return rfm_group(recency, len(orders)) == spec.rfm
+    assert isinstance(spec, AttributeFilter)
+    return condition_holds(AttributeCondition(
+        attribute=spec.attribute, op=spec.op, value=spec.value), facts)
 
 
 async def _load(db: Database, population: list[dict[str, Any]]) -> list[SubscriberFacts]:
@@ -175,6 +280,9 @@ def test_sql_matches_the_reference_on_postgres(postgres_url: str) -> None:
     ({"all": [{"tag": "a"}, {"colour": "red"}]}, "all.1"),
     ({"last_active": {}}, "within_days or before_days"),
     ({"rfm": "heroes"}, "rfm"),
+    ({"attribute": "a_tier", "op": "in", "value": "v_gold"}, "op in needs a list"),
+    ({"attribute": "a_tier", "op": "eq", "value": ["v_gold"]}, "not a list"),
+    ({"attribute": "a_tier", "op": "in", "value": list(range(101))}, "at most 100"),
 ])
 def test_invalid_filters_name_the_problem(raw: dict, where: str) -> None:
     with pytest.raises(ValidationError) as raised:
