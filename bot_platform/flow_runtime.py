@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from transitions import Machine, MachineError, State
@@ -50,6 +50,11 @@ from bot_platform.flow_dsl import (
 )
 from bot_platform.i18n import Catalogs
 from bot_platform.types import Button, Card, Outgoing, QuickReply
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from bot_platform.turns import TurnServices
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +128,8 @@ class Turn:
     attributes_changed: bool = False
     escalation: Escalation | None = None
     answers: list[tuple[str, str, str]] = field(default_factory=list)  # flow, question, value
-    session: Any = None  # the event's AsyncSession, for actions that need the database
-    services: Any = None  # the engine, for actions that need platform services
+    session: AsyncSession | None = None  # the turn's transaction, for database actions
+    services: TurnServices | None = None  # the engine: catalogs, flows, links, games
 
     def lookup(self, name: str) -> Any:
         if name in ("locale", "channel"):
