@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 
 from admin_api.errors import unprocessable
 from admin_api.security import SUPPORT, current, get_platform
-from bot_platform import handoff
+from bot_platform import events, handoff
 from bot_platform.apikeys import Principal
 from bot_platform.engine import notify_workers
 from bot_platform.models import (
@@ -284,8 +284,8 @@ async def resolve(conversation_id: DbId, body: Resolve, principal: Principal = c
         await session.refresh(conversation)
         data = _public(conversation, subscriber)
     if body.start_flow:
-        await platform.engine.dispatch_event(subscriber.id, "conversation_resolved",
-                                             start_flows=[body.start_flow])
+        await events.dispatch(platform.engine, subscriber.id, "conversation_resolved",
+                              start_flows=[body.start_flow])
     return data
 
 

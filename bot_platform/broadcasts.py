@@ -24,8 +24,9 @@ from sqlalchemy import and_, case, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from bot_platform import handoff
 from bot_platform.database import insert_ignore
-from bot_platform.engine import OPEN_CONVERSATION, Engine
+from bot_platform.engine import Engine
 from bot_platform.models import (
     Broadcast,
     BroadcastRecipient,
@@ -325,7 +326,7 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         Subscriber.status, Subscriber.locale).where(Subscriber.id.in_(ids)))).all()}
     talking_to_humans = set((await session.scalars(select(Conversation.subscriber_id).where(
         Conversation.subscriber_id.in_(ids),
-        Conversation.status.in_(OPEN_CONVERSATION)))).all())
+        Conversation.status.in_(handoff.OPEN)))).all())
     sends: list[tuple[Any, list[tuple[str | None, Outgoing]]]] = []
     outcome: dict[tuple[str, str | None], list[int]] = {}
     for recipient in todo:
@@ -376,13 +377,11 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
 async def _start_flow(engine: Engine, session: AsyncSession, subscriber: Subscriber,
                       flow: str, broadcast_id: int) -> None:
     """A flow variant: the flow starts for this subscriber as if a trigger fired."""
-    await engine.advisory_lock(session, subscriber.channel, subscriber.bot_id,
-                               subscriber.user_id)
-    turn, rows = await engine.load_turn(session, subscriber)
+    work = await engine.turns.join(session, subscriber)
     if flow in engine.flows:
-        turn.pending_starts.append(flow)
-        await engine.run_pending_starts(turn)
-    queued = await engine.save_turn(session, subscriber, turn, rows)
+        work.turn.pending_starts.append(flow)
+        await engine.router.run_pending_starts(work.turn)
+    queued = await work.save()
     if queued:
         await session.execute(update(Outbox).where(Outbox.id.in_([i for i, _ in queued]))
                               .values(broadcast_id=broadcast_id))

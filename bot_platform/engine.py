@@ -1,149 +1,52 @@
-"""The engine: every inbound event, timer and shop event runs through here.
+"""The engine: the inbound chain every messenger event runs through.
 
 ``Engine.handle(inbound)`` runs a chain of small steps (aiogram-style middleware):
 
-    log errors -> per-subscriber lock -> transaction -> dedupe -> receipts ->
-    upsert subscriber -> locale -> record inbound -> flows
+    log errors -> unit of work (per-subscriber locks + transaction) -> dedupe ->
+    receipts -> upsert subscriber -> referral -> locale -> record inbound -> handoff ->
+    flows
 
 Everything an event changes (subscriber, flow positions, outbox rows, timers, the dedupe
 marker) is written in ONE transaction, so a crash leaves either all of it or none.
-Events of one subscriber are serialized by an in-process lock (FIFO) and, on PostgreSQL,
-a transaction-scoped advisory lock, so several processes keep the order too.
+The rest of a turn lives in modules named for what they own, wired here:
+``turns`` (isolation, loading and saving a turn), ``routing`` (which flow an event
+moves), ``handoff`` (reaching a human), ``timers`` (flow timers, read fallbacks);
+shop events go through ``events.dispatch``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
 from bot_platform.flows.machine import FlowSet
-from bot_platform.flows.turn import (
-    Escalation,
-    JobEffect,
-    Position,
-    SendEffect,
-    TimerEffect,
-    Turn,
-)
+from bot_platform.handoff import HandoffRules, open_conversation
 from bot_platform.i18n import Catalogs
 from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
-from bot_platform.models import (
-    Answer,
-    Contact,
-    Conversation,
-    CustomerEvent,
-    FlowState,
-    Job,
-    Message,
-    Outbox,
-    ProcessedEvent,
-    Subscriber,
-    SubscriberTag,
-)
+from bot_platform.models import Contact, Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.privacy import event_key
+from bot_platform.routing import Router
 from bot_platform.text import storable, storable_json, storable_or_none
+from bot_platform.timers import Timers
+from bot_platform.turns import Turns
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
 
 log = logging.getLogger(__name__)
 
-OPEN_CONVERSATION = ("waiting", "assigned")
-DEFAULT_HANDOFF_KEYWORDS = {
-    "en": ["operator", "human", "agent", "talk to a human", "talk to a person"],
-    "uk": ["оператор", "людина", "менеджер"],
-    "pl": ["konsultant", "człowiek", "operator"],
-    "ar": ["موظف", "إنسان", "خدمة العملاء"],
-}
-MAX_FLOW_STARTS = 8  # start_flow chains per event before we call it a loop
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
               InboundKind.MEDIA, InboundKind.REFERRAL, InboundKind.SUBSCRIBED}
-
-
-class KeyedLocks:
-    """One FIFO ``asyncio.Lock`` per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: Any) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class SupportHours:
-    """When agents answer: weekdays (0 = Monday) and hours in a time zone."""
-
-    days: tuple[int, ...] = (0, 1, 2, 3, 4)
-    start_hour: int = 9
-    end_hour: int = 18
-    timezone: str = "UTC"
-
-    def _local(self, moment: datetime) -> datetime:
-        from zoneinfo import ZoneInfo
-
-        return moment.astimezone(ZoneInfo(self.timezone))
-
-    def open_at(self, moment: datetime) -> bool:
-        local = self._local(moment)
-        return local.weekday() in self.days and self.start_hour <= local.hour < self.end_hour
-
-    def next_opening(self, moment: datetime) -> str:
-        """When agents are next in, as "Mon 09:00" in the support time zone."""
-        local = self._local(moment).replace(minute=0, second=0, microsecond=0)
-        for _ in range(24 * 8):
-            local += timedelta(hours=1)
-            if local.weekday() in self.days and local.hour == self.start_hour:
-                return local.strftime("%a %H:%M")
-        return ""
-
-
-def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """What a shop event tells flows, as attributes prefixed with the event's name:
-    scalars as they are (``cart_updated_total``), item lists as a readable line
-    (``cart_updated_items``: "Rich cream x2, Gel cleanser") and a count
-    (``cart_updated_count``)."""
-    prefix = name.replace(".", "_").replace("-", "_")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            values[f"{prefix}_{key}"] = value
-        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            names = []
-            for item in value:
-                label = str(item.get("title") or item.get("name") or item.get("sku") or "")
-                quantity = item.get("qty") or item.get("quantity")
-                names.append(f"{label} x{quantity}" if quantity and quantity != 1 else label)
-            values[f"{prefix}_{key}"] = ", ".join(n for n in names if n)
-            values[f"{prefix}_count"] = len(value)
-    return values
-
 
 WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
 
@@ -173,12 +76,6 @@ def storable_inbound(inbound: Inbound) -> Inbound:
             "username": storable_or_none(profile.username, 255),
             "language": storable_or_none(profile.language, 16),
             "phone": storable_or_none(profile.phone, 32)})})
-
-
-def advisory_key(*parts: str) -> int:
-    """A signed 64-bit key for ``pg_advisory_xact_lock``."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 @dataclass
@@ -218,20 +115,14 @@ class Engine:
         self.on_commit = on_commit or (lambda: None)
         self.public_url: str | None = None  # where tracked links redirect through /r/
         self.random = random.Random()  # games draw from this (tests may seed it)
-        # Typed words (per locale, "*" for all) that hand the chat to a human.
-        self.handoff_keywords: dict[str, list[str]] = dict(DEFAULT_HANDOFF_KEYWORDS)
-        # When humans answer; outside these hours the customer is told when they will.
-        self.support_hours: SupportHours | None = None
-        # A job kind that answers unexpected text (AI); None: the catalog's fallback.
-        self.text_fallback_job: str | None = None
-        # What the text goes through before it is stored with that job (PII masking).
-        self.text_fallback_mask: Callable[[str], str] = str
-        # Called for a customer message that went to an open conversation (live updates).
-        self.on_conversation_message: Callable[[int, Inbound], None] | None = None
-        self.locks = KeyedLocks()
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
+        # The parts a turn goes through, each in the module named for what it owns.
+        self.turns = Turns(self)  # per-subscriber isolation, loading and saving turns
+        self.handoff = HandoffRules()  # the words that reach a human, support hours
+        self.router = Router(self)  # which flow an inbound event moves
+        self.timers = Timers(self)  # the flow_timer and read_fallback job handlers
         self.steps: list[Step] = [
-            self.step_log_errors, self.step_lock, self.step_transaction, self.step_dedupe,
+            self.step_log_errors, self.step_transaction, self.step_dedupe,
             self.step_receipts, self.step_upsert_subscriber, self.step_referral,
             self.step_locale,
             self.step_record_inbound, self.step_handoff, self.step_flows,
@@ -266,21 +157,12 @@ class Engine:
                           i.channel, i.bot_id)
             raise
 
-    async def step_lock(self, context: EventContext, call_next: Next) -> None:
-        i = context.inbound
-        async with self.locks.hold((i.channel, i.bot_id, i.user_id)):
-            await call_next(context)
-
     async def step_transaction(self, context: EventContext, call_next: Next) -> None:
+        """The event's unit of work: the subscriber's locks and one transaction."""
         i = context.inbound
-        async with self.db.session() as session:
-            context.session = session
-            await self.advisory_lock(session, i.channel, i.bot_id, i.user_id)
+        async with self.turns.open((i.channel, i.bot_id, i.user_id), context.hold) as unit:
+            context.session, context.queued = unit.session, unit.queued
             await call_next(context)
-            if context.queued and context.hold is None:
-                await notify_workers(session)
-        if context.hold is None:
-            self.on_commit()
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, session = context.inbound, context.session
@@ -413,107 +295,21 @@ class Engine:
         """While humans own the chat, messages go to the conversation, not to flows."""
         session, subscriber = context.session, context.subscriber
         assert session is not None and subscriber is not None
-        conversation = await self.open_conversation(session, subscriber.id)
+        conversation = await open_conversation(session, subscriber.id)
         if conversation is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
             await call_next(context)
             return
         conversation.updated_at = self.clock.now()
-        if self.on_conversation_message is not None:
-            self.on_conversation_message(conversation.id, context.inbound)
-
-    async def open_conversation(self, session: AsyncSession,
-                                subscriber_id: int) -> Conversation | None:
-        return await session.scalar(select(Conversation).where(
-            Conversation.subscriber_id == subscriber_id,
-            Conversation.status.in_(OPEN_CONVERSATION)).limit(1))
 
     async def step_flows(self, context: EventContext, call_next: Next) -> None:
         session, subscriber = context.session, context.subscriber
         assert session is not None and subscriber is not None
-        if subscriber.status == "subscribed":
-            turn, rows = await self.load_turn(session, subscriber)
-            await self.route_inbound(turn, context.inbound)
-            context.queued.extend(await self.save_turn(session, subscriber, turn, rows,
-                                                       hold=context.hold, in_reply=True))
+        if subscriber.status == "subscribed":  # and no human on it: see step_handoff
+            work = await self.turns.load(session, subscriber, checked=True)
+            assert not isinstance(work, str)
+            await self.router.route_inbound(work.turn, context.inbound)
+            context.queued.extend(await work.save(hold=context.hold, in_reply=True))
         await call_next(context)
-
-    # ---- routing --------------------------------------------------------------------
-
-    async def route_inbound(self, turn: Turn, inbound: Inbound) -> None:
-        """Decide which flow trigger an inbound event fires."""
-        kind = inbound.kind
-        if kind in (InboundKind.START, InboundKind.REFERRAL):
-            names = self.flows.triggered_by("ref", inbound.ref) if inbound.ref else []
-            if not names and kind == InboundKind.START:
-                names = self.flows.triggered_by("start")
-            turn.pending_starts.extend(names)
-        elif kind == InboundKind.SUBSCRIBED:
-            turn.pending_starts.extend(self.flows.triggered_by("subscribed"))
-        elif kind == InboundKind.BUTTON:
-            await self._route_button(turn, inbound.payload)
-        elif kind == InboundKind.TEXT:
-            await self._route_text(turn, inbound.text or "")
-        elif kind == InboundKind.CONTACT and inbound.profile.phone:
-            await self._route_capture(turn, inbound.profile.phone, only_type="phone")
-        await self.run_pending_starts(turn)
-
-    async def _route_button(self, turn: Turn, payload: str | None) -> None:
-        ref = self.flows.codec.decode(payload)
-        if ref is None or ref.flow not in self.flows:
-            log.info("button payload %r matches no flow; ignored", payload)
-            return
-        flow = self.flows[ref.flow]
-        if ref.state not in flow.spec.states:
-            log.info("button of removed state %s/%s ignored", ref.flow, ref.state)
-            return
-        position = turn.positions.setdefault(ref.flow, Position(ref.flow, ref.state))
-        # An older message's button still works: it acts from the state that showed it.
-        position.state = ref.state
-        await flow.fire(turn, position, f"{ref.kind}_{ref.index}")
-
-    def _active(self, turn: Turn) -> list[Position]:
-        active = [p for p in turn.positions.values()
-                  if p.status == "active" and p.flow in self.flows]
-        return sorted(active, key=lambda p: p.updated_at or turn.now, reverse=True)
-
-    async def _route_capture(self, turn: Turn, text: str,
-                             only_type: str | None = None) -> bool:
-        for position in self._active(turn):
-            flow = self.flows[position.flow]
-            state = flow.spec.states.get(position.state)
-            if state is None or state.capture is None:
-                continue
-            if only_type and state.capture.type != only_type:
-                continue
-            if not await flow.fire(turn, position, "captured", text=text):
-                retry = self.catalogs.format(turn.locale, state.capture.retry,
-                                             turn.variables(self.catalogs))
-                turn.effects.append(SendEffect(position.flow, Outgoing(text=retry)))
-            return True
-        return False
-
-    async def _route_text(self, turn: Turn, text: str) -> None:
-        if self._asks_for_human(turn.locale, text):
-            turn.escalation = Escalation("asked_for_human", text[:500], {"text": text})
-            return
-        for position in self._active(turn):
-            flow = self.flows[position.flow]
-            match = flow.label_index(position.state, text, turn)
-            if match is not None:
-                await flow.fire(turn, position, f"{match[0]}_{match[1]}")
-                return
-        if await self._route_capture(turn, text):
-            return
-        names = self.flows.triggered_by("keyword", text)
-        if names:
-            turn.pending_starts.extend(names)
-            return
-        if self.text_fallback_job is not None:
-            # Answered outside this transaction (it may call a model): see jobs.py.
-            turn.effects.append(JobEffect(self.text_fallback_job, {
-                "text": self.text_fallback_mask(text), "locale": turn.locale}, turn.now))
-            return
-        turn.effects.extend(self.off_script(turn))
 
     async def release(self, outbox_ids: Sequence[int]) -> None:
         """Hand held messages to the worker now."""
@@ -524,306 +320,6 @@ class Engine:
                 ).values(next_attempt_at=self.clock.now()))
                 await notify_workers(session)
         self.on_commit()
-
-    def _asks_for_human(self, locale: str, text: str) -> bool:
-        words = self.handoff_keywords.get(locale, []) + self.handoff_keywords.get("*", [])
-        wanted = text.strip().casefold().rstrip("!?.")
-        return bool(wanted) and wanted in {w.casefold() for w in words}
-
-    def off_script(self, turn: Turn) -> list[SendEffect]:
-        """Text that fits nothing. Mid-question the customer is asked again (the question
-        with its buttons, and how to reach a person) instead of being sent back to the
-        start; outside any question, the catalog's fallback."""
-        active = self._active(turn)
-        if active:
-            position = active[0]
-            flow = self.flows[position.flow]
-            messages = flow.render(position.state, turn) if flow.waits_for_choice(
-                position.state) else []
-            if messages:
-                question = messages[-1]
-                hint = self.reask_hint(turn)
-                if question.text and not question.image_url:
-                    return [SendEffect(position.flow, question.model_copy(
-                        update={"text": f"{hint}\n\n{question.text}"}))]
-                return [SendEffect(None, Outgoing(text=hint)),
-                        SendEffect(position.flow, question)]
-        return [SendEffect(None, self.fallback_message(turn))]
-
-    def reask_hint(self, turn: Turn) -> str:
-        """"Please choose one of the options", naming a word that reaches a person."""
-        words = (self.handoff_keywords.get(turn.locale)
-                 or self.handoff_keywords.get("*") or [])
-        variables = {**turn.variables(self.catalogs)}
-        if words:
-            variables["keyword"] = words[0]
-            return self.catalogs.format(turn.locale, "common-reask", variables)
-        return self.catalogs.format(turn.locale, "common-reask-plain", variables)
-
-    def fallback_message(self, turn: Turn) -> Outgoing:
-        """The localized "I did not get that"."""
-        return Outgoing(text=self.catalogs.format(turn.locale, "common-fallback",
-                                                  turn.variables(self.catalogs)))
-
-    async def run_pending_starts(self, turn: Turn) -> None:
-        for _ in range(MAX_FLOW_STARTS):
-            if not turn.pending_starts:
-                return
-            name = turn.pending_starts.popleft()
-            if name not in self.flows:
-                log.warning("start of unknown flow %r ignored", name)
-                continue
-            flow = self.flows[name]
-            position = turn.positions.setdefault(name, Position(name, flow.spec.start))
-            await flow.start(turn, position)
-        if turn.pending_starts:
-            log.warning("more than %d flow starts in one event; the rest were dropped",
-                        MAX_FLOW_STARTS)
-            turn.pending_starts.clear()
-
-    # ---- timers and shop events ---------------------------------------------------------
-
-    async def run_flow_timer(self, session: AsyncSession, job: Job) -> str:
-        """Fire a flow timer inside the caller's transaction; returns what happened."""
-        subscriber = await session.get(Subscriber, job.subscriber_id)
-        if subscriber is None:
-            return "no-subscriber"
-        if subscriber.status != "subscribed":
-            return "unsubscribed"
-        if await self.open_conversation(session, subscriber.id) is not None:
-            return "suppressed"  # humans own the chat: the chain must not interrupt them
-        turn, rows = await self.load_turn(session, subscriber)
-        position = turn.positions.get(job.flow or "")
-        payload = job.payload
-        if (position is None or position.status != "active"
-                or position.state != payload.get("state")
-                or position.version != payload.get("version")
-                or job.flow not in self.flows):
-            return "stale"
-        if not await self.flows[job.flow].fire(turn, position, "timeout"):
-            return "not-applicable"
-        await self.run_pending_starts(turn)
-        await self.save_turn(session, subscriber, turn, rows)
-        return "fired"
-
-    async def dispatch_event(
-        self, subscriber_id: int | None, name: str, data: dict[str, Any] | None = None, *,
-        external_id: str | None = None, occurred_at: datetime | None = None,
-        contact_id: int | None = None, start_flows: Sequence[str] | None = None,
-    ) -> tuple[bool, list[int]]:
-        """Record a shop event and let the subscriber's flows react: start flows triggered
-        by it, move flows waiting for it. Returns (stored, outbox ids); stored is False
-        when an event with the same ``external_id`` was recorded before."""
-        key: tuple[str, str, str] | None = None
-        if subscriber_id is not None:
-            async with self.db.session() as session:
-                subscriber = await session.get(Subscriber, subscriber_id)
-                if subscriber is not None:
-                    key = (subscriber.channel, subscriber.bot_id, subscriber.user_id)
-                    contact_id = contact_id or subscriber.contact_id
-        async with AsyncExitStack() as stack:
-            if key is not None:
-                await stack.enter_async_context(self.locks.hold(key))
-            session = await stack.enter_async_context(self.db.session())
-            if key is not None:
-                await self.advisory_lock(session, *key)
-            now = self.clock.now()
-            stored = await session.execute(insert_ignore(session, CustomerEvent).values(
-                external_id=external_id, name=name, contact_id=contact_id,
-                subscriber_id=subscriber_id if key else None, data=data or {},
-                occurred_at=occurred_at or now, created_at=now))
-            if stored.rowcount == 0:
-                return False, []
-            if key is None:
-                return True, []
-            subscriber = await session.get(Subscriber, subscriber_id, populate_existing=True)
-            if (subscriber is None or subscriber.status != "subscribed"
-                    or await self.open_conversation(session, subscriber.id) is not None):
-                return True, []
-            turn, rows = await self.load_turn(session, subscriber)
-            if data:
-                turn.attributes.update(event_attributes(name, data))
-                turn.attributes_changed = True
-            for position in self._active(turn):
-                await self.flows[position.flow].fire(turn, position, f"event:{name}")
-            turn.pending_starts.extend(
-                self.flows.triggered_by("event", name) if start_flows is None else start_flows)
-            await self.run_pending_starts(turn)
-            queued = await self.save_turn(session, subscriber, turn, rows)
-            if queued:
-                await notify_workers(session)
-        self.on_commit()
-        return True, [i for i, _ in queued]
-
-    # ---- loading and saving a turn ------------------------------------------------------
-
-    async def advisory_lock(self, session: AsyncSession, *identity: str) -> None:
-        if session.bind.dialect.name == "postgresql":
-            await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                                  {"key": advisory_key(*identity)})
-
-    async def load_turn(self, session: AsyncSession,
-                        subscriber: Subscriber) -> tuple[Turn, dict[str, FlowState]]:
-        rows = {row.flow: row for row in (await session.scalars(
-            select(FlowState).where(FlowState.subscriber_id == subscriber.id))).all()}
-        tags = set((await session.scalars(select(SubscriberTag.tag).where(
-            SubscriberTag.subscriber_id == subscriber.id))).all())
-        turn = Turn(
-            subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
-            channel=subscriber.channel,
-            locale=subscriber.locale or self.catalogs.default_locale, now=self.clock.now(),
-            attributes=dict(subscriber.attributes or {}), tags=set(tags),
-            original_tags=tags,
-            profile={"first_name": subscriber.first_name, "last_name": subscriber.last_name,
-                     "username": subscriber.username},
-            positions={flow: Position(flow, row.state, row.version, row.status,
-                                      dict(row.data or {}), row.updated_at)
-                       for flow, row in rows.items()},
-            session=session, services=self,
-        )
-        return turn, rows
-
-    async def save_turn(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
-                        rows: dict[str, FlowState], hold: timedelta | None = None,
-                        in_reply: bool = False) -> list[tuple[int, Outgoing]]:
-        """Persist a turn: positions, tags, attributes, timers and outbox rows.
-
-        ``in_reply``: the turn handles the customer's message, so what it sends answers it
-        (``Outgoing.in_reply``); timers and shop events send proactively."""
-        now = turn.now
-        for flow, position in turn.positions.items():
-            if not position.changed:
-                continue
-            row = rows.get(flow)
-            left_timer = row is not None and self._may_have_timer(flow, row.state)
-            if row is None:
-                session.add(FlowState(
-                    subscriber_id=subscriber.id, flow=flow, state=position.state,
-                    version=position.version, status=position.status, data=position.data,
-                    created_at=now, updated_at=now))
-            else:
-                row.state, row.version, row.status = (position.state, position.version,
-                                                      position.status)
-                row.data, row.updated_at = position.data, now
-            if not left_timer:
-                continue
-            # Timers of the state instance this subscriber just left are void.
-            await session.execute(update(Job).where(
-                Job.subscriber_id == subscriber.id, Job.flow == flow,
-                Job.kind == "flow_timer", Job.status == "pending",
-            ).values(status="cancelled", finished_at=now, result="state-left"))
-        original = turn.original_tags
-        for tag in turn.tags - original:
-            session.add(SubscriberTag(subscriber_id=subscriber.id, tag=tag))
-        removed = original - turn.tags
-        if removed:
-            await session.execute(delete(SubscriberTag).where(
-                SubscriberTag.subscriber_id == subscriber.id, SubscriberTag.tag.in_(removed)))
-        if turn.attributes_changed:
-            subscriber.attributes = dict(turn.attributes)
-            subscriber.updated_at = now
-        if turn.locale != (subscriber.locale or self.catalogs.default_locale):
-            subscriber.locale = turn.locale
-        for flow, question, value in turn.answers:
-            session.add(Answer(subscriber_id=subscriber.id, flow=flow, question=question,
-                               value=value, created_at=now))
-        for effect in turn.effects:
-            if isinstance(effect, TimerEffect):
-                position = turn.positions[effect.flow]
-                if position.status == "active" and position.version == effect.version:
-                    session.add(Job(kind="flow_timer", subscriber_id=subscriber.id,
-                                    flow=effect.flow, due_at=effect.due_at, created_at=now,
-                                    payload={"state": effect.state,
-                                             "version": effect.version}))
-            elif isinstance(effect, JobEffect):
-                session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
-                                due_at=effect.due_at, created_at=now, payload=effect.payload))
-        effects = [e for e in turn.effects if isinstance(e, SendEffect)]
-        sends = [(e.flow, e.message) for e in effects]
-        if turn.escalation is not None:
-            sends.extend(await self.escalate(session, subscriber, turn))
-        if in_reply:
-            sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
-        queued = await self.enqueue(session, subscriber, sends, hold=hold)
-        if any(e.fallback for e in effects):
-            await self._schedule_fallbacks(session, subscriber, effects, queued, now)
-        return queued
-
-    def _may_have_timer(self, flow: str, state: str) -> bool:
-        """Whether a subscriber in ``state`` may have a pending timer: only states with
-        ``after`` schedule one (a state unknown to the flow's current version may too)."""
-        if flow not in self.flows:
-            return True
-        spec = self.flows[flow].spec.states.get(state)
-        return spec is None or spec.after is not None
-
-    async def _schedule_fallbacks(self, session: AsyncSession, subscriber: Subscriber,
-                                  effects: list[SendEffect],
-                                  queued: list[tuple[int, Outgoing]], now: datetime) -> None:
-        """A job per message with a channel fallback, pointing at its first queued part."""
-        caps = self.capabilities(subscriber.channel, subscriber.bot_id)
-        position = 0
-        for effect in effects:
-            parts = len(fit_message(effect.message, caps))
-            first_outbox_id = queued[position][0]
-            position += parts
-            if effect.fallback is None:
-                continue
-            delay, channel = effect.fallback
-            session.add(Job(kind="read_fallback", subscriber_id=subscriber.id,
-                            flow=effect.flow, due_at=now + delay, created_at=now, payload={
-                                "outbox_id": first_outbox_id, "channel": channel,
-                                "message": effect.message.model_dump(mode="json")}))
-
-    async def run_read_fallback(self, session: AsyncSession, job: Job) -> str:
-        """The fallback timer: resend through another channel unless the message was read
-        (or answered or clicked, where the messenger reports no reads)."""
-        original = await session.get(Outbox, job.payload.get("outbox_id"))
-        subscriber = await session.get(Subscriber, job.subscriber_id)
-        if original is None or subscriber is None:
-            return "gone"
-        message = await session.get(Message, original.message_id)
-        engaged = message is not None and (message.status == "read" or (
-            subscriber.last_inbound_at is not None
-            and subscriber.last_inbound_at > message.created_at))
-        if engaged:
-            return "read"
-        preferred = job.payload.get("channel")
-        other = await session.scalar(
-            select(Subscriber).where(
-                Subscriber.contact_id == subscriber.contact_id, Subscriber.id != subscriber.id,
-                Subscriber.status == "subscribed")
-            .order_by((Subscriber.channel == (preferred or "")).desc(),
-                      (Subscriber.channel != subscriber.channel).desc(),
-                      Subscriber.last_inbound_at.desc().nulls_last(), Subscriber.id)
-            .limit(1))
-        if other is None:
-            return "no-other-channel"
-        if await self.open_conversation(session, other.id) is not None:
-            return "suppressed"
-        await self.enqueue(session, other, [(job.flow, Outgoing.model_validate(
-            job.payload["message"]))])
-        return f"sent-via-{other.channel}"
-
-    async def escalate(self, session: AsyncSession, subscriber: Subscriber,
-                       turn: Turn) -> list[tuple[str | None, Outgoing]]:
-        """Open a conversation waiting for an agent (once) and tell the customer."""
-        escalation = turn.escalation
-        assert escalation is not None
-        if await self.open_conversation(session, subscriber.id) is not None:
-            return []
-        now = turn.now
-        session.add(Conversation(
-            subscriber_id=subscriber.id, status="waiting", reason=escalation.reason,
-            summary=escalation.summary, data=escalation.data, created_at=now,
-            updated_at=now))
-        key, variables = "handoff-waiting", turn.variables(self.catalogs)
-        if self.support_hours is not None and not self.support_hours.open_at(now):
-            key = "handoff-waiting-closed"
-            variables = {**variables, "opens": self.support_hours.next_opening(now)}
-        if not self.catalogs.has(self.catalogs.default_locale, key):
-            return []
-        return [(None, Outgoing(text=self.catalogs.format(turn.locale, key, variables)))]
 
     async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
                       messages: Sequence[tuple[str | None, Outgoing]],

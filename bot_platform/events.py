@@ -4,21 +4,86 @@ validated, stored idempotently, and dispatched to the customer's flows.
 A customer is named by a subscriber (id, or channel + bot + messenger user id) or by a
 contact (id, phone or email). A contact with several channel identities gets the event on
 the identity it used most recently, so a reminder is not sent on every messenger at once.
+``dispatch`` stores an event once (by the shop's id) and runs the subscriber's turn for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 
+from bot_platform.database import insert_ignore
 from bot_platform.engine import Engine
-from bot_platform.models import Contact, Subscriber
+from bot_platform.models import Contact, CustomerEvent, Subscriber
 from bot_platform.text import DbId, StorableJson, text
 
 EVENT_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
+
+
+def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What a shop event tells flows, as attributes prefixed with the event's name:
+    scalars as they are (``cart_updated_total``), item lists as a readable line
+    (``cart_updated_items``: "Rich cream x2, Gel cleanser") and a count
+    (``cart_updated_count``)."""
+    prefix = name.replace(".", "_").replace("-", "_")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            values[f"{prefix}_{key}"] = value
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            names = []
+            for item in value:
+                label = str(item.get("title") or item.get("name") or item.get("sku") or "")
+                quantity = item.get("qty") or item.get("quantity")
+                names.append(f"{label} x{quantity}" if quantity and quantity != 1 else label)
+            values[f"{prefix}_{key}"] = ", ".join(n for n in names if n)
+            values[f"{prefix}_count"] = len(value)
+    return values
+
+
+async def dispatch(
+    engine: Engine, subscriber_id: int | None, name: str, data: dict[str, Any] | None = None,
+    *, external_id: str | None = None, occurred_at: datetime | None = None,
+    contact_id: int | None = None, start_flows: Sequence[str] | None = None,
+) -> tuple[bool, list[int]]:
+    """Record a shop event and let the subscriber's flows react: start flows triggered
+    by it, move flows waiting for it. Returns (stored, outbox ids); stored is False
+    when an event with the same ``external_id`` was recorded before."""
+    identity: tuple[str, str, str] | None = None
+    if subscriber_id is not None:
+        async with engine.db.session() as session:
+            subscriber = await session.get(Subscriber, subscriber_id)
+            if subscriber is not None:
+                identity = (subscriber.channel, subscriber.bot_id, subscriber.user_id)
+                contact_id = contact_id or subscriber.contact_id
+    async with engine.turns.open(identity) as unit:
+        now = engine.clock.now()
+        stored = await unit.session.execute(insert_ignore(unit.session, CustomerEvent).values(
+            external_id=external_id, name=name, contact_id=contact_id,
+            subscriber_id=subscriber_id if identity else None, data=data or {},
+            occurred_at=occurred_at or now, created_at=now))
+        if stored.rowcount == 0:
+            return False, []
+        if identity is None:
+            return True, []
+        work = await engine.turns.load(unit.session, subscriber_id)
+        if isinstance(work, str):
+            return True, []
+        turn = work.turn
+        if data:
+            turn.attributes.update(event_attributes(name, data))
+            turn.attributes_changed = True
+        for position in engine.router.active(turn):
+            await engine.flows[position.flow].fire(turn, position, f"event:{name}")
+        turn.pending_starts.extend(
+            engine.flows.triggered_by("event", name) if start_flows is None else start_flows)
+        await engine.router.run_pending_starts(turn)
+        unit.queued.extend(await work.save())
+    return True, [i for i, _ in unit.queued]
 
 
 class EventIn(BaseModel):
@@ -89,8 +154,8 @@ async def resolve_customer(engine: Engine, event: EventIn) -> tuple[int | None, 
 async def ingest(engine: Engine, event: EventIn) -> IngestResult:
     """Store the event once and let the customer's flows react to it."""
     contact_id, subscriber_id = await resolve_customer(engine, event)
-    stored, outbox_ids = await engine.dispatch_event(
-        subscriber_id, event.name, event.data, external_id=event.event_id,
+    stored, outbox_ids = await dispatch(
+        engine, subscriber_id, event.name, event.data, external_id=event.event_id,
         occurred_at=event.occurred_at, contact_id=contact_id)
     if not stored:
         return IngestResult(status="duplicate", subscriber_id=subscriber_id)

@@ -120,7 +120,7 @@ async def _stock_left(session: AsyncSession, game: str, prize: str, stock: int) 
     transaction lock per prize, so two winners cannot both take the last one (SQLite
     runs one writer at a time anyway)."""
     if session.bind.dialect.name == "postgresql":
-        from bot_platform.engine import advisory_key
+        from bot_platform.turns import advisory_key
 
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                               {"key": advisory_key("game-stock", game, prize)})

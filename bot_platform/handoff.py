@@ -12,22 +12,112 @@ stream, a subscriber's profile):
 Status changes are compare-and-set (``UPDATE ... WHERE status = expected``): two agents
 claiming at once -> one wins; a transfer or resolve racing a resolve -> one wins and the
 other learns it (409), so a resolved chat is never silently reopened and ``resolved_at``
-is written once. Conversations are opened by the engine (``Engine.escalate``); every later
-move goes through this module.
+is written once. A turn opens a conversation (``HandoffRules.escalate``: the customer asked
+for a human, or a flow or the assistant escalated); every later move goes through this
+module too. While one is open, flows, timers and shop events leave the chat alone
+(``open_conversation``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, exists, false, func, literal, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.apikeys import Principal
-from bot_platform.models import Conversation
+from bot_platform.i18n import Catalogs
+from bot_platform.models import Conversation, Subscriber
+from bot_platform.types import Outgoing
+
+if TYPE_CHECKING:
+    from bot_platform.flows.turn import Turn
 
 OPEN = ("waiting", "assigned")
+DEFAULT_HANDOFF_KEYWORDS = {
+    "en": ["operator", "human", "agent", "talk to a human", "talk to a person"],
+    "uk": ["оператор", "людина", "менеджер"],
+    "pl": ["konsultant", "człowiek", "operator"],
+    "ar": ["موظف", "إنسان", "خدمة العملاء"],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SupportHours:
+    """When agents answer: weekdays (0 = Monday) and hours in a time zone."""
+
+    days: tuple[int, ...] = (0, 1, 2, 3, 4)
+    start_hour: int = 9
+    end_hour: int = 18
+    timezone: str = "UTC"
+
+    def _local(self, moment: datetime) -> datetime:
+        from zoneinfo import ZoneInfo
+
+        return moment.astimezone(ZoneInfo(self.timezone))
+
+    def open_at(self, moment: datetime) -> bool:
+        local = self._local(moment)
+        return local.weekday() in self.days and self.start_hour <= local.hour < self.end_hour
+
+    def next_opening(self, moment: datetime) -> str:
+        """When agents are next in, as "Mon 09:00" in the support time zone."""
+        local = self._local(moment).replace(minute=0, second=0, microsecond=0)
+        for _ in range(24 * 8):
+            local += timedelta(hours=1)
+            if local.weekday() in self.days and local.hour == self.start_hour:
+                return local.strftime("%a %H:%M")
+        return ""
+
+
+@dataclass
+class HandoffRules:
+    """How a chat reaches a human: the typed words that ask for one (per locale, "*" for
+    all) and when agents answer (None: always)."""
+
+    keywords: dict[str, list[str]] = field(
+        default_factory=lambda: dict(DEFAULT_HANDOFF_KEYWORDS))
+    support_hours: SupportHours | None = None
+
+    def words(self, locale: str) -> list[str]:
+        """The words that reach a person in ``locale`` (the first one is suggested)."""
+        return self.keywords.get(locale) or self.keywords.get("*") or []
+
+    def asks_for_human(self, locale: str, text: str) -> bool:
+        words = self.keywords.get(locale, []) + self.keywords.get("*", [])
+        wanted = text.strip().casefold().rstrip("!?.")
+        return bool(wanted) and wanted in {w.casefold() for w in words}
+
+    async def escalate(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
+                       catalogs: Catalogs) -> list[tuple[str | None, Outgoing]]:
+        """Open a conversation waiting for an agent (once) and tell the customer."""
+        escalation = turn.escalation
+        assert escalation is not None
+        if await open_conversation(session, subscriber.id) is not None:
+            return []
+        now = turn.now
+        session.add(Conversation(
+            subscriber_id=subscriber.id, status="waiting", reason=escalation.reason,
+            summary=escalation.summary, data=escalation.data, created_at=now,
+            updated_at=now))
+        key, variables = "handoff-waiting", turn.variables(catalogs)
+        hours = self.support_hours
+        if hours is not None and not hours.open_at(now):
+            key = "handoff-waiting-closed"
+            variables = {**variables, "opens": hours.next_opening(now)}
+        if not catalogs.has(catalogs.default_locale, key):
+            return []
+        return [(None, Outgoing(text=catalogs.format(turn.locale, key, variables)))]
+
+
+async def open_conversation(session: AsyncSession, subscriber_id: int) -> Conversation | None:
+    """The subscriber's chat that humans own now (waiting or assigned), if any."""
+    return await session.scalar(select(Conversation).where(
+        Conversation.subscriber_id == subscriber_id,
+        Conversation.status.in_(OPEN)).limit(1))
 
 
 def readable(principal: Principal) -> ColumnElement[bool]:

@@ -53,7 +53,8 @@ class Scheduler:
         self.worker_id = worker_id
         self.in_hand: set[int] = set()  # claimed here and still running
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
-            "flow_timer": engine.run_flow_timer, "read_fallback": engine.run_read_fallback}
+            "flow_timer": engine.timers.run_flow_timer,
+            "read_fallback": engine.timers.run_read_fallback}
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
@@ -130,20 +131,17 @@ class Scheduler:
         try:
             handler = self.handlers.get(kind)
             prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
-            if identity is not None:
-                async with self.engine.locks.hold(identity):
-                    await self.run_job(job_id, identity, prepared)
-            else:
-                await self.run_job(job_id, None, prepared)
+            await self.run_job(job_id, identity, prepared)
         finally:
             self.in_hand.discard(job_id)
 
     async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,
                       prepared: Any = None) -> None:
         try:
-            async with self.db.session() as session:
-                if identity is not None:
-                    await self.engine.advisory_lock(session, *identity)
+            # The subscriber's unit of work: their turns (inbound, timers, other jobs)
+            # run one after the other (see bot_platform.turns).
+            identities = (identity,) if identity is not None else ()
+            async with self.engine.turns.isolated(*identities) as session:
                 query = select(Job).where(Job.id == job_id, Job.locked_by == self.worker_id,
                                           Job.status == "running")
                 if not self.db.is_sqlite:

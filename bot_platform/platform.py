@@ -28,10 +28,11 @@ from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, listen
 from bot_platform.delivery import Delivery
-from bot_platform.engine import WORK_CHANNEL, Engine, SupportHours
+from bot_platform.engine import WORK_CHANNEL, Engine
 from bot_platform.errors import BadToken, FlowValidationError
 from bot_platform.flows.loading import validate_paths
 from bot_platform.flows.machine import FlowSet
+from bot_platform.handoff import SupportHours
 from bot_platform.i18n import Catalogs
 from bot_platform.jobs import Scheduler
 from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -119,9 +120,9 @@ class Platform:
         self.engine.public_url = self.settings.public_url
         support = self.settings.support
         if support.keywords is not None:
-            self.engine.handoff_keywords = support.keywords
+            self.engine.handoff.keywords = support.keywords
         if not support.always_open:
-            self.engine.support_hours = SupportHours(
+            self.engine.handoff.support_hours = SupportHours(
                 support.days, support.start_hour, support.end_hour, support.timezone)
         scheduler = Scheduler(self.db, self.engine, self.clock, self.settings.worker,
                               self.worker_id)
@@ -161,9 +162,9 @@ class Platform:
         assistant = Assistant(settings, self.ai_client, knowledge.knowledge,
                               SqlTokenBudget(self.db))
         scheduler.handlers[JOB_KIND] = AiReplyJob(self.engine, assistant, knowledge)
-        self.engine.text_fallback_job = JOB_KIND
+        self.engine.router.text_fallback_job = JOB_KIND
         if settings.mask_personal_data:
-            self.engine.text_fallback_mask = mask_pii
+            self.engine.router.text_fallback_mask = mask_pii
 
     async def reload_flows(self) -> bool:
         """Use the active uploaded flow versions and their texts (``flow_versions``);

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,12 +190,8 @@ async def forget(engine: Engine, subscriber_id: int, *, now: datetime) -> bool:
         person = await find_person(session, subscriber_id)
     if person is None:
         return False
-    async with AsyncExitStack() as stack:
-        for identity in person.identities:  # sorted: two callers lock in the same order
-            await stack.enter_async_context(engine.locks.hold(identity))
-        session = await stack.enter_async_context(engine.db.session())
-        for identity in person.identities:
-            await engine.advisory_lock(session, *identity)
+    # sorted identities: two callers lock in the same order
+    async with engine.turns.isolated(*person.identities) as session:
         person = await find_person(session, subscriber_id)
         if person is None:
             return False

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import Database
 from bot_platform.engine import Engine
+from bot_platform.events import dispatch
 from bot_platform.models import Job, Subscriber
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class InactivityScan:
                         Subscriber.id > resume.get(flow, 0))
                     .order_by(Subscriber.id).limit(SCAN_BATCH))).all()
             for subscriber_id, last_inbound_at in quiet:
-                stored, _ = await engine.dispatch_event(
-                    subscriber_id, "inactive", {"days": days}, start_flows=[flow],
+                stored, _ = await dispatch(
+                    engine, subscriber_id, "inactive", {"days": days}, start_flows=[flow],
                     external_id=f"inactive:{flow}:{subscriber_id}:"
                                 f"{last_inbound_at:%Y%m%d%H%M%S}")
                 started += stored

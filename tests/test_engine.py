@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from bot_platform.events import dispatch
 from bot_platform.models import FlowState, Job, Message, Outbox, Subscriber, SubscriberTag
 from bot_platform.types import Inbound, InboundKind, Profile
 from tests.conftest import ROOT
@@ -192,7 +193,7 @@ async def test_timer_of_a_left_state_does_nothing(make_platform) -> None:
     await chat.say("1")  # leaves greeting: version moves on
     async with platform.db.session() as session:
         job = await session.get(Job, job.id)
-        assert await platform.engine.run_flow_timer(session, job) == "stale"
+        assert await platform.engine.timers.run_flow_timer(session, job) == "stale"
 
 
 async def test_branches_conditions_scores_and_start_flow(make_platform, tmp_path: Path) -> None:
@@ -244,15 +245,15 @@ async def test_shop_event_starts_flows_and_moves_waiting_ones(make_platform, tmp
     await chat.say("hello")  # creates the subscriber (fallback reply)
     async with platform.db.session() as session:
         subscriber_id = await session.scalar(select(Subscriber.id))
-    await platform.engine.dispatch_event(subscriber_id, "cart_updated", {"items": ["a"]})
-    await platform.engine.dispatch_event(subscriber_id, "order_placed")
-    stored, _ = await platform.engine.dispatch_event(subscriber_id, "order_placed",
-                                                      external_id="o-1")
-    again, _ = await platform.engine.dispatch_event(subscriber_id, "order_placed",
-                                                     external_id="o-1")
+    await dispatch(platform.engine, subscriber_id, "cart_updated", {"items": ["a"]})
+    await dispatch(platform.engine, subscriber_id, "order_placed")
+    stored, _ = await dispatch(platform.engine, subscriber_id, "order_placed",
+                               external_id="o-1")
+    again, _ = await dispatch(platform.engine, subscriber_id, "order_placed",
+                              external_id="o-1")
     assert (stored, again) == (True, False)
     assert await chat.wait(timedelta(hours=2)) == []  # the order cancelled the reminder
-    await platform.engine.dispatch_event(subscriber_id, "cart_updated")
+    await dispatch(platform.engine, subscriber_id, "cart_updated")
     reminded = await chat.wait(timedelta(hours=1))
     assert [m.text.split(":")[0] for m in reminded] == ["Tip of the day"]
 

@@ -129,7 +129,7 @@ async def test_sla_figures_and_the_closed_hours_message(desk, make_platform) -> 
     from datetime import UTC, datetime
 
     from bot_platform.clock import ManualClock
-    from bot_platform.engine import SupportHours
+    from bot_platform.handoff import SupportHours
 
     platform, fake, client, keys = desk
     ann = keys["ann"][1]
@@ -146,7 +146,7 @@ async def test_sla_figures_and_the_closed_hours_message(desk, make_platform) -> 
     assert (row["avg_first_reply_seconds"], row["avg_resolve_seconds"]) == (120.0, 600.0)
 
     # Saturday evening, support works Mon-Fri 9-18 in Kyiv: the customer is told when.
-    platform.engine.support_hours = SupportHours(timezone="Europe/Kyiv")
+    platform.engine.handoff.support_hours = SupportHours(timezone="Europe/Kyiv")
     platform.clock.__init__(datetime(2026, 1, 3, 18, 0, tzinfo=UTC))
     assert isinstance(platform.clock, ManualClock)
     await post(platform, message_update(5, "оператор", uid=2222))

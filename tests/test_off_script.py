@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from bot_platform.config import BotConfig
-from bot_platform.engine import DEFAULT_HANDOFF_KEYWORDS
+from bot_platform.handoff import DEFAULT_HANDOFF_KEYWORDS
 from bot_platform.models import Answer, FlowState
 from tests.fakes.telegram_api import FakeTelegramServer
 

@@ -67,18 +67,16 @@ class AiReplyJob:
         decision = prepared if isinstance(prepared, Decision) else Decision(
             "fallback", reason="not_prepared")
         engine = self.engine
-        subscriber = await session.get(Subscriber, job.subscriber_id)
-        if subscriber is None or subscriber.status != "subscribed":
-            return "unsubscribed"
-        if await engine.open_conversation(session, subscriber.id) is not None:
-            return "suppressed"
-        turn, rows = await engine.load_turn(session, subscriber)
+        work = await engine.turns.load(session, job.subscriber_id)
+        if isinstance(work, str):
+            return "suppressed" if work == "suppressed" else "unsubscribed"
+        turn = work.turn
         text = str(job.payload.get("text", ""))
         if decision.kind == "answer" and decision.text:
             turn.effects.append(SendEffect(None, Outgoing(text=decision.text)))
         elif decision.kind == "route" and decision.flow in engine.flows:
             turn.pending_starts.append(decision.flow)
-            await engine.run_pending_starts(turn)
+            await engine.router.run_pending_starts(turn)
         elif decision.kind == "escalate":
             turn.escalation = Escalation(f"ai:{decision.reason}", mask_pii(text)[:500],
                                          {"text": text})
@@ -88,6 +86,6 @@ class AiReplyJob:
                                              turn.variables(engine.catalogs))
             turn.effects.append(SendEffect(None, Outgoing(text=clarify)))
         else:
-            turn.effects.extend(engine.off_script(turn))
-        await engine.save_turn(session, subscriber, turn, rows)
+            turn.effects.extend(engine.router.off_script(turn))
+        await work.save()
         return f"{decision.kind}:{decision.reason or decision.flow or 'ok'}"[:32]

@@ -1,0 +1,272 @@
+"""The unit of work per subscriber: one turn of their flows, isolated and persisted once.
+
+    async with engine.turns.open(identity) as unit:      # lock -> transaction -> lock
+        work = await engine.turns.load(unit.session, subscriber_id)
+        if not isinstance(work, str):                     # subscribed, no human on it
+            ...                                           # flows change work.turn
+            unit.queued.extend(await work.save())         # state, timers, outbox rows
+    # committed: workers woken (NOTIFY in the transaction, ``on_commit`` after it)
+
+Isolation: a subscriber's turns run one after the other. In this process an ``asyncio``
+lock per identity keeps them in arrival order (FIFO); across processes a
+transaction-scoped PostgreSQL advisory lock does (SQLite has one writer at a time
+anyway). The in-process lock is always taken before the transaction, the advisory lock
+first thing in it, so two turns never wait on each other in opposite orders.
+
+Turns that run inside a transaction the caller already isolated (a job: the scheduler
+holds the subscriber's locks around it) only ``load`` and ``save``; a broadcast batch,
+which holds no in-process lock, ``join``s with the advisory lock alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Hashable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal
+
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
+from bot_platform.handoff import open_conversation
+from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
+from bot_platform.timers import may_have_timer, schedule_fallbacks
+from bot_platform.types import Outgoing
+
+if TYPE_CHECKING:
+    from bot_platform.engine import Engine
+
+Identity = tuple[str, str, str]  # channel, bot id, messenger user id
+Queued = tuple[int, Outgoing]  # outbox id, the part queued
+Skipped = Literal["no-subscriber", "unsubscribed", "suppressed"]
+
+
+class KeyedLocks:
+    """One FIFO ``asyncio.Lock`` per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
+
+    def users(self, key: Hashable) -> int:
+        """How many hold or wait for ``key`` (0: nobody; its lock is gone)."""
+        return self._locks.get(key, (None, 0))[1]
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def advisory_key(*parts: str) -> int:
+    """A signed 64-bit key for ``pg_advisory_xact_lock``."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def advisory_lock(session: AsyncSession, identity: Identity) -> None:
+    """Hold the identity's advisory lock until the transaction ends (PostgreSQL only)."""
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                              {"key": advisory_key(*identity)})
+
+
+def identity_of(subscriber: Subscriber) -> Identity:
+    return subscriber.channel, subscriber.bot_id, subscriber.user_id
+
+
+@dataclass
+class Unit:
+    """An open unit of work: its transaction and what it queued (workers are woken for
+    it when it commits, unless ``hold`` keeps the rows back for the caller)."""
+
+    session: AsyncSession
+    hold: timedelta | None = None
+    queued: list[Queued] = field(default_factory=list)
+
+
+@dataclass
+class Work:
+    """One subscriber's turn, loaded in a transaction that isolates them."""
+
+    turns: Turns
+    session: AsyncSession
+    subscriber: Subscriber
+    turn: Turn
+    rows: dict[str, FlowState]
+
+    async def save(self, hold: timedelta | None = None,
+                   in_reply: bool = False) -> list[Queued]:
+        """Persist the turn (see ``Turns.save``); returns the outbox rows it queued."""
+        return await self.turns.save(self.session, self.subscriber, self.turn, self.rows,
+                                     hold=hold, in_reply=in_reply)
+
+
+class Turns:
+    """Opens, loads and saves subscribers' turns for the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.locks = KeyedLocks()
+
+    @asynccontextmanager
+    async def isolated(self, *identities: Identity) -> AsyncIterator[AsyncSession]:
+        """A transaction that no other turn of these identities runs beside: in-process
+        locks, then the transaction, then advisory locks. Pass several identities in a
+        stable (sorted) order so two callers take them in the same order."""
+        async with AsyncExitStack() as stack:
+            for identity in identities:
+                await stack.enter_async_context(self.locks.hold(identity))
+            session = await stack.enter_async_context(self.engine.db.session())
+            for identity in identities:
+                await advisory_lock(session, identity)
+            yield session
+
+    @asynccontextmanager
+    async def open(self, identity: Identity | None,
+                   hold: timedelta | None = None) -> AsyncIterator[Unit]:
+        """An isolated transaction (a plain one for ``None``) whose queued rows wake the
+        workers on commit: NOTIFY for other processes, ``on_commit`` for this one. With
+        ``hold``, the caller sends or releases the rows itself and nobody is woken."""
+        async with self.isolated(*([identity] if identity is not None else [])) as session:
+            unit = Unit(session, hold)
+            yield unit
+            if unit.queued and hold is None:
+                from bot_platform.engine import notify_workers  # moves to the outbox
+
+                await notify_workers(session)
+        if hold is None:
+            self.engine.on_commit()
+
+    async def load(self, session: AsyncSession, subscriber: Subscriber | int | None,
+                   checked: bool = False) -> Work | Skipped:
+        """The subscriber's turn, or why flows must not act for them now: gone,
+        unsubscribed, or "suppressed" while humans own the chat. ``checked``: the caller
+        has looked at both already (the inbound chain, a broadcast batch)."""
+        if not isinstance(subscriber, Subscriber):
+            subscriber = await session.get(Subscriber, subscriber, populate_existing=True) \
+                if subscriber is not None else None
+            if subscriber is None:
+                return "no-subscriber"
+        if not checked:
+            if subscriber.status != "subscribed":
+                return "unsubscribed"
+            if await open_conversation(session, subscriber.id) is not None:
+                return "suppressed"  # humans own the chat: flows must not interrupt them
+        turn, rows = await self._load_turn(session, subscriber)
+        return Work(self, session, subscriber, turn, rows)
+
+    async def join(self, session: AsyncSession, subscriber: Subscriber) -> Work:
+        """A turn inside a transaction that holds no lock of this subscriber yet (a
+        broadcast batch, which the caller already checked): the advisory lock only, as
+        an in-process lock taken mid-transaction could wait on a turn that waits on us."""
+        await advisory_lock(session, identity_of(subscriber))
+        work = await self.load(session, subscriber, checked=True)
+        assert not isinstance(work, str)
+        return work
+
+    async def _load_turn(self, session: AsyncSession,
+                         subscriber: Subscriber) -> tuple[Turn, dict[str, FlowState]]:
+        engine = self.engine
+        rows = {row.flow: row for row in (await session.scalars(
+            select(FlowState).where(FlowState.subscriber_id == subscriber.id))).all()}
+        tags = set((await session.scalars(select(SubscriberTag.tag).where(
+            SubscriberTag.subscriber_id == subscriber.id))).all())
+        turn = Turn(
+            subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
+            channel=subscriber.channel,
+            locale=subscriber.locale or engine.catalogs.default_locale,
+            now=engine.clock.now(),
+            attributes=dict(subscriber.attributes or {}), tags=set(tags),
+            original_tags=tags,
+            profile={"first_name": subscriber.first_name, "last_name": subscriber.last_name,
+                     "username": subscriber.username},
+            positions={flow: Position(flow, row.state, row.version, row.status,
+                                      dict(row.data or {}), row.updated_at)
+                       for flow, row in rows.items()},
+            session=session, services=engine,
+        )
+        return turn, rows
+
+    async def save(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
+                   rows: dict[str, FlowState], hold: timedelta | None = None,
+                   in_reply: bool = False) -> list[Queued]:
+        """Persist a turn: positions, tags, attributes, timers and outbox rows.
+
+        ``in_reply``: the turn handles the customer's message, so what it sends answers it
+        (``Outgoing.in_reply``); timers and shop events send proactively."""
+        engine = self.engine
+        now = turn.now
+        for flow, position in turn.positions.items():
+            if not position.changed:
+                continue
+            row = rows.get(flow)
+            left_timer = row is not None and may_have_timer(engine.flows, flow, row.state)
+            if row is None:
+                session.add(FlowState(
+                    subscriber_id=subscriber.id, flow=flow, state=position.state,
+                    version=position.version, status=position.status, data=position.data,
+                    created_at=now, updated_at=now))
+            else:
+                row.state, row.version, row.status = (position.state, position.version,
+                                                      position.status)
+                row.data, row.updated_at = position.data, now
+            if not left_timer:
+                continue
+            # Timers of the state instance this subscriber just left are void.
+            await session.execute(update(Job).where(
+                Job.subscriber_id == subscriber.id, Job.flow == flow,
+                Job.kind == "flow_timer", Job.status == "pending",
+            ).values(status="cancelled", finished_at=now, result="state-left"))
+        original = turn.original_tags
+        for tag in turn.tags - original:
+            session.add(SubscriberTag(subscriber_id=subscriber.id, tag=tag))
+        removed = original - turn.tags
+        if removed:
+            await session.execute(delete(SubscriberTag).where(
+                SubscriberTag.subscriber_id == subscriber.id, SubscriberTag.tag.in_(removed)))
+        if turn.attributes_changed:
+            subscriber.attributes = dict(turn.attributes)
+            subscriber.updated_at = now
+        if turn.locale != (subscriber.locale or engine.catalogs.default_locale):
+            subscriber.locale = turn.locale
+        for flow, question, value in turn.answers:
+            session.add(Answer(subscriber_id=subscriber.id, flow=flow, question=question,
+                               value=value, created_at=now))
+        for effect in turn.effects:
+            if isinstance(effect, TimerEffect):
+                position = turn.positions[effect.flow]
+                if position.status == "active" and position.version == effect.version:
+                    session.add(Job(kind="flow_timer", subscriber_id=subscriber.id,
+                                    flow=effect.flow, due_at=effect.due_at, created_at=now,
+                                    payload={"state": effect.state,
+                                             "version": effect.version}))
+            elif isinstance(effect, JobEffect):
+                session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
+                                due_at=effect.due_at, created_at=now, payload=effect.payload))
+        effects = [e for e in turn.effects if isinstance(e, SendEffect)]
+        sends = [(e.flow, e.message) for e in effects]
+        if turn.escalation is not None:
+            sends.extend(await engine.handoff.escalate(session, subscriber, turn,
+                                                       engine.catalogs))
+        if in_reply:
+            sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
+        queued = await engine.enqueue(session, subscriber, sends, hold=hold)
+        if any(e.fallback for e in effects):
+            schedule_fallbacks(session, subscriber, effects, queued, now,
+                               engine.capabilities(subscriber.channel, subscriber.bot_id))
+        return queued
