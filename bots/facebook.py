@@ -8,8 +8,15 @@ skips untagged messages to subscribers whose last message is older (``outside_wi
 the customer's message (``Outgoing.in_reply``: queued by the turn that handled it),
 ``UPDATE`` for everything sent on our own initiative inside the window (broadcasts,
 timers, shop events, channel fallbacks, AI answers from a job), and ``MESSAGE_TAG`` with
-the message's tag (``Outgoing.tag``: agents' replies carry ``HUMAN_AGENT``, allowed for
-7 days after the customer's last message).
+the message's tag (``Outgoing.outside_window``). An agent's reply (``Outgoing.by_agent``)
+is a ``RESPONSE`` inside the window; past it the delivery worker gives it the
+``HUMAN_AGENT`` tag (``Capabilities.agent_window_pass``), allowed for 7 days after the
+customer's last message.
+
+A pressed quick reply comes back with its payload; the ``user_phone_number`` one comes
+back with the phone number as its payload. So a payload of ours that could pass for a
+phone number ("+380501234567", "9") is sent behind ``ESCAPED_PAYLOAD`` and read back as
+the button it is: only a payload we did not write that has a phone's shape is a contact.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -51,15 +59,40 @@ FACEBOOK_CAPABILITIES = Capabilities(
     max_text_length=2000, max_buttons=3, max_button_title=20, callback_payload_bytes=1000,
     url_buttons=True, quick_replies=True, max_quick_replies=13, carousels=True, max_cards=10,
     max_card_buttons=3, images=True, max_caption=0, caption_buttons=False,
-    max_button_text=640,  # a button template's text batch_size=1, messages_per_second=250.0,
-    per_chat_per_second=math.inf, per_chat_burst=3,
-    reply_window=timedelta(hours=24), read_receipts=True,
+    max_button_text=640,  # a button template's text
+    batch_size=1, messages_per_second=250.0, per_chat_per_second=math.inf, per_chat_burst=3,
+    reply_window=timedelta(hours=24), agent_window_pass="HUMAN_AGENT",
 )
 BUTTON_TITLE = 20
 QUICK_REPLY_TITLE = 20
 MAX_QUICK_REPLIES = 13
 GET_STARTED = "GET_STARTED"
 RATE_LIMIT_CODES = {4, 17, 32, 613}
+# A shared phone number: digits (at least 7) with the separators people and Facebook write.
+PHONE_SHAPE = re.compile(r"^\+?[\d\s().-]{7,40}$")
+ESCAPED_PAYLOAD = "btn:"  # before our quick-reply payloads that a phone would look like
+
+
+def _phone_shaped(payload: str) -> bool:
+    return bool(PHONE_SHAPE.match(payload)) and sum(c.isdigit() for c in payload) >= 7
+
+
+def quick_reply_payload(payload: str) -> str:
+    """A quick-reply payload as sent: escaped when it could be read as a shared phone."""
+    if _phone_shaped(payload) or payload.startswith(ESCAPED_PAYLOAD):
+        return ESCAPED_PAYLOAD + payload
+    return payload
+
+
+def pressed_quick_reply(payload: str) -> tuple[str | None, str | None]:
+    """(button payload, shared phone) of a quick reply that came back: a payload we
+    escaped is always a button; an unescaped one of a phone's shape is the number of a
+    ``user_phone_number`` quick reply."""
+    if payload.startswith(ESCAPED_PAYLOAD):
+        return payload[len(ESCAPED_PAYLOAD):], None
+    if _phone_shaped(payload):
+        return None, payload
+    return payload, None
 
 
 class ForbiddenSignature(BadSignature):
@@ -151,12 +184,12 @@ class FacebookChannel:
             quick = expect_dict(message.get("quick_reply"), "quick_reply")
             payload = expect_str(quick.get("payload"), "quick_reply.payload")
             if payload:
-                if payload.startswith("+") or payload.isdigit():
-                    profile = Profile(phone=payload)  # user_phone_number reply
-                    return Inbound(**{**common, "profile": profile}, event_id=event_id,
-                                   kind=InboundKind.CONTACT)
+                button, phone = pressed_quick_reply(payload)
+                if phone is not None:  # a user_phone_number quick reply
+                    return Inbound(**{**common, "profile": Profile(phone=phone)},
+                                   event_id=event_id, kind=InboundKind.CONTACT)
                 return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
-                               payload=payload, text=text)
+                               payload=button, text=text)
             attachments = message.get("attachments")
             if attachments is not None and not isinstance(attachments, list):
                 raise BadPayload("message.attachments is not a list")
@@ -271,17 +304,19 @@ class FacebookChannel:
                 else:
                     title = (reply.title or "…")[:QUICK_REPLY_TITLE]
                     replies.append({"content_type": "text", "title": title,
-                                    "payload": reply.payload or title})
+                                    "payload": quick_reply_payload(reply.payload or title)})
             body["quick_replies"] = replies[:MAX_QUICK_REPLIES]
         return body
 
     @staticmethod
     def messaging_type(message: Outgoing) -> dict[str, str]:
-        """RESPONSE answers the customer's message; anything we start is UPDATE, or
-        MESSAGE_TAG with its tag (the only way past the 24-hour window)."""
-        if message.tag:
-            return {"messaging_type": "MESSAGE_TAG", "tag": message.tag}
-        return {"messaging_type": "RESPONSE" if message.in_reply else "UPDATE"}
+        """RESPONSE answers the customer's message (a turn's answer, an agent's reply);
+        anything we start is UPDATE, or MESSAGE_TAG with its tag (the only way past the
+        24-hour window)."""
+        if message.outside_window:
+            return {"messaging_type": "MESSAGE_TAG", "tag": message.outside_window}
+        return {"messaging_type": "RESPONSE" if message.in_reply or message.by_agent
+                else "UPDATE"}
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
         """One message; whatever went wrong comes back as a result without the tokens."""

@@ -61,7 +61,7 @@ VIBER_CAPABILITIES = Capabilities(
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=True, max_cards=6,
     max_card_buttons=2, images=True, max_caption=120, caption_buttons=True, batch_size=300,
     messages_per_second=50.0,
-    per_chat_per_second=math.inf, per_chat_burst=3, reply_window=None, read_receipts=True,
+    per_chat_per_second=math.inf, per_chat_burst=3, reply_window=None,
 )
 EVENT_TYPES = ["delivered", "seen", "failed", "subscribed", "unsubscribed",
                "conversation_started"]
@@ -121,11 +121,8 @@ def _id(value: Any, what: str) -> str:
 
 
 class ViberChannel:
-    """One Viber bot (public account)."""
-
-    # The welcome message travels in the webhook's response: the endpoint holds queued
-    # messages back from the worker until ``reply`` has taken it.
-    replies_carry_messages = True
+    """One Viber bot (public account): a ``Channel`` that ``SupportsSendMany``,
+    ``SupportsMessageReply`` (the welcome message), ``SupportsCheck`` and ``SupportsSetup``."""
 
     name = "viber"
     capabilities = VIBER_CAPABILITIES
@@ -238,8 +235,8 @@ class ViberChannel:
         return [p for p in payloads if isinstance(p, str)] if isinstance(payloads, list) \
             else []
 
-    async def reply(self, request: WebhookRequest,
-                    handled: Sequence[HandledEvent]) -> WebhookReply | None:
+    async def reply_with_message(self, request: WebhookRequest,
+                                 handled: Sequence[HandledEvent]) -> WebhookReply | None:
         """Viber delivers the welcome message of ``conversation_started`` as the webhook's
         response body (the user has not subscribed yet, so it cannot be sent otherwise)."""
         for event in handled:
