@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote, quote_plus
 
 from bot_platform.errors import ConfigError
-from bot_platform.types import Capabilities, Inbound, Outgoing, SendResult
+from bot_platform.types import (
+    Button,
+    Capabilities,
+    Inbound,
+    InboundKind,
+    Outgoing,
+    SendResult,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -173,10 +180,10 @@ class LongPayloads:
 
     PREFIX = "~"
 
-    def __init__(self, kv: KeyValueStore, channel: str, limit: int | None) -> None:
+    def __init__(self, kv: KeyValueStore | None, channel: str, limit: int | None) -> None:
         self.kv = kv
         self.channel = channel
-        self.limit = limit
+        self.limit = limit if kv is not None else None  # nowhere to keep them: as they are
         # "~" + hex digits within the limit (32 of them: 128 bits, when there is room)
         self.digest_size = 16 if limit is None else max(1, min(16, (limit - 1) // 2))
 
@@ -189,6 +196,7 @@ class LongPayloads:
         if self.limit is None or (len(payload.encode()) <= self.limit
                                   and not payload.startswith(self.PREFIX)):
             return payload
+        assert self.kv is not None
         token = self.PREFIX + hashlib.blake2b(
             payload.encode(), digest_size=self.digest_size).hexdigest()
         await self.kv.set(self._key(token), payload)
@@ -196,9 +204,34 @@ class LongPayloads:
 
     async def restore(self, payload: str) -> str:
         """The payload a pressed button's token stands for (as it is when unknown)."""
-        if not payload.startswith(self.PREFIX):
+        if self.kv is None or not payload.startswith(self.PREFIX):
             return payload
         return await self.kv.get(self._key(payload)) or payload
+
+    async def shortened(self, message: Outgoing) -> Outgoing:
+        """``message`` with every button, card button and quick reply payload as it may
+        travel (for adapters that render a message in one synchronous step)."""
+        if self.limit is None:
+            return message
+
+        async def buttons(items: tuple[Button, ...]) -> tuple[Button, ...]:
+            return tuple([b if b.payload is None else b.model_copy(
+                update={"payload": await self.shorten(b.payload)}) for b in items])
+
+        quick = [q.model_copy(update={"payload": await self.shorten(q.payload)})
+                 if q.payload else q for q in message.quick_replies]
+        cards = [c.model_copy(update={"buttons": await buttons(c.buttons)})
+                 for c in message.cards]
+        return message.model_copy(update={"buttons": await buttons(message.buttons),
+                                          "quick_replies": tuple(quick),
+                                          "cards": tuple(cards)})
+
+    async def restored(self, event: Inbound) -> Inbound:
+        """A button press with the payload its token stood for."""
+        if event.kind != InboundKind.BUTTON or not event.payload or \
+                not event.payload.startswith(self.PREFIX):
+            return event
+        return event.model_copy(update={"payload": await self.restore(event.payload)})
 
 
 @dataclass(slots=True)

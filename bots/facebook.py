@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
+    LongPayloads,
     Redactor,
     WebhookReply,
     WebhookRequest,
@@ -43,6 +44,7 @@ from bot_platform.channels import (
 from bot_platform.config import BotConfig
 from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
+from bot_platform.kv import KeyValueStore
 from bot_platform.types import (
     Capabilities,
     Inbound,
@@ -116,8 +118,13 @@ class FacebookChannel:
 
     def __init__(self, bot_id: str, *, page_token: str, app_secret: str, verify_token: str,
                  http: aiohttp.ClientSession, api_base: str = "https://graph.facebook.com",
-                 version: str = "v21.0", get_started: str = GET_STARTED) -> None:
+                 version: str = "v21.0", get_started: str = GET_STARTED,
+                 kv: KeyValueStore | None = None) -> None:
         self.bot_id = bot_id
+        # Payloads over 1,000 characters are kept server-side (room left for the escape).
+        limit = self.capabilities.callback_payload_bytes
+        self.payloads = LongPayloads(kv, self.name,
+                                     None if limit is None else limit - len(ESCAPED_PAYLOAD))
         self.page_token = page_token
         self.app_secret = app_secret
         self.verify_token = verify_token
@@ -163,7 +170,7 @@ class FacebookChannel:
         except ValidationError as error:
             raise BadPayload(f"messaging event: {error.error_count()} invalid value(s)") \
                 from error
-        return events
+        return [await self.payloads.restored(event) for event in events]
 
     def _normalize(self, item: dict[str, Any]) -> Inbound | None:
         sender_id = expect_dict(item.get("sender"), "sender").get("id")
@@ -324,7 +331,7 @@ class FacebookChannel:
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         try:
-            body = self._body(message)
+            body = self._body(await self.payloads.shortened(message))
         except NotOneCall as error:
             return SendResult.failed(f"not fitted to one call: {error}")
         return await self._post({"recipient": {"id": recipient},
@@ -407,5 +414,5 @@ def build(bot: BotConfig, deps: ChannelDeps) -> FacebookChannel:
         verify_token=bot.verify_token.get_secret_value() if bot.verify_token else "",
         http=deps.http, api_base=bot.api_base or "https://graph.facebook.com",
         version=str(bot.options.get("graph_version", "v21.0")),
-        get_started=str(bot.options.get("get_started_payload", GET_STARTED)))
+        get_started=str(bot.options.get("get_started_payload", GET_STARTED)), kv=deps.kv)
 
