@@ -25,16 +25,19 @@ from sqlalchemy import func, select
 from bot_platform.apikeys import create_key
 from bot_platform.channels import (
     BUILTIN_CHANNELS,
+    LOCAL_CHANNELS,
     Channel,
     ChannelDeps,
     SupportsClose,
     WebhookRequest,
     load_channel_factory,
+    messenger_channels,
 )
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.ratelimit import MemoryRateLimiter
 from bot_platform.types import (
     Button,
+    Capabilities,
     Card,
     Inbound,
     InboundKind,
@@ -43,6 +46,7 @@ from bot_platform.types import (
     SendResult,
     SendStatus,
     fit_message,
+    past_window,
 )
 from tests.contract import HARNESSES, DictKV, Harness, load_harness
 
@@ -54,6 +58,29 @@ WORDS = " ".join(f"word{n:04}" for n in range(1000))  # 8,999 characters
 
 def test_every_registered_channel_has_a_harness() -> None:
     assert set(HARNESSES) == set(BUILTIN_CHANNELS)
+
+
+def test_the_admin_api_registers_every_messenger_of_the_registry() -> None:
+    from admin_api.bots import BotCreate
+
+    schema = BotCreate.model_json_schema()["properties"]["channel"]
+    assert schema["enum"] == list(messenger_channels())
+    assert set(messenger_channels()) == set(BUILTIN_CHANNELS) - LOCAL_CHANNELS
+
+
+def test_past_the_reply_window_only_a_pass_lets_a_message_out() -> None:
+    facebook = Capabilities(reply_window=timedelta(hours=24), agent_window_pass="HUMAN_AGENT")
+    plain = Capabilities(reply_window=timedelta(hours=24))
+    tagged = Outgoing(text="shipped", outside_window="POST_PURCHASE_UPDATE")
+    agent = Outgoing(text="Ann here", by_agent=True)
+    assert past_window(Outgoing(text="sale"), facebook) is None
+    assert past_window(tagged, facebook) == tagged
+    assert past_window(agent, facebook) == agent.model_copy(
+        update={"outside_window": "HUMAN_AGENT"})
+    assert past_window(agent, plain) is None  # no pass for agents on this channel
+    # Rows queued before the field was renamed still load.
+    assert Outgoing.model_validate({"text": "x", "tag": "ACCOUNT_UPDATE"}) == Outgoing(
+        text="x", outside_window="ACCOUNT_UPDATE")
 
 
 @pytest.fixture(params=list(HARNESSES))
