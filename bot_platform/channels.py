@@ -190,11 +190,15 @@ class LongPayloads:
     def _key(self, token: str) -> str:
         return f"{self.channel}:payload:{token}"
 
+    def _too_long(self, payload: str | None) -> bool:
+        """Whether ``payload`` cannot travel as it is (one that looks like a token is
+        stored too, so a press never restores the wrong thing)."""
+        return self.limit is not None and payload is not None and (
+            len(payload.encode()) > self.limit or payload.startswith(self.PREFIX))
+
     async def shorten(self, payload: str) -> str:
-        """``payload`` as it may travel (a payload that looks like a token is stored too,
-        so a press never restores the wrong thing)."""
-        if self.limit is None or (len(payload.encode()) <= self.limit
-                                  and not payload.startswith(self.PREFIX)):
+        """``payload`` as it may travel."""
+        if not self._too_long(payload):
             return payload
         assert self.kv is not None
         token = self.PREFIX + hashlib.blake2b(
@@ -211,8 +215,11 @@ class LongPayloads:
     async def shortened(self, message: Outgoing) -> Outgoing:
         """``message`` with every button, card button and quick reply payload as it may
         travel (for adapters that render a message in one synchronous step)."""
-        if self.limit is None:
-            return message
+        if self.limit is None or not any(self._too_long(p) for p in (
+                *(b.payload for b in message.buttons),
+                *(q.payload for q in message.quick_replies),
+                *(b.payload for c in message.cards for b in c.buttons))):
+            return message  # the usual case: nothing to copy
 
         async def buttons(items: tuple[Button, ...]) -> tuple[Button, ...]:
             return tuple([b if b.payload is None else b.model_copy(

@@ -28,6 +28,7 @@ from bot_platform.channels import (
     LOCAL_CHANNELS,
     Channel,
     ChannelDeps,
+    LongPayloads,
     SupportsClose,
     WebhookRequest,
     load_channel_factory,
@@ -116,6 +117,22 @@ async def parse(channel: Channel, webhook: tuple[bytes, dict[str, str]]) -> list
     body, headers = webhook
     return await channel.parse(WebhookRequest(
         "POST", {k.lower(): v for k, v in headers.items()}, {}, body))
+
+
+async def test_long_payloads_travel_as_tokens_and_come_back_whole() -> None:
+    payloads = LongPayloads(DictKV(), "viber", 20)
+    short = Outgoing(text="x", buttons=(Button(title="a", payload="short"),))
+    assert await payloads.shortened(short) is short  # nothing to shorten: no copy
+    long, lookalike = "p" * 30, "~not-a-token"  # the second could pass for a token
+    message = Outgoing(text="x", buttons=(Button(title="a", payload=long),),
+                       quick_replies=(QuickReply(title="q", payload=lookalike),),
+                       cards=(Card(title="c", buttons=(Button(title="b", payload=long),)),))
+    sent = await payloads.shortened(message)
+    tokens = [sent.buttons[0].payload, sent.quick_replies[0].payload,
+              sent.cards[0].buttons[0].payload]
+    assert all(t and len(t.encode()) <= 20 for t in tokens)
+    assert [await payloads.restore(t or "") for t in tokens] == [long, lookalike, long]
+    assert await payloads.restore("~unknown") == "~unknown"
 
 
 # ---- what the person sees ---------------------------------------------------------------
