@@ -339,8 +339,9 @@ class Delivery:
         for row in rows:
             channel = self.channels(row.channel, row.bot_id)
             if (row.broadcast_id is None or row.subscriber_id in more or channel is None
-                    or not isinstance(channel, SupportsSendMany) or row.subscriber_status !=
-                    "subscribed" or channel.capabilities.batch_size < 2):
+                    or row.subscriber_status != "subscribed"
+                    or channel.capabilities.batch_size < 2  # cheaper than the isinstance
+                    or not isinstance(channel, SupportsSendMany)):
                 single.append(row)
                 continue
             key = (row.channel, row.bot_id, row.broadcast_id,
