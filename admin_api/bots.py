@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from admin_api.errors import unprocessable
 from admin_api.security import ADMIN, get_platform, roles
-from bot_platform.channels import BUILTIN_CHANNELS, Redactor
+from bot_platform.channels import BUILTIN_CHANNELS, Redactor, SupportsSetup, messenger_channels
 from bot_platform.models import BotRecord
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class NoSecretEchoRoute(APIRoute):
 
 router = APIRouter(prefix="/bots", tags=["bots"], route_class=NoSecretEchoRoute)
 
-Channel = Literal["telegram", "viber", "facebook"]
+# From the channel registry: a messenger added there can be registered here at once.
+Channel = Literal[messenger_channels()]  # type: ignore[valid-type]
 
 
 class BotCreate(BaseModel):
@@ -120,7 +121,7 @@ def _public(platform: Any, record: BotRecord, webhook: str | None = None) -> Bot
 async def _setup_webhook(platform: Any, channel: str, bot_id: str) -> str | None:
     config, adapter = platform.bot(channel, bot_id), platform.channel(channel, bot_id)
     url = platform.webhook_url(config) if config else None
-    if url is None or not hasattr(adapter, "setup"):
+    if url is None or not isinstance(adapter, SupportsSetup):
         return None if url is None else "not needed"
     try:
         await adapter.setup(url)

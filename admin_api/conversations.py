@@ -211,8 +211,9 @@ async def history(conversation_id: DbId, principal: Principal = current(SUPPORT)
 async def reply(conversation_id: DbId, body: Reply, principal: Principal = current(SUPPORT),
                 platform: Any = Depends(get_platform)) -> ReplyQueued:
     """Send a reply through the customer's messenger (the delivery worker sends it; its
-    status shows in the history). On Facebook it carries the HUMAN_AGENT tag. 409 when
-    the chat is not (or no longer) assigned."""
+    status shows in the history). It goes as an agent's message: on Facebook a
+    response inside the 24-hour window, with the HUMAN_AGENT tag after it (7 days). 409
+    when the chat is not (or no longer) assigned."""
     from bot_platform.types import Button
 
     async with platform.db.session() as session:
@@ -223,7 +224,7 @@ async def reply(conversation_id: DbId, body: Reply, principal: Principal = curre
         message = Outgoing(
             text=body.text, image_url=body.image_url,
             buttons=tuple(Button(title=b.title, url=b.url) for b in body.buttons),
-            tag="HUMAN_AGENT" if subscriber.channel == "facebook" else None)
+            by_agent=True)
         queued = await platform.engine.enqueue(session, subscriber, [(None, message)])
         outbox_ids = [i for i, _ in queued]
         message_ids = (await session.scalars(select(Outbox.message_id).where(

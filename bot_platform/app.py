@@ -29,7 +29,12 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select, text, update
 
-from bot_platform.channels import WebhookRequest, install_log_redaction
+from bot_platform.channels import (
+    SupportsMessageReply,
+    SupportsReply,
+    WebhookRequest,
+    install_log_redaction,
+)
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot, http_status_for
 from bot_platform.metrics import Metrics, WebhookCounter, exposition, may_scrape, metrics_of
 from bot_platform.models import Message, Outbox
@@ -241,17 +246,20 @@ def create_app(platform: Platform) -> FastAPI:
         except BadPayload as error:
             log.warning("malformed webhook for %s/%s: %s", channel, bot_id, error)
             return Response("bad request", status_code=400)
-        reply_hook = getattr(adapter, "reply", None)
         # An adapter whose response may carry a queued message gets its messages held
         # back from the worker until it has chosen (then released at once).
-        holds = getattr(adapter, "replies_carry_messages", False)
+        holds = isinstance(adapter, SupportsMessageReply)
         hold = REPLY_HOLD if holds else None
         handled = [await platform.engine.handle(event, hold=hold) for event in events]
-        if reply_hook is None:
+        if isinstance(adapter, SupportsMessageReply):
+            answer = adapter.reply_with_message
+        elif isinstance(adapter, SupportsReply):
+            answer = adapter.reply
+        else:
             return Response("ok", media_type="text/plain")
         held = [i for h in handled for i in h.outbox_ids] if holds else []
         try:
-            reply = await reply_hook(call, handled)
+            reply = await answer(call, handled)
             if reply is not None and reply.consumed_outbox_ids and not await _take_over(
                     platform, reply.consumed_outbox_ids):
                 reply = None  # the worker was faster (the hold expired): it sends them

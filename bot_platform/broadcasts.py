@@ -345,7 +345,7 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
             continue
         message = _message(variant, subscriber.locale, engine.catalogs.default_locale)
         if broadcast.tag:
-            message = message.model_copy(update={"tag": broadcast.tag})
+            message = message.model_copy(update={"outside_window": broadcast.tag})
         message = await _tracked(session, engine, message, subscriber, broadcast, now)
         sends.append((subscriber, [(None, message)]))
     await engine.enqueue_many(session, sends, broadcast_id=broadcast.id)

@@ -8,21 +8,29 @@ by import string when a bot of that channel is configured.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote, quote_plus
 
 from bot_platform.errors import ConfigError
-from bot_platform.types import Capabilities, Inbound, Outgoing, SendResult
+from bot_platform.types import (
+    Button,
+    Capabilities,
+    Inbound,
+    InboundKind,
+    Outgoing,
+    SendResult,
+)
 
 if TYPE_CHECKING:
     import aiohttp
+    from sqlalchemy import ColumnElement
 
-    from bot_platform.clock import Clock
     from bot_platform.config import BotConfig
     from bot_platform.kv import KeyValueStore
 
@@ -65,11 +73,13 @@ class HandledEvent:
 
 @runtime_checkable
 class Channel(Protocol):
-    """One bot on one messenger.
+    """One bot on one messenger: the whole required contract.
 
     ``parse`` verifies and normalizes a webhook call (raising ``BadSignature`` or
-    ``BadPayload``); ``send`` delivers one message and reports what happened as a
-    ``SendResult`` instead of raising.
+    ``BadPayload``); ``send`` makes exactly one API call for one fitted part
+    (``fit_message``) and reports what happened as a ``SendResult`` instead of raising.
+    Everything else a messenger can do is an optional ``Supports*`` protocol below,
+    checked with ``isinstance``: the core never probes a channel with ``getattr``.
     """
 
     name: str
@@ -81,36 +91,154 @@ class Channel(Protocol):
     async def send(self, recipient: str, message: Outgoing) -> SendResult: ...
 
 
+@runtime_checkable
 class SupportsSendMany(Protocol):
-    """Optional: one API call for many recipients (Viber's ``broadcast_message``)."""
+    """Optional: one API call for many recipients (Viber's ``broadcast_message``), up to
+    ``capabilities.batch_size`` of them; a result per recipient."""
 
     async def send_many(
         self, recipients: Sequence[str], message: Outgoing
     ) -> dict[str, SendResult]: ...
 
 
+@runtime_checkable
+class SupportsCheck(Protocol):
+    """Optional: prove the token and the network at start-up (``getMe``, ``GET /me``).
+    Returns a display name; a refused token raises ``BadToken``, anything else is retried."""
+
+    async def check(self) -> str: ...
+
+
+@runtime_checkable
 class SupportsSetup(Protocol):
     """Optional: register the webhook at the messenger when a public URL is configured."""
 
     async def setup(self, webhook_url: str) -> None: ...
 
 
+InboundHandler = Callable[[Inbound], Awaitable[Any]]
+
+
+@runtime_checkable
+class SupportsPolling(Protocol):
+    """Optional: fetch updates without a public URL (Telegram long polling); runs until
+    cancelled."""
+
+    async def poll(self, handler: InboundHandler) -> None: ...
+
+
+@runtime_checkable
 class SupportsReply(Protocol):
-    """Optional: answer the webhook call itself (Facebook's GET handshake, Viber's welcome
-    message in the ``conversation_started`` response). ``None`` means the default 200."""
+    """Optional: answer the webhook call itself (Facebook's GET handshake, Telegram's
+    ``answerCallbackQuery`` in the response body). ``None`` means the default 200."""
 
     async def reply(
         self, request: WebhookRequest, handled: Sequence[HandledEvent]
     ) -> WebhookReply | None: ...
 
 
-InboundHandler = Callable[[Inbound], Awaitable[Any]]
+@runtime_checkable
+class SupportsMessageReply(Protocol):
+    """Optional: the webhook answer may carry one of the messages the event queued
+    (Viber's welcome message travels in the ``conversation_started`` response: the user
+    has not subscribed yet, so it cannot be sent otherwise). The endpoint holds the
+    event's messages back from the worker until this has chosen, marks the ones it carried
+    (``WebhookReply.consumed_outbox_ids``) sent, and releases the rest at once."""
+
+    async def reply_with_message(
+        self, request: WebhookRequest, handled: Sequence[HandledEvent]
+    ) -> WebhookReply | None: ...
 
 
-class SupportsPolling(Protocol):
-    """Optional: fetch updates without a public URL (Telegram long polling)."""
+@runtime_checkable
+class SupportsClaimScope(Protocol):
+    """Optional: which outbox rows this process may deliver for the channel (the console
+    keeps a terminal user's messages for that user's ``botp chat``)."""
 
-    async def poll(self, handler: InboundHandler) -> None: ...
+    @property
+    def claim_scope(self) -> ColumnElement[bool]: ...
+
+
+@runtime_checkable
+class SupportsClose(Protocol):
+    """Optional: release what the adapter owns (aiogram's own HTTP session)."""
+
+    async def close(self) -> None: ...
+
+
+def connects(channel: Channel) -> bool:
+    """Whether a channel has anything to connect to at start-up (a token to check, a
+    webhook to register, updates to poll): the console has none."""
+    return isinstance(channel, SupportsCheck | SupportsSetup | SupportsPolling)
+
+
+class LongPayloads:
+    """The one button-payload shortener. A payload longer than the channel's
+    ``Capabilities.callback_payload_bytes`` (Telegram's callback data: 64 bytes) travels as
+    a short token, stable for the same payload, and is kept in ``kv`` until the press
+    brings the token back. Flows and agents write payloads of any length."""
+
+    PREFIX = "~"
+
+    def __init__(self, kv: KeyValueStore | None, channel: str, limit: int | None) -> None:
+        self.kv = kv
+        self.channel = channel
+        self.limit = limit if kv is not None else None  # nowhere to keep them: as they are
+        # "~" + hex digits within the limit (32 of them: 128 bits, when there is room)
+        self.digest_size = 16 if limit is None else max(1, min(16, (limit - 1) // 2))
+
+    def _key(self, token: str) -> str:
+        return f"{self.channel}:payload:{token}"
+
+    def _too_long(self, payload: str | None) -> bool:
+        """Whether ``payload`` cannot travel as it is (one that looks like a token is
+        stored too, so a press never restores the wrong thing)."""
+        return self.limit is not None and payload is not None and (
+            len(payload.encode()) > self.limit or payload.startswith(self.PREFIX))
+
+    async def shorten(self, payload: str) -> str:
+        """``payload`` as it may travel."""
+        if not self._too_long(payload):
+            return payload
+        assert self.kv is not None
+        token = self.PREFIX + hashlib.blake2b(
+            payload.encode(), digest_size=self.digest_size).hexdigest()
+        await self.kv.set(self._key(token), payload)
+        return token
+
+    async def restore(self, payload: str) -> str:
+        """The payload a pressed button's token stands for (as it is when unknown)."""
+        if self.kv is None or not payload.startswith(self.PREFIX):
+            return payload
+        return await self.kv.get(self._key(payload)) or payload
+
+    async def shortened(self, message: Outgoing) -> Outgoing:
+        """``message`` with every button, card button and quick reply payload as it may
+        travel (for adapters that render a message in one synchronous step)."""
+        if self.limit is None or not any(self._too_long(p) for p in (
+                *(b.payload for b in message.buttons),
+                *(q.payload for q in message.quick_replies),
+                *(b.payload for c in message.cards for b in c.buttons))):
+            return message  # the usual case: nothing to copy
+
+        async def buttons(items: tuple[Button, ...]) -> tuple[Button, ...]:
+            return tuple([b if b.payload is None else b.model_copy(
+                update={"payload": await self.shorten(b.payload)}) for b in items])
+
+        quick = [q.model_copy(update={"payload": await self.shorten(q.payload)})
+                 if q.payload else q for q in message.quick_replies]
+        cards = [c.model_copy(update={"buttons": await buttons(c.buttons)})
+                 for c in message.cards]
+        return message.model_copy(update={"buttons": await buttons(message.buttons),
+                                          "quick_replies": tuple(quick),
+                                          "cards": tuple(cards)})
+
+    async def restored(self, event: Inbound) -> Inbound:
+        """A button press with the payload its token stood for."""
+        if event.kind != InboundKind.BUTTON or not event.payload or \
+                not event.payload.startswith(self.PREFIX):
+            return event
+        return event.model_copy(update={"payload": await self.restore(event.payload)})
 
 
 @dataclass(slots=True)
@@ -119,9 +247,6 @@ class ChannelDeps:
 
     http: aiohttp.ClientSession | None
     kv: KeyValueStore
-    clock: Clock
-    public_url: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ChannelFactory = Callable[["BotConfig", ChannelDeps], Channel]
@@ -134,6 +259,14 @@ BUILTIN_CHANNELS: dict[str, str] = {
     "viber": "bots.viber:build",
     "facebook": "bots.facebook:build",
 }
+# Channels that live in this process and need no credentials: the admin API registers
+# every other registered channel (``admin_api/bots.py`` reads its list from here).
+LOCAL_CHANNELS = frozenset({"console"})
+
+
+def messenger_channels() -> tuple[str, ...]:
+    """The registered channels bots can be added to through the admin API."""
+    return tuple(name for name in BUILTIN_CHANNELS if name not in LOCAL_CHANNELS)
 
 
 def load_channel_factory(channel: str) -> ChannelFactory:

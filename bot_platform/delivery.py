@@ -45,7 +45,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import aliased
 
-from bot_platform.channels import Channel, redact_secrets
+from bot_platform.channels import Channel, SupportsSendMany, redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error, renew_leases
@@ -54,7 +54,7 @@ from bot_platform.metrics import Metrics
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter
-from bot_platform.types import Outgoing, SendResult, SendStatus
+from bot_platform.types import Outgoing, SendResult, SendStatus, past_window
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +339,9 @@ class Delivery:
         for row in rows:
             channel = self.channels(row.channel, row.bot_id)
             if (row.broadcast_id is None or row.subscriber_id in more or channel is None
-                    or not hasattr(channel, "send_many") or row.subscriber_status !=
-                    "subscribed" or channel.capabilities.batch_size < 2):
+                    or row.subscriber_status != "subscribed"
+                    or channel.capabilities.batch_size < 2  # cheaper than the isinstance
+                    or not isinstance(channel, SupportsSendMany)):
                 single.append(row)
                 continue
             key = (row.channel, row.bot_id, row.broadcast_id,
@@ -367,7 +368,7 @@ class Delivery:
     async def _deliver_many(self, rows: list[ClaimedRow]) -> int:
         first = rows[0]
         channel = self.channels(first.channel, first.bot_id)
-        assert channel is not None
+        assert isinstance(channel, SupportsSendMany)  # _batchable grouped only such rows
         limits = self._limits(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
         delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only,
@@ -432,11 +433,13 @@ class Delivery:
                               skipped=True)
             return SendStatus.BLOCKED
         window = channel.capabilities.reply_window
-        if window is not None and message.tag is None and (
-                row.last_inbound_at is None
-                or self.clock.now() - row.last_inbound_at > window):
-            await self.record(row, SendResult.outside_window())
-            return SendStatus.OUTSIDE_WINDOW
+        if window is not None and (row.last_inbound_at is None
+                                   or self.clock.now() - row.last_inbound_at > window):
+            passed = past_window(message, channel.capabilities)
+            if passed is None:
+                await self.record(row, SendResult.outside_window())
+                return SendStatus.OUTSIDE_WINDOW
+            message = passed
         limits = self._limits(channel, self.bots(row.channel, row.bot_id))
         delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits,
                                       row.urgent)

@@ -21,6 +21,12 @@ from bot_platform import broadcasts
 from bot_platform.channels import (
     Channel,
     ChannelDeps,
+    SupportsCheck,
+    SupportsClaimScope,
+    SupportsClose,
+    SupportsPolling,
+    SupportsSetup,
+    connects,
     load_channel_factory,
     redact_secrets,
 )
@@ -109,8 +115,7 @@ class Platform:
         self.catalogs = Catalogs.load(self.settings.locales_dir, self.settings.default_locale)
         self.flows = load_flows(self.settings, self.catalogs)
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        self.deps = ChannelDeps(http=self.http, kv=self.kv, clock=self.clock,
-                                public_url=self.settings.public_url)
+        self.deps = ChannelDeps(http=self.http, kv=self.kv)
         for key, bot in self.bots.items():
             if key not in self.channels:
                 self.channels[key] = load_channel_factory(bot.channel)(bot, self.deps)
@@ -130,8 +135,8 @@ class Platform:
                             self.settings.worker, self.worker_id)
         # A channel may keep some of its rows from this process (the console: a terminal
         # user's messages are shown only by that user's ``botp chat``).
-        scopes = [scope for adapter in self.channels.values()
-                  if (scope := getattr(adapter, "claim_scope", None)) is not None]
+        scopes = [adapter.claim_scope for adapter in self.channels.values()
+                  if isinstance(adapter, SupportsClaimScope)]
         if scopes:
             delivery.claim_scope = and_(*scopes)
         self.worker = Worker(scheduler, delivery, self.settings.worker.poll_interval,
@@ -276,8 +281,7 @@ class Platform:
             runner = self._runners.get(key)
             if runner is not None and runner[0] is adapter and not runner[1].done():
                 continue
-            if not (hasattr(adapter, "check") or hasattr(adapter, "poll")
-                    or hasattr(adapter, "setup")):
+            if not connects(adapter):
                 continue  # the console: nothing to connect to
             task = asyncio.create_task(self._run_bot(key, adapter),
                                        name=f"bot {key[0]}/{key[1]}")
@@ -298,7 +302,7 @@ class Platform:
         except Exception:  # it had failed: it is stopped either way
             pass
 
-    async def _run_bot(self, key: tuple[str, str], adapter: Any) -> None:
+    async def _run_bot(self, key: tuple[str, str], adapter: Channel) -> None:
         """Check the bot, then poll it (no public URL) or register its webhook; whatever
         fails is logged, naming the bot (never its token), and tried again with backoff:
         a poller that dies is restarted."""
@@ -307,9 +311,8 @@ class Platform:
         while True:
             stage = "start-up check"
             try:
-                check = getattr(adapter, "check", None)
-                if check is not None:
-                    name = await check()
+                if isinstance(adapter, SupportsCheck):
+                    name = await adapter.check()
                     self.bot_status[key] = f"connected: {name}"
                     log.info("connected: %s (%s, bot id %s)", name, channel, bot_id)
                 delay = self.RETRY_FIRST
@@ -318,12 +321,12 @@ class Platform:
                 bot = self.bots.get(key)
                 url = self.webhook_url(bot) if bot is not None else None
                 if url is not None:
-                    if hasattr(adapter, "setup"):
+                    if isinstance(adapter, SupportsSetup):
                         stage = "webhook registration"
                         await adapter.setup(url)
                         log.info("webhook of %s/%s registered: %s", channel, bot_id, url)
                     return
-                if not hasattr(adapter, "poll"):
+                if not isinstance(adapter, SupportsPolling):
                     return
                 stage = "poller"
                 log.info("polling: %s bot %s (no public URL: BOTP_PUBLIC_URL unset)",
@@ -353,9 +356,8 @@ class Platform:
         return {(bot.channel, bot.id) for bot in self.settings.all_bots()}
 
     async def _close_channel(self, adapter: Channel) -> None:
-        close = getattr(adapter, "close", None)
-        if close is not None:
-            await close()
+        if isinstance(adapter, SupportsClose):
+            await adapter.close()
 
     async def _listen_for_work(self, stop: asyncio.Event) -> None:
         """Workers on PostgreSQL wake when another process queues messages."""
@@ -400,10 +402,9 @@ class Platform:
         for key in list(self._runners):
             await self._stop_runner(key)
         for adapter in self.channels.values():
-            close = getattr(adapter, "close", None)
-            if close is not None:
+            if isinstance(adapter, SupportsClose):
                 try:
-                    await close()
+                    await adapter.close()
                 except Exception:  # closing must go on for the rest
                     log.exception("closing %s/%s failed", adapter.name, adapter.bot_id)
         if self.http is not None:

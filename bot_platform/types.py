@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import enum
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from bot_platform.text import storable, utf16_len
 
@@ -35,8 +35,8 @@ class InboundKind(enum.StrEnum):
     START = "start"  # the user started the bot / opened the chat (``ref`` = deep-link payload)
     SUBSCRIBED = "subscribed"  # the user (re)subscribed without a start (Viber, unblock)
     UNSUBSCRIBED = "unsubscribed"  # the user blocked the bot or unsubscribed
-    CONTACT = "contact"  # the user shared a phone number (``payload['phone']``)
-    MEDIA = "media"  # a photo, file, sticker, location... (``payload`` describes it)
+    CONTACT = "contact"  # the user shared a phone number (``profile.phone``)
+    MEDIA = "media"  # a photo, file, sticker, location... (``data`` describes it)
     DELIVERED = "delivered"  # a message we sent reached the device (``message_ids``)
     READ = "read"  # the user read messages we sent (``message_ids`` or ``watermark``)
     FAILED = "failed"  # the messenger reports a message we sent as failed
@@ -182,11 +182,18 @@ class Outgoing(BaseModel):
     quick_replies: tuple[QuickReply, ...] = ()
     image_url: str | None = None
     cards: tuple[Card, ...] = ()
-    tag: str | None = None  # Facebook message tag, allowed outside the 24-hour window
+    # What lets the message out after the channel's reply window closed: a message tag
+    # (Facebook's POST_PURCHASE_UPDATE), or a template name for channels that need one.
+    # Read as ``tag`` too: rows queued before it had this name.
+    outside_window: str | None = Field(
+        default=None, validation_alias=AliasChoices("outside_window", "tag"))
     # A direct answer to the customer's message, queued in the turn that handled it.
-    # False for everything else (broadcasts, timers, shop events, fallbacks, agents):
+    # False for everything else (broadcasts, timers, shop events, fallbacks):
     # Facebook sends those as UPDATE, never RESPONSE.
     in_reply: bool = False
+    # Written by a person (a support agent): inside the reply window it answers the
+    # customer; past it, it goes with the channel's ``agent_window_pass`` if there is one.
+    by_agent: bool = False
     extras: dict[str, Any] = Field(default_factory=dict)  # channel-specific additions
 
 
@@ -244,7 +251,9 @@ class Capabilities:
     text_units: Literal["chars", "utf16"] = "chars"  # what max_text_length counts
     max_buttons: int = 8  # inline buttons on one message
     max_button_title: int = 64
-    callback_payload_bytes: int | None = None  # None: unlimited
+    # The longest button payload the messenger carries back (bytes); a longer one is kept
+    # server-side under a short token (``channels.LongPayloads``). None: unlimited.
+    callback_payload_bytes: int | None = None
     url_buttons: bool = True
     quick_replies: bool = True
     max_quick_replies: int = 10
@@ -264,8 +273,20 @@ class Capabilities:
     per_chat_per_second: float = 1.0
     per_chat_burst: int = 3
     reply_window: timedelta | None = None  # Facebook: 24 h since the user's last message
-    read_receipts: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # What an agent's message carries past ``reply_window`` (Facebook: the HUMAN_AGENT tag,
+    # good for 7 days); None: agents' messages obey the window like any other.
+    agent_window_pass: str | None = None
+
+
+def past_window(message: Outgoing, caps: Capabilities) -> Outgoing | None:
+    """The message as it may go out after the channel's reply window closed: with its own
+    pass (a tag, a template), an agent's with the channel's pass for agents; None when it
+    may not go at all (the delivery worker skips it as ``outside_window``)."""
+    if message.outside_window is not None:
+        return message
+    if message.by_agent and caps.agent_window_pass is not None:
+        return message.model_copy(update={"outside_window": caps.agent_window_pass})
+    return None
 
 
 _NO_CUT_BEFORE = frozenset("\u200d\ufe0e\ufe0f")  # ZWJ, text/emoji variation selectors
@@ -363,7 +384,8 @@ def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
         buttons.extend(Button(title=q.title, payload=q.payload) for q in message.quick_replies
                        if q.request is None and q.payload)
 
-    common: dict[str, Any] = {"tag": message.tag, "in_reply": message.in_reply,
+    common: dict[str, Any] = {"outside_window": message.outside_window,
+                              "in_reply": message.in_reply, "by_agent": message.by_agent,
                               "extras": message.extras}
     parts: list[Outgoing] = []
     utf16 = caps.text_units == "utf16"

@@ -8,8 +8,15 @@ skips untagged messages to subscribers whose last message is older (``outside_wi
 the customer's message (``Outgoing.in_reply``: queued by the turn that handled it),
 ``UPDATE`` for everything sent on our own initiative inside the window (broadcasts,
 timers, shop events, channel fallbacks, AI answers from a job), and ``MESSAGE_TAG`` with
-the message's tag (``Outgoing.tag``: agents' replies carry ``HUMAN_AGENT``, allowed for
-7 days after the customer's last message).
+the message's tag (``Outgoing.outside_window``). An agent's reply (``Outgoing.by_agent``)
+is a ``RESPONSE`` inside the window; past it the delivery worker gives it the
+``HUMAN_AGENT`` tag (``Capabilities.agent_window_pass``), allowed for 7 days after the
+customer's last message.
+
+A pressed quick reply comes back with its payload; the ``user_phone_number`` one comes
+back with the phone number as its payload. So a payload of ours that could pass for a
+phone number ("+380501234567", "9") is sent behind ``ESCAPED_PAYLOAD`` and read back as
+the button it is: only a payload we did not write that has a phone's shape is a contact.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import math
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -28,6 +36,7 @@ from pydantic import ValidationError
 from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
+    LongPayloads,
     Redactor,
     WebhookReply,
     WebhookRequest,
@@ -35,6 +44,7 @@ from bot_platform.channels import (
 from bot_platform.config import BotConfig
 from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
+from bot_platform.kv import KeyValueStore
 from bot_platform.types import (
     Capabilities,
     Inbound,
@@ -51,15 +61,40 @@ FACEBOOK_CAPABILITIES = Capabilities(
     max_text_length=2000, max_buttons=3, max_button_title=20, callback_payload_bytes=1000,
     url_buttons=True, quick_replies=True, max_quick_replies=13, carousels=True, max_cards=10,
     max_card_buttons=3, images=True, max_caption=0, caption_buttons=False,
-    max_button_text=640,  # a button template's text batch_size=1, messages_per_second=250.0,
-    per_chat_per_second=math.inf, per_chat_burst=3,
-    reply_window=timedelta(hours=24), read_receipts=True,
+    max_button_text=640,  # a button template's text
+    batch_size=1, messages_per_second=250.0, per_chat_per_second=math.inf, per_chat_burst=3,
+    reply_window=timedelta(hours=24), agent_window_pass="HUMAN_AGENT",
 )
 BUTTON_TITLE = 20
 QUICK_REPLY_TITLE = 20
 MAX_QUICK_REPLIES = 13
 GET_STARTED = "GET_STARTED"
 RATE_LIMIT_CODES = {4, 17, 32, 613}
+# A shared phone number: digits (at least 7) with the separators people and Facebook write.
+PHONE_SHAPE = re.compile(r"^\+?[\d\s().-]{7,40}$")
+ESCAPED_PAYLOAD = "btn:"  # before our quick-reply payloads that a phone would look like
+
+
+def _phone_shaped(payload: str) -> bool:
+    return bool(PHONE_SHAPE.match(payload)) and sum(c.isdigit() for c in payload) >= 7
+
+
+def quick_reply_payload(payload: str) -> str:
+    """A quick-reply payload as sent: escaped when it could be read as a shared phone."""
+    if _phone_shaped(payload) or payload.startswith(ESCAPED_PAYLOAD):
+        return ESCAPED_PAYLOAD + payload
+    return payload
+
+
+def pressed_quick_reply(payload: str) -> tuple[str | None, str | None]:
+    """(button payload, shared phone) of a quick reply that came back: a payload we
+    escaped is always a button; an unescaped one of a phone's shape is the number of a
+    ``user_phone_number`` quick reply."""
+    if payload.startswith(ESCAPED_PAYLOAD):
+        return payload[len(ESCAPED_PAYLOAD):], None
+    if _phone_shaped(payload):
+        return None, payload
+    return payload, None
 
 
 class ForbiddenSignature(BadSignature):
@@ -83,8 +118,13 @@ class FacebookChannel:
 
     def __init__(self, bot_id: str, *, page_token: str, app_secret: str, verify_token: str,
                  http: aiohttp.ClientSession, api_base: str = "https://graph.facebook.com",
-                 version: str = "v21.0", get_started: str = GET_STARTED) -> None:
+                 version: str = "v21.0", get_started: str = GET_STARTED,
+                 kv: KeyValueStore | None = None) -> None:
         self.bot_id = bot_id
+        # Payloads over 1,000 characters are kept server-side (room left for the escape).
+        limit = self.capabilities.callback_payload_bytes
+        self.payloads = LongPayloads(kv, self.name,
+                                     None if limit is None else limit - len(ESCAPED_PAYLOAD))
         self.page_token = page_token
         self.app_secret = app_secret
         self.verify_token = verify_token
@@ -130,7 +170,7 @@ class FacebookChannel:
         except ValidationError as error:
             raise BadPayload(f"messaging event: {error.error_count()} invalid value(s)") \
                 from error
-        return events
+        return [await self.payloads.restored(event) for event in events]
 
     def _normalize(self, item: dict[str, Any]) -> Inbound | None:
         sender_id = expect_dict(item.get("sender"), "sender").get("id")
@@ -151,12 +191,12 @@ class FacebookChannel:
             quick = expect_dict(message.get("quick_reply"), "quick_reply")
             payload = expect_str(quick.get("payload"), "quick_reply.payload")
             if payload:
-                if payload.startswith("+") or payload.isdigit():
-                    profile = Profile(phone=payload)  # user_phone_number reply
-                    return Inbound(**{**common, "profile": profile}, event_id=event_id,
-                                   kind=InboundKind.CONTACT)
+                button, phone = pressed_quick_reply(payload)
+                if phone is not None:  # a user_phone_number quick reply
+                    return Inbound(**{**common, "profile": Profile(phone=phone)},
+                                   event_id=event_id, kind=InboundKind.CONTACT)
                 return Inbound(**common, event_id=event_id, kind=InboundKind.BUTTON,
-                               payload=payload, text=text)
+                               payload=button, text=text)
             attachments = message.get("attachments")
             if attachments is not None and not isinstance(attachments, list):
                 raise BadPayload("message.attachments is not a list")
@@ -271,17 +311,19 @@ class FacebookChannel:
                 else:
                     title = (reply.title or "…")[:QUICK_REPLY_TITLE]
                     replies.append({"content_type": "text", "title": title,
-                                    "payload": reply.payload or title})
+                                    "payload": quick_reply_payload(reply.payload or title)})
             body["quick_replies"] = replies[:MAX_QUICK_REPLIES]
         return body
 
     @staticmethod
     def messaging_type(message: Outgoing) -> dict[str, str]:
-        """RESPONSE answers the customer's message; anything we start is UPDATE, or
-        MESSAGE_TAG with its tag (the only way past the 24-hour window)."""
-        if message.tag:
-            return {"messaging_type": "MESSAGE_TAG", "tag": message.tag}
-        return {"messaging_type": "RESPONSE" if message.in_reply else "UPDATE"}
+        """RESPONSE answers the customer's message (a turn's answer, an agent's reply);
+        anything we start is UPDATE, or MESSAGE_TAG with its tag (the only way past the
+        24-hour window)."""
+        if message.outside_window:
+            return {"messaging_type": "MESSAGE_TAG", "tag": message.outside_window}
+        return {"messaging_type": "RESPONSE" if message.in_reply or message.by_agent
+                else "UPDATE"}
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
         """One message; whatever went wrong comes back as a result without the tokens."""
@@ -289,7 +331,7 @@ class FacebookChannel:
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         try:
-            body = self._body(message)
+            body = self._body(await self.payloads.shortened(message))
         except NotOneCall as error:
             return SendResult.failed(f"not fitted to one call: {error}")
         return await self._post({"recipient": {"id": recipient},
@@ -372,5 +414,5 @@ def build(bot: BotConfig, deps: ChannelDeps) -> FacebookChannel:
         verify_token=bot.verify_token.get_secret_value() if bot.verify_token else "",
         http=deps.http, api_base=bot.api_base or "https://graph.facebook.com",
         version=str(bot.options.get("graph_version", "v21.0")),
-        get_started=str(bot.options.get("get_started_payload", GET_STARTED)))
+        get_started=str(bot.options.get("get_started_payload", GET_STARTED)), kv=deps.kv)
 

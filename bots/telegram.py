@@ -7,9 +7,10 @@ aiogram's ``Update`` model and normalized; callback queries are answered once ha
 the client's spinner stops.
 
 Outbound: HTML parse mode with every text escaped; inline keyboards (callback data over
-64 bytes is kept server-side under a short token); URL buttons; reply keyboards for quick
-replies (with "share phone"); photos with captions; carousels as photo cards; texts split at
-4096 UTF-16 code units (Telegram's unit: an emoji counts 2), captions at 1024. Errors become
+64 bytes, ``callback_payload_bytes``, is kept server-side: ``channels.LongPayloads``); URL
+buttons; reply keyboards for quick replies (with "share phone"); photos with captions;
+carousels as photo cards; texts split at 4096 UTF-16 code units (Telegram's unit: an emoji
+counts 2), captions at 1024. Errors become
 ``SendResult``s: ``TelegramRetryAfter`` -> retry_after, forbidden -> blocked, bad request ->
 failed, network/5xx -> transient.
 """
@@ -17,7 +18,6 @@ failed, network/5xx -> transient.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import html
 import json
@@ -56,6 +56,7 @@ from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
     InboundHandler,
+    LongPayloads,
     Redactor,
     WebhookReply,
     WebhookRequest,
@@ -84,11 +85,9 @@ TELEGRAM_CAPABILITIES = Capabilities(
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=False,
     max_cards=10, max_card_buttons=3, images=True, max_caption=1024, caption_buttons=True,
     batch_size=1, messages_per_second=30.0,
-    per_chat_per_second=1.0, per_chat_burst=3, reply_window=None, read_receipts=False,
+    per_chat_per_second=1.0, per_chat_burst=3, reply_window=None,
 )
 CAPTION_LIMIT = TELEGRAM_CAPABILITIES.max_caption or 1024
-CALLBACK_LIMIT = 64
-LONG_PAYLOAD_PREFIX = "~"
 ALLOWED_UPDATES = ["message", "callback_query", "my_chat_member"]
 SECRET_HEADER = "x-telegram-bot-api-secret-token"
 
@@ -130,6 +129,7 @@ class TelegramChannel:
         self.webhook_secret = webhook_secret
         self.capabilities = capabilities
         self.poll_timeout = poll_timeout
+        self.payloads = LongPayloads(kv, self.name, capabilities.callback_payload_bytes)
         self.retry_first, self.retry_max = 1.0, 60.0  # seconds between polling retries
         # The token travels in every API URL (``/bot<token>/``): client errors carry it.
         self.redact = Redactor(bot.token, bot.token.partition(":")[2], webhook_secret)
@@ -206,9 +206,7 @@ class TelegramChannel:
     async def _from_callback(self, query: CallbackQuery, event_id: str) -> Inbound | None:
         if query.message is None:
             return None
-        payload = query.data or ""
-        if payload.startswith(LONG_PAYLOAD_PREFIX):
-            payload = await self.kv.get(self._payload_key(payload)) or payload
+        payload = await self.payloads.restore(query.data or "")
         common = self._common(query.message.chat.id, query.from_user, event_id, None)
         return Inbound(kind=InboundKind.BUTTON, payload=payload,
                        data={"callback_query_id": query.id}, **common)
@@ -322,19 +320,6 @@ class TelegramChannel:
 
     # ---- outbound ----------------------------------------------------------------------
 
-    @staticmethod
-    def _payload_key(token: str) -> str:
-        return f"telegram:payload:{token}"
-
-    async def _callback_data(self, payload: str) -> str:
-        if len(payload.encode()) <= CALLBACK_LIMIT and not payload.startswith(
-                LONG_PAYLOAD_PREFIX):
-            return payload
-        token = LONG_PAYLOAD_PREFIX + hashlib.blake2b(payload.encode(),
-                                                      digest_size=16).hexdigest()
-        await self.kv.set(self._payload_key(token), payload)
-        return token
-
     async def _markup(self, message: Outgoing, buttons: Sequence[Any] | None = None) -> Any:
         buttons = message.buttons if buttons is None else buttons
         if buttons:
@@ -345,7 +330,7 @@ class TelegramChannel:
                 else:
                     # callback_data must be 1-64 bytes: a button with no payload
                     # (an agent's) answers with its title.
-                    data = await self._callback_data(button.payload or button.title)
+                    data = await self.payloads.shorten(button.payload or button.title)
                     rows.append([InlineKeyboardButton(text=button.title, callback_data=data)])
             return InlineKeyboardMarkup(inline_keyboard=rows)
         if message.quick_replies:

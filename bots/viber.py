@@ -36,6 +36,7 @@ from viberbot.api.messages import PictureMessage, RichMediaMessage, TextMessage
 from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
+    LongPayloads,
     Redactor,
     WebhookReply,
     WebhookRequest,
@@ -43,6 +44,7 @@ from bot_platform.channels import (
 from bot_platform.config import BotConfig
 from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
+from bot_platform.kv import KeyValueStore
 from bot_platform.types import (
     Capabilities,
     Card,
@@ -61,7 +63,7 @@ VIBER_CAPABILITIES = Capabilities(
     url_buttons=True, quick_replies=True, max_quick_replies=24, carousels=True, max_cards=6,
     max_card_buttons=2, images=True, max_caption=120, caption_buttons=True, batch_size=300,
     messages_per_second=50.0,
-    per_chat_per_second=math.inf, per_chat_burst=3, reply_window=None, read_receipts=True,
+    per_chat_per_second=math.inf, per_chat_burst=3, reply_window=None,
 )
 EVENT_TYPES = ["delivered", "seen", "failed", "subscribed", "unsubscribed",
                "conversation_started"]
@@ -121,19 +123,18 @@ def _id(value: Any, what: str) -> str:
 
 
 class ViberChannel:
-    """One Viber bot (public account)."""
-
-    # The welcome message travels in the webhook's response: the endpoint holds queued
-    # messages back from the worker until ``reply`` has taken it.
-    replies_carry_messages = True
+    """One Viber bot (public account): a ``Channel`` that ``SupportsSendMany``,
+    ``SupportsMessageReply`` (the welcome message), ``SupportsCheck`` and ``SupportsSetup``."""
 
     name = "viber"
     capabilities = VIBER_CAPABILITIES
 
     def __init__(self, bot_id: str, *, token: str, http: aiohttp.ClientSession,
                  api_base: str = "https://chatapi.viber.com/pa", sender_name: str = "Bot",
-                 sender_avatar: str | None = None) -> None:
+                 sender_avatar: str | None = None, kv: KeyValueStore | None = None) -> None:
         self.bot_id = bot_id
+        # An ActionBody holds 250 characters: longer payloads are kept server-side.
+        self.payloads = LongPayloads(kv, self.name, self.capabilities.callback_payload_bytes)
         self.token = token
         self.redact = Redactor(token)  # errors and logs never carry the auth token
         self.http = http
@@ -156,7 +157,7 @@ class ViberChannel:
         except ValidationError as error:
             raise BadPayload(f"Viber {body['event']} event: {error.error_count()} "
                              "invalid value(s)") from error
-        return [event] if event is not None else []
+        return [await self.payloads.restored(event)] if event is not None else []
 
     def _user(self, data: dict[str, Any]) -> tuple[str, Profile]:
         user = expect_dict(data.get("sender") or data.get("user"), "sender/user")
@@ -238,14 +239,14 @@ class ViberChannel:
         return [p for p in payloads if isinstance(p, str)] if isinstance(payloads, list) \
             else []
 
-    async def reply(self, request: WebhookRequest,
-                    handled: Sequence[HandledEvent]) -> WebhookReply | None:
+    async def reply_with_message(self, request: WebhookRequest,
+                                 handled: Sequence[HandledEvent]) -> WebhookReply | None:
         """Viber delivers the welcome message of ``conversation_started`` as the webhook's
         response body (the user has not subscribed yet, so it cannot be sent otherwise)."""
         for event in handled:
             if event.inbound.kind == InboundKind.START and event.replies and \
                     not event.duplicate:
-                body = self._body(event.replies[0])
+                body = self._body(await self.payloads.shortened(event.replies[0]))
                 body["sender"] = self.sender
                 return WebhookReply(body=json.dumps(body).encode(),
                                     content_type="application/json",
@@ -366,7 +367,7 @@ class ViberChannel:
 
     async def _send_one(self, recipient: str, message: Outgoing) -> SendResult:
         try:
-            body = self._body(message)
+            body = self._body(await self.payloads.shortened(message))
         except NotOneCall as error:
             return SendResult.failed(f"not fitted to one call: {error}")
         try:
@@ -387,7 +388,7 @@ class ViberChannel:
         """One call per batch of receivers (a row is in exactly one call)."""
         results: dict[str, SendResult] = {}
         try:
-            body = self._body(message)
+            body = self._body(await self.payloads.shortened(message))
         except NotOneCall as error:
             return dict.fromkeys(recipients, SendResult.failed(
                 f"not fitted to one call: {error}"))
@@ -445,4 +446,4 @@ def build(bot: BotConfig, deps: ChannelDeps) -> ViberChannel:
     return ViberChannel(bot.id, token=bot.token.get_secret_value(), http=deps.http,
                         api_base=bot.api_base or "https://chatapi.viber.com/pa",
                         sender_name=str(bot.options.get("sender_name", "Bot")),
-                        sender_avatar=bot.options.get("sender_avatar"))
+                        sender_avatar=bot.options.get("sender_avatar"), kv=deps.kv)

@@ -162,7 +162,7 @@ async def test_outside_reply_window_skipped_unless_tagged(make_platform) -> None
         subscriber = await session.scalar(select(Subscriber))
         queued = await platform.engine.enqueue(session, subscriber, [
             (None, Outgoing(text="promo")),
-            (None, Outgoing(text="your order shipped", tag="POST_PURCHASE_UPDATE"))])
+            (None, Outgoing(text="your order shipped", outside_window="POST_PURCHASE_UPDATE"))])
     await platform.drain()
     rows = {r.id: r for r in await outbox_rows(platform)}
     untagged, tagged = (rows[i] for i, _ in queued)

@@ -124,7 +124,7 @@ async def test_outside_the_24_hour_window_only_tagged_messages_go(facebook, grap
         subscriber = await session.scalar(select(Subscriber))
         queued = await facebook.engine.enqueue(session, subscriber, [
             (None, Outgoing(text="Spring sale!")),
-            (None, Outgoing(text="Your order has shipped", tag="POST_PURCHASE_UPDATE"))])
+            (None, Outgoing(text="Your order has shipped", outside_window="POST_PURCHASE_UPDATE"))])
     await facebook.drain()
     async with facebook.db.session() as session:
         rows = {r.id: r for r in (await session.scalars(select(Outbox))).all()}
@@ -308,14 +308,15 @@ async def test_a_flow_timer_goes_out_as_update(facebook, graph) -> None:
     assert graph.refused() == []
 
 
-async def test_agent_replies_carry_human_agent_and_stop_after_seven_days(
+async def test_agent_replies_respond_in_the_window_then_carry_human_agent_for_7_days(
         facebook, graph) -> None:
+    """An agent's reply inside the 24-hour window is a RESPONSE (not a tag it does not
+    need); past the window it carries HUMAN_AGENT; past 7 days Facebook refuses it."""
     from bot_platform.apikeys import create_key
 
     await post(facebook, webhook(get_started()))
     await post(facebook, webhook(event("PSID1", 2, message={"mid": "m-2", "text": "human"})))
-    await facebook.drain()
-    graph.settle()
+    await facebook.drain()  # no settle: the person's "human" is answered by the agent
     _, key = await create_key(facebook.db, name="ann", role="agent",
                               now=facebook.clock.now())
     async with facebook.http_client() as client:
@@ -326,11 +327,17 @@ async def test_agent_replies_carry_human_agent_and_stop_after_seven_days(
         await client.post(f"{path}/messages", json={"text": "Hi, Ann here."})
         await facebook.drain()
         last = graph.sent("PSID1")[-1].body
+        assert (last["messaging_type"], last.get("tag")) == ("RESPONSE", None)
+        facebook.clock.advance(timedelta(hours=25))
+        await client.post(f"{path}/messages", json={"text": "Sorry for the wait."})
+        await facebook.drain()
+        last = graph.sent("PSID1")[-1].body
         assert (last["messaging_type"], last["tag"]) == ("MESSAGE_TAG", "HUMAN_AGENT")
-        facebook.clock.advance(timedelta(days=8))
+        facebook.clock.advance(timedelta(days=7))
         await client.post(f"{path}/messages", json={"text": "Still there?"})
         await facebook.drain()
-    assert graph.messages("PSID1")[-1] == {"text": "Hi, Ann here."}
+    assert graph.messages("PSID1")[-2:] == [{"text": "Hi, Ann here."},
+                                            {"text": "Sorry for the wait."}]
     [late] = graph.refused()
     assert late.body["message"] == {"text": "Still there?"}
     assert (await outbox_errors(facebook))[-1].startswith("outside_window")

@@ -7,7 +7,9 @@ import hashlib
 from dataclasses import dataclass
 
 PAYLOAD_PREFIX = "f:"
-_PAYLOAD_LIMIT = 64  # Telegram's callback_data limit, the tightest of our messengers
+# Payloads over this used to be hashed here; buttons already sent may still carry such a
+# token. Shortening is the channel's now (``channels.LongPayloads``, from Capabilities).
+_LEGACY_HASHED_OVER = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,19 +23,19 @@ class ButtonRef:
 
 
 class PayloadCodec:
-    """Short, stable payloads for flow buttons. Deterministic from the flow definitions, so
-    a payload sent before a restart still resolves after it; long ones become hashes."""
+    """Stable payloads for flow buttons. Deterministic from the flow definitions, so a
+    payload sent before a restart still resolves after it. A channel whose messenger
+    carries shorter payloads shortens them itself (``Capabilities.callback_payload_bytes``)."""
 
     def __init__(self) -> None:
         self._by_token: dict[str, str] = {}
 
     def encode(self, ref: ButtonRef) -> str:
         raw = f"{PAYLOAD_PREFIX}{ref.flow}:{ref.state}:{ref.kind[0]}{ref.index}"
-        if len(raw.encode()) <= _PAYLOAD_LIMIT:
-            return raw
-        token = f"{PAYLOAD_PREFIX}#{hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()}"
-        self._by_token[token] = raw
-        return token
+        if len(raw.encode()) > _LEGACY_HASHED_OVER:  # still understood when pressed
+            digest = hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+            self._by_token[f"{PAYLOAD_PREFIX}#{digest}"] = raw
+        return raw
 
     def decode(self, payload: str | None) -> ButtonRef | None:
         if not payload or not payload.startswith(PAYLOAD_PREFIX):

@@ -19,7 +19,8 @@ the person's last message and HUMAN_AGENT/CUSTOMER_FEEDBACK after 7 days (code 1
 subcode 2018278). And, stricter than Facebook (which trusts the sender), RESPONSE is
 accepted only while the person's message is being answered: ``received`` opens that
 turn, ``settle`` closes every open turn (call it once the direct answers were delivered),
-so a broadcast, timer, fallback or agent reply sent as RESPONSE is refused.
+so a broadcast, timer or fallback sent as RESPONSE is refused. (An agent's reply answers
+the person who asked for one: a test leaves that turn open.)
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ class FakeRelayServer(LoopbackServer):
         self.delay = 0.0  # seconds before answering (a slow messenger)
         self.hang_after: int | None = None  # after this many messages, hang (until closed)
         self.fail_next: list[int] = []  # HTTP statuses to answer with, in order
+        # The nth /send (from 1) -> an HTTP status: a fault on a later part of a message.
+        self.send_faults: dict[int, int] = {}
+        self.blocked: set[str] = set()  # recipients answered 403 (they blocked the bot)
+        self.attempts = 0  # /send requests answered, faults included
         self._ids = itertools.count(1)
 
     async def _send(self, request: web.Request) -> web.Response:
@@ -37,8 +41,13 @@ class FakeRelayServer(LoopbackServer):
             if asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(0.05)
-        if self.fail_next:
-            return web.Response(status=self.fail_next.pop(0), headers={"Retry-After": "1"})
+        self.attempts += 1
+        fault = self.send_faults.pop(self.attempts, 0) or (
+            self.fail_next.pop(0) if self.fail_next else 0)
+        if fault:
+            return web.Response(status=fault, headers={"Retry-After": "1"})
+        if body.get("recipient") in self.blocked:
+            return web.Response(status=403)
         self.received.append(body)
         return web.json_response({"message_id": f"relay-{next(self._ids)}"})
 
