@@ -61,15 +61,32 @@ _PERCENT = re.compile(
     rf"(?P<n1>{_NUM})[ \u00a0\u202f]?(?:%|٪|％|{_NO_LETTER_BEFORE}(?:per ?cent|pct|"
     rf"відсот\w*|процент\w*|procent\w*){_NO_LETTER_AFTER}|(?:بال|في ال)(?:مئة|مائة))"
     rf"|(?:%|٪)[ \u00a0\u202f]?(?P<n2>{_NUM})", re.IGNORECASE)
+# "fifty euros", "двадцять відсотків": an amount in words cannot be compared with the
+# catalog, so a number word right before a currency or a percent sign is always a claim.
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|"
+    r"forty|fifty|sixty|seventy|eighty|ninety|hundred|thousand|million|half|"
+    r"од[иі]н|одна|дв|три|чотир|п['’ʼ]?ят|шіст|шість|сім|вісім|дев['’ʼ]?ят|десят|сорок|"
+    r"сто|трист|тисяч|мільйон|половин|"
+    r"jed|dw|trzy|trzech|czter|pięć|pięt|sześ|szes|siedem|siedm|osiem|osm|dziewię|"
+    r"dziesię|sto|tysi|milion|pół|"
+    r"واحد|اثن|ثلاث|أربع|اربع|خمس|ست|سبع|ثمان|تسع|عشر|مئ|مائ|ألف|الف|مليون|نصف)"
+    r"[\w'’ʼ]*")
+_AMOUNT_IN_WORDS = re.compile(
+    rf"(?<![\w'’ʼ]){_NUMBER_WORD}[ \u00a0-]?(?:(?P<cur>{_CUR})|%|٪|"
+    rf"{_NO_LETTER_BEFORE}(?:per ?cent|pct|відсот\w*|процент\w*|procent\w*)"
+    rf"{_NO_LETTER_AFTER}|(?:بال|في ال)(?:مئة|مائة))", re.IGNORECASE)
 # "costs 50", "ціна 50": a price without a currency is still a price.
 _PRICE_WORD = re.compile(
     rf"(?<!\w)(?:costs?|priced?|prices|коштує|коштують|коштуватиме|ціна|ціною|вартість|"
     rf"kosztuje|kosztują|cena|ceną|koszt|يكلف|تكلف|بسعر|سعر|السعر|سعره|سعرها)(?!\w)"
-    rf"\W{{0,3}}(?:[^\W\d]+\W{{1,3}}){{0,2}}?(?P<n>{_NUM})", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+    rf"\W{{0,3}}(?:[^\W\d]+\W{{1,3}}){{0,6}}?(?P<n>{_NUM})", re.IGNORECASE)
+# A quoted local part ("refunds"@example.com) is an address as well.
+_EMAIL = re.compile(r"(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+(?:\.[\w-]+)+")
 _URL = re.compile(
     r"(?:https?://|www\.)[^\s<>\"'«»()\[\]]+"
-    r"|(?<![\w@.-])(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}(?![\w@-])"
+    # A bare domain, also internationalised (магазин.рф, ціни.укр).
+    r"|(?<![\w@.-])(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_]{2,}(?![\w@-])"
     r"(?:/[^\s<>\"'«»()\[\]]*)?", re.IGNORECASE)
 _PHONE = re.compile(r"(?<![\w+])\+?\(?\d(?:[\s().\-]{0,2}\d){6,}")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -150,6 +167,22 @@ def currency_code(text: str | None) -> str | None:
     return _CURRENCY_OF.get(text.strip().casefold(), text.strip().upper())
 
 
+# Persian letters Arabic spells otherwise (یورو = يورو).
+_PERSIAN = str.maketrans({"\u06cc": "\u064a", "\u06a9": "\u0643"})
+
+
+def plain(text: str, *, fold: bool = False) -> str:
+    """``text`` as the customer would see it and the checks read it: NFKC (fullwidth
+    "２９" and "＠" become "29" and "@"), without control and format characters (NUL,
+    zero-width spaces and joiners, bidi overrides, soft hyphens) or lone surrogates, which
+    can hide a fact from a pattern or break a messenger. Newlines and tabs stay. ``fold``
+    also spells Persian letters the Arabic way, for matching only."""
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    return text.translate(_PERSIAN) if fold else text
+
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     kind: str
@@ -167,6 +200,7 @@ def _mask(text: str, start: int, end: int) -> str:
 def extract(text: str) -> list[_Found]:
     """Every fact-like span of ``text``, longest kinds first so a URL's digits are no phone
     and a price is no phone either."""
+    text = plain(text, fold=True)
     found: list[_Found] = []
     for kind, pattern in (("email", _EMAIL), ("url", _URL)):
         for m in pattern.finditer(text):
@@ -181,6 +215,9 @@ def extract(text: str) -> list[_Found]:
     for m in _PERCENT.finditer(text):
         found.append(_Found("percent", m.group(), m.start(),
                             parse_number(m.group("n1") or m.group("n2"))))
+        text = _mask(text, m.start(), m.end())
+    for m in _AMOUNT_IN_WORDS.finditer(text):
+        found.append(_Found("money" if m.group("cur") else "percent", m.group(), m.start()))
         text = _mask(text, m.start(), m.end())
     for m in _PRICE_WORD.finditer(text):
         found.append(_Found("money", m.group(), m.start(), parse_number(m.group("n"))))
@@ -298,6 +335,7 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
     percentage must be one of a cited entry's the same way. Codes, links, phones and
     emails must appear in a cited or named source.
     """
+    answer = plain(answer, fold=True)
     products = [s for s in [*cited, *catalog] if s.product]
     faq = [(s, _stems(f"{s.title} {s.text}")) for s in cited if not s.product]
     named = [p for p in products if _mentions(answer, p)]

@@ -1,0 +1,147 @@
+"""An outside audit of the AI answers (issue 17): fresh adversarial cases driven through
+the grounding check and end to end (engine -> ai_reply job -> assistant -> fake model ->
+console messenger), each one a way an invented fact, a crash or personal data got past
+the checks before it was fixed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bot_platform.ai.assistant import Assistant, make_client, mask_pii
+from bot_platform.ai.budget import MemoryTokenBudget
+from bot_platform.ai.grounding import unsupported
+from bot_platform.ai.knowledge import Knowledge
+from bot_platform.models import AiBudget, Job
+from tests.conftest import ROOT
+from tests.fakes.openai_api import FakeOpenAIServer, Reply
+from tests.test_ai import CATALOG, DELIVERY, RETURNS, RICH, SERUM, settings_for
+from tests.test_engine import Chat
+
+CITED = [DELIVERY, RETURNS, RICH, SERUM]
+
+
+def claims(answer: str) -> list[str]:
+    return [c.kind for c in unsupported(answer, CITED, CATALOG, question="how much is it?")]
+
+
+@pytest.mark.parametrize("answer", [
+    # A zero-width space splits an invented code into a known word and a number.
+    "Use code FREE\u200b100 today.",
+    "Use code FREE\u2060100 today.",  # word joiner
+    # A quoted local part is still an email address.
+    'Write to "refunds"@example.com.',
+    # A bare internationalised domain is a link.
+    "Our cheaper shop is магазин.рф now.",
+    "Buy it at ціни.укр today.",
+    # A price word a few words before the number.
+    "The price of the Rich moisturiser is now 50.",
+    "Ціна на крем Rich moisturiser тепер лише 50.",
+    # Amounts and discounts in words.
+    "The Rich moisturiser costs fifty euros.",
+    "New customers get twenty percent off.",
+    "Rich moisturiser коштує п'ятдесят гривень.",
+    "Rich moisturiser kosztuje pięćdziesiąt złotych.",
+    "سعر Rich moisturiser خمسون يورو.",
+    # Persian letters in the currency word, Persian digits.
+    "سعر Rich moisturiser هو ۵۰ یورو.",
+    # Fullwidth at sign.
+    "Write to refunds＠evil-shop.example now.",
+])
+def test_more_invented_facts_are_refused(answer: str) -> None:
+    assert claims(answer)
+
+
+@pytest.mark.parametrize("answer", [
+    "The Rich moisturiser costs 29\u200b.00 EUR.",  # an invisible character is not a fact
+    "سعر Rich moisturiser هو ۲۹ یورو.",
+    "We ship within 24 hours; the price includes VAT.",
+    "Write to support@example.com within thirty days.",
+    "Rich moisturiser costs ２９ EUR.",
+])
+def test_true_facts_still_pass(answer: str) -> None:
+    assert claims(answer) == []
+
+
+def test_masking_sees_through_invisible_and_fullwidth_characters() -> None:
+    assert mask_pii("mail ann\u200b@example.com") == "mail <email>"
+    assert mask_pii("mail ann＠example.com") == "mail <email>"
+    assert mask_pii("call 050\u200b111\u200b22\u200b33") == "call <phone>"
+
+
+# --- End to end ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake() -> Any:
+    async with FakeOpenAIServer() as server:
+        yield server
+
+
+async def ready_chat(make_platform: Any, fake: FakeOpenAIServer, **overrides: Any) -> Chat:
+    platform = await make_platform(ai=settings_for(fake, **overrides))
+    chat = Chat(platform)
+    await chat.say("/start")
+    await chat.say("1")
+    return chat
+
+
+@pytest.mark.parametrize(("text", "delivered"), [
+    ("We ship\x00 within 24 hours.", "We ship within 24 hours."),
+    ("We ship within 24 hours.\ud800", "We ship within 24 hours."),
+    ("We \u202eship\u202c within 24 hours.", "We ship within 24 hours."),
+])
+async def test_control_characters_and_lone_surrogates_never_reach_the_customer(
+        make_platform, fake, text: str, delivered: str) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.script(Reply(raw=json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant",
+                                                               "content": json.dumps({
+                                                                   "action": "answer",
+                                                                   "text": text,
+                                                                   "confidence": 0.9})}}]}),
+                      content_type="application/json"))
+    [message] = await chat.say("when do you ship?")
+    assert message.text == delivered
+
+
+async def test_an_invisible_answer_is_no_answer(make_platform, fake) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.reply_json(action="answer", confidence=0.9, text="\u200b\u200d\u2060 \ufeff")
+    [message] = await chat.say("when do you ship?")
+    assert message.text.startswith("Sorry, I did not get")
+    async with chat.platform.db.session() as session:
+        result = await session.scalar(select(Job.result).where(Job.kind == "ai_reply"))
+    assert result == "fallback:empty_answer"
+
+
+@pytest.mark.parametrize("usage", [10**20, -5, True, {"total_tokens": 10**30}])
+async def test_absurd_usage_neither_raises_nor_spends_the_month(make_platform, fake,
+                                                                usage: Any) -> None:
+    chat = await ready_chat(make_platform, fake, monthly_token_budget=100_000)
+    fake.script(Reply(content=json.dumps({"action": "answer", "confidence": 0.9,
+                                          "text": "We ship within 24 hours."}), usage=usage))
+    [message] = await chat.say("when do you ship?")
+    assert message.text == "We ship within 24 hours."
+    async with chat.platform.db.session() as session:
+        row = await session.scalar(select(AiBudget))
+    request = fake.requests[-1]
+    from bot_platform.ai.budget import reservation
+    assert 0 < row.spent <= reservation(request["messages"], request["max_tokens"])
+    assert row.reserved == 0
+
+
+async def test_absurd_usage_in_memory_is_bounded_too(fake) -> None:
+    settings = settings_for(fake)
+    client = make_client(settings)
+    budget = MemoryTokenBudget()
+    try:
+        fake.script(Reply(content='{"action": "unknown"}', usage=10**15))
+        await Assistant(settings, client, Knowledge.load(ROOT / "faq"), budget).decide(
+            "x", locale="en", intents={}, bot_id="b", now=None)
+    finally:
+        await client.close()
+    assert 0 < sum(budget.used.values()) < 10_000
