@@ -5,7 +5,9 @@ the checks before it was fixed."""
 
 from __future__ import annotations
 
+import gzip
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from bot_platform.ai.assistant import Assistant, make_client, mask_pii
 from bot_platform.ai.budget import MemoryTokenBudget
 from bot_platform.ai.grounding import unsupported
 from bot_platform.ai.knowledge import Knowledge
-from bot_platform.models import AiBudget, Job
+from bot_platform.models import AiBudget, Conversation, Job
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
 from tests.test_ai import CATALOG, DELIVERY, RETURNS, RICH, SERUM, settings_for
@@ -145,3 +147,108 @@ async def test_absurd_usage_in_memory_is_bounded_too(fake) -> None:
     finally:
         await client.close()
     assert 0 < sum(budget.used.values()) < 10_000
+
+
+def completion(content: str) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                           "role": "assistant", "content": content}}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                 "total_tokens": 2}}).encode()
+
+
+SHIP = json.dumps({"action": "answer", "confidence": 0.9, "text": "We ship within 24 hours."})
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(raw=b"\xff\xfe{\x00\x80 not utf-8", content_type="application/json"),
+    Reply(raw=gzip.compress(b"not json at all"), content_type="application/json",
+          headers={"Content-Encoding": "gzip"}),
+    Reply(raw=b"garbage", content_type="application/json", headers={"Content-Encoding": "gzip"}),
+    Reply(json={"error": {"message": "slow down"}}, status=429),
+    Reply(raw="", status=200, content_type="application/json"),
+    Reply(raw="null", status=200, content_type="application/json"),
+    Reply(raw=completion(json.dumps({"action": "answer", "confidence": 0.9,
+                                     "text": "x" * 50_000})),
+          content_type="application/json"),
+])
+async def test_broken_bodies_end_in_the_fallback(make_platform, fake, reply: Reply) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.script(reply)
+    [message] = await chat.say("when do you ship?")
+    assert message.text.startswith("Sorry, I did not get")
+
+
+async def test_a_gzip_body_is_read(make_platform, fake) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.script(Reply(raw=gzip.compress(completion(SHIP)), content_type="application/json",
+                      headers={"Content-Encoding": "gzip"}))
+    assert [m.text for m in await chat.say("when do you ship?")] == ["We ship within 24 hours."]
+
+
+async def test_retry_after_is_not_waited_for(make_platform, fake) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.script(Reply(raw='{"error": {"message": "busy"}}', status=429,
+                      content_type="application/json", headers={"Retry-After": "3600"}),
+                Reply(raw='{"error": {"message": "down"}}', status=503,
+                      content_type="application/json", headers={"Retry-After": "60"}))
+    assert (await chat.say("when do you ship?"))[0].text.startswith("Sorry, I did not get")
+    assert (await chat.say("when do you ship?"))[0].text.startswith("Sorry, I did not get")
+    assert len(fake.requests) == 2  # no retries
+
+
+async def test_a_burst_from_one_subscriber_stays_within_the_hourly_limit(make_platform,
+                                                                          fake) -> None:
+    chat = await ready_chat(make_platform, fake, answers_per_hour=2)
+    fake.responder = lambda body: SHIP
+    fake.latency = 0.05
+    for n in range(8):  # all queued before any is answered
+        await chat.platform.engine.handle(chat.console.inbound(chat.user, f"ship {n}?",
+                                                               chat.profile))
+    await chat.platform.drain()
+    assert len(fake.requests) == 2
+    assert [m.text for m in chat.new()].count("We ship within 24 hours.") == 2
+
+
+async def test_the_budget_starts_again_next_month(make_platform, fake) -> None:
+    chat = await ready_chat(make_platform, fake, monthly_token_budget=3000)
+    fake.responder = lambda body: Reply(content=SHIP, usage=2500)
+    assert (await chat.say("when do you ship?"))[0].text == "We ship within 24 hours."
+    assert (await chat.say("when do you ship?"))[0].text.startswith("Sorry")
+    assert len(fake.requests) == 1
+    await chat.wait(timedelta(days=31))  # 2026-01-01 -> February
+    assert (await chat.say("when do you ship?"))[0].text == "We ship within 24 hours."
+    async with chat.platform.db.session() as session:
+        months = (await session.scalars(select(AiBudget.month).order_by(AiBudget.month))).all()
+    assert months == ["2026-01", "2026-02"]
+
+
+HIDDEN = {
+    "email": "ann\u200b@example.org",
+    "fullwidth email": "bob＠example.org",
+    "arabic phone": "٠٥٠١١١٢٢٣٣",
+    "card": "4111\u200b1111\u200b1111\u200b1111",
+    "quoted email": '"carl"@example.org',
+}
+
+
+async def test_disguised_personal_data_is_masked_everywhere(make_platform, fake,
+                                                            caplog) -> None:
+    chat = await ready_chat(make_platform, fake)
+    fake.reply_json(action="escalate", confidence=1)
+    text = "refund me: " + ", ".join(HIDDEN.values())
+    with caplog.at_level("DEBUG", logger="bot_platform"):
+        await chat.say(text)
+    sent = json.dumps(fake.requests, ensure_ascii=False)
+    async with chat.platform.db.session() as session:
+        stored = json.dumps((await session.scalars(select(Job.payload).where(
+            Job.kind == "ai_reply"))).all(), ensure_ascii=False)
+        conversation = await session.scalar(select(Conversation))
+    stored += json.dumps([conversation.data, conversation.summary], ensure_ascii=False)
+    logged = "\n".join(r.getMessage() for r in caplog.records
+                       if r.name.startswith("bot_platform"))  # not the SQL driver's echo
+    for what, value in HIDDEN.items():
+        core = value.replace("\u200b", "").replace("＠", "@").strip('"')
+        for where, seen in (("model", sent), ("stored", stored), ("logs", logged)):
+            assert value not in seen and core not in seen, (what, where)
+            assert "example.org" not in seen and "1111" not in seen, (what, where)
