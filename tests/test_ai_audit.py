@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from bot_platform.ai.assistant import Assistant, make_client, mask_pii
+from bot_platform.ai.assistant import Assistant, make_client, mask_pii, to_source
 from bot_platform.ai.budget import MemoryTokenBudget
 from bot_platform.ai.grounding import unsupported
-from bot_platform.ai.knowledge import Knowledge
-from bot_platform.models import AiBudget, Conversation, Job
+from bot_platform.ai.knowledge import Knowledge, LiveKnowledge
+from bot_platform.catalog import ProductIn, upsert_products
+from bot_platform.clock import ManualClock
+from bot_platform.database import Database
+from bot_platform.models import AiBudget, Conversation, Job, Product
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
 from tests.test_ai import CATALOG, DELIVERY, RETURNS, RICH, SERUM, settings_for
@@ -252,3 +256,66 @@ async def test_disguised_personal_data_is_masked_everywhere(make_platform, fake,
         for where, seen in (("model", sent), ("stored", stored), ("logs", logged)):
             assert value not in seen and core not in seen, (what, where)
             assert "example.org" not in seen and "1111" not in seen, (what, where)
+
+
+# --- Knowledge ------------------------------------------------------------------------
+
+PRODUCT = {"sku": "rich", "title": "Rich moisturiser", "url": "https://shop.example.com/rich",
+           "price": 29.0, "currency": "EUR", "tags": ["dry skin"]}
+
+
+async def test_a_product_out_of_stock_or_deleted_is_no_longer_offered(tmp_path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/k.sqlite3")
+    await db.create_all()
+    clock = ManualClock()
+    live = LiveKnowledge(db, tmp_path / "no-faq", "en", every=2.0, clock=clock)
+    try:
+        await upsert_products(db, [ProductIn(**PRODUCT)], clock.now())
+        await live.refresh(force=True)
+        assert [p.title for p in live.knowledge.search("rich moisturiser", "en")] == [
+            "Rich moisturiser"]
+        await upsert_products(db, [ProductIn(**{**PRODUCT, "in_stock": False})], clock.now())
+        clock.advance(timedelta(seconds=2))
+        assert await live.refresh()
+        assert live.knowledge.search("rich moisturiser", "en") == []
+        assert live.knowledge.products == []
+        # Its old price is no fact any more: the name does not make it sayable.
+        said = "The Rich moisturiser costs 29 EUR."
+        assert unsupported(said, [], [to_source(p) for p in live.knowledge.products])
+        async with db.session() as session:
+            await session.execute(delete(Product))
+        await upsert_products(db, [ProductIn(**{**PRODUCT, "sku": "serum",
+                                                "title": "Vitamin C serum"})], clock.now())
+        clock.advance(timedelta(seconds=2))
+        assert await live.refresh()
+        assert [p.title for p in live.knowledge.products] == ["Vitamin C serum"]
+    finally:
+        await db.close()
+
+
+async def test_an_faq_file_replaced_atomically_is_seen(tmp_path) -> None:
+    """A deploy that renames a new file over the old one, keeping size and modification
+    time (rsync -a, cp -p, a tar extract), still reaches the index."""
+    faq = tmp_path / "faq"
+    faq.mkdir()
+    old = faq / "en.yaml"
+    old.write_text("- question: Do you ship to Mars?\n  answer: Only on Tuesdays.\n",
+                   encoding="utf-8")
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/k.sqlite3")
+    await db.create_all()
+    clock = ManualClock()
+    live = LiveKnowledge(db, faq, "en", every=2.0, clock=clock)
+    try:
+        await live.refresh(force=True)
+        new = tmp_path / "en.yaml.new"
+        new.write_text("- question: Do you ship to Mars?\n  answer: Only on Thursday.\n",
+                       encoding="utf-8")
+        stat = old.stat()
+        assert new.stat().st_size == stat.st_size
+        os.utime(new, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.replace(new, old)
+        clock.advance(timedelta(seconds=2))
+        assert await live.refresh()
+        assert live.knowledge.search("ship to mars", "en")[0].text == "Only on Thursday."
+    finally:
+        await db.close()
