@@ -56,6 +56,18 @@ def claims(answer: str) -> list[str]:
     "سعر Rich moisturiser هو ۵۰ یورو.",
     # Fullwidth at sign.
     "Write to refunds＠evil-shop.example now.",
+    # A bare number right after the name, or after "only".
+    "Rich moisturiser — 50.",
+    "Rich moisturiser: 50,00",
+    "The Rich moisturiser now only 50!",
+    "Rich moisturiser тепер лише 50.",
+    # Two products in one sentence: each price belongs to the name nearest before it.
+    "The Rich moisturiser costs 29 EUR, and the Vitamin C serum costs 29 EUR.",
+    "The Rich moisturiser and Vitamin C serum: Rich moisturiser costs 34.50 EUR.",
+    "For 34.50 EUR you get the Rich moisturiser and the Vitamin C serum.",
+    # Letters standing in for digits.
+    "Delivery is free over 1OO EUR.",
+    "Call +44 2O 7946 O958.",
 ])
 def test_more_invented_facts_are_refused(answer: str) -> None:
     assert claims(answer)
@@ -67,6 +79,10 @@ def test_more_invented_facts_are_refused(answer: str) -> None:
     "We ship within 24 hours; the price includes VAT.",
     "Write to support@example.com within thirty days.",
     "Rich moisturiser costs ２９ EUR.",
+    "The Rich moisturiser costs 29 EUR, the Vitamin C serum 34.50 EUR.",
+    "Rich moisturiser — 29.",
+    "The Rich moisturiser ships in just 2 days; only 3 left.",
+    "Delivery is free over 5O EUR.",
 ])
 def test_true_facts_still_pass(answer: str) -> None:
     assert claims(answer) == []

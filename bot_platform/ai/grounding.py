@@ -82,6 +82,15 @@ _PRICE_WORD = re.compile(
     rf"kosztuje|kosztują|cena|ceną|koszt|يكلف|تكلف|بسعر|سعر|السعر|سعره|سعرها)(?!\w)"
     rf"\W{{0,3}}(?:[^\W\d]+\W{{1,3}}){{0,6}}?(?P<n>{_NUM})", re.IGNORECASE)
 # A quoted local part ("refunds"@example.com) is an address as well.
+# "now only 50!", "лише 50": a number after such a word is a price, unless a duration or
+# a quantity follows ("in just 2 days", "only 3 left").
+_PRICE_CUE = re.compile(
+    rf"(?<!\w)(?:only|just|лише|тільки|всього|усього|tylko|jedyne|zaledwie|فقط)\W{{1,3}}"
+    rf"(?P<n>{_NUM})(?!\d|[.,\u066b\u066c]\d)(?![ \u00a0]?\d)(?![ \u00a0]?(?:[-–]|to\b|"
+    rf"days?|hours?|h\b|hrs?|weeks?|months?|years?|min|ml|g\b|kg|pcs|pieces?|items?|"
+    rf"left|times?|people|customers|дн|доб|год|тиж|міс|рок|мл|г\b|шт|раз|"
+    rf"dni|dzie|godz|tydz|tygod|miesi|lat|szt|raz|يوم|أيام|ايام|ساع|أسبوع|اسبوع|شهر|مل|قطع))",
+    re.IGNORECASE)
 _EMAIL = re.compile(r"(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+(?:\.[\w-]+)+")
 _URL = re.compile(
     r"(?:https?://|www\.)[^\s<>\"'«»()\[\]]+"
@@ -171,16 +180,25 @@ def currency_code(text: str | None) -> str | None:
 _PERSIAN = str.maketrans({"\u06cc": "\u064a", "\u06a9": "\u0643"})
 
 
+# O, o, l, I (Latin and Cyrillic) inside a run with at least one digit and no other letter.
+_LOOKALIKE = str.maketrans("OoОоlIІ", "0000111")
+_LOOKALIKE_RUN = re.compile(r"(?<![^\W\d_])[\dOoОоlIІ]*\d[\dOoОоlIІ]*(?![^\W\d_])")
+
+
 def plain(text: str, *, fold: bool = False) -> str:
     """``text`` as the customer would see it and the checks read it: NFKC (fullwidth
     "２９" and "＠" become "29" and "@"), without control and format characters (NUL,
     zero-width spaces and joiners, bidi overrides, soft hyphens) or lone surrogates, which
     can hide a fact from a pattern or break a messenger. Newlines and tabs stay. ``fold``
-    also spells Persian letters the Arabic way, for matching only."""
+    also spells Persian letters the Arabic way and reads letters standing in for digits
+    in a run of digits as digits ("5O EUR", "+44 2O 7946 O958"), for matching only."""
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     text = unicodedata.normalize("NFKC", text)
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    return text.translate(_PERSIAN) if fold else text
+    if not fold:
+        return text
+    text = _LOOKALIKE_RUN.sub(lambda m: m.group().translate(_LOOKALIKE), text)
+    return text.translate(_PERSIAN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,9 +237,10 @@ def extract(text: str) -> list[_Found]:
     for m in _AMOUNT_IN_WORDS.finditer(text):
         found.append(_Found("money" if m.group("cur") else "percent", m.group(), m.start()))
         text = _mask(text, m.start(), m.end())
-    for m in _PRICE_WORD.finditer(text):
-        found.append(_Found("money", m.group(), m.start(), parse_number(m.group("n"))))
-        text = _mask(text, m.start("n"), m.end("n"))
+    for pattern in (_PRICE_WORD, _PRICE_CUE):
+        for m in pattern.finditer(text):
+            found.append(_Found("money", m.group(), m.start(), parse_number(m.group("n"))))
+            text = _mask(text, m.start("n"), m.end("n"))
     for m in _PHONE.finditer(text):
         if not _DATE.match(m.group()):
             found.append(_Found("phone", m.group(), m.start()))
@@ -345,18 +364,57 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
         here = [p for p in products if _mentions(sentence, p)]
         words = _stems(sentence) if here else _stems(sentence) | _stems(question)
         about = [f for f, stems in faq if words & stems or (cited_by_model and not here)]
-        for found in extract(sentence):
+        for found in [*extract(sentence), *_after_titles(sentence, here)]:
             if found.kind in ("money", "percent"):
                 ok = any(_same_amount(found, a.value, a.currency)
                          for f in about for a in _amounts(f, found.kind))
                 if found.kind == "money":
                     ok = ok or any(_same_amount(found, _money(p.price), p.currency)
-                                   for p in here)
+                                   for p in _nearest(sentence, here, found.start))
             else:
                 ok = facts.supports(found)
             if not ok:
                 claims.append(Claim(found.kind, found.text))
     return claims
+
+
+def _after_titles(sentence: str, products: Sequence[Source]) -> list[_Found]:
+    """"Rich moisturiser — 50", "Rich moisturiser: 50,00": a bare number right after a
+    product's name is its price (an amount with a currency or a price word is already
+    found by ``extract``)."""
+    found = []
+    text = plain(sentence, fold=True)
+    for product in products:
+        pattern = (rf"{re.escape(product.title)}[ \t]*[:=—–-][ \t]*(?P<n>{_NUM})"
+                   rf"(?!\w|[.,'\u066b\u066c\u00a0 ]\d|[ \u00a0]?(?:{_CUR}|%|٪))")
+        for m in re.finditer(pattern, text, re.IGNORECASE):
+            found.append(_Found("money", m.group(), m.start("n"), parse_number(m.group("n"))))
+    return found
+
+
+def _title_words(sentence: str, product: Source) -> list[int]:
+    """Where the words of ``product``'s name stand in ``sentence``."""
+    title = _stems(product.title)
+    return [m.start() for m in re.finditer(r"[^\W\d_]{3,}", sentence)
+            if m.group().casefold()[:5] in title]
+
+
+def _nearest(sentence: str, products: list[Source], at: int) -> list[Source]:
+    """The products a price at ``at`` can belong to: the one named nearest before it (or,
+    when none is, nearest after it). "The Rich moisturiser costs 29 EUR, the Vitamin C
+    serum 29 EUR" gives the serum the cream's price: refused."""
+    if len(products) < 2:
+        return products
+    text = plain(sentence, fold=True)
+    before = {id(p): max((i for i in _title_words(text, p) if i < at), default=-1)
+              for p in products}
+    after = {id(p): min((i for i in _title_words(text, p) if i > at), default=len(text))
+             for p in products}
+    best = max(before.values())
+    if best >= 0:
+        return [p for p in products if before[id(p)] == best]
+    first = min(after.values())
+    return [p for p in products if after[id(p)] == first]
 
 
 def _money(price: float | None) -> Decimal | None:
