@@ -335,3 +335,36 @@ async def test_an_faq_file_replaced_atomically_is_seen(tmp_path) -> None:
         assert live.knowledge.search("ship to mars", "en")[0].text == "Only on Thursday."
     finally:
         await db.close()
+
+
+@pytest.mark.parametrize("masking", [True, False])
+async def test_a_question_with_nul_and_lone_surrogates_still_reaches_the_model(
+        make_platform, fake, masking: bool) -> None:
+    chat = await ready_chat(make_platform, fake, mask_personal_data=masking)
+    fake.script(SHIP)
+    assert [m.text for m in await chat.say("when do\x00 you ship?\ud83d")] == [
+        "We ship within 24 hours."]
+    asked = fake.user_text()
+    assert asked.startswith("when do you ship?")
+    assert not any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in asked)
+
+
+async def test_refs_and_other_fields_never_put_their_values_into_the_answer(fake) -> None:
+    settings = settings_for(fake)
+    client = make_client(settings)
+    products = [{"title": "Rich moisturiser", "price": 29.0, "currency": "EUR",
+                 "url": "https://shop.example.com/rich", "description": "dry skin"}]
+    assistant = Assistant(settings, client, Knowledge.load(ROOT / "faq", products))
+    try:
+        fake.reply_json(action="answer", confidence=0.9, text="It suits dry skin.",
+                        refs=["https://evil.example.net/1", {"url": "https://evil.example"},
+                              -1, 10**100, 1.5, "NaN", [[1]], None, True, "1e9"],
+                        url="https://evil.example.net", price="1 EUR",
+                        intent="https://evil.example.net")
+        decision = await assistant.decide("rich moisturiser for dry skin?", locale="en",
+                                          intents={}, bot_id="b")
+    finally:
+        await client.close()
+    assert decision.kind == "answer"
+    assert "evil" not in decision.text and "1 EUR" not in decision.text
+    assert decision.text.startswith("It suits dry skin.")

@@ -136,7 +136,8 @@ class Assistant:
             brand=self.settings.brand, locale=locale, context=context,
             intents="\n".join(f"  {name}: {about}" for name, about in intents.items())
             or "  (none)")
-        question = mask_pii(text) if self.settings.mask_personal_data else text
+        # No NUL or lone surrogate reaches the model's JSON, masked or not.
+        question = mask_pii(text) if self.settings.mask_personal_data else plain(text)
         messages = [{"role": "system", "content": prompt}, {"role": "user", "content": question}]
         # Reserve the call's maximum first: concurrent calls cannot all pass one check.
         reserved = reservation(messages, self.settings.max_tokens,
