@@ -12,11 +12,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import delete, select
 
 from bot_platform.ai.assistant import Assistant, make_client, mask_pii, to_source
 from bot_platform.ai.budget import MemoryTokenBudget
-from bot_platform.ai.grounding import unsupported
+from bot_platform.ai.grounding import Source, unsupported
 from bot_platform.ai.knowledge import Knowledge, LiveKnowledge
 from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.clock import ManualClock
@@ -24,7 +26,16 @@ from bot_platform.database import Database
 from bot_platform.models import AiBudget, Conversation, Job, Product
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
-from tests.test_ai import CATALOG, DELIVERY, RETURNS, RICH, SERUM, settings_for
+from tests.test_ai import (
+    CATALOG,
+    DELIVERY,
+    RETURNS,
+    RICH,
+    SERUM,
+    SOURCES,
+    fact,
+    settings_for,
+)
 from tests.test_engine import Chat
 
 CITED = [DELIVERY, RETURNS, RICH, SERUM]
@@ -368,3 +379,29 @@ async def test_refs_and_other_fields_never_put_their_values_into_the_answer(fake
     assert decision.kind == "answer"
     assert "evil" not in decision.text and "1 EUR" not in decision.text
     assert decision.text.startswith("It suits dry skin.")
+
+
+INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u202e", "\x00"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fact(), st.lists(st.tuples(st.integers(0, 200), st.sampled_from(INVISIBLE)),
+                        max_size=4), st.booleans())
+def test_invisible_characters_and_fullwidth_forms_change_no_verdict(
+        said: tuple[str, bool], inserts: list[tuple[int, str]], wide: bool) -> None:
+    sentence, true = said
+    for at, char in inserts:
+        at %= len(sentence) + 1
+        sentence = sentence[:at] + char + sentence[at:]
+    if wide:  # digits, letters and signs as fullwidth forms
+        sentence = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" and c not in "." else c
+                           for c in sentence)
+    assert (unsupported(sentence, SOURCES, CATALOG) == []) == true, sentence
+
+
+def test_a_percentage_in_a_product_name_is_that_products_fact() -> None:
+    retinol = Source("Retinol serum 0.5%", "Price: 39.00 EUR. night", 39.0, "EUR",
+                     "https://shop.example.com/retinol", product=True)
+    assert unsupported("The Retinol serum 0.5% costs 39 EUR.", [retinol], [retinol]) == []
+    assert [c.kind for c in unsupported("The Retinol serum 0.5% is 20% off.", [retinol],
+                                        [retinol])] == ["percent"]

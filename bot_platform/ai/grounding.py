@@ -371,6 +371,9 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
                 if found.kind == "money":
                     ok = ok or any(_same_amount(found, _money(p.price), p.currency)
                                    for p in _nearest(sentence, here, found.start))
+                else:  # "Retinol serum 0.5%": a percentage in a named product's own text
+                    ok = ok or any(_same_amount(found, a.value, None)
+                                   for p in here for a in _amounts(p, "percent"))
             else:
                 ok = facts.supports(found)
             if not ok:
