@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 
 from bot_platform.ai.assistant import Assistant, make_client, mask_pii, to_source
 from bot_platform.ai.budget import MemoryTokenBudget
-from bot_platform.ai.grounding import Source, unsupported
+from bot_platform.ai.grounding import Source, extract, unsupported
 from bot_platform.ai.knowledge import Knowledge, LiveKnowledge
 from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.clock import ManualClock
@@ -405,3 +405,24 @@ def test_a_percentage_in_a_product_name_is_that_products_fact() -> None:
     assert unsupported("The Retinol serum 0.5% costs 39 EUR.", [retinol], [retinol]) == []
     assert [c.kind for c in unsupported("The Retinol serum 0.5% is 20% off.", [retinol],
                                         [retinol])] == ["percent"]
+
+
+@pytest.mark.parametrize("text", ["a" * 200_000, "a." * 100_000, "1" * 200_000,
+                                  "O" * 200_000, "ab-" * 70_000])
+def test_masking_and_extraction_are_linear_on_long_words(text: str) -> None:
+    """A pasted 200,000-letter word was masked in the engine's inbound transaction with a
+    pattern that restarted at every letter (minutes of CPU). Linear now (well under a
+    second): the alarm, 100 times that, only fires if it is quadratic again."""
+    import signal
+
+    def stop(*_: Any) -> None:
+        raise TimeoutError("quadratic")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    try:
+        assert mask_pii(text) in (text, "<phone>")
+        extract(text)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

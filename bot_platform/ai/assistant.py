@@ -30,7 +30,8 @@ from bot_platform.ai.knowledge import Knowledge, Passage
 
 log = logging.getLogger(__name__)
 
-_EMAIL = re.compile(r"(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+\.[\w.-]+")
+# Only from the start of a run of name characters: linear on a 20,000-letter word.
+_EMAIL = re.compile(r"(?<![\w.+-])(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
 _CARD = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
 _IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}")
