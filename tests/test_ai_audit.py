@@ -426,3 +426,24 @@ def test_masking_and_extraction_are_linear_on_long_words(text: str) -> None:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("budget", [-1, None, "lots", 1.5])
+def test_a_negative_or_missing_budget_is_a_configuration_error(budget: Any) -> None:
+    from pydantic import ValidationError
+
+    from bot_platform.ai.config import AiSettings
+
+    with pytest.raises(ValidationError):
+        AiSettings(monthly_token_budget=budget)
+
+
+@pytest.mark.parametrize("answer", [
+    "See [https://shop.example.com/rich](https://evil.example.net/rich).",
+    'See <a href="https://evil.example.net">https://shop.example.com/rich</a>.',
+    "See https://shop.example.com/rich?next=https://evil.example.net.",
+    "See https://shop.example.com.evil.example.net/rich.",
+    "See https://shop.example.com@evil.example.net/rich.",
+])
+def test_a_trusted_link_text_does_not_carry_an_untrusted_target(answer: str) -> None:
+    assert "url" in claims(answer) or "email" in claims(answer)
