@@ -25,12 +25,13 @@ import openai
 
 from bot_platform.ai.budget import MemoryTokenBudget, TokenBudget, reservation
 from bot_platform.ai.config import AiSettings
-from bot_platform.ai.grounding import Source, facts_lines, unsupported
+from bot_platform.ai.grounding import Source, facts_lines, plain, unsupported
 from bot_platform.ai.knowledge import Knowledge, Passage
 
 log = logging.getLogger(__name__)
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+# Only from the start of a run of name characters: linear on a 20,000-letter word.
+_EMAIL = re.compile(r"(?<![\w.+-])(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+\.[\w.-]+")
 _PHONE = re.compile(r"\+?\d[\d\s().-]{6,}\d")
 _CARD = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
 _IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]){11,30}")
@@ -41,7 +42,9 @@ def mask_pii(text: str) -> str:
     """Emails, IBANs, card numbers (also spaced or dashed) and phone numbers become
     placeholders: for logs, for what goes to the model and for what is stored with an AI
     job. A card number passes the Luhn check and an IBAN its mod-97 check; any other run
-    of 9 or more digits is masked as a phone number."""
+    of 9 or more digits is masked as a phone number. Invisible characters go first and
+    fullwidth forms become plain ones (``plain``): "ann\u200b@example.com" is an address."""
+    text = plain(text)
     text = _EMAIL.sub("<email>", text)
     text = _IBAN.sub(_mask_iban, text)
     text = _CARD.sub(lambda m: "<card>" if _luhn(m.group()) else m.group(), text)
@@ -134,7 +137,8 @@ class Assistant:
             brand=self.settings.brand, locale=locale, context=context,
             intents="\n".join(f"  {name}: {about}" for name, about in intents.items())
             or "  (none)")
-        question = mask_pii(text) if self.settings.mask_personal_data else text
+        # No NUL or lone surrogate reaches the model's JSON, masked or not.
+        question = mask_pii(text) if self.settings.mask_personal_data else plain(text)
         messages = [{"role": "system", "content": prompt}, {"role": "user", "content": question}]
         # Reserve the call's maximum first: concurrent calls cannot all pass one check.
         reserved = reservation(messages, self.settings.max_tokens,
@@ -152,7 +156,11 @@ class Assistant:
                     temperature=0, response_format={"type": "json_object"},
                     messages=messages)  # type: ignore[arg-type]
             used = getattr(getattr(response, "usage", None), "total_tokens", 0)
-            used = used if isinstance(used, int) and used > 0 else 0
+            used = used if isinstance(used, int) and not isinstance(used, bool) and \
+                used > 0 else 0
+            # No call can use more than its prompt's bytes and max_tokens: a server
+            # claiming 10**20 neither overflows the counter nor spends the month.
+            used = min(used, reservation(messages, self.settings.max_tokens))
             charged = used or reserved
         except TimeoutError:
             return Decision("fallback", reason="timeout")
@@ -202,7 +210,7 @@ class Assistant:
                 log.warning("ai: answer refused: bad_schema (text is %s)",
                             type(answer).__name__)
                 return Decision("fallback", reason="bad_schema")
-            answer = answer.strip()
+            answer = plain(answer).strip()  # what is checked is what is delivered
             if not answer:
                 return Decision("fallback", reason="empty_answer")
             if confidence < self.settings.min_confidence:

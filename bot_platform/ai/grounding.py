@@ -61,15 +61,42 @@ _PERCENT = re.compile(
     rf"(?P<n1>{_NUM})[ \u00a0\u202f]?(?:%|٪|％|{_NO_LETTER_BEFORE}(?:per ?cent|pct|"
     rf"відсот\w*|процент\w*|procent\w*){_NO_LETTER_AFTER}|(?:بال|في ال)(?:مئة|مائة))"
     rf"|(?:%|٪)[ \u00a0\u202f]?(?P<n2>{_NUM})", re.IGNORECASE)
+# "fifty euros", "двадцять відсотків": an amount in words cannot be compared with the
+# catalog, so a number word right before a currency or a percent sign is always a claim.
+_NUMBER_WORD = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|"
+    r"forty|fifty|sixty|seventy|eighty|ninety|hundred|thousand|million|half|"
+    r"од[иі]н|одна|дв|три|чотир|п['’ʼ]?ят|шіст|шість|сім|вісім|дев['’ʼ]?ят|десят|сорок|"
+    r"сто|трист|тисяч|мільйон|половин|"
+    r"jed|dw|trzy|trzech|czter|pięć|pięt|sześ|szes|siedem|siedm|osiem|osm|dziewię|"
+    r"dziesię|sto|tysi|milion|pół|"
+    r"واحد|اثن|ثلاث|أربع|اربع|خمس|ست|سبع|ثمان|تسع|عشر|مئ|مائ|ألف|الف|مليون|نصف)"
+    r"[\w'’ʼ]*")
+_AMOUNT_IN_WORDS = re.compile(
+    rf"(?<![\w'’ʼ]){_NUMBER_WORD}[ \u00a0-]?(?:(?P<cur>{_CUR})|%|٪|"
+    rf"{_NO_LETTER_BEFORE}(?:per ?cent|pct|відсот\w*|процент\w*|procent\w*)"
+    rf"{_NO_LETTER_AFTER}|(?:بال|في ال)(?:مئة|مائة))", re.IGNORECASE)
 # "costs 50", "ціна 50": a price without a currency is still a price.
 _PRICE_WORD = re.compile(
     rf"(?<!\w)(?:costs?|priced?|prices|коштує|коштують|коштуватиме|ціна|ціною|вартість|"
     rf"kosztuje|kosztują|cena|ceną|koszt|يكلف|تكلف|بسعر|سعر|السعر|سعره|سعرها)(?!\w)"
-    rf"\W{{0,3}}(?:[^\W\d]+\W{{1,3}}){{0,2}}?(?P<n>{_NUM})", re.IGNORECASE)
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+    rf"\W{{0,3}}(?:[^\W\d]+\W{{1,3}}){{0,6}}?(?P<n>{_NUM})", re.IGNORECASE)
+# A quoted local part ("refunds"@example.com) is an address as well.
+# "now only 50!", "лише 50": a number after such a word is a price, unless a duration or
+# a quantity follows ("in just 2 days", "only 3 left").
+_PRICE_CUE = re.compile(
+    rf"(?<!\w)(?:only|just|лише|тільки|всього|усього|tylko|jedyne|zaledwie|فقط)\W{{1,3}}"
+    rf"(?P<n>{_NUM})(?!\d|[.,\u066b\u066c]\d)(?![ \u00a0]?\d)(?![ \u00a0]?(?:[-–]|to\b|"
+    rf"days?|hours?|h\b|hrs?|weeks?|months?|years?|min|ml|g\b|kg|pcs|pieces?|items?|"
+    rf"left|times?|people|customers|дн|доб|год|тиж|міс|рок|мл|г\b|шт|раз|"
+    rf"dni|dzie|godz|tydz|tygod|miesi|lat|szt|raz|يوم|أيام|ايام|ساع|أسبوع|اسبوع|شهر|مل|قطع))",
+    re.IGNORECASE)
+# Only from the start of a run of name characters: linear on a 20,000-letter word.
+_EMAIL = re.compile(r"(?<![\w.+-])(?:\"[^\"\s]{1,64}\"|[\w.+-]+)@[\w-]+(?:\.[\w-]+)+")
 _URL = re.compile(
     r"(?:https?://|www\.)[^\s<>\"'«»()\[\]]+"
-    r"|(?<![\w@.-])(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}(?![\w@-])"
+    # A bare domain, also internationalised (магазин.рф, ціни.укр).
+    r"|(?<![\w@.-])(?:[^\W_](?:[\w-]*[^\W_])?\.)+[^\W\d_]{2,}(?![\w@-])"
     r"(?:/[^\s<>\"'«»()\[\]]*)?", re.IGNORECASE)
 _PHONE = re.compile(r"(?<![\w+])\+?\(?\d(?:[\s().\-]{0,2}\d){6,}")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -150,6 +177,31 @@ def currency_code(text: str | None) -> str | None:
     return _CURRENCY_OF.get(text.strip().casefold(), text.strip().upper())
 
 
+# Persian letters Arabic spells otherwise (یورو = يورو).
+_PERSIAN = str.maketrans({"\u06cc": "\u064a", "\u06a9": "\u0643"})
+
+
+# O, o, l, I (Latin and Cyrillic) inside a run with at least one digit and no other letter.
+_LOOKALIKE = str.maketrans("OoОоlIІ", "0000111")
+_LOOKALIKE_RUN = re.compile(r"(?<![^\W\d_])[\dOoОоlIІ]*\d[\dOoОоlIІ]*(?![^\W\d_])")
+
+
+def plain(text: str, *, fold: bool = False) -> str:
+    """``text`` as the customer would see it and the checks read it: NFKC (fullwidth
+    "２９" and "＠" become "29" and "@"), without control and format characters (NUL,
+    zero-width spaces and joiners, bidi overrides, soft hyphens) or lone surrogates, which
+    can hide a fact from a pattern or break a messenger. Newlines and tabs stay. ``fold``
+    also spells Persian letters the Arabic way and reads letters standing in for digits
+    in a run of digits as digits ("5O EUR", "+44 2O 7946 O958"), for matching only."""
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    if not fold:
+        return text
+    text = _LOOKALIKE_RUN.sub(lambda m: m.group().translate(_LOOKALIKE), text)
+    return text.translate(_PERSIAN)
+
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     kind: str
@@ -167,6 +219,7 @@ def _mask(text: str, start: int, end: int) -> str:
 def extract(text: str) -> list[_Found]:
     """Every fact-like span of ``text``, longest kinds first so a URL's digits are no phone
     and a price is no phone either."""
+    text = plain(text, fold=True)
     found: list[_Found] = []
     for kind, pattern in (("email", _EMAIL), ("url", _URL)):
         for m in pattern.finditer(text):
@@ -182,9 +235,13 @@ def extract(text: str) -> list[_Found]:
         found.append(_Found("percent", m.group(), m.start(),
                             parse_number(m.group("n1") or m.group("n2"))))
         text = _mask(text, m.start(), m.end())
-    for m in _PRICE_WORD.finditer(text):
-        found.append(_Found("money", m.group(), m.start(), parse_number(m.group("n"))))
-        text = _mask(text, m.start("n"), m.end("n"))
+    for m in _AMOUNT_IN_WORDS.finditer(text):
+        found.append(_Found("money" if m.group("cur") else "percent", m.group(), m.start()))
+        text = _mask(text, m.start(), m.end())
+    for pattern in (_PRICE_WORD, _PRICE_CUE):
+        for m in pattern.finditer(text):
+            found.append(_Found("money", m.group(), m.start(), parse_number(m.group("n"))))
+            text = _mask(text, m.start("n"), m.end("n"))
     for m in _PHONE.finditer(text):
         if not _DATE.match(m.group()):
             found.append(_Found("phone", m.group(), m.start()))
@@ -298,6 +355,7 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
     percentage must be one of a cited entry's the same way. Codes, links, phones and
     emails must appear in a cited or named source.
     """
+    answer = plain(answer, fold=True)
     products = [s for s in [*cited, *catalog] if s.product]
     faq = [(s, _stems(f"{s.title} {s.text}")) for s in cited if not s.product]
     named = [p for p in products if _mentions(answer, p)]
@@ -307,18 +365,60 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
         here = [p for p in products if _mentions(sentence, p)]
         words = _stems(sentence) if here else _stems(sentence) | _stems(question)
         about = [f for f, stems in faq if words & stems or (cited_by_model and not here)]
-        for found in extract(sentence):
+        for found in [*extract(sentence), *_after_titles(sentence, here)]:
             if found.kind in ("money", "percent"):
                 ok = any(_same_amount(found, a.value, a.currency)
                          for f in about for a in _amounts(f, found.kind))
                 if found.kind == "money":
                     ok = ok or any(_same_amount(found, _money(p.price), p.currency)
-                                   for p in here)
+                                   for p in _nearest(sentence, here, found.start))
+                else:  # "Retinol serum 0.5%": a percentage in a named product's own text
+                    ok = ok or any(_same_amount(found, a.value, None)
+                                   for p in here for a in _amounts(p, "percent"))
             else:
                 ok = facts.supports(found)
             if not ok:
                 claims.append(Claim(found.kind, found.text))
     return claims
+
+
+def _after_titles(sentence: str, products: Sequence[Source]) -> list[_Found]:
+    """"Rich moisturiser — 50", "Rich moisturiser: 50,00": a bare number right after a
+    product's name is its price (an amount with a currency or a price word is already
+    found by ``extract``)."""
+    found = []
+    text = plain(sentence, fold=True)
+    for product in products:
+        pattern = (rf"{re.escape(product.title)}[ \t]*[:=—–-][ \t]*(?P<n>{_NUM})"
+                   rf"(?!\w|[.,'\u066b\u066c\u00a0 ]\d|[ \u00a0]?(?:{_CUR}|%|٪))")
+        for m in re.finditer(pattern, text, re.IGNORECASE):
+            found.append(_Found("money", m.group(), m.start("n"), parse_number(m.group("n"))))
+    return found
+
+
+def _title_words(sentence: str, product: Source) -> list[int]:
+    """Where the words of ``product``'s name stand in ``sentence``."""
+    title = _stems(product.title)
+    return [m.start() for m in re.finditer(r"[^\W\d_]{3,}", sentence)
+            if m.group().casefold()[:5] in title]
+
+
+def _nearest(sentence: str, products: list[Source], at: int) -> list[Source]:
+    """The products a price at ``at`` can belong to: the one named nearest before it (or,
+    when none is, nearest after it). "The Rich moisturiser costs 29 EUR, the Vitamin C
+    serum 29 EUR" gives the serum the cream's price: refused."""
+    if len(products) < 2:
+        return products
+    text = plain(sentence, fold=True)
+    before = {id(p): max((i for i in _title_words(text, p) if i < at), default=-1)
+              for p in products}
+    after = {id(p): min((i for i in _title_words(text, p) if i > at), default=len(text))
+             for p in products}
+    best = max(before.values())
+    if best >= 0:
+        return [p for p in products if before[id(p)] == best]
+    first = min(after.values())
+    return [p for p in products if after[id(p)] == first]
 
 
 def _money(price: float | None) -> Decimal | None:

@@ -205,10 +205,14 @@ class LiveKnowledge:
         self._checked: datetime | None = None
         self._lock = asyncio.Lock()
 
-    def faq_stamp(self) -> tuple[tuple[str, int, int], ...]:
+    def faq_stamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """Each file's name, size, modification time, inode and change time: a file
+        renamed over the old one with the same size and modification time (rsync -a,
+        cp -p) is a new inode with a new change time."""
         if not self.folder.is_dir():
             return ()
-        return tuple((file.name, stat.st_mtime_ns, stat.st_size)
+        return tuple((file.name, stat.st_mtime_ns, stat.st_size, stat.st_ino,
+                      stat.st_ctime_ns)
                      for file in sorted(self.folder.iterdir())
                      if file.suffix in FAQ_SUFFIXES for stat in (file.stat(),))
 

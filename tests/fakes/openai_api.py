@@ -41,6 +41,7 @@ class Reply:
     delay: float = 0.0  # seconds before answering (a slow model)
     usage: Any = field(default=_DEFAULT)  # a usage object, a total, or None (no usage)
     finish_reason: str = "stop"
+    headers: dict[str, str] | None = None  # extra response headers (Content-Encoding ...)
 
 
 Script = str | dict[str, Any] | Reply | Callable[[dict[str, Any]], "str | dict[str, Any] | Reply"]
@@ -115,7 +116,7 @@ class FakeOpenAIServer(LoopbackServer):
             await asyncio.sleep(reply.delay)
         if reply.raw is not None:
             data = reply.raw.encode() if isinstance(reply.raw, str) else reply.raw
-            return web.Response(body=data, status=reply.status,
+            return web.Response(body=data, status=reply.status, headers=reply.headers,
                                 content_type=reply.content_type or "text/html")
         if reply.json is not None:
             return web.Response(text=json.dumps(reply.json), status=reply.status,
