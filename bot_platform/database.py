@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -171,21 +171,6 @@ def is_transient_db_error(error: BaseException) -> bool:
     if isinstance(error, IntegrityError | ProgrammingError | DataError):
         return False
     return isinstance(error, DBAPIError)
-
-
-async def renew_leases(db: Database, model: Any, ids: Collection[int], *, worker_id: str,
-                       status: str, until: datetime) -> set[int]:
-    """Extend to ``until`` the leases of the rows ``ids`` of ``model`` (jobs, outbox) that
-    this worker still holds in ``status``; returns the ids renewed (the others are no
-    longer this worker's)."""
-    if not ids:
-        return set()
-    async with db.session() as session:
-        renewed = await session.scalars(update(model).where(
-            model.id.in_(list(ids)), model.locked_by == worker_id, model.status == status,
-        ).values(lease_expires_at=until).returning(model.id)
-            .execution_options(synchronize_session=False))
-        return set(renewed.all())
 
 
 def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:

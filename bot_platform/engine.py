@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
@@ -54,6 +54,7 @@ from bot_platform.models import (
     Subscriber,
     SubscriberTag,
 )
+from bot_platform.outbox import OutboxQueue, notify_workers
 from bot_platform.privacy import event_key
 from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
@@ -145,16 +146,6 @@ def event_attributes(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
-
-
-async def notify_workers(session: AsyncSession) -> None:
-    """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
-    SQLite, the worker is in this process and ``on_commit`` wakes it."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
-
-
 def storable_inbound(inbound: Inbound) -> Inbound:
     """The event with every text storable and cut to its column (names over 255
     characters, NUL, unpaired surrogates): a messenger re-sends an update we fail on
@@ -209,6 +200,7 @@ class Engine:
         clock: Clock,
         capabilities: Callable[[str, str], Capabilities] = lambda channel, bot: Capabilities(),
         on_commit: Callable[[], None] | None = None,
+        outbox: OutboxQueue | None = None,
     ) -> None:
         self.db = db
         self.flows = flows
@@ -216,6 +208,7 @@ class Engine:
         self.clock = clock
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
+        self.outbox = outbox or OutboxQueue(db, clock, capabilities, self.on_commit)
         self.public_url: str | None = None  # where tracked links redirect through /r/
         self.random = random.Random()  # games draw from this (tests may seed it)
         # Typed words (per locale, "*" for all) that hand the chat to a human.
@@ -513,16 +506,6 @@ class Engine:
             return
         turn.effects.extend(self.off_script(turn))
 
-    async def release(self, outbox_ids: Sequence[int]) -> None:
-        """Hand held messages to the worker now."""
-        if outbox_ids:
-            async with self.db.session() as session:
-                await session.execute(update(Outbox).where(
-                    Outbox.id.in_(outbox_ids), Outbox.status == "pending",
-                ).values(next_attempt_at=self.clock.now()))
-                await notify_workers(session)
-        self.on_commit()
-
     def _asks_for_human(self, locale: str, text: str) -> bool:
         words = self.handoff_keywords.get(locale, []) + self.handoff_keywords.get("*", [])
         wanted = text.strip().casefold().rstrip("!?.")
@@ -742,7 +725,7 @@ class Engine:
             sends.extend(await self.escalate(session, subscriber, turn))
         if in_reply:
             sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
-        queued = await self.enqueue(session, subscriber, sends, hold=hold)
+        queued = await self.outbox.enqueue(session, subscriber, sends, hold=hold)
         if any(e.fallback for e in effects):
             await self._schedule_fallbacks(session, subscriber, effects, queued, now)
         return queued
@@ -799,7 +782,7 @@ class Engine:
             return "no-other-channel"
         if await self.open_conversation(session, other.id) is not None:
             return "suppressed"
-        await self.enqueue(session, other, [(job.flow, Outgoing.model_validate(
+        await self.outbox.enqueue(session, other, [(job.flow, Outgoing.model_validate(
             job.payload["message"]))])
         return f"sent-via-{other.channel}"
 
@@ -822,62 +805,3 @@ class Engine:
         if not self.catalogs.has(self.catalogs.default_locale, key):
             return []
         return [(None, Outgoing(text=self.catalogs.format(turn.locale, key, variables)))]
-
-    async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
-                      messages: Sequence[tuple[str | None, Outgoing]],
-                      broadcast_id: int | None = None, hold: timedelta | None = None
-                      ) -> list[tuple[int, Outgoing]]:
-        """Queue messages for delivery (fitted to the channel) in the caller's transaction."""
-        [queued] = await self.enqueue_many(session, [(subscriber, messages)],
-                                           broadcast_id=broadcast_id, hold=hold)
-        return queued
-
-    async def enqueue_many(
-        self, session: AsyncSession,
-        items: Sequence[tuple[Subscriber, Sequence[tuple[str | None, Outgoing]]]],
-        broadcast_id: int | None = None, hold: timedelta | None = None,
-    ) -> list[list[tuple[int, Outgoing]]]:
-        """``enqueue`` for many subscribers at once (a broadcast batch): two bulk inserts
-        in all instead of two flushes per subscriber. Subscribers may be ORM objects or
-        rows with the same attributes. Returns the queued rows per item."""
-        now = self.clock.now()
-        parts: list[tuple[int, Any, str | None, Outgoing]] = []
-        for index, (subscriber, messages) in enumerate(items):
-            caps = self.capabilities(subscriber.channel, subscriber.bot_id)
-            parts.extend((index, subscriber, flow, part) for flow, message in messages
-                         for part in fit_message(message, caps))
-        queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
-        if not parts:
-            return queued
-        message_ids = await _insert_returning_ids(session, Message, [{
-                "subscriber_id": subscriber.id, "channel": subscriber.channel,
-                "direction": "out", "kind": "cards" if part.cards else "text",
-                "text": part.text or None, "status": "queued", "flow": flow,
-                "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
-                for _, subscriber, flow, part in parts])
-        outbox_ids = await _insert_returning_ids(session, Outbox, [{
-                "subscriber_id": subscriber.id, "message_id": message_id,
-                "channel": subscriber.channel, "bot_id": subscriber.bot_id,
-                "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
-                "status": "pending", "next_attempt_at": now + (hold or timedelta(0)),
-                "broadcast_id": broadcast_id, "created_at": now}
-                for (_, subscriber, _, part), message_id in zip(parts, message_ids,
-                                                                strict=True)])
-        for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):
-            queued[index].append((outbox_id, part))
-        return queued
-
-
-async def _insert_returning_ids(session: AsyncSession, model: Any,
-                                rows: list[dict[str, Any]]) -> list[int]:
-    """Insert many rows; their new ids in the order of ``rows``.
-
-    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
-    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
-    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
-    order too. PostgreSQL batches the ordered form itself."""
-    if session.bind.dialect.name == "sqlite":
-        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
-        return sorted(ids)
-    return list((await session.scalars(
-        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())
