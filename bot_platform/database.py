@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -180,6 +180,21 @@ def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(model).on_conflict_do_nothing()
+
+
+async def insert_returning_ids(session: AsyncSession, model: Any,
+                               rows: list[dict[str, Any]]) -> list[int]:
+    """Insert many rows; their new ids in the order of ``rows``.
+
+    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
+    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
+    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
+    order too. PostgreSQL batches the ordered form itself."""
+    if session.bind.dialect.name == "sqlite":
+        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
+        return sorted(ids)
+    return list((await session.scalars(
+        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())
 
 
 class SqlKeyValueStore:

@@ -21,22 +21,17 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, insert, select, text, update
+from sqlalchemy import and_, bindparam, exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
-from bot_platform.database import Database
+from bot_platform.database import Database, insert_returning_ids
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
-from bot_platform.statuses import (
-    BroadcastStatus,
-    MessageStatus,
-    OutboxStatus,
-    SubscriberStatus,
-)
+from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, SubscriberStatus
 from bot_platform.types import Capabilities, Outgoing, SendResult, SendStatus, fit_message
 
 log = logging.getLogger(__name__)
@@ -88,13 +83,13 @@ class OutboxQueue:
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
         if not parts:
             return queued
-        message_ids = await _insert_returning_ids(session, Message, [{
+        message_ids = await insert_returning_ids(session, Message, [{
                 "subscriber_id": subscriber.id, "channel": subscriber.channel,
                 "direction": "out", "kind": "cards" if part.cards else "text",
                 "text": part.text or None, "status": MessageStatus.QUEUED, "flow": flow,
                 "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
                 for _, subscriber, flow, part in parts])
-        outbox_ids = await _insert_returning_ids(session, Outbox, [{
+        outbox_ids = await insert_returning_ids(session, Outbox, [{
                 "subscriber_id": subscriber.id, "message_id": message_id,
                 "channel": subscriber.channel, "bot_id": subscriber.bot_id,
                 "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
@@ -126,7 +121,7 @@ class OutboxQueue:
                     Outbox.id.in_(outbox_ids), Outbox.status == OutboxStatus.PENDING).values(
                     status=OutboxStatus.SENT, sent_at=now, last_error=None))
                 if result.rowcount != len(outbox_ids):
-                    raise _WorkerWasFaster  # rolls the partial take-over back
+                    raise _WorkerWasFaster
                 await session.execute(update(Message).where(Message.id.in_(
                     _message_ids(Outbox.id.in_(outbox_ids)))).values(
                     status=MessageStatus.SENT, updated_at=now))
@@ -136,22 +131,7 @@ class OutboxQueue:
 
 
 class _WorkerWasFaster(Exception):
-    pass
-
-
-async def _insert_returning_ids(session: AsyncSession, model: Any,
-                                rows: list[dict[str, Any]]) -> list[int]:
-    """Insert many rows; their new ids in the order of ``rows``.
-
-    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
-    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
-    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
-    order too. PostgreSQL batches the ordered form itself."""
-    if session.bind.dialect.name == "sqlite":
-        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
-        return sorted(ids)
-    return list((await session.scalars(
-        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())
+    """Rolls a take-over back: a worker claimed some of its rows first."""
 
 
 def _message_ids(*where: Any) -> Any:
@@ -183,9 +163,12 @@ def broadcast_waits(broadcast_id: int) -> Any:
 
 async def hold_broadcast(session: AsyncSession, broadcast_id: int) -> None:
     """A pause: the broadcast's rows no worker has claimed wait until ``resume``."""
+    await _hold(session, Outbox.broadcast_id == broadcast_id)
+
+
+async def _hold(session: AsyncSession, *where: Any) -> None:
     await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast_id, Outbox.status == OutboxStatus.PENDING).values(
-        status=OutboxStatus.HELD))
+        *where, Outbox.status == OutboxStatus.PENDING).values(status=OutboxStatus.HELD))
 
 
 async def resume_broadcast(session: AsyncSession, broadcast_id: int, now: datetime) -> None:
@@ -423,9 +406,7 @@ class OutboxClaims:
         for broadcast_id, status in stopped.items():
             ids = [row.id for row in rows if row.broadcast_id == broadcast_id]
             if status == BroadcastStatus.PAUSED:
-                await session.execute(update(Outbox).where(
-                    Outbox.id.in_(ids), Outbox.status == OutboxStatus.PENDING).values(
-                    status=OutboxStatus.HELD))
+                await _hold(session, Outbox.id.in_(ids))
             else:
                 await _skip(session, (Outbox.id.in_(ids),), now, "cancelled",
                             (OutboxStatus.PENDING,))
@@ -464,15 +445,14 @@ class OutboxClaims:
                 status=OutboxStatus.PENDING, last_error=result.reason,
                 next_attempt_at=now + timedelta(seconds=result.retry_after or 1.0))
         elif status == SendStatus.TRANSIENT:
-            attempts = row.attempts + 1
-            if attempts >= self.settings.max_attempts:
+            attempts, settings = row.attempts + 1, self.settings
+            if attempts >= settings.max_attempts:
                 reason = f"gave up after {attempts} attempts: {result.reason}"
                 outbox_values.update(status=OutboxStatus.FAILED, attempts=attempts,
                                      last_error=reason)
                 message_values.update(status=MessageStatus.FAILED, error=reason)
             else:
-                delay = backoff_delay(attempts, self.settings.backoff_base,
-                                      self.settings.backoff_max)
+                delay = backoff_delay(attempts, settings.backoff_base, settings.backoff_max)
                 outbox_values.update(status=OutboxStatus.PENDING, attempts=attempts,
                                      last_error=result.reason,
                                      next_attempt_at=now + timedelta(seconds=delay))
