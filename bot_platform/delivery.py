@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bot_platform.channels import Channel
@@ -49,6 +49,54 @@ MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot
 # own windows and network jitter bunches requests, so planning at 100% provokes 429s.
 SEND_HEADROOM = 0.97
 MAX_GROUP_COMMIT = 500  # results written in one transaction at most
+
+
+class GroupCommit:
+    """Results written by group commit: every sender waits until its own row is
+    committed, but rows that finish together share one transaction."""
+
+    def __init__(self, write: Callable[[list[Outcome]], Awaitable[None]]) -> None:
+        self.write = write
+        self._commits: list[tuple[Outcome, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, outcome: Outcome) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commits.append((outcome, future))
+        if self._flusher is None or self._flusher.done():
+            # In a context of its own: it writes many senders' rows, and its log lines
+            # must not carry the first sender's subscriber (bot_platform.logs).
+            self._flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
+        await asyncio.shield(future)  # a cancelled sender must not lose its row's result
+
+    async def _flush(self) -> None:
+        while self._commits:
+            await asyncio.sleep(0)  # senders answered in this same moment join the batch
+            batch = self._commits[:MAX_GROUP_COMMIT]
+            del self._commits[:MAX_GROUP_COMMIT]
+            try:
+                await self.write([outcome for outcome, _ in batch])
+            except BaseException as error:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+
+def limits_for(channel: Channel, bot: BotConfig | None) -> Limits:
+    """A bot's send limits: its own settings, else the channel's, planned with headroom."""
+    caps = channel.capabilities
+    per_bot = (bot.messages_per_second if bot and bot.messages_per_second
+               else caps.messages_per_second)
+    per_chat = (bot.per_chat_per_second if bot and bot.per_chat_per_second
+                else caps.per_chat_per_second)
+    return Limits(per_bot=per_bot * SEND_HEADROOM if per_bot else math.inf,
+                  per_chat=per_chat or math.inf, chat_burst=caps.per_chat_burst)
 
 
 class Delivery:
@@ -73,8 +121,8 @@ class Delivery:
         self.settings = settings
         self.worker_id = worker_id
         self.outbox = OutboxClaims(db, clock, settings, worker_id)
-        self._commits: list[tuple[Outcome, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # Looked up at each write, so a test may replace ``_write_until_stored``.
+        self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes))
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
 
@@ -221,7 +269,7 @@ class Delivery:
         first = rows[0]
         channel = self.channels(first.channel, first.bot_id)
         assert channel is not None
-        limits = self._limits(channel, self.bots(first.channel, first.bot_id))
+        limits = limits_for(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
         delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only,
                                       first.urgent)
@@ -249,15 +297,6 @@ class Delivery:
                                          result.retry_after or 1.0)
             await self.record(row, result)
         return handled
-
-    def _limits(self, channel: Channel, bot: BotConfig | None) -> Limits:
-        caps = channel.capabilities
-        per_bot = (bot.messages_per_second if bot and bot.messages_per_second
-                   else caps.messages_per_second)
-        per_chat = (bot.per_chat_per_second if bot and bot.per_chat_per_second
-                    else caps.per_chat_per_second)
-        return Limits(per_bot=per_bot * SEND_HEADROOM if per_bot else math.inf,
-                      per_chat=per_chat or math.inf, chat_burst=caps.per_chat_burst)
 
     async def deliver(self, row: ClaimedRow) -> SendStatus | None:
         """Send one claimed row and record the result; returns the send status (None when
@@ -290,7 +329,7 @@ class Delivery:
                 or self.clock.now() - row.last_inbound_at > window):
             await self.record(row, SendResult.outside_window())
             return SendStatus.OUTSIDE_WINDOW
-        limits = self._limits(channel, self.bots(row.channel, row.bot_id))
+        limits = limits_for(channel, self.bots(row.channel, row.bot_id))
         delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits,
                                       row.urgent)
         if delay > MAX_LIMITER_WAIT:
@@ -337,35 +376,6 @@ class Delivery:
         """Write what happened to one row; returns once it is committed."""
         self.metrics.send_result(row.channel, result, skipped)
         await self._commit(Outcome(row, result, skipped))
-
-    # ---- group commit -------------------------------------------------------------------
-
-    async def _commit(self, outcome: Outcome) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commits.append((outcome, future))
-        if self._flusher is None or self._flusher.done():
-            # In a context of its own: it writes many senders' rows, and its log lines
-            # must not carry the first sender's subscriber (bot_platform.logs).
-            self._flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
-        await asyncio.shield(future)  # a cancelled sender must not lose its row's result
-
-    async def _flush(self) -> None:
-        while self._commits:
-            await asyncio.sleep(0)  # senders answered in this same moment join the batch
-            batch = self._commits[:MAX_GROUP_COMMIT]
-            del self._commits[:MAX_GROUP_COMMIT]
-            try:
-                await self._write_until_stored([outcome for outcome, _ in batch])
-            except BaseException as error:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
 
     async def _write_until_stored(self, outcomes: list[Outcome]) -> None:
         """Write, waiting out a database that went away (for up to a lease: after that
