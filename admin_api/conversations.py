@@ -23,15 +23,13 @@ from sqlalchemy import func, select, update
 
 from admin_api.errors import unprocessable
 from admin_api.security import SUPPORT, current, get_platform
-from bot_platform import events, handoff
+from bot_platform import events, handoff, outbox
 from bot_platform.apikeys import Principal
-from bot_platform.engine import notify_workers
 from bot_platform.models import (
     ApiKey,
     Conversation,
     ConversationNote,
     Message,
-    Outbox,
     Subscriber,
 )
 from bot_platform.text import DbId, StorableText
@@ -225,13 +223,12 @@ async def reply(conversation_id: DbId, body: Reply, principal: Principal = curre
             text=body.text, image_url=body.image_url,
             buttons=tuple(Button(title=b.title, url=b.url) for b in body.buttons),
             by_agent=True)
-        queued = await platform.engine.enqueue(session, subscriber, [(None, message)])
+        queued = await platform.outbox.enqueue(session, subscriber, [(None, message)])
         outbox_ids = [i for i, _ in queued]
-        message_ids = (await session.scalars(select(Outbox.message_id).where(
-            Outbox.id.in_(outbox_ids)))).all()
+        message_ids = await outbox.message_ids(session, outbox_ids)
         await session.execute(update(Message).where(Message.id.in_(message_ids)).values(
             payload={"agent": principal.name}))
-        await notify_workers(session)
+        await outbox.notify_workers(session)
     platform.engine.on_commit()
     return ReplyQueued(message_id=message_ids[0], outbox_ids=outbox_ids)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Path, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import select, text, update
+from sqlalchemy import text
 
 from bot_platform.channels import (
     SupportsMessageReply,
@@ -37,7 +37,6 @@ from bot_platform.channels import (
 )
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot, http_status_for
 from bot_platform.metrics import Metrics, WebhookCounter, exposition, may_scrape, metrics_of
-from bot_platform.models import Message, Outbox
 
 if TYPE_CHECKING:
     from bot_platform.platform import Platform
@@ -265,7 +264,7 @@ def create_app(platform: Platform) -> FastAPI:
                 reply = None  # the worker was faster (the hold expired): it sends them
         finally:
             if held:
-                await platform.engine.release(held)
+                await platform.outbox.release(held)
         if reply is None:
             return Response("ok", media_type="text/plain")
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
@@ -291,24 +290,6 @@ def create_metrics_app(platform: Platform) -> FastAPI:
     return app
 
 
-class _WorkerWasFaster(Exception):
-    pass
-
-
 async def _take_over(platform: Platform, outbox_ids: tuple[int, ...]) -> bool:
     """Mark outbox rows as sent in the webhook response, unless a worker claimed them."""
-    now = platform.clock.now()
-    try:
-        async with platform.db.session() as session:
-            result = await session.execute(update(Outbox).where(
-                Outbox.id.in_(outbox_ids), Outbox.status == "pending").values(
-                status="sent", sent_at=now, last_error=None))
-            if result.rowcount != len(outbox_ids):
-                raise _WorkerWasFaster
-            messages = select(Outbox.message_id).where(Outbox.id.in_(outbox_ids))
-            await session.execute(update(Message).where(
-                Message.id.in_(messages.scalar_subquery())).values(status="sent",
-                                                                  updated_at=now))
-    except _WorkerWasFaster:
-        return False
-    return True
+    return await platform.outbox.take_over(outbox_ids)

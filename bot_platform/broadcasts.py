@@ -20,25 +20,27 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
-from sqlalchemy import and_, case, exists, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
-from bot_platform import handoff
+from bot_platform import handoff, outbox
+from bot_platform.broadcast_figures import stats as stats  # the API's figures
 from bot_platform.database import insert_ignore
 from bot_platform.engine import Engine
 from bot_platform.models import (
     Broadcast,
     BroadcastRecipient,
     Conversation,
-    CustomerEvent,
     Job,
-    Message,
-    Outbox,
     Subscriber,
-    TrackedLink,
 )
 from bot_platform.segments import Filter, compile_filter
+from bot_platform.statuses import (
+    BroadcastStatus,
+    JobStatus,
+    RecipientStatus,
+    SubscriberStatus,
+)
 from bot_platform.text import StorableText
 from bot_platform.types import Button, Card, Outgoing, QuickReply
 
@@ -140,7 +142,7 @@ def variant_for(subscriber_id: int, broadcast_id: int, variants: list[dict[str, 
 
 async def create(session: AsyncSession, body: BroadcastCreate, now: datetime) -> Broadcast:
     broadcast = Broadcast(
-        name=body.name, status="draft", segment=body.filter,
+        name=body.name, status=BroadcastStatus.DRAFT, segment=body.filter,
         variants=[v.model_dump(mode="json") for v in body.variants], tag=body.tag,
         scheduled_at=body.scheduled_at, local_time=body.local_time, created_at=now)
     session.add(broadcast)
@@ -166,8 +168,8 @@ async def _transition(session: AsyncSession, broadcast_id: int, expected: tuple[
     until the transaction ends, which orders this change against the send job."""
     allowed = Broadcast.status.in_(expected)
     if unsent:
-        allowed = or_(allowed, and_(Broadcast.status == "completed", exists().where(
-            Outbox.broadcast_id == broadcast_id, Outbox.status.in_(("pending", "held")))))
+        allowed = or_(allowed, and_(Broadcast.status == BroadcastStatus.COMPLETED,
+                                    outbox.broadcast_waits(broadcast_id)))
     won = await session.execute(update(Broadcast).where(
         Broadcast.id == broadcast_id, allowed).values(**values)
         .execution_options(synchronize_session=False))
@@ -187,13 +189,13 @@ async def start(session: AsyncSession, broadcast_id: int, now: datetime) -> Broa
     if draft is None:
         raise NotFound(f"no broadcast {broadcast_id}")
     if draft.scheduled_at is not None and draft.scheduled_at > now:
-        broadcast = await _transition(session, broadcast_id, ("draft",), "start",
-                                      status="scheduled")
+        broadcast = await _transition(session, broadcast_id, (BroadcastStatus.DRAFT,), "start",
+                                      status=BroadcastStatus.SCHEDULED)
         session.add(Job(kind=SEND_KIND, due_at=broadcast.scheduled_at, created_at=now,
                         payload={"broadcast_id": broadcast.id, "start": True}))
         return broadcast
-    broadcast = await _transition(session, broadcast_id, ("draft",), "start",
-                                  status="running", started_at=now)
+    broadcast = await _transition(session, broadcast_id, (BroadcastStatus.DRAFT,), "start",
+                                  status=BroadcastStatus.RUNNING, started_at=now)
     await _snapshot(session, broadcast, now)
     return broadcast
 
@@ -205,7 +207,7 @@ async def _snapshot(session: AsyncSession, broadcast: Broadcast, now: datetime) 
     # Everyone the segment names; the unsubscribed are skipped (and counted) when queued.
     found = (await session.execute(select(Subscriber.id, Subscriber.attributes).where(
         condition).order_by(Subscriber.id))).all()
-    rows = [{"broadcast_id": broadcast.id, "subscriber_id": i, "status": "pending",
+    rows = [{"broadcast_id": broadcast.id, "subscriber_id": i, "status": RecipientStatus.PENDING,
              "variant": variant_for(i, broadcast.id, broadcast.variants),
              "due_at": local_moment(broadcast.local_time, attributes, now)}
             for i, attributes in found]
@@ -219,23 +221,20 @@ async def _snapshot(session: AsyncSession, broadcast: Broadcast, now: datetime) 
 async def pause(session: AsyncSession, broadcast_id: int) -> Broadcast:
     """Stop queueing and hold queued rows the delivery worker has not claimed yet. A
     completed broadcast (everyone queued) pauses too while some of its rows wait."""
-    broadcast = await _transition(session, broadcast_id, ("running",), "pause",
-                                  unsent=True, status="paused")
-    await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast_id, Outbox.status == "pending").values(status="held"))
+    broadcast = await _transition(session, broadcast_id, (BroadcastStatus.RUNNING,), "pause",
+                                  unsent=True, status=BroadcastStatus.PAUSED)
+    await outbox.hold_broadcast(session, broadcast_id)
     return broadcast
 
 
 async def resume(session: AsyncSession, broadcast_id: int, now: datetime) -> Broadcast:
     """Release the held rows and carry on queueing. A send job is added only when none is
     waiting or running for this broadcast: a pause/resume storm leaves one job chain."""
-    broadcast = await _transition(session, broadcast_id, ("paused",), "resume",
-                                  status="running")
-    await session.execute(update(Outbox).where(
-        Outbox.broadcast_id == broadcast_id, Outbox.status == "held").values(
-        status="pending", next_attempt_at=now))
+    broadcast = await _transition(session, broadcast_id, (BroadcastStatus.PAUSED,), "resume",
+                                  status=BroadcastStatus.RUNNING)
+    await outbox.resume_broadcast(session, broadcast_id, now)
     alive = await session.scalar(select(Job.id).where(
-        Job.kind == SEND_KIND, Job.status.in_(("pending", "running")),
+        Job.kind == SEND_KIND, Job.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
         Job.payload["broadcast_id"].as_integer() == broadcast_id).limit(1))
     if alive is None:
         session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
@@ -249,17 +248,13 @@ async def cancel(session: AsyncSession, broadcast_id: int, now: datetime) -> Bro
     middle of a batch holds the broadcast row, so this waits for it and then skips what it
     queued; after the commit no job queues anything more."""
     broadcast = await _transition(
-        session, broadcast_id, ("draft", "scheduled", "running", "paused"), "be cancelled",
-        unsent=True, status="cancelled", finished_at=now)
-    waiting = Outbox.broadcast_id == broadcast_id, Outbox.status.in_(("pending", "held"))
-    await session.execute(update(Message).where(Message.id.in_(
-        select(Outbox.message_id).where(*waiting).scalar_subquery())).values(
-        status="skipped", error="cancelled", updated_at=now))
-    await session.execute(update(Outbox).where(*waiting).values(
-        status="skipped", last_error="cancelled"))
+        session, broadcast_id, BroadcastStatus.stoppable(), "be cancelled",
+        unsent=True, status=BroadcastStatus.CANCELLED, finished_at=now)
+    await outbox.skip_broadcast(session, broadcast_id, now)
     await session.execute(update(BroadcastRecipient).where(
         BroadcastRecipient.broadcast_id == broadcast_id,
-        BroadcastRecipient.status == "pending").values(status="skipped", reason="cancelled"))
+        BroadcastRecipient.status == RecipientStatus.PENDING).values(
+        status=RecipientStatus.SKIPPED, reason="cancelled"))
     return broadcast
 
 
@@ -304,19 +299,19 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
     if broadcast is None:
         return "gone"
     if job.payload.get("start"):
-        if broadcast.status != "scheduled":
+        if broadcast.status != BroadcastStatus.SCHEDULED:
             return broadcast.status  # cancelled before its moment
-        broadcast = await _transition(session, broadcast_id, ("scheduled",), "start",
-                                      status="running", started_at=now)
+        broadcast = await _transition(session, broadcast_id, (BroadcastStatus.SCHEDULED,), "start",
+                                      status=BroadcastStatus.RUNNING, started_at=now)
         targeted = await _snapshot(session, broadcast, now)
         return f"started {targeted}"
-    if broadcast.status != "running":
+    if broadcast.status != BroadcastStatus.RUNNING:
         return broadcast.status
     due = or_(BroadcastRecipient.due_at.is_(None), BroadcastRecipient.due_at <= now)
     todo = (await session.execute(select(
         BroadcastRecipient.id, BroadcastRecipient.subscriber_id, BroadcastRecipient.variant
     ).where(BroadcastRecipient.broadcast_id == broadcast.id,
-            BroadcastRecipient.status == "pending", due)
+            BroadcastRecipient.status == RecipientStatus.PENDING, due)
         .order_by(BroadcastRecipient.id).limit(BATCH))).all()
     variants = {v["name"]: v for v in broadcast.variants}
     ids = [r.subscriber_id for r in todo]
@@ -331,13 +326,14 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
     outcome: dict[tuple[str, str | None], list[int]] = {}
     for recipient in todo:
         subscriber = subscribers.get(recipient.subscriber_id)
-        if subscriber is None or subscriber.status != "subscribed":
-            outcome.setdefault(("skipped", "unsubscribed"), []).append(recipient.id)
+        if subscriber is None or subscriber.status != SubscriberStatus.SUBSCRIBED:
+            outcome.setdefault((RecipientStatus.SKIPPED, "unsubscribed"), []).append(recipient.id)
             continue
         if subscriber.id in talking_to_humans:
-            outcome.setdefault(("skipped", "in_conversation"), []).append(recipient.id)
+            outcome.setdefault((RecipientStatus.SKIPPED, "in_conversation"),
+                               []).append(recipient.id)
             continue
-        outcome.setdefault(("queued", None), []).append(recipient.id)
+        outcome.setdefault((RecipientStatus.QUEUED, None), []).append(recipient.id)
         variant = variants[recipient.variant]
         if variant.get("flow"):
             await _start_flow(engine, session, await session.get(Subscriber, subscriber.id),
@@ -348,12 +344,13 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
             message = message.model_copy(update={"outside_window": broadcast.tag})
         message = await _tracked(session, engine, message, subscriber, broadcast, now)
         sends.append((subscriber, [(None, message)]))
-    await engine.enqueue_many(session, sends, broadcast_id=broadcast.id)
+    await engine.outbox.enqueue_many(session, sends, broadcast_id=broadcast.id)
     marked = 0
     for (status, reason), recipient_ids in outcome.items():
         marked += (await session.execute(update(BroadcastRecipient).where(
             BroadcastRecipient.id.in_(recipient_ids),
-            BroadcastRecipient.status == "pending").values(status=status, reason=reason)
+            BroadcastRecipient.status == RecipientStatus.PENDING)
+            .values(status=status, reason=reason)
             .execution_options(synchronize_session=False))).rowcount
     if marked != len(todo):  # someone else queued some of them: undo this batch
         raise RuntimeError(f"broadcast {broadcast_id}: {len(todo) - marked} of {len(todo)} "
@@ -364,13 +361,13 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
         return f"queued {len(todo)}"
     later = await session.scalar(select(func.min(BroadcastRecipient.due_at)).where(
         BroadcastRecipient.broadcast_id == broadcast.id,
-        BroadcastRecipient.status == "pending"))
+        BroadcastRecipient.status == RecipientStatus.PENDING))
     if later is not None:  # local-time recipients whose moment has not come yet
         session.add(Job(kind=SEND_KIND, due_at=later, created_at=now,
                         payload={"broadcast_id": broadcast.id}))
     else:
-        await _transition(session, broadcast_id, ("running",), "complete",
-                          status="completed", finished_at=now)
+        await _transition(session, broadcast_id, (BroadcastStatus.RUNNING,), "complete",
+                          status=BroadcastStatus.COMPLETED, finished_at=now)
     return f"queued {len(todo)}"
 
 
@@ -382,107 +379,4 @@ async def _start_flow(engine: Engine, session: AsyncSession, subscriber: Subscri
         work.turn.pending_starts.append(flow)
         await engine.router.run_pending_starts(work.turn)
     queued = await work.save()
-    if queued:
-        await session.execute(update(Outbox).where(Outbox.id.in_([i for i, _ in queued]))
-                              .values(broadcast_id=broadcast_id))
-
-
-async def stats(session: AsyncSession, broadcast: Broadcast,
-                attribution: timedelta = timedelta(days=7)) -> dict[str, Any]:
-    """Per variant: targeted, queued, skipped and failed by reason, sent, delivered, read,
-    clicked (tracked links), converted (an order within the attribution window)."""
-    result: dict[str, Any] = {}
-    recipients = (await session.execute(select(
-        BroadcastRecipient.variant, BroadcastRecipient.status, BroadcastRecipient.reason,
-        func.count()).where(BroadcastRecipient.broadcast_id == broadcast.id).group_by(
-        BroadcastRecipient.variant, BroadcastRecipient.status,
-        BroadcastRecipient.reason))).all()
-    for variant in [v["name"] for v in broadcast.variants]:
-        result[variant] = {"targeted": 0, "queued": 0, "sent": 0, "delivered": 0, "read": 0,
-                           "clicked": 0, "converted": 0, "skipped": {}, "failed": {}}
-    for variant, status, reason, count in recipients:
-        row = result[variant]
-        row["targeted"] += count
-        if status == "queued":
-            row["queued"] += count
-        elif status == "skipped":
-            row["skipped"][reason or "unknown"] = row["skipped"].get(reason or "unknown",
-                                                                     0) + count
-    recipient_variant = select(BroadcastRecipient.subscriber_id, BroadcastRecipient.variant,
-                               BroadcastRecipient.status, BroadcastRecipient.due_at).where(
-        BroadcastRecipient.broadcast_id == broadcast.id).subquery()
-    # A message may go out as several parts (one outbox row and one call each: picture,
-    # text, buttons): figures count people. A person is sent when all their parts were,
-    # delivered / read when any part was, failed or skipped by their first such part.
-    per_person = select(
-        recipient_variant.c.variant.label("variant"),
-        func.count().label("parts"),
-        func.sum(case((Outbox.status == "sent", 1), else_=0)).label("sent"),
-        func.max(case((Message.status.in_(("delivered", "read")), 1), else_=0))
-        .label("delivered"),
-        func.max(case((Message.status == "read", 1), else_=0)).label("read"),
-        func.min(case((Outbox.status.in_(("failed", "skipped")), Outbox.id)))
-        .label("first_bad"),
-    ).join(Outbox, Outbox.subscriber_id == recipient_variant.c.subscriber_id).join(
-        Message, Message.id == Outbox.message_id).where(
-        Outbox.broadcast_id == broadcast.id).group_by(
-        recipient_variant.c.variant, recipient_variant.c.subscriber_id).subquery()
-    bad = aliased(Outbox)
-    all_sent = (per_person.c.parts == per_person.c.sent).label("all_sent")
-    outcomes = (await session.execute(select(
-        per_person.c.variant, all_sent, per_person.c.delivered, per_person.c.read,
-        bad.status, bad.last_error, func.count()).outerjoin(
-        bad, bad.id == per_person.c.first_bad).group_by(
-        per_person.c.variant, all_sent, per_person.c.delivered, per_person.c.read,
-        bad.status, bad.last_error))).all()
-    for variant, sent, delivered, read, bad_status, error, count in outcomes:
-        row = result[variant]
-        if bad_status in ("failed", "skipped"):
-            reason = (error or bad_status).split(":")[0]
-            bucket = row["skipped"] if bad_status == "skipped" else row["failed"]
-            bucket[reason] = bucket.get(reason, 0) + count
-        elif sent:
-            row["sent"] += count
-            row["delivered"] += count if delivered else 0
-            row["read"] += count if read else 0
-    clicked = (await session.execute(select(
-        recipient_variant.c.variant, func.count(func.distinct(TrackedLink.subscriber_id)))
-        .join(TrackedLink, TrackedLink.subscriber_id == recipient_variant.c.subscriber_id)
-        .where(_attributed_link(broadcast, recipient_variant, attribution),
-               TrackedLink.clicks > 0)
-        .group_by(recipient_variant.c.variant))).all()
-    for variant, count in clicked:
-        result[variant]["clicked"] = count
-    if broadcast.started_at is not None:
-        converted = (await session.execute(select(
-            recipient_variant.c.variant, func.count(func.distinct(Subscriber.contact_id)))
-            .join(Subscriber, Subscriber.id == recipient_variant.c.subscriber_id)
-            .join(CustomerEvent, and_(CustomerEvent.contact_id == Subscriber.contact_id,
-                                      CustomerEvent.name == "order_placed",
-                                      CustomerEvent.occurred_at >= broadcast.started_at,
-                                      CustomerEvent.occurred_at <= broadcast.started_at
-                                      + attribution))
-            .group_by(recipient_variant.c.variant))).all()
-        for variant, count in converted:
-            result[variant]["converted"] = count
-    return result
-
-
-def _attributed_link(broadcast: Broadcast, recipient: Any, attribution: timedelta) -> Any:
-    """Which tracked links count as the broadcast's clicks: its own URL buttons
-    (``broadcast_id``), and for a flow variant the links that flow made for a recipient
-    it was started for (recommendations, possibly turns later, when the person answers),
-    from the recipient's moment until the attribution window after the start ends."""
-    own = TrackedLink.broadcast_id == broadcast.id
-    flows = [v for v in broadcast.variants if v.get("flow")]
-    if broadcast.started_at is None or not flows:
-        return own
-    until = broadcast.started_at + attribution + (
-        timedelta(days=1) if broadcast.local_time else timedelta(0))
-    by_flow = and_(
-        recipient.c.status == "queued",
-        or_(*(and_(recipient.c.variant == v["name"], TrackedLink.flow == v["flow"])
-              for v in flows)),
-        TrackedLink.created_at >= broadcast.started_at, TrackedLink.created_at <= until,
-        or_(recipient.c.due_at.is_(None), TrackedLink.created_at >= recipient.c.due_at))
-    return or_(own, by_flow)
+    await outbox.of_broadcast(session, [i for i, _ in queued], broadcast_id)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -175,21 +175,6 @@ def is_transient_db_error(error: BaseException) -> bool:
     return isinstance(error, DBAPIError)
 
 
-async def renew_leases(db: Database, model: Any, ids: Collection[int], *, worker_id: str,
-                       status: str, until: datetime) -> set[int]:
-    """Extend to ``until`` the leases of the rows ``ids`` of ``model`` (jobs, outbox) that
-    this worker still holds in ``status``; returns the ids renewed (the others are no
-    longer this worker's)."""
-    if not ids:
-        return set()
-    async with db.session() as session:
-        renewed = await session.scalars(update(model).where(
-            model.id.in_(list(ids)), model.locked_by == worker_id, model.status == status,
-        ).values(lease_expires_at=until).returning(model.id)
-            .execution_options(synchronize_session=False))
-        return set(renewed.all())
-
-
 def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect."""
     if session.bind.dialect.name == "postgresql":
@@ -197,6 +182,21 @@ def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(model).on_conflict_do_nothing()
+
+
+async def insert_returning_ids(session: AsyncSession, model: Any,
+                               rows: list[dict[str, Any]]) -> list[int]:
+    """Insert many rows; their new ids in the order of ``rows``.
+
+    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
+    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
+    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
+    order too. PostgreSQL batches the ordered form itself."""
+    if session.bind.dialect.name == "sqlite":
+        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
+        return sorted(ids)
+    return list((await session.scalars(
+        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())
 
 
 class SqlKeyValueStore:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
@@ -34,29 +33,20 @@ from bot_platform.handoff import HandoffRules, open_conversation
 from bot_platform.i18n import Catalogs
 from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
-from bot_platform.models import Contact, Message, Outbox, ProcessedEvent, Subscriber
+from bot_platform.models import Contact, Message, ProcessedEvent, Subscriber
+from bot_platform.outbox import OutboxQueue
 from bot_platform.privacy import event_key
 from bot_platform.routing import Router
 from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.timers import Timers
 from bot_platform.turns import Turns
-from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, fit_message
+from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing
 
 log = logging.getLogger(__name__)
 
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
               InboundKind.MEDIA, InboundKind.REFERRAL, InboundKind.SUBSCRIBED}
-
-WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
-
-
-async def notify_workers(session: AsyncSession) -> None:
-    """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
-    SQLite, the worker is in this process and ``on_commit`` wakes it."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
-
 
 def storable_inbound(inbound: Inbound) -> Inbound:
     """The event with every text storable and cut to its column (names over 255
@@ -106,6 +96,7 @@ class Engine:
         clock: Clock,
         capabilities: Callable[[str, str], Capabilities] = lambda channel, bot: Capabilities(),
         on_commit: Callable[[], None] | None = None,
+        outbox: OutboxQueue | None = None,
     ) -> None:
         self.db = db
         self.flows = flows
@@ -113,6 +104,7 @@ class Engine:
         self.clock = clock
         self.capabilities = capabilities
         self.on_commit = on_commit or (lambda: None)
+        self.outbox = outbox or OutboxQueue(db, clock, capabilities, self.on_commit)
         self.public_url: str | None = None  # where tracked links redirect through /r/
         self.random = random.Random()  # games draw from this (tests may seed it)
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
@@ -310,72 +302,3 @@ class Engine:
             await self.router.route_inbound(work.turn, context.inbound)
             context.queued.extend(await work.save(hold=context.hold, in_reply=True))
         await call_next(context)
-
-    async def release(self, outbox_ids: Sequence[int]) -> None:
-        """Hand held messages to the worker now."""
-        if outbox_ids:
-            async with self.db.session() as session:
-                await session.execute(update(Outbox).where(
-                    Outbox.id.in_(outbox_ids), Outbox.status == "pending",
-                ).values(next_attempt_at=self.clock.now()))
-                await notify_workers(session)
-        self.on_commit()
-
-    async def enqueue(self, session: AsyncSession, subscriber: Subscriber,
-                      messages: Sequence[tuple[str | None, Outgoing]],
-                      broadcast_id: int | None = None, hold: timedelta | None = None
-                      ) -> list[tuple[int, Outgoing]]:
-        """Queue messages for delivery (fitted to the channel) in the caller's transaction."""
-        [queued] = await self.enqueue_many(session, [(subscriber, messages)],
-                                           broadcast_id=broadcast_id, hold=hold)
-        return queued
-
-    async def enqueue_many(
-        self, session: AsyncSession,
-        items: Sequence[tuple[Subscriber, Sequence[tuple[str | None, Outgoing]]]],
-        broadcast_id: int | None = None, hold: timedelta | None = None,
-    ) -> list[list[tuple[int, Outgoing]]]:
-        """``enqueue`` for many subscribers at once (a broadcast batch): two bulk inserts
-        in all instead of two flushes per subscriber. Subscribers may be ORM objects or
-        rows with the same attributes. Returns the queued rows per item."""
-        now = self.clock.now()
-        parts: list[tuple[int, Any, str | None, Outgoing]] = []
-        for index, (subscriber, messages) in enumerate(items):
-            caps = self.capabilities(subscriber.channel, subscriber.bot_id)
-            parts.extend((index, subscriber, flow, part) for flow, message in messages
-                         for part in fit_message(message, caps))
-        queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
-        if not parts:
-            return queued
-        message_ids = await _insert_returning_ids(session, Message, [{
-                "subscriber_id": subscriber.id, "channel": subscriber.channel,
-                "direction": "out", "kind": "cards" if part.cards else "text",
-                "text": part.text or None, "status": "queued", "flow": flow,
-                "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
-                for _, subscriber, flow, part in parts])
-        outbox_ids = await _insert_returning_ids(session, Outbox, [{
-                "subscriber_id": subscriber.id, "message_id": message_id,
-                "channel": subscriber.channel, "bot_id": subscriber.bot_id,
-                "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
-                "status": "pending", "next_attempt_at": now + (hold or timedelta(0)),
-                "broadcast_id": broadcast_id, "created_at": now}
-                for (_, subscriber, _, part), message_id in zip(parts, message_ids,
-                                                                strict=True)])
-        for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):
-            queued[index].append((outbox_id, part))
-        return queued
-
-
-async def _insert_returning_ids(session: AsyncSession, model: Any,
-                                rows: list[dict[str, Any]]) -> list[int]:
-    """Insert many rows; their new ids in the order of ``rows``.
-
-    SQLAlchemy keeps that order on SQLite only by inserting row by row (a trip to the
-    database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
-    our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
-    order too. PostgreSQL batches the ordered form itself."""
-    if session.bind.dialect.name == "sqlite":
-        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
-        return sorted(ids)
-    return list((await session.scalars(
-        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())

@@ -14,17 +14,18 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
-from bot_platform.database import Database, renew_leases
-from bot_platform.delivery import backoff_delay
+from bot_platform.database import Database
 from bot_platform.engine import Engine
+from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Job, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
+from bot_platform.statuses import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +52,19 @@ class Scheduler:
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
-        self.in_hand: set[int] = set()  # claimed here and still running
+        self.leases = Leases(db, Job, pending=JobStatus.PENDING, busy=JobStatus.RUNNING,
+                             clock=clock, lease_seconds=settings.lease_seconds,
+                             worker_id=worker_id)
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
             "flow_timer": engine.timers.run_flow_timer,
             "read_fallback": engine.timers.run_read_fallback}
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
-        now = self.clock.now()
-        lease = now + timedelta(seconds=self.settings.lease_seconds)
-        ready = or_(and_(Job.status == "pending", Job.due_at <= now),
-                    and_(Job.status == "running", Job.lease_expires_at < now))
         async with self.db.session() as session:
-            ids = select(Job.id).where(ready).order_by(Job.due_at, Job.id).limit(limit)
-            if not self.db.is_sqlite:
-                ids = ids.with_for_update(skip_locked=True)
-            claimed = (await session.execute(
-                update(Job).where(Job.id.in_(ids.scalar_subquery()))
-                .values(status="running", locked_by=self.worker_id, lease_expires_at=lease)
-                .returning(Job.id, Job.kind, Job.subscriber_id, Job.due_at)
-                .execution_options(synchronize_session=False))).all()
-            self.in_hand.update(c.id for c in claimed)
+            claimed = await self.leases.claim(
+                session, self.leases.ready(Job.due_at, self.clock.now()),
+                (Job.due_at, Job.id), limit, (Job.kind, Job.subscriber_id, Job.due_at))
             subscriber_ids = {c.subscriber_id for c in claimed if c.subscriber_id}
             identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
                 await session.execute(select(
@@ -81,12 +74,10 @@ class Scheduler:
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
     async def renew_leases(self) -> int:
-        """Extend the lease of every job in hand (see ``Delivery.renew_leases``): a job
-        whose run ended without a result (the database was away) is not renewed, so it
-        is claimed again once its lease expires."""
-        return len(await renew_leases(
-            self.db, Job, self.in_hand, worker_id=self.worker_id, status="running",
-            until=self.clock.now() + timedelta(seconds=self.settings.lease_seconds)))
+        """Extend the lease of every job in hand (``Leases.renew``): a job whose run
+        ended without a result (the database was away) is not renewed, so it is claimed
+        again once its lease expires."""
+        return await self.leases.renew()
 
     async def run_once(self) -> int:
         """Claim a batch of due jobs and run them; returns how many ran."""
@@ -133,7 +124,7 @@ class Scheduler:
             prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
             await self.run_job(job_id, identity, prepared)
         finally:
-            self.in_hand.discard(job_id)
+            self.leases.let_go(job_id)
 
     async def run_job(self, job_id: int, identity: tuple[str, str, str] | None,
                       prepared: Any = None) -> None:
@@ -143,7 +134,7 @@ class Scheduler:
             identities = (identity,) if identity is not None else ()
             async with self.engine.turns.isolated(*identities) as session:
                 query = select(Job).where(Job.id == job_id, Job.locked_by == self.worker_id,
-                                          Job.status == "running")
+                                          Job.status == JobStatus.RUNNING)
                 if not self.db.is_sqlite:
                     query = query.with_for_update()
                 job = await session.scalar(query)
@@ -156,7 +147,7 @@ class Scheduler:
                     result = await handler.apply(session, job, prepared)
                 else:
                     result = await handler(session, job)
-                job.status, job.result = "done", result
+                job.status, job.result = JobStatus.DONE, result
                 job.finished_at = self.clock.now()
                 job.locked_by = job.lease_expires_at = None
             self.engine.on_commit()
@@ -186,8 +177,8 @@ class Scheduler:
             job.last_error = redact_secrets(f"{type(error).__name__}: {error}")[:1000]
             job.locked_by = job.lease_expires_at = None
             if job.attempts >= self.settings.max_attempts:
-                job.status, job.finished_at = "failed", self.clock.now()
+                job.status, job.finished_at = JobStatus.FAILED, self.clock.now()
             else:
-                job.status = "pending"
+                job.status = JobStatus.PENDING
                 job.due_at = self.clock.now() + timedelta(seconds=backoff_delay(
                     job.attempts, self.settings.backoff_base, self.settings.backoff_max))

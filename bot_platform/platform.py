@@ -34,13 +34,14 @@ from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, listen
 from bot_platform.delivery import Delivery
-from bot_platform.engine import WORK_CHANNEL, Engine
+from bot_platform.engine import Engine
 from bot_platform.errors import BadToken, FlowValidationError
 from bot_platform.flows.loading import validate_paths
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import SupportHours
 from bot_platform.i18n import Catalogs
 from bot_platform.jobs import Scheduler
+from bot_platform.outbox import WORK_CHANNEL, OutboxQueue
 from bot_platform.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from bot_platform.types import Capabilities
 from bot_platform.winback import SCAN_KIND, InactivityScan, ensure_scan
@@ -109,6 +110,7 @@ class Platform:
         self.catalogs: Catalogs
         self.flows: FlowSet
         self.engine: Engine
+        self.outbox: OutboxQueue
         self.worker: Worker
 
     async def start(self) -> Platform:
@@ -120,8 +122,10 @@ class Platform:
             if key not in self.channels:
                 self.channels[key] = load_channel_factory(bot.channel)(bot, self.deps)
         await self.refresh_bots()
+        self.outbox = OutboxQueue(self.db, self.clock, self.capabilities, self._notify)
         self.engine = Engine(self.db, self.flows, self.catalogs, self.clock,
-                             capabilities=self.capabilities, on_commit=self._notify)
+                             capabilities=self.capabilities, on_commit=self._notify,
+                             outbox=self.outbox)
         self.engine.public_url = self.settings.public_url
         support = self.settings.support
         if support.keywords is not None:

@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform import handoff
+from bot_platform import handoff, outbox
 from bot_platform.models import (
     Answer,
     BroadcastRecipient,
@@ -204,13 +204,7 @@ async def forget_person(session: AsyncSession, person: Person, *, now: datetime)
     ids = person.subscriber_ids
     # Nothing more goes out to them: what is queued is skipped (statuses as delivery
     # writes them for a blocked subscriber); chats waiting for an agent are closed.
-    queued = select(Outbox.message_id).where(Outbox.subscriber_id.in_(ids),
-                                             Outbox.status.in_(("pending", "held")))
-    await session.execute(update(Message).where(Message.id.in_(queued.scalar_subquery()))
-                          .values(status="skipped", updated_at=now))
-    await session.execute(update(Outbox).where(
-        Outbox.subscriber_id.in_(ids), Outbox.status.in_(("pending", "held"))).values(
-        status="skipped"))
+    await outbox.skip_subscribers(session, ids, now)
     await handoff.close_for_subscribers(session, ids, now=now)
     for holding in HOLDINGS:
         await _forget(session, holding, person)

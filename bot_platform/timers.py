@@ -105,6 +105,6 @@ class Timers:
             return "no-other-channel"
         if await open_conversation(session, other.id) is not None:
             return "suppressed"
-        await self.engine.enqueue(session, other, [(job.flow, Outgoing.model_validate(
+        await self.engine.outbox.enqueue(session, other, [(job.flow, Outgoing.model_validate(
             job.payload["message"]))])
         return f"sent-via-{other.channel}"

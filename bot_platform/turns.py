@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
+from bot_platform.outbox import notify_workers
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.types import Outgoing
 
@@ -146,8 +147,6 @@ class Turns:
             unit = Unit(session, hold)
             yield unit
             if unit.queued and hold is None:
-                from bot_platform.engine import notify_workers  # moves to the outbox
-
                 await notify_workers(session)
         if hold is None:
             self.engine.on_commit()
@@ -265,7 +264,7 @@ class Turns:
                                                        engine.catalogs))
         if in_reply:
             sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
-        queued = await engine.enqueue(session, subscriber, sends, hold=hold)
+        queued = await engine.outbox.enqueue(session, subscriber, sends, hold=hold)
         if any(e.fallback for e in effects):
             schedule_fallbacks(session, subscriber, effects, queued, now,
                                engine.capabilities(subscriber.channel, subscriber.bot_id))

@@ -32,6 +32,7 @@ import aiohttp
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, exists, literal, or_, select, update
 
+from bot_platform import outbox
 from bot_platform.channels import ChannelDeps, WebhookRequest
 from bot_platform.config import BotConfig
 from bot_platform.database import Database
@@ -245,13 +246,5 @@ async def fast_forward(db: Database, clock: Any, bot_id: str, user_id: str,
                 Job.id == job_id, Job.status == "pending", Job.due_at == due_at,
             )).values(due_at=max(due_at - delta, now)))
             moved += result.rowcount or 0
-        rows = (await session.execute(select(Outbox.id, Outbox.next_attempt_at).where(
-            Outbox.subscriber_id == subscriber_id, Outbox.status == "pending",
-            Outbox.next_attempt_at > now))).all()
-        for row_id, next_attempt_at in rows:
-            result = await session.execute(update(Outbox).where(and_(
-                Outbox.id == row_id, Outbox.status == "pending",
-                Outbox.next_attempt_at == next_attempt_at,
-            )).values(next_attempt_at=max(next_attempt_at - delta, now)))
-            moved += result.rowcount or 0
+        moved += await outbox.bring_forward(session, subscriber_id, delta, now)
     return moved

@@ -150,7 +150,7 @@ async def test_a_cancel_during_a_batch_leaves_nothing_created_or_pending(
     broadcast_id = await create(client)
     mid_batch, cancelled = asyncio.Event(), asyncio.Event()
     batches: list[int] = []
-    enqueue_many = platform.engine.enqueue_many
+    enqueue_many = platform.outbox.enqueue_many
 
     async def slow_enqueue(*args: Any, **kwargs: Any) -> Any:
         """The third batch's rows are written, then the batch lingers until the cancel has
@@ -165,7 +165,7 @@ async def test_a_cancel_during_a_batch_leaves_nothing_created_or_pending(
                 pass
         return queued
 
-    monkeypatch.setattr(platform.engine, "enqueue_many", slow_enqueue)
+    monkeypatch.setattr(platform.outbox, "enqueue_many", slow_enqueue)
     stop = asyncio.Event()
     snapshot: dict[str, Any] = {}
 

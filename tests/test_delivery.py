@@ -160,7 +160,7 @@ async def test_outside_reply_window_skipped_unless_tagged(make_platform) -> None
     platform.clock.advance(timedelta(hours=25))
     async with platform.db.session() as session:
         subscriber = await session.scalar(select(Subscriber))
-        queued = await platform.engine.enqueue(session, subscriber, [
+        queued = await platform.outbox.enqueue(session, subscriber, [
             (None, Outgoing(text="promo")),
             (None, Outgoing(text="your order shipped", outside_window="POST_PURCHASE_UPDATE"))])
     await platform.drain()
@@ -178,7 +178,7 @@ async def test_messages_of_one_subscriber_keep_their_order(make_platform) -> Non
     await platform.engine.handle(start())
     async with platform.db.session() as session:
         subscriber = await session.scalar(select(Subscriber))
-        await platform.engine.enqueue(session, subscriber, [
+        await platform.outbox.enqueue(session, subscriber, [
             (None, Outgoing(text=f"second {n}")) for n in range(3)])
     await platform.drain()
     # The first failed; nothing after it may overtake it.

@@ -122,7 +122,7 @@ async def test_outside_the_24_hour_window_only_tagged_messages_go(facebook, grap
     facebook.clock.advance(timedelta(hours=25))
     async with facebook.db.session() as session:
         subscriber = await session.scalar(select(Subscriber))
-        queued = await facebook.engine.enqueue(session, subscriber, [
+        queued = await facebook.outbox.enqueue(session, subscriber, [
             (None, Outgoing(text="Spring sale!")),
             (None, Outgoing(text="Your order has shipped", outside_window="POST_PURCHASE_UPDATE"))])
     await facebook.drain()

@@ -47,7 +47,7 @@ async def test_three_workers_deliver_each_message_once_in_order(make_platform, d
                                              event_id=user, kind=InboundKind.START))
     async with platform.db.session() as session:
         for subscriber in (await session.scalars(select(Subscriber))).all():
-            await platform.engine.enqueue(session, subscriber, [
+            await platform.outbox.enqueue(session, subscriber, [
                 (None, Outgoing(text=f"{subscriber.user_id}:{n}")) for n in range(3)])
     workers = [Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
                         platform.clock, platform.settings.worker.model_copy(
@@ -113,7 +113,7 @@ async def test_enqueue_many_pairs_each_outbox_row_with_its_own_message(make_plat
     async with platform.db.session() as session:
         subscribers = (await session.scalars(select(Subscriber).order_by(
             Subscriber.id.desc()))).all()
-        queued = await platform.engine.enqueue_many(session, [
+        queued = await platform.outbox.enqueue_many(session, [
             (s, [(None, Outgoing(text=f"{s.user_id}:{k}")) for k in range(n % 4)])
             for n, s in enumerate(subscribers)], broadcast_id=7)
     assert [len(q) for q in queued] == [n % 4 for n in range(40)]
