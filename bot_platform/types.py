@@ -35,8 +35,8 @@ class InboundKind(enum.StrEnum):
     START = "start"  # the user started the bot / opened the chat (``ref`` = deep-link payload)
     SUBSCRIBED = "subscribed"  # the user (re)subscribed without a start (Viber, unblock)
     UNSUBSCRIBED = "unsubscribed"  # the user blocked the bot or unsubscribed
-    CONTACT = "contact"  # the user shared a phone number (``payload['phone']``)
-    MEDIA = "media"  # a photo, file, sticker, location... (``payload`` describes it)
+    CONTACT = "contact"  # the user shared a phone number (``profile.phone``)
+    MEDIA = "media"  # a photo, file, sticker, location... (``data`` describes it)
     DELIVERED = "delivered"  # a message we sent reached the device (``message_ids``)
     READ = "read"  # the user read messages we sent (``message_ids`` or ``watermark``)
     FAILED = "failed"  # the messenger reports a message we sent as failed
