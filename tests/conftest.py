@@ -26,6 +26,8 @@ import pytest
 from bot_platform.clock import ManualClock
 from bot_platform.config import BotConfig, Settings, WorkerSettings
 from bot_platform.platform import Platform
+from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.telegram import SECRET, TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
@@ -224,3 +226,18 @@ async def make_platform(tmp_path: Path) -> AsyncIterator[Any]:
     yield factory
     for platform in built:
         await platform.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegramServer]:
+    """The fake Telegram Bot API; a module whose ``fake`` is another messenger's defines
+    its own."""
+    async with FakeTelegramServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def telegram(make_platform: Any, fake: FakeTelegramServer) -> TestPlatform:
+    """A platform with one Telegram bot ("shop") talking to ``fake``."""
+    return await make_platform(bots=[BotConfig(id="shop", channel="telegram", token=TOKEN,
+                                               secret=SECRET, api_base=fake.url)])

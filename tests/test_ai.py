@@ -21,7 +21,7 @@ from bot_platform.ai.knowledge import Knowledge
 from bot_platform.models import Conversation, Job
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 INTENTS = {"skin_quiz": "help choosing skin care", "nps": "give feedback"}
 

@@ -5,63 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
 import time
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from bot_platform.config import BotConfig
 from bot_platform.models import Subscriber
 from bot_platform.types import Button, Card, Outgoing, QuickReply, fit_message
-from tests.fakes.telegram_api import FakeTelegramServer
-
-TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
-SECRET = "s3cret-token"
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def telegram(make_platform, fake):
-    return await make_platform(bots=[BotConfig(id="shop", channel="telegram", token=TOKEN,
-                                               secret=SECRET, api_base=fake.url)])
-
-
-def user(uid: int = 1111, first_name: str = "Olena", language: str = "uk") -> dict:
-    return {"id": uid, "is_bot": False, "first_name": first_name, "username": "olena",
-            "language_code": language}
-
-
-def message_update(update_id: int, text: str, uid: int = 1111, **extra: Any) -> dict:
-    return {"update_id": update_id, "message": {
-        "message_id": update_id, "from": user(uid), "date": 1767225600,
-        "chat": {"id": uid, "first_name": "Olena", "type": "private"}, "text": text,
-        **({"entities": [{"offset": 0, "length": 6, "type": "bot_command"}]}
-           if text.startswith("/") else {}), **extra}}
-
-
-def callback_update(update_id: int, data: str, uid: int = 1111) -> dict:
-    return {"update_id": update_id, "callback_query": {
-        "id": f"cb-{update_id}", "from": user(uid), "chat_instance": "-77",
-        "data": data, "message": {"message_id": 1, "date": 1767225600,
-                                  "chat": {"id": uid, "type": "private"}, "text": "..."}}}
-
-
-async def post(platform, update: dict | bytes, secret: str | None = SECRET):
-    headers = {"Content-Type": "application/json"}
-    if secret is not None:
-        headers["X-Telegram-Bot-Api-Secret-Token"] = secret
-    body = update if isinstance(update, bytes) else json.dumps(update).encode()
-    async with platform.http_client() as client:
-        return await client.post("/webhooks/telegram/shop", content=body, headers=headers)
+from tests.support.telegram import SECRET, TOKEN, callback_update, message_update, post, user
 
 
 async def test_welcome_with_inline_keyboard_then_a_button_press(telegram, fake) -> None:
@@ -296,7 +250,7 @@ async def test_shipped_quiz_nps_and_roulette_through_telegram(telegram, fake) ->
     async with telegram.db.session() as session:
         assert (await session.scalar(select(Conversation.status))) == "waiting"
 
-    from tests.test_roulette import LowestPoint
+    from tests.support.engine import LowestPoint
 
     await import_codes(telegram.db, "roulette-10", ["TG-10"], telegram.clock.now())
     telegram.engine.random = LowestPoint()  # the wheel stops at the first prize in stock
