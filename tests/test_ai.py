@@ -3,7 +3,6 @@ end to end through the engine (the job asks the model outside any transaction)."
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -103,10 +102,10 @@ async def test_routes_escalations_and_gibberish(assistant, fake) -> None:
 
 async def test_timeouts_errors_and_bad_json_fall_back(assistant, fake) -> None:
     fake.latency = 5.0
-    started = time.monotonic()
+    asked = len(fake.requests)
     decision = await assistant.decide("hello?", locale="en", intents=INTENTS, bot_id="b")
     assert (decision.kind, decision.reason) == ("fallback", "timeout")
-    assert time.monotonic() - started < assistant.settings.timeout + 2
+    assert len(fake.requests) == asked + 1  # given up after one try, not retried
     fake.latency = 0
     fake.failures.append(500)
     assert (await assistant.decide("x", locale="en", intents=INTENTS, bot_id="b")
