@@ -6,13 +6,10 @@
     │   ├── BadToken              the messenger refused the bot's token (401/403, code 190)
     │   ├── BadSignature          forged, missing or wrong webhook signature/secret -> 401/403
     │   ├── BadPayload            a body that is not what the messenger sends -> 400
-    │   ├── RateLimited           the messenger said "slow down"; carries ``retry_after``
-    │   ├── RecipientGone         the user blocked the bot or no longer exists
     │   └── UnknownBot            a webhook for a bot not configured (or closed) -> 404
-    ├── FlowError                 something about flows
-    │   ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
-    │   └── UnknownState          a stored state that the current flow no longer has
-    └── StorageError              the database said no in a way we can explain
+    └── FlowError                 something about flows
+        ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
+        └── UnknownState          a stored state that the current flow no longer has
 
 ``http_status_for`` is the one place that turns these into HTTP statuses.
 """
@@ -47,18 +44,6 @@ class BadSignature(ChannelError):
 
 class BadPayload(ChannelError):
     """The webhook body is not valid JSON or not the shape the messenger sends."""
-
-
-class RateLimited(ChannelError):
-    """The messenger asked us to wait ``retry_after`` seconds before sending again."""
-
-    def __init__(self, retry_after: float, message: str = "") -> None:
-        super().__init__(message or f"rate limited, retry after {retry_after}s")
-        self.retry_after = retry_after
-
-
-class RecipientGone(ChannelError):
-    """The user blocked the bot, unsubscribed or no longer exists."""
 
 
 class UnknownBot(ChannelError):
@@ -96,10 +81,6 @@ class UnknownState(FlowError):
     """A subscriber's stored state does not exist in the flow any more (flow was edited)."""
 
 
-class StorageError(PlatformError):
-    """The database refused an operation in a way callers can act on."""
-
-
 def http_status_for(error: Exception) -> int:
     """Map an error to the HTTP status a webhook or API caller gets."""
     if isinstance(error, BadSignature):
@@ -110,6 +91,4 @@ def http_status_for(error: Exception) -> int:
         return 404
     if isinstance(error, FlowValidationError):
         return 422
-    if isinstance(error, RateLimited):
-        return 429
     return 500

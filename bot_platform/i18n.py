@@ -11,6 +11,7 @@ not lay it out left to right (see ``bot_platform.text``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,16 +34,23 @@ def _line(source: str, offset: int) -> int:
     return source.count("\n", 0, offset) + 1
 
 
+@functools.lru_cache(maxsize=512)
+def _parse(source: str) -> ftl.Resource:
+    """One text's syntax tree, parsed once per process: catalogs are rebuilt from the same
+    texts at every start, flow check and flow version, and parsing was most of that work.
+    Bundles only read the tree (their compiler copies it), so one tree serves them all."""
+    return FluentParser().parse(source)
+
+
 def parse_ftl(sources: list[tuple[str, str]]) -> tuple[list[ftl.Resource], list[FlowIssue]]:
     """Parse one locale's ``(file, text)`` sources; every syntax error (a Junk entry) and
     every key defined twice (in one file or across the locale's files) is an issue named
     ``file:line``. Fluent itself would skip the broken entry and keep the first
     definition, silently: a text would fall back to the default locale or stay old."""
-    parser = FluentParser()
     resources, issues = [], []
     seen: dict[str, str] = {}
     for file, source in sources:
-        resource = parser.parse(source)
+        resource = _parse(source)
         resources.append(resource)
         for entry in resource.body:
             if isinstance(entry, ftl.Junk):

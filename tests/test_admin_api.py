@@ -15,7 +15,7 @@ import pytest
 
 from bot_platform.apikeys import create_key
 from tests.conftest import ROOT
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 ROLES = ("admin", "marketer", "agent")
 

@@ -26,7 +26,7 @@ from bot_platform.database import Database
 from bot_platform.models import AiBudget, Conversation, Job, Product
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
-from tests.test_ai import (
+from tests.support.ai import (
     CATALOG,
     DELIVERY,
     RETURNS,
@@ -36,7 +36,7 @@ from tests.test_ai import (
     fact,
     settings_for,
 )
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 CITED = [DELIVERY, RETURNS, RICH, SERUM]
 

@@ -36,7 +36,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.fakes.openai_api import FakeOpenAIServer
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 QUESTION = "how much is delivery?"
 

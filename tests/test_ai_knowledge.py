@@ -21,7 +21,7 @@ from bot_platform.clock import ManualClock
 from bot_platform.database import Database
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 RICH = {"sku": "rich", "title": "Rich moisturiser", "url": "https://shop.example.com/rich",
         "price": 29.0, "currency": "EUR", "tags": ["dry skin"]}

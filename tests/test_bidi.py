@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,27 +14,14 @@ from bot_platform.i18n import Catalogs
 from bot_platform.text import FSI, PDI, RLM, isolate, utf16_len
 from bot_platform.types import split_text
 from tests.conftest import ROOT
-from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
-from tests.test_telegram import SECRET, TOKEN, message_update, post
-from tests.test_viber import TOKEN as VIBER_TOKEN
-from tests.test_viber import USER as VIBER_USER
-from tests.test_viber import post as viber_post
-from tests.test_viber import started
+from tests.support.telegram import SECRET, TOKEN, message_update, post
+from tests.support.viber import TOKEN as VIBER_TOKEN
+from tests.support.viber import USER as VIBER_USER
+from tests.support.viber import post as viber_post
+from tests.support.viber import started
 
 EVIL = "\u202eevil"  # RIGHT-TO-LEFT OVERRIDE, then "evil"
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def telegram(make_platform, fake):
-    return await make_platform(bots=[BotConfig(id="shop", channel="telegram", token=TOKEN,
-                                               secret=SECRET, api_base=fake.url)])
 
 
 def start_from(update_id: int, uid: int, first_name: str, language: str) -> dict:

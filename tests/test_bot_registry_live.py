@@ -8,7 +8,7 @@ import asyncio
 from bot_platform.apikeys import create_key
 from tests.conftest import wait_for
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import message_update
+from tests.support.telegram import message_update
 
 TOKEN = "246810:registered-through-the-api"
 

@@ -8,7 +8,7 @@ import logging
 
 from bot_platform.apikeys import create_key
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import message_update
+from tests.support.telegram import message_update
 
 TOKEN = "987654:XYZ-secret-token-value"
 

@@ -18,7 +18,7 @@ from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
 from bot_platform.jobs import Scheduler
 from bot_platform.models import BroadcastRecipient, Contact, Job, Outbox, Subscriber
-from tests.test_delivery import ScriptedChannel, another_worker
+from tests.support.scripted import ScriptedChannel, another_worker
 
 PEOPLE = 600
 

@@ -12,7 +12,7 @@ from bot_platform import broadcasts
 from bot_platform.apikeys import create_key
 from bot_platform.events import EventIn, ingest
 from bot_platform.models import Conversation, Job, Subscriber
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 MESSAGE = {"en": {"text": "Spring sale: 20% off everything!",
                   "buttons": [{"title": "Shop now", "url": "https://shop.example.com/sale"}]},

@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
 
 from bot_platform.config import BotConfig
-from bot_platform.delivery import Delivery
 from bot_platform.models import Message, Outbox, Subscriber
 from bot_platform.ratelimit import Limits, MemoryRateLimiter
-from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, SendResult
-
-
-class ScriptedChannel:
-    """A channel whose send results are scripted per call (then "sent")."""
-
-    name = "scripted"
-
-    def __init__(self, results: Iterable[SendResult] = (), **caps: object) -> None:
-        self.bot_id = "b1"
-        self.capabilities = Capabilities(messages_per_second=math.inf,
-                                         per_chat_per_second=math.inf, **caps)
-        self.results = list(results)
-        self.calls: list[tuple[str, Outgoing, str]] = []
-
-    async def parse(self, request):  # pragma: no cover - not used
-        return []
-
-    async def send(self, recipient: str, message: Outgoing) -> SendResult:
-        result = self.results.pop(0) if self.results else SendResult.sent(
-            f"m{len(self.calls) + 1}")
-        self.calls.append((recipient, message, result.status.value))
-        return result
-
-    def delivered(self) -> list[tuple[str, str]]:
-        return [(r, m.text[:10]) for r, m, status in self.calls if status == "sent"]
-
-
-def start(user: str = "u1", event: str = "e1") -> Inbound:
-    return Inbound(channel="scripted", bot_id="b1", user_id=user, event_id=event,
-                   kind=InboundKind.START)
+from bot_platform.types import Outgoing, SendResult
+from tests.support.scripted import ScriptedChannel, another_worker, outbox_rows, start
 
 
 @pytest.fixture
@@ -56,17 +24,6 @@ async def scripted_platform(make_platform, channel: ScriptedChannel, fake_time=N
     return await make_platform(
         bots=[BotConfig(id="b1", channel="scripted")], limiter=limiter,
         channel_overrides={("scripted", "b1"): channel})
-
-
-def another_worker(platform) -> Delivery:
-    """A second worker's delivery on the same database (another process, in effect)."""
-    return Delivery(platform.db, platform.channel, platform.bot, platform.limiter,
-                    platform.clock, platform.settings.worker, "other-worker")
-
-
-async def outbox_rows(platform) -> list[Outbox]:
-    async with platform.db.session() as session:
-        return list((await session.scalars(select(Outbox).order_by(Outbox.id))).all())
 
 
 async def test_transient_failures_back_off_then_give_up_with_the_reason(make_platform) -> None:

@@ -15,32 +15,7 @@ from bot_platform.events import dispatch
 from bot_platform.models import FlowState, Job, Message, Outbox, Subscriber, SubscriberTag
 from bot_platform.types import Inbound, InboundKind, Profile
 from tests.conftest import ROOT
-
-
-class Chat:
-    """Drive one console user through the pipeline and read what the bot said."""
-
-    def __init__(self, platform, user: str = "u1", profile: Profile | None = None) -> None:
-        self.platform = platform
-        self.console = platform.channel("console", "console")
-        self.user = user
-        self.profile = profile or Profile(first_name="Alex")
-        self.seen = 0
-
-    async def say(self, line: str) -> list:
-        await self.platform.engine.handle(self.console.inbound(self.user, line, self.profile))
-        await self.platform.drain()
-        return self.new()
-
-    async def wait(self, delta: timedelta) -> list:
-        self.platform.clock.advance(delta)
-        await self.platform.drain()
-        return self.new()
-
-    def new(self) -> list:
-        mine = [m for user, m in self.console.sent if user == self.user]
-        fresh, self.seen = mine[self.seen:], len(mine)
-        return fresh
+from tests.support.engine import CART_FLOW, Chat
 
 
 async def test_welcome_chain_greeting_buttons_and_timers(make_platform, db_url) -> None:
@@ -237,8 +212,6 @@ async def test_branches_conditions_scores_and_start_flow(make_platform, tmp_path
 async def test_shop_event_starts_flows_and_moves_waiting_ones(make_platform, tmp_path) -> None:
     flows = tmp_path / "flows"
     flows.mkdir()
-    from tests.test_events import CART_FLOW
-
     (flows / "cart.yaml").write_text(CART_FLOW)
     platform = await make_platform(flows_dir=flows)
     chat = Chat(platform)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,22 +16,7 @@ from sqlalchemy import func, select
 from bot_platform.events import EventIn, ingest
 from bot_platform.models import CustomerEvent
 from tests.conftest import ROOT
-from tests.test_engine import Chat
-
-CART_FLOW = textwrap.dedent("""
-    flow: cart
-    triggers: [{on: event, event: cart_updated}]
-    start: waiting
-    states:
-      waiting:
-        after: {delay: 1h, goto: remind}
-        on_event: {order_placed: done}
-      remind:
-        say: welcome-tip
-        end: true
-      done:
-        end: true
-""")
+from tests.support.engine import CART_FLOW, Chat
 
 
 @pytest.fixture

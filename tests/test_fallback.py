@@ -11,8 +11,8 @@ import pytest
 
 from bot_platform.config import BotConfig
 from bot_platform.types import Inbound, InboundKind, Profile
-from tests.test_delivery import ScriptedChannel
-from tests.test_engine import Chat
+from tests.support.engine import Chat
+from tests.support.scripted import ScriptedChannel
 
 FLOW = textwrap.dedent("""
     flow: promo

@@ -34,7 +34,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_delivery import ScriptedChannel, another_worker, outbox_rows, start
+from tests.support.scripted import ScriptedChannel, another_worker, outbox_rows, start
 
 
 class Monotonic:

@@ -9,15 +9,13 @@ import json
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from bot_platform.apikeys import create_key
 from bot_platform.clock import ManualClock
 from bot_platform.config import BotConfig
 from bot_platform.models import FlowVersion
-from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import SECRET, TOKEN, message_update
+from tests.support.telegram import SECRET, TOKEN, message_update
 
 AUTUMN = """
 flow: autumn_promo
@@ -39,12 +37,6 @@ TEXTS = {
     "en": "autumn-hello = Autumn is here, { $first_name }!\nautumn-later = Still there?\n",
     "uk": "autumn-hello = Осінь прийшла, { $first_name }!\nautumn-later = Ви ще тут?\n",
 }
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
 
 
 async def marketer(platform: Any) -> dict[str, str]:

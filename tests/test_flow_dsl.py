@@ -255,7 +255,7 @@ def test_captures_bound_the_text_they_match_and_read_every_script() -> None:
 
 async def test_a_flow_with_a_backtracking_pattern_answers_with_its_retry(
         make_platform, tmp_path: Path) -> None:
-    from tests.test_engine import Chat
+    from tests.support.engine import Chat
 
     write(tmp_path / "locales" / "en", "x.ftl",
           "a = Your code?\nb = Not a code.\nc = Thanks!\ndefault-name = you\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bot_platform.apikeys import create_key
 from tests.conftest import ROOT
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 
 async def test_upload_validate_activate(make_platform, tmp_path) -> None:

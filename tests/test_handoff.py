@@ -14,7 +14,7 @@ from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
 from bot_platform.models import Job
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import SECRET, TOKEN, message_update, post
+from tests.support.telegram import SECRET, TOKEN, message_update, post
 
 
 @pytest.fixture

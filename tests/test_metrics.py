@@ -10,26 +10,12 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot_platform.config import BotConfig
 from bot_platform.logs import JsonFormatter, log_context
 from bot_platform.models import Broadcast, BroadcastRecipient, Job, Message, Subscriber
-from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import SECRET, TOKEN, callback_update, message_update, post
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def telegram(make_platform, fake):
-    return await make_platform(bots=[BotConfig(id="shop", channel="telegram", token=TOKEN,
-                                               secret=SECRET, api_base=fake.url)])
+from tests.support.telegram import SECRET, TOKEN, callback_update, message_update, post
 
 
 async def scrape(platform, client: httpx.AsyncClient | None = None,

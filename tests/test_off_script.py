@@ -16,10 +16,8 @@ from sqlalchemy import select
 from bot_platform.config import BotConfig
 from bot_platform.handoff import DEFAULT_HANDOFF_KEYWORDS
 from bot_platform.models import Answer, FlowState
-from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.telegram import SECRET, TOKEN
 
-TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
-SECRET = "s3cret-token"
 UID = 4242
 # The first handoff keyword per locale, and a word of the hint line, per locale.
 HINTS = {"en": "Please choose one of the options below",
@@ -29,12 +27,6 @@ HINTS = {"en": "Please choose one of the options below",
 FALLBACK = {"en": "Sorry, I did not get that.", "uk": "Вибачте, я не зрозумів.",
             "pl": "Przepraszam, nie zrozumiałem.", "ar": "عذرًا، لم أفهم ذلك."}
 QUIZ_WORD = {"en": "quiz", "uk": "тест", "pl": "quiz", "ar": "اختبار"}
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
 
 
 @pytest.fixture

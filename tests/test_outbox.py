@@ -15,7 +15,7 @@ from bot_platform.models import Contact, Job, Outbox, Subscriber
 from bot_platform.outbox import ClaimedRow, OutboxClaims
 from bot_platform.statuses import OutboxStatus, SubscriberStatus
 from bot_platform.types import Outgoing
-from tests.test_delivery import ScriptedChannel, outbox_rows, start
+from tests.support.scripted import ScriptedChannel, outbox_rows, start
 
 PEOPLE = 120
 

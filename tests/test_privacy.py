@@ -19,7 +19,7 @@ from bot_platform.config import BotConfig
 from bot_platform.models import Base, KeyValue, Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.promo import import_codes
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_telegram import SECRET, TOKEN, post
+from tests.support.telegram import SECRET, TOKEN, post
 
 UID = 730012345678
 NAME, LAST, USERNAME = "Zofia", "Kwiatkowska", "zofia_kw"

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from bot_platform.catalog import parse_products, upsert_products
 from bot_platform.models import Answer, Subscriber, SubscriberTag
 from bot_platform.types import Profile
-from tests.test_engine import Chat
+from tests.support.engine import Chat
 
 DATA = Path(__file__).parent / "data"
 

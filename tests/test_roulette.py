@@ -20,11 +20,8 @@ from bot_platform.config import BotConfig
 from bot_platform.models import GameSpin, GameWin, PromoCode, Referral, Subscriber
 from bot_platform.promo import import_codes
 from bot_platform.types import Profile
-from tests.fakes.telegram_api import FakeTelegramServer
-from tests.test_engine import Chat
-
-TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
-SECRET = "s3cret-token"
+from tests.support.engine import Chat, LowestPoint
+from tests.support.telegram import SECRET, TOKEN
 
 WHEEL = textwrap.dedent("""
     flow: wheel
@@ -70,22 +67,9 @@ def wheel_dir(tmp_path: Path, max_wins: str = "") -> Path:
     return flows
 
 
-class LowestPoint:
-    """A wheel that always stops at its first sector (the first prize in stock)."""
-
-    def uniform(self, low: float, high: float) -> float:
-        return low
-
-
 # ---- Telegram: webhooks in, the fake Bot API out ------------------------------------------
 
 _update_ids = itertools.count(1)
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
 
 
 async def telegram(make_platform, fake, **overrides: Any):

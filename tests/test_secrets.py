@@ -25,7 +25,7 @@ from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.models import Base, Outbox, Subscriber
 from tests.conftest import wait_for
 from tests.fakes.leaky import LeakyMessenger
-from tests.test_telegram import message_update
+from tests.support.telegram import message_update
 
 TG_TOKEN = "555666777:AAPollSecretTokenValue_abcdefghij"
 TG_SECRET = "tg-webhook-secret-0123"

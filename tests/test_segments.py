@@ -293,7 +293,7 @@ def test_invalid_filters_name_the_problem(raw: dict, where: str) -> None:
 
 
 async def test_preview_counts_and_samples(make_platform) -> None:
-    from tests.test_engine import Chat
+    from tests.support.engine import Chat
 
     platform = await make_platform()
     for n in range(3):

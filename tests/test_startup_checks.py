@@ -13,7 +13,7 @@ from tests.conftest import wait_for
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
-from tests.test_telegram import message_update
+from tests.support.telegram import message_update
 
 GOOD = "123456:good-telegram-token"
 BAD = "654321:revoked-telegram-token"

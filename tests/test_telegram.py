@@ -5,63 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
-import time
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from bot_platform.config import BotConfig
 from bot_platform.models import Subscriber
 from bot_platform.types import Button, Card, Outgoing, QuickReply, fit_message
-from tests.fakes.telegram_api import FakeTelegramServer
-
-TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
-SECRET = "s3cret-token"
-
-
-@pytest.fixture
-async def fake() -> Any:
-    async with FakeTelegramServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def telegram(make_platform, fake):
-    return await make_platform(bots=[BotConfig(id="shop", channel="telegram", token=TOKEN,
-                                               secret=SECRET, api_base=fake.url)])
-
-
-def user(uid: int = 1111, first_name: str = "Olena", language: str = "uk") -> dict:
-    return {"id": uid, "is_bot": False, "first_name": first_name, "username": "olena",
-            "language_code": language}
-
-
-def message_update(update_id: int, text: str, uid: int = 1111, **extra: Any) -> dict:
-    return {"update_id": update_id, "message": {
-        "message_id": update_id, "from": user(uid), "date": 1767225600,
-        "chat": {"id": uid, "first_name": "Olena", "type": "private"}, "text": text,
-        **({"entities": [{"offset": 0, "length": 6, "type": "bot_command"}]}
-           if text.startswith("/") else {}), **extra}}
-
-
-def callback_update(update_id: int, data: str, uid: int = 1111) -> dict:
-    return {"update_id": update_id, "callback_query": {
-        "id": f"cb-{update_id}", "from": user(uid), "chat_instance": "-77",
-        "data": data, "message": {"message_id": 1, "date": 1767225600,
-                                  "chat": {"id": uid, "type": "private"}, "text": "..."}}}
-
-
-async def post(platform, update: dict | bytes, secret: str | None = SECRET):
-    headers = {"Content-Type": "application/json"}
-    if secret is not None:
-        headers["X-Telegram-Bot-Api-Secret-Token"] = secret
-    body = update if isinstance(update, bytes) else json.dumps(update).encode()
-    async with platform.http_client() as client:
-        return await client.post("/webhooks/telegram/shop", content=body, headers=headers)
+from tests.support.telegram import SECRET, TOKEN, callback_update, message_update, post, user
 
 
 async def test_welcome_with_inline_keyboard_then_a_button_press(telegram, fake) -> None:
@@ -129,28 +82,31 @@ async def test_deep_link_ref_is_stored_and_starts_its_flow(telegram, fake) -> No
 async def test_retry_after_pauses_the_bot_then_everything_arrives_once(make_platform,
                                                                        fake) -> None:
     from bot_platform.config import WorkerSettings
+    from bot_platform.ratelimit import MemoryRateLimiter
 
-    # One send at a time, so "nothing after the 429" is not blurred by sends in flight.
+    # One send at a time, so "nothing after the 429" is not blurred by sends in flight; the
+    # rate limiter's clock moves only when the test says, so the pause ends when it says.
+    moment = [1000.0]
     telegram = await make_platform(
         bots=[BotConfig(id="shop", channel="telegram", token=TOKEN, secret=SECRET,
                         api_base=fake.url)],
+        limiter=MemoryRateLimiter(monotonic=lambda: moment[0]),
         worker=WorkerSettings(concurrency=1, poll_interval=0.05, backoff_base=1.0))
-    fake.rate_limit(per_second=1, retry_after=1)
+    fake.rate_limit(per_second=None, retry_after=30)  # longer than a row waits in place
+    fake.fail_send(2)  # 429 "retry after 30" to the second send
     for uid in (1, 2, 3):
         await post(telegram, message_update(uid * 10, "/start", uid=uid))
-    started = time.monotonic()
-    deadline = started + 15
-    while len(fake.sent()) < 3 and time.monotonic() < deadline:
-        await telegram.drain()
-        telegram.clock.advance(timedelta(seconds=1))
-        await asyncio.sleep(0.2)
+    await telegram.drain()
+    telegram.clock.advance(timedelta(seconds=31))
+    await telegram.drain()
+    # After the 429 the bot stays silent until retry_after has passed on its limiter's clock.
+    assert [bool(c.params.get("_ok")) for c in fake.of("sendMessage")] == [True, False]
+    moment[0] += 31
+    telegram.clock.advance(timedelta(seconds=31))
+    await telegram.drain()
     assert sorted(int(c.params["chat_id"]) for c in fake.sent()) == [1, 2, 3]
-    assert fake.too_many_requests >= 1
-    # After each 429 the bot stayed silent for retry_after seconds.
-    sends = [c for c in fake.calls if c.method == "sendMessage"]
-    for index, call in enumerate(sends):
-        if not call.params.get("_ok") and index + 1 < len(sends):
-            assert sends[index + 1].at - call.at >= 0.9
+    assert fake.too_many_requests == 1
+    assert len(fake.of("sendMessage")) == 4  # the refused one resent once, nothing else
 
 
 async def test_a_user_who_blocked_the_bot_is_unsubscribed_and_skipped(telegram, fake) -> None:
@@ -296,7 +252,7 @@ async def test_shipped_quiz_nps_and_roulette_through_telegram(telegram, fake) ->
     async with telegram.db.session() as session:
         assert (await session.scalar(select(Conversation.status))) == "waiting"
 
-    from tests.test_roulette import LowestPoint
+    from tests.support.engine import LowestPoint
 
     await import_codes(telegram.db, "roulette-10", ["TG-10"], telegram.clock.now())
     telegram.engine.random = LowestPoint()  # the wheel stops at the first prize in stock

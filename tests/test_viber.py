@@ -3,8 +3,6 @@ the fake Viber API; the welcome travels in the conversation_started response."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 from datetime import timedelta
@@ -18,10 +16,7 @@ from bot_platform.config import BotConfig
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.types import Outgoing
 from tests.fakes.viber_api import FakeViberServer
-
-TOKEN = "445da6az1s345z78-dazcczb2542zv51a-e0vc5fva17480im9"
-USER = {"id": "01234567890A=", "name": "Olena Koval", "avatar": "http://avatar.example",
-        "language": "uk", "country": "UA", "api_version": 8}
+from tests.support.viber import TOKEN, USER, post, started
 
 
 @pytest.fixture
@@ -35,24 +30,6 @@ async def viber(make_platform, api):
     return await make_platform(bots=[BotConfig(id="vb", channel="viber", token=TOKEN,
                                                api_base=api.url,
                                                options={"sender_name": "Example Shop"})])
-
-
-async def post(platform, body: dict | bytes, token: str | None = TOKEN):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["X-Viber-Content-Signature"] = hmac.new(
-            token.encode(), raw, hashlib.sha256).hexdigest()
-    async with platform.http_client() as client:
-        return await client.post("/webhooks/viber/vb", content=raw, headers=headers)
-
-
-def started(token: int = 4912661846655238145, context: str | None = None) -> dict:
-    body = {"event": "conversation_started", "timestamp": 1457764197627,
-            "message_token": token, "type": "open", "user": USER, "subscribed": False}
-    if context:
-        body["context"] = context
-    return body
 
 
 def text_message(token: int, text: str, tracking: str | None = None) -> dict:
