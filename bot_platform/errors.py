@@ -13,6 +13,7 @@
     │   ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
     │   └── UnknownState          a stored state that the current flow no longer has
     └── StorageError              the database said no in a way we can explain
+        └── StorageUnavailable    the database cannot be reached for now -> 503
 
 ``http_status_for`` is the one place that turns these into HTTP statuses.
 """
@@ -100,6 +101,11 @@ class StorageError(PlatformError):
     """The database refused an operation in a way callers can act on."""
 
 
+class StorageUnavailable(StorageError):
+    """The database is away for now (a restart, a failover, a refused connection): the
+    same call may succeed later, so a web caller gets 503 and a messenger re-sends."""
+
+
 def http_status_for(error: Exception) -> int:
     """Map an error to the HTTP status a webhook or API caller gets."""
     if isinstance(error, BadSignature):
@@ -112,4 +118,6 @@ def http_status_for(error: Exception) -> int:
         return 422
     if isinstance(error, RateLimited):
         return 429
+    if isinstance(error, StorageUnavailable):
+        return 503
     return 500
