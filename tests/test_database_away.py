@@ -47,7 +47,8 @@ async def test_a_session_on_a_refusing_database_raises_storage_unavailable() -> 
 async def test_a_signed_webhook_gets_503_and_one_log_line_without_traceback(
         make_platform, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    platform = await make_platform(console_secret=CONSOLE_SECRET)
+    platform = await make_platform(console_secret=CONSOLE_SECRET,
+                                   flow_reload_seconds=0)  # no background reader
     database_away(platform, monkeypatch)
     body = {"user_id": "w1", "text": "/start", "event_id": "evt-1", "first_name": "Kim"}
     with caplog.at_level(logging.INFO):
@@ -65,7 +66,7 @@ async def test_a_signed_webhook_gets_503_and_one_log_line_without_traceback(
 async def test_health_check_and_admin_api_answer_503_while_the_database_is_away(
         make_platform, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    platform = await make_platform()
+    platform = await make_platform(flow_reload_seconds=0)  # no background reader
     _, key = await create_key(platform.db, name="ops", role="admin", now=platform.clock.now())
     database_away(platform, monkeypatch)
     with caplog.at_level(logging.INFO):
