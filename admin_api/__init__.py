@@ -3,7 +3,6 @@ package is importable. Every route declares its roles (``admin_api.security``)."
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Depends
 
 from admin_api.errors import ERROR_RESPONSES, MAX_BODY, error_shapes
