@@ -3,14 +3,13 @@ package is importable. Every route declares its roles (``admin_api.security``)."
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Depends
 
 from admin_api.errors import ERROR_RESPONSES, MAX_BODY, error_shapes
+from bot_platform.platform import Platform
 
 
-def create_router(platform: Any) -> APIRouter:
+def create_router(platform: Platform) -> APIRouter:
     from admin_api import (
         bots,
         broadcasts,

@@ -9,16 +9,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, SecretStr
 from sqlalchemy import select
 
 from admin_api.errors import unprocessable
-from admin_api.security import ADMIN, get_platform, roles
+from admin_api.security import ADMIN, PlatformDep, roles
 from bot_platform.channels import BUILTIN_CHANNELS, Redactor, SupportsSetup, messenger_channels
 from bot_platform.models import BotRecord
+from bot_platform.platform import Platform
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class BotPublic(BaseModel):
     created_at: datetime | None = None
 
 
-def _public(platform: Any, record: BotRecord, webhook: str | None = None) -> BotPublic:
+def _public(platform: Platform, record: BotRecord, webhook: str | None = None) -> BotPublic:
     config = platform.bot(record.channel, record.bot_id)
     return BotPublic(
         channel=record.channel, bot_id=record.bot_id, source="api", enabled=record.enabled,
@@ -118,7 +119,7 @@ def _public(platform: Any, record: BotRecord, webhook: str | None = None) -> Bot
         created_at=record.created_at)
 
 
-async def _setup_webhook(platform: Any, channel: str, bot_id: str) -> str | None:
+async def _setup_webhook(platform: Platform, channel: str, bot_id: str) -> str | None:
     config, adapter = platform.bot(channel, bot_id), platform.channel(channel, bot_id)
     url = platform.webhook_url(config) if config else None
     if url is None or not isinstance(adapter, SupportsSetup):
@@ -133,7 +134,7 @@ async def _setup_webhook(platform: Any, channel: str, bot_id: str) -> str | None
 
 
 @router.post("", status_code=201, response_model=BotPublic, **roles(ADMIN))
-async def register(body: BotCreate, platform: Any = Depends(get_platform)) -> BotPublic:
+async def register(body: BotCreate, platform: PlatformDep) -> BotPublic:
     """Register a bot; with a public URL configured its webhook is set up at once."""
     assert body.channel in BUILTIN_CHANNELS
     if (body.channel, body.bot_id) in platform._settings_bots():
@@ -165,7 +166,7 @@ async def register(body: BotCreate, platform: Any = Depends(get_platform)) -> Bo
 
 
 @router.get("", response_model=list[BotPublic], **roles(ADMIN))
-async def list_bots(platform: Any = Depends(get_platform)) -> list[BotPublic]:
+async def list_bots(platform: PlatformDep) -> list[BotPublic]:
     async with platform.db.session() as session:
         records = (await session.scalars(select(BotRecord).order_by(BotRecord.id))).all()
     items = [BotPublic(channel=b.channel, bot_id=b.id, source="settings", enabled=True,
@@ -187,7 +188,7 @@ async def _record(session: Any, channel: str, bot_id: str) -> BotRecord:
 
 @router.patch("/{channel}/{bot_id}", response_model=BotPublic, **roles(ADMIN))
 async def update_bot(channel: str, bot_id: str, body: BotUpdate,
-                     platform: Any = Depends(get_platform)) -> BotPublic:
+                     platform: PlatformDep) -> BotPublic:
     """Change limits, options or (write-only) credentials; the bot is rebuilt."""
     async with platform.db.session() as session:
         record = await _record(session, channel, bot_id)
@@ -205,7 +206,7 @@ async def update_bot(channel: str, bot_id: str, body: BotUpdate,
 
 
 @router.delete("/{channel}/{bot_id}", status_code=204, **roles(ADMIN))
-async def disable_bot(channel: str, bot_id: str, platform: Any = Depends(get_platform)) -> None:
+async def disable_bot(channel: str, bot_id: str, platform: PlatformDep) -> None:
     """Stop serving the bot (its subscribers and history stay)."""
     async with platform.db.session() as session:
         record = await _record(session, channel, bot_id)
@@ -216,7 +217,7 @@ async def disable_bot(channel: str, bot_id: str, platform: Any = Depends(get_pla
 
 @router.post("/{channel}/{bot_id}/webhook", response_model=BotPublic, **roles(ADMIN))
 async def setup_webhook(channel: str, bot_id: str,
-                        platform: Any = Depends(get_platform)) -> BotPublic:
+                        platform: PlatformDep) -> BotPublic:
     """(Re-)register the bot's webhook at its messenger."""
     async with platform.db.session() as session:
         record = await _record(session, channel, bot_id)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 from sqlalchemy import select
 
 from admin_api.errors import unprocessable
-from admin_api.security import MARKETING, get_platform, roles
+from admin_api.security import MARKETING, PlatformDep, roles
 from bot_platform import broadcasts
 from bot_platform.broadcasts import BroadcastCreate
 from bot_platform.models import Broadcast
+from bot_platform.platform import Platform
 from bot_platform.text import DbId
 
 router = APIRouter(prefix="/broadcasts", tags=["broadcasts"])
@@ -43,7 +44,7 @@ async def _load(session: Any, broadcast_id: int) -> Broadcast:
 
 @router.post("", status_code=201, response_model=BroadcastPublic, **roles(MARKETING))
 async def create_broadcast(body: BroadcastCreate,
-                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                           platform: PlatformDep) -> BroadcastPublic:
     """A draft; nothing is sent until it is started."""
     unknown = [v.flow for v in body.variants if v.flow and v.flow not in platform.flows]
     if unknown:
@@ -54,7 +55,7 @@ async def create_broadcast(body: BroadcastCreate,
 
 
 @router.get("", response_model=list[BroadcastPublic], **roles(MARKETING))
-async def list_broadcasts(platform: Any = Depends(get_platform)) -> list[BroadcastPublic]:
+async def list_broadcasts(platform: PlatformDep) -> list[BroadcastPublic]:
     async with platform.db.session() as session:
         rows = (await session.scalars(select(Broadcast).order_by(Broadcast.id.desc())
                                       .limit(200))).all()
@@ -63,7 +64,7 @@ async def list_broadcasts(platform: Any = Depends(get_platform)) -> list[Broadca
 
 @router.get("/{broadcast_id}", response_model=BroadcastPublic, **roles(MARKETING))
 async def get_broadcast(broadcast_id: DbId,
-                        platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                        platform: PlatformDep) -> BroadcastPublic:
     """The broadcast with its figures per variant."""
     async with platform.db.session() as session:
         broadcast = await _load(session, broadcast_id)
@@ -72,7 +73,7 @@ async def get_broadcast(broadcast_id: DbId,
     return data.model_copy(update={"stats": figures})
 
 
-async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic:
+async def _act(platform: Platform, broadcast_id: int, action: str) -> BroadcastPublic:
     """One lifecycle change as a compare-and-set on the broadcast's status: of concurrent
     callers exactly one wins, the others get 409 with the status they found."""
     now = platform.clock.now()
@@ -97,7 +98,7 @@ async def _act(platform: Any, broadcast_id: int, action: str) -> BroadcastPublic
 
 @router.post("/{broadcast_id}/start", response_model=BroadcastPublic, **roles(MARKETING))
 async def start_broadcast(broadcast_id: DbId,
-                          platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                          platform: PlatformDep) -> BroadcastPublic:
     """Snapshot the recipients and send (or wait for ``scheduled_at``). Only a draft
     starts: concurrent starts -> one 200, the rest 409; a scheduled broadcast -> 409."""
     return await _act(platform, broadcast_id, "start")
@@ -105,7 +106,7 @@ async def start_broadcast(broadcast_id: DbId,
 
 @router.post("/{broadcast_id}/pause", response_model=BroadcastPublic, **roles(MARKETING))
 async def pause_broadcast(broadcast_id: DbId,
-                          platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                          platform: PlatformDep) -> BroadcastPublic:
     """Stop queueing; queued rows no delivery worker has claimed are held (409 unless
     running)."""
     return await _act(platform, broadcast_id, "pause")
@@ -113,7 +114,7 @@ async def pause_broadcast(broadcast_id: DbId,
 
 @router.post("/{broadcast_id}/resume", response_model=BroadcastPublic, **roles(MARKETING))
 async def resume_broadcast(broadcast_id: DbId,
-                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                           platform: PlatformDep) -> BroadcastPublic:
     """Release the held rows and carry on where the broadcast stopped (409 unless
     paused)."""
     return await _act(platform, broadcast_id, "resume")
@@ -121,7 +122,7 @@ async def resume_broadcast(broadcast_id: DbId,
 
 @router.post("/{broadcast_id}/cancel", response_model=BroadcastPublic, **roles(MARKETING))
 async def cancel_broadcast(broadcast_id: DbId,
-                           platform: Any = Depends(get_platform)) -> BroadcastPublic:
+                           platform: PlatformDep) -> BroadcastPublic:
     """Skip everything not yet handed to a delivery worker (409 when completed or already
     cancelled)."""
     return await _act(platform, broadcast_id, "cancel")

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, NoReturn
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 
 from admin_api.errors import unprocessable
-from admin_api.security import SUPPORT, current, get_platform
+from admin_api.security import SUPPORT, PlatformDep, current
 from bot_platform import events, handoff, outbox
 from bot_platform.apikeys import Principal
 from bot_platform.models import (
@@ -145,11 +145,11 @@ async def _changed(session: Any, conversation: Conversation) -> NoReturn:
 
 
 @router.get("", response_model=list[ConversationPublic], **ROLES)
-async def queue(status: str = Query("waiting", pattern="^(waiting|assigned|resolved|open)$"),
+async def queue(platform: PlatformDep,
+                status: str = Query("waiting", pattern="^(waiting|assigned|resolved|open)$"),
                 channel: str | None = None, locale: str | None = None,
                 reason: str | None = None, limit: int = Query(50, ge=1, le=200),
-                principal: Principal = current(SUPPORT),
-                platform: Any = Depends(get_platform)) -> list[ConversationPublic]:
+                principal: Principal = current(SUPPORT)) -> list[ConversationPublic]:
     """The queue, oldest first. Agents see waiting chats and their own."""
     statuses = handoff.OPEN if status == "open" else (status,)
     query = select(Conversation, Subscriber).join(
@@ -168,8 +168,8 @@ async def queue(status: str = Query("waiting", pattern="^(waiting|assigned|resol
 
 
 @router.post("/{conversation_id}/claim", response_model=ConversationPublic, **ROLES)
-async def claim(conversation_id: DbId, principal: Principal = current(SUPPORT),
-                platform: Any = Depends(get_platform)) -> ConversationPublic:
+async def claim(platform: PlatformDep, conversation_id: DbId,
+                principal: Principal = current(SUPPORT)) -> ConversationPublic:
     """Take a waiting chat. Two agents at once: one wins, the other gets 409."""
     async with platform.db.session() as session:
         if not await handoff.claim(session, conversation_id, agent_id=str(principal.key_id),
@@ -184,8 +184,8 @@ async def claim(conversation_id: DbId, principal: Principal = current(SUPPORT),
 
 
 @router.get("/{conversation_id}", response_model=ConversationDetail, **ROLES)
-async def history(conversation_id: DbId, principal: Principal = current(SUPPORT),
-                  platform: Any = Depends(get_platform)) -> ConversationDetail:
+async def history(platform: PlatformDep, conversation_id: DbId,
+                  principal: Principal = current(SUPPORT)) -> ConversationDetail:
     """The whole chat: the customer's and the bot's messages (with the answers that led
     here), agents' replies with their delivery status, and internal notes."""
     async with platform.db.session() as session:
@@ -206,8 +206,8 @@ async def history(conversation_id: DbId, principal: Principal = current(SUPPORT)
 
 @router.post("/{conversation_id}/messages", response_model=ReplyQueued, status_code=202,
              **ROLES)
-async def reply(conversation_id: DbId, body: Reply, principal: Principal = current(SUPPORT),
-                platform: Any = Depends(get_platform)) -> ReplyQueued:
+async def reply(platform: PlatformDep, conversation_id: DbId, body: Reply,
+                principal: Principal = current(SUPPORT)) -> ReplyQueued:
     """Send a reply through the customer's messenger (the delivery worker sends it; its
     status shows in the history). It goes as an agent's message: on Facebook a
     response inside the 24-hour window, with the HUMAN_AGENT tag after it (7 days). 409
@@ -235,8 +235,8 @@ async def reply(conversation_id: DbId, body: Reply, principal: Principal = curre
 
 @router.post("/{conversation_id}/notes", status_code=201, response_model=HistoryItem,
              **ROLES)
-async def add_note(conversation_id: DbId, body: Note, principal: Principal = current(SUPPORT),
-                   platform: Any = Depends(get_platform)) -> HistoryItem:
+async def add_note(platform: PlatformDep, conversation_id: DbId, body: Note,
+                   principal: Principal = current(SUPPORT)) -> HistoryItem:
     """An internal note: agents who may read the chat see it, the customer never does."""
     now = platform.clock.now()
     async with platform.db.session() as session:
@@ -250,9 +250,8 @@ async def add_note(conversation_id: DbId, body: Note, principal: Principal = cur
 
 
 @router.post("/{conversation_id}/transfer", response_model=ConversationPublic, **ROLES)
-async def transfer(conversation_id: DbId, body: Transfer,
-                   principal: Principal = current(SUPPORT),
-                   platform: Any = Depends(get_platform)) -> ConversationPublic:
+async def transfer(platform: PlatformDep, conversation_id: DbId, body: Transfer,
+                   principal: Principal = current(SUPPORT)) -> ConversationPublic:
     """Hand an open chat to another agent (by their key id); 409 for a resolved chat."""
     async with platform.db.session() as session:
         conversation, subscriber = await _load(session, conversation_id, principal,
@@ -268,8 +267,8 @@ async def transfer(conversation_id: DbId, body: Transfer,
 
 
 @router.post("/{conversation_id}/resolve", response_model=ConversationPublic, **ROLES)
-async def resolve(conversation_id: DbId, body: Resolve, principal: Principal = current(SUPPORT),
-                  platform: Any = Depends(get_platform)) -> ConversationPublic:
+async def resolve(platform: PlatformDep, conversation_id: DbId, body: Resolve,
+                  principal: Principal = current(SUPPORT)) -> ConversationPublic:
     """Close the chat: the bot answers the customer again (optionally starting a flow).
     409 when it is already resolved (``resolved_at`` keeps the first resolution)."""
     if body.start_flow and body.start_flow not in platform.flows:
@@ -293,12 +292,11 @@ LIVE_POLL_SECONDS = 0.5
 
 
 @router.get("/live/stream", **ROLES, response_class=StreamingResponse)
-async def live(request: Request,
+async def live(platform: PlatformDep, request: Request,
                max_seconds: float = Query(3600, gt=0, le=86400,
                                           description="end the stream after this long "
                                                       "(clients reconnect)"),
-               principal: Principal = current(SUPPORT),
-               platform: Any = Depends(get_platform)) -> StreamingResponse:
+               principal: Principal = current(SUPPORT)) -> StreamingResponse:
     """Server-Sent Events for agents: ``conversation`` (new escalations, claims, transfers,
     resolutions) and ``message`` (customer messages and replies, with delivery status) for
     the chats this key may read; ``gone`` (``{id, status}``, no chat text) when a chat this

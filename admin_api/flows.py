@@ -7,17 +7,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path
+from fastapi import APIRouter, Body, HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import case, func, select, update
 
-from admin_api.security import MARKETING, get_platform, roles
+from admin_api.security import MARKETING, PlatformDep, roles
 from bot_platform.errors import FlowIssue
 from bot_platform.flow_versions import Texts, active_versions, version_texts
 from bot_platform.flows.loading import load_yaml, parse_flow_text
 from bot_platform.flows.validation import check_cross_flow
 from bot_platform.i18n import LOCALE_PATTERN, parse_ftl
 from bot_platform.models import FlowVersion
+from bot_platform.platform import Platform
 from bot_platform.text import INT32_MAX, StorableText, text
 
 FlowName = text(64, min_length=1)
@@ -44,7 +45,7 @@ class FlowInUse(BaseModel):
 
 
 @router.get("", response_model=list[FlowInUse], **roles(MARKETING))
-async def flows_in_use(platform: Any = Depends(get_platform)) -> list[FlowInUse]:
+async def flows_in_use(platform: PlatformDep) -> list[FlowInUse]:
     active = {}
     async with platform.db.session() as session:
         for flow, version in (await session.execute(select(
@@ -85,7 +86,7 @@ def _problem(issue: FlowIssue, loc: list[str]) -> dict[str, Any]:
             "type": "flow_invalid", "path": issue.path, "message": issue.message}
 
 
-async def _check(platform: Any, source: str, texts: dict[str, str],
+async def _check(platform: Platform, source: str, texts: dict[str, str],
                  yaml_loc: list[str]) -> tuple[Any, list[FlowIssue], list[dict[str, Any]]]:
     """Validate the flow with the catalogs it would run with (the files, the other active
     flows' texts and ``texts``): the flow, its issues, and every error as a 422 problem."""
@@ -108,7 +109,7 @@ async def _check(platform: Any, source: str, texts: dict[str, str],
     return spec, issues, problems
 
 
-async def _store(platform: Any, source: str, texts: dict[str, str],
+async def _store(platform: Platform, source: str, texts: dict[str, str],
                  yaml_loc: list[str]) -> FlowVersionPublic:
     """Validate the flow, every problem at once, and store it as a new version."""
     spec, issues, problems = await _check(platform, source, texts, yaml_loc)
@@ -135,9 +136,9 @@ class FlowCheck(BaseModel):
 
 
 @router.post("/validate", response_model=FlowCheck, **roles(MARKETING))
-async def validate(text: StorableText = Body(media_type="application/yaml",
-                                             description="A flow file (YAML)"),
-                   platform: Any = Depends(get_platform)) -> FlowCheck:
+async def validate(platform: PlatformDep,
+                   text: StorableText = Body(media_type="application/yaml",
+                                             description="A flow file (YAML)")) -> FlowCheck:
     """Check a flow file as ``botp flows validate`` would (with the catalogs and flows in
     use), every problem at once, storing nothing."""
     spec, issues, problems = await _check(platform, text, {}, ["body"])
@@ -146,8 +147,8 @@ async def validate(text: StorableText = Body(media_type="application/yaml",
 
 
 @router.post("", status_code=201, response_model=FlowVersionPublic, **roles(MARKETING))
-async def upload(text: StorableText = Body(media_type="application/yaml"),
-                 platform: Any = Depends(get_platform)) -> FlowVersionPublic:
+async def upload(platform: PlatformDep,
+                 text: StorableText = Body(media_type="application/yaml")) -> FlowVersionPublic:
     """Store a new version of a flow (not active until activated); an invalid flow is
     rejected with 422 and every problem (path and reason). Its texts must exist already;
     ``POST /api/flows/versions`` uploads a flow with its texts."""
@@ -157,7 +158,7 @@ async def upload(text: StorableText = Body(media_type="application/yaml"),
 @router.post("/versions", status_code=201, response_model=FlowVersionPublic,
              **roles(MARKETING))
 async def upload_with_texts(body: FlowUpload,
-                            platform: Any = Depends(get_platform)) -> FlowVersionPublic:
+                            platform: PlatformDep) -> FlowVersionPublic:
     """Store a new version of a flow with its catalog entries per locale (not active
     until activated). Checked like files: Fluent syntax errors and duplicate keys with
     their line, every key the flow uses must exist in the default locale (in ``texts`` or
@@ -167,7 +168,7 @@ async def upload_with_texts(body: FlowUpload,
 
 @router.get("/{flow}/versions", response_model=list[FlowVersionPublic], **roles(MARKETING))
 async def versions(flow: FlowName,
-                   platform: Any = Depends(get_platform)) -> list[FlowVersionPublic]:
+                   platform: PlatformDep) -> list[FlowVersionPublic]:
     async with platform.db.session() as session:
         rows = (await session.scalars(select(FlowVersion).where(FlowVersion.flow == flow)
                                       .order_by(FlowVersion.version))).all()
@@ -177,7 +178,7 @@ async def versions(flow: FlowName,
 @router.post("/{flow}/versions/{version}/activate", response_model=FlowVersionPublic,
              **roles(MARKETING))
 async def activate(flow: FlowName, version: Annotated[int, Path(ge=1, le=INT32_MAX)],
-                   platform: Any = Depends(get_platform)) -> FlowVersionPublic:
+                   platform: PlatformDep) -> FlowVersionPublic:
     """Make this version the one in use: here at once, in every other process (web and
     worker) within ``flow_reload_seconds``. One statement switches every version of the
     flow, so concurrent activations leave exactly one active."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from admin_api.security import ADMIN, EVERYONE, current, get_platform, roles
+from admin_api.security import ADMIN, EVERYONE, PlatformDep, current, roles
 from bot_platform.apikeys import ROLES, Principal, create_key
 from bot_platform.models import ApiKey
 from bot_platform.text import DbId, text
@@ -43,7 +42,7 @@ class Me(BaseModel):
 
 
 @router.post("", status_code=201, response_model=KeyCreated, **roles(ADMIN))
-async def create(body: KeyCreate, platform: Any = Depends(get_platform)) -> KeyCreated:
+async def create(body: KeyCreate, platform: PlatformDep) -> KeyCreated:
     """Create a key; the response is the only time the secret is shown."""
     key_id, key = await create_key(platform.db, name=body.name, role=body.role,
                                    now=platform.clock.now())
@@ -54,14 +53,14 @@ async def create(body: KeyCreate, platform: Any = Depends(get_platform)) -> KeyC
 
 
 @router.get("", response_model=list[KeyPublic], **roles(ADMIN))
-async def list_keys(platform: Any = Depends(get_platform)) -> list[KeyPublic]:
+async def list_keys(platform: PlatformDep) -> list[KeyPublic]:
     async with platform.db.session() as session:
         rows = (await session.scalars(select(ApiKey).order_by(ApiKey.id))).all()
     return [KeyPublic.model_validate(row, from_attributes=True) for row in rows]
 
 
 @router.delete("/{key_id}", status_code=204, **roles(ADMIN))
-async def revoke(key_id: DbId, platform: Any = Depends(get_platform)) -> None:
+async def revoke(key_id: DbId, platform: PlatformDep) -> None:
     async with platform.db.session() as session:
         row = await session.get(ApiKey, key_id)
         if row is None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from bot_platform.apikeys import Principal, verify_key
+from bot_platform.app import PlatformDep, get_platform
+
+__all__ = ["PlatformDep", "authenticate", "current", "get_platform", "roles"]
 
 ADMIN = frozenset({"admin"})
 MARKETING = frozenset({"admin", "marketer"})
@@ -24,18 +27,13 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Bearer botp_...
 _header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def get_platform(request: Request) -> Any:
-    return request.app.state.platform
-
-
 async def authenticate(
-    request: Request,
+    platform: PlatformDep,
     bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
     header: str | None = Depends(_header),
 ) -> Principal:
     """The caller's key, from ``Authorization: Bearer`` or ``X-API-Key``; 401 otherwise."""
     key = bearer.credentials if bearer is not None else header
-    platform = get_platform(request)
     principal = await verify_key(platform.db, key, platform.clock.now()) if key else None
     if principal is None:
         raise HTTPException(401, "a valid API key is required",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from admin_api.errors import unprocessable
-from admin_api.security import MARKETING, get_platform, roles
+from admin_api.security import MARKETING, PlatformDep, roles
 from admin_api.subscribers import SubscriberPublic, _public, _tags
 from bot_platform.segments import Filter, preview
 
@@ -47,8 +47,8 @@ def parse_filter(raw: Any) -> Any:
 
 
 @router.post("/preview", response_model=Preview, **roles(MARKETING))
-async def preview_segment(body: dict[str, Any], sample: int = Query(10, ge=0, le=100),
-                          platform: Any = Depends(get_platform)) -> Preview:
+async def preview_segment(platform: PlatformDep,
+                          body: dict[str, Any], sample: int = Query(10, ge=0, le=100)) -> Preview:
     """How many subscribers ``{"filter": ...}`` selects, and the newest few."""
     if "filter" not in body:
         raise unprocessable("give the filter: {\"filter\": {...}}", loc=("body", "filter"),

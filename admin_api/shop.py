@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Body, Depends, HTTPException
+from fastapi import APIRouter, Body, HTTPException
 from pydantic import BaseModel, Field
 
 from admin_api.errors import MAX_UPLOAD
-from admin_api.security import MARKETING, get_platform, roles
+from admin_api.security import MARKETING, PlatformDep, roles
 from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.events import EventIn, IngestResult, ingest
 from bot_platform.promo import import_codes, pool_counts
@@ -39,22 +37,23 @@ class CodesUpload(BaseModel):
 
 
 @router.post("/events", response_model=IngestResult, **roles(MARKETING))
-async def post_event(event: EventIn, platform: Any = Depends(get_platform)) -> IngestResult:
+async def post_event(event: EventIn, platform: PlatformDep) -> IngestResult:
     """Record one shop event (idempotent by ``event_id``) and let flows react."""
     return await ingest(platform.engine, event)
 
 
 @router.post("/events/batch", response_model=list[IngestResult], **roles(MARKETING))
 async def post_events(batch: EventBatch,
-                      platform: Any = Depends(get_platform)) -> list[IngestResult]:
+                      platform: PlatformDep) -> list[IngestResult]:
     """Up to 1,000 events, in order; each is idempotent by its ``event_id``."""
     return [await ingest(platform.engine, event) for event in batch.events]
 
 
 @router.post("/catalog/products", response_model=ProductsImported, max_body_size=MAX_UPLOAD,
              **roles(MARKETING))
-async def put_products(products: list[ProductIn] = Body(min_length=1, max_length=10_000),
-                       platform: Any = Depends(get_platform)) -> ProductsImported:
+async def put_products(platform: PlatformDep,
+                       products: list[ProductIn] = Body(min_length=1, max_length=10_000),
+                       ) -> ProductsImported:
     """Add or update products (matched by ``sku``; of a sku given twice, the last)."""
     count = await upsert_products(platform.db, products, platform.clock.now())
     return ProductsImported(imported=count)
@@ -63,7 +62,7 @@ async def put_products(products: list[ProductIn] = Body(min_length=1, max_length
 @router.post("/promo-pools/{pool}/codes", response_model=PoolPublic, max_body_size=MAX_UPLOAD,
              **roles(MARKETING))
 async def upload_codes(pool: Pool, body: CodesUpload,
-                       platform: Any = Depends(get_platform)) -> PoolPublic:
+                       platform: PlatformDep) -> PoolPublic:
     """Add codes to a pool; codes already in it are ignored."""
     added = await import_codes(platform.db, pool, body.codes, platform.clock.now())
     async with platform.db.session() as session:
@@ -72,7 +71,7 @@ async def upload_codes(pool: Pool, body: CodesUpload,
 
 
 @router.get("/promo-pools/{pool}", response_model=PoolPublic, **roles(MARKETING))
-async def pool_status(pool: Pool, platform: Any = Depends(get_platform)) -> PoolPublic:
+async def pool_status(pool: Pool, platform: PlatformDep) -> PoolPublic:
     async with platform.db.session() as session:
         total, free = await pool_counts(session, pool)
     if total == 0:

@@ -6,11 +6,11 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from admin_api.security import EVERYONE, MARKETING, get_platform, roles
+from admin_api.security import EVERYONE, MARKETING, PlatformDep, roles
 from bot_platform.models import Answer, FlowState
 from bot_platform.text import text
 
@@ -35,8 +35,7 @@ class NpsWeek(BaseModel):
 
 
 @router.get("/flows/{flow}", response_model=FlowStats, **roles(MARKETING))
-async def flow_stats(flow: text(64, min_length=1),
-                     platform: Any = Depends(get_platform)) -> FlowStats:
+async def flow_stats(platform: PlatformDep, flow: text(64, min_length=1)) -> FlowStats:
     if flow not in platform.flows:
         raise HTTPException(404, f"no flow {flow!r}")
     async with platform.db.session() as session:
@@ -61,8 +60,8 @@ async def flow_stats(flow: text(64, min_length=1),
 
 
 @router.get("/nps", response_model=list[NpsWeek], **roles(MARKETING))
-async def nps(weeks: int = Query(12, ge=1, le=104), question: text(64) = "nps",
-              platform: Any = Depends(get_platform)) -> list[NpsWeek]:
+async def nps(platform: PlatformDep,
+              weeks: int = Query(12, ge=1, le=104), question: text(64) = "nps") -> list[NpsWeek]:
     """The NPS per week (Monday-based), from the answers to the NPS question."""
     since = platform.clock.now() - timedelta(weeks=weeks)
     async with platform.db.session() as session:
@@ -99,8 +98,7 @@ class SlaRow(BaseModel):
 
 
 @router.get("/support", response_model=list[SlaRow], **roles(EVERYONE))
-async def support_sla(days: int = Query(30, ge=1, le=366),
-                      platform: Any = Depends(get_platform)) -> list[SlaRow]:
+async def support_sla(platform: PlatformDep, days: int = Query(30, ge=1, le=366)) -> list[SlaRow]:
     """Handoff service levels per agent and day (by the day a chat was escalated)."""
     from bot_platform.models import ApiKey, Conversation
 

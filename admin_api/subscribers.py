@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 
-from admin_api.security import ADMIN, EVERYONE, MARKETING, current, get_platform, roles
+from admin_api.security import ADMIN, EVERYONE, MARKETING, PlatformDep, current, roles
 from bot_platform import handoff, privacy
 from bot_platform.apikeys import Principal
 from bot_platform.models import (
@@ -147,13 +147,13 @@ def _filtered(channel: str | None, status: str | None, tag: str | None, locale: 
 
 
 @router.get("", response_model=SubscriberPage, **roles(EVERYONE))
-async def list_subscribers(
+async def list_subscribers(platform: PlatformDep,
     channel: text(32) | None = None,
     status: Literal["subscribed", "unsubscribed"] | None = None,
     tag: text(64) | None = None, locale: text(16) | None = None,
     q: text(255) | None = Query(None, description="name, username or messenger user id"),
     cursor: DbInt | None = Query(None, description="from a previous page's next_cursor"),
-    limit: int = Query(50, ge=1, le=500), platform: Any = Depends(get_platform),
+    limit: int = Query(50, ge=1, le=500),
 ) -> SubscriberPage:
     """Subscribers, newest first, with filters and cursor pagination."""
     query = _filtered(channel, status, tag, locale, q)
@@ -183,9 +183,10 @@ EXPORT_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
 
 
 @router.get("/export", responses=EXPORT_RESPONSES, **roles(MARKETING))
-async def export(format: Literal["csv", "json"] = "csv", channel: text(32) | None = None,
+async def export(platform: PlatformDep,
+                 format: Literal["csv", "json"] = "csv", channel: text(32) | None = None,
                  status: Literal["subscribed", "unsubscribed"] | None = None,
-                 tag: text(64) | None = None, platform: Any = Depends(get_platform)
+                 tag: text(64) | None = None
                  ) -> StreamingResponse:
     """Every matching subscriber, streamed page by page (CSV or JSON lines). CSV cells
     that a spreadsheet would run as a formula start with ``'``."""
@@ -223,8 +224,8 @@ async def export(format: Literal["csv", "json"] = "csv", channel: text(32) | Non
 
 
 @router.get("/{subscriber_id}", response_model=Profile, **roles(EVERYONE))
-async def profile(subscriber_id: DbId, principal: Principal = current(EVERYONE),
-                  platform: Any = Depends(get_platform)) -> Profile:
+async def profile(platform: PlatformDep,
+                  subscriber_id: DbId, principal: Principal = current(EVERYONE)) -> Profile:
     """A subscriber with tags, attributes, all channel identities of the contact, recent
     messages (only for callers who may read the person's chats: the handoff rule) and
     flow positions."""
@@ -253,7 +254,7 @@ async def profile(subscriber_id: DbId, principal: Principal = current(EVERYONE),
 
 @router.get("/{subscriber_id}/personal-data", response_model=PersonalData, **roles(ADMIN))
 async def personal_data(subscriber_id: DbId,
-                        platform: Any = Depends(get_platform)) -> PersonalData:
+                        platform: PlatformDep) -> PersonalData:
     """Everything stored about the person behind a subscriber (every channel identity of
     its contact), from the same inventory the delete uses: for a data subject's access
     request. Admins only: it includes chat texts and notes."""
@@ -267,7 +268,7 @@ async def personal_data(subscriber_id: DbId,
 
 @router.patch("/{subscriber_id}", response_model=SubscriberPublic, **roles(MARKETING))
 async def update_subscriber(subscriber_id: DbId, body: SubscriberUpdate,
-                            platform: Any = Depends(get_platform)) -> SubscriberPublic:
+                            platform: PlatformDep) -> SubscriberPublic:
     """Add/remove tags and set attributes (flows see them on the next event)."""
     from bot_platform.database import insert_ignore
 
@@ -297,7 +298,7 @@ async def update_subscriber(subscriber_id: DbId, body: SubscriberUpdate,
 
 
 @router.delete("/{subscriber_id}", status_code=204, **roles(MARKETING))
-async def forget(subscriber_id: DbId, platform: Any = Depends(get_platform)) -> None:
+async def forget(subscriber_id: DbId, platform: PlatformDep) -> None:
     """Right to be forgotten, for the person behind the subscriber (every channel identity
     of its contact): names, username, phone, email, attributes, messenger user ids, the
     texts of every message in and out, chat summaries and internal notes, flow positions,

@@ -10,6 +10,13 @@ referrer, and a Content-Security-Policy. JSON and text get a policy that allows 
 HTML pages set their own (``html_csp``), allowing exactly their inline scripts and styles
 by hash, plus what they load (from this origin only). ``/metrics`` serves Prometheus
 (``bot_platform.metrics``).
+
+Routes get the platform as a dependency (``PlatformDep``). The platform's errors
+(``bot_platform.errors``) become answers in one handler, with the status
+``http_status_for`` gives: a webhook's forged signature (401/403), malformed body (400) or
+closed bot (404), and a database that is away (503, one log line, no traceback; a
+messenger re-sends). The app's lifespan (``bot_platform.serve``) runs the platform's
+pieces this process serves: the bots' pollers and webhooks, and the worker.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import logging
 import pathlib
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import text
 
 from bot_platform.channels import (
     SupportsMessageReply,
@@ -35,13 +43,29 @@ from bot_platform.channels import (
     WebhookRequest,
     install_log_redaction,
 )
-from bot_platform.errors import BadPayload, BadSignature, UnknownBot, http_status_for
+from bot_platform.errors import (
+    BadPayload,
+    BadSignature,
+    PlatformError,
+    StorageUnavailable,
+    UnknownBot,
+    http_status_for,
+)
 from bot_platform.metrics import Metrics, WebhookCounter, exposition, may_scrape, metrics_of
-
-if TYPE_CHECKING:
-    from bot_platform.platform import Platform
+from bot_platform.platform import Platform
 
 log = logging.getLogger(__name__)
+
+
+def get_platform(request: Request) -> Platform:
+    """The platform this app serves (``app.state.platform``)."""
+    platform: Platform = request.app.state.platform
+    return platform
+
+
+# What a route declares to be handed the platform: ``platform: PlatformDep``.
+PlatformDep = Annotated[Platform, Depends(get_platform)]
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 REPLY_HOLD = timedelta(seconds=10)
 
@@ -164,6 +188,7 @@ def _docs_routes(app: FastAPI) -> None:
 
 
 def _metrics_route(app: FastAPI, platform: Platform) -> None:
+    app.state.platform = platform
     metrics = metrics_of(platform)
     token = platform.settings.metrics_token
 
@@ -172,12 +197,57 @@ def _metrics_route(app: FastAPI, platform: Platform) -> None:
                               "content": {"text/plain": {}}},
                         404: {"description": "Not for this caller (see docs/deploy.md)",
                               "content": {"text/plain": {}}}})
-    async def prometheus(request: Request) -> Response:
+    async def prometheus(request: Request, platform: PlatformDep) -> Response:
         if not may_scrape(request, token.get_secret_value() if token else None):
             # 404, not 401: the public side does not learn that the endpoint exists.
             return Response("not found", status_code=404, media_type="text/plain")
         body, content_type = await exposition(platform, metrics)
         return Response(body, media_type=content_type)
+
+
+# What a plain-text caller (a messenger) reads for each status; the admin API answers
+# in its JSON shapes (``admin_api.errors``).
+PLAIN_ANSWERS = {400: "bad request", 401: "forbidden", 403: "forbidden", 404: "unknown bot",
+                 503: "unavailable, try again"}
+# A webhook's refusals, logged naming the bot (``channel/bot_id``).
+WEBHOOK_REFUSALS: tuple[tuple[type[PlatformError], str], ...] = (
+    (UnknownBot, "webhook for %s/%s refused: %s"),
+    (BadSignature, "rejected webhook for %s/%s: %s"),
+    (BadPayload, "malformed webhook for %s/%s: %s"),
+)
+RETRY_AFTER_SECONDS = 5  # told to callers while the database is away
+
+
+def _log_platform_error(request: Request, error: PlatformError, status: int) -> None:
+    """One line per refused request; a traceback only for a 500 (a bug, not a refusal)."""
+    params = request.path_params
+    for kind, template in WEBHOOK_REFUSALS:
+        if isinstance(error, kind) and "bot_id" in params:
+            log.warning(template, params.get("channel"), params["bot_id"], error)
+            return
+    if status == 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, error, exc_info=error)
+    else:
+        log.warning("%s %s answered %d: %s", request.method, request.url.path, status, error)
+
+
+async def platform_error(request: Request, error: Exception) -> Response:
+    """Every ``PlatformError`` a route lets through, answered with the status
+    ``http_status_for`` gives it: JSON under ``/api``, plain text elsewhere."""
+    assert isinstance(error, PlatformError)
+    status = http_status_for(error)
+    _log_platform_error(request, error, status)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    if isinstance(error, StorageUnavailable):
+        detail = "the database is unavailable; try again shortly"  # not the driver's words
+    else:
+        detail = str(error)
+    if request.url.path.startswith("/api/"):
+        body: Any = detail if status != 422 else [
+            {"loc": ["body"], "msg": detail, "type": "value_error"}]
+        return JSONResponse({"detail": body}, status_code=status, headers=headers)
+    return Response(PLAIN_ANSWERS.get(status, "error"), status_code=status,
+                    media_type="text/plain", headers=headers)
 
 
 class _App(FastAPI):
@@ -193,27 +263,41 @@ class _App(FastAPI):
         return SecurityHeaders(stack)
 
 
-def create_app(platform: Platform) -> FastAPI:
+def _serving(platform: Platform, *, receive: bool, worker: bool) -> Lifespan:
+    """The app's lifespan: the platform's pieces this process runs (``serve.serving``)."""
+    def lifespan(_app: FastAPI) -> AbstractAsyncContextManager[None]:
+        from bot_platform.serve import serving
+
+        return serving(platform, receive=receive, worker=worker)
+    return lifespan
+
+
+def create_app(platform: Platform, *, worker: bool = False) -> FastAPI:
+    """The web process's app. Its lifespan serves the bots (pollers, webhooks) and, with
+    ``worker``, runs the worker; tests that drive the app in-process (no lifespan) run
+    those pieces themselves."""
     app = _App(title="botp", version="0.1.0",
                description="Multi-messenger retention chatbot platform",
-               docs_url=None, redoc_url=None)
+               docs_url=None, redoc_url=None,
+               lifespan=_serving(platform, receive=True, worker=worker))
     app.state.platform = platform
+    app.add_exception_handler(PlatformError, platform_error)
     install_log_redaction()
     _docs_routes(app)
     _metrics_route(app, platform)
     app.webhook_metrics = metrics_of(platform)
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        async with platform.db.session() as session:
-            await session.execute(text("SELECT 1"))
+    async def healthz(platform: PlatformDep) -> dict[str, str]:
+        await platform.db.ping()  # away: 503 (platform_error)
         return {"status": "ok"}
 
     @app.get("/r/{token}", tags=["tracking"], summary="Count a click and redirect",
              response_class=Response, responses={
                  302: {"description": "To the link's target"},
                  404: {"description": "No such link", "content": {"text/plain": {}}}})
-    async def tracked_redirect(token: str = Path(max_length=32)) -> Response:
+    async def tracked_redirect(platform: PlatformDep,
+                               token: str = Path(max_length=32)) -> Response:
         from bot_platform.catalog import register_click
 
         target = await register_click(platform.db, token, platform.clock.now())
@@ -223,28 +307,20 @@ def create_app(platform: Platform) -> FastAPI:
 
     @app.api_route("/webhooks/{channel}/{bot_id}", methods=["GET", "POST"], tags=["webhooks"],
                    include_in_schema=False)
-    async def webhook(channel: str, bot_id: str, request: Request) -> Response:
+    async def webhook(channel: str, bot_id: str, request: Request,
+                      platform: PlatformDep) -> Response:
         adapter = platform.channel(channel, bot_id)
         if adapter is None:
-            log.warning("webhook for unknown bot %s/%s", channel, bot_id)
-            return Response("unknown bot", status_code=404)
+            raise UnknownBot("no such bot is configured")
         call = WebhookRequest(
             method=request.method,
             headers={k.lower(): v for k, v in request.headers.items()},
             query=dict(request.query_params),
             body=await request.body(),
         )
-        try:
-            events = await adapter.parse(call)
-        except UnknownBot as error:  # configured, but not open to webhooks (the console)
-            log.warning("webhook for %s/%s refused: %s", channel, bot_id, error)
-            return Response("unknown bot", status_code=404)
-        except BadSignature as error:
-            log.warning("rejected webhook for %s/%s: %s", channel, bot_id, error)
-            return Response("forbidden", status_code=http_status_for(error))
-        except BadPayload as error:
-            log.warning("malformed webhook for %s/%s: %s", channel, bot_id, error)
-            return Response("bad request", status_code=400)
+        # Refusals (UnknownBot: configured but closed, the console; BadSignature;
+        # BadPayload) and a database that is away are answered by platform_error.
+        events = await adapter.parse(call)
         # An adapter whose response may carry a queued message gets its messages held
         # back from the worker until it has chosen (then released at once).
         holds = isinstance(adapter, SupportsMessageReply)
@@ -259,8 +335,8 @@ def create_app(platform: Platform) -> FastAPI:
         held = [i for h in handled for i in h.outbox_ids] if holds else []
         try:
             reply = await answer(call, handled)
-            if reply is not None and reply.consumed_outbox_ids and not await _take_over(
-                    platform, reply.consumed_outbox_ids):
+            if reply is not None and reply.consumed_outbox_ids and \
+                    not await platform.outbox.take_over(reply.consumed_outbox_ids):
                 reply = None  # the worker was faster (the hold expired): it sends them
         finally:
             if held:
@@ -283,13 +359,10 @@ def create_app(platform: Platform) -> FastAPI:
 
 def create_metrics_app(platform: Platform) -> FastAPI:
     """Only ``GET /metrics``: what a worker process serves (``BOTP_METRICS_PORT``), so
-    its send and 429 counters can be scraped too."""
-    app = _App(title="botp worker", docs_url=None, redoc_url=None, openapi_url=None)
+    its send and 429 counters can be scraped too. Its lifespan runs the worker."""
+    app = _App(title="botp worker", docs_url=None, redoc_url=None, openapi_url=None,
+               lifespan=_serving(platform, receive=False, worker=True))
     install_log_redaction()
     _metrics_route(app, platform)
     return app
 
-
-async def _take_over(platform: Platform, outbox_ids: tuple[int, ...]) -> bool:
-    """Mark outbox rows as sent in the webhook response, unless a worker claimed them."""
-    return await platform.outbox.take_over(outbox_ids)

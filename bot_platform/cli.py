@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bot_platform.config import Settings, get_settings
 from bot_platform.errors import FlowValidationError
 
-log = logging.getLogger("botp")
+if TYPE_CHECKING:
+    from bot_platform.database import Database
+
+T = TypeVar("T")
 
 
 def _setup_logging(settings: Settings, quiet: bool = False) -> None:
@@ -51,137 +52,38 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings.model_copy(update=updates) if updates else settings
 
 
-# ---- serving --------------------------------------------------------------------------
+def _on_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run ``work`` on the settings' database (its schema upgraded first on SQLite, the
+    embedded default; a server database is upgraded by ``botp migrate``)."""
+    from bot_platform.database import Database
+    from bot_platform.migrations import upgrade
+
+    if settings.database_url.startswith("sqlite"):
+        upgrade(settings.database_url)
+
+    async def main() -> T:
+        db = Database(settings.database_url)
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
 
 
-def _make_server_class() -> type:
-    import contextlib
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn, minus its signal handling: ours stops the worker and closes the
-        platform before the process exits (uvicorn would re-raise the signal first)."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[override]
-            yield
-
-    return Server
-
-
-class PortInUse(Exception):
-    """The web port cannot be had: said before anything claims to be serving."""
-
-
-def _listen(host: str, port: int) -> Any:
-    """The web socket, bound before the platform starts: a second ``botp run`` on the same
-    port fails at once with a clear message instead of saying "serving" first."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        raise PortInUse(
-            f"cannot listen on {host}:{port}: {error.strerror or error}. Is another botp "
-            f"(or another server) running there? Stop it, or choose another port: "
-            f"BOTP_PORT={port + 1} (and BOTP_HOST for the address)") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-async def _serve(settings: Settings, *, web: bool, worker: bool) -> None:
-    import uvicorn
-
-    from bot_platform.logs import uvicorn_log_config
-    from bot_platform.platform import Platform
-
-    _Server = _make_server_class()
-    sock = _listen(settings.host, settings.port) if web else None
-    platform = Platform(settings)
-    await platform.start()
-    # What start-up built (modules, schemas, compiled flows) lives as long as the process:
-    # kept out of the collector, a full collection no longer stalls sending for ~120 ms.
-    gc.collect()
-    gc.freeze()
-    stop = asyncio.Event()
-    tasks: list[asyncio.Task[Any]] = []
-    worker_task: asyncio.Task[Any] | None = None
-    server: uvicorn.Server | None = None
-
-    def shutdown() -> None:
-        stop.set()
-        platform.stopping.set()  # open live streams end, so the server can stop
-        if server is not None:
-            server.should_exit = True
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, shutdown)
-    try:
-        if worker:
-            worker_task = asyncio.create_task(platform.worker.run(
-                stop, grace=settings.worker.shutdown_grace))
-        # Every bot is checked (and, in a web process, polled or given its webhook); bots
-        # registered or removed through the API anywhere are followed.
-        tasks.append(asyncio.create_task(platform.serve_bots(receive=web)))
-        if web:
-            server = _Server(uvicorn.Config(
-                platform.app(), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), lifespan="off",
-                log_config=uvicorn_log_config(settings.log_format)))
-            log.info("serving on http://%s:%s", settings.host, settings.port)
-            await server.serve(sockets=[sock])  # returns once shutdown() asked it to
-        elif settings.metrics_port:  # a worker: its send counters, for Prometheus
-            from bot_platform.app import create_metrics_app
-
-            server = _Server(uvicorn.Config(
-                create_metrics_app(platform), host=settings.host, port=settings.metrics_port,
-                log_level="warning", lifespan="off",
-                log_config=uvicorn_log_config(settings.log_format)))
-            await server.serve()
-        else:
-            await stop.wait()
-    finally:
-        stop.set()
-        for task in tasks:  # pollers
-            task.cancel()
-        if worker_task is not None:
-            # Sends in flight finish and are recorded; cut off, they would wait for their
-            # lease to expire and go out again if the messenger had already taken them.
-            await asyncio.wait([worker_task], timeout=settings.worker.shutdown_grace)
-            worker_task.cancel()
-            tasks.append(worker_task)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await platform.close()
-        if sock is not None:
-            sock.close()
-
-
-def _run_server(main: Any) -> None:
-    """Serve on uvloop where it is installed (a faster event loop, and uvicorn then parses
-    HTTP with httptools); the standard loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+# ---- serving (bot_platform.serve) ----------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> int:
     from bot_platform.migrations import upgrade
+    from bot_platform.serve import PortInUse, run, serve
 
     settings = _settings(args)
     _setup_logging(settings)
     if settings.database_url.startswith("sqlite") or args.migrate:
         upgrade(settings.database_url)
     try:
-        _run_server(_serve(settings, web=web, worker=worker))
+        run(serve(settings, web=web, worker=worker))
     except PortInUse as error:
         print(f"botp: {error}", file=sys.stderr)
         return 1
@@ -193,97 +95,18 @@ def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> 
     return 0
 
 
-# ---- chat -----------------------------------------------------------------------------
-
-CHAT_HELP = """Type messages as a customer would. Commands:
-  /start [ref]   start the bot (optionally with a deep-link ref, e.g. /start promo-spring)
-  1, 2, ...      press a button of the last message
-  /phone NUMBER  share a phone number
-  /wait 1d       let time pass for you (1d, 3h, 30m...): your timers fire now
-  /help          this text          /quit   leave
-Only your messages show here: those of other chats wait for their own terminal."""
-CHAT_POLL_SECONDS = 1.0  # how often messages that arrive while you type are shown
-
-
-async def _read_line() -> str:
-    return await asyncio.to_thread(input, "you> ")
-
-
-async def _chat(settings: Settings, user: str, name: str | None, language: str | None,
-                read_line: Callable[[], Awaitable[str]] = _read_line) -> None:
-    """The chat loop: this process is the terminal of ``user`` (see bots/console.py). It
-    shows only that user's messages, and ``/wait`` moves only that user's timers: the
-    clock stays real for every row it writes, so nothing another process reads is dated
-    in the future."""
-    from bot_platform.flows.base import parse_duration
-    from bot_platform.platform import Platform
-    from bot_platform.types import Profile
-    from bots.console import ConsoleChannel, attach_terminal, fast_forward
-
-    console = ConsoleChannel("console", terminal_user=user)
-    platform = Platform(settings, channel_overrides={("console", "console"): console})
-    await platform.start()
-    await attach_terminal(platform.kv, console.bot_id, user)
-    profile = Profile(first_name=name, language=language)
-    print(CHAT_HELP, "\n", flush=True)
-    lock = asyncio.Lock()  # one drain at a time: the loop's and the background one
-
-    async def drain() -> None:
-        async with lock:
-            await platform.drain()
-
-    async def keep_showing() -> None:
-        """What arrives while the user types (an agent's answer, a timer another process
-        fired) shows up without waiting for the next line."""
-        while True:
-            await asyncio.sleep(CHAT_POLL_SECONDS)
-            try:
-                await drain()
-            except Exception:  # the next round tries again; the loop must not die
-                logging.getLogger(__name__).exception("console: delivery round failed")
-
-    background = asyncio.create_task(keep_showing())
-    try:
-        await drain()
-        while True:
-            try:
-                line = (await read_line()).strip()
-            except EOFError:
-                break
-            if not line:
-                continue
-            if line in ("/quit", "/exit"):
-                break
-            if line == "/help":
-                print(CHAT_HELP, flush=True)
-                continue
-            if line.startswith("/wait"):
-                try:
-                    delta = parse_duration(line.removeprefix("/wait").strip() or "1d")
-                except ValueError as error:
-                    print(error, flush=True)
-                    continue
-                await fast_forward(platform.db, platform.clock, console.bot_id, user, delta)
-                print(f"... {delta} later (for {user} only: their timers moved forward)",
-                      flush=True)
-            else:
-                await platform.engine.handle(console.inbound(user, line, profile))
-            await drain()
-    finally:
-        async with lock:  # never cancelled halfway through a delivery
-            background.cancel()
-        await asyncio.gather(background, return_exceptions=True)
-        await platform.close()
+# ---- chat (bot_platform.terminal) ----------------------------------------------------
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from bot_platform.migrations import upgrade
+    from bot_platform.terminal import chat
 
     settings = _settings(args)
     _setup_logging(settings, quiet=True)
     upgrade(settings.database_url)
     try:
-        asyncio.run(_chat(settings, args.user, args.name, args.language))
+        asyncio.run(chat(settings, args.user, args.name, args.language))
     except FlowValidationError as error:
         print(error, file=sys.stderr)
         return 2
@@ -373,25 +196,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_codes(args: argparse.Namespace) -> int:
     from bot_platform.clock import SystemClock
-    from bot_platform.database import Database
-    from bot_platform.migrations import upgrade
     from bot_platform.promo import import_codes, pool_counts
-
-    settings = _settings(args)
-    if settings.database_url.startswith("sqlite"):
-        upgrade(settings.database_url)
-
-    async def work(lines: list[str]) -> tuple[int, int, int]:
-        db = Database(settings.database_url)
-        try:
-            added = 0
-            if args.codes_command == "import":
-                added = await import_codes(db, args.pool, lines, SystemClock().now())
-            async with db.session() as session:
-                total, free = await pool_counts(session, args.pool)
-            return added, total, free
-        finally:
-            await db.close()
 
     try:
         lines = (Path(args.file).read_text(encoding="utf-8").splitlines()
@@ -399,7 +204,16 @@ def cmd_codes(args: argparse.Namespace) -> int:
     except OSError as error:
         print(error, file=sys.stderr)
         return 2
-    added, total, free = asyncio.run(work(lines))
+
+    async def work(db: Database) -> tuple[int, int, int]:
+        added = 0
+        if args.codes_command == "import":
+            added = await import_codes(db, args.pool, lines, SystemClock().now())
+        async with db.session() as session:
+            total, free = await pool_counts(session, args.pool)
+        return added, total, free
+
+    added, total, free = _on_database(_settings(args), work)
     if args.codes_command == "import":
         print(f"{added} new code(s) in pool {args.pool!r}")
     print(f"pool {args.pool!r}: {total} code(s), {free} free")
@@ -409,10 +223,7 @@ def cmd_codes(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     from bot_platform.catalog import parse_products, upsert_products
     from bot_platform.clock import SystemClock
-    from bot_platform.database import Database
-    from bot_platform.migrations import upgrade
 
-    settings = _settings(args)
     try:
         text = Path(args.file).read_text(encoding="utf-8-sig")  # (a byte-order mark is fine)
         products, errors = parse_products(text, args.file)
@@ -424,39 +235,18 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     if errors and not args.skip_invalid:
         print("nothing imported; fix the rows or pass --skip-invalid", file=sys.stderr)
         return 1
-    if settings.database_url.startswith("sqlite"):
-        upgrade(settings.database_url)
-
-    async def work() -> int:
-        db = Database(settings.database_url)
-        try:
-            return await upsert_products(db, products, SystemClock().now())
-        finally:
-            await db.close()
-
-    print(f"{asyncio.run(work())} product(s) imported, {len(errors)} row(s) rejected")
+    imported = _on_database(_settings(args), lambda db: upsert_products(
+        db, products, SystemClock().now()))
+    print(f"{imported} product(s) imported, {len(errors)} row(s) rejected")
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from bot_platform.apikeys import create_key
     from bot_platform.clock import SystemClock
-    from bot_platform.database import Database
-    from bot_platform.migrations import upgrade
 
-    settings = _settings(args)
-    if settings.database_url.startswith("sqlite"):
-        upgrade(settings.database_url)
-
-    async def work() -> tuple[int, str]:
-        db = Database(settings.database_url)
-        try:
-            return await create_key(db, name=args.name, role=args.role,
-                                    now=SystemClock().now())
-        finally:
-            await db.close()
-
-    key_id, key = asyncio.run(work())
+    key_id, key = _on_database(_settings(args), lambda db: create_key(
+        db, name=args.name, role=args.role, now=SystemClock().now()))
     print(f"key {key_id} ({args.role}) for {args.name!r} — shown only now, store it safely:")
     print(key)
     return 0
@@ -594,27 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "web":
-        return cmd_run(args, worker=False)
-    if args.command == "worker":
-        return cmd_run(args, web=False)
-    if args.command == "chat":
-        return cmd_chat(args)
-    if args.command == "migrate":
-        return cmd_migrate(args)
-    if args.command == "events":
-        return cmd_events(args)
-    if args.command == "codes":
-        return cmd_codes(args)
-    if args.command == "catalog":
-        return cmd_catalog(args)
-    if args.command == "keys":
-        return cmd_keys(args)
-    if args.flows_command == "validate":
-        return cmd_flows_validate(args)
-    return cmd_flows_graph(args)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": cmd_run, "web": lambda a: cmd_run(a, worker=False),
+        "worker": lambda a: cmd_run(a, web=False), "chat": cmd_chat, "migrate": cmd_migrate,
+        "events": cmd_events, "codes": cmd_codes, "catalog": cmd_catalog, "keys": cmd_keys,
+        "flows": lambda a: (cmd_flows_validate if a.flows_command == "validate"
+                            else cmd_flows_graph)(a)}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

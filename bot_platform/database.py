@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
 from bot_platform.pipeline import wait_any
@@ -124,9 +125,25 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session inside one transaction: committed on success, rolled back on error."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        """A session inside one transaction: committed on success, rolled back on error.
+        A database that is away raises ``StorageUnavailable`` (the driver's error as its
+        cause): callers tell "try again later" from a statement that will never work."""
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except StorageUnavailable:
+            raise
+        except Exception as error:
+            if not is_transient_db_error(error):
+                raise
+            raise StorageUnavailable(
+                f"the database is unavailable ({type(error).__name__}: {error})") from error
+
+    async def ping(self) -> None:
+        """One round trip to the database (the health check); ``StorageUnavailable``
+        when it is away."""
+        async with self.session() as session:
+            await session.execute(text("SELECT 1"))
 
     async def create_all(self) -> None:
         """Create the schema directly (tests); deployments use ``botp migrate``."""
@@ -168,7 +185,8 @@ def is_transient_db_error(error: BaseException) -> bool:
     SQLite file), as opposed to a statement that will never succeed."""
     from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
-    if isinstance(error, OSError):  # TimeoutError and ConnectionError among them
+    # OSError: TimeoutError and ConnectionError among them.
+    if isinstance(error, OSError | StorageUnavailable):
         return True
     if isinstance(error, IntegrityError | ProgrammingError | DataError):
         return False

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
+from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import HandoffRules, open_conversation
 from bot_platform.i18n import Catalogs
@@ -143,6 +144,8 @@ class Engine:
     async def step_log_errors(self, context: EventContext, call_next: Next) -> None:
         try:
             await call_next(context)
+        except StorageUnavailable:
+            raise  # the database is away, not this event: the caller says so once
         except Exception:
             i = context.inbound
             log.exception("failed to handle %s event %s of %s/%s", i.kind, i.event_id,

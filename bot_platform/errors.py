@@ -7,9 +7,11 @@
     │   ├── BadSignature          forged, missing or wrong webhook signature/secret -> 401/403
     │   ├── BadPayload            a body that is not what the messenger sends -> 400
     │   └── UnknownBot            a webhook for a bot not configured (or closed) -> 404
-    └── FlowError                 something about flows
-        ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
-        └── UnknownState          a stored state that the current flow no longer has
+    ├── FlowError                 something about flows
+    │   ├── FlowValidationError   a flow file that cannot run; carries every ``FlowIssue``
+    │   └── UnknownState          a stored state that the current flow no longer has
+    └── StorageError              the database said no in a way we can explain
+        └── StorageUnavailable    the database cannot be reached for now -> 503
 
 ``http_status_for`` is the one place that turns these into HTTP statuses.
 """
@@ -81,6 +83,15 @@ class UnknownState(FlowError):
     """A subscriber's stored state does not exist in the flow any more (flow was edited)."""
 
 
+class StorageError(PlatformError):
+    """The database refused an operation in a way callers can act on."""
+
+
+class StorageUnavailable(StorageError):
+    """The database is away for now (a restart, a failover, a refused connection): the
+    same call may succeed later, so a web caller gets 503 and a messenger re-sends."""
+
+
 def http_status_for(error: Exception) -> int:
     """Map an error to the HTTP status a webhook or API caller gets."""
     if isinstance(error, BadSignature):
@@ -91,4 +102,6 @@ def http_status_for(error: Exception) -> int:
         return 404
     if isinstance(error, FlowValidationError):
         return 422
+    if isinstance(error, StorageUnavailable):
+        return 503
     return 500

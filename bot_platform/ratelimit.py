@@ -6,11 +6,18 @@ serves one process, a Redis-backed one shares the budget between worker processe
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+# While the limiter cannot be asked (Redis away), each bot's sends are held and that is
+# said once per bot per this many seconds, not once per send.
+OUTAGE_LOG_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +65,16 @@ class Pacer:
 
     Urgent senders (an answer to someone in a conversation) are handed the next slot
     before any bulk sender (a broadcast) still waiting: a reply waits for one slot, not
-    behind every broadcast row this process holds."""
+    behind every broadcast row this process holds.
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    A limiter that cannot be asked (Redis away) holds the bot's sends: the wait comes
+    back as more than ``max_wait``, and the outage is logged once per bot per
+    ``OUTAGE_LOG_SECONDS`` (workers used to log it for every send, hundreds a second)."""
+
+    def __init__(self, limiter: RateLimiter, monotonic: Any = time.monotonic) -> None:
         self.limiter = limiter
+        self.monotonic = monotonic
+        self._outage_said: dict[str, float] = {}  # bot -> when its outage was last logged
         # Per bot: (urgent, bulk) senders waiting for a bot-wide slot, each in order.
         self._waiting: dict[str, tuple[deque[_Waiter], deque[_Waiter]]] = {}
         self._pacers: dict[str, asyncio.Task[None]] = {}
@@ -70,6 +83,27 @@ class Pacer:
                    urgent: bool = False) -> float:
         """0 when it is time to send; otherwise the wait (more than ``max_wait``) for the
         next slot, and the caller should come back later."""
+        try:
+            delay = await self._wait(bot, chat, limits, max_wait, urgent)
+        except Exception as error:
+            self._outage(bot, error)
+            return max_wait * 2
+        if self._outage_said and self._outage_said.pop(bot, None) is not None:
+            log.info("rate limiter available again; sending for %s", bot)
+        return delay
+
+    def _outage(self, bot: str, error: Exception) -> None:
+        now = self.monotonic()
+        said = self._outage_said.get(bot)
+        if said is not None and now - said < OUTAGE_LOG_SECONDS:
+            return
+        self._outage_said[bot] = now
+        log.warning("rate limiter unavailable (%s: %s); holding sends of %s (said once "
+                    "every %.0f s while it lasts)", type(error).__name__, error, bot,
+                    OUTAGE_LOG_SECONDS)
+
+    async def _wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
+                    urgent: bool) -> float:
         chat_only = Limits(per_bot=math.inf, per_chat=limits.per_chat,
                            chat_burst=limits.chat_burst)
         delay = await self.limiter.reserve(bot, chat, chat_only, max_wait)

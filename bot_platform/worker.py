@@ -78,6 +78,9 @@ class Worker:
         finally:
             for helper in helpers:
                 helper.cancel()
+            # Awaited: a helper cut off mid-query must be done before the platform closes
+            # the database, or it waits forever on a connection that is gone.
+            await asyncio.gather(*helpers, return_exceptions=True)
         log.info("worker %s stopped", self.delivery.worker_id)
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bot_platform import cli
+from bot_platform import cli, serve
 from tests.conftest import ROOT
 
 
@@ -47,9 +47,9 @@ def test_a_taken_port_is_refused_with_a_clear_message() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(cli.PortInUse, match=rf"cannot listen on 127.0.0.1:{port}.*"
+        with pytest.raises(serve.PortInUse, match=rf"cannot listen on 127.0.0.1:{port}.*"
                                                 rf"BOTP_PORT={port + 1}"):
-            cli._listen("127.0.0.1", port)
+            serve.listen("127.0.0.1", port)
 
 
 @pytest.mark.slow

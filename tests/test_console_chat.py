@@ -2,7 +2,7 @@
 message only; ``/wait`` moves only the console user's own timers (no row is dated in the
 future, support figures stay sane); each process shows only its own console user's
 messages, and a ``botp run`` worker prints none. The chat loop runs in-process
-(``cli._chat`` with scripted lines) on one database with a server platform beside it."""
+(``terminal.chat`` with scripted lines) on one database with a server platform beside it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot_platform import cli
+from bot_platform import terminal
 from bot_platform.apikeys import create_key
 from bot_platform.clock import SystemClock
 from bot_platform.models import Answer, Conversation, FlowState, Job, Message, Subscriber
@@ -33,7 +33,7 @@ def script(*lines: str) -> Callable[[], Awaitable[str]]:
 
 
 async def chat(url: str, user: str, *lines: str) -> None:
-    await cli._chat(make_settings(url), user, "Alex", "en", read_line=script(*lines))
+    await terminal.chat(make_settings(url), user, "Alex", "en", read_line=script(*lines))
 
 
 async def server(make_platform, url: str) -> Any:
@@ -164,7 +164,7 @@ async def test_messages_that_arrive_while_the_user_types_are_shown(make_platform
                 await asyncio.sleep(0.05)
         raise EOFError
 
-    await cli._chat(make_settings(db_url), "alice", "Alex", "en", read_line=read_line)
+    await terminal.chat(make_settings(db_url), "alice", "Alex", "en", read_line=read_line)
     assert "bot> Let's find your routine." in capsys.readouterr().out
 
 

@@ -1,0 +1,152 @@
+"""Serving: what ``botp run``, ``botp web`` and ``botp worker`` do once the command line
+has read its arguments.
+
+    sock = listen(host, port)         # the web port, taken before anything starts
+    platform.start()                  # flows validated, channels built (or refuse)
+    uvicorn(create_app(platform))     # lifespan: serving(...) runs the bots and worker
+    platform.close()                  # whoever started the platform closes it
+
+``serving`` is the one place the pieces a process runs are started and stopped: every
+bot checked (and, in a web process, polled or given its webhook, bots registered anywhere
+followed), and the worker. The web app and the worker's metrics app run it as their
+lifespan; a worker without a metrics port runs it around a wait for the stop signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any
+
+import uvicorn
+
+from bot_platform.config import Settings
+from bot_platform.platform import Platform
+
+log = logging.getLogger("botp")
+
+
+class Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: ours stops the worker and closes the platform
+    before the process exits (uvicorn would re-raise the signal first)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class PortInUse(Exception):
+    """The web port cannot be had: said before anything claims to be serving."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The web socket, bound before the platform starts: a second ``botp run`` on the same
+    port fails at once with a clear message instead of saying "serving" first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise PortInUse(
+            f"cannot listen on {host}:{port}: {error.strerror or error}. Is another botp "
+            f"(or another server) running there? Stop it, or choose another port: "
+            f"BOTP_PORT={port + 1} (and BOTP_HOST for the address)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving(platform: Platform, *, receive: bool, worker: bool) -> AsyncIterator[None]:
+    """Run the platform's pieces for as long as the block (an app's lifespan) lasts:
+    the bots (checked; with ``receive``, polled or given their webhook) and, with
+    ``worker``, the worker, which stops taking work when ``platform.stopping`` is set.
+    On the way out sends in flight finish and are recorded (cut off, they would wait for
+    their lease to expire and go out again if the messenger had already taken them)."""
+    tasks = [asyncio.create_task(platform.serve_bots(receive=receive), name="bots")]
+    grace = platform.settings.worker.shutdown_grace
+    worker_task = None
+    if worker:
+        worker_task = asyncio.create_task(platform.worker.run(platform.stopping, grace=grace),
+                                          name="worker")
+    try:
+        yield
+    finally:
+        platform.stopping.set()
+        for task in tasks:  # pollers
+            task.cancel()
+        if worker_task is not None:
+            await asyncio.wait([worker_task], timeout=grace)
+            worker_task.cancel()
+            tasks.append(worker_task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _server(app: Any, settings: Settings, port: int, log_level: str) -> Server:
+    from bot_platform.logs import uvicorn_log_config
+
+    return Server(uvicorn.Config(app, host=settings.host, port=port, log_level=log_level,
+                                 lifespan="on",
+                                 log_config=uvicorn_log_config(settings.log_format)))
+
+
+async def serve(settings: Settings, *, web: bool, worker: bool) -> None:
+    """One process until SIGINT or SIGTERM: the web app (webhooks, admin API) and/or the
+    worker. A taken port (``PortInUse``) or invalid flows (``FlowValidationError``) are
+    raised before anything claims to be serving."""
+    from bot_platform.app import create_app, create_metrics_app
+
+    sock = listen(settings.host, settings.port) if web else None
+    platform = Platform(settings)
+    server: Server | None = None
+
+    def shutdown() -> None:
+        platform.stopping.set()  # the worker stops; open live streams end
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        await platform.start()
+        # What start-up built (modules, schemas, compiled flows) lives as long as the
+        # process: kept out of the collector, a full collection no longer stalls sending
+        # for ~120 ms.
+        gc.collect()
+        gc.freeze()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, shutdown)
+        if web:
+            server = _server(create_app(platform, worker=worker), settings, settings.port,
+                             settings.log_level.lower())
+            server.should_exit = platform.stopping.is_set()
+            log.info("serving on http://%s:%s", settings.host, settings.port)
+            await server.serve(sockets=[sock])  # returns once shutdown() asked it to
+        elif settings.metrics_port:  # a worker: its send counters, for Prometheus
+            server = _server(create_metrics_app(platform), settings, settings.metrics_port,
+                             "warning")
+            server.should_exit = platform.stopping.is_set()
+            await server.serve()
+        else:
+            async with serving(platform, receive=False, worker=True):
+                await platform.stopping.wait()
+    finally:
+        await platform.close()
+        if sock is not None:
+            sock.close()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Serve on uvloop where it is installed (a faster event loop, and uvicorn then parses
+    HTTP with httptools); the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
