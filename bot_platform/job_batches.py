@@ -11,9 +11,10 @@ transactions of ``BATCH_JOBS`` jobs instead:
   UPDATE`` on PostgreSQL, so nobody takes them over until we commit or our session dies);
   a job another worker took over after our lease lapsed is left to it;
 * the turns loaded together (``turn_batches.preload``);
-* each job in a SAVEPOINT, its handler and its ``done`` mark together: a failing turn
-  rolls back only itself and is recorded as a failure (retry with backoff) after the
-  batch commits;
+* each job's handler in a SAVEPOINT: a failing turn rolls back only itself and is
+  recorded as a failure (retry with backoff) after the batch commits; a flow timer's turn
+  is kept, not saved, and all kept turns are written together at the end
+  (``turn_batches.save_many``), with the jobs' ``done`` marks (one ``executemany``);
 * one commit for all; right before it, every job must still be surely ours by its lease
   deadline (``Leases.owns``), else the batch is rolled back and each job runs on its own.
 
@@ -32,13 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
-from bot_platform.turn_batches import forget_preloaded, isolated_many, preload
+from bot_platform.turn_batches import (
+    drop_deferred,
+    forget_preloaded,
+    isolated_many,
+    preload,
+    save_many,
+    start_deferring,
+    take_deferred,
+)
 
 if TYPE_CHECKING:
     from bot_platform.jobs import Claimed, Scheduler
@@ -50,6 +59,11 @@ BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
 BATCH_JOBS = 50
+
+_JOBS = Job.__table__
+_DONE = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(
+    status=JobStatus.DONE, result=bindparam("result"), locked_by=None,
+    lease_expires_at=None)
 
 
 class LeaseLapsed(Exception):
@@ -122,25 +136,34 @@ class JobBatches:
                 query = query.with_for_update()
             jobs = {job.id: job for job in (await session.scalars(query)).all()}
             firsts = [jobs[queue[0][0]] for queue in queues if queue[0][0] in jobs]
-            await preload(scheduler.engine.turns, session,
-                          [job.subscriber_id for job in firsts
-                           if job.kind == "flow_timer" and job.subscriber_id is not None])
+            turns = scheduler.engine.turns
+            await preload(turns, session, [
+                job.subscriber_id for job in firsts
+                if job.kind == "flow_timer" and job.subscriber_id is not None])
+            start_deferring(session)
+            results: list[dict[str, Any]] = []
             for job_id in ids:
                 job = jobs.get(job_id)
                 if job is None:
                     continue  # our lease expired and another worker took it
                 subscriber_id = job.subscriber_id  # a failed savepoint may expire the job
+                earlier = take_deferred(session, subscriber_id)
+                if earlier is not None:  # this subscriber's previous turn, before this one
+                    await earlier.save()
                 try:
                     async with session.begin_nested():
                         result = await scheduler.handlers[job.kind](session, job)
-                        job.status, job.result = JobStatus.DONE, result
-                        job.finished_at = scheduler.clock.now()
-                        job.locked_by = job.lease_expires_at = None
+                    results.append({"job_id": job_id, "result": result})
                 except Exception as error:
                     log.exception("job %s failed", job_id)
                     failed.append((job_id, error))
+                    drop_deferred(session, subscriber_id)
                 finally:
                     forget_preloaded(session, subscriber_id)
+            await save_many(turns, session)
+            if results:
+                await session.execute(_DONE.values(finished_at=scheduler.clock.now()),
+                                      results)
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")

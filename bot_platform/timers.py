@@ -65,9 +65,10 @@ class Timers:
         engine = self.engine
         # A batch of timers loaded its subscribers' turns together (turn_batches); the
         # import is here because turn_batches builds on turns, which imports this module.
-        from bot_platform.turn_batches import take_preloaded
+        from bot_platform.turn_batches import save_later, take_preloaded
 
         work = take_preloaded(session, job.subscriber_id)
+        batched = work is not None
         if work is None:
             work = await engine.turns.load(session, job.subscriber_id)
         if isinstance(work, str):
@@ -83,7 +84,8 @@ class Timers:
         if not await engine.flows[job.flow].fire(turn, position, "timeout"):
             return "not-applicable"
         await engine.router.run_pending_starts(turn)
-        await work.save()
+        if not (batched and save_later(work)):  # a batch saves its turns together
+            await work.save()
         return "fired"
 
     async def run_read_fallback(self, session: AsyncSession, job: Job) -> str:

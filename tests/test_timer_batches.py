@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot_platform.clock import SystemClock
 from bot_platform.jobs import Scheduler
 from bot_platform.migrations import upgrade
-from bot_platform.models import FlowState, Job, Outbox, Subscriber
+from bot_platform.models import Answer, FlowState, Job, Outbox, Subscriber
 from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
 from tests.fakes.relay import FakeRelayServer
 
@@ -57,11 +57,11 @@ def count_batches(scheduler: Scheduler, monkeypatch) -> list[int]:
     return sizes
 
 
-async def test_a_failing_turn_rolls_back_only_itself(make_platform, db_url,
-                                                     monkeypatch) -> None:
-    """Ten timers in one batch; the turn of u3 saves its new state and queues its
-    message, then fails: its savepoint is rolled back (no state change, no message), its
-    job is retried later with backoff; the other nine commit together."""
+async def test_a_failing_turn_rolls_back_only_itself(make_platform, db_url, monkeypatch,
+                                                     caplog) -> None:
+    """Ten timers in one batch; the turn of u3 moves on, writes rows of its own, then
+    fails: its savepoint is rolled back (no state change, no message, none of its rows),
+    its job is retried later with backoff; the other nine commit together."""
     platform = await make_platform(database_url=db_url)
     users = [f"u{n}" for n in range(10)]
     await started(platform, users)
@@ -71,9 +71,12 @@ async def test_a_failing_turn_rolls_back_only_itself(make_platform, db_url,
     fire = scheduler.handlers["flow_timer"]
 
     async def fails_for_u3(session, job):
-        result = await fire(session, job)  # its writes are flushed in the savepoint
+        result = await fire(session, job)
         subscriber = await session.get(Subscriber, job.subscriber_id)
-        if subscriber.user_id == "u3":
+        if subscriber.user_id == "u3":  # writes of its own (as an action may), then fails
+            subscriber.attributes = {"half": "done"}
+            session.add(Answer(subscriber_id=subscriber.id, flow="welcome", question="q",
+                               value="half", created_at=platform.clock.now()))
             await session.flush()
             raise RuntimeError("a bad turn")
         return result
@@ -81,7 +84,8 @@ async def test_a_failing_turn_rolls_back_only_itself(make_platform, db_url,
     scheduler.handlers["flow_timer"] = fails_for_u3
     sizes = count_batches(scheduler, monkeypatch)
     await scheduler.run_once()  # the ten timers (and the daily win-back scan)
-    assert sizes == [10]  # all ten in one transaction
+    assert sizes == [10]  # all ten in one transaction, which committed
+    assert "failed as a whole" not in caplog.text
     results = await timer_results(platform)
     assert [r for r in results if r[0] != "u3"] == [
         (u, "done", "fired", 0) for u in users if u != "u3"]
@@ -94,6 +98,9 @@ async def test_a_failing_turn_rolls_back_only_itself(make_platform, db_url,
             Outbox.payload["text"].as_string().startswith("Tip of the day")))).all()
         last_error = await session.scalar(select(Job.last_error).where(
             Job.status == "pending", Job.attempts == 1))
+        attributes = (await session.scalars(select(Subscriber.attributes))).all()
+        answers = await session.scalar(select(func.count()).select_from(Answer))
+    assert attributes == [{}] * 10 and answers == 0
     assert states == {u: "greeting" if u == "u3" else "tip" for u in users}
     assert sorted(tips) == sorted(u for u in users if u != "u3")
     assert last_error == "RuntimeError: a bad turn"
