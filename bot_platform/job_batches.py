@@ -11,10 +11,13 @@ transactions of ``BATCH_JOBS`` jobs instead:
   UPDATE`` on PostgreSQL, so nobody takes them over until we commit or our session dies);
   a job another worker took over after our lease lapsed is left to it;
 * the turns loaded together (``turn_batches.preload``);
-* each job's handler in a SAVEPOINT: a failing turn rolls back only itself and is
-  recorded as a failure (retry with backoff) after the batch commits; a flow timer's turn
-  is kept, not saved, and all kept turns are written together at the end
-  (``turn_batches.save_many``), with the jobs' ``done`` marks (one ``executemany``);
+* the handlers one after the other; a flow timer's turn is kept, not saved, and all
+  kept turns are written together at the end (``turn_batches.save_many``), with the
+  jobs' ``done`` marks (one ``executemany``);
+* a failing turn rolls back only itself: the batch's transaction is rolled back and the
+  batch runs again without it (no SAVEPOINT round trips per job in the common case where
+  nothing fails); the failed job is recorded (retry with backoff) once the rest commits,
+  and after ``RETRIES`` failing turns the batch's jobs run one by one;
 * one commit for all; right before it, every job must still be surely ours by its lease
   deadline (``Leases.owns``), else the batch is rolled back and each job runs on its own.
 
@@ -40,7 +43,6 @@ from sqlalchemy import bindparam, select, update
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
 from bot_platform.turn_batches import (
-    drop_deferred,
     forget_preloaded,
     isolated_many,
     preload,
@@ -59,6 +61,8 @@ BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
 BATCH_JOBS = 50
+# Failing turns a batch is retried without before its jobs run one by one instead.
+RETRIES = 3
 
 _JOBS = Job.__table__
 _DONE = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(
@@ -104,9 +108,17 @@ class JobBatches:
                          finished: Finished | None) -> None:
         scheduler = self.scheduler
         claimed = [claim for queue in queues for claim in queue]
+        failed: list[tuple[int, Exception]] = []
         try:
             try:
-                failed = await self._transaction(queues)
+                while True:
+                    try:
+                        await self._transaction(queues, {job_id for job_id, _ in failed})
+                        break
+                    except _TurnFailed as turn:  # again, without it
+                        failed.append((turn.job_id, turn.error))
+                        if len(failed) > RETRIES:
+                            raise
             except Exception:
                 log.exception("a batch of %d jobs failed as a whole; running them one by "
                               "one", len(claimed))
@@ -122,44 +134,44 @@ class JobBatches:
             if finished is not None:
                 finished(len(claimed))
 
-    async def _transaction(self, queues: list[list[Claimed]]) -> list[tuple[int, Exception]]:
-        """The batch's one transaction; returns the jobs whose turns failed (rolled back
-        to their savepoints, to be recorded after the commit)."""
+    async def _transaction(self, queues: list[list[Claimed]], left_out: set[int]) -> None:
+        """The batch's one transaction, without the jobs ``left_out``. A failing turn
+        raises ``_TurnFailed``: the transaction is rolled back and the batch retried
+        without it."""
         scheduler = self.scheduler
         identities = [queue[0][2] for queue in queues if queue[0][2] is not None]
-        failed: list[tuple[int, Exception]] = []
         async with isolated_many(scheduler.engine.turns, identities) as session:
-            ids = [job_id for queue in queues for job_id, _, _ in queue]
+            ids = [job_id for queue in queues for job_id, _, _ in queue
+                   if job_id not in left_out]
             query = select(Job).where(Job.id.in_(ids), Job.locked_by == scheduler.worker_id,
                                       Job.status == JobStatus.RUNNING)
             if not scheduler.db.is_sqlite:
                 query = query.with_for_update()
             jobs = {job.id: job for job in (await session.scalars(query)).all()}
-            firsts = [jobs[queue[0][0]] for queue in queues if queue[0][0] in jobs]
+            firsts: dict[int, Job] = {}
+            for job_id in ids:
+                job = jobs.get(job_id)
+                if job is not None and job.subscriber_id is not None:
+                    firsts.setdefault(job.subscriber_id, job)
             turns = scheduler.engine.turns
-            await preload(turns, session, [
-                job.subscriber_id for job in firsts
-                if job.kind == "flow_timer" and job.subscriber_id is not None])
+            await preload(turns, session, [subscriber_id for subscriber_id, job
+                                           in firsts.items() if job.kind == "flow_timer"])
             start_deferring(session)
             results: list[dict[str, Any]] = []
             for job_id in ids:
                 job = jobs.get(job_id)
                 if job is None:
                     continue  # our lease expired and another worker took it
-                subscriber_id = job.subscriber_id  # a failed savepoint may expire the job
-                earlier = take_deferred(session, subscriber_id)
+                earlier = take_deferred(session, job.subscriber_id)
                 if earlier is not None:  # this subscriber's previous turn, before this one
                     await earlier.save()
                 try:
-                    async with session.begin_nested():
-                        result = await scheduler.handlers[job.kind](session, job)
-                    results.append({"job_id": job_id, "result": result})
+                    result = await scheduler.handlers[job.kind](session, job)
                 except Exception as error:
-                    log.exception("job %s failed", job_id)
-                    failed.append((job_id, error))
-                    drop_deferred(session, subscriber_id)
-                finally:
-                    forget_preloaded(session, subscriber_id)
+                    log.exception("job %s failed; its batch goes again without it", job_id)
+                    raise _TurnFailed(job_id, error) from error
+                forget_preloaded(session, job.subscriber_id)
+                results.append({"job_id": job_id, "result": result})
             await save_many(turns, session)
             if results:
                 await session.execute(_DONE.values(finished_at=scheduler.clock.now()),
@@ -167,4 +179,12 @@ class JobBatches:
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")
-        return failed
+
+
+class _TurnFailed(Exception):
+    """A job's turn failed inside a batch: the batch is rolled back and retried
+    without it; the job is recorded as failed (retried later) once the batch commits."""
+
+    def __init__(self, job_id: int, error: Exception) -> None:
+        super().__init__(job_id, error)
+        self.job_id, self.error = job_id, error

@@ -151,11 +151,6 @@ def take_deferred(session: AsyncSession, subscriber_id: int | None) -> Work | No
     return deferred.pop(subscriber_id, None)
 
 
-def drop_deferred(session: AsyncSession, subscriber_id: int | None) -> None:
-    """The turn failed after it was kept: its savepoint is gone, so is its save."""
-    take_deferred(session, subscriber_id)
-
-
 def start_deferring(session: AsyncSession) -> None:
     """From now on preloaded turns of this session are saved by ``save_many``."""
     session.info[DEFERRED] = {}
