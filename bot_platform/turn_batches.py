@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, and_, bindparam, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -180,15 +180,15 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
             bulk.append(work)
     if not bulk:
         return
-    new_states: list[dict] = []
-    changed_states: list[dict] = []
+    new_states: list[dict[str, Any]] = []
+    changed_states: list[dict[str, Any]] = []
     left: dict[str, list[int]] = {}  # flow -> subscribers whose timers there are void
-    new_tags: list[dict] = []
-    old_tags: list[dict] = []
-    attributes: list[dict] = []
-    locales: list[dict] = []
-    answers: list[dict] = []
-    jobs: list[dict] = []
+    new_tags: list[dict[str, Any]] = []
+    old_tags: list[dict[str, Any]] = []
+    attributes: list[dict[str, Any]] = []
+    locales: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
     now = max(work.turn.now for work in bulk)
     for work in bulk:
         turn, subscriber, rows = work.turn, work.subscriber, work.rows
