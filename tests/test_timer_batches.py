@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bot_platform.clock import SystemClock
 from bot_platform.jobs import Scheduler
 from bot_platform.migrations import upgrade
-from bot_platform.models import Answer, FlowState, Job, Outbox, Subscriber
+from bot_platform.models import Answer, FlowState, Job, Outbox, Subscriber, SubscriberTag
 from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
 from tests.fakes.relay import FakeRelayServer
 
@@ -284,3 +284,103 @@ async def test_a_worker_killed_mid_batch_fires_each_timer_once(tmp_path: Path) -
         await reader.dispose()
         await platform.close()
         await relay.close()
+
+
+CHAIN = textwrap.dedent("""
+    flow: chain
+    triggers: [{on: start}]
+    start: a
+    states:
+      a:
+        actions: [{tag: first}]
+        say: welcome-tip-now
+        after: {delay: 1h, goto: b}
+      b:
+        actions:
+          - untag: first
+          - tag: second
+          - set: {stage: b}
+          - start_flow: side
+        say:
+          - text: welcome-offer
+            fallback: {after: 6h, channel: console}
+        after: {delay: 1h, goto: c}
+      c:
+        say: welcome-tip
+        end: true
+""")
+SIDE = textwrap.dedent("""
+    flow: side
+    triggers: [{on: keyword, keywords: [side]}]
+    start: s
+    states:
+      s:
+        say: welcome-tip
+        end: true
+""")
+
+
+async def snapshot(platform) -> dict[str, list]:
+    """What the turns wrote, without row ids."""
+    async with platform.db.session() as session:
+        users = dict((await session.execute(select(Subscriber.id, Subscriber.user_id))).all())
+        subscribers = (await session.scalars(select(Subscriber))).all()
+        states = (await session.scalars(select(FlowState))).all()
+        jobs = (await session.scalars(select(Job).where(Job.kind != "inactivity_scan"))).all()
+        outbox = (await session.scalars(select(Outbox))).all()
+        tags = (await session.execute(select(SubscriberTag.subscriber_id,
+                                             SubscriberTag.tag))).all()
+    return {
+        "subscribers": sorted((s.user_id, s.attributes, s.locale) for s in subscribers),
+        "states": sorted((users[s.subscriber_id], s.flow, s.state, s.version, s.status,
+                          s.data, s.updated_at) for s in states),
+        "jobs": sorted((users[j.subscriber_id], j.kind, j.flow or "", j.status,
+                        j.result or "", json.dumps({k: v for k, v in j.payload.items()
+                                                    if k != "outbox_id"}, sort_keys=True),
+                        j.due_at) for j in jobs),
+        "outbox": sorted((o.recipient, o.payload.get("text", "")[:20], o.status)
+                         for o in outbox),
+        "tags": sorted((users[s], tag) for s, tag in tags),
+    }
+
+
+async def test_a_batch_writes_what_single_turns_write(make_platform, tmp_path: Path) -> None:
+    """The same timers fired in one batch (bulk load and save) and one job at a time
+    (``Turns.load`` / ``Work.save``) leave the same rows: states, versions, tags added
+    and removed, attributes, a flow started, the next timers, a read fallback, the
+    voided timers and the queued messages."""
+    flows = tmp_path / "chain-flows"
+    flows.mkdir()
+    (flows / "chain.yaml").write_text(CHAIN)
+    (flows / "side.yaml").write_text(SIDE)
+    users = [f"u{n}" for n in range(6)]
+    snapshots = []
+    for batched in (True, False):
+        platform = await make_platform(flows_dir=flows)
+        await started(platform, users)
+        scheduler = platform.worker.scheduler
+        for round_ in range(2):  # a -> b, then b -> c
+            platform.clock.advance(timedelta(hours=1, seconds=1))
+            if round_ == 1:  # a stray pending timer of the flow: void once b is left
+                async with platform.db.session() as session:
+                    await session.execute(insert(Job), [{
+                        "kind": "flow_timer", "subscriber_id": n + 1, "flow": "chain",
+                        "payload": {"state": "b", "version": 0}, "status": "pending",
+                        "due_at": platform.clock.now() + timedelta(days=9),
+                        "created_at": platform.clock.now()} for n in range(len(users))])
+            if batched:
+                await scheduler.run_once()
+            else:
+                for job_id, _, identity in await scheduler.claim(100):
+                    await scheduler.run_job(job_id, identity)
+                    scheduler.leases.let_go(job_id)
+        snapshots.append(await snapshot(platform))
+    batch, single = snapshots
+    assert batch == single
+    assert {tag for _, tag in batch["tags"]} == {"second"}
+    assert {state for _, flow, state, *_ in batch["states"]} == {"c", "s"}
+    assert ("u0", "flow_timer", "chain", "done", "fired") in {j[:5] for j in batch["jobs"]}
+    assert ("u0", "read_fallback") in {j[:2] for j in batch["jobs"]}
+    assert ("u0", "flow_timer", "chain", "cancelled", "state-left") in {
+        j[:5] for j in batch["jobs"]}
+    assert ("u0", {"stage": "b"}, "en") in batch["subscribers"]
