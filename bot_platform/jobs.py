@@ -22,6 +22,7 @@ from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
 from bot_platform.engine import Engine
+from bot_platform.job_batches import JobBatches
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Job, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
@@ -58,6 +59,7 @@ class Scheduler:
         self.handlers: dict[str, JobHandler | PreparedJobHandler] = {
             "flow_timer": engine.timers.run_flow_timer,
             "read_fallback": engine.timers.run_read_fallback}
+        self.batches = JobBatches(self)
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
@@ -101,11 +103,14 @@ class Scheduler:
 
     async def _run_claimed(self, claimed: list[Claimed], semaphore: asyncio.Semaphore,
                            finished: Finished = lambda n: None) -> None:
-        """Different subscribers' jobs side by side (``job_concurrency``); one
-        subscriber's in due order, one at a time."""
+        """Timers in batches, a transaction for many subscribers (``job_batches``);
+        other jobs side by side (``job_concurrency``); one subscriber's in due order, one
+        at a time."""
         queues: dict[tuple[str, str, str] | int, list[Claimed]] = {}
         for job_id, kind, identity in claimed:
             queues.setdefault(identity or job_id, []).append((job_id, kind, identity))
+        batched = [queue for queue in queues.values() if self.batches.batchable(queue)]
+        singles = [queue for queue in queues.values() if not self.batches.batchable(queue)]
 
         async def run_queue(queue: list[Claimed]) -> None:
             try:
@@ -115,7 +120,8 @@ class Scheduler:
             finally:
                 finished(len(queue))
 
-        await asyncio.gather(*(run_queue(queue) for queue in queues.values()))
+        await asyncio.gather(self.batches.run(batched, finished),
+                             *(run_queue(queue) for queue in singles))
 
     async def _run_one(self, job_id: int, kind: str,
                        identity: tuple[str, str, str] | None) -> None:

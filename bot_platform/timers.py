@@ -5,7 +5,8 @@ entered (flow, state, version); leaving the state cancels it (``Turns.save``), a
 timer that fires for a state the subscriber has since left is "stale". A message with a
 channel ``fallback`` schedules a ``read_fallback`` job: unread by then, it goes out again
 on the customer's other messenger. Both run inside the job's transaction, which the
-scheduler isolates per subscriber (``Turns.isolated``).
+scheduler isolates per subscriber (``Turns.isolated``), or inside a savepoint of a batch's
+transaction (``job_batches``), whose turns were loaded together (``turn_batches``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ class Timers:
     async def run_flow_timer(self, session: AsyncSession, job: Job) -> str:
         """Fire a flow timer inside the caller's transaction; returns what happened."""
         engine = self.engine
-        work = await engine.turns.load(session, job.subscriber_id)
+        # A batch of timers loaded its subscribers' turns together (turn_batches); the
+        # import is here because turn_batches builds on turns, which imports this module.
+        from bot_platform.turn_batches import save_later, take_preloaded
+
+        work = take_preloaded(session, job.subscriber_id)
+        batched = work is not None
+        if work is None:
+            work = await engine.turns.load(session, job.subscriber_id)
         if isinstance(work, str):
             return work
         turn = work.turn
@@ -76,7 +84,8 @@ class Timers:
         if not await engine.flows[job.flow].fire(turn, position, "timeout"):
             return "not-applicable"
         await engine.router.run_pending_starts(turn)
-        await work.save()
+        if not (batched and save_later(work)):  # a batch saves its turns together
+            await work.save()
         return "fired"
 
     async def run_read_fallback(self, session: AsyncSession, job: Job) -> str:
