@@ -264,21 +264,6 @@ RFM_GROUPS: list[tuple[str, int | None, int | None, int, int | None]] = [
 ]
 
 
-def rfm_group(recency_days: float | None, frequency: int) -> str:
-    """The named group of a contact; "none" when no group fits (or no orders)."""
-    if frequency == 0 or recency_days is None:
-        return "none"
-    for name, r_min, r_max, f_min, f_max in RFM_GROUPS:
-        if r_min is not None and recency_days < r_min:
-            continue
-        if r_max is not None and recency_days > r_max:
-            continue
-        if frequency < f_min or (f_max is not None and frequency > f_max):
-            continue
-        return name
-    return "none"
-
-
 # ---- compiling to SQL ------------------------------------------------------------------
 
 
