@@ -97,15 +97,12 @@ class Metrics:
 def metrics_of(platform: Platform) -> Metrics:
     """The platform's metrics, created on first use and handed to its engine and delivery
     (every app built for the platform shares them)."""
-    metrics = getattr(platform, "metrics", None)
+    metrics = platform.metrics
     if metrics is None:
-        metrics = Metrics()
-        platform.metrics = metrics  # type: ignore[attr-defined]
+        metrics = platform.metrics = Metrics()
     metrics.channels = {channel for channel, _ in platform.bots}
-    platform.engine.metrics = metrics
-    worker = getattr(platform, "worker", None)
-    if worker is not None:
-        worker.delivery.metrics = metrics
+    platform.engine.metrics = metrics  # engine and worker both exist once started
+    platform.worker.delivery.metrics = metrics
     return metrics
 
 
