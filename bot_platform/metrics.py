@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from bot_platform.models import Broadcast, BroadcastRecipient, Job, Message, Outbox
+from bot_platform.statuses import BroadcastStatus, JobStatus, MessageStatus, OutboxStatus
 from bot_platform.types import SendResult, SendStatus
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ Send = Callable[[AsgiMessage], Awaitable[None]]
 LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
 BROADCASTS_SHOWN = 50  # running broadcasts with a progress series, newest first
-SENT_STATUSES = ("sent", "delivered", "read")
+SENT_STATUSES = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
 
 
 class Metrics:
@@ -178,19 +179,19 @@ async def database_families(platform: Platform, now: datetime) -> list[Metric]:
             outbox.add_metric([status], count)
         for channel, count in (await session.execute(select(
                 Outbox.channel, func.count()).where(
-                Outbox.status == "pending", Outbox.next_attempt_at <= now).group_by(
+                Outbox.status == OutboxStatus.PENDING, Outbox.next_attempt_at <= now).group_by(
                 Outbox.channel))).all():
             due.add_metric([channel], count)
         oldest = None
         for kind, count, first in (await session.execute(select(
                 Job.kind, func.count(), func.min(Job.due_at)).where(
-                Job.status == "pending", Job.due_at <= now).group_by(Job.kind))).all():
+                Job.status == JobStatus.PENDING, Job.due_at <= now).group_by(Job.kind))).all():
             jobs.add_metric([kind], count)
             oldest = first if oldest is None else min(oldest, first)
         lag.add_metric([], max(0.0, (now - _aware(oldest, now)).total_seconds())
                        if oldest is not None else 0.0)
         running = (await session.scalars(select(Broadcast.id).where(
-            Broadcast.status.in_(("running", "paused"))).order_by(
+            Broadcast.status.in_((BroadcastStatus.RUNNING, BroadcastStatus.PAUSED))).order_by(
             Broadcast.id.desc()).limit(BROADCASTS_SHOWN))).all()
         if running:
             figures = {(b, state): 0 for b in running
