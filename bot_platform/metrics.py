@@ -36,7 +36,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from bot_platform.models import Broadcast, BroadcastRecipient, Job, Message, Outbox
-from bot_platform.statuses import BroadcastStatus, JobStatus, MessageStatus, OutboxStatus
+from bot_platform.statuses import (
+    BroadcastStatus,
+    JobStatus,
+    MessageStatus,
+    OutboxStatus,
+    RecipientStatus,
+)
 from bot_platform.types import SendResult, SendStatus
 
 if TYPE_CHECKING:
@@ -202,7 +208,7 @@ async def database_families(platform: Platform, now: datetime) -> list[Metric]:
                     .group_by(BroadcastRecipient.broadcast_id,
                               BroadcastRecipient.status))).all():
                 figures[broadcast_id, "targeted"] += count
-                if status == "queued":
+                if status == RecipientStatus.QUEUED:
                     figures[broadcast_id, "queued"] += count
             for broadcast_id, count in (await session.execute(select(
                     Message.broadcast_id, func.count(func.distinct(Message.subscriber_id)))
