@@ -137,7 +137,7 @@ async def _setup_webhook(platform: Platform, channel: str, bot_id: str) -> str |
 async def register(body: BotCreate, platform: PlatformDep) -> BotPublic:
     """Register a bot; with a public URL configured its webhook is set up at once."""
     assert body.channel in BUILTIN_CHANNELS
-    if (body.channel, body.bot_id) in platform._settings_bots():
+    if (body.channel, body.bot_id) in platform.registry.settings_bots():
         raise HTTPException(409, "this bot is configured in settings")
     now = platform.clock.now()
     async with platform.db.session() as session:

@@ -32,6 +32,7 @@ from bot_platform.models import (
     Message,
     Subscriber,
 )
+from bot_platform.statuses import ConversationStatus
 from bot_platform.text import DbId, StorableText
 from bot_platform.types import Outgoing
 
@@ -140,8 +141,9 @@ async def _load(session: Any, conversation_id: int, principal: Principal,
 async def _changed(session: Any, conversation: Conversation) -> NoReturn:
     """409 after a lost compare-and-set, saying what the chat is now."""
     await session.refresh(conversation)
+    taken = conversation.status == ConversationStatus.ASSIGNED
     raise HTTPException(409, f"the conversation is {conversation.status}"
-                        + (" (by another agent)" if conversation.status == "assigned" else ""))
+                        + (" (by another agent)" if taken else ""))
 
 
 @router.get("", response_model=list[ConversationPublic], **ROLES)

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from admin_api.security import EVERYONE, MARKETING, PlatformDep, roles
 from bot_platform.models import Answer, FlowState
+from bot_platform.statuses import PositionStatus
 from bot_platform.text import text
 
 router = APIRouter(prefix="/stats", tags=["stats"])
@@ -48,7 +49,7 @@ async def flow_stats(platform: PlatformDep, flow: text(64, min_length=1)) -> Flo
     waiting: dict[str, int] = {}
     completed = 0
     for state, status, count in states:
-        if status == "finished":
+        if status == PositionStatus.FINISHED:
             completed += count
         else:
             waiting[state] = waiting.get(state, 0) + count

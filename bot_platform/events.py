@@ -19,6 +19,7 @@ from sqlalchemy import select
 from bot_platform.database import insert_ignore
 from bot_platform.engine import Engine
 from bot_platform.models import Contact, CustomerEvent, Subscriber
+from bot_platform.statuses import SubscriberStatus
 from bot_platform.text import DbId, StorableJson, text
 
 EVENT_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
@@ -145,7 +146,7 @@ async def resolve_customer(engine: Engine, event: EventIn) -> tuple[int | None, 
             return None, None
         subscriber_id = await session.scalar(
             select(Subscriber.id).where(Subscriber.contact_id == contact_id)
-            .order_by((Subscriber.status == "subscribed").desc(),
+            .order_by((Subscriber.status == SubscriberStatus.SUBSCRIBED).desc(),
                       Subscriber.last_inbound_at.desc().nulls_last(), Subscriber.id.desc())
             .limit(1))
         return contact_id, subscriber_id

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from bot_platform.database import Database
 from bot_platform.models import FlowVersion
+
+if TYPE_CHECKING:  # platform.py imports this module
+    from bot_platform.platform import Platform
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,17 @@ def version_texts(rows: Iterable[Any], extra: Texts | None = None) -> Texts:
     return texts
 
 
-async def reload_flows(platform: Any) -> bool:
+async def reload_flows(platform: Platform) -> bool:
     """Use the active uploaded versions (they replace files of the same name) and their
     texts; returns whether anything changed. Cheap when nothing did."""
     from bot_platform.flows.loading import parse_flow_text, validate_paths
     from bot_platform.flows.machine import FlowSet
     from bot_platform.flows.validation import check_cross_flow
 
-    lock = platform.__dict__.setdefault("_flow_lock", asyncio.Lock())
-    async with lock:
+    async with platform.flow_lock:
         active = await active_versions(platform.db)
         signature = tuple((row.flow, row.version) for row in active)
-        if signature == getattr(platform, "_flow_signature", ()):
+        if signature == platform.flow_signature:
             return False
         catalogs = platform.catalogs.with_texts(version_texts(active))
         base = {str(issue) for issue in platform.catalogs.issues}
@@ -75,14 +77,13 @@ async def reload_flows(platform: Any) -> bool:
             log.error("%s", issue)
         platform.catalogs.adopt(catalogs)
         platform.flows = FlowSet([spec for spec, _ in specs.values()], platform.catalogs)
-        if hasattr(platform, "engine"):
-            platform.engine.flows = platform.flows
-        platform._flow_signature = signature
+        platform.engine.flows = platform.flows  # started before the first reload
+        platform.flow_signature = signature
         log.info("flows in use: %s", ", ".join(sorted(platform.flows.flows)))
         return True
 
 
-async def watch(platform: Any, every: float, stop: asyncio.Event) -> None:
+async def watch(platform: Platform, every: float, stop: asyncio.Event) -> None:
     """Follow activations made by other processes until ``stop`` is set."""
     while not stop.is_set():
         try:

@@ -31,12 +31,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.apikeys import Principal
 from bot_platform.i18n import Catalogs
 from bot_platform.models import Conversation, Subscriber
+from bot_platform.statuses import ConversationStatus
 from bot_platform.types import Outgoing
 
 if TYPE_CHECKING:
     from bot_platform.flows.turn import Turn
 
-OPEN = ("waiting", "assigned")
+OPEN = ConversationStatus.open()
 DEFAULT_HANDOFF_KEYWORDS = {
     "en": ["operator", "human", "agent", "talk to a human", "talk to a person"],
     "uk": ["оператор", "людина", "менеджер"],
@@ -100,7 +101,8 @@ class HandoffRules:
             return []
         now = turn.now
         session.add(Conversation(
-            subscriber_id=subscriber.id, status="waiting", reason=escalation.reason,
+            subscriber_id=subscriber.id, status=ConversationStatus.WAITING,
+            reason=escalation.reason,
             summary=escalation.summary, data=escalation.data, created_at=now,
             updated_at=now))
         key, variables = "handoff-waiting", turn.variables(catalogs)
@@ -126,14 +128,15 @@ def readable(principal: Principal) -> ColumnElement[bool]:
         return true()
     if principal.role != "agent":
         return false()
-    return (Conversation.status == "waiting") | (Conversation.agent_id == str(principal.key_id))
+    return ((Conversation.status == ConversationStatus.WAITING)
+            | (Conversation.agent_id == str(principal.key_id)))
 
 
 def may_read(principal: Principal, conversation: Conversation) -> bool:
     """The visibility rule for one loaded conversation (same as ``readable``)."""
     if principal.role == "admin":
         return True
-    return principal.role == "agent" and (conversation.status == "waiting"
+    return principal.role == "agent" and (conversation.status == ConversationStatus.WAITING
                                           or conversation.agent_id == str(principal.key_id))
 
 
@@ -158,8 +161,9 @@ async def claim(session: AsyncSession, conversation_id: int, *, agent_id: str,
                 now: datetime) -> bool:
     """waiting -> assigned to ``agent_id``; False when it was not waiting."""
     won = await session.execute(update(Conversation).where(
-        Conversation.id == conversation_id, Conversation.status == "waiting").values(
-        status="assigned", agent_id=agent_id, assigned_at=now, updated_at=now))
+        Conversation.id == conversation_id,
+        Conversation.status == ConversationStatus.WAITING).values(
+        status=ConversationStatus.ASSIGNED, agent_id=agent_id, assigned_at=now, updated_at=now))
     return won.rowcount == 1
 
 
@@ -178,7 +182,7 @@ async def transfer(session: AsyncSession, conversation: Conversation, *, to_agen
     if conversation.status not in OPEN:
         return False
     moved = await session.execute(update(Conversation).where(*_as_loaded(conversation)).values(
-        status="assigned", agent_id=to_agent,
+        status=ConversationStatus.ASSIGNED, agent_id=to_agent,
         assigned_at=conversation.assigned_at or now, updated_at=now))
     return moved.rowcount == 1
 
@@ -190,7 +194,7 @@ async def resolve(session: AsyncSession, conversation: Conversation, *,
     if conversation.status not in OPEN:
         return False
     done = await session.execute(update(Conversation).where(*_as_loaded(conversation)).values(
-        status="resolved", resolved_at=now, updated_at=now))
+        status=ConversationStatus.RESOLVED, resolved_at=now, updated_at=now))
     return done.rowcount == 1
 
 
@@ -198,7 +202,7 @@ async def record_reply(session: AsyncSession, conversation: Conversation, *,
                        now: datetime) -> bool:
     """Note an agent's reply (first reply time); False when the chat is no longer assigned
     to the agent it was loaded with (resolved or transferred in between)."""
-    if conversation.status != "assigned":
+    if conversation.status != ConversationStatus.ASSIGNED:
         return False
     noted = await session.execute(update(Conversation).where(*_as_loaded(conversation)).values(
         first_reply_at=func.coalesce(Conversation.first_reply_at,
@@ -214,4 +218,4 @@ async def close_for_subscribers(session: AsyncSession, subscriber_ids: Sequence[
         await session.execute(update(Conversation).where(
             Conversation.subscriber_id.in_(subscriber_ids),
             Conversation.status.in_(OPEN)).values(
-            status="resolved", resolved_at=now, updated_at=now))
+            status=ConversationStatus.RESOLVED, resolved_at=now, updated_at=now))

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
+from bot_platform.job_handlers import PreparedJobHandler
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
 from bot_platform.turn_batches import (
@@ -86,7 +87,7 @@ class JobBatches:
         handlers = self.scheduler.handlers
         return queue[0][2] is not None and all(
             kind in BATCHED_KINDS and kind in handlers
-            and not hasattr(handlers[kind], "prepare") for _, kind, _ in queue)
+            and not isinstance(handlers[kind], PreparedJobHandler) for _, kind, _ in queue)
 
     async def run(self, queues: list[list[Claimed]],
                   finished: Finished | None = None) -> None:

@@ -3,19 +3,18 @@
 A job's handler runs in the same transaction that marks the job done, so its effects and
 its completion commit together: a crash before the commit leaves the job to be reclaimed
 when the lease expires, a crash after it leaves nothing to redo. Handlers are looked up by
-``kind`` (``flow_timer`` now; later issues add their own).
+``kind`` (flow timers, read fallbacks, broadcasts, the inactivity scan, AI replies): a plain
+``JobHandler`` or, when part of the work is a network call, a ``PreparedJobHandler``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
@@ -23,6 +22,7 @@ from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
 from bot_platform.engine import Engine
 from bot_platform.job_batches import JobBatches
+from bot_platform.job_handlers import JobHandler, PreparedJobHandler
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Job, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
@@ -30,17 +30,7 @@ from bot_platform.statuses import JobStatus
 
 log = logging.getLogger(__name__)
 
-JobHandler = Callable[[AsyncSession, Job], Awaitable[str]]
 Claimed = tuple[int, str, tuple[str, str, str] | None]  # job id, kind, subscriber identity
-
-
-class PreparedJobHandler(Protocol):
-    """A handler whose slow part (a network call) runs BEFORE the job's transaction, so
-    no database lock is held while it waits; ``apply`` then commits with the job."""
-
-    async def prepare(self, job: Job) -> Any: ...
-
-    async def apply(self, session: AsyncSession, job: Job, prepared: Any) -> str: ...
 
 
 class Scheduler:
@@ -127,7 +117,8 @@ class Scheduler:
                        identity: tuple[str, str, str] | None) -> None:
         try:
             handler = self.handlers.get(kind)
-            prepared = await self._prepare(job_id) if hasattr(handler, "prepare") else None
+            prepared = await self._prepare(job_id) if isinstance(
+                handler, PreparedJobHandler) else None
             await self.run_job(job_id, identity, prepared)
         finally:
             self.leases.let_go(job_id)
@@ -149,7 +140,7 @@ class Scheduler:
                 handler = self.handlers.get(job.kind)
                 if handler is None:
                     raise LookupError(f"no handler for job kind {job.kind!r}")
-                if hasattr(handler, "apply"):
+                if isinstance(handler, PreparedJobHandler):
                     result = await handler.apply(session, job, prepared)
                 else:
                     result = await handler(session, job)
@@ -167,9 +158,9 @@ class Scheduler:
             async with self.db.sessions() as session:
                 job = await session.get(Job, job_id)
             handler = self.handlers.get(job.kind) if job is not None else None
-            if job is None or handler is None:
+            if job is None or not isinstance(handler, PreparedJobHandler):
                 return None
-            return await handler.prepare(job)  # type: ignore[union-attr]
+            return await handler.prepare(job)
         except Exception:
             log.exception("preparing job %s failed; it runs without preparation", job_id)
             return None

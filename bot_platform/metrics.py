@@ -36,6 +36,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
 
 from bot_platform.models import Broadcast, BroadcastRecipient, Job, Message, Outbox
+from bot_platform.statuses import (
+    BroadcastStatus,
+    JobStatus,
+    MessageStatus,
+    OutboxStatus,
+    RecipientStatus,
+)
 from bot_platform.types import SendResult, SendStatus
 
 if TYPE_CHECKING:
@@ -53,7 +60,7 @@ Send = Callable[[AsgiMessage], Awaitable[None]]
 LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128", "fc00::/7"))
 BROADCASTS_SHOWN = 50  # running broadcasts with a progress series, newest first
-SENT_STATUSES = ("sent", "delivered", "read")
+SENT_STATUSES = (MessageStatus.SENT, MessageStatus.DELIVERED, MessageStatus.READ)
 
 
 class Metrics:
@@ -97,15 +104,12 @@ class Metrics:
 def metrics_of(platform: Platform) -> Metrics:
     """The platform's metrics, created on first use and handed to its engine and delivery
     (every app built for the platform shares them)."""
-    metrics = getattr(platform, "metrics", None)
+    metrics = platform.metrics
     if metrics is None:
-        metrics = Metrics()
-        platform.metrics = metrics  # type: ignore[attr-defined]
+        metrics = platform.metrics = Metrics()
     metrics.channels = {channel for channel, _ in platform.bots}
-    platform.engine.metrics = metrics
-    worker = getattr(platform, "worker", None)
-    if worker is not None:
-        worker.delivery.metrics = metrics
+    platform.engine.metrics = metrics  # engine and worker both exist once started
+    platform.worker.delivery.metrics = metrics
     return metrics
 
 
@@ -181,19 +185,19 @@ async def database_families(platform: Platform, now: datetime) -> list[Metric]:
             outbox.add_metric([status], count)
         for channel, count in (await session.execute(select(
                 Outbox.channel, func.count()).where(
-                Outbox.status == "pending", Outbox.next_attempt_at <= now).group_by(
+                Outbox.status == OutboxStatus.PENDING, Outbox.next_attempt_at <= now).group_by(
                 Outbox.channel))).all():
             due.add_metric([channel], count)
         oldest = None
         for kind, count, first in (await session.execute(select(
                 Job.kind, func.count(), func.min(Job.due_at)).where(
-                Job.status == "pending", Job.due_at <= now).group_by(Job.kind))).all():
+                Job.status == JobStatus.PENDING, Job.due_at <= now).group_by(Job.kind))).all():
             jobs.add_metric([kind], count)
             oldest = first if oldest is None else min(oldest, first)
         lag.add_metric([], max(0.0, (now - _aware(oldest, now)).total_seconds())
                        if oldest is not None else 0.0)
         running = (await session.scalars(select(Broadcast.id).where(
-            Broadcast.status.in_(("running", "paused"))).order_by(
+            Broadcast.status.in_((BroadcastStatus.RUNNING, BroadcastStatus.PAUSED))).order_by(
             Broadcast.id.desc()).limit(BROADCASTS_SHOWN))).all()
         if running:
             figures = {(b, state): 0 for b in running
@@ -204,7 +208,7 @@ async def database_families(platform: Platform, now: datetime) -> list[Metric]:
                     .group_by(BroadcastRecipient.broadcast_id,
                               BroadcastRecipient.status))).all():
                 figures[broadcast_id, "targeted"] += count
-                if status == "queued":
+                if status == RecipientStatus.QUEUED:
                     figures[broadcast_id, "queued"] += count
             for broadcast_id, count in (await session.execute(select(
                     Message.broadcast_id, func.count(func.distinct(Message.subscriber_id)))

@@ -25,6 +25,16 @@ from sqlalchemy import (
 from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from bot_platform.statuses import (
+    BroadcastStatus,
+    ConversationStatus,
+    JobStatus,
+    OutboxStatus,
+    PositionStatus,
+    RecipientStatus,
+    SubscriberStatus,
+)
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -83,7 +93,7 @@ class Subscriber(Base):
     channel: Mapped[str] = mapped_column(String(32))
     bot_id: Mapped[str] = mapped_column(String(64))
     user_id: Mapped[str] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), default="subscribed")  # or unsubscribed
+    status: Mapped[str] = mapped_column(String(16), default=SubscriberStatus.SUBSCRIBED)
     locale: Mapped[str | None] = mapped_column(String(16))
     first_name: Mapped[str | None] = mapped_column(String(255))
     last_name: Mapped[str | None] = mapped_column(String(255))
@@ -118,7 +128,7 @@ class FlowState(Base):
     flow: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer, default=1)
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active | finished
+    status: Mapped[str] = mapped_column(String(16), default=PositionStatus.ACTIVE)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
@@ -177,7 +187,7 @@ class Job(Base):
     flow: Mapped[str | None] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     due_at: Mapped[datetime]
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     locked_by: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
@@ -209,8 +219,7 @@ class Outbox(Base):
     bot_id: Mapped[str] = mapped_column(String(64))
     recipient: Mapped[str] = mapped_column(String(128))
     payload: Mapped[dict[str, Any]]
-    # pending | sending | sent | failed | skipped
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]
     locked_by: Mapped[str | None] = mapped_column(String(64))
@@ -241,7 +250,7 @@ class Conversation(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     subscriber_id: Mapped[int] = mapped_column(
         ForeignKey("subscribers.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="waiting")  # assigned, resolved
+    status: Mapped[str] = mapped_column(String(16), default=ConversationStatus.WAITING)
     reason: Mapped[str] = mapped_column(String(64))
     summary: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # answers that led here
@@ -425,7 +434,7 @@ class Broadcast(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     # draft | scheduled | running | paused | completed | cancelled
-    status: Mapped[str] = mapped_column(String(16), default="draft")
+    status: Mapped[str] = mapped_column(String(16), default=BroadcastStatus.DRAFT)
     segment: Mapped[dict[str, Any]]  # the filter (bot_platform.segments)
     variants: Mapped[list[Any]]  # [{name, percent, content: {locale: message} | flow}]
     tag: Mapped[str | None] = mapped_column(String(64))  # Facebook message tag
@@ -448,7 +457,7 @@ class BroadcastRecipient(Base):
     subscriber_id: Mapped[int] = mapped_column(
         ForeignKey("subscribers.id", ondelete="CASCADE"))
     variant: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # queued | skipped
+    status: Mapped[str] = mapped_column(String(16), default=RecipientStatus.PENDING)
     reason: Mapped[str | None] = mapped_column(String(64))
     due_at: Mapped[datetime | None]  # with local_time: when it is that time for them
 

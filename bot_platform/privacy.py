@@ -60,6 +60,7 @@ from bot_platform.models import (
     SubscriberTag,
     TrackedLink,
 )
+from bot_platform.statuses import SubscriberStatus
 
 if TYPE_CHECKING:
     from bot_platform.engine import Engine
@@ -113,7 +114,7 @@ HOLDINGS: tuple[Holding, ...] = (
     Holding(Subscriber, lambda p: Subscriber.id.in_(p.subscriber_ids), "clear", {
         "user_id": literal(f"{FORGOTTEN}-", String) + cast(Subscriber.id, String),
         "first_name": None, "last_name": None, "username": None, "source_ref": None,
-        "attributes": {}, "status": "unsubscribed"}),
+        "attributes": {}, "status": SubscriberStatus.UNSUBSCRIBED}),
     Holding(SubscriberTag, lambda p: SubscriberTag.subscriber_id.in_(p.subscriber_ids),
             "delete"),
     Holding(FlowState, lambda p: FlowState.subscriber_id.in_(p.subscriber_ids), "delete"),

@@ -11,7 +11,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ class RateLimiter(Protocol):
     async def pause(self, bot: str, seconds: float) -> None:
         """Send nothing for this bot for ``seconds`` (the messenger said retry_after)."""
         ...
+
+
+@runtime_checkable
+class ClosableLimiter(Protocol):
+    """Optional: a limiter holding a connection (Redis) that the platform closes."""
+
+    async def close(self) -> None: ...
 
 
 _Waiter = tuple[asyncio.Future[float], Limits, float]  # slot, bot-only limits, max_wait

@@ -46,11 +46,32 @@ class JobStatus(StrEnum):
     RUNNING = "running"  # claimed with a lease by a worker
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # a flow timer whose state was left before it was due
 
 
 class SubscriberStatus(StrEnum):
     SUBSCRIBED = "subscribed"
     UNSUBSCRIBED = "unsubscribed"
+
+
+class PositionStatus(StrEnum):
+    """A subscriber's position in a flow."""
+
+    ACTIVE = "active"
+    FINISHED = "finished"
+
+
+class ConversationStatus(StrEnum):
+    """A hand-off to a human: waiting for an agent, taken by one, or over."""
+
+    WAITING = "waiting"
+    ASSIGNED = "assigned"
+    RESOLVED = "resolved"
+
+    @classmethod
+    def open(cls) -> tuple[ConversationStatus, ...]:
+        """Not resolved yet: the bot keeps quiet."""
+        return cls.WAITING, cls.ASSIGNED
 
 
 class BroadcastStatus(StrEnum):

@@ -113,11 +113,12 @@ def _check_json(value: Any) -> Any:
 StorableJson = Annotated[dict[str, Any], AfterValidator(_check_json)]
 
 
-def storable_json(value: Any, depth: int = 0) -> Any:
-    """A JSON value made storable (from messengers and shop events): text as ``storable``,
-    out-of-range numbers as text, nesting past the limit dropped."""
+def storable_json(value: Any, depth: int = 0, max_length: int | None = None) -> Any:
+    """A JSON value made storable (from messengers and shop events): text as ``storable``
+    (each string, keys too, cut to ``max_length``), out-of-range numbers as text, nesting
+    past the limit dropped."""
     if isinstance(value, str):
-        return storable(value)
+        return storable(value, max_length)
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
@@ -127,10 +128,12 @@ def storable_json(value: Any, depth: int = 0) -> Any:
     if depth >= JSON_MAX_DEPTH:
         return None
     if isinstance(value, list | tuple):
-        return [storable_json(item, depth + 1) for item in value]
+        return [storable_json(item, depth + 1, max_length) for item in value]
     if isinstance(value, dict):
-        return {storable(str(k)): storable_json(v, depth + 1) for k, v in value.items()}
-    return storable(str(value))
+        return {storable(str(k), max_length): storable_json(v, depth + 1, max_length)
+                for k, v in value.items()}
+    return storable(str(value), max_length)
+
 
 FSI = "\u2068"  # FIRST STRONG ISOLATE
 PDI = "\u2069"  # POP DIRECTIONAL ISOLATE

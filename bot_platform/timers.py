@@ -21,6 +21,7 @@ from bot_platform.flows.machine import FlowSet
 from bot_platform.flows.turn import SendEffect
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Job, Message, Outbox, Subscriber
+from bot_platform.statuses import MessageStatus, PositionStatus, SubscriberStatus
 from bot_platform.types import Capabilities, Outgoing, fit_message
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Timers:
         turn = work.turn
         position = turn.positions.get(job.flow or "")
         payload = job.payload
-        if (position is None or position.status != "active"
+        if (position is None or position.status != PositionStatus.ACTIVE
                 or position.state != payload.get("state")
                 or position.version != payload.get("version")
                 or job.flow not in engine.flows):
@@ -96,7 +97,7 @@ class Timers:
         if original is None or subscriber is None:
             return "gone"
         message = await session.get(Message, original.message_id)
-        engaged = message is not None and (message.status == "read" or (
+        engaged = message is not None and (message.status == MessageStatus.READ or (
             subscriber.last_inbound_at is not None
             and subscriber.last_inbound_at > message.created_at))
         if engaged:
@@ -105,7 +106,7 @@ class Timers:
         other = await session.scalar(
             select(Subscriber).where(
                 Subscriber.contact_id == subscriber.contact_id, Subscriber.id != subscriber.id,
-                Subscriber.status == "subscribed")
+                Subscriber.status == SubscriberStatus.SUBSCRIBED)
             .order_by((Subscriber.channel == (preferred or "")).desc(),
                       (Subscriber.channel != subscriber.channel).desc(),
                       Subscriber.last_inbound_at.desc().nulls_last(), Subscriber.id)

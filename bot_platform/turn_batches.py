@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import OPEN
 from bot_platform.models import Answer, Conversation, FlowState, Job, Subscriber, SubscriberTag
+from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.turns import Identity, Skipped, Work, advisory_key
 
@@ -91,7 +92,7 @@ async def preload(turns: Turns, session: AsyncSession,
         subscriber = subscribers.get(subscriber_id)
         if subscriber is None:
             found[subscriber_id] = "no-subscriber"
-        elif subscriber.status != "subscribed":
+        elif subscriber.status != SubscriberStatus.SUBSCRIBED:
             found[subscriber_id] = "unsubscribed"
         elif subscriber_id in talking:
             found[subscriber_id] = "suppressed"
@@ -221,7 +222,7 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
         for effect in turn.effects:
             if isinstance(effect, TimerEffect):
                 position = turn.positions[effect.flow]
-                if position.status == "active" and position.version == effect.version:
+                if position.status == PositionStatus.ACTIVE and position.version == effect.version:
                     jobs.append({"kind": "flow_timer", "subscriber_id": subscriber.id,
                                  "flow": effect.flow, "due_at": effect.due_at,
                                  "created_at": turn.now, "payload": {
@@ -239,8 +240,8 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
         # new timers are inserted: those are pending too).
         await session.execute(update(Job.__table__).where(and_(
             Job.subscriber_id.in_(subscriber_ids), Job.flow == flow,
-            Job.kind == "flow_timer", Job.status == "pending",
-        )).values(status="cancelled", finished_at=now, result="state-left"))
+            Job.kind == "flow_timer", Job.status == JobStatus.PENDING,
+        )).values(status=JobStatus.CANCELLED, finished_at=now, result="state-left"))
     if new_tags:
         await session.execute(insert(SubscriberTag.__table__), new_tags)
     if old_tags:
@@ -257,7 +258,7 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
         await session.execute(insert(Answer.__table__), answers)
     if jobs:
         await session.execute(insert(Job.__table__), [
-            {"status": "pending", "attempts": 0, **job} for job in jobs])
+            {"status": JobStatus.PENDING, "attempts": 0, **job} for job in jobs])
     sends = [[e for e in work.turn.effects if isinstance(e, SendEffect)] for work in bulk]
     queued = await engine.outbox.enqueue_many(session, [
         (work.subscriber, [(e.flow, e.message) for e in effects])

@@ -15,10 +15,14 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from bot_platform.text import storable, utf16_len
+from bot_platform.text import storable, storable_json, utf16_len
 
 # Bounds of what an inbound event may carry (the columns they end up in, or generous
 # multiples of the messengers' own limits): longer text is cut, longer ids are refused.
+# The validators below are the one place an event is made storable: a messenger re-sends
+# an update we fail on forever, so what it sends is made storable rather than refused.
+MAX_CHANNEL = 32
+MAX_BOT_ID = 64
 MAX_USER_ID = 128
 MAX_EVENT_ID = 255
 MAX_INBOUND_TEXT = 16384
@@ -89,6 +93,11 @@ class Inbound(BaseModel):
     watermark: datetime | None = None  # "everything up to here was read" (Facebook)
     data: dict[str, Any] = Field(default_factory=dict)  # channel extras (media urls, ...)
 
+    @field_validator("channel", "bot_id")
+    @classmethod
+    def _storable_bot(cls, value: str, info: Any) -> str:
+        return storable(value, MAX_CHANNEL if info.field_name == "channel" else MAX_BOT_ID)
+
     @field_validator("user_id", "event_id")
     @classmethod
     def _bounded_id(cls, value: str, info: Any) -> str:
@@ -121,23 +130,14 @@ class Inbound(BaseModel):
     @field_validator("data")
     @classmethod
     def _storable_data(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _storable(value)
+        """Strings (keys too) cut, numbers the databases cannot hold as text, nesting past
+        the limit dropped."""
+        return storable_json(value, max_length=MAX_DATA_STRING)
 
     @property
     def is_status(self) -> bool:
         """Delivery/read/failed receipts carry no user intent and never touch flows."""
         return self.kind in (InboundKind.DELIVERED, InboundKind.READ, InboundKind.FAILED)
-
-
-def _storable(value: Any) -> Any:
-    """A JSON-like value with every string (keys too) made storable and bounded."""
-    if isinstance(value, str):
-        return storable(value, MAX_DATA_STRING)
-    if isinstance(value, dict):
-        return {storable(str(k), MAX_DATA_STRING): _storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(v) for v in value]
-    return value
 
 
 class Button(BaseModel):

@@ -19,6 +19,7 @@ from bot_platform.database import Database
 from bot_platform.engine import Engine
 from bot_platform.events import dispatch
 from bot_platform.models import Job, Subscriber
+from bot_platform.statuses import JobStatus, SubscriberStatus
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class InactivityScan:
             async with engine.db.session() as session:
                 quiet = (await session.execute(
                     select(Subscriber.id, Subscriber.last_inbound_at).where(
-                        Subscriber.status == "subscribed",
+                        Subscriber.status == SubscriberStatus.SUBSCRIBED,
                         Subscriber.last_inbound_at < now - timedelta(days=days),
                         Subscriber.id > resume.get(flow, 0))
                     .order_by(Subscriber.id).limit(SCAN_BATCH))).all()
@@ -74,7 +75,7 @@ async def schedule_scan(session: AsyncSession, due_at: Any, exclude: int | None 
     """Add the next scan unless one is already waiting (several processes may ask);
     ``after`` continues an unfinished scan past those subscribers."""
     waiting = select(Job.id).where(Job.kind == SCAN_KIND,
-                                   Job.status.in_(("pending", "running")))
+                                   Job.status.in_((JobStatus.PENDING, JobStatus.RUNNING)))
     if exclude is not None:
         waiting = waiting.where(Job.id != exclude)
     if await session.scalar(waiting.limit(1)) is None:

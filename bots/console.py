@@ -39,6 +39,7 @@ from bot_platform.database import Database
 from bot_platform.edge import expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, UnknownBot
 from bot_platform.models import Job, KeyValue, Outbox, Subscriber
+from bot_platform.statuses import JobStatus
 from bot_platform.types import (
     Button,
     Capabilities,
@@ -239,11 +240,11 @@ async def fast_forward(db: Database, clock: Any, bot_id: str, user_id: str,
             return 0
         now = clock.now()
         jobs = (await session.execute(select(Job.id, Job.due_at).where(
-            Job.subscriber_id == subscriber_id, Job.status == "pending",
+            Job.subscriber_id == subscriber_id, Job.status == JobStatus.PENDING,
             Job.due_at > now))).all()
         for job_id, due_at in jobs:
             result = await session.execute(update(Job).where(and_(
-                Job.id == job_id, Job.status == "pending", Job.due_at == due_at,
+                Job.id == job_id, Job.status == JobStatus.PENDING, Job.due_at == due_at,
             )).values(due_at=max(due_at - delta, now)))
             moved += result.rowcount or 0
         moved += await outbox.bring_forward(session, subscriber_id, delta, now)

@@ -122,6 +122,57 @@ def _id(value: Any, what: str) -> str:
     return str(value)
 
 
+def keyboard_of(message: Outgoing) -> tuple[dict[str, Any] | None, list[str], int]:
+    """The keyboard of a message, the reply payloads it shows and the API level it needs
+    (outside the class: it depends on the message alone)."""
+    buttons: list[dict[str, Any]] = []
+    payloads: list[str] = []
+    level = 1
+    for button in message.buttons:
+        if button.url:
+            buttons.append({"ActionType": "open-url", "ActionBody": button.url,
+                            "Text": button.title, "Columns": 6, "Rows": 1})
+        else:
+            buttons.append(_reply_button(button.title, button.payload, columns=6))
+            payloads.append(buttons[-1]["ActionBody"])
+    for reply in message.quick_replies:
+        if reply.request == "phone":
+            buttons.append({"ActionType": "share-phone", "ActionBody": "phone",
+                            "Text": reply.title, "Columns": 6, "Rows": 1})
+            level = max(level, SHARE_PHONE_API)
+            continue
+        buttons.append(_reply_button(reply.title, reply.payload, columns=3))
+        payloads.append(buttons[-1]["ActionBody"])
+    if not buttons:
+        return None, [], level
+    if payloads:
+        level = max(level, SILENT_API)
+    keyboard = {"Type": "keyboard", "DefaultHeight": False, "Buttons": buttons[:24]}
+    return keyboard, payloads, level
+
+def card_cells(card: Card) -> list[dict[str, Any]]:
+    """One card = one group of 6 x ``CARD_ROWS`` cells, filled exactly: the picture
+    (3 rows, if any), the caption (the rows left) and a row per button. Every cell has
+    an ActionBody (Viber requires it, for ``none`` too)."""
+    card_buttons = list(card.buttons[:MAX_CARD_BUTTONS])
+    cells: list[dict[str, Any]] = []
+    caption = "\n".join(x for x in (card.title, card.subtitle) if x) or "…"
+    if card.image_url:
+        cells.append({"Columns": 6, "Rows": CARD_IMAGE_ROWS, "Image": card.image_url,
+                      **_tap(card.url, fallback=card.title or card.image_url)})
+    caption_rows = CARD_ROWS - len(cells) * CARD_IMAGE_ROWS - len(card_buttons)
+    cells.append({"Columns": 6, "Rows": caption_rows, "Text": caption[:250],
+                  "TextVAlign": "middle", "TextHAlign": "left",
+                  **_tap(card.url, fallback=caption[:250])})
+    for button in card_buttons:
+        if button.url:
+            cells.append({"Columns": 6, "Rows": 1, "Text": (button.title or "…")[:250],
+                          "ActionType": "open-url", "ActionBody": button.url})
+        else:
+            cells.append(_reply_button(button.title, button.payload, columns=6))
+    return cells
+
+
 class ViberChannel:
     """One Viber bot (public account): a ``Channel`` that ``SupportsSendMany``,
     ``SupportsMessageReply`` (the welcome message), ``SupportsCheck`` and ``SupportsSetup``."""
@@ -255,66 +306,16 @@ class ViberChannel:
 
     # ---- outbound ----------------------------------------------------------------------
 
-    def _keyboard(self, message: Outgoing) -> tuple[dict[str, Any] | None, list[str], int]:
-        """The keyboard, the reply payloads it shows and the API level it needs."""
-        buttons: list[dict[str, Any]] = []
-        payloads: list[str] = []
-        level = 1
-        for button in message.buttons:
-            if button.url:
-                buttons.append({"ActionType": "open-url", "ActionBody": button.url,
-                                "Text": button.title, "Columns": 6, "Rows": 1})
-            else:
-                buttons.append(_reply_button(button.title, button.payload, columns=6))
-                payloads.append(buttons[-1]["ActionBody"])
-        for reply in message.quick_replies:
-            if reply.request == "phone":
-                buttons.append({"ActionType": "share-phone", "ActionBody": "phone",
-                                "Text": reply.title, "Columns": 6, "Rows": 1})
-                level = max(level, SHARE_PHONE_API)
-                continue
-            buttons.append(_reply_button(reply.title, reply.payload, columns=3))
-            payloads.append(buttons[-1]["ActionBody"])
-        if not buttons:
-            return None, [], level
-        if payloads:
-            level = max(level, SILENT_API)
-        keyboard = {"Type": "keyboard", "DefaultHeight": False, "Buttons": buttons[:24]}
-        return keyboard, payloads, level
-
-    @staticmethod
-    def _card_buttons(card: Card) -> list[dict[str, Any]]:
-        """One card = one group of 6 x ``CARD_ROWS`` cells, filled exactly: the picture
-        (3 rows, if any), the caption (the rows left) and a row per button. Every cell has
-        an ActionBody (Viber requires it, for ``none`` too)."""
-        card_buttons = list(card.buttons[:MAX_CARD_BUTTONS])
-        cells: list[dict[str, Any]] = []
-        caption = "\n".join(x for x in (card.title, card.subtitle) if x) or "…"
-        if card.image_url:
-            cells.append({"Columns": 6, "Rows": CARD_IMAGE_ROWS, "Image": card.image_url,
-                          **_tap(card.url, fallback=card.title or card.image_url)})
-        caption_rows = CARD_ROWS - len(cells) * CARD_IMAGE_ROWS - len(card_buttons)
-        cells.append({"Columns": 6, "Rows": caption_rows, "Text": caption[:250],
-                      "TextVAlign": "middle", "TextHAlign": "left",
-                      **_tap(card.url, fallback=caption[:250])})
-        for button in card_buttons:
-            if button.url:
-                cells.append({"Columns": 6, "Rows": 1, "Text": (button.title or "…")[:250],
-                              "ActionType": "open-url", "ActionBody": button.url})
-            else:
-                cells.append(_reply_button(button.title, button.payload, columns=6))
-        return cells
-
     def _body(self, message: Outgoing) -> dict[str, Any]:
         """The Viber message dict (without receiver) of one fitted part: one call.
         ``fit_message`` put text, picture and carousel in parts of their own where they
         cannot share a message; a part that still needs two calls raises ``NotOneCall``."""
-        keyboard, payloads, level = self._keyboard(message)
+        keyboard, payloads, level = keyboard_of(message)
         if message.cards:
             if message.text or message.image_url:
                 raise NotOneCall("a carousel with text or a picture")
             cells = [cell for card in message.cards[:MAX_CARDS]
-                     for cell in self._card_buttons(card)]
+                     for cell in card_cells(card)]
             card_payloads = [c["ActionBody"] for c in cells if c["ActionType"] == "reply"]
             body = RichMediaMessage(rich_media={
                 "Type": "rich_media", "ButtonsGroupColumns": 6, "ButtonsGroupRows": CARD_ROWS,

@@ -17,13 +17,8 @@ from bot_platform.ai.assistant import (
     make_client,
     mask_pii,
 )
-from bot_platform.ai.grounding import (
-    Source,
-    facts_lines,
-    format_money,
-    parse_number,
-    unsupported,
-)
+from bot_platform.ai.facts import facts_lines, format_money
+from bot_platform.ai.grounding import Source, parse_number, unsupported
 from bot_platform.ai.knowledge import Knowledge
 from bot_platform.models import Conversation, Job
 from tests.conftest import ROOT

@@ -18,7 +18,8 @@ async def test_a_bot_registered_in_one_process_polls_in_another(make_platform,
     async with FakeTelegramServer() as fake:
         api = await make_platform(database_url=db_url)  # the web process the admin uses
         other = await make_platform(database_url=db_url)  # another running process
-        other.BOTS_REFRESH_SECONDS, other.RETRY_FIRST, other.RETRY_MAX = 0.1, 0.05, 0.2
+        registry = other.registry
+        registry.BOTS_REFRESH_SECONDS, registry.RETRY_FIRST, registry.RETRY_MAX = 0.1, 0.05, 0.2
         serving = asyncio.create_task(other.serve_bots(receive=True))
         _, key = await create_key(api.db, name="a", role="admin", now=api.clock.now())
         headers = {"Authorization": f"Bearer {key}"}
@@ -41,7 +42,7 @@ async def test_a_bot_registered_in_one_process_polls_in_another(make_platform,
                 assert deleted.status_code == 204
             await wait_for(lambda: asyncio.sleep(0, other.channel("telegram", "live") is None),
                            limit=15, what="the other process dropping the bot")
-            assert ("telegram", "live") not in other._runners
+            assert ("telegram", "live") not in other.registry.runners
             polls = len(fake.polls(TOKEN))
             await asyncio.sleep(0.5)  # several refresh rounds: nothing polls it again
             assert len(fake.polls(TOKEN)) == polls
@@ -56,7 +57,8 @@ async def test_a_bot_registered_elsewhere_gets_its_webhook_here(make_platform, d
     async with FakeTelegramServer() as fake:
         api = await make_platform(database_url=db_url)  # no public URL: registers nothing
         other = await make_platform(database_url=db_url, public_url="https://bots.example.com")
-        other.BOTS_REFRESH_SECONDS, other.RETRY_FIRST, other.RETRY_MAX = 0.1, 0.05, 0.2
+        registry = other.registry
+        registry.BOTS_REFRESH_SECONDS, registry.RETRY_FIRST, registry.RETRY_MAX = 0.1, 0.05, 0.2
         serving = asyncio.create_task(other.serve_bots(receive=True))
         _, key = await create_key(api.db, name="a", role="admin", now=api.clock.now())
         headers = {"Authorization": f"Bearer {key}"}

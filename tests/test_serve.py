@@ -30,7 +30,7 @@ async def test_the_run_apps_lifespan_runs_the_worker_and_stops_it(make_platform)
         await wait_for(delivered, what="the lifespan's worker to deliver the greeting")
         assert not platform.stopping.is_set()
     assert platform.stopping.is_set()  # the worker and the bots' runners were told to stop
-    assert platform._runners == {}
+    assert platform.registry.runners == {}
 
 
 async def test_without_a_lifespan_the_app_runs_no_worker(make_platform) -> None:

@@ -31,7 +31,7 @@ def messages(caplog, level: int = logging.DEBUG) -> list[str]:
 
 
 async def serving(platform, *, receive: bool = True) -> asyncio.Task[None]:
-    platform.RETRY_FIRST, platform.RETRY_MAX = 0.05, 0.2
+    platform.registry.RETRY_FIRST, platform.registry.RETRY_MAX = 0.05, 0.2
     return asyncio.create_task(platform.serve_bots(receive=receive))
 
 

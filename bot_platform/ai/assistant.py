@@ -25,7 +25,8 @@ import openai
 
 from bot_platform.ai.budget import MemoryTokenBudget, TokenBudget, reservation
 from bot_platform.ai.config import AiSettings
-from bot_platform.ai.grounding import Source, facts_lines, plain, unsupported
+from bot_platform.ai.facts import facts_lines
+from bot_platform.ai.grounding import Source, plain, unsupported
 from bot_platform.ai.knowledge import Knowledge, Passage
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from babel.numbers import format_currency, is_currency
-
 # ISO code -> how customers and models write the currency (symbols, codes, words in
 # en/uk/pl/ar, inflected forms listed because Slavic words change their endings).
 _CURRENCIES: dict[str, tuple[str, ...]] = {
@@ -293,12 +291,12 @@ def _digits(text: str) -> str:
     return "".join(str(unicodedata.decimal(c, 0)) for c in text if c.isdigit())
 
 
-def _mentions(sentence: str, product: Source) -> bool:
+def mentions(sentence: str, product: Source) -> bool:
     title = _stems(product.title)
     return bool(title) and title <= _stems(sentence)
 
 
-class _Facts:
+class Facts:
     """The checkable facts of some sources."""
 
     def __init__(self, sources: Iterable[Source]) -> None:
@@ -358,11 +356,11 @@ def unsupported(answer: str, cited: Sequence[Source], catalog: Sequence[Source] 
     answer = plain(answer, fold=True)
     products = [s for s in [*cited, *catalog] if s.product]
     faq = [(s, _stems(f"{s.title} {s.text}")) for s in cited if not s.product]
-    named = [p for p in products if _mentions(answer, p)]
-    facts = _Facts([*cited, *named])
+    named = [p for p in products if mentions(answer, p)]
+    facts = Facts([*cited, *named])
     claims: list[Claim] = []
     for sentence in (s for s in _SENTENCE_END.split(answer) if s.strip()):
-        here = [p for p in products if _mentions(sentence, p)]
+        here = [p for p in products if mentions(sentence, p)]
         words = _stems(sentence) if here else _stems(sentence) | _stems(question)
         about = [f for f, stems in faq if words & stems or (cited_by_model and not here)]
         for found in [*extract(sentence), *_after_titles(sentence, here)]:
@@ -423,41 +421,3 @@ def _nearest(sentence: str, products: list[Source], at: int) -> list[Source]:
 
 def _money(price: float | None) -> Decimal | None:
     return None if price is None else Decimal(str(round(price, 2)))
-
-
-def format_money(amount: float, currency: str | None, locale: str) -> str:
-    """29.0 EUR as the locale writes it: "€29.00" (en), "29,00 EUR" (uk), "29,00 €" (pl)."""
-    code = currency_code(currency)
-    if code is None:
-        return f"{amount:.2f}"
-    if not is_currency(code):
-        return f"{amount:.2f} {code}"
-    try:
-        return format_currency(amount, code, locale=locale.replace("-", "_"))
-    except (ValueError, LookupError):
-        return f"{amount:.2f} {code}"
-
-
-def facts_lines(answer: str, cited: Sequence[Source], catalog: Sequence[Source],
-                locale: str, limit: int = 3) -> list[str]:
-    """What the platform adds to an answer: each product it cites or names with its
-    price and link, and each cited FAQ entry's links, emails, phones and codes the answer
-    leaves out. Values come from the knowledge, never from the model's text."""
-    products = [p for p in cited if p.product]
-    products += [p for p in catalog if p.product and p not in products and
-                 _mentions(answer, p)]
-    lines = []
-    for product in products[:limit]:
-        parts = [product.title]
-        if product.price is not None:
-            parts.append(format_money(product.price, product.currency, locale))
-        if product.url:
-            parts.append(product.url)
-        lines.append(" — ".join(parts))
-    said = _Facts([Source("", answer)])
-    for source in (s for s in cited if not s.product):
-        for found in extract(source.text):
-            wanted = found.kind in ("url", "email", "phone") or found.cued  # not "NOTE"
-            if wanted and not said.supports(found) and found.text not in lines:
-                lines.append(found.text)
-    return lines

@@ -1,6 +1,11 @@
-"""Wiring: unexpected text becomes an ``ai_reply`` job (see ``Engine.text_fallback_job``).
-The model is asked in the job's *prepare* phase, outside any transaction, so no database
-lock is held while it thinks; the decision is then applied like any flow event."""
+"""The ``ai_reply`` job: text no flow expected, answered by the model.
+
+Routing queues the job (``Router.text_fallback_job``, set by ``Platform`` when AI replies
+are on). ``AiReplyJob`` is a ``PreparedJobHandler``: the model is asked in ``prepare``,
+outside any transaction, so no database lock is held while it thinks; ``apply`` then runs
+in the subscriber's unit of work (``turns``) and turns the decision into the turn's
+effects: an answer, a flow start, a hand-off to a human, a clarifying question or the
+usual off-script re-ask."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from pydantic import BeforeValidator, Field
 
 from bot_platform.flows.base import Spec, lenient_number
 from bot_platform.flows.turn import Escalation, Position, Turn, interpolate
+from bot_platform.statuses import PositionStatus
 
 ACTIONS: dict[str, type[ActionSpec]] = {}  # action name -> its model (and executor)
 
@@ -98,7 +99,7 @@ class EndAction(ActionSpec):
     end: Literal[True]
 
     async def run(self, turn: Turn, position: Position) -> None:
-        position.status = "finished"
+        position.status = PositionStatus.FINISHED
 
 
 class EscalationSpec(Spec):

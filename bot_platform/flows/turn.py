@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.errors import FlowError
 from bot_platform.i18n import Catalogs
+from bot_platform.statuses import PositionStatus
 from bot_platform.types import Outgoing
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class Position:
     flow: str
     state: str
     version: int = 0
-    status: str = "active"  # active | finished
+    status: str = PositionStatus.ACTIVE
     data: dict[str, Any] = field(default_factory=dict)
     updated_at: datetime | None = None
     changed: bool = False

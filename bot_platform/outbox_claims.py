@@ -1,0 +1,279 @@
+"""The outbox, a worker's side: claims, leases and results.
+
+Split from ``outbox.py`` (which writes rows and moves waiting ones) so each stays readable;
+together they are the only code that changes outbox rows. A subscriber's rows go out
+strictly in order: only the oldest unsent row of a subscriber is claimable. Interactive
+rows (replies, timers, agents' messages: not a broadcast's) are claimed first, together
+with any earlier row of the same subscriber that holds them up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from bot_platform.channels import redact_secrets
+from bot_platform.clock import Clock
+from bot_platform.config import WorkerSettings
+from bot_platform.database import Database
+from bot_platform.leases import Leases, backoff_delay
+from bot_platform.models import Broadcast, Message, Outbox, Subscriber
+from bot_platform.outbox import hold_rows, skip_rows
+from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, SubscriberStatus
+from bot_platform.types import SendResult, SendStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """An outbox row this worker holds, with what delivery needs about its subscriber."""
+
+    id: int
+    message_id: int
+    subscriber_id: int
+    channel: str
+    bot_id: str
+    recipient: str
+    payload: dict
+    attempts: int
+    subscriber_status: str
+    last_inbound_at: datetime | None
+    broadcast_id: int | None = None
+    urgent: bool = False  # someone waits for it (an interactive row)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to write for one row: a send result, or a release (``release_after``)."""
+
+    row: ClaimedRow
+    result: SendResult | None
+    skipped: bool = False
+    release_after: float = 0.0
+
+
+class OutboxClaims:
+    """One worker's hold on outbox rows: claims them (a subscriber's in order,
+    interactive first), renews their leases and writes what became of them."""
+
+    def __init__(self, db: Database, clock: Clock, settings: WorkerSettings,
+                 worker_id: str) -> None:
+        self.db = db
+        self.clock = clock
+        self.settings = settings
+        self.worker_id = worker_id
+        self.leases = Leases(db, Outbox, pending=OutboxStatus.PENDING,
+                             busy=OutboxStatus.SENDING, clock=clock,
+                             lease_seconds=settings.lease_seconds, worker_id=worker_id)
+        # Which rows this process may claim at all (None: every row). The console uses it:
+        # a ``botp chat`` user's messages are delivered only by that user's terminal.
+        self.scope: Any = None
+
+    def claimable(self, now: datetime, kind: str | None = None) -> Any:
+        """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
+        row that is not a broadcast's waiting (their oldest row first, whatever it is);
+        "bulk": only broadcasts' rows."""
+        earlier = aliased(Outbox)
+        no_earlier_unsent = ~exists().where(
+            earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
+            earlier.status.in_(OutboxStatus.unsent()))
+        conditions = [self.leases.ready(Outbox.next_attempt_at, now), no_earlier_unsent]
+        if self.scope is not None:
+            conditions.append(self.scope)
+        if kind == "interactive":
+            interactive = aliased(Outbox)
+            conditions.append(Outbox.subscriber_id.in_(select(interactive.subscriber_id).where(
+                interactive.broadcast_id.is_(None),
+                interactive.status.in_(OutboxStatus.unsent())).scalar_subquery()))
+        elif kind == "bulk":
+            conditions.append(Outbox.broadcast_id.is_not(None))
+        return and_(*conditions)
+
+    async def claim(self, condition: Any, limit: int, urgent: bool = False
+                    ) -> tuple[list[ClaimedRow], set[int]]:
+        """Claim rows; also returns the subscribers that have more rows waiting."""
+        async with self.db.session() as session:
+            claimed = await self.leases.claim(
+                session, condition, (Outbox.id,), limit,
+                (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
+                 Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id))
+            if not claimed:
+                return [], set()
+            subscriber_ids = {c.subscriber_id for c in claimed}
+            subscribers = {row.id: row for row in (await session.execute(
+                select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
+                    Subscriber.id.in_(subscriber_ids)))).all()}
+            more = set((await session.scalars(select(Outbox.subscriber_id).where(
+                Outbox.subscriber_id.in_(subscriber_ids),
+                Outbox.status == OutboxStatus.PENDING).distinct())).all())
+        rows = []
+        for c in sorted(claimed, key=lambda c: c.id):
+            sub = subscribers.get(c.subscriber_id)
+            rows.append(ClaimedRow(
+                c.id, c.message_id, c.subscriber_id, c.channel, c.bot_id, c.recipient,
+                c.payload, c.attempts, sub.status if sub else "deleted",
+                sub.last_inbound_at if sub else None, c.broadcast_id,
+                urgent or c.broadcast_id is None))
+        return rows, more
+
+    async def claim_batch(self, limit: int, kind: str | None = None
+                          ) -> tuple[list[ClaimedRow], set[int]]:
+        """Claim up to ``limit`` rows: of ``kind`` ("interactive", "bulk"), or interactive
+        rows first and then the rest."""
+        if kind is not None:
+            return await self.claim(self.claimable(self.clock.now(), kind), limit,
+                                    urgent=kind == "interactive")
+        rows, more = await self.claim(self.claimable(self.clock.now(), "interactive"),
+                                      limit, urgent=True)
+        if len(rows) < limit:
+            rest, more_rest = await self.claim(self.claimable(self.clock.now()),
+                                               limit - len(rows))
+            rows, more = rows + rest, more | more_rest
+        return rows, more
+
+    async def claim_next_of(self, subscriber_id: int, urgent: bool = False
+                            ) -> tuple[ClaimedRow | None, bool]:
+        """The subscriber's next row, and whether yet more are waiting."""
+        condition = and_(Outbox.subscriber_id == subscriber_id,
+                         self.claimable(self.clock.now()))
+        rows, more = await self.claim(condition, 1, urgent)
+        return (rows[0] if rows else None), subscriber_id in more
+
+    async def write(self, outcomes: list[Outcome]) -> None:
+        """Write the outcomes in one transaction: only rows this worker still holds
+        change (another worker's take-over wins)."""
+        now = self.clock.now()
+        planned = [(outcome, *self._values(outcome, now)) for outcome in outcomes]
+        by_values: dict[tuple, list[int]] = {}
+        for outcome, outbox_values, _ in planned:
+            key = tuple(sorted(outbox_values.items()))
+            by_values.setdefault(key, []).append(outcome.row.id)
+        async with self.db.session() as session:
+            given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
+                          and values.get("status") == OutboxStatus.PENDING]
+            stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}
+            owned: set[int] = set()
+            for key, ids in by_values.items():
+                owned.update((await session.scalars(
+                    update(Outbox).where(Outbox.id.in_(ids),
+                                         Outbox.locked_by == self.worker_id)
+                    .values(dict(key)).returning(Outbox.id)
+                    .execution_options(synchronize_session=False))).all())
+            if stopped:
+                await self._follow_broadcasts(
+                    session, [row for row in given_back if row.id in owned], stopped, now)
+            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for outcome, _, message_values in planned:
+                if outcome.row.id not in owned:
+                    log.warning("outbox row %s was reclaimed by another worker before we "
+                                "recorded it", outcome.row.id)
+                elif message_values:
+                    columns = tuple(sorted(message_values))
+                    by_columns.setdefault(columns, []).append(
+                        {"m_id": outcome.row.message_id,
+                         **{f"v_{k}": v for k, v in message_values.items()}})
+            table = Message.__table__
+            for columns, parameters in by_columns.items():
+                await session.execute(
+                    table.update().where(table.c.id == bindparam("m_id"))
+                    .values({column: bindparam(f"v_{column}") for column in columns}),
+                    parameters)
+            for outcome, _, _ in planned:
+                if outcome.row.id in owned and outcome.result is not None \
+                        and outcome.result.status == SendStatus.BLOCKED:
+                    await self._stop_sending_to(session, outcome, now)
+        for outcome, _, _ in planned:
+            result = outcome.result
+            if (result is not None and outcome.row.id in owned and not outcome.skipped
+                    and result.status in (SendStatus.FAILED, SendStatus.BLOCKED)):
+                log.warning("outbox row %s to %s/%s: %s", outcome.row.id, outcome.row.channel,
+                            outcome.row.bot_id, result.reason)
+
+    async def _stopped_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow]
+                                  ) -> dict[int, str]:
+        """The paused or cancelled broadcasts of these rows, read under a share lock
+        taken before any row is written: a pause or cancel committing now is waited for
+        (and then seen); one that starts later waits for this commit and then finds the
+        rows pending, so it holds or skips them itself."""
+        query = select(Broadcast.id, Broadcast.status).where(
+            Broadcast.id.in_({row.broadcast_id for row in rows}))
+        if not self.db.is_sqlite:
+            query = query.with_for_update(read=True)
+        return {i: status for i, status in (await session.execute(query)).all()
+                if status in (BroadcastStatus.PAUSED, BroadcastStatus.CANCELLED)}
+
+    async def _follow_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow],
+                                 stopped: dict[int, str], now: datetime) -> None:
+        """Broadcast rows given back to wait (a far rate-limit slot, a retry) whose
+        broadcast was paused or cancelled meanwhile are held or skipped like its other
+        rows, instead of being sent later."""
+        for broadcast_id, status in stopped.items():
+            ids = [row.id for row in rows if row.broadcast_id == broadcast_id]
+            if status == BroadcastStatus.PAUSED:
+                await hold_rows(session, Outbox.id.in_(ids))
+            else:
+                await skip_rows(session, (Outbox.id.in_(ids),), now, "cancelled",
+                            (OutboxStatus.PENDING,))
+
+    async def _stop_sending_to(self, session: AsyncSession, outcome: Outcome,
+                               now: datetime) -> None:
+        """Blocked: the subscriber is gone (unless this was a skip) and nothing else
+        queued for them can be delivered now."""
+        row = outcome.row
+        if not outcome.skipped:
+            await session.execute(update(Subscriber).where(
+                Subscriber.id == row.subscriber_id).values(
+                status=SubscriberStatus.UNSUBSCRIBED, updated_at=now))
+        await skip_rows(session, (Outbox.subscriber_id == row.subscriber_id,), now,
+                    "unsubscribed", (OutboxStatus.PENDING,))
+
+    def _values(self, outcome: Outcome, now: datetime) -> tuple[dict, dict]:
+        """The outbox and message columns to write for one outcome: a retry comes back
+        with backoff until ``max_attempts``, a final result ends the row."""
+        row, result = outcome.row, outcome.result
+        outbox_values: dict = {"locked_by": None, "lease_expires_at": None}
+        if result is None:
+            outbox_values.update(status=OutboxStatus.PENDING, next_attempt_at=now + timedelta(
+                seconds=outcome.release_after))
+            return outbox_values, {}
+        message_values: dict = {"updated_at": now}
+        status = result.status
+        if result.reason:  # adapters redact their own; this also covers third-party ones
+            result = replace(result, reason=redact_secrets(result.reason))
+        if status == SendStatus.SENT:
+            outbox_values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
+            message_values.update(status=MessageStatus.SENT,
+                                  channel_message_id=result.message_id)
+        elif status == SendStatus.RETRY_AFTER:
+            outbox_values.update(
+                status=OutboxStatus.PENDING, last_error=result.reason,
+                next_attempt_at=now + timedelta(seconds=result.retry_after or 1.0))
+        elif status == SendStatus.TRANSIENT:
+            attempts, settings = row.attempts + 1, self.settings
+            if attempts >= settings.max_attempts:
+                reason = f"gave up after {attempts} attempts: {result.reason}"
+                outbox_values.update(status=OutboxStatus.FAILED, attempts=attempts,
+                                     last_error=reason)
+                message_values.update(status=MessageStatus.FAILED, error=reason)
+            else:
+                delay = backoff_delay(attempts, settings.backoff_base, settings.backoff_max)
+                outbox_values.update(status=OutboxStatus.PENDING, attempts=attempts,
+                                     last_error=result.reason,
+                                     next_attempt_at=now + timedelta(seconds=delay))
+        else:
+            reason = {SendStatus.BLOCKED: "blocked", SendStatus.OUTSIDE_WINDOW:
+                      "outside_window"}.get(status, "failed")
+            detail = f"{reason}: {result.reason}" if result.reason else reason
+            final = (OutboxStatus.SKIPPED
+                     if outcome.skipped or status == SendStatus.OUTSIDE_WINDOW
+                     else OutboxStatus.FAILED)
+            outbox_values.update(status=final, last_error=detail)
+            message_values.update(status=MessageStatus(final), error=detail)
+        return outbox_values, (message_values if len(message_values) > 1 else {})
