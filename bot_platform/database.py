@@ -175,7 +175,7 @@ def is_transient_db_error(error: BaseException) -> bool:
     return isinstance(error, DBAPIError)
 
 
-def insert_ignore(session: AsyncSession, model: type[Base]) -> Any:
+def insert_ignore(session: AsyncSession, model: Any) -> Any:
     """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect."""
     if session.bind.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert

@@ -22,24 +22,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
 from bot_platform.flows.machine import FlowSet
-from bot_platform.handoff import HandoffRules, open_conversation
+from bot_platform.handoff import OPEN, HandoffRules
 from bot_platform.i18n import Catalogs
 from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
-from bot_platform.models import Contact, Message, ProcessedEvent, Subscriber
+from bot_platform.models import Contact, Conversation, Message, ProcessedEvent, Subscriber
 from bot_platform.outbox import OutboxQueue
 from bot_platform.privacy import event_key
 from bot_platform.routing import Router
 from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.timers import Timers
-from bot_platform.turns import Turns
+from bot_platform.turns import SUBSCRIBERS, SubscriberRow, Turns, write_subscriber
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
               InboundKind.MEDIA, InboundKind.REFERRAL, InboundKind.SUBSCRIBED}
+RECORDED_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT, InboundKind.MEDIA,
+                  InboundKind.START}
+# The hot path's statements, on the tables (Core): built once, compiled once (cached).
+CONTACTS, MESSAGES, CONVERSATIONS = Contact.__table__, Message.__table__, Conversation.__table__
+_OPEN_CONVERSATION = (select(CONVERSATIONS.c.id).where(
+    CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id, CONVERSATIONS.c.status.in_(OPEN))
+    .limit(1).scalar_subquery().label("open_conversation"))
 
 def storable_inbound(inbound: Inbound) -> Inbound:
     """The event with every text storable and cut to its column (names over 255
@@ -74,7 +81,8 @@ class EventContext:
 
     inbound: Inbound
     session: AsyncSession | None = None
-    subscriber: Subscriber | None = None
+    subscriber: SubscriberRow | None = None
+    conversation_id: int | None = None  # the chat humans own now, if any
     duplicate: bool = False
     queued: list[tuple[int, Outgoing]] = field(default_factory=list)
     hold: timedelta | None = None
@@ -159,7 +167,7 @@ class Engine:
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, session = context.inbound, context.session
         assert session is not None
-        result = await session.execute(insert_ignore(session, ProcessedEvent).values(
+        result = await session.execute(insert_ignore(session, ProcessedEvent.__table__).values(
             channel=i.channel, bot_id=i.bot_id, event_id=event_key(i.event_id),
             processed_at=self.clock.now()))
         if result.rowcount == 0:
@@ -197,22 +205,26 @@ class Engine:
                     message.error = str(i.data.get("reason") or "reported failed")
 
     async def step_upsert_subscriber(self, context: EventContext, call_next: Next) -> None:
+        """Read (or create) the subscriber and whether humans own the chat, in one
+        statement; what the event changes on them is written once, after the chain."""
         i, session = context.inbound, context.session
         assert session is not None
         now = self.clock.now()
-        subscriber = await session.scalar(select(Subscriber).where(
-            Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
-            Subscriber.user_id == i.user_id))
-        context.new_subscriber = subscriber is None
-        if subscriber is None:
-            contact = Contact(phone=i.profile.phone, created_at=now)
-            session.add(contact)
-            await session.flush()
-            subscriber = Subscriber(
-                contact_id=contact.id, channel=i.channel, bot_id=i.bot_id, user_id=i.user_id,
-                status="subscribed", attributes={}, created_at=now, updated_at=now)
-            session.add(subscriber)
+        s = SUBSCRIBERS.c
+        found = (await session.execute(select(SUBSCRIBERS, _OPEN_CONVERSATION).where(
+            s.channel == i.channel, s.bot_id == i.bot_id, s.user_id == i.user_id))).first()
+        context.new_subscriber = found is None
         profile = i.profile
+        if found is None:
+            contact_id = (await session.execute(insert(CONTACTS).values(
+                phone=profile.phone, created_at=now).returning(CONTACTS.c.id))).scalar_one()
+            subscriber = SubscriberRow({
+                "contact_id": contact_id, "channel": i.channel, "bot_id": i.bot_id,
+                "user_id": i.user_id, "status": "subscribed", "attributes": {},
+                "created_at": now, "updated_at": now})
+        else:
+            subscriber = SubscriberRow(found._mapping)
+            context.conversation_id = found.open_conversation
         for name in ("first_name", "last_name", "username"):
             value = getattr(profile, name)
             if value and getattr(subscriber, name) != value:
@@ -227,25 +239,31 @@ class Engine:
         if profile.phone:
             await self._link_phone(session, subscriber, profile.phone)
         subscriber.updated_at = now
-        await session.flush()
+        if found is None:
+            values = {name: getattr(subscriber, name) for name in SUBSCRIBERS.c.keys()
+                      if name != "id"}
+            subscriber.id = (await session.execute(insert(SUBSCRIBERS).values(values)
+                                                   .returning(s.id))).scalar_one()
+            subscriber.changed.clear()
         context.subscriber = subscriber
         set_log_field("subscriber_id", subscriber.id)
         await call_next(context)
+        await write_subscriber(session, subscriber)
 
-    async def _link_phone(self, session: AsyncSession, subscriber: Subscriber,
+    async def _link_phone(self, session: AsyncSession, subscriber: SubscriberRow,
                           phone: str) -> None:
         """A shared phone number links channel identities to one contact."""
         attributes = dict(subscriber.attributes or {})
         attributes["phone"] = phone
         subscriber.attributes = attributes
-        other = await session.scalar(select(Contact).where(
-            Contact.phone == phone, Contact.id != subscriber.contact_id).limit(1))
+        other = (await session.execute(select(CONTACTS.c.id).where(
+            CONTACTS.c.phone == phone, CONTACTS.c.id != subscriber.contact_id).limit(1)
+        )).scalar()
         if other is not None:
-            subscriber.contact_id = other.id
+            subscriber.contact_id = other
         else:
-            contact = await session.get(Contact, subscriber.contact_id)
-            if contact is not None:
-                contact.phone = phone
+            await session.execute(update(CONTACTS).where(
+                CONTACTS.c.id == subscriber.contact_id).values(phone=phone))
 
     async def step_referral(self, context: EventContext, call_next: Next) -> None:
         """A new subscriber who came through a referral link credits the referrer."""
@@ -272,10 +290,9 @@ class Engine:
     async def step_record_inbound(self, context: EventContext, call_next: Next) -> None:
         i, session, subscriber = context.inbound, context.session, context.subscriber
         assert session is not None and subscriber is not None
-        if i.kind in (InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT,
-                      InboundKind.MEDIA, InboundKind.START):
+        if i.kind in RECORDED_KINDS:
             now = self.clock.now()
-            session.add(Message(
+            await session.execute(insert(MESSAGES).values(
                 subscriber_id=subscriber.id, channel=i.channel, direction="in",
                 kind=i.kind.value, text=i.text,
                 payload={"payload": i.payload, "ref": i.ref, **i.data} if (
@@ -287,11 +304,11 @@ class Engine:
         """While humans own the chat, messages go to the conversation, not to flows."""
         session, subscriber = context.session, context.subscriber
         assert session is not None and subscriber is not None
-        conversation = await open_conversation(session, subscriber.id)
-        if conversation is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
+        if context.conversation_id is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
             await call_next(context)
             return
-        conversation.updated_at = self.clock.now()
+        await session.execute(update(CONVERSATIONS).where(
+            CONVERSATIONS.c.id == context.conversation_id).values(updated_at=self.clock.now()))
 
     async def step_flows(self, context: EventContext, call_next: Next) -> None:
         session, subscriber = context.session, context.subscriber

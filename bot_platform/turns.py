@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
@@ -44,6 +44,71 @@ if TYPE_CHECKING:
 Identity = tuple[str, str, str]  # channel, bot id, messenger user id
 Queued = tuple[int, Outgoing]  # outbox id, the part queued
 Skipped = Literal["no-subscriber", "unsubscribed", "suppressed"]
+
+# The hot path writes through the tables (SQLAlchemy Core), not the ORM: no unit of work,
+# identity map or ORM bulk machinery per statement.
+SUBSCRIBERS = Subscriber.__table__
+FLOW_STATES = FlowState.__table__
+TAGS = SubscriberTag.__table__
+ANSWERS = Answer.__table__
+JOBS = Job.__table__
+SUBSCRIBER_COLUMNS = tuple(c.name for c in SUBSCRIBERS.columns)
+
+
+class SubscriberRow:
+    """A subscriber as plain data, read and written with Core statements (the inbound
+    hot path). Attributes set on it are remembered and written by one ``UPDATE``
+    (``write_subscriber``); it quacks like the ORM ``Subscriber`` where a turn needs it."""
+
+    __slots__ = (*SUBSCRIBER_COLUMNS, "changed")
+    id: int
+    contact_id: int
+    channel: str
+    bot_id: str
+    user_id: str
+    status: str
+    locale: str | None
+    first_name: str | None
+    last_name: str | None
+    username: str | None
+    source_ref: str | None
+    attributes: dict[str, Any]
+    last_inbound_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    changed: dict[str, Any]
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        for name in SUBSCRIBER_COLUMNS:
+            object.__setattr__(self, name, values.get(name))
+        object.__setattr__(self, "changed", {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, name) != value or name == "updated_at":
+            self.changed[name] = value
+        object.__setattr__(self, name, value)
+
+
+async def write_subscriber(session: AsyncSession, subscriber: Any) -> None:
+    """Write what was set on a ``SubscriberRow`` since it was read (one ``UPDATE``); an
+    ORM ``Subscriber`` is flushed by its session."""
+    if isinstance(subscriber, SubscriberRow) and subscriber.changed:
+        changed = dict(subscriber.changed)
+        subscriber.changed.clear()
+        await session.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber.id)
+                              .values(changed))
+
+
+@dataclass(slots=True)
+class StateRow:
+    """A stored flow position as read (``flow_states``), the row a save updates."""
+
+    id: int
+    state: str
+    version: int
+    status: str
+    data: dict[str, Any] | None
+    updated_at: datetime | None
 
 
 class KeyedLocks:
@@ -86,7 +151,7 @@ async def advisory_lock(session: AsyncSession, identity: Identity) -> None:
                               {"key": advisory_key(*identity)})
 
 
-def identity_of(subscriber: Subscriber) -> Identity:
+def identity_of(subscriber: Subscriber | SubscriberRow) -> Identity:
     return subscriber.channel, subscriber.bot_id, subscriber.user_id
 
 
@@ -106,9 +171,9 @@ class Work:
 
     turns: Turns
     session: AsyncSession
-    subscriber: Subscriber
+    subscriber: Subscriber | SubscriberRow
     turn: Turn
-    rows: dict[str, FlowState]
+    rows: dict[str, StateRow]
 
     async def save(self, hold: timedelta | None = None,
                    in_reply: bool = False) -> list[Queued]:
@@ -151,12 +216,13 @@ class Turns:
         if hold is None:
             self.engine.on_commit()
 
-    async def load(self, session: AsyncSession, subscriber: Subscriber | int | None,
+    async def load(self, session: AsyncSession,
+                   subscriber: Subscriber | SubscriberRow | int | None,
                    checked: bool = False) -> Work | Skipped:
         """The subscriber's turn, or why flows must not act for them now: gone,
         unsubscribed, or "suppressed" while humans own the chat. ``checked``: the caller
         has looked at both already (the inbound chain, a broadcast batch)."""
-        if not isinstance(subscriber, Subscriber):
+        if subscriber is None or isinstance(subscriber, int):
             subscriber = await session.get(Subscriber, subscriber, populate_existing=True) \
                 if subscriber is not None else None
             if subscriber is None:
@@ -178,13 +244,15 @@ class Turns:
         assert not isinstance(work, str)
         return work
 
-    async def _load_turn(self, session: AsyncSession,
-                         subscriber: Subscriber) -> tuple[Turn, dict[str, FlowState]]:
+    async def _load_turn(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow
+                         ) -> tuple[Turn, dict[str, StateRow]]:
         engine = self.engine
-        rows = {row.flow: row for row in (await session.scalars(
-            select(FlowState).where(FlowState.subscriber_id == subscriber.id))).all()}
-        tags = set((await session.scalars(select(SubscriberTag.tag).where(
-            SubscriberTag.subscriber_id == subscriber.id))).all())
+        f = FLOW_STATES.c
+        rows = {flow: StateRow(*values) for flow, *values in (await session.execute(
+            select(f.flow, f.id, f.state, f.version, f.status, f.data, f.updated_at)
+            .where(f.subscriber_id == subscriber.id))).all()}
+        tags = set((await session.execute(select(TAGS.c.tag).where(
+            TAGS.c.subscriber_id == subscriber.id))).scalars().all())
         turn = Turn(
             subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
             channel=subscriber.channel,
@@ -201,62 +269,78 @@ class Turns:
         )
         return turn, rows
 
-    async def save(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
-                   rows: dict[str, FlowState], hold: timedelta | None = None,
+    async def save(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow,
+                   turn: Turn, rows: dict[str, StateRow], hold: timedelta | None = None,
                    in_reply: bool = False) -> list[Queued]:
-        """Persist a turn: positions, tags, attributes, timers and outbox rows.
+        """Persist a turn: positions, tags, attributes, timers and outbox rows, each kind
+        of row in one Core statement.
 
         ``in_reply``: the turn handles the customer's message, so what it sends answers it
         (``Outgoing.in_reply``); timers and shop events send proactively."""
         engine = self.engine
         now = turn.now
+        new_states: list[dict[str, Any]] = []
         for flow, position in turn.positions.items():
             if not position.changed:
                 continue
             row = rows.get(flow)
             left_timer = row is not None and may_have_timer(engine.flows, flow, row.state)
             if row is None:
-                session.add(FlowState(
-                    subscriber_id=subscriber.id, flow=flow, state=position.state,
-                    version=position.version, status=position.status, data=position.data,
-                    created_at=now, updated_at=now))
+                new_states.append({
+                    "subscriber_id": subscriber.id, "flow": flow, "state": position.state,
+                    "version": position.version, "status": position.status,
+                    "data": position.data, "created_at": now, "updated_at": now})
             else:
+                await session.execute(update(FLOW_STATES).where(FLOW_STATES.c.id == row.id)
+                                      .values(state=position.state, version=position.version,
+                                              status=position.status, data=position.data,
+                                              updated_at=now))
                 row.state, row.version, row.status = (position.state, position.version,
                                                       position.status)
                 row.data, row.updated_at = position.data, now
             if not left_timer:
                 continue
             # Timers of the state instance this subscriber just left are void.
-            await session.execute(update(Job).where(
-                Job.subscriber_id == subscriber.id, Job.flow == flow,
-                Job.kind == "flow_timer", Job.status == "pending",
+            await session.execute(update(JOBS).where(
+                JOBS.c.subscriber_id == subscriber.id, JOBS.c.flow == flow,
+                JOBS.c.kind == "flow_timer", JOBS.c.status == "pending",
             ).values(status="cancelled", finished_at=now, result="state-left"))
+        if new_states:
+            await session.execute(insert(FLOW_STATES), new_states)
         original = turn.original_tags
-        for tag in turn.tags - original:
-            session.add(SubscriberTag(subscriber_id=subscriber.id, tag=tag))
+        added = turn.tags - original
+        if added:
+            await session.execute(insert(TAGS), [
+                {"subscriber_id": subscriber.id, "tag": tag} for tag in sorted(added)])
         removed = original - turn.tags
         if removed:
-            await session.execute(delete(SubscriberTag).where(
-                SubscriberTag.subscriber_id == subscriber.id, SubscriberTag.tag.in_(removed)))
+            await session.execute(delete(TAGS).where(
+                TAGS.c.subscriber_id == subscriber.id, TAGS.c.tag.in_(removed)))
         if turn.attributes_changed:
             subscriber.attributes = dict(turn.attributes)
             subscriber.updated_at = now
         if turn.locale != (subscriber.locale or engine.catalogs.default_locale):
             subscriber.locale = turn.locale
-        for flow, question, value in turn.answers:
-            session.add(Answer(subscriber_id=subscriber.id, flow=flow, question=question,
-                               value=value, created_at=now))
+        await write_subscriber(session, subscriber)
+        if turn.answers:
+            await session.execute(insert(ANSWERS), [
+                {"subscriber_id": subscriber.id, "flow": flow, "question": question,
+                 "value": value, "created_at": now} for flow, question, value in turn.answers])
+        jobs: list[dict[str, Any]] = []
         for effect in turn.effects:
             if isinstance(effect, TimerEffect):
                 position = turn.positions[effect.flow]
                 if position.status == "active" and position.version == effect.version:
-                    session.add(Job(kind="flow_timer", subscriber_id=subscriber.id,
-                                    flow=effect.flow, due_at=effect.due_at, created_at=now,
-                                    payload={"state": effect.state,
-                                             "version": effect.version}))
+                    jobs.append({"kind": "flow_timer", "subscriber_id": subscriber.id,
+                                 "flow": effect.flow, "due_at": effect.due_at,
+                                 "created_at": now, "payload": {
+                                     "state": effect.state, "version": effect.version}})
             elif isinstance(effect, JobEffect):
-                session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
-                                due_at=effect.due_at, created_at=now, payload=effect.payload))
+                jobs.append({"kind": effect.kind, "subscriber_id": subscriber.id,
+                             "flow": None, "due_at": effect.due_at, "created_at": now,
+                             "payload": effect.payload})
+        if jobs:
+            await session.execute(insert(JOBS), jobs)
         effects = [e for e in turn.effects if isinstance(e, SendEffect)]
         sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:
