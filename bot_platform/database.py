@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from sqlalchemy import event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -175,13 +177,18 @@ def is_transient_db_error(error: BaseException) -> bool:
     return isinstance(error, DBAPIError)
 
 
-def insert_ignore(session: AsyncSession, model: Any) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect."""
-    if session.bind.dialect.name == "postgresql":
+def insert_ignore(session: AsyncSession | str, model: Any) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect (or a dialect's
+    name)."""
+    dialect = session if isinstance(session, str) else session.bind.dialect.name
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(model).on_conflict_do_nothing()
+
+
+_RETURNING_IDS: dict[Any, Any] = {}  # per table: INSERT ... RETURNING id, built once
 
 
 async def insert_returning_ids(session: AsyncSession, model: Any,
@@ -192,11 +199,15 @@ async def insert_returning_ids(session: AsyncSession, model: Any,
     database each). One multi-row INSERT gives SQLite's rows increasing ids in order, and
     our transactions hold the write lock (BEGIN IMMEDIATE), so the sorted ids are in
     order too. PostgreSQL batches the ordered form itself."""
+    table = getattr(model, "__table__", model)  # Core: no ORM bulk-insert machinery
     if session.bind.dialect.name == "sqlite":
-        ids = (await session.scalars(insert(model).returning(model.id), rows)).all()
-        return sorted(ids)
-    return list((await session.scalars(
-        insert(model).returning(model.id, sort_by_parameter_order=True), rows)).all())
+        statement = _RETURNING_IDS.get(table)
+        if statement is None:
+            statement = _RETURNING_IDS[table] = insert(table).returning(table.c.id)
+        return sorted(row[0] for row in (await (await direct(session)).execute(
+            statement, rows)).rows)
+    return list((await session.execute(
+        insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)).scalars())
 
 
 class SqlKeyValueStore:
@@ -218,3 +229,149 @@ class SqlKeyValueStore:
                 session.add(KeyValue(key=key, value=value, updated_at=now))
             else:
                 row.value, row.updated_at = value, now
+
+
+# ---- the hot path's statements on the driver ------------------------------------------------
+
+
+@dataclass(slots=True)
+class Rows:
+    """What a statement run by ``Direct`` returned: rows (processed: datetimes, JSON),
+    their column names and the affected row count."""
+
+    rows: list[tuple[Any, ...]]
+    keys: tuple[str, ...]
+    rowcount: int
+
+    def first(self) -> dict[str, Any] | None:
+        return dict(zip(self.keys, self.rows[0], strict=True)) if self.rows else None
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sql: str
+    names: tuple[str, ...]  # bind names in positional order
+    binds: dict[str, Callable[[Any], Any]]  # bind processors (datetime, JSON to text)
+    results: tuple[Callable[[Any], Any] | None, ...]  # result processors per column
+    keys: tuple[str, ...]
+    construct: Callable[..., dict[str, Any]]
+
+
+_COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
+
+
+def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled | None:
+    """The statement compiled once per dialect and parameter names; None when it needs
+    SQLAlchemy's execution (Python-side defaults, expanding IN)."""
+    cache_key = (statement, dialect.name, keys)
+    if cache_key in _COMPILED:
+        return _COMPILED[cache_key]
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    plain = (not compiled.insert_prefetch and not compiled.update_prefetch
+             and "POSTCOMPILE" not in compiled.string and compiled.positiontup is not None)
+    result: _Compiled | None = None
+    if plain:
+        result = _Compiled(
+            compiled.string, tuple(compiled.positiontup or ()),
+            {k: v for k, v in compiled._bind_processors.items() if v is not None},
+            tuple(entry[3]._cached_result_processor(dialect, None)
+                  for entry in compiled._result_columns),
+            tuple(entry[0] for entry in compiled._result_columns),
+            compiled.construct_params)
+    if len(_COMPILED) > 2000:  # only module-level statements come here; a safety bound
+        _COMPILED.clear()
+    _COMPILED[cache_key] = result
+    return result
+
+
+def _run_in_sqlite_thread(connection: Any, sql: str, rows: list[tuple[Any, ...]],
+                          fetch: bool) -> tuple[list[Any], int]:
+    """Runs in aiosqlite's thread: the statement for each parameter row in one trip."""
+    cursor = connection.cursor()
+    try:
+        if not fetch and len(rows) > 1:
+            cursor.executemany(sql, rows)
+            return [], cursor.rowcount
+        found: list[Any] = []
+        count = 0
+        for params in rows:
+            cursor.execute(sql, params)
+            if fetch:
+                found.extend(cursor.fetchall())
+            count += max(cursor.rowcount, 0)
+        return found, count
+    finally:
+        cursor.close()
+
+
+class Direct:
+    """Core statements of the hot path run on the driver itself: SQLAlchemy compiles
+    each once, and on SQLite every run is one trip to aiosqlite's thread with none of
+    the execution machinery around it (about 100 us of Python a statement, against 20
+    for the trip). Other dialects, and statements that need SQLAlchemy's execution
+    (Python-side defaults), go through the connection as usual. Only module-level
+    statements may come here (the compiled forms are cached by statement)."""
+
+    __slots__ = ("connection", "dialect", "raw")
+
+    def __init__(self, connection: AsyncConnection, raw: Any) -> None:
+        self.connection = connection
+        self.dialect = connection.dialect
+        self.raw = raw
+
+    @classmethod
+    async def of(cls, connection: AsyncConnection) -> Direct:
+        raw = None
+        if connection.dialect.name == "sqlite":
+            driver = (await connection.get_raw_connection()).driver_connection
+            if hasattr(driver, "_execute") and hasattr(driver, "_conn"):
+                raw = driver
+        return cls(connection, raw)
+
+    async def execute(self, statement: Any,
+                      params: dict[str, Any] | list[dict[str, Any]]) -> Rows:
+        many = params if isinstance(params, list) else [params]
+        compiled = None
+        if self.raw is not None and many:
+            compiled = _compile(statement, self.dialect, tuple(many[0]))
+        if compiled is None:
+            result = await self.connection.execute(statement, params)
+            if result.returns_rows:
+                return Rows([tuple(r) for r in result.all()], tuple(result.keys()), -1)
+            return Rows([], (), result.rowcount)
+        binds, names = compiled.binds, compiled.names
+        positional = []
+        for row in many:
+            values = compiled.construct(row)
+            positional.append(tuple(binds[n](values[n]) if n in binds else values[n]
+                                    for n in names))
+        import sqlite3
+
+        try:
+            found, count = await self.raw._execute(
+                _run_in_sqlite_thread, self.raw._conn, compiled.sql, positional,
+                bool(compiled.keys))
+        except sqlite3.Error as error:
+            from sqlalchemy.exc import DBAPIError
+
+            raise DBAPIError.instance(compiled.sql, positional, error, sqlite3.Error) from error
+        processors = compiled.results
+        if found and any(processors):
+            found = [tuple(p(v) if p is not None else v for p, v in zip(
+                processors, row, strict=True)) for row in found]
+        return Rows(found, compiled.keys, count)
+
+
+async def direct(session: AsyncSession) -> Direct:
+    """The session's ``Direct`` for this transaction (kept in ``session.info``), after
+    flushing what the ORM holds (Core statements do not autoflush)."""
+    if session.new or session.dirty or session.deleted:
+        await session.flush()
+    found = session.info.get("direct")
+    connection = await session.connection()
+    if found is None or found.connection is not connection:
+        found = session.info["direct"] = await Direct.of(connection)
+    return found

@@ -21,13 +21,14 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
-from bot_platform.database import Database, insert_ignore
+from bot_platform.database import Database, Direct, direct, insert_ignore
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import OPEN, HandoffRules
 from bot_platform.i18n import Catalogs
@@ -39,7 +40,13 @@ from bot_platform.privacy import event_key
 from bot_platform.routing import Router
 from bot_platform.text import storable, storable_json, storable_or_none
 from bot_platform.timers import Timers
-from bot_platform.turns import SUBSCRIBERS, SubscriberRow, Turns, write_subscriber
+from bot_platform.turns import (
+    SUBSCRIBER_COLUMNS,
+    SUBSCRIBERS,
+    SubscriberRow,
+    Turns,
+    write_subscriber,
+)
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing
 
 log = logging.getLogger(__name__)
@@ -52,8 +59,21 @@ RECORDED_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT, Inb
 # The hot path's statements, on the tables (Core): built once, compiled once (cached).
 CONTACTS, MESSAGES, CONVERSATIONS = Contact.__table__, Message.__table__, Conversation.__table__
 _OPEN_CONVERSATION = (select(CONVERSATIONS.c.id).where(
-    CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id, CONVERSATIONS.c.status.in_(OPEN))
+    CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id,
+    or_(*(CONVERSATIONS.c.status == status for status in OPEN)))
     .limit(1).scalar_subquery().label("open_conversation"))
+SELECT_SUBSCRIBER = select(SUBSCRIBERS, _OPEN_CONVERSATION).where(
+    SUBSCRIBERS.c.channel == bindparam("b_channel"), SUBSCRIBERS.c.bot_id == bindparam("b_bot"),
+    SUBSCRIBERS.c.user_id == bindparam("b_user"))
+INSERT_CONTACT = insert(CONTACTS).returning(CONTACTS.c.id)
+INSERT_SUBSCRIBER = insert(SUBSCRIBERS).returning(SUBSCRIBERS.c.id)
+INSERT_MESSAGE = insert(MESSAGES)
+TOUCH_CONVERSATION = update(CONVERSATIONS).where(
+    CONVERSATIONS.c.id == bindparam("b_id")).values(updated_at=bindparam("b_now"))
+OTHER_CONTACT = select(CONTACTS.c.id).where(
+    CONTACTS.c.phone == bindparam("b_phone"), CONTACTS.c.id != bindparam("b_id")).limit(1)
+SET_CONTACT_PHONE = update(CONTACTS).where(CONTACTS.c.id == bindparam("b_id")).values(
+    phone=bindparam("b_phone"))
 
 def storable_inbound(inbound: Inbound) -> Inbound:
     """The event with every text storable and cut to its column (names over 255
@@ -81,6 +101,7 @@ class EventContext:
 
     inbound: Inbound
     session: AsyncSession | None = None
+    connection: Direct | None = None  # the session's, for the hot path's statements
     subscriber: SubscriberRow | None = None
     conversation_id: int | None = None  # the chat humans own now, if any
     duplicate: bool = False
@@ -91,6 +112,10 @@ class EventContext:
 
 Next = Callable[[EventContext], Awaitable[None]]
 Step = Callable[[EventContext, Next], Awaitable[None]]
+
+
+async def _end(context: EventContext) -> None:
+    """The end of the chain."""
 
 
 class Engine:
@@ -127,6 +152,8 @@ class Engine:
             self.step_locale,
             self.step_record_inbound, self.step_handoff, self.step_flows,
         ]
+        self._chain: tuple[list[Step], Next] | None = None
+        self._dedupe = insert_ignore(db.dialect, ProcessedEvent.__table__)
 
     # ---- the inbound chain ------------------------------------------------------------
 
@@ -138,15 +165,21 @@ class Engine:
         context = EventContext(storable_inbound(inbound), hold=hold)
         self.metrics.inbound_event(context.inbound.channel, str(context.inbound.kind))
         with log_context(bot=context.inbound.bot_id, channel=context.inbound.channel):
-            await self._run(0, context)
+            await self._composed()(context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,
             outbox_ids=tuple(i for i, _ in context.queued),
             replies=tuple(m for _, m in context.queued))
 
-    async def _run(self, index: int, context: EventContext) -> None:
-        if index < len(self.steps):
-            await self.steps[index](context, lambda ctx: self._run(index + 1, ctx))
+    def _composed(self) -> Next:
+        """The steps as one call (each step's ``call_next`` bound to the next), built again
+        when ``steps`` changes: an event passes through one frame per step, not two."""
+        if self._chain is None or self._chain[0] != self.steps:
+            handler: Next = _end
+            for step in reversed(self.steps):
+                handler = partial(step, call_next=handler)
+            self._chain = (list(self.steps), handler)
+        return self._chain[1]
 
     async def step_log_errors(self, context: EventContext, call_next: Next) -> None:
         try:
@@ -162,14 +195,15 @@ class Engine:
         i = context.inbound
         async with self.turns.open((i.channel, i.bot_id, i.user_id), context.hold) as unit:
             context.session, context.queued = unit.session, unit.queued
+            context.connection = await direct(unit.session)
             await call_next(context)
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
-        i, session = context.inbound, context.session
-        assert session is not None
-        result = await session.execute(insert_ignore(session, ProcessedEvent.__table__).values(
-            channel=i.channel, bot_id=i.bot_id, event_id=event_key(i.event_id),
-            processed_at=self.clock.now()))
+        i, connection = context.inbound, context.connection
+        assert connection is not None
+        result = await connection.execute(self._dedupe, {
+            "channel": i.channel, "bot_id": i.bot_id, "event_id": event_key(i.event_id),
+            "processed_at": self.clock.now()})
         if result.rowcount == 0:
             context.duplicate = True
             log.info("duplicate %s event %s of %s/%s ignored", i.kind, i.event_id, i.channel,
@@ -207,24 +241,23 @@ class Engine:
     async def step_upsert_subscriber(self, context: EventContext, call_next: Next) -> None:
         """Read (or create) the subscriber and whether humans own the chat, in one
         statement; what the event changes on them is written once, after the chain."""
-        i, session = context.inbound, context.session
-        assert session is not None
+        i, connection = context.inbound, context.connection
+        assert connection is not None
         now = self.clock.now()
-        s = SUBSCRIBERS.c
-        found = (await session.execute(select(SUBSCRIBERS, _OPEN_CONVERSATION).where(
-            s.channel == i.channel, s.bot_id == i.bot_id, s.user_id == i.user_id))).first()
+        found = (await connection.execute(SELECT_SUBSCRIBER, {
+            "b_channel": i.channel, "b_bot": i.bot_id, "b_user": i.user_id})).first()
         context.new_subscriber = found is None
         profile = i.profile
         if found is None:
-            contact_id = (await session.execute(insert(CONTACTS).values(
-                phone=profile.phone, created_at=now).returning(CONTACTS.c.id))).scalar_one()
+            contact_id = (await connection.execute(INSERT_CONTACT, {
+                "phone": profile.phone, "created_at": now})).scalar()
             subscriber = SubscriberRow({
                 "contact_id": contact_id, "channel": i.channel, "bot_id": i.bot_id,
                 "user_id": i.user_id, "status": "subscribed", "attributes": {},
                 "created_at": now, "updated_at": now})
         else:
-            subscriber = SubscriberRow(found._mapping)
-            context.conversation_id = found.open_conversation
+            subscriber = SubscriberRow(found)
+            context.conversation_id = found["open_conversation"]
         for name in ("first_name", "last_name", "username"):
             value = getattr(profile, name)
             if value and getattr(subscriber, name) != value:
@@ -237,33 +270,31 @@ class Engine:
             subscriber.status = "subscribed"
             subscriber.last_inbound_at = now
         if profile.phone:
-            await self._link_phone(session, subscriber, profile.phone)
+            await self._link_phone(connection, subscriber, profile.phone)
         subscriber.updated_at = now
         if found is None:
-            values = {name: getattr(subscriber, name) for name in SUBSCRIBERS.c.keys()
-                      if name != "id"}
-            subscriber.id = (await session.execute(insert(SUBSCRIBERS).values(values)
-                                                   .returning(s.id))).scalar_one()
+            subscriber.id = (await connection.execute(INSERT_SUBSCRIBER, {
+                name: getattr(subscriber, name) for name in SUBSCRIBER_COLUMNS
+                if name != "id"})).scalar()
             subscriber.changed.clear()
         context.subscriber = subscriber
         set_log_field("subscriber_id", subscriber.id)
         await call_next(context)
-        await write_subscriber(session, subscriber)
+        await write_subscriber(connection, subscriber)
 
-    async def _link_phone(self, session: AsyncSession, subscriber: SubscriberRow,
+    async def _link_phone(self, connection: Direct, subscriber: SubscriberRow,
                           phone: str) -> None:
         """A shared phone number links channel identities to one contact."""
         attributes = dict(subscriber.attributes or {})
         attributes["phone"] = phone
         subscriber.attributes = attributes
-        other = (await session.execute(select(CONTACTS.c.id).where(
-            CONTACTS.c.phone == phone, CONTACTS.c.id != subscriber.contact_id).limit(1)
-        )).scalar()
+        other = (await connection.execute(OTHER_CONTACT, {
+            "b_phone": phone, "b_id": subscriber.contact_id})).scalar()
         if other is not None:
             subscriber.contact_id = other
         else:
-            await session.execute(update(CONTACTS).where(
-                CONTACTS.c.id == subscriber.contact_id).values(phone=phone))
+            await connection.execute(SET_CONTACT_PHONE, {
+                "b_phone": phone, "b_id": subscriber.contact_id})
 
     async def step_referral(self, context: EventContext, call_next: Next) -> None:
         """A new subscriber who came through a referral link credits the referrer."""
@@ -288,27 +319,27 @@ class Engine:
         await call_next(context)
 
     async def step_record_inbound(self, context: EventContext, call_next: Next) -> None:
-        i, session, subscriber = context.inbound, context.session, context.subscriber
-        assert session is not None and subscriber is not None
+        i, connection, subscriber = context.inbound, context.connection, context.subscriber
+        assert connection is not None and subscriber is not None
         if i.kind in RECORDED_KINDS:
             now = self.clock.now()
-            await session.execute(insert(MESSAGES).values(
-                subscriber_id=subscriber.id, channel=i.channel, direction="in",
-                kind=i.kind.value, text=i.text,
-                payload={"payload": i.payload, "ref": i.ref, **i.data} if (
+            await connection.execute(INSERT_MESSAGE, {
+                "subscriber_id": subscriber.id, "channel": i.channel, "direction": "in",
+                "kind": i.kind.value, "text": i.text,
+                "payload": {"payload": i.payload, "ref": i.ref, **i.data} if (
                     i.payload or i.ref or i.data) else None,
-                status="received", created_at=now, updated_at=now))
+                "status": "received", "created_at": now, "updated_at": now})
         await call_next(context)
 
     async def step_handoff(self, context: EventContext, call_next: Next) -> None:
         """While humans own the chat, messages go to the conversation, not to flows."""
-        session, subscriber = context.session, context.subscriber
-        assert session is not None and subscriber is not None
+        connection = context.connection
+        assert connection is not None
         if context.conversation_id is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
             await call_next(context)
             return
-        await session.execute(update(CONVERSATIONS).where(
-            CONVERSATIONS.c.id == context.conversation_id).values(updated_at=self.clock.now()))
+        await connection.execute(TOUCH_CONVERSATION, {
+            "b_id": context.conversation_id, "b_now": self.clock.now()})
 
     async def step_flows(self, context: EventContext, call_next: Next) -> None:
         session, subscriber = context.session, context.subscriber

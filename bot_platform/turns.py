@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import bindparam, delete, insert, literal, null, select, text, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot_platform.database import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
@@ -53,6 +54,21 @@ TAGS = SubscriberTag.__table__
 ANSWERS = Answer.__table__
 JOBS = Job.__table__
 SUBSCRIBER_COLUMNS = tuple(c.name for c in SUBSCRIBERS.columns)
+# A subscriber's flow positions and tags in one statement (a tag row has no state id).
+_F, _T = FLOW_STATES.c, TAGS.c
+LOAD_TURN = union_all(
+    select(_F.flow, _F.id, _F.state, _F.version, _F.status, _F.data, _F.updated_at)
+    .where(_F.subscriber_id == bindparam("b_sid")),
+    select(_T.tag, null(), null(), null(), null(), null(), null())
+    .where(_T.subscriber_id == bindparam("b_sid")))
+INSERT_STATES, INSERT_TAGS = insert(FLOW_STATES), insert(TAGS)
+INSERT_ANSWERS, INSERT_JOBS = insert(ANSWERS), insert(JOBS)
+UPDATE_SUBSCRIBER = update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == bindparam("b_id"))
+UPDATE_STATE = update(FLOW_STATES).where(_F.id == bindparam("b_id"))
+CANCEL_TIMERS = update(JOBS).where(
+    JOBS.c.subscriber_id == bindparam("b_sid"), JOBS.c.flow == bindparam("b_flow"),
+    JOBS.c.kind == "flow_timer", JOBS.c.status == "pending",
+).values(status="cancelled", finished_at=bindparam("b_now"), result=literal("state-left"))
 
 
 class SubscriberRow:
@@ -89,14 +105,13 @@ class SubscriberRow:
         object.__setattr__(self, name, value)
 
 
-async def write_subscriber(session: AsyncSession, subscriber: Any) -> None:
+async def write_subscriber(connection: Direct, subscriber: Any) -> None:
     """Write what was set on a ``SubscriberRow`` since it was read (one ``UPDATE``); an
     ORM ``Subscriber`` is flushed by its session."""
     if isinstance(subscriber, SubscriberRow) and subscriber.changed:
-        changed = dict(subscriber.changed)
+        values = {**subscriber.changed, "b_id": subscriber.id}
         subscriber.changed.clear()
-        await session.execute(update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber.id)
-                              .values(changed))
+        await connection.execute(UPDATE_SUBSCRIBER, values)
 
 
 @dataclass(slots=True)
@@ -247,12 +262,15 @@ class Turns:
     async def _load_turn(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow
                          ) -> tuple[Turn, dict[str, StateRow]]:
         engine = self.engine
-        f = FLOW_STATES.c
-        rows = {flow: StateRow(*values) for flow, *values in (await session.execute(
-            select(f.flow, f.id, f.state, f.version, f.status, f.data, f.updated_at)
-            .where(f.subscriber_id == subscriber.id))).all()}
-        tags = set((await session.execute(select(TAGS.c.tag).where(
-            TAGS.c.subscriber_id == subscriber.id))).scalars().all())
+        connection = await direct(session)
+        rows: dict[str, StateRow] = {}
+        tags: set[str] = set()
+        loaded = await connection.execute(LOAD_TURN, {"b_sid": subscriber.id})
+        for name, *values in loaded.rows:
+            if values[0] is None:
+                tags.add(name)
+            else:
+                rows[name] = StateRow(*values)
         turn = Turn(
             subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
             channel=subscriber.channel,
@@ -279,6 +297,7 @@ class Turns:
         (``Outgoing.in_reply``); timers and shop events send proactively."""
         engine = self.engine
         now = turn.now
+        connection = await direct(session)
         new_states: list[dict[str, Any]] = []
         for flow, position in turn.positions.items():
             if not position.changed:
@@ -291,39 +310,36 @@ class Turns:
                     "version": position.version, "status": position.status,
                     "data": position.data, "created_at": now, "updated_at": now})
             else:
-                await session.execute(update(FLOW_STATES).where(FLOW_STATES.c.id == row.id)
-                                      .values(state=position.state, version=position.version,
-                                              status=position.status, data=position.data,
-                                              updated_at=now))
+                await connection.execute(UPDATE_STATE, {
+                    "b_id": row.id, "state": position.state, "version": position.version,
+                    "status": position.status, "data": position.data, "updated_at": now})
                 row.state, row.version, row.status = (position.state, position.version,
                                                       position.status)
                 row.data, row.updated_at = position.data, now
             if not left_timer:
                 continue
             # Timers of the state instance this subscriber just left are void.
-            await session.execute(update(JOBS).where(
-                JOBS.c.subscriber_id == subscriber.id, JOBS.c.flow == flow,
-                JOBS.c.kind == "flow_timer", JOBS.c.status == "pending",
-            ).values(status="cancelled", finished_at=now, result="state-left"))
+            await connection.execute(CANCEL_TIMERS, {
+                "b_sid": subscriber.id, "b_flow": flow, "b_now": now})
         if new_states:
-            await session.execute(insert(FLOW_STATES), new_states)
+            await connection.execute(INSERT_STATES, new_states)
         original = turn.original_tags
         added = turn.tags - original
         if added:
-            await session.execute(insert(TAGS), [
+            await connection.execute(INSERT_TAGS, [
                 {"subscriber_id": subscriber.id, "tag": tag} for tag in sorted(added)])
         removed = original - turn.tags
         if removed:
-            await session.execute(delete(TAGS).where(
+            await connection.connection.execute(delete(TAGS).where(
                 TAGS.c.subscriber_id == subscriber.id, TAGS.c.tag.in_(removed)))
         if turn.attributes_changed:
             subscriber.attributes = dict(turn.attributes)
             subscriber.updated_at = now
         if turn.locale != (subscriber.locale or engine.catalogs.default_locale):
             subscriber.locale = turn.locale
-        await write_subscriber(session, subscriber)
+        await write_subscriber(connection, subscriber)
         if turn.answers:
-            await session.execute(insert(ANSWERS), [
+            await connection.execute(INSERT_ANSWERS, [
                 {"subscriber_id": subscriber.id, "flow": flow, "question": question,
                  "value": value, "created_at": now} for flow, question, value in turn.answers])
         jobs: list[dict[str, Any]] = []
@@ -340,7 +356,8 @@ class Turns:
                              "flow": None, "due_at": effect.due_at, "created_at": now,
                              "payload": effect.payload})
         if jobs:
-            await session.execute(insert(JOBS), jobs)
+            await connection.execute(INSERT_JOBS, [
+                {"status": "pending", "attempts": 0, **job} for job in jobs])
         effects = [e for e in turn.effects if isinstance(e, SendEffect)]
         sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:
