@@ -195,8 +195,11 @@ class Engine:
         i = context.inbound
         async with self.turns.open((i.channel, i.bot_id, i.user_id), context.hold) as unit:
             context.session, context.queued = unit.session, unit.queued
-            context.connection = await direct(unit.session)
+            context.connection = connection = await direct(unit.session)
+            connection.defer = True  # result-less writes go with the next trip
             await call_next(context)
+            await connection.flush()
+            connection.defer = False
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, connection = context.inbound, context.connection
@@ -323,7 +326,7 @@ class Engine:
         assert connection is not None and subscriber is not None
         if i.kind in RECORDED_KINDS:
             now = self.clock.now()
-            await connection.execute(INSERT_MESSAGE, {
+            await connection.write(INSERT_MESSAGE, {
                 "subscriber_id": subscriber.id, "channel": i.channel, "direction": "in",
                 "kind": i.kind.value, "text": i.text,
                 "payload": {"payload": i.payload, "ref": i.ref, **i.data} if (
@@ -338,7 +341,7 @@ class Engine:
         if context.conversation_id is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
             await call_next(context)
             return
-        await connection.execute(TOUCH_CONVERSATION, {
+        await connection.write(TOUCH_CONVERSATION, {
             "b_id": context.conversation_id, "b_now": self.clock.now()})
 
     async def step_flows(self, context: EventContext, call_next: Next) -> None:

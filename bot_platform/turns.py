@@ -111,7 +111,7 @@ async def write_subscriber(connection: Direct, subscriber: Any) -> None:
     if isinstance(subscriber, SubscriberRow) and subscriber.changed:
         values = {**subscriber.changed, "b_id": subscriber.id}
         subscriber.changed.clear()
-        await connection.execute(UPDATE_SUBSCRIBER, values)
+        await connection.write(UPDATE_SUBSCRIBER, values)
 
 
 @dataclass(slots=True)
@@ -310,7 +310,7 @@ class Turns:
                     "version": position.version, "status": position.status,
                     "data": position.data, "created_at": now, "updated_at": now})
             else:
-                await connection.execute(UPDATE_STATE, {
+                await connection.write(UPDATE_STATE, {
                     "b_id": row.id, "state": position.state, "version": position.version,
                     "status": position.status, "data": position.data, "updated_at": now})
                 row.state, row.version, row.status = (position.state, position.version,
@@ -319,17 +319,18 @@ class Turns:
             if not left_timer:
                 continue
             # Timers of the state instance this subscriber just left are void.
-            await connection.execute(CANCEL_TIMERS, {
+            await connection.write(CANCEL_TIMERS, {
                 "b_sid": subscriber.id, "b_flow": flow, "b_now": now})
         if new_states:
-            await connection.execute(INSERT_STATES, new_states)
+            await connection.write(INSERT_STATES, new_states)
         original = turn.original_tags
         added = turn.tags - original
         if added:
-            await connection.execute(INSERT_TAGS, [
+            await connection.write(INSERT_TAGS, [
                 {"subscriber_id": subscriber.id, "tag": tag} for tag in sorted(added)])
         removed = original - turn.tags
         if removed:
+            await connection.flush()  # in order with the writes before it
             await connection.connection.execute(delete(TAGS).where(
                 TAGS.c.subscriber_id == subscriber.id, TAGS.c.tag.in_(removed)))
         if turn.attributes_changed:
@@ -339,7 +340,7 @@ class Turns:
             subscriber.locale = turn.locale
         await write_subscriber(connection, subscriber)
         if turn.answers:
-            await connection.execute(INSERT_ANSWERS, [
+            await connection.write(INSERT_ANSWERS, [
                 {"subscriber_id": subscriber.id, "flow": flow, "question": question,
                  "value": value, "created_at": now} for flow, question, value in turn.answers])
         jobs: list[dict[str, Any]] = []
@@ -356,7 +357,7 @@ class Turns:
                              "flow": None, "due_at": effect.due_at, "created_at": now,
                              "payload": effect.payload})
         if jobs:
-            await connection.execute(INSERT_JOBS, [
+            await connection.write(INSERT_JOBS, [
                 {"status": "pending", "attempts": 0, **job} for job in jobs])
         effects = [e for e in turn.effects if isinstance(e, SendEffect)]
         sends = [(e.flow, e.message) for e in effects]
