@@ -21,52 +21,61 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
-from bot_platform.database import Database, insert_ignore
+from bot_platform.database import Database, Direct, direct, insert_ignore
 from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.machine import FlowSet
-from bot_platform.handoff import HandoffRules, open_conversation
+from bot_platform.handoff import OPEN, HandoffRules
 from bot_platform.i18n import Catalogs
 from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
-from bot_platform.models import Contact, Message, ProcessedEvent, Subscriber
+from bot_platform.models import Contact, Conversation, Message, ProcessedEvent, Subscriber
 from bot_platform.outbox import OutboxQueue
 from bot_platform.privacy import event_key
 from bot_platform.routing import Router
-from bot_platform.text import storable, storable_json, storable_or_none
+from bot_platform.statuses import MessageStatus, SubscriberStatus
 from bot_platform.timers import Timers
-from bot_platform.turns import Turns
+from bot_platform.turns import (
+    SUBSCRIBER_COLUMNS,
+    SUBSCRIBERS,
+    SubscriberRow,
+    Turns,
+    write_subscriber,
+)
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing
 
 log = logging.getLogger(__name__)
 
-STATUS_RANK = {"queued": 0, "sent": 1, "delivered": 2, "read": 3}
+STATUS_RANK = {MessageStatus.QUEUED: 0, MessageStatus.SENT: 1, MessageStatus.DELIVERED: 2,
+               MessageStatus.READ: 3}
 USER_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.START, InboundKind.CONTACT,
               InboundKind.MEDIA, InboundKind.REFERRAL, InboundKind.SUBSCRIBED}
-
-def storable_inbound(inbound: Inbound) -> Inbound:
-    """The event with every text storable and cut to its column (names over 255
-    characters, NUL, unpaired surrogates): a messenger re-sends an update we fail on
-    forever, so what it sends is made storable rather than refused."""
-    profile = inbound.profile
-    return inbound.model_copy(update={
-        "channel": storable(inbound.channel, 32), "bot_id": storable(inbound.bot_id, 64),
-        "user_id": storable(inbound.user_id, 128), "event_id": storable(inbound.event_id, 255),
-        "text": storable_or_none(inbound.text), "payload": storable_or_none(inbound.payload),
-        "ref": storable_or_none(inbound.ref, 255),
-        "message_ids": tuple(storable(m, 255) for m in inbound.message_ids),
-        "data": storable_json(inbound.data),
-        "profile": profile.model_copy(update={
-            "first_name": storable_or_none(profile.first_name, 255),
-            "last_name": storable_or_none(profile.last_name, 255),
-            "username": storable_or_none(profile.username, 255),
-            "language": storable_or_none(profile.language, 16),
-            "phone": storable_or_none(profile.phone, 32)})})
+RECORDED_KINDS = {InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT, InboundKind.MEDIA,
+                  InboundKind.START}
+# The hot path's statements, on the tables (Core): built once, compiled once (cached).
+CONTACTS, MESSAGES, CONVERSATIONS = Contact.__table__, Message.__table__, Conversation.__table__
+_OPEN_CONVERSATION = (select(CONVERSATIONS.c.id).where(
+    CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id,
+    or_(*(CONVERSATIONS.c.status == status for status in OPEN)))
+    .limit(1).scalar_subquery().label("open_conversation"))
+SELECT_SUBSCRIBER = select(SUBSCRIBERS, _OPEN_CONVERSATION).where(
+    SUBSCRIBERS.c.channel == bindparam("b_channel"), SUBSCRIBERS.c.bot_id == bindparam("b_bot"),
+    SUBSCRIBERS.c.user_id == bindparam("b_user"))
+INSERT_CONTACT = insert(CONTACTS).returning(CONTACTS.c.id)
+INSERT_SUBSCRIBER = insert(SUBSCRIBERS).returning(SUBSCRIBERS.c.id)
+INSERT_MESSAGE = insert(MESSAGES)
+TOUCH_CONVERSATION = update(CONVERSATIONS).where(
+    CONVERSATIONS.c.id == bindparam("b_id")).values(updated_at=bindparam("b_now"))
+OTHER_CONTACT = select(CONTACTS.c.id).where(
+    CONTACTS.c.phone == bindparam("b_phone"), CONTACTS.c.id != bindparam("b_id")).limit(1)
+SET_CONTACT_PHONE = update(CONTACTS).where(CONTACTS.c.id == bindparam("b_id")).values(
+    phone=bindparam("b_phone"))
 
 
 @dataclass
@@ -75,7 +84,9 @@ class EventContext:
 
     inbound: Inbound
     session: AsyncSession | None = None
-    subscriber: Subscriber | None = None
+    connection: Direct | None = None  # the session's, for the hot path's statements
+    subscriber: SubscriberRow | None = None
+    conversation_id: int | None = None  # the chat humans own now, if any
     duplicate: bool = False
     queued: list[tuple[int, Outgoing]] = field(default_factory=list)
     hold: timedelta | None = None
@@ -84,6 +95,10 @@ class EventContext:
 
 Next = Callable[[EventContext], Awaitable[None]]
 Step = Callable[[EventContext, Next], Awaitable[None]]
+
+
+async def _end(context: EventContext) -> None:
+    """The end of the chain."""
 
 
 class Engine:
@@ -120,6 +135,8 @@ class Engine:
             self.step_locale,
             self.step_record_inbound, self.step_handoff, self.step_flows,
         ]
+        self._chain: tuple[list[Step], Next] | None = None
+        self._dedupe = insert_ignore(db.dialect, ProcessedEvent.__table__)
 
     # ---- the inbound chain ------------------------------------------------------------
 
@@ -128,18 +145,24 @@ class Engine:
 
         ``hold`` keeps the messages it queues from the worker for that long (or until
         ``release`` is called), so a webhook can answer with one of them itself."""
-        context = EventContext(storable_inbound(inbound), hold=hold)
+        context = EventContext(inbound, hold=hold)  # made storable by its validators
         self.metrics.inbound_event(context.inbound.channel, str(context.inbound.kind))
         with log_context(bot=context.inbound.bot_id, channel=context.inbound.channel):
-            await self._run(0, context)
+            await self._composed()(context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,
             outbox_ids=tuple(i for i, _ in context.queued),
             replies=tuple(m for _, m in context.queued))
 
-    async def _run(self, index: int, context: EventContext) -> None:
-        if index < len(self.steps):
-            await self.steps[index](context, lambda ctx: self._run(index + 1, ctx))
+    def _composed(self) -> Next:
+        """The steps as one call (each step's ``call_next`` bound to the next), built again
+        when ``steps`` changes: an event passes through one frame per step, not two."""
+        if self._chain is None or self._chain[0] != self.steps:
+            handler: Next = _end
+            for step in reversed(self.steps):
+                handler = partial(step, call_next=handler)
+            self._chain = (list(self.steps), handler)
+        return self._chain[1]
 
     async def step_log_errors(self, context: EventContext, call_next: Next) -> None:
         try:
@@ -157,14 +180,18 @@ class Engine:
         i = context.inbound
         async with self.turns.open((i.channel, i.bot_id, i.user_id), context.hold) as unit:
             context.session, context.queued = unit.session, unit.queued
+            context.connection = connection = await direct(unit.session)
+            connection.defer = True  # result-less writes go with the next trip
             await call_next(context)
+            await connection.flush()
+            connection.defer = False
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
-        i, session = context.inbound, context.session
-        assert session is not None
-        result = await session.execute(insert_ignore(session, ProcessedEvent).values(
-            channel=i.channel, bot_id=i.bot_id, event_id=event_key(i.event_id),
-            processed_at=self.clock.now()))
+        i, connection = context.inbound, context.connection
+        assert connection is not None
+        result = await connection.execute(self._dedupe, {
+            "channel": i.channel, "bot_id": i.bot_id, "event_id": event_key(i.event_id),
+            "processed_at": self.clock.now()})
         if result.rowcount == 0:
             context.duplicate = True
             log.info("duplicate %s event %s of %s/%s ignored", i.kind, i.event_id, i.channel,
@@ -179,8 +206,9 @@ class Engine:
         if not i.is_status:
             await call_next(context)
             return
-        status = {InboundKind.DELIVERED: "delivered", InboundKind.READ: "read",
-                  InboundKind.FAILED: "failed"}[i.kind]
+        status = {InboundKind.DELIVERED: MessageStatus.DELIVERED,
+                  InboundKind.READ: MessageStatus.READ,
+                  InboundKind.FAILED: MessageStatus.FAILED}[i.kind]
         query = select(Message).join(Subscriber, Subscriber.id == Message.subscriber_id).where(
             Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
             Subscriber.user_id == i.user_id, Message.direction == "out")
@@ -188,34 +216,37 @@ class Engine:
             query = query.where(Message.channel_message_id.in_(i.message_ids))
         elif i.watermark is not None:
             query = query.where(Message.created_at <= i.watermark,
-                                Message.status.in_(("sent", "delivered")))
+                                Message.status.in_((MessageStatus.SENT, MessageStatus.DELIVERED)))
         else:
             return
         now = self.clock.now()
         for message in (await session.scalars(query)).all():
-            if status == "failed" or STATUS_RANK.get(status, 0) > STATUS_RANK.get(
+            if status == MessageStatus.FAILED or STATUS_RANK.get(status, 0) > STATUS_RANK.get(
                     message.status, -1):
                 message.status, message.updated_at = status, now
-                if status == "failed":
+                if status == MessageStatus.FAILED:
                     message.error = str(i.data.get("reason") or "reported failed")
 
     async def step_upsert_subscriber(self, context: EventContext, call_next: Next) -> None:
-        i, session = context.inbound, context.session
-        assert session is not None
+        """Read (or create) the subscriber and whether humans own the chat, in one
+        statement; what the event changes on them is written once, after the chain."""
+        i, connection = context.inbound, context.connection
+        assert connection is not None
         now = self.clock.now()
-        subscriber = await session.scalar(select(Subscriber).where(
-            Subscriber.channel == i.channel, Subscriber.bot_id == i.bot_id,
-            Subscriber.user_id == i.user_id))
-        context.new_subscriber = subscriber is None
-        if subscriber is None:
-            contact = Contact(phone=i.profile.phone, created_at=now)
-            session.add(contact)
-            await session.flush()
-            subscriber = Subscriber(
-                contact_id=contact.id, channel=i.channel, bot_id=i.bot_id, user_id=i.user_id,
-                status="subscribed", attributes={}, created_at=now, updated_at=now)
-            session.add(subscriber)
+        found = (await connection.execute(SELECT_SUBSCRIBER, {
+            "b_channel": i.channel, "b_bot": i.bot_id, "b_user": i.user_id})).first()
+        context.new_subscriber = found is None
         profile = i.profile
+        if found is None:
+            contact_id = (await connection.execute(INSERT_CONTACT, {
+                "phone": profile.phone, "created_at": now})).scalar()
+            subscriber = SubscriberRow({
+                "contact_id": contact_id, "channel": i.channel, "bot_id": i.bot_id,
+                "user_id": i.user_id, "status": SubscriberStatus.SUBSCRIBED, "attributes": {},
+                "created_at": now, "updated_at": now})
+        else:
+            subscriber = SubscriberRow(found)
+            context.conversation_id = found["open_conversation"]
         for name in ("first_name", "last_name", "username"):
             value = getattr(profile, name)
             if value and getattr(subscriber, name) != value:
@@ -223,32 +254,36 @@ class Engine:
         if i.ref and not subscriber.source_ref:
             subscriber.source_ref = i.ref
         if i.kind == InboundKind.UNSUBSCRIBED:
-            subscriber.status = "unsubscribed"
+            subscriber.status = SubscriberStatus.UNSUBSCRIBED
         elif i.kind in USER_KINDS:
-            subscriber.status = "subscribed"
+            subscriber.status = SubscriberStatus.SUBSCRIBED
             subscriber.last_inbound_at = now
         if profile.phone:
-            await self._link_phone(session, subscriber, profile.phone)
+            await self._link_phone(connection, subscriber, profile.phone)
         subscriber.updated_at = now
-        await session.flush()
+        if found is None:
+            subscriber.id = (await connection.execute(INSERT_SUBSCRIBER, {
+                name: getattr(subscriber, name) for name in SUBSCRIBER_COLUMNS
+                if name != "id"})).scalar()
+            subscriber.changed.clear()
         context.subscriber = subscriber
         set_log_field("subscriber_id", subscriber.id)
         await call_next(context)
+        await write_subscriber(connection, subscriber)
 
-    async def _link_phone(self, session: AsyncSession, subscriber: Subscriber,
+    async def _link_phone(self, connection: Direct, subscriber: SubscriberRow,
                           phone: str) -> None:
         """A shared phone number links channel identities to one contact."""
         attributes = dict(subscriber.attributes or {})
         attributes["phone"] = phone
         subscriber.attributes = attributes
-        other = await session.scalar(select(Contact).where(
-            Contact.phone == phone, Contact.id != subscriber.contact_id).limit(1))
+        other = (await connection.execute(OTHER_CONTACT, {
+            "b_phone": phone, "b_id": subscriber.contact_id})).scalar()
         if other is not None:
-            subscriber.contact_id = other.id
+            subscriber.contact_id = other
         else:
-            contact = await session.get(Contact, subscriber.contact_id)
-            if contact is not None:
-                contact.phone = phone
+            await connection.execute(SET_CONTACT_PHONE, {
+                "b_phone": phone, "b_id": subscriber.contact_id})
 
     async def step_referral(self, context: EventContext, call_next: Next) -> None:
         """A new subscriber who came through a referral link credits the referrer."""
@@ -273,33 +308,32 @@ class Engine:
         await call_next(context)
 
     async def step_record_inbound(self, context: EventContext, call_next: Next) -> None:
-        i, session, subscriber = context.inbound, context.session, context.subscriber
-        assert session is not None and subscriber is not None
-        if i.kind in (InboundKind.TEXT, InboundKind.BUTTON, InboundKind.CONTACT,
-                      InboundKind.MEDIA, InboundKind.START):
+        i, connection, subscriber = context.inbound, context.connection, context.subscriber
+        assert connection is not None and subscriber is not None
+        if i.kind in RECORDED_KINDS:
             now = self.clock.now()
-            session.add(Message(
-                subscriber_id=subscriber.id, channel=i.channel, direction="in",
-                kind=i.kind.value, text=i.text,
-                payload={"payload": i.payload, "ref": i.ref, **i.data} if (
+            await connection.write(INSERT_MESSAGE, {
+                "subscriber_id": subscriber.id, "channel": i.channel, "direction": "in",
+                "kind": i.kind.value, "text": i.text,
+                "payload": {"payload": i.payload, "ref": i.ref, **i.data} if (
                     i.payload or i.ref or i.data) else None,
-                status="received", created_at=now, updated_at=now))
+                "status": "received", "created_at": now, "updated_at": now})
         await call_next(context)
 
     async def step_handoff(self, context: EventContext, call_next: Next) -> None:
         """While humans own the chat, messages go to the conversation, not to flows."""
-        session, subscriber = context.session, context.subscriber
-        assert session is not None and subscriber is not None
-        conversation = await open_conversation(session, subscriber.id)
-        if conversation is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
+        connection = context.connection
+        assert connection is not None
+        if context.conversation_id is None or context.inbound.kind == InboundKind.UNSUBSCRIBED:
             await call_next(context)
             return
-        conversation.updated_at = self.clock.now()
+        await connection.write(TOUCH_CONVERSATION, {
+            "b_id": context.conversation_id, "b_now": self.clock.now()})
 
     async def step_flows(self, context: EventContext, call_next: Next) -> None:
         session, subscriber = context.session, context.subscriber
         assert session is not None and subscriber is not None
-        if subscriber.status == "subscribed":  # and no human on it: see step_handoff
+        if subscriber.status == SubscriberStatus.SUBSCRIBED:  # and no human on it: see step_handoff
             work = await self.turns.load(session, subscriber, checked=True)
             assert not isinstance(work, str)
             await self.router.route_inbound(work.turn, context.inbound)

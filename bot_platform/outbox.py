@@ -25,7 +25,7 @@ from sqlalchemy import and_, exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
-from bot_platform.database import Database, insert_returning_ids
+from bot_platform.database import Database, insert_linked
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing, fit_message
@@ -79,20 +79,18 @@ class OutboxQueue:
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
         if not parts:
             return queued
-        message_ids = await insert_returning_ids(session, Message, [{
+        _, outbox_ids = await insert_linked(session, Message, [{
                 "subscriber_id": subscriber.id, "channel": subscriber.channel,
                 "direction": "out", "kind": "cards" if part.cards else "text",
                 "text": part.text or None, "status": MessageStatus.QUEUED, "flow": flow,
                 "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
-                for _, subscriber, flow, part in parts])
-        outbox_ids = await insert_returning_ids(session, Outbox, [{
-                "subscriber_id": subscriber.id, "message_id": message_id,
+                for _, subscriber, flow, part in parts], Outbox, [{
+                "subscriber_id": subscriber.id,
                 "channel": subscriber.channel, "bot_id": subscriber.bot_id,
                 "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
                 "status": OutboxStatus.PENDING, "next_attempt_at": now + (hold or timedelta(0)),
                 "broadcast_id": broadcast_id, "created_at": now}
-                for (_, subscriber, _, part), message_id in zip(parts, message_ids,
-                                                                strict=True)])
+                for _, subscriber, _, part in parts], link="message_id")
         for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):
             queued[index].append((outbox_id, part))
         return queued

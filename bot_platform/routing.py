@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bot_platform.flows.turn import Escalation, JobEffect, Position, SendEffect, Turn
+from bot_platform.statuses import PositionStatus
 from bot_platform.types import Inbound, InboundKind, Outgoing
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Router:
         """The turn's active flow positions, most recently moved first."""
         flows = self.engine.flows
         active = [p for p in turn.positions.values()
-                  if p.status == "active" and p.flow in flows]
+                  if p.status == PositionStatus.ACTIVE and p.flow in flows]
         return sorted(active, key=lambda p: p.updated_at or turn.now, reverse=True)
 
     async def _route_capture(self, turn: Turn, text: str,

@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import bindparam, delete, insert, literal, null, select, text, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot_platform.database import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
 from bot_platform.outbox import notify_workers
+from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.types import Outgoing
 
@@ -44,6 +46,85 @@ if TYPE_CHECKING:
 Identity = tuple[str, str, str]  # channel, bot id, messenger user id
 Queued = tuple[int, Outgoing]  # outbox id, the part queued
 Skipped = Literal["no-subscriber", "unsubscribed", "suppressed"]
+
+# The hot path writes through the tables (SQLAlchemy Core), not the ORM: no unit of work,
+# identity map or ORM bulk machinery per statement.
+SUBSCRIBERS = Subscriber.__table__
+FLOW_STATES = FlowState.__table__
+TAGS = SubscriberTag.__table__
+ANSWERS = Answer.__table__
+JOBS = Job.__table__
+SUBSCRIBER_COLUMNS = tuple(c.name for c in SUBSCRIBERS.columns)
+# A subscriber's flow positions and tags in one statement (a tag row has no state id).
+_F, _T = FLOW_STATES.c, TAGS.c
+LOAD_TURN = union_all(
+    select(_F.flow, _F.id, _F.state, _F.version, _F.status, _F.data, _F.updated_at)
+    .where(_F.subscriber_id == bindparam("b_sid")),
+    select(_T.tag, null(), null(), null(), null(), null(), null())
+    .where(_T.subscriber_id == bindparam("b_sid")))
+INSERT_STATES, INSERT_TAGS = insert(FLOW_STATES), insert(TAGS)
+INSERT_ANSWERS, INSERT_JOBS = insert(ANSWERS), insert(JOBS)
+UPDATE_SUBSCRIBER = update(SUBSCRIBERS).where(SUBSCRIBERS.c.id == bindparam("b_id"))
+UPDATE_STATE = update(FLOW_STATES).where(_F.id == bindparam("b_id"))
+CANCEL_TIMERS = update(JOBS).where(
+    JOBS.c.subscriber_id == bindparam("b_sid"), JOBS.c.flow == bindparam("b_flow"),
+    JOBS.c.kind == "flow_timer", JOBS.c.status == JobStatus.PENDING,
+).values(status=JobStatus.CANCELLED, finished_at=bindparam("b_now"), result=literal("state-left"))
+
+
+class SubscriberRow:
+    """A subscriber as plain data, read and written with Core statements (the inbound
+    hot path). Attributes set on it are remembered and written by one ``UPDATE``
+    (``write_subscriber``); it quacks like the ORM ``Subscriber`` where a turn needs it."""
+
+    __slots__ = (*SUBSCRIBER_COLUMNS, "changed")
+    id: int
+    contact_id: int
+    channel: str
+    bot_id: str
+    user_id: str
+    status: str
+    locale: str | None
+    first_name: str | None
+    last_name: str | None
+    username: str | None
+    source_ref: str | None
+    attributes: dict[str, Any]
+    last_inbound_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    changed: dict[str, Any]
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        for name in SUBSCRIBER_COLUMNS:
+            object.__setattr__(self, name, values.get(name))
+        object.__setattr__(self, "changed", {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, name) != value or name == "updated_at":
+            self.changed[name] = value
+        object.__setattr__(self, name, value)
+
+
+async def write_subscriber(connection: Direct, subscriber: Any) -> None:
+    """Write what was set on a ``SubscriberRow`` since it was read (one ``UPDATE``); an
+    ORM ``Subscriber`` is flushed by its session."""
+    if isinstance(subscriber, SubscriberRow) and subscriber.changed:
+        values = {**subscriber.changed, "b_id": subscriber.id}
+        subscriber.changed.clear()
+        await connection.write(UPDATE_SUBSCRIBER, values)
+
+
+@dataclass(slots=True)
+class StateRow:
+    """A stored flow position as read (``flow_states``), the row a save updates."""
+
+    id: int
+    state: str
+    version: int
+    status: str
+    data: dict[str, Any] | None
+    updated_at: datetime | None
 
 
 class KeyedLocks:
@@ -86,7 +167,7 @@ async def advisory_lock(session: AsyncSession, identity: Identity) -> None:
                               {"key": advisory_key(*identity)})
 
 
-def identity_of(subscriber: Subscriber) -> Identity:
+def identity_of(subscriber: Subscriber | SubscriberRow) -> Identity:
     return subscriber.channel, subscriber.bot_id, subscriber.user_id
 
 
@@ -106,9 +187,9 @@ class Work:
 
     turns: Turns
     session: AsyncSession
-    subscriber: Subscriber
+    subscriber: Subscriber | SubscriberRow
     turn: Turn
-    rows: dict[str, FlowState]
+    rows: dict[str, StateRow]
 
     async def save(self, hold: timedelta | None = None,
                    in_reply: bool = False) -> list[Queued]:
@@ -151,18 +232,19 @@ class Turns:
         if hold is None:
             self.engine.on_commit()
 
-    async def load(self, session: AsyncSession, subscriber: Subscriber | int | None,
+    async def load(self, session: AsyncSession,
+                   subscriber: Subscriber | SubscriberRow | int | None,
                    checked: bool = False) -> Work | Skipped:
         """The subscriber's turn, or why flows must not act for them now: gone,
         unsubscribed, or "suppressed" while humans own the chat. ``checked``: the caller
         has looked at both already (the inbound chain, a broadcast batch)."""
-        if not isinstance(subscriber, Subscriber):
+        if subscriber is None or isinstance(subscriber, int):
             subscriber = await session.get(Subscriber, subscriber, populate_existing=True) \
                 if subscriber is not None else None
             if subscriber is None:
                 return "no-subscriber"
         if not checked:
-            if subscriber.status != "subscribed":
+            if subscriber.status != SubscriberStatus.SUBSCRIBED:
                 return "unsubscribed"
             if await open_conversation(session, subscriber.id) is not None:
                 return "suppressed"  # humans own the chat: flows must not interrupt them
@@ -178,13 +260,18 @@ class Turns:
         assert not isinstance(work, str)
         return work
 
-    async def _load_turn(self, session: AsyncSession,
-                         subscriber: Subscriber) -> tuple[Turn, dict[str, FlowState]]:
+    async def _load_turn(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow
+                         ) -> tuple[Turn, dict[str, StateRow]]:
         engine = self.engine
-        rows = {row.flow: row for row in (await session.scalars(
-            select(FlowState).where(FlowState.subscriber_id == subscriber.id))).all()}
-        tags = set((await session.scalars(select(SubscriberTag.tag).where(
-            SubscriberTag.subscriber_id == subscriber.id))).all())
+        connection = await direct(session)
+        rows: dict[str, StateRow] = {}
+        tags: set[str] = set()
+        loaded = await connection.execute(LOAD_TURN, {"b_sid": subscriber.id})
+        for name, *values in loaded.rows:
+            if values[0] is None:
+                tags.add(name)
+            else:
+                rows[name] = StateRow(*values)
         turn = Turn(
             subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
             channel=subscriber.channel,
@@ -201,62 +288,78 @@ class Turns:
         )
         return turn, rows
 
-    async def save(self, session: AsyncSession, subscriber: Subscriber, turn: Turn,
-                   rows: dict[str, FlowState], hold: timedelta | None = None,
+    async def save(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow,
+                   turn: Turn, rows: dict[str, StateRow], hold: timedelta | None = None,
                    in_reply: bool = False) -> list[Queued]:
-        """Persist a turn: positions, tags, attributes, timers and outbox rows.
+        """Persist a turn: positions, tags, attributes, timers and outbox rows, each kind
+        of row in one Core statement.
 
         ``in_reply``: the turn handles the customer's message, so what it sends answers it
         (``Outgoing.in_reply``); timers and shop events send proactively."""
         engine = self.engine
         now = turn.now
+        connection = await direct(session)
+        new_states: list[dict[str, Any]] = []
         for flow, position in turn.positions.items():
             if not position.changed:
                 continue
             row = rows.get(flow)
             left_timer = row is not None and may_have_timer(engine.flows, flow, row.state)
             if row is None:
-                session.add(FlowState(
-                    subscriber_id=subscriber.id, flow=flow, state=position.state,
-                    version=position.version, status=position.status, data=position.data,
-                    created_at=now, updated_at=now))
+                new_states.append({
+                    "subscriber_id": subscriber.id, "flow": flow, "state": position.state,
+                    "version": position.version, "status": position.status,
+                    "data": position.data, "created_at": now, "updated_at": now})
             else:
+                await connection.write(UPDATE_STATE, {
+                    "b_id": row.id, "state": position.state, "version": position.version,
+                    "status": position.status, "data": position.data, "updated_at": now})
                 row.state, row.version, row.status = (position.state, position.version,
                                                       position.status)
                 row.data, row.updated_at = position.data, now
             if not left_timer:
                 continue
             # Timers of the state instance this subscriber just left are void.
-            await session.execute(update(Job).where(
-                Job.subscriber_id == subscriber.id, Job.flow == flow,
-                Job.kind == "flow_timer", Job.status == "pending",
-            ).values(status="cancelled", finished_at=now, result="state-left"))
+            await connection.write(CANCEL_TIMERS, {
+                "b_sid": subscriber.id, "b_flow": flow, "b_now": now})
+        if new_states:
+            await connection.write(INSERT_STATES, new_states)
         original = turn.original_tags
-        for tag in turn.tags - original:
-            session.add(SubscriberTag(subscriber_id=subscriber.id, tag=tag))
+        added = turn.tags - original
+        if added:
+            await connection.write(INSERT_TAGS, [
+                {"subscriber_id": subscriber.id, "tag": tag} for tag in sorted(added)])
         removed = original - turn.tags
         if removed:
-            await session.execute(delete(SubscriberTag).where(
-                SubscriberTag.subscriber_id == subscriber.id, SubscriberTag.tag.in_(removed)))
+            await connection.flush()  # in order with the writes before it
+            await connection.connection.execute(delete(TAGS).where(
+                TAGS.c.subscriber_id == subscriber.id, TAGS.c.tag.in_(removed)))
         if turn.attributes_changed:
             subscriber.attributes = dict(turn.attributes)
             subscriber.updated_at = now
         if turn.locale != (subscriber.locale or engine.catalogs.default_locale):
             subscriber.locale = turn.locale
-        for flow, question, value in turn.answers:
-            session.add(Answer(subscriber_id=subscriber.id, flow=flow, question=question,
-                               value=value, created_at=now))
+        await write_subscriber(connection, subscriber)
+        if turn.answers:
+            await connection.write(INSERT_ANSWERS, [
+                {"subscriber_id": subscriber.id, "flow": flow, "question": question,
+                 "value": value, "created_at": now} for flow, question, value in turn.answers])
+        jobs: list[dict[str, Any]] = []
         for effect in turn.effects:
             if isinstance(effect, TimerEffect):
                 position = turn.positions[effect.flow]
-                if position.status == "active" and position.version == effect.version:
-                    session.add(Job(kind="flow_timer", subscriber_id=subscriber.id,
-                                    flow=effect.flow, due_at=effect.due_at, created_at=now,
-                                    payload={"state": effect.state,
-                                             "version": effect.version}))
+                if position.status == PositionStatus.ACTIVE and position.version == effect.version:
+                    jobs.append({"kind": "flow_timer", "subscriber_id": subscriber.id,
+                                 "flow": effect.flow, "due_at": effect.due_at,
+                                 "created_at": now, "payload": {
+                                     "state": effect.state, "version": effect.version}})
             elif isinstance(effect, JobEffect):
-                session.add(Job(kind=effect.kind, subscriber_id=subscriber.id,
-                                due_at=effect.due_at, created_at=now, payload=effect.payload))
+                jobs.append({"kind": effect.kind, "subscriber_id": subscriber.id,
+                             "flow": None, "due_at": effect.due_at, "created_at": now,
+                             "payload": effect.payload})
+        if jobs:
+            await connection.write(INSERT_JOBS, [
+                {"status": JobStatus.PENDING, "attempts": 0, **job} for job in jobs])
         effects = [e for e in turn.effects if isinstance(e, SendEffect)]
         sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:

@@ -1,8 +1,9 @@
 """Flows compiled into ``transitions`` state machines, one machine per flow definition.
 
-No subscriber owns a machine: per event the engine loads the subscriber's position, binds a
-throw-away model with ``add_model(model, initial=state)``, fires one trigger and removes the
-model again (``add_model`` is linear in the number of models, so keeping one per subscriber
+No subscriber owns a machine: per event the engine loads the subscriber's position and
+fires one trigger of the machine on a throw-away model that holds it (``Event.trigger``
+on the model: the model is never added to the machine, as ``add_model`` would bind a
+method per trigger and state to it on every event, and keeping one model per subscriber
 would not scale). The machine's callbacks only record steps; the flow then executes them:
 entering a state runs its actions (some of which reach the database) and records
 *effects* (messages, timers, flow starts) on the ``Turn``, which the engine persists in the
@@ -27,6 +28,7 @@ from bot_platform.flows.payloads import ButtonRef, PayloadCodec
 from bot_platform.flows.spec import FlowSpec, StateSpec
 from bot_platform.flows.turn import Position, SendEffect, TimerEffect, Turn, fill_url
 from bot_platform.i18n import Catalogs
+from bot_platform.statuses import PositionStatus
 from bot_platform.types import Button, Outgoing, QuickReply
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,12 @@ class _Model:
     callbacks only record steps here; the flow executes them afterwards (asynchronously,
     since actions may touch the database)."""
 
+    __slots__ = ("captured", "position", "state", "steps", "turn")
+
     def __init__(self, turn: Turn, position: Position) -> None:
         self.turn = turn
         self.position = position
+        self.state = position.state  # where the machine reads and moves the position
         self.captured: Any = None
         self.steps: list[_RunActions | _Enter | _Answer] = []
 
@@ -146,7 +151,7 @@ class CompiledFlow:
         state = self.spec.states[name]
         position.state = name
         position.version += 1
-        position.status = "active"
+        position.status = PositionStatus.ACTIVE
         position.changed = True
         position.updated_at = turn.now
         await run_actions(state.actions, turn, position)
@@ -159,7 +164,7 @@ class CompiledFlow:
             turn.effects.append(TimerEffect(self.name, name, position.version,
                                             turn.now + state.after.duration))
         if state.end:
-            position.status = "finished"
+            position.status = PositionStatus.FINISHED
 
     def render(self, name: str, turn: Turn) -> list[Outgoing]:
         """The state's messages in the turn's locale; buttons go on the last one."""
@@ -224,7 +229,7 @@ class CompiledFlow:
         """Follow immediate goto/branch moves until a state waits (or the flow ended)."""
         for _ in range(MAX_HOPS):
             state = self.spec.states[position.state]
-            if position.status != "active" or not (state.goto or state.branch):
+            if position.status != PositionStatus.ACTIVE or not (state.goto or state.branch):
                 return
             steps = self.transition(turn, position, "next")
             if steps is None:
@@ -250,20 +255,17 @@ class CompiledFlow:
 
     def transition(self, turn: Turn, position: Position, trigger: str,
                    **kwargs: Any) -> list[_RunActions | _Enter | _Answer] | None:
-        """Ask the machine where ``trigger`` leads from the stored state: bind a
-        throw-away model, fire, unbind. Returns the steps to execute, None if the trigger
-        does not apply there."""
-        if trigger not in self.machine.events:
+        """Ask the machine where ``trigger`` leads from the stored state, on a throw-away
+        model. Returns the steps to execute, None if the trigger does not apply there."""
+        event = self.machine.events.get(trigger)
+        if event is None:
             return None
         model = _Model(turn, position)
-        self.machine.add_model(model, initial=position.state)
         try:
-            if not model.trigger(trigger, **kwargs):
+            if not event.trigger(model, **kwargs):
                 return None
         except MachineError:
             return None
-        finally:
-            self.machine.remove_model(model)
         return model.steps
 
     def waits_for_choice(self, name: str) -> bool:
