@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform import handoff, outbox
 from bot_platform.broadcast_figures import stats as stats  # the API's figures
 from bot_platform.database import insert_ignore
-from bot_platform.engine import Engine
+from bot_platform.inbound import Engine
 from bot_platform.models import (
     Broadcast,
     BroadcastRecipient,

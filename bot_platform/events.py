@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 
 from bot_platform.database import insert_ignore
-from bot_platform.engine import Engine
+from bot_platform.inbound import Engine
 from bot_platform.models import Contact, CustomerEvent, Subscriber
 from bot_platform.statuses import SubscriberStatus
 from bot_platform.text import DbId, StorableJson, text

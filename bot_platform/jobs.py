@@ -20,7 +20,7 @@ from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.engine import Engine
+from bot_platform.inbound import Engine
 from bot_platform.job_batches import JobBatches
 from bot_platform.job_handlers import JobHandler, PreparedJobHandler
 from bot_platform.leases import Leases, backoff_delay

@@ -25,12 +25,12 @@ from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, listen
 from bot_platform.delivery import Delivery
-from bot_platform.engine import Engine
 from bot_platform.errors import FlowValidationError
 from bot_platform.flows.loading import validate_paths
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import SupportHours
 from bot_platform.i18n import Catalogs
+from bot_platform.inbound import Engine
 from bot_platform.jobs import Scheduler
 from bot_platform.outbox import WORK_CHANNEL, OutboxQueue
 from bot_platform.ratelimit import (

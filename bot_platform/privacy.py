@@ -63,7 +63,7 @@ from bot_platform.models import (
 from bot_platform.statuses import SubscriberStatus
 
 if TYPE_CHECKING:
-    from bot_platform.engine import Engine
+    from bot_platform.inbound import Engine
 
 FORGOTTEN = "forgotten"
 

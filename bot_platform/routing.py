@@ -19,7 +19,7 @@ from bot_platform.statuses import PositionStatus
 from bot_platform.types import Inbound, InboundKind, Outgoing
 
 if TYPE_CHECKING:
-    from bot_platform.engine import Engine
+    from bot_platform.inbound import Engine
 
 log = logging.getLogger(__name__)
 

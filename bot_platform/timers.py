@@ -25,7 +25,7 @@ from bot_platform.statuses import MessageStatus, PositionStatus, SubscriberStatu
 from bot_platform.types import Capabilities, Outgoing, fit_message
 
 if TYPE_CHECKING:
-    from bot_platform.engine import Engine
+    from bot_platform.inbound import Engine
 
 
 def may_have_timer(flows: FlowSet, flow: str, state: str) -> bool:

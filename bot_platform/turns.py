@@ -41,7 +41,7 @@ from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.types import Outgoing
 
 if TYPE_CHECKING:
-    from bot_platform.engine import Engine
+    from bot_platform.inbound import Engine
 
 Identity = tuple[str, str, str]  # channel, bot id, messenger user id
 Queued = tuple[int, Outgoing]  # outbox id, the part queued

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import Database
-from bot_platform.engine import Engine
 from bot_platform.events import dispatch
+from bot_platform.inbound import Engine
 from bot_platform.models import Job, Subscriber
 from bot_platform.statuses import JobStatus, SubscriberStatus
 

@@ -219,7 +219,7 @@ async def test_the_inbound_chain_sets_bot_channel_and_subscriber(telegram, fake)
     original = telegram.engine.step_flows
 
     async def step_flows(context, call_next) -> None:
-        logging.getLogger("bot_platform.engine").info("flows step")
+        logging.getLogger("bot_platform.inbound").info("flows step")
         await original(context, call_next)
 
     telegram.engine.steps[telegram.engine.steps.index(original)] = step_flows

@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.ai.assistant import Assistant, Decision, mask_pii
 from bot_platform.ai.knowledge import LiveKnowledge
-from bot_platform.engine import Engine
 from bot_platform.flows.turn import Escalation, SendEffect
+from bot_platform.inbound import Engine
 from bot_platform.models import Job, Subscriber
 from bot_platform.types import Outgoing
 
