@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
-from bot_platform.database import Database, Direct, direct, insert_ignore
+from bot_platform.database import Database, insert_ignore
+from bot_platform.direct import Direct, direct
 from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import OPEN, HandoffRules

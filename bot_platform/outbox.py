@@ -25,7 +25,8 @@ from sqlalchemy import and_, exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
-from bot_platform.database import Database, insert_linked
+from bot_platform.database import Database
+from bot_platform.direct import insert_linked
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing, fit_message

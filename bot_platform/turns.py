@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import bindparam, delete, insert, literal, null, select, text, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.database import Direct, direct
+from bot_platform.direct import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
