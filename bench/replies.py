@@ -10,7 +10,8 @@ process) enforces with 429s. ``--recipients`` subscribers are bulk-loaded as in
 ``bench/broadcast.py``. ``--users`` new users arrive evenly over ``--duration`` seconds,
 each going through ``bench/inbound.py``'s quiz (/start, "quiz", two buttons, an age) as
 webhook POSTs; latency = POST start -> first message of the answer at the fake. Then the
-broadcast starts and, from its first send on, the same users and pacing run again.
+broadcast starts and, from its first send on, the same users and pacing run again,
+``--windows`` times (the first window is mostly while the broadcast is still queued).
 
     .venv/bin/python bench/replies.py [--recipients 100000] [--users 20] [--duration 25]
 """
@@ -78,19 +79,22 @@ class Generator(LoadGenerator):
 
 
 async def users(generator: Generator, target: Target, counts: tuple[int, ...],
-                args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """``--users`` quizzes started evenly over ``--duration`` s, and the broadcast's
-    sends/s meanwhile."""
+                args: argparse.Namespace, label: str, children: list[Child]) -> dict[str, Any]:
+    """``--users`` quizzes started evenly over ``--duration`` s, the broadcast's sends/s
+    and the platform's CPU meanwhile (a busy core, or replies waiting in a queue?)."""
     rate = args.users * len(STEPS) / args.duration
     bulk_before = generator.bulk
+    cpu_before = sum(child.cpu_seconds() for child in children)
     phase: Phase = await generator.open_loop(target, counts, rate, args.duration,
                                               args.users)
     summary = phase.summary()
-    summary.update(phase=label,
+    cpu = sum(child.cpu_seconds() for child in children) - cpu_before
+    summary.update(phase=label, platform_cpu_percent=round(100 * cpu / phase.seconds),
                    broadcast_sent_per_s=(generator.bulk - bulk_before) / phase.seconds)
     print(f"  {label}: {summary['updates']} replies, p50 {summary['p50_ms'] or 0:.0f} ms, "
           f"p99 {summary['p99_ms'] or 0:.0f} ms, broadcast "
-          f"{summary['broadcast_sent_per_s']:.0f}/s", file=sys.stderr)
+          f"{summary['broadcast_sent_per_s']:.0f}/s, platform CPU "
+          f"{summary['platform_cpu_percent']}% of a core", file=sys.stderr)
     return summary
 
 
@@ -123,7 +127,7 @@ async def run_setup(setup: str, args: argparse.Namespace, generator: Generator,
         target = Target(f"http://127.0.0.1:{port}/webhooks/telegram/{BOT_ID}")
         counts = await generator.calibrate(target)
         await generator.quiet()
-        alone = await users(generator, target, counts, args, "no broadcast")
+        alone = await users(generator, target, counts, args, "no broadcast", children)
         await generator.quiet()
         started = time.monotonic()
         await start_broadcast(database_url, broadcast_id)
@@ -132,13 +136,18 @@ async def run_setup(setup: str, args: argparse.Namespace, generator: Generator,
                 raise BenchError("the broadcast sent nothing in 120 s")
             await asyncio.sleep(0.05)
         first_send = time.monotonic() - started
-        during = await users(generator, target, counts, args, "during the broadcast")
-        during.update(first_broadcast_send_s=first_send, broadcast_sent_by_end=generator.bulk)
+        phases = [alone]
+        for n in range(args.windows):  # the first one mostly while it is still queued
+            end = (n + 1) * args.duration
+            during = await users(generator, target, counts, args,
+                                 f"broadcast {end - args.duration:.0f}-{end:.0f} s", children)
+            during.update(first_broadcast_send_s=first_send, broadcast_sent_by_end=generator.bulk)
+            phases.append(during)
         for child in children:
             if child.popen.poll() is not None:
                 raise BenchError(f"{child.name} died during the run:\n{child.tail()}")
         return [{"setup": setup, "recipients": args.recipients, "limit": args.limit, **r}
-                for r in (alone, during)]
+                for r in phases]
     finally:
         stop(children)
         for child in children:
@@ -151,17 +160,22 @@ async def run_setup(setup: str, args: argparse.Namespace, generator: Generator,
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'setup':<9} {'phase':<21} {'replies':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'max ms':>7} {'errors':>6} {'broadcast sent/s':>16}")
+    print(f"{'setup':<9} {'phase':<20} {'replies':>7} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'max ms':>7} {'errors':>6} {'broadcast sent/s':>16} {'platform CPU':>12}")
     for r in results:
-        print(f"{r['setup']:<9} {r['phase']:<21} {r['updates']:>7} {r['p50_ms'] or 0:>7.0f} "
+        print(f"{r['setup']:<9} {r['phase']:<20} {r['updates']:>7} {r['p50_ms'] or 0:>7.0f} "
               f"{r['p99_ms'] or 0:>7.0f} {r['max_ms'] or 0:>7.0f} "
-              f"{sum(r['errors'].values()):>6} {r['broadcast_sent_per_s']:>16.0f}")
-    for alone, during in zip(results[::2], results[1::2], strict=True):
-        if alone["p50_ms"] and during["p50_ms"]:
-            print(f"{alone['setup']}: during / without: p50 x"
-                  f"{during['p50_ms'] / alone['p50_ms']:.2f}, p99 x"
-                  f"{during['p99_ms'] / alone['p99_ms']:.2f}")
+              f"{sum(r['errors'].values()):>6} {r['broadcast_sent_per_s']:>16.0f} "
+              f"{r['platform_cpu_percent']:>11}%")
+    alone: dict[str, Any] = {}
+    for r in results:
+        if r["phase"] == "no broadcast":
+            alone = r
+        elif alone.get("p50_ms") and r["p50_ms"]:
+            print(f"{r['setup']}, {r['phase']} / no broadcast: p50 x"
+                  f"{r['p50_ms'] / alone['p50_ms']:.1f}, p99 x"
+                  f"{r['p99_ms'] / alone['p99_ms']:.1f}; broadcast sent "
+                  f"{r['broadcast_sent_by_end']} by the window's end")
 
 
 async def main() -> dict[str, Any]:
@@ -170,6 +184,8 @@ async def main() -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=1000, help="the bot's messages/s")
     parser.add_argument("--users", type=int, default=20, help="quizzes per phase")
     parser.add_argument("--duration", type=float, default=25.0, help="seconds per phase")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="phases of --duration s each while the broadcast runs")
     parser.add_argument("--setups", default="sqlite", help="comma-separated: sqlite, postgres")
     parser.add_argument("--batch", type=int, default=1000, help="rows held per worker")
     parser.add_argument("--concurrency", type=int, default=128, help="sends in flight/worker")
