@@ -86,10 +86,11 @@ class BenchError(Exception):
 # ---- the fake Bot API, in a child process --------------------------------------------------
 
 
-def serve_fake() -> None:
+def serve_fake(limit: float | None = None) -> None:
     """The child process: the tests' fake, plus ``GET /bench/sends``, a never-ending stream
     of one JSON line per message it accepted (chat, arrival time, callback buttons), so the
-    load generator learns of every answer at once without polling."""
+    load generator learns of every answer at once without polling. ``limit``: sends/s
+    beyond which it answers 429 (``bench/replies.py``; none here)."""
     from aiohttp import web
 
     from tests.fakes.telegram_api import Call, FakeTelegramServer
@@ -146,6 +147,8 @@ def serve_fake() -> None:
 
     async def main() -> None:
         fake = await StreamingFake().start()
+        if limit:
+            fake.rate_limit(per_second=limit, retry_after=1)
         print(fake.url, flush=True)
         await asyncio.Event().wait()
 
@@ -769,8 +772,8 @@ async def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve-fake"]:
-        serve_fake()
+    if sys.argv[1:2] == ["--serve-fake"]:
+        serve_fake(float(sys.argv[2]) if len(sys.argv) > 2 else None)
     else:
         # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the child processes.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
