@@ -11,7 +11,9 @@ across a messenger call.
 
 Interactive rows (replies, timers, agents' messages: not a broadcast's) go first: they are
 claimed by a pipeline of their own and take the next rate-limit slot before a
-broadcast's rows (``Pacer``). A reply waits for a slot, not for the broadcast.
+broadcast's rows (``Pacer``). A reply waits for a slot, not for the broadcast. While
+the engine has turns in flight in this process, a broadcast's row waits briefly before its
+send (``bot_platform.pressure``): they share the event loop and, on SQLite, the connection.
 
 Results are written by group commit: every sender waits until its own row is committed,
 but rows that finish together share one transaction. A database that goes away (a
@@ -38,6 +40,7 @@ from bot_platform.logs import log_context
 from bot_platform.metrics import Metrics
 from bot_platform.outbox_claims import ClaimedRow, OutboxClaims, Outcome
 from bot_platform.pipeline import Finished, Pipeline
+from bot_platform.pressure import InteractivePressure
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter
 from bot_platform.statuses import SubscriberStatus
 from bot_platform.types import Outgoing, SendResult, SendStatus, past_window
@@ -125,6 +128,8 @@ class Delivery:
         self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes))
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
+        # The engine's turns in flight in this process (the platform shares its own).
+        self.pressure = InteractivePressure()
 
     # ---- what the outbox holds for this worker ------------------------------------------
 
@@ -272,6 +277,8 @@ class Delivery:
         assert isinstance(channel, SupportsSendMany)  # _batchable grouped only such rows
         limits = limits_for(channel, self.bots(first.channel, first.bot_id))
         bot_only = Limits(per_bot=limits.per_bot, per_chat=math.inf)
+        if not first.urgent:
+            await self.pressure.yield_to_interactive()
         delay = await self._take_slot(f"{first.channel}:{first.bot_id}", "*", bot_only,
                                       first.urgent)
         if delay > MAX_LIMITER_WAIT:
@@ -333,6 +340,8 @@ class Delivery:
                 return SendStatus.OUTSIDE_WINDOW
             message = passed
         limits = limits_for(channel, self.bots(row.channel, row.bot_id))
+        if row.broadcast_id is not None and not row.urgent:
+            await self.pressure.yield_to_interactive()
         delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits,
                                       row.urgent)
         if delay > MAX_LIMITER_WAIT:

@@ -38,6 +38,7 @@ from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
 from bot_platform.models import Contact, Conversation, Message, ProcessedEvent, Subscriber
 from bot_platform.outbox import OutboxQueue
+from bot_platform.pressure import InteractivePressure
 from bot_platform.privacy import event_key
 from bot_platform.routing import Router
 from bot_platform.statuses import MessageStatus, SubscriberStatus
@@ -125,6 +126,8 @@ class Engine:
         self.public_url: str | None = None  # where tracked links redirect through /r/
         self.random = random.Random()  # games draw from this (tests may seed it)
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
+        # Turns in flight; delivery's broadcast rows yield to them (shared by the platform).
+        self.pressure = InteractivePressure()
         # The parts a turn goes through, each in the module named for what it owns.
         self.turns = Turns(self)  # per-subscriber isolation, loading and saving turns
         self.handoff = HandoffRules()  # the words that reach a human, support hours
@@ -148,7 +151,8 @@ class Engine:
         ``release`` is called), so a webhook can answer with one of them itself."""
         context = EventContext(inbound, hold=hold)  # made storable by its validators
         self.metrics.inbound_event(context.inbound.channel, str(context.inbound.kind))
-        with log_context(bot=context.inbound.bot_id, channel=context.inbound.channel):
+        with (self.pressure.turn(),
+              log_context(bot=context.inbound.bot_id, channel=context.inbound.channel)):
             await self._composed()(context)
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,

@@ -133,6 +133,7 @@ class Platform:
                               self.worker_id)
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
+        delivery.pressure = self.engine.pressure  # broadcasts yield to this process's turns
         # A channel may keep some of its rows from this process (the console: a terminal
         # user's messages are shown only by that user's ``botp chat``).
         scopes = [adapter.claim_scope for adapter in self.channels.values()

@@ -1,0 +1,84 @@
+"""Broadcast rows yield to this process's turns in flight (issue 15, item 0): in one
+``botp run`` process a broadcast's sends share the event loop and the SQLite connection
+with the webhooks' turns. A bulk row's send waits while a turn runs (at most the cap);
+an interactive row never waits. Orders of events, no wall clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bot_platform.clock import SystemClock
+from bot_platform.config import BotConfig, WorkerSettings
+from bot_platform.delivery import Delivery
+from bot_platform.outbox_claims import ClaimedRow
+from bot_platform.pressure import InteractivePressure
+from bot_platform.ratelimit import MemoryRateLimiter
+from bot_platform.statuses import SubscriberStatus
+from bot_platform.types import SendResult
+from tests.support.scripted import ScriptedChannel, start
+
+
+def delivery_with(channel: ScriptedChannel, pressure: InteractivePressure) -> Delivery:
+    delivery = Delivery(None, lambda name, bot: channel, lambda name, bot: None,  # type: ignore[arg-type]
+                        MemoryRateLimiter(), SystemClock(), WorkerSettings(), "w1")
+    delivery.pressure = pressure
+    delivery._still_ours = lambda row: True  # type: ignore[method-assign]
+
+    async def record(row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
+        pass
+
+    delivery.record = record  # type: ignore[method-assign]
+    return delivery
+
+
+def row(id: int, recipient: str, broadcast_id: int | None, urgent: bool) -> ClaimedRow:
+    return ClaimedRow(id=id, message_id=id, subscriber_id=id, channel="scripted", bot_id="b1",
+                      recipient=recipient, payload={"text": recipient}, attempts=0,
+                      subscriber_status=SubscriberStatus.SUBSCRIBED, last_inbound_at=None,
+                      broadcast_id=broadcast_id, urgent=urgent)
+
+
+async def settle(turns: int = 20) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_a_broadcast_row_waits_for_the_turn_in_flight_a_reply_does_not() -> None:
+    channel = ScriptedChannel()
+    pressure = InteractivePressure(max_wait=3600)  # the cap never decides here
+    delivery = delivery_with(channel, pressure)
+    with pressure.turn():
+        bulk = asyncio.create_task(delivery.deliver(row(1, "bulk", 7, urgent=False)))
+        await delivery.deliver(row(2, "reply", None, urgent=True))
+        await settle()
+        assert [r for r, _, _ in channel.calls] == ["reply"]
+        assert not bulk.done()
+    await bulk
+    assert [r for r, _, _ in channel.calls] == ["reply", "bulk"]
+
+
+async def test_a_broadcast_row_waits_at_most_the_cap() -> None:
+    """A constant stream of webhooks cannot starve a broadcast."""
+    channel = ScriptedChannel()
+    pressure = InteractivePressure(max_wait=0)
+    delivery = delivery_with(channel, pressure)
+    with pressure.turn():
+        await delivery.deliver(row(1, "bulk", 7, urgent=False))
+        assert [r for r, _, _ in channel.calls] == ["bulk"]
+
+
+async def test_the_engine_counts_its_turns_and_the_platform_shares_them(make_platform
+                                                                         ) -> None:
+    platform = await make_platform(bots=[BotConfig(id="b1", channel="scripted")],
+                                   channel_overrides={("scripted", "b1"): ScriptedChannel()})
+    assert platform.worker.delivery.pressure is platform.engine.pressure
+    seen: list[int] = []
+
+    async def watch(context, call_next) -> None:
+        seen.append(platform.engine.pressure.in_flight)
+        await call_next(context)
+
+    platform.engine.steps.insert(0, watch)
+    await platform.engine.handle(start())
+    assert seen == [1]
+    assert platform.engine.pressure.in_flight == 0
