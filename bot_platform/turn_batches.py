@@ -28,7 +28,7 @@ from sqlalchemy import BigInteger, and_, bindparam, delete, insert, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
+from bot_platform.flows.turn import JobEffect, SendEffect, TimerEffect
 from bot_platform.handoff import OPEN
 from bot_platform.models import Answer, Conversation, FlowState, Job, Subscriber, SubscriberTag
 from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
@@ -87,7 +87,6 @@ async def preload(turns: Turns, session: AsyncSession,
             SubscriberTag.subscriber_id, SubscriberTag.tag).where(
             SubscriberTag.subscriber_id.in_(ids)))).all():
         tags.setdefault(subscriber_id, set()).add(tag)
-    engine = turns.engine
     for subscriber_id in ids:
         subscriber = subscribers.get(subscriber_id)
         if subscriber is None:
@@ -98,22 +97,8 @@ async def preload(turns: Turns, session: AsyncSession,
             found[subscriber_id] = "suppressed"
         else:
             states = rows.get(subscriber_id, {})
-            own_tags = tags.get(subscriber_id, set())
-            turn = Turn(
-                subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
-                channel=subscriber.channel,
-                locale=subscriber.locale or engine.catalogs.default_locale,
-                now=engine.clock.now(),
-                attributes=dict(subscriber.attributes or {}), tags=set(own_tags),
-                original_tags=own_tags,
-                profile={"first_name": subscriber.first_name,
-                         "last_name": subscriber.last_name,
-                         "username": subscriber.username},
-                positions={flow: Position(flow, row.state, row.version, row.status,
-                                          dict(row.data or {}), row.updated_at)
-                           for flow, row in states.items()},
-                session=session, services=engine,
-            )
+            turn = turns.new_turn(session, subscriber, states,
+                                  tags.get(subscriber_id, set()))
             found[subscriber_id] = Work(turns, session, subscriber, turn, states)
     session.info.setdefault(PRELOADED, {}).update(found)
     return found

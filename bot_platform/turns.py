@@ -262,7 +262,6 @@ class Turns:
 
     async def _load_turn(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow
                          ) -> tuple[Turn, dict[str, StateRow]]:
-        engine = self.engine
         connection = await direct(session)
         rows: dict[str, StateRow] = {}
         tags: set[str] = set()
@@ -272,7 +271,13 @@ class Turns:
                 tags.add(name)
             else:
                 rows[name] = StateRow(*values)
-        turn = Turn(
+        return self.new_turn(session, subscriber, rows, tags), rows
+
+    def new_turn(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow,
+                 rows: Mapping[str, StateRow | FlowState], tags: set[str]) -> Turn:
+        """A turn from what was loaded (one subscriber here, many in ``turn_batches``)."""
+        engine = self.engine
+        return Turn(
             subscriber_id=subscriber.id, contact_id=subscriber.contact_id,
             channel=subscriber.channel,
             locale=subscriber.locale or engine.catalogs.default_locale,
@@ -286,7 +291,6 @@ class Turns:
                        for flow, row in rows.items()},
             session=session, services=engine,
         )
-        return turn, rows
 
     async def save(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow,
                    turn: Turn, rows: dict[str, StateRow], hold: timedelta | None = None,
