@@ -36,6 +36,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.fakes.openai_api import FakeOpenAIServer
+from tests.support.ai import settings_for
 from tests.support.engine import Chat
 
 QUESTION = "how much is delivery?"
@@ -60,12 +61,6 @@ class BillingFake(FakeOpenAIServer):
 async def fake() -> Any:
     async with BillingFake() as server:
         yield server
-
-
-def ai_settings(fake: FakeOpenAIServer, **overrides: Any) -> AiSettings:
-    values: dict[str, Any] = {"enabled": True, "base_url": fake.url, "model": "fake-model",
-                              "timeout": 2.0, "faq_dir": ROOT / "faq", **overrides}
-    return AiSettings(**values)
 
 
 async def one_reservation(fake: FakeOpenAIServer, settings: AiSettings,
@@ -126,9 +121,9 @@ async def test_concurrent_reservations_never_exceed_the_limit(db_url: str) -> No
 
 async def test_concurrent_questions_in_one_process_spend_at_most_the_budget(
         tmp_path: Path, fake: BillingFake) -> None:
-    settings = ai_settings(fake)
+    settings = settings_for(fake)
     each = await one_reservation(fake, settings)
-    settings = ai_settings(fake, monthly_token_budget=5 * each + each // 2)
+    settings = settings_for(fake, monthly_token_budget=5 * each + each // 2)
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/budget.sqlite3")
     await db.create_all()
     client = make_client(settings)
@@ -152,7 +147,7 @@ async def test_concurrent_questions_in_one_process_spend_at_most_the_budget(
 
 async def test_a_failed_call_gives_its_reservation_back_and_a_timeout_keeps_it(
         fake: BillingFake) -> None:
-    settings = ai_settings(fake, timeout=0.5)
+    settings = settings_for(fake, timeout=0.5)
     budget = MemoryTokenBudget()
     client = make_client(settings)
     assistant = Assistant(settings, client, Knowledge.load(ROOT / "faq"), budget)
@@ -187,7 +182,7 @@ async def _ready_chat(platform: Any, user: str) -> Chat:
 
 async def test_a_subscriber_over_the_hourly_limit_gets_the_fallback_without_a_call(
         make_platform, fake: BillingFake) -> None:
-    platform = await make_platform(ai=ai_settings(fake, answers_per_hour=2))
+    platform = await make_platform(ai=settings_for(fake, answers_per_hour=2))
     chat = await _ready_chat(platform, "u1")
     for _ in range(2):
         fake.reply_json(action="answer", confidence=0.9, text="We ship within 24 hours.")
@@ -235,7 +230,7 @@ def test_mask_pii_masks_cards_ibans_emails_and_phones_but_not_dates_or_prices() 
 @pytest.mark.parametrize("masking", [True, False])
 async def test_personal_data_stays_in_the_platform(make_platform, fake: BillingFake,
                                                    masking: bool) -> None:
-    platform = await make_platform(ai=ai_settings(fake, mask_personal_data=masking))
+    platform = await make_platform(ai=settings_for(fake, mask_personal_data=masking))
     chat = await _ready_chat(platform, "u1")
     fake.reply_json(action="escalate", confidence=1)
     await chat.say(MESSAGE)
@@ -258,10 +253,10 @@ async def test_fifty_questions_over_three_processes_make_at_most_five_calls(
     PostgreSQL answer, the budget holds 5 calls (each billed its full reservation)."""
     async with fresh_postgres_database() as url, BillingFake() as fake:
         await asyncio.to_thread(upgrade, url)
-        platform = TestPlatform(make_settings(url, ai=ai_settings(fake)), clock=SystemClock())
+        platform = TestPlatform(make_settings(url, ai=settings_for(fake)), clock=SystemClock())
         await platform.start()
         fake.latency = 0.3  # calls overlap across the processes
-        each = await one_reservation(fake, ai_settings(fake), {
+        each = await one_reservation(fake, settings_for(fake), {
             name: flow.spec.intent for name, flow in platform.engine.flows.flows.items()
             if flow.spec.intent})
         limit = 5 * each + each // 2

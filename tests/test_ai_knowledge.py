@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from bot_platform.ai.assistant import Assistant, make_client
-from bot_platform.ai.config import AiSettings
 from bot_platform.ai.knowledge import Knowledge, LiveKnowledge, tokens
 from bot_platform.apikeys import create_key
 from bot_platform.catalog import ProductIn, upsert_products
@@ -21,6 +20,7 @@ from bot_platform.clock import ManualClock
 from bot_platform.database import Database
 from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer
+from tests.support.ai import settings_for
 from tests.support.engine import Chat
 
 RICH = {"sku": "rich", "title": "Rich moisturiser", "url": "https://shop.example.com/rich",
@@ -31,12 +31,6 @@ RICH = {"sku": "rich", "title": "Rich moisturiser", "url": "https://shop.example
 async def fake() -> Any:
     async with FakeOpenAIServer() as server:
         yield server
-
-
-def ai_settings(fake: FakeOpenAIServer, **overrides: Any) -> AiSettings:
-    values: dict[str, Any] = {"enabled": True, "base_url": fake.url, "model": "fake-model",
-                              "timeout": 2.0, "faq_dir": ROOT / "faq", **overrides}
-    return AiSettings(**values)
 
 
 def price_in(prompt: str, price: str) -> bool:
@@ -72,7 +66,7 @@ def test_a_question_finds_its_locales_faq_or_the_default_ones(question: str, loc
 
 async def test_a_polish_question_gets_polish_context_and_a_polish_answer_asked_for(
         fake: FakeOpenAIServer) -> None:
-    settings = ai_settings(fake)
+    settings = settings_for(fake)
     client = make_client(settings)
     try:
         for question, locale, expected in [
@@ -151,9 +145,9 @@ async def test_a_price_changed_through_one_process_is_in_the_next_prompt_of_ever
         make_platform, postgres_url: str, fake: FakeOpenAIServer) -> None:
     """Two platform instances on one PostgreSQL database (as a web and a worker process
     are): the price changes through A's admin API; B's next prompt, and A's, carry it."""
-    a = await make_platform(database_url=postgres_url, ai=ai_settings(fake),
+    a = await make_platform(database_url=postgres_url, ai=settings_for(fake),
                             clock=ManualClock())
-    b = await make_platform(database_url=postgres_url, ai=ai_settings(fake),
+    b = await make_platform(database_url=postgres_url, ai=settings_for(fake),
                             clock=ManualClock())
     _, key = await create_key(a.db, name="shop", role="marketer", now=a.clock.now())
     headers = {"Authorization": f"Bearer {key}"}

@@ -16,8 +16,9 @@ from tests.fakes.openai_api import FakeOpenAIServer
 
 
 def settings_for(fake: FakeOpenAIServer, **overrides: Any) -> AiSettings:
-    return AiSettings(enabled=True, base_url=fake.url, model="fake-model", timeout=2.0,
-                      faq_dir=ROOT / "faq", **overrides)
+    values: dict[str, Any] = {"enabled": True, "base_url": fake.url, "model": "fake-model",
+                              "timeout": 2.0, "faq_dir": ROOT / "faq", **overrides}
+    return AiSettings(**values)
 
 
 RICH = Source("Rich moisturiser", "Price: 29.00 EUR. dry skin", 29.0, "EUR",
