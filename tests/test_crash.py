@@ -4,8 +4,6 @@ every pending timer exactly once and sends a claimed-but-unsent message exactly 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -13,11 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from bot_platform.clock import SystemClock
-from bot_platform.migrations import upgrade
 from bot_platform.models import Job, Outbox
-from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
+from tests.conftest import wait_for
 from tests.fakes.relay import FakeRelayServer
+from tests.support.crash import crash_run
 
 pytestmark = pytest.mark.slow
 
@@ -37,25 +34,8 @@ CRASH_FLOW = textwrap.dedent("""
 
 @pytest.fixture
 async def crash_setup(tmp_path: Path):
-    relay = await FakeRelayServer().start()
-    flows = tmp_path / "flows"
-    flows.mkdir()
-    (flows / "crash.yaml").write_text(CRASH_FLOW)
-    url = f"sqlite+aiosqlite:///{tmp_path}/crash.sqlite3"
-    await asyncio.to_thread(upgrade, url)
-    bots = [{"id": "console", "channel": "console", "api_base": relay.url}]
-    env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_FLOWS_DIR": str(flows),
-           "BOTP_LOCALES_DIR": str(ROOT / "locales"), "BOTP_BOTS": json.dumps(bots),
-           "BOTP_WORKER__LEASE_SECONDS": "2", "BOTP_WORKER__POLL_INTERVAL": "0.1",
-           "BOTP_LOG_LEVEL": "WARNING"}
-    settings = make_settings(url, flows_dir=flows)
-    platform = TestPlatform(settings, clock=SystemClock())
-    await platform.start()
-    worker = WorkerProcess(env)
-    yield platform, relay, worker
-    worker.stop()
-    await platform.close()
-    await relay.close()
+    async with crash_run(tmp_path, CRASH_FLOW) as run:
+        yield run.platform, run.relay, run.worker
 
 
 async def count(platform, query) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import textwrap
 from collections import Counter
 from datetime import timedelta
@@ -17,12 +16,11 @@ import pytest
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bot_platform.clock import SystemClock
 from bot_platform.jobs import Scheduler
-from bot_platform.migrations import upgrade
 from bot_platform.models import Answer, FlowState, Job, Outbox, Subscriber, SubscriberTag
-from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
+from tests.conftest import TestPlatform, WorkerProcess, wait_for
 from tests.fakes.relay import FakeRelayServer
+from tests.support.crash import crash_run
 
 DAY = timedelta(days=1, seconds=1)
 
@@ -225,20 +223,12 @@ async def test_a_worker_killed_mid_batch_fires_each_timer_once(tmp_path: Path) -
     """A real ``botp worker`` is killed while it holds claimed timers (some batches
     committed, the rest in hand); started again, it fires every timer exactly once:
     one ``done`` mark and one queued message each."""
-    relay = await FakeRelayServer().start()
-    flows = tmp_path / "flows"
-    flows.mkdir()
-    (flows / "crash.yaml").write_text(CRASH_FLOW)
-    url = f"sqlite+aiosqlite:///{tmp_path}/crash.sqlite3"
-    await asyncio.to_thread(upgrade, url)
-    bots = [{"id": "console", "channel": "console", "api_base": relay.url}]
-    env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_FLOWS_DIR": str(flows),
-           "BOTP_LOCALES_DIR": str(ROOT / "locales"), "BOTP_BOTS": json.dumps(bots),
-           "BOTP_WORKER__LEASE_SECONDS": "2", "BOTP_WORKER__POLL_INTERVAL": "0.1",
-           "BOTP_LOG_LEVEL": "WARNING"}
-    platform = TestPlatform(make_settings(url, flows_dir=flows), clock=SystemClock())
-    await platform.start()
-    worker = WorkerProcess(env)
+    async with crash_run(tmp_path, CRASH_FLOW) as run:
+        await _killed_mid_batch(run.platform, run.relay, run.worker, run.url)
+
+
+async def _killed_mid_batch(platform: TestPlatform, relay: FakeRelayServer,
+                            worker: WorkerProcess, url: str) -> None:
     reader = create_async_engine(url)
     try:
         users = [f"u{n}" for n in range(400)]
@@ -280,10 +270,7 @@ async def test_a_worker_killed_mid_batch_fires_each_timer_once(tmp_path: Path) -
         assert fired == len(users)
         assert set(r["recipient"] for r in relay.received) <= set(users)
     finally:
-        worker.stop()
         await reader.dispose()
-        await platform.close()
-        await relay.close()
 
 
 CHAIN = textwrap.dedent("""
