@@ -17,9 +17,10 @@ from sqlalchemy import select
 
 from admin_api.errors import unprocessable
 from admin_api.security import ADMIN, PlatformDep, roles
-from bot_platform.channels import BUILTIN_CHANNELS, Redactor, SupportsSetup, messenger_channels
+from bot_platform.channels import BUILTIN_CHANNELS, SupportsSetup, messenger_channels
 from bot_platform.models import BotRecord
 from bot_platform.platform import Platform
+from bot_platform.redaction import Redactor
 
 log = logging.getLogger(__name__)
 

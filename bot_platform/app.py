@@ -41,7 +41,6 @@ from bot_platform.channels import (
     SupportsMessageReply,
     SupportsReply,
     WebhookRequest,
-    install_log_redaction,
 )
 from bot_platform.errors import (
     BadPayload,
@@ -53,6 +52,7 @@ from bot_platform.errors import (
 )
 from bot_platform.metrics import Metrics, WebhookCounter, exposition, may_scrape, metrics_of
 from bot_platform.platform import Platform
+from bot_platform.redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from bot_platform.channels import (
     SupportsSetup,
     connects,
     load_channel_factory,
-    redact_secrets,
 )
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database
 from bot_platform.errors import BadToken
 from bot_platform.models import BotRecord
+from bot_platform.redaction import redact_secrets
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ T = TypeVar("T")
 
 
 def _setup_logging(settings: Settings, quiet: bool = False) -> None:
-    from bot_platform.channels import install_log_redaction
     from bot_platform.logs import handler
+    from bot_platform.redaction import install_log_redaction
 
     logging.basicConfig(level=logging.WARNING if quiet else settings.log_level.upper(),
                         handlers=[handler(settings.log_format)])  # text, or JSON lines

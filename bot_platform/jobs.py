@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
@@ -26,6 +25,7 @@ from bot_platform.job_handlers import JobHandler, PreparedJobHandler
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Job, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
+from bot_platform.redaction import redact_secrets
 from bot_platform.statuses import JobStatus
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,13 @@ from sqlalchemy import and_, bindparam, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from bot_platform.channels import redact_secrets
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.outbox import hold_rows, skip_rows
+from bot_platform.redaction import redact_secrets
 from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, SubscriberStatus
 from bot_platform.types import SendResult, SendStatus
 

@@ -57,7 +57,6 @@ from bot_platform.channels import (
     HandledEvent,
     InboundHandler,
     LongPayloads,
-    Redactor,
     WebhookReply,
     WebhookRequest,
 )
@@ -65,6 +64,7 @@ from bot_platform.config import BotConfig
 from bot_platform.edge import load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.kv import KeyValueStore
+from bot_platform.redaction import Redactor
 from bot_platform.text import utf16_len
 from bot_platform.types import (
     Capabilities,

@@ -37,7 +37,6 @@ from bot_platform.channels import (
     ChannelDeps,
     HandledEvent,
     LongPayloads,
-    Redactor,
     WebhookReply,
     WebhookRequest,
 )
@@ -45,6 +44,7 @@ from bot_platform.config import BotConfig
 from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
 from bot_platform.kv import KeyValueStore
+from bot_platform.redaction import Redactor
 from bot_platform.types import (
     Capabilities,
     Card,

@@ -175,7 +175,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
 
 
 def test_json_lines_carry_the_context_and_never_a_token() -> None:
-    from bot_platform.channels import remember_secrets
+    from bot_platform.redaction import remember_secrets
 
     secret = "987654:JSON-log-secret-token-xyz"
     remember_secrets(secret)

@@ -20,9 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from bot_platform.apikeys import create_key
-from bot_platform.channels import REDACTED, Redactor, redact_secrets, remember_secrets
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.models import Base, Outbox, Subscriber
+from bot_platform.redaction import REDACTED, Redactor, redact_secrets, remember_secrets
 from tests.conftest import wait_for
 from tests.fakes.leaky import LeakyMessenger
 from tests.support.telegram import message_update
