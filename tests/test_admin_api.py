@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from bot_platform.apikeys import create_key
-from tests.conftest import ROOT
 from tests.support.engine import Chat
+from tests.support.platform import ROOT
 
 ROLES = ("admin", "marketer", "agent")
 
@@ -161,7 +161,7 @@ async def test_subscribers_list_profile_update_export_and_forget(api) -> None:
 def test_openapi_document_lists_the_admin_routes(tmp_path: Path) -> None:
     import asyncio
 
-    from tests.conftest import TestPlatform, make_settings
+    from tests.support.platform import TestPlatform, make_settings
 
     async def document() -> dict:
         platform = TestPlatform(make_settings(f"sqlite+aiosqlite:///{tmp_path}/o.sqlite3"))

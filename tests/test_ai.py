@@ -21,7 +21,6 @@ from bot_platform.ai.facts import facts_lines, format_money
 from bot_platform.ai.grounding import Source, parse_number, unsupported
 from bot_platform.ai.knowledge import Knowledge
 from bot_platform.models import Conversation, Job
-from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
 from tests.support.ai import (
     CATALOG,
@@ -34,6 +33,7 @@ from tests.support.ai import (
     settings_for,
 )
 from tests.support.engine import Chat
+from tests.support.platform import ROOT
 
 INTENTS = {"skin_quiz": "help choosing skin care", "nps": "give feedback"}
 

@@ -24,7 +24,6 @@ from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.clock import ManualClock
 from bot_platform.database import Database
 from bot_platform.models import AiBudget, Conversation, Job, Product
-from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer, Reply
 from tests.support.ai import (
     CATALOG,
@@ -37,6 +36,7 @@ from tests.support.ai import (
     settings_for,
 )
 from tests.support.engine import Chat
+from tests.support.platform import ROOT
 
 CITED = [DELIVERY, RETURNS, RICH, SERUM]
 

@@ -27,17 +27,11 @@ from bot_platform.clock import SystemClock
 from bot_platform.database import Database
 from bot_platform.migrations import upgrade
 from bot_platform.models import AiBudget, Conversation, Job
-from tests.conftest import (
-    ROOT,
-    TestPlatform,
-    WorkerProcess,
-    fresh_postgres_database,
-    make_settings,
-    wait_for,
-)
 from tests.fakes.openai_api import FakeOpenAIServer
 from tests.support.ai import settings_for
 from tests.support.engine import Chat
+from tests.support.platform import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
+from tests.support.services import fresh_postgres_database
 
 QUESTION = "how much is delivery?"
 

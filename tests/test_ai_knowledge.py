@@ -18,10 +18,10 @@ from bot_platform.apikeys import create_key
 from bot_platform.catalog import ProductIn, upsert_products
 from bot_platform.clock import ManualClock
 from bot_platform.database import Database
-from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer
 from tests.support.ai import settings_for
 from tests.support.engine import Chat
+from tests.support.platform import ROOT
 
 RICH = {"sku": "rich", "title": "Rich moisturiser", "url": "https://shop.example.com/rich",
         "price": 29.0, "currency": "EUR", "tags": ["dry skin"]}

@@ -13,8 +13,8 @@ from bot_platform.config import BotConfig
 from bot_platform.i18n import Catalogs
 from bot_platform.text import FSI, PDI, RLM, isolate, utf16_len
 from bot_platform.types import split_text
-from tests.conftest import ROOT
 from tests.fakes.viber_api import FakeViberServer
+from tests.support.platform import ROOT
 from tests.support.telegram import SECRET, TOKEN, message_update, post
 from tests.support.viber import TOKEN as VIBER_TOKEN
 from tests.support.viber import USER as VIBER_USER

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from bot_platform.apikeys import create_key
-from tests.conftest import wait_for
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.platform import wait_for
 from tests.support.telegram import message_update
 
 TOKEN = "246810:registered-through-the-api"

@@ -206,7 +206,7 @@ async def test_a_flow_variants_recommendation_clicks_count_for_the_broadcast(
     import shutil
 
     from bot_platform.catalog import parse_products, upsert_products
-    from tests.conftest import ROOT
+    from tests.support.platform import ROOT
 
     flows, locales = tmp_path / "flows", tmp_path / "locales"
     flows.mkdir()

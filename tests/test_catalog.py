@@ -14,7 +14,7 @@ from sqlalchemy import select
 from bot_platform.catalog import parse_products, upsert_products
 from bot_platform.events import EventIn, ingest
 from bot_platform.models import Subscriber, TrackedLink
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 CSV = textwrap.dedent("""\
     sku,title,url,image_url,price,currency,category,tags,in_stock

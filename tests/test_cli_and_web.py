@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot_platform.models import ProcessedEvent, Subscriber
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 CONSOLE_SECRET = "console-secret-for-tests"
 CONSOLE_AUTH = {"X-Botp-Console-Secret": CONSOLE_SECRET}

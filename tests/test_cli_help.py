@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bot_platform import cli, serve
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 
 def every_help(parser: argparse.ArgumentParser) -> list[str]:

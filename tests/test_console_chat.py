@@ -17,7 +17,7 @@ from bot_platform import terminal
 from bot_platform.apikeys import create_key
 from bot_platform.clock import SystemClock
 from bot_platform.models import Answer, Conversation, FlowState, Job, Message, Subscriber
-from tests.conftest import make_settings
+from tests.support.platform import make_settings
 
 
 def script(*lines: str) -> Callable[[], Awaitable[str]]:

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from bot_platform import cli
 from bot_platform.config import BotConfig, Settings
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 SECRET = "console-webhook-secret-0123456789"
 WEBHOOK = "/webhooks/console/console"

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import func, select
 
 from bot_platform.models import Job, Outbox
-from tests.conftest import wait_for
 from tests.fakes.relay import FakeRelayServer
 from tests.support.crash import crash_run
+from tests.support.platform import wait_for
 
 pytestmark = pytest.mark.slow
 

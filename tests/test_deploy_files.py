@@ -12,7 +12,7 @@ import yaml
 
 from bot_platform.cli import build_parser
 from bot_platform.config import Settings, WorkerSettings
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 DEPLOY = ROOT / "docs" / "deploy"
 

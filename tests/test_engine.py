@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from bot_platform.events import dispatch
 from bot_platform.models import FlowState, Job, Message, Outbox, Subscriber, SubscriberTag
 from bot_platform.types import Inbound, InboundKind, Profile
-from tests.conftest import ROOT
 from tests.support.engine import CART_FLOW, Chat
+from tests.support.platform import ROOT
 
 
 async def test_welcome_chain_greeting_buttons_and_timers(make_platform, db_url) -> None:

@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 
 from bot_platform.events import EventIn, ingest
 from bot_platform.models import CustomerEvent
-from tests.conftest import ROOT
 from tests.support.engine import CART_FLOW, Chat
+from tests.support.platform import ROOT
 
 
 @pytest.fixture

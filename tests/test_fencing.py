@@ -25,16 +25,10 @@ from bot_platform.config import BotConfig
 from bot_platform.database import Database
 from bot_platform.migrations import upgrade
 from bot_platform.models import Contact, Outbox, Subscriber
-from tests.conftest import (
-    ROOT,
-    TestPlatform,
-    WorkerProcess,
-    fresh_postgres_database,
-    make_settings,
-    wait_for,
-)
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.platform import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
 from tests.support.scripted import ScriptedChannel, another_worker, outbox_rows, start
+from tests.support.services import fresh_postgres_database
 
 
 class Monotonic:

@@ -16,7 +16,7 @@ from bot_platform.errors import FlowValidationError
 from bot_platform.flows.base import parse_duration
 from bot_platform.flows.loading import validate_paths
 from bot_platform.i18n import Catalogs
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 BROKEN = textwrap.dedent("""
     flow: broken

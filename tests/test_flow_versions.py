@@ -4,8 +4,8 @@ picked up by other processes."""
 from __future__ import annotations
 
 from bot_platform.apikeys import create_key
-from tests.conftest import ROOT
 from tests.support.engine import Chat
+from tests.support.platform import ROOT
 
 
 async def test_upload_validate_activate(make_platform, tmp_path) -> None:

@@ -23,8 +23,8 @@ import pytest
 
 from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
-from tests.conftest import ROOT
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.platform import ROOT
 from tests.support.telegram import SECRET, TOKEN, message_update, post
 
 

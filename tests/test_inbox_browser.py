@@ -14,8 +14,8 @@ import pytest
 
 from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
-from tests.conftest import service_missing
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.services import service_missing
 from tests.support.telegram import SECRET, TOKEN, message_update
 
 pytestmark = pytest.mark.slow

@@ -265,7 +265,7 @@ def test_the_command_line_logs_json_lines_when_asked(tmp_path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.platform import ROOT
 
     script = ("import logging; from bot_platform.cli import _setup_logging; "
               "from bot_platform.config import Settings; "

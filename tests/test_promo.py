@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from bot_platform.models import PromoCode
 from bot_platform.promo import import_codes
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 GIFT_FLOW = textwrap.dedent("""
     flow: gift

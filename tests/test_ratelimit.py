@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bot_platform.ratelimit import Limits, MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from tests.conftest import empty_redis
+from tests.support.services import empty_redis
 
 SLACK = 0.15  # seconds: the Redis limiter reads the server's clock between calls
 

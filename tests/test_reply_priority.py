@@ -17,8 +17,8 @@ from bot_platform.clock import SystemClock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.models import Contact, Subscriber
 from bot_platform.ratelimit import Limits, MemoryRateLimiter, Pacer
-from tests.conftest import wait_for
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.platform import wait_for
 
 TOKEN = "123456:ABC-reply"
 SECRET = "s"

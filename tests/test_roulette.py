@@ -340,7 +340,7 @@ async def test_the_intro_tells_the_spins_left(make_platform, locale: str) -> Non
     ("ar", 11, "لديك 11 محاولة."), ("en", 21, "You have 21 spins.")])
 def test_spins_left_plurals(locale: str, count: int, expected: str) -> None:
     from bot_platform.i18n import Catalogs
-    from tests.conftest import ROOT
+    from tests.support.platform import ROOT
 
     catalogs = Catalogs.load(ROOT / "locales")
     assert catalogs.format(locale, "roulette-intro", {"spins_left": count}).endswith(expected)

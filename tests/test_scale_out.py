@@ -37,17 +37,9 @@ from bot_platform.migrations import upgrade
 from bot_platform.models import Broadcast, Contact, Job, Outbox, Subscriber
 from bot_platform.types import Inbound, InboundKind, Profile
 from bots.telegram import SECRET_HEADER
-from tests.conftest import (
-    REQUIRE_SERVICES,
-    ROOT,
-    TestPlatform,
-    WorkerProcess,
-    empty_redis,
-    fresh_postgres_database,
-    make_settings,
-    wait_for,
-)
 from tests.fakes.telegram_api import FakeTelegramServer
+from tests.support.platform import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
+from tests.support.services import REQUIRE_SERVICES, empty_redis, fresh_postgres_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 

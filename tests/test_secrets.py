@@ -23,8 +23,8 @@ from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.models import Base, Outbox, Subscriber
 from bot_platform.redaction import REDACTED, Redactor, redact_secrets, remember_secrets
-from tests.conftest import wait_for
 from tests.fakes.leaky import LeakyMessenger
+from tests.support.platform import wait_for
 from tests.support.telegram import message_update
 
 TG_TOKEN = "555666777:AAPollSecretTokenValue_abcdefghij"

@@ -11,7 +11,7 @@ import re
 import httpx
 
 from bot_platform.apikeys import create_key
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 INBOX = ROOT / "admin_api" / "static" / "inbox.html"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 
 from bot_platform.app import create_app
-from tests.conftest import wait_for
+from tests.support.platform import wait_for
 from tests.test_cli_and_web import CONSOLE_AUTH, CONSOLE_SECRET
 
 START = {"user_id": "w1", "text": "/start", "event_id": "evt-1", "first_name": "Kim"}

@@ -9,10 +9,10 @@ import logging
 import socket
 
 from bot_platform.config import BotConfig
-from tests.conftest import wait_for
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
+from tests.support.platform import wait_for
 from tests.support.telegram import message_update
 
 GOOD = "123456:good-telegram-token"

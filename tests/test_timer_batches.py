@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bot_platform.jobs import Scheduler
 from bot_platform.models import Answer, FlowState, Job, Outbox, Subscriber, SubscriberTag
-from tests.conftest import TestPlatform, WorkerProcess, wait_for
 from tests.fakes.relay import FakeRelayServer
 from tests.support.crash import crash_run
+from tests.support.platform import TestPlatform, WorkerProcess, wait_for
 
 DAY = timedelta(days=1, seconds=1)
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text, update
 from bot_platform.events import dispatch
 from bot_platform.models import Conversation, FlowState, Outbox, Subscriber
 from bot_platform.turns import Turns
-from tests.conftest import wait_for
+from tests.support.platform import wait_for
 
 ALEX = ("console", "console", "alex")
 SAM = ("console", "console", "sam")

@@ -13,7 +13,7 @@ import pytest
 
 from bot_platform.apikeys import create_key
 from bot_platform.errors import FlowValidationError
-from tests.conftest import ROOT
+from tests.support.platform import ROOT
 
 FIVE_PROBLEMS = """
 flow: five

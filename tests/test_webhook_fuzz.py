@@ -26,10 +26,11 @@ from sqlalchemy import func, select
 from bot_platform.clock import ManualClock
 from bot_platform.config import BotConfig
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
-from tests.conftest import TestPlatform, fresh_postgres_database, make_settings
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
+from tests.support.platform import TestPlatform, make_settings
+from tests.support.services import fresh_postgres_database
 
 TG_TOKEN = "123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11"
 TG_SECRET = "s3cret-token"

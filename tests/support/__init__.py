@@ -5,6 +5,12 @@ another test module, so each test file can move, split or go without breaking th
     viber      the bot's token, the user, signed callbacks
     engine     a console ``Chat`` through the whole pipeline, a fixed wheel, a cart flow
     scripted   a channel whose send results are scripted, a second worker, the outbox rows
+    platform   ROOT, make_settings, TestPlatform, WorkerProcess (``botp worker`` in a
+               child process), wait_for
+    services   the machine's PostgreSQL and Redis: a fresh database, an empty Redis,
+               skip on a laptop or fail in CI when absent
+    ai, crash  the fake LLM's settings; a platform and a killable worker on one file
 
-The Telegram ``fake`` and ``telegram`` fixtures live in ``tests/conftest.py``.
+The fixtures (``make_platform``, ``db_url``, the Telegram ``fake`` ...) live in
+``tests/conftest.py``; no test module imports from it.
 """

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from bot_platform.ai.config import AiSettings
 from bot_platform.ai.grounding import Source
-from tests.conftest import ROOT
 from tests.fakes.openai_api import FakeOpenAIServer
+from tests.support.platform import ROOT
 
 
 def settings_for(fake: FakeOpenAIServer, **overrides: Any) -> AiSettings:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bot_platform.clock import SystemClock
 from bot_platform.migrations import upgrade
-from tests.conftest import ROOT, TestPlatform, WorkerProcess, make_settings
 from tests.fakes.relay import FakeRelayServer
+from tests.support.platform import ROOT, TestPlatform, WorkerProcess, make_settings
 
 
 @dataclass
