@@ -131,13 +131,11 @@ class Database:
         try:
             async with self.sessions() as session, session.begin():
                 yield session
-        except StorageUnavailable:
-            raise
         except Exception as error:
-            if not is_transient_db_error(error):
+            converted = as_unavailable(error)
+            if converted is error:
                 raise
-            raise StorageUnavailable(
-                f"the database is unavailable ({type(error).__name__}: {error})") from error
+            raise converted from error
 
     async def ping(self) -> None:
         """One round trip to the database (the health check); ``StorageUnavailable``
@@ -191,6 +189,15 @@ def is_transient_db_error(error: BaseException) -> bool:
     if isinstance(error, IntegrityError | ProgrammingError | DataError):
         return False
     return isinstance(error, DBAPIError)
+
+
+def as_unavailable(error: Exception) -> Exception:
+    """``StorageUnavailable`` for an error that means the database is away for a moment
+    (raise it ``from error``); any other error as it is."""
+    if isinstance(error, StorageUnavailable) or not is_transient_db_error(error):
+        return error
+    return StorageUnavailable(
+        f"the database is unavailable ({type(error).__name__}: {error})")
 
 
 def insert_ignore(session: AsyncSession | str, model: Any) -> Any:

@@ -170,6 +170,14 @@ class Direct:
         compiled, positional = prepared
         self.pending.append((compiled.sql, positional, False))
 
+    def later(self, sql: str) -> None:
+        """A statement without parameters (a SAVEPOINT) that goes with the next trip."""
+        self.pending.append((sql, [()], False))
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(sqlite3_connection, *args)`` in aiosqlite's thread (SQLite only)."""
+        return await self.raw._execute(function, self.raw._conn, *args)
+
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""
         if self.pending:
