@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 64  # events in one transaction at most (delivery waits for the connection)
 MAX_RUNS = 4  # an event runs again at most this often when its group's transaction is lost
 SAVEPOINT = "botp_event"
+CLOSE_WAIT = 5.0  # seconds a closing platform waits for a group in progress
 
 
 @functools.cache
@@ -98,6 +99,11 @@ class EventGroups:
         self._waiting: deque[_Seat] = deque()
         self._leader: asyncio.Task[None] | None = None
         self.groups = 0  # transactions committed (tests and benchmarks read it)
+
+    async def close(self) -> None:
+        """Let a group in progress commit before the database closes (shutting down)."""
+        if self._leader is not None and not self._leader.done():
+            await asyncio.wait([self._leader], timeout=CLOSE_WAIT)
 
     async def run(self, body: Callable[[AsyncSession, Direct], Awaitable[None]],
                   wake: bool = True) -> None:
