@@ -71,7 +71,9 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
             extra["module"] = dbapi
         engine = create_async_engine(
             url, pool_size=1, max_overflow=0, pool_timeout=120,
-            connect_args={"timeout": 30}, **extra,
+            # check_same_thread: Direct's statements run in the loop's thread
+            # (bot_platform.direct.INLINE); aiosqlite's thread runs the rest.
+            connect_args={"timeout": 30, "check_same_thread": False}, **extra,
         )
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -102,7 +102,11 @@ class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
     """The DBAPI module SQLAlchemy's aiosqlite dialect is given (``module=``)."""
 
     def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
+        from bot_platform.direct import INLINE
+
         stock = super().connect(*arg, **kw)
+        if kw.get("check_same_thread") is False:
+            setattr(stock._connection, INLINE, True)  # Direct may use it from the loop
         return OneHopConnection(self, stock._connection)
 
 
