@@ -15,11 +15,10 @@ ready together now take turns inside one transaction, each in a SAVEPOINT of its
   rolled the whole of it back), the events that had finished in it run again in the
   next group; the bad one raises.
 
-The savepoint statements ride on the event's own trips to aiosqlite's thread (``Direct``
-defers them), so an event costs no extra trip. Only SQLite (with ``Direct``'s raw
-connection) groups events; PostgreSQL keeps a transaction per event, its pool runs them
-side by side, and advisory locks taken as events join could deadlock with another
-process's group.
+The savepoint statements ride on the event's own trips to SQLite (``Direct`` defers
+them), so an event costs no extra trip. Only SQLite (with ``Direct``'s raw connection)
+groups events; PostgreSQL keeps a transaction per event: its pool runs them side by side,
+and advisory locks taken as events join could deadlock with another process's group.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ class LostTransaction(Exception):
 
 
 def _undo(connection: Any, name: str) -> bool:
-    """Runs in aiosqlite's thread: back to the event's savepoint, if the transaction is
-    still there (False: SQLite or SQLAlchemy rolled all of it back)."""
+    """On the sqlite3 connection (``Direct.call``): back to the event's savepoint, if the
+    transaction is still there (False: SQLite or SQLAlchemy rolled all of it back)."""
     if not connection.in_transaction:
         return False
     connection.execute(f"ROLLBACK TO {name}")
