@@ -71,7 +71,9 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
             extra["module"] = dbapi
         engine = create_async_engine(
             url, pool_size=1, max_overflow=0, pool_timeout=120,
-            connect_args={"timeout": 30}, **extra,
+            # check_same_thread: Direct's statements run in the loop's thread
+            # (bot_platform.direct.INLINE); aiosqlite's thread runs the rest.
+            connect_args={"timeout": 30, "check_same_thread": False}, **extra,
         )
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -131,13 +133,11 @@ class Database:
         try:
             async with self.sessions() as session, session.begin():
                 yield session
-        except StorageUnavailable:
-            raise
         except Exception as error:
-            if not is_transient_db_error(error):
+            converted = as_unavailable(error)
+            if converted is error:
                 raise
-            raise StorageUnavailable(
-                f"the database is unavailable ({type(error).__name__}: {error})") from error
+            raise converted from error
 
     async def ping(self) -> None:
         """One round trip to the database (the health check); ``StorageUnavailable``
@@ -191,6 +191,15 @@ def is_transient_db_error(error: BaseException) -> bool:
     if isinstance(error, IntegrityError | ProgrammingError | DataError):
         return False
     return isinstance(error, DBAPIError)
+
+
+def as_unavailable(error: Exception) -> Exception:
+    """``StorageUnavailable`` for an error that means the database is away for a moment
+    (raise it ``from error``); any other error as it is."""
+    if isinstance(error, StorageUnavailable) or not is_transient_db_error(error):
+        return error
+    return StorageUnavailable(
+        f"the database is unavailable ({type(error).__name__}: {error})")
 
 
 def insert_ignore(session: AsyncSession | str, model: Any) -> Any:

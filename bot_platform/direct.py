@@ -111,6 +111,11 @@ def _run_batch_in_sqlite_thread(connection: Any, batch: list[tuple[str, list[Any
     return found
 
 
+# Set on an aiosqlite connection opened with ``check_same_thread=False``
+# (``sqlite_driver``): ``Direct`` may run its statements in the event loop's thread.
+INLINE = "botp_inline"
+
+
 class Direct:
     """Core statements of the hot path run on the driver itself: SQLAlchemy compiles
     each once, and on SQLite every run is one trip to aiosqlite's thread with none of
@@ -170,6 +175,21 @@ class Direct:
         compiled, positional = prepared
         self.pending.append((compiled.sql, positional, False))
 
+    def later(self, sql: str) -> None:
+        """A statement without parameters (a SAVEPOINT) that goes with the next trip."""
+        self.pending.append((sql, [()], False))
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(sqlite3_connection, *args)`` (SQLite only): in aiosqlite's thread,
+        or right here when the connection may be used from this thread (``inline``). A
+        trip to the thread wakes it and hands it the GIL, which costs more than the few
+        statements of a trip; and inside our transactions (``BEGIN IMMEDIATE`` holds the
+        write lock) a statement never waits for a lock, so it cannot stall the loop."""
+        raw = self.raw
+        if getattr(raw, INLINE, False):
+            return function(raw._conn, *args)
+        return await raw._execute(function, raw._conn, *args)
+
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""
         if self.pending:
@@ -180,7 +200,7 @@ class Direct:
 
         batch, self.pending = [*self.pending, *batch], []
         try:
-            return await self.raw._execute(_run_batch_in_sqlite_thread, self.raw._conn, batch)
+            return await self.call(_run_batch_in_sqlite_thread, batch)
         except sqlite3.Error as error:
             from sqlalchemy.exc import DBAPIError
 
@@ -195,8 +215,8 @@ class Direct:
 
         pending, self.pending = self.pending, []
         try:
-            return await self.raw._execute(
-                _run_linked_in_sqlite_thread, self.raw._conn, pending,
+            return await self.call(
+                _run_linked_in_sqlite_thread, pending,
                 (first[0].sql, first[1]), (second[0].sql, second[1]), link)
         except sqlite3.Error as error:
             from sqlalchemy.exc import DBAPIError

@@ -31,6 +31,7 @@ from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
 from bot_platform.direct import Direct, direct
 from bot_platform.errors import StorageUnavailable
+from bot_platform.event_groups import EventGroups, groups_events
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import OPEN, HandoffRules
 from bot_platform.i18n import Catalogs
@@ -94,6 +95,11 @@ class EventContext:
     hold: timedelta | None = None
     new_subscriber: bool = False
 
+    def reset(self) -> None:
+        """Forget what an earlier run of the chain found (its transaction was lost)."""
+        self.subscriber, self.conversation_id = None, None
+        self.duplicate = self.new_subscriber = False
+
 
 Next = Callable[[EventContext], Awaitable[None]]
 Step = Callable[[EventContext, Next], Awaitable[None]]
@@ -141,6 +147,8 @@ class Engine:
         ]
         self._chain: tuple[list[Step], Next] | None = None
         self._dedupe = insert_ignore(db.dialect, ProcessedEvent.__table__)
+        # SQLite: events of different subscribers share transactions (group commit).
+        self.groups = EventGroups(db, lambda: self.on_commit())
 
     # ---- the inbound chain ------------------------------------------------------------
 
@@ -181,15 +189,29 @@ class Engine:
             raise
 
     async def step_transaction(self, context: EventContext, call_next: Next) -> None:
-        """The event's unit of work: the subscriber's locks and one transaction."""
+        """The event's unit of work: the subscriber's locks and one transaction, which on
+        SQLite it shares with events of other subscribers (``event_groups``)."""
         i = context.inbound
-        async with self.turns.open((i.channel, i.bot_id, i.user_id), context.hold) as unit:
-            context.session, context.queued = unit.session, unit.queued
-            context.connection = connection = await direct(unit.session)
-            connection.defer = True  # result-less writes go with the next trip
-            await call_next(context)
-            await connection.flush()
-            connection.defer = False
+        identity = (i.channel, i.bot_id, i.user_id)
+        if not groups_events(self.db):
+            async with self.turns.open(identity, context.hold) as unit:
+                await self._turn(context, call_next, unit.session, unit.queued)
+            return
+        async with self.turns.locks.hold(identity):  # until the group committed
+            await self.groups.run(lambda session, _: self._turn(
+                context, call_next, session, []), wake=context.hold is None)
+
+    async def _turn(self, context: EventContext, call_next: Next, session: AsyncSession,
+                    queued: list[tuple[int, Outgoing]]) -> None:
+        """The rest of the chain in ``session``'s transaction, from a fresh start (a
+        group whose transaction was lost runs its events again)."""
+        context.reset()
+        context.session, context.queued = session, queued
+        context.connection = connection = await direct(session)
+        connection.defer = True  # result-less writes go with the next trip
+        await call_next(context)
+        await connection.flush()
+        connection.defer = False
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, connection = context.inbound, context.connection

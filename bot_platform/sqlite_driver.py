@@ -24,6 +24,8 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import await_
 
+from bot_platform.direct import INLINE
+
 
 def _execute(connection: sqlite3.Connection, operation: str, parameters: Any,
              many: bool) -> tuple[Any, int, int | None, list[Any] | None]:
@@ -41,6 +43,13 @@ def _execute(connection: sqlite3.Connection, operation: str, parameters: Any,
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+async def _here(connection: sqlite3.Connection, operation: str, parameters: Any,
+                many: bool) -> tuple[Any, int, int | None, list[Any] | None]:
+    """``_execute`` in the loop's thread, as an awaitable: SQLAlchemy's async layer
+    insists that a statement awaited something."""
+    return _execute(connection, operation, parameters, many)
 
 
 class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
@@ -73,8 +82,13 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     def _run(self, operation: str, parameters: Any, many: bool) -> None:
         connection = self._connection
         try:
-            result = await_(connection._execute(_execute, connection._conn, operation,
-                                                parameters, many))
+            if getattr(connection, INLINE, False) and connection._conn.in_transaction:
+                # Inside our transaction (BEGIN IMMEDIATE holds the write lock) no
+                # statement waits for a lock: run it here, as Direct does.
+                result = await_(_here(connection._conn, operation, parameters, many))
+            else:
+                result = await_(connection._execute(_execute, connection._conn, operation,
+                                                    parameters, many))
         except Exception as error:
             self._adapt_connection._handle_exception(error)
         self._description, self._rowcount, self._lastrowid, rows = result
@@ -103,6 +117,8 @@ class OneHopDBAPI(AsyncAdapt_aiosqlite_dbapi):
 
     def connect(self, *arg: Any, **kw: Any) -> OneHopConnection:
         stock = super().connect(*arg, **kw)
+        if kw.get("check_same_thread") is False:
+            setattr(stock._connection, INLINE, True)  # Direct may use it from the loop
         return OneHopConnection(self, stock._connection)
 
 
