@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
 from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
+from bot_platform.pg_driver import ping_idle_connections
 from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     if statement_timeout:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
     connect_args = {"server_settings": server_settings} if server_settings else {}
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
-                               connect_args=connect_args)
+    engine = create_async_engine(url, pool_size=10, max_overflow=10,
+                                 connect_args=connect_args)
+    ping_idle_connections(engine)  # not pool_pre_ping: three trips per transaction
+    return engine
 
 
 class Database:
@@ -127,10 +130,14 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error.
         A database that is away raises ``StorageUnavailable`` (the driver's error as its
-        cause): callers tell "try again later" from a statement that will never work."""
+        cause): callers tell "try again later" from a statement that will never work.
+        Writes still deferred on the session's ``Direct`` run before the commit."""
         try:
             async with self.sessions() as session, session.begin():
                 yield session
+                deferred = session.info.get("direct")
+                if deferred is not None and deferred.pending:
+                    await deferred.flush()
         except StorageUnavailable:
             raise
         except Exception as error:

@@ -188,8 +188,7 @@ class Engine:
             context.connection = connection = await direct(unit.session)
             connection.defer = True  # result-less writes go with the next trip
             await call_next(context)
-            await connection.flush()
-            connection.defer = False
+            connection.defer = False  # what waits goes with the NOTIFY, or before the commit
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, connection = context.inbound, context.connection

@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select, text, update
+from sqlalchemy import String, and_, bindparam, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
 from bot_platform.database import Database
-from bot_platform.direct import insert_linked
+from bot_platform.direct import direct, insert_linked
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing, fit_message
@@ -35,13 +35,17 @@ log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
 Sends = Sequence[tuple[str | None, Outgoing]]  # (flow, message) pairs
+# NOTIFY as a function: a statement the writes still deferred can ride with.
+_NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
+                                bindparam("b_payload", type_=String)))
 
 
 async def notify_workers(session: AsyncSession) -> None:
     """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
     SQLite, the worker is in this process and ``on_commit`` wakes it."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+    if session.bind.dialect.name == "postgresql":  # with the writes still deferred, if any
+        await (await direct(session)).execute(_NOTIFY, {"b_channel": WORK_CHANNEL,
+                                                         "b_payload": ""})
 
 
 class OutboxQueue:
@@ -108,7 +112,8 @@ class OutboxQueue:
 
     async def take_over(self, outbox_ids: Sequence[int]) -> bool:
         """Mark rows as sent in the webhook response that carries them, unless a worker
-        claimed them first (then False: that worker sends them)."""
+        claimed them first (then False: that worker sends them). Workers are woken as by
+        ``release``: a subscriber's later rows may have waited behind these."""
         now = self.clock.now()
         try:
             async with self.db.session() as session:
@@ -120,8 +125,10 @@ class OutboxQueue:
                 await session.execute(update(Message).where(Message.id.in_(
                     _message_ids(Outbox.id.in_(outbox_ids)))).values(
                     status=MessageStatus.SENT, updated_at=now))
+                await notify_workers(session)
         except _WorkerWasFaster:
             return False
+        self.on_commit()
         return True
 
 
