@@ -21,7 +21,19 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, exists, func, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    String,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    func,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
@@ -117,6 +129,13 @@ class OutboxQueue:
         now = self.clock.now()
         try:
             async with self.db.session() as session:
+                if session.bind.dialect.name == "postgresql":  # one statement, one trip
+                    taken = (await (await direct(session)).execute(_TAKE_OVER, {
+                        "b_ids": list(outbox_ids), "b_now": now, "b_channel": WORK_CHANNEL,
+                        "b_payload": ""})).scalar()
+                    if taken != len(outbox_ids):
+                        raise _WorkerWasFaster
+                    return True
                 result = await session.execute(update(Outbox).where(
                     Outbox.id.in_(outbox_ids), Outbox.status == OutboxStatus.PENDING).values(
                     status=OutboxStatus.SENT, sent_at=now, last_error=None))
@@ -128,12 +147,28 @@ class OutboxQueue:
                 await notify_workers(session)
         except _WorkerWasFaster:
             return False
-        self.on_commit()
+        finally:
+            self.on_commit()
         return True
 
 
 class _WorkerWasFaster(Exception):
     """Rolls a take-over back: a worker claimed some of its rows first."""
+
+
+_OUTBOX, _MESSAGES = Outbox.__table__, Message.__table__
+_TAKEN = update(_OUTBOX).where(
+    _OUTBOX.c.id == any_(bindparam("b_ids", type_=ARRAY(BigInteger))),
+    _OUTBOX.c.status == OutboxStatus.PENDING.value,
+).values(status=OutboxStatus.SENT.value, sent_at=bindparam("b_now"),
+         last_error=null()).returning(_OUTBOX.c.message_id).cte("taken")
+# ``take_over`` on PostgreSQL: the rows, their messages and the workers' wake-up in one
+# statement; how many rows were taken (all or the caller rolls back, wake-up included).
+_TAKE_OVER = select(func.count(), func.pg_notify(
+    bindparam("b_channel", type_=String), bindparam("b_payload", type_=String)),
+).select_from(_TAKEN).add_cte(update(_MESSAGES).where(
+    _MESSAGES.c.id.in_(select(_TAKEN.c.message_id))).values(
+    status=MessageStatus.SENT.value, updated_at=bindparam("b_now")).cte("marked"))
 
 
 def _message_ids(*where: Any) -> Any:
