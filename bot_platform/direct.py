@@ -11,7 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import CompoundSelect, Delete, Insert, Select, Update, bindparam, insert, select
+from sqlalchemy import (
+    CompoundSelect,
+    Delete,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql.util import find_tables
 
@@ -47,6 +57,7 @@ class _Compiled:
     defaults: dict[str, Any]  # constant column defaults of an INSERT (SQLAlchemy's prefetch)
 
 
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
 # The tables each compiled statement names (PostgreSQL merges writes on disjoint tables).
 TABLES: dict[str, frozenset[str]] = {}
@@ -192,6 +203,14 @@ class Direct:
             return
         compiled, positional = prepared
         self.pending.append((compiled.sql, positional, False))
+
+    async def lock(self, key: int) -> None:
+        """Hold the transaction-scoped advisory lock ``key`` (PostgreSQL); as the
+        transaction's first statement, it goes with its ``BEGIN`` in one trip."""
+        if self.adapter is not None and not self.pending and await pg_driver.begin_with(
+                self.connection, self.adapter, f"SELECT pg_advisory_xact_lock({int(key)})"):
+            return
+        await self.execute(_ADVISORY_LOCK, {"key": key})
 
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""

@@ -161,6 +161,34 @@ async def run_batch(connection: AsyncConnection, adapter: Any, batch: Batch,
     return found, count
 
 
+async def begin_with(connection: AsyncConnection, adapter: Any, sql: str) -> bool:
+    """Begin the adapter's transaction and run ``sql`` (no parameters: the simple query
+    protocol) in the same trip; False when that cannot be done (a transaction is open,
+    a non-default isolation, asyncpg's transaction object not as expected) and nothing
+    was run. The transaction is then the adapter's own, as if it had begun it: the
+    session commits or rolls it back (also when ``sql`` failed)."""
+    from asyncpg.transaction import TransactionState
+
+    raw = adapter._connection
+    if (adapter._transaction is not None or adapter.isolation_level is not None
+            or adapter.readonly or adapter.deferrable or raw.is_in_transaction()
+            or getattr(raw, "_top_xact", True) is not None):
+        return False
+    transaction = raw.transaction()
+    if not hasattr(transaction, "_state"):
+        return False
+    async with adapter._execute_mutex:
+        # What ``Transaction.start`` does, with ``sql`` in the same query.
+        raw._top_xact = transaction
+        transaction._state = TransactionState.STARTED
+        adapter._transaction = transaction
+        try:
+            await raw.execute(f"BEGIN; {sql}")
+        except Exception as error:
+            await _raise_translated(connection, adapter, sql, [], error)
+    return True
+
+
 async def _raise_translated(connection: AsyncConnection, adapter: Any, sql: str,
                             rows: list[Any], error: Exception) -> None:
     """Raise ``error`` as SQLAlchemy would have (its ``DBAPIError`` subclasses), after

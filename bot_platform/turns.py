@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import bindparam, delete, insert, literal, null, select, text, union_all, update
+from sqlalchemy import bindparam, delete, insert, literal, null, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.direct import Direct, direct
@@ -161,10 +161,10 @@ def advisory_key(*parts: str) -> int:
 
 
 async def advisory_lock(session: AsyncSession, identity: Identity) -> None:
-    """Hold the identity's advisory lock until the transaction ends (PostgreSQL only)."""
+    """Hold the identity's advisory lock until the transaction ends (PostgreSQL only;
+    with the transaction's ``BEGIN`` when it is the first statement)."""
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                              {"key": advisory_key(*identity)})
+        await (await direct(session)).lock(advisory_key(*identity))
 
 
 def identity_of(subscriber: Subscriber | SubscriberRow) -> Identity:
