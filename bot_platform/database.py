@@ -161,11 +161,12 @@ class Database:
         await self.engine.dispose()
 
 
-async def listen(url: str, channel: str, on_notify: Callable[[], None],
+async def listen(url: str, channel: str, on_notify: Callable[[str], None],
                  stop: asyncio.Event) -> None:
-    """Call ``on_notify`` for each ``NOTIFY channel`` until ``stop`` is set (PostgreSQL);
-    the connection is made again after the database restarts, and ``on_notify`` is called
-    on every (re)connection for what was queued while nobody listened."""
+    """Call ``on_notify(payload)`` for each ``NOTIFY channel`` until ``stop`` is set
+    (PostgreSQL); the connection is made again after the database restarts, and
+    ``on_notify("")`` is called on every (re)connection for what was queued while nobody
+    listened."""
     import asyncpg
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -173,8 +174,9 @@ async def listen(url: str, channel: str, on_notify: Callable[[], None],
         connection = None
         try:
             connection = await asyncpg.connect(dsn, timeout=10)
-            await connection.add_listener(channel, lambda *_: on_notify())
-            on_notify()
+            await connection.add_listener(
+                channel, lambda _connection, _pid, _channel, payload: on_notify(payload))
+            on_notify("")
             while not stop.is_set() and not connection.is_closed():
                 await wait_any(1.0, stop)
         except Exception as error:  # the database is away: polling covers it meanwhile

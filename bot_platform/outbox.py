@@ -46,18 +46,20 @@ from bot_platform.types import Capabilities, Outgoing, fit_message
 log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
+INTERACTIVE = "interactive"  # its payload when only interactive rows were (see Worker.notify)
 Sends = Sequence[tuple[str | None, Outgoing]]  # (flow, message) pairs
 # NOTIFY as a function: a statement the writes still deferred can ride with.
 _NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
                                 bindparam("b_payload", type_=String)))
 
 
-async def notify_workers(session: AsyncSession) -> None:
+async def notify_workers(session: AsyncSession, what: str = "") -> None:
     """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
-    SQLite, the worker is in this process and ``on_commit`` wakes it."""
+    SQLite, the worker is in this process and ``on_commit`` wakes it. ``what``:
+    ``INTERACTIVE`` when only interactive rows were queued (else every loop wakes)."""
     if session.bind.dialect.name == "postgresql":  # with the writes still deferred, if any
         await (await direct(session)).execute(_NOTIFY, {"b_channel": WORK_CHANNEL,
-                                                         "b_payload": ""})
+                                                         "b_payload": what})
 
 
 class OutboxQueue:
@@ -119,7 +121,7 @@ class OutboxQueue:
                 await session.execute(update(Outbox).where(
                     Outbox.id.in_(outbox_ids), Outbox.status == OutboxStatus.PENDING,
                 ).values(next_attempt_at=self.clock.now()))
-                await notify_workers(session)
+                await notify_workers(session, INTERACTIVE)
         self.on_commit()
 
     async def take_over(self, outbox_ids: Sequence[int]) -> bool:
@@ -132,7 +134,7 @@ class OutboxQueue:
                 if session.bind.dialect.name == "postgresql":  # one statement, one trip
                     taken = (await (await direct(session)).execute(_TAKE_OVER, {
                         "b_ids": list(outbox_ids), "b_now": now, "b_channel": WORK_CHANNEL,
-                        "b_payload": ""})).scalar()
+                        "b_payload": INTERACTIVE})).scalar()
                     if taken != len(outbox_ids):
                         raise _WorkerWasFaster
                     return True
@@ -144,7 +146,7 @@ class OutboxQueue:
                 await session.execute(update(Message).where(Message.id.in_(
                     _message_ids(Outbox.id.in_(outbox_ids)))).values(
                     status=MessageStatus.SENT, updated_at=now))
-                await notify_workers(session)
+                await notify_workers(session, INTERACTIVE)
         except _WorkerWasFaster:
             return False
         finally:

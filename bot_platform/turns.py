@@ -35,7 +35,7 @@ from bot_platform.direct import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
-from bot_platform.outbox import notify_workers
+from bot_platform.outbox import INTERACTIVE, notify_workers
 from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.types import Outgoing
@@ -228,7 +228,7 @@ class Turns:
             unit = Unit(session, hold)
             yield unit
             if unit.queued and hold is None:
-                await notify_workers(session)
+                await notify_workers(session, INTERACTIVE)  # a turn's rows: never bulk
         if hold is None:
             self.engine.on_commit()
 

@@ -1,10 +1,12 @@
 """PostgreSQL's driver path (bot_platform/pg_driver.py): deferred writes merged into the
 next statement only where that cannot change what they do, a webhook's take-over all or
-nothing in one statement, and connections that die in the pool cost at most one failed
-unit of work (a 503), never a stuck pool."""
+nothing in one statement, connections that die in the pool cost at most one failed unit
+of work (a 503), never a stuck pool, and a turn's NOTIFY wakes only the loop that has
+work from it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import asyncpg
@@ -12,13 +14,16 @@ import pytest
 from sqlalchemy import and_, select, text
 
 from bot_platform import pg_driver
-from bot_platform.database import Database
+from bot_platform.database import Database, listen
 from bot_platform.direct import direct
 from bot_platform.errors import StorageUnavailable
 from bot_platform.models import Message, Outbox
+from bot_platform.outbox import INTERACTIVE, WORK_CHANNEL, notify_workers
 from bot_platform.outbox_claims import OutboxClaims
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.turns import UPDATE_SUBSCRIBER
+from bot_platform.worker import Worker
+from tests.conftest import wait_for
 from tests.support.scripted import outbox_rows, start
 from tests.test_direct import _database, _subscriber
 from tests.test_outbox import scripted
@@ -124,3 +129,35 @@ async def test_a_connection_that_lay_idle_is_pinged_and_replaced_silently(
         await db.ping()  # the ping found it dead: a new connection, no error
     finally:
         await db.close()
+
+
+def test_an_interactive_wake_up_wakes_only_the_interactive_delivery() -> None:
+    """A turn's NOTIFY says its rows are interactive: the scheduler and the broadcasts'
+    pipeline of every worker do not each run a claim that finds nothing."""
+    worker = Worker(scheduler=None, delivery=None, poll_interval=1.0)  # type: ignore[arg-type]
+    worker.notify(INTERACTIVE)
+    assert [wake.is_set() for wake in (worker.wake, *worker.delivery_wakes)] == [
+        False, True, False]
+    worker.notify()
+    assert all(wake.is_set() for wake in (worker.wake, *worker.delivery_wakes))
+
+
+@pytest.mark.postgres
+async def test_listen_hands_on_what_a_notify_says(postgres_url) -> None:
+    heard: list[str] = []
+    stop = asyncio.Event()
+    listening = asyncio.create_task(listen(postgres_url, WORK_CHANNEL, heard.append, stop))
+    db = Database(postgres_url)
+    try:
+        await wait_for(lambda: _true(heard == [""]), what="the listener to connect")
+        async with db.session() as session:
+            await notify_workers(session, INTERACTIVE)
+        await wait_for(lambda: _true(heard == ["", INTERACTIVE]), what="the NOTIFY")
+    finally:
+        stop.set()
+        await listening
+        await db.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
