@@ -337,9 +337,13 @@ def create_app(platform: Platform, *, worker: bool = False) -> FastAPI:
         held = [i for h in handled for i in h.outbox_ids] if holds else []
         try:
             reply = await answer(call, handled)
-            if reply is not None and reply.consumed_outbox_ids and \
-                    not await platform.outbox.take_over(reply.consumed_outbox_ids):
-                reply = None  # the worker was faster (the hold expired): it sends them
+            if reply is not None and reply.consumed_outbox_ids:
+                if await platform.outbox.take_over(reply.consumed_outbox_ids):
+                    # sent in this response: only the rest still waits for a worker
+                    taken = set(reply.consumed_outbox_ids)
+                    held = [i for i in held if i not in taken]
+                else:
+                    reply = None  # the worker was faster (the hold expired): it sends them
         finally:
             if held:
                 await platform.outbox.release(held)

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
 from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
+from bot_platform.pg_driver import ping_idle_connections
 from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     if statement_timeout:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
     connect_args = {"server_settings": server_settings} if server_settings else {}
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
-                               connect_args=connect_args)
+    engine = create_async_engine(url, pool_size=10, max_overflow=10,
+                                 connect_args=connect_args)
+    ping_idle_connections(engine)  # not pool_pre_ping: three trips per transaction
+    return engine
 
 
 class Database:
@@ -129,10 +132,14 @@ class Database:
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error.
         A database that is away raises ``StorageUnavailable`` (the driver's error as its
-        cause): callers tell "try again later" from a statement that will never work."""
+        cause): callers tell "try again later" from a statement that will never work.
+        Writes still deferred on the session's ``Direct`` run before the commit."""
         try:
             async with self.sessions() as session, session.begin():
                 yield session
+                deferred = session.info.get("direct")
+                if deferred is not None and deferred.pending:
+                    await deferred.flush()
         except Exception as error:
             converted = as_unavailable(error)
             if converted is error:
@@ -154,11 +161,12 @@ class Database:
         await self.engine.dispose()
 
 
-async def listen(url: str, channel: str, on_notify: Callable[[], None],
+async def listen(url: str, channel: str, on_notify: Callable[[str], None],
                  stop: asyncio.Event) -> None:
-    """Call ``on_notify`` for each ``NOTIFY channel`` until ``stop`` is set (PostgreSQL);
-    the connection is made again after the database restarts, and ``on_notify`` is called
-    on every (re)connection for what was queued while nobody listened."""
+    """Call ``on_notify(payload)`` for each ``NOTIFY channel`` until ``stop`` is set
+    (PostgreSQL); the connection is made again after the database restarts, and
+    ``on_notify("")`` is called on every (re)connection for what was queued while nobody
+    listened."""
     import asyncpg
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -166,8 +174,9 @@ async def listen(url: str, channel: str, on_notify: Callable[[], None],
         connection = None
         try:
             connection = await asyncpg.connect(dsn, timeout=10)
-            await connection.add_listener(channel, lambda *_: on_notify())
-            on_notify()
+            await connection.add_listener(
+                channel, lambda _connection, _pid, _channel, payload: on_notify(payload))
+            on_notify("")
             while not stop.is_set() and not connection.is_closed():
                 await wait_any(1.0, stop)
         except Exception as error:  # the database is away: polling covers it meanwhile

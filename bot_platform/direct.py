@@ -1,7 +1,8 @@
-"""The hot path's statements on the driver: Core statements compiled once per dialect and,
-on SQLite, run on aiosqlite's thread in few trips (writes whose result nothing reads wait
-for the next statement that returns something, or the commit). PostgreSQL, and any
-statement that needs Python-side defaults, go through the SQLAlchemy connection."""
+"""The hot path's statements on the driver: Core statements compiled once per dialect and
+run without SQLAlchemy's execution: on SQLite on aiosqlite's thread in few trips (writes
+whose result nothing reads wait for the next statement that returns something, or the
+commit), on PostgreSQL as asyncpg prepared statements (``pg_driver``). Any statement that
+needs Python-side defaults goes through the SQLAlchemy connection."""
 
 from __future__ import annotations
 
@@ -10,8 +11,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import (
+    CompoundSelect,
+    Delete,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.util import find_tables
+
+from bot_platform import pg_driver
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +54,28 @@ class _Compiled:
     results: tuple[Callable[[Any], Any] | None, ...]  # result processors per column
     keys: tuple[str, ...]
     construct: Callable[..., dict[str, Any]]
+    defaults: dict[str, Any]  # constant column defaults of an INSERT (SQLAlchemy's prefetch)
 
 
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
+# The tables each compiled statement names (PostgreSQL merges writes on disjoint tables).
+TABLES: dict[str, frozenset[str]] = {}
 
 
 def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled | None:
     """The statement compiled once per dialect and parameter names; None when it needs
-    SQLAlchemy's execution (Python-side defaults, expanding IN)."""
+    SQLAlchemy's execution (Python-side defaults other than constants, expanding IN)."""
     cache_key = (statement, dialect.name, keys)
     if cache_key in _COMPILED:
         return _COMPILED[cache_key]
+    if len(_COMPILED) > 2000:  # only module-level statements come here; a safety bound
+        _COMPILED.clear()
+        TABLES.clear()
     compiled = statement.compile(dialect=dialect, column_keys=list(keys))
-    plain = (not compiled.insert_prefetch and not compiled.update_prefetch
+    defaults = {column.key: column.default.arg for column in compiled.insert_prefetch
+                if column.default is not None and column.default.is_scalar}
+    plain = (len(defaults) == len(compiled.insert_prefetch) and not compiled.update_prefetch
              and "POSTCOMPILE" not in compiled.string and compiled.positiontup is not None)
     result: _Compiled | None = None
     if plain:
@@ -62,9 +85,10 @@ def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled |
             tuple(entry[3]._cached_result_processor(dialect, None)
                   for entry in compiled._result_columns),
             tuple(entry[0] for entry in compiled._result_columns),
-            compiled.construct_params)
-    if len(_COMPILED) > 2000:  # only module-level statements come here; a safety bound
-        _COMPILED.clear()
+            compiled.construct_params, defaults)
+        if isinstance(statement, Insert | Update | Delete | Select | CompoundSelect):
+            TABLES[result.sql] = frozenset(
+                table.name for table in find_tables(statement, include_crud=True))
     _COMPILED[cache_key] = result
     return result
 
@@ -118,47 +142,57 @@ INLINE = "botp_inline"
 
 class Direct:
     """Core statements of the hot path run on the driver itself: SQLAlchemy compiles
-    each once, and on SQLite every run is one trip to aiosqlite's thread with none of
-    the execution machinery around it (about 100 us of Python a statement, against 20
-    for the trip). Other dialects, and statements that need SQLAlchemy's execution
-    (Python-side defaults), go through the connection as usual. Only module-level
-    statements may come here (the compiled forms are cached by statement).
+    each once, and every run is one trip with none of the execution machinery around it
+    (about 100 us of Python a statement, against 20 for the trip): to aiosqlite's thread
+    on SQLite, an asyncpg prepared statement on PostgreSQL. Other drivers, and
+    statements that need SQLAlchemy's execution (Python-side defaults), go through the
+    connection as usual. Only module-level statements may come here (the compiled forms
+    are cached by statement).
 
     With ``defer`` set, ``write`` (a statement whose result nobody reads) waits for the
     next trip: it goes with the next ``execute`` or ``flush``, in order. Whoever sets
     ``defer`` flushes before the transaction commits; an error in a deferred statement
     is raised there and rolls the whole transaction back like any other."""
 
-    __slots__ = ("connection", "defer", "dialect", "pending", "raw", "transaction")
+    __slots__ = ("adapter", "connection", "defer", "dialect", "pending", "raw", "transaction")
 
-    def __init__(self, connection: AsyncConnection, raw: Any) -> None:
+    def __init__(self, connection: AsyncConnection, raw: Any, adapter: Any = None) -> None:
         self.connection = connection
         self.dialect = connection.dialect
-        self.raw = raw
+        self.raw = raw  # aiosqlite's connection (SQLite)
+        self.adapter = adapter  # SQLAlchemy's asyncpg adapter (PostgreSQL)
         self.defer = False
         self.pending: list[tuple[str, list[Any], bool]] = []
         self.transaction: Any = None
 
     @classmethod
     async def of(cls, connection: AsyncConnection) -> Direct:
-        raw = None
+        raw = adapter = None
         if connection.dialect.name == "sqlite":
             driver = (await connection.get_raw_connection()).driver_connection
             if hasattr(driver, "_execute") and hasattr(driver, "_conn"):
                 raw = driver
-        return cls(connection, raw)
+        elif connection.dialect.name == "postgresql":
+            adapter = await pg_driver.adapter_of(connection)
+        return cls(connection, raw, adapter)
+
+    @property
+    def on_driver(self) -> bool:
+        """Whether statements run on the driver here (else through SQLAlchemy)."""
+        return self.raw is not None or self.adapter is not None
 
     def _prepared(self, statement: Any, many: list[dict[str, Any]]
                   ) -> tuple[_Compiled, list[Any]] | None:
         compiled = None
-        if self.raw is not None and many:
+        if many and self.on_driver:
             compiled = _compile(statement, self.dialect, tuple(many[0]))
         if compiled is None:
             return None
         binds, names = compiled.binds, compiled.names
         positional = []
+        defaults = compiled.defaults
         for row in many:
-            values = compiled.construct(row)
+            values = compiled.construct({**defaults, **row} if defaults else row)
             positional.append(tuple(binds[n](values[n]) if n in binds else values[n]
                                     for n in names))
         return compiled, positional
@@ -190,6 +224,14 @@ class Direct:
             return function(raw._conn, *args)
         return await raw._execute(function, raw._conn, *args)
 
+    async def lock(self, key: int) -> None:
+        """Hold the transaction-scoped advisory lock ``key`` (PostgreSQL); as the
+        transaction's first statement, it goes with its ``BEGIN`` in one trip."""
+        if self.adapter is not None and not self.pending and await pg_driver.begin_with(
+                self.connection, self.adapter, f"SELECT pg_advisory_xact_lock({int(key)})"):
+            return
+        await self.execute(_ADVISORY_LOCK, {"key": key})
+
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""
         if self.pending:
@@ -199,6 +241,8 @@ class Direct:
         import sqlite3
 
         batch, self.pending = [*self.pending, *batch], []
+        if self.adapter is not None:
+            return await pg_driver.run_batch(self.connection, self.adapter, batch, TABLES)
         try:
             return await self.call(_run_batch_in_sqlite_thread, batch)
         except sqlite3.Error as error:
@@ -210,10 +254,20 @@ class Direct:
     async def linked(self, first: tuple[_Compiled, list[Any]],
                      second: tuple[_Compiled, list[Any]], link: int
                      ) -> tuple[list[int], list[int]]:
-        """See ``insert_linked``: both inserts (and what was deferred) in one trip."""
+        """See ``insert_linked``: both inserts (and what was deferred) in one trip on
+        SQLite; on PostgreSQL a trip per statement and row."""
         import sqlite3
 
         pending, self.pending = self.pending, []
+        if self.adapter is not None:
+            parents = [row[0] for row in (await pg_driver.run_batch(
+                self.connection, self.adapter, [*pending, (first[0].sql, first[1], True)],
+                TABLES))[0]]
+            rows = [(*row[:link], parent, *row[link + 1:])
+                    for row, parent in zip(second[1], parents, strict=True)]
+            children = [row[0] for row in (await pg_driver.run_batch(
+                self.connection, self.adapter, [(second[0].sql, rows, True)]))[0]]
+            return parents, children
         try:
             return await self.call(
                 _run_linked_in_sqlite_thread, pending,
@@ -258,6 +312,9 @@ async def direct(session: AsyncSession) -> Direct:
     return found
 
 
+# PostgreSQL runs a linked insert on the driver row by row (a trip each), so only for a
+# turn's few messages; a broadcast batch goes as SQLAlchemy's two multi-row statements.
+LINKED_ROWS_ON_DRIVER = 4
 _RETURNING_IDS: dict[Any, Any] = {}  # per table: INSERT ... RETURNING id, built once
 
 
@@ -276,6 +333,28 @@ async def insert_returning_ids(session: AsyncSession, model: Any,
         insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)).scalars())
 
 
+_LINKED_PAIRS: dict[tuple[Any, ...], Any] = {}
+
+
+def _linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
+                 child_keys: tuple[str, ...], link: str) -> Any:
+    """One parent row and its child in one statement (PostgreSQL): the parent's insert
+    in a ``WITH`` clause, the child's link its new id; returns the child's id and its
+    parent's. Bind names are prefixed (``p_``, ``c_``): both tables share column names."""
+    key = (parent, parent_keys, child, child_keys, link)
+    statement = _LINKED_PAIRS.get(key)
+    if statement is None:
+        inserted = insert(parent).values({
+            name: bindparam(f"p_{name}") for name in parent_keys}).returning(
+            parent.c.id).cte("linked_parent")
+        statement = insert(child).values({
+            **{name: bindparam(f"c_{name}") for name in child_keys if name != link},
+            link: select(inserted.c.id).scalar_subquery()}).returning(
+            child.c.id, child.c[link])
+        _LINKED_PAIRS[key] = statement
+    return statement
+
+
 def _returning_ids(table: Any) -> Any:
     statement = _RETURNING_IDS.get(table)
     if statement is None:
@@ -291,8 +370,15 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
     On SQLite both inserts are one trip to the database."""
     parent_table = getattr(parent, "__table__", parent)
     child_table = getattr(child, "__table__", child)
-    connection = await direct(session) if session.bind.dialect.name == "sqlite" else None
-    if connection is not None and parent_rows:
+    connection = await direct(session)
+    if connection.adapter is not None and len(parent_rows) == len(child_rows) == 1:
+        row = (await connection.execute(_linked_pair(
+            parent_table, tuple(parent_rows[0]), child_table, tuple(child_rows[0]), link), {
+            **{f"p_{key}": value for key, value in parent_rows[0].items()},
+            **{f"c_{key}": value for key, value in child_rows[0].items()}})).rows[0]
+        return [row[1]], [row[0]]
+    if connection.on_driver and parent_rows and (
+            connection.raw is not None or len(parent_rows) <= LINKED_ROWS_ON_DRIVER):
         first = connection._prepared(_returning_ids(parent_table), parent_rows)
         second = connection._prepared(_returning_ids(child_table),
                                       [{**row, link: 0} for row in child_rows])

@@ -195,22 +195,24 @@ class Engine:
         identity = (i.channel, i.bot_id, i.user_id)
         if not groups_events(self.db):
             async with self.turns.open(identity, context.hold) as unit:
-                await self._turn(context, call_next, unit.session, unit.queued)
+                await self._turn(context, call_next, unit.session, unit.queued, flush=False)
             return
         async with self.turns.locks.hold(identity):  # until the group committed
             await self.groups.run(lambda session, _: self._turn(
                 context, call_next, session, []), wake=context.hold is None)
 
     async def _turn(self, context: EventContext, call_next: Next, session: AsyncSession,
-                    queued: list[tuple[int, Outgoing]]) -> None:
+                    queued: list[tuple[int, Outgoing]], flush: bool = True) -> None:
         """The rest of the chain in ``session``'s transaction, from a fresh start (a
-        group whose transaction was lost runs its events again)."""
+        group whose transaction was lost runs its events again). Without ``flush``, the
+        writes still deferred go with the NOTIFY or before the commit (one trip less)."""
         context.reset()
         context.session, context.queued = session, queued
         context.connection = connection = await direct(session)
         connection.defer = True  # result-less writes go with the next trip
         await call_next(context)
-        await connection.flush()
+        if flush:  # before the group releases the event's SAVEPOINT
+            await connection.flush()
         connection.defer = False
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:

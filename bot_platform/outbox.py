@@ -21,12 +21,24 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    String,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    func,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
 from bot_platform.database import Database
-from bot_platform.direct import insert_linked
+from bot_platform.direct import direct, insert_linked
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing, fit_message
@@ -34,14 +46,20 @@ from bot_platform.types import Capabilities, Outgoing, fit_message
 log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
+INTERACTIVE = "interactive"  # its payload when only interactive rows were (see Worker.notify)
 Sends = Sequence[tuple[str | None, Outgoing]]  # (flow, message) pairs
+# NOTIFY as a function: a statement the writes still deferred can ride with.
+_NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
+                                bindparam("b_payload", type_=String)))
 
 
-async def notify_workers(session: AsyncSession) -> None:
+async def notify_workers(session: AsyncSession, what: str = "") -> None:
     """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
-    SQLite, the worker is in this process and ``on_commit`` wakes it."""
-    if session.bind.dialect.name == "postgresql":
-        await session.execute(text(f"NOTIFY {WORK_CHANNEL}"))
+    SQLite, the worker is in this process and ``on_commit`` wakes it. ``what``:
+    ``INTERACTIVE`` when only interactive rows were queued (else every loop wakes)."""
+    if session.bind.dialect.name == "postgresql":  # with the writes still deferred, if any
+        await (await direct(session)).execute(_NOTIFY, {"b_channel": WORK_CHANNEL,
+                                                         "b_payload": what})
 
 
 class OutboxQueue:
@@ -104,15 +122,23 @@ class OutboxQueue:
                 await session.execute(update(Outbox).where(
                     Outbox.id.in_(outbox_ids), Outbox.status == OutboxStatus.PENDING,
                 ).values(next_attempt_at=self.clock.now()))
-                await notify_workers(session)
+                await notify_workers(session, INTERACTIVE)
         self.on_commit()
 
     async def take_over(self, outbox_ids: Sequence[int]) -> bool:
         """Mark rows as sent in the webhook response that carries them, unless a worker
-        claimed them first (then False: that worker sends them)."""
+        claimed them first (then False: that worker sends them). Workers are woken as by
+        ``release``: a subscriber's later rows may have waited behind these."""
         now = self.clock.now()
         try:
             async with self.db.session() as session:
+                if session.bind.dialect.name == "postgresql":  # one statement, one trip
+                    taken = (await (await direct(session)).execute(_TAKE_OVER, {
+                        "b_ids": list(outbox_ids), "b_now": now, "b_channel": WORK_CHANNEL,
+                        "b_payload": INTERACTIVE})).scalar()
+                    if taken != len(outbox_ids):
+                        raise _WorkerWasFaster
+                    return True
                 result = await session.execute(update(Outbox).where(
                     Outbox.id.in_(outbox_ids), Outbox.status == OutboxStatus.PENDING).values(
                     status=OutboxStatus.SENT, sent_at=now, last_error=None))
@@ -121,13 +147,31 @@ class OutboxQueue:
                 await session.execute(update(Message).where(Message.id.in_(
                     _message_ids(Outbox.id.in_(outbox_ids)))).values(
                     status=MessageStatus.SENT, updated_at=now))
+                await notify_workers(session, INTERACTIVE)
         except _WorkerWasFaster:
             return False
+        finally:
+            self.on_commit()
         return True
 
 
 class _WorkerWasFaster(Exception):
     """Rolls a take-over back: a worker claimed some of its rows first."""
+
+
+_OUTBOX, _MESSAGES = Outbox.__table__, Message.__table__
+_TAKEN = update(_OUTBOX).where(
+    _OUTBOX.c.id == any_(bindparam("b_ids", type_=ARRAY(BigInteger))),
+    _OUTBOX.c.status == OutboxStatus.PENDING.value,
+).values(status=OutboxStatus.SENT.value, sent_at=bindparam("b_now"),
+         last_error=null()).returning(_OUTBOX.c.message_id).cte("taken")
+# ``take_over`` on PostgreSQL: the rows, their messages and the workers' wake-up in one
+# statement; how many rows were taken (all or the caller rolls back, wake-up included).
+_TAKE_OVER = select(func.count(), func.pg_notify(
+    bindparam("b_channel", type_=String), bindparam("b_payload", type_=String)),
+).select_from(_TAKEN).add_cte(update(_MESSAGES).where(
+    _MESSAGES.c.id.in_(select(_TAKEN.c.message_id))).values(
+    status=MessageStatus.SENT.value, updated_at=bindparam("b_now")).cte("marked"))
 
 
 def _message_ids(*where: Any) -> Any:

@@ -101,7 +101,8 @@ class Platform:
         self.engine: Engine
         self.outbox: OutboxQueue
         self.worker: Worker
-        self._wake: Callable[[], None] = lambda: None  # the worker's notify, once there is one
+        # The worker's notify, once there is one.
+        self._wake: Callable[[str], None] = lambda what: None
         self.metrics: Metrics | None = None  # made by metrics.metrics_of on first use
         self.ai_client: AsyncOpenAI | None = None  # set by start when AI replies are on
         self._flow_watch: asyncio.Task[None] | None = None
@@ -210,8 +211,8 @@ class Platform:
         """Workers on PostgreSQL wake when another process queues messages."""
         await listen(self.settings.database_url, WORK_CHANNEL, self._notify, stop)
 
-    def _notify(self) -> None:
-        self._wake()
+    def _notify(self, what: str = "") -> None:
+        self._wake(what)
 
     def channel(self, channel: str, bot_id: str) -> Channel | None:
         return self.channels.get((channel, bot_id))

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import bindparam, delete, insert, literal, null, select, text, union_all, update
+from sqlalchemy import bindparam, delete, insert, literal, null, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.direct import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
-from bot_platform.outbox import notify_workers
+from bot_platform.outbox import INTERACTIVE, notify_workers
 from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.types import Outgoing
@@ -161,10 +161,10 @@ def advisory_key(*parts: str) -> int:
 
 
 async def advisory_lock(session: AsyncSession, identity: Identity) -> None:
-    """Hold the identity's advisory lock until the transaction ends (PostgreSQL only)."""
+    """Hold the identity's advisory lock until the transaction ends (PostgreSQL only;
+    with the transaction's ``BEGIN`` when it is the first statement)."""
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                              {"key": advisory_key(*identity)})
+        await (await direct(session)).lock(advisory_key(*identity))
 
 
 def identity_of(subscriber: Subscriber | SubscriberRow) -> Identity:
@@ -228,7 +228,7 @@ class Turns:
             unit = Unit(session, hold)
             yield unit
             if unit.queued and hold is None:
-                await notify_workers(session)
+                await notify_workers(session, INTERACTIVE)  # a turn's rows: never bulk
         if hold is None:
             self.engine.on_commit()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from bot_platform.delivery import Delivery
 from bot_platform.jobs import Scheduler
+from bot_platform.outbox import INTERACTIVE
 from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,14 @@ class Worker:
         # (PostgreSQL LISTEN); polling every ``poll_interval`` covers the rest.
         self.wakeups = wakeups
 
-    def notify(self) -> None:
-        """New work was committed in this process: do not wait for the next poll."""
+    def notify(self, what: str = "") -> None:
+        """New work was committed (in this process, or another one's ``NOTIFY``): do not
+        wait for the next poll. ``what`` is ``INTERACTIVE`` when only interactive outbox
+        rows were queued: only that pipeline claims, not all three (a claim that finds
+        nothing is still a transaction, in every worker process, for every event)."""
+        if what == INTERACTIVE:
+            self.delivery_wakes[0].set()
+            return
         self.wake.set()
         for wake in self.delivery_wakes:
             wake.set()
