@@ -23,9 +23,10 @@ transactions of ``BATCH_JOBS`` jobs instead:
 
 A batch that fails as a whole (the database went away, a deadlock victim) is rolled back
 and its jobs run one by one through the single-job path, which fences and records
-failures itself. Batches of one worker run one after the other in claim order, so a
-subscriber's timers fire in due order; the jobs of one subscriber in a batch run in due
-order inside it.
+failures itself. A claim's batches share no subscriber; on PostgreSQL up to ``IN_FLIGHT``
+of them run side by side (a batch waits on round trips most of its time), and the next
+claim's batches start once they all ended, so a subscriber's timers fire in due order;
+the jobs of one subscriber in a batch run in due order inside it.
 
 Only plain handlers of the kinds in ``BATCHED_KINDS`` (flow timers, read fallbacks) are
 batched; a subscriber whose claimed jobs include another kind (an AI answer with its slow
@@ -62,6 +63,8 @@ BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
 BATCH_JOBS = 50
+# Batches of one claim run side by side on PostgreSQL (see ``JobBatches.run``).
+IN_FLIGHT = 4
 # Failing turns a batch is retried without before its jobs run one by one instead.
 RETRIES = 3
 
@@ -103,18 +106,25 @@ class JobBatches:
     async def run(self, queues: list[list[Claimed]],
                   finished: Finished | None = None) -> None:
         """Run subscribers' job queues (each in due order) in batches of about
-        ``BATCH_JOBS`` jobs; ``finished(n)`` as each batch ends."""
+        ``BATCH_JOBS`` jobs; ``finished(n)`` as each batch ends. On PostgreSQL up to
+        ``IN_FLIGHT`` batches of one claim run side by side (each on its own connection,
+        so one batch's round trips overlap another's): a claim holds a subscriber's jobs
+        in one queue, so its batches share no subscriber; the next claim's batches wait
+        for all of them (``order``), which keeps a subscriber's timers in due order."""
+        batches: list[list[list[Claimed]]] = [[]]
+        size = 0
+        for queue in queues:
+            if size >= BATCH_JOBS:
+                batches.append([])
+                size = 0
+            batches[-1].append(queue)
+            size += len(queue)
+        batches = [batch for batch in batches if batch]
+        in_flight = 1 if self.scheduler.db.is_sqlite else IN_FLIGHT  # one writer anyway
         async with self.order:
-            batch: list[list[Claimed]] = []
-            size = 0
-            for queue in queues:
-                batch.append(queue)
-                size += len(queue)
-                if size >= BATCH_JOBS:
-                    await self._run_batch(batch, finished)
-                    batch, size = [], 0
-            if batch:
-                await self._run_batch(batch, finished)
+            for start in range(0, len(batches), in_flight):
+                await asyncio.gather(*(self._run_batch(batch, finished)
+                                       for batch in batches[start:start + in_flight]))
 
     async def _run_batch(self, queues: list[list[Claimed]],
                          finished: Finished | None) -> None:
