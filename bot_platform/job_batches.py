@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
+from bot_platform.direct import direct
 from bot_platform.job_handlers import PreparedJobHandler
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
@@ -71,7 +72,7 @@ RETRIES = 3
 _JOBS = Job.__table__
 _DONE = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(
     status=JobStatus.DONE, result=bindparam("result"), locked_by=None,
-    lease_expires_at=None)
+    lease_expires_at=None, finished_at=bindparam("finished_at"))
 
 
 class LeaseLapsed(Exception):
@@ -196,8 +197,9 @@ class JobBatches:
                 results.append({"job_id": job_id, "result": result})
             await save_many(turns, session)
             if results:
-                await session.execute(_DONE.values(finished_at=scheduler.clock.now()),
-                                      results)
+                now = scheduler.clock.now()
+                await (await direct(session)).write(_DONE, [
+                    {**result, "finished_at": now} for result in results])
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")
