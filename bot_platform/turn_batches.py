@@ -116,7 +116,7 @@ async def preload(turns: Turns, session: AsyncSession,
     found: dict[int, Work | Skipped] = {}
     if not ids:
         return found
-    subscribers = {row.id: row for row in (await session.execute(
+    subscribers = {row["id"]: row for row in (await session.execute(
         _LOAD_SUBSCRIBERS, {"ids": ids})).mappings()}
     rows: dict[int, dict[str, StateRow]] = {}
     tags: dict[int, set[str]] = {}
