@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fluent.runtime import FluentBundle
-from fluent.runtime.resolver import Placeable
+from fluent.runtime.resolver import Placeable, TextElement
 from fluent.syntax import FluentParser
 from fluent.syntax import ast as ftl
 
@@ -83,6 +83,10 @@ class Catalogs:
         # version can be laid over it (``with_texts``).
         self.sources = {locale: list(items) for locale, items in (sources or {}).items()}
         self.issues = list(issues or [])  # syntax errors and duplicate keys (file:line)
+        # (locale, key) -> the text, for messages that are plain text (no placeable): the
+        # same for everyone, so formatted once (a timer wave renders them thousands of
+        # times). Emptied when the bundles change (``adopt``).
+        self._fixed: dict[tuple[str, str], str | None] = {}
 
     @classmethod
     def load(cls, directory: Path, default_locale: str = "en") -> Catalogs:
@@ -125,6 +129,7 @@ class Catalogs:
         """Take ``other``'s messages in place: the engine, the flows and the API hold this
         object, and all see the new texts at once."""
         self.bundles = other.bundles
+        self._fixed = {}
 
     @property
     def locales(self) -> list[str]:
@@ -150,8 +155,12 @@ class Catalogs:
                 return base
         return self.default_locale
 
-    def format(self, locale: str, key: str, variables: Mapping[str, Any] | None = None) -> str:
-        """The message ``key`` in ``locale``, else in the default locale, else the key."""
+    def fixed(self, locale: str, key: str) -> str | None:
+        """What ``format`` gives for ``key`` whatever the variables (a plain-text message),
+        or None when its text depends on them (or the key is missing)."""
+        if (locale, key) in self._fixed:
+            return self._fixed[(locale, key)]
+        found = None
         for candidate in (locale, self.default_locale):
             bundle = self.bundles.get(candidate)
             if bundle is None or not bundle.has_message(key):
@@ -159,16 +168,39 @@ class Catalogs:
             message = bundle.get_message(key)
             if message.value is None:
                 continue
-            text, errors = bundle.format_pattern(message.value, _isolated(variables))
-            if errors:
-                log.warning("catalog %s/%s: %s", candidate, key, errors[0])
-            # A plain text compiles to one TextElement, anything else to a Pattern.
-            elements = getattr(message.value, "elements", [message.value])
-            if elements and isinstance(elements[0], Placeable) and is_rtl_locale(candidate):
-                text = rtl_start(text)
+            if isinstance(message.value, TextElement):
+                found = self._format(candidate, key, bundle, message, None)
+            break
+        self._fixed[(locale, key)] = found
+        return found
+
+    def format(self, locale: str, key: str, variables: Mapping[str, Any] | None = None) -> str:
+        """The message ``key`` in ``locale``, else in the default locale, else the key."""
+        text = self.fixed(locale, key)
+        if text is not None:
             return text
+        for candidate in (locale, self.default_locale):
+            bundle = self.bundles.get(candidate)
+            if bundle is None or not bundle.has_message(key):
+                continue
+            message = bundle.get_message(key)
+            if message.value is None:
+                continue
+            return self._format(candidate, key, bundle, message, variables)
         log.warning("missing catalog key %r in %s and %s", key, locale, self.default_locale)
         return key
+
+    @staticmethod
+    def _format(locale: str, key: str, bundle: FluentBundle, message: Any,
+                variables: Mapping[str, Any] | None) -> str:
+        text, errors = bundle.format_pattern(message.value, _isolated(variables))
+        if errors:
+            log.warning("catalog %s/%s: %s", locale, key, errors[0])
+        # A plain text compiles to one TextElement, anything else to a Pattern.
+        elements = getattr(message.value, "elements", [message.value])
+        if elements and isinstance(elements[0], Placeable) and is_rtl_locale(locale):
+            text = rtl_start(text)
+        return text
 
 
 def _isolated(variables: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -23,9 +23,10 @@ transactions of ``BATCH_JOBS`` jobs instead:
 
 A batch that fails as a whole (the database went away, a deadlock victim) is rolled back
 and its jobs run one by one through the single-job path, which fences and records
-failures itself. Batches of one worker run one after the other in claim order, so a
-subscriber's timers fire in due order; the jobs of one subscriber in a batch run in due
-order inside it.
+failures itself. A claim's batches share no subscriber; on PostgreSQL up to ``IN_FLIGHT``
+of them run side by side (a batch waits on round trips most of its time), and the next
+claim's batches start once they all ended, so a subscriber's timers fire in due order;
+the jobs of one subscriber in a batch run in due order inside it.
 
 Only plain handlers of the kinds in ``BATCHED_KINDS`` (flow timers, read fallbacks) are
 batched; a subscriber whose claimed jobs include another kind (an AI answer with its slow
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
+from bot_platform.direct import direct
 from bot_platform.job_handlers import PreparedJobHandler
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
@@ -62,13 +64,15 @@ BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
 BATCH_JOBS = 50
+# Batches of one claim run side by side on PostgreSQL (see ``JobBatches.run``).
+IN_FLIGHT = 4
 # Failing turns a batch is retried without before its jobs run one by one instead.
 RETRIES = 3
 
 _JOBS = Job.__table__
 _DONE = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(
     status=JobStatus.DONE, result=bindparam("result"), locked_by=None,
-    lease_expires_at=None)
+    lease_expires_at=None, finished_at=bindparam("finished_at"))
 
 
 class LeaseLapsed(Exception):
@@ -81,29 +85,47 @@ class JobBatches:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.order = asyncio.Lock()  # FIFO: a claim's batches before the next claim's
+        self._plain_handlers: dict[int, tuple[Any, bool]] = {}  # id -> (handler, plain)
 
     def batchable(self, queue: list[Claimed]) -> bool:
         """Whether a subscriber's claimed jobs may all run in a batch."""
-        handlers = self.scheduler.handlers
-        return queue[0][2] is not None and all(
-            kind in BATCHED_KINDS and kind in handlers
-            and not isinstance(handlers[kind], PreparedJobHandler) for _, kind, _ in queue)
+        return queue[0][2] is not None and all(self._plain(kind) for _, kind, _ in queue)
+
+    def _plain(self, kind: str) -> bool:
+        """A batched kind whose handler is a plain one. The ``isinstance`` check against
+        a runtime protocol costs ~40 us, so its answer is kept per handler (tests swap
+        handlers: the key is the handler object)."""
+        handler = self.scheduler.handlers.get(kind) if kind in BATCHED_KINDS else None
+        if handler is None:
+            return False
+        known = self._plain_handlers.get(id(handler))
+        if known is None or known[0] is not handler:
+            known = self._plain_handlers[id(handler)] = (
+                handler, not isinstance(handler, PreparedJobHandler))
+        return known[1]
 
     async def run(self, queues: list[list[Claimed]],
                   finished: Finished | None = None) -> None:
         """Run subscribers' job queues (each in due order) in batches of about
-        ``BATCH_JOBS`` jobs; ``finished(n)`` as each batch ends."""
+        ``BATCH_JOBS`` jobs; ``finished(n)`` as each batch ends. On PostgreSQL up to
+        ``IN_FLIGHT`` batches of one claim run side by side (each on its own connection,
+        so one batch's round trips overlap another's): a claim holds a subscriber's jobs
+        in one queue, so its batches share no subscriber; the next claim's batches wait
+        for all of them (``order``), which keeps a subscriber's timers in due order."""
+        batches: list[list[list[Claimed]]] = [[]]
+        size = 0
+        for queue in queues:
+            if size >= BATCH_JOBS:
+                batches.append([])
+                size = 0
+            batches[-1].append(queue)
+            size += len(queue)
+        batches = [batch for batch in batches if batch]
+        in_flight = 1 if self.scheduler.db.is_sqlite else IN_FLIGHT  # one writer anyway
         async with self.order:
-            batch: list[list[Claimed]] = []
-            size = 0
-            for queue in queues:
-                batch.append(queue)
-                size += len(queue)
-                if size >= BATCH_JOBS:
-                    await self._run_batch(batch, finished)
-                    batch, size = [], 0
-            if batch:
-                await self._run_batch(batch, finished)
+            for start in range(0, len(batches), in_flight):
+                await asyncio.gather(*(self._run_batch(batch, finished)
+                                       for batch in batches[start:start + in_flight]))
 
     async def _run_batch(self, queues: list[list[Claimed]],
                          finished: Finished | None) -> None:
@@ -175,8 +197,9 @@ class JobBatches:
                 results.append({"job_id": job_id, "result": result})
             await save_many(turns, session)
             if results:
-                await session.execute(_DONE.values(finished_at=scheduler.clock.now()),
-                                      results)
+                now = scheduler.clock.now()
+                await (await direct(session)).write(_DONE, [
+                    {**result, "finished_at": now} for result in results])
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")

@@ -24,22 +24,64 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, and_, bindparam, delete, insert, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    bindparam,
+    delete,
+    exists,
+    null,
+    select,
+    text,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.flows.turn import JobEffect, SendEffect, TimerEffect
+from bot_platform.direct import direct
+from bot_platform.flows.turn import SendEffect
 from bot_platform.handoff import OPEN
-from bot_platform.models import Answer, Conversation, FlowState, Job, Subscriber, SubscriberTag
-from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
+from bot_platform.models import Conversation
+from bot_platform.statuses import SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
-from bot_platform.turns import Identity, Skipped, Work, advisory_key
+from bot_platform.turns import (
+    CANCEL_TIMERS,
+    FLOW_STATES,
+    INSERT_ANSWERS,
+    INSERT_JOBS,
+    INSERT_STATES,
+    INSERT_TAGS,
+    SUBSCRIBERS,
+    TAGS,
+    UPDATE_STATE,
+    UPDATE_SUBSCRIBER,
+    Identity,
+    Skipped,
+    StateRow,
+    SubscriberRow,
+    Work,
+    advisory_key,
+    effect_jobs,
+)
 
 if TYPE_CHECKING:
     from bot_platform.turns import Turns
 
 PRELOADED = "botp.preloaded_turns"  # session.info key: subscriber id -> Work | Skipped
 DEFERRED = "botp.deferred_turns"  # session.info key: subscriber id -> Work to save
+
+_IDS = bindparam("ids", expanding=True)
+_CONVERSATIONS = Conversation.__table__
+_LOAD_SUBSCRIBERS = select(*SUBSCRIBERS.c, exists().where(
+    _CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id,
+    _CONVERSATIONS.c.status.in_(OPEN)).label("talking")).where(SUBSCRIBERS.c.id.in_(_IDS))
+# Flow positions and tags of many subscribers in one statement (a tag row has no state
+# id), as ``turns.LOAD_TURN`` loads one subscriber's.
+_F, _T = FLOW_STATES.c, TAGS.c
+_LOAD_POSITIONS = union_all(
+    select(_F.subscriber_id, _F.flow, _F.id, _F.state, _F.version, _F.status, _F.data,
+           _F.updated_at).where(_F.subscriber_id.in_(_IDS)),
+    select(_T.subscriber_id, _T.tag, null(), null(), null(), null(), null(), null())
+    .where(_T.subscriber_id.in_(_IDS)))
 
 _ADVISORY_LOCKS = text(
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(:keys) AS k"
@@ -66,40 +108,37 @@ async def isolated_many(turns: Turns,
 async def preload(turns: Turns, session: AsyncSession,
                   subscriber_ids: Iterable[int]) -> dict[int, Work | Skipped]:
     """The turns of many subscribers (or why flows must not act for them, as
-    ``Turns.load`` answers), loaded in four statements and kept on the session for
+    ``Turns.load`` answers), loaded in two Core statements (the subscribers with whether
+    humans own their chat; their flow positions and tags) and kept on the session for
     ``take_preloaded``. Valid until one of them changes: take each at most once, before
     any other turn of the same subscriber in this transaction."""
     ids = sorted(set(subscriber_ids))
     found: dict[int, Work | Skipped] = {}
     if not ids:
         return found
-    subscribers = {s.id: s for s in (await session.scalars(
-        select(Subscriber).where(Subscriber.id.in_(ids))
-        .execution_options(populate_existing=True))).all()}
-    talking = set((await session.scalars(select(Conversation.subscriber_id).where(
-        Conversation.subscriber_id.in_(ids), Conversation.status.in_(OPEN)))).all())
-    rows: dict[int, dict[str, FlowState]] = {}
-    for row in (await session.scalars(select(FlowState).where(
-            FlowState.subscriber_id.in_(ids)))).all():
-        rows.setdefault(row.subscriber_id, {})[row.flow] = row
+    subscribers = {row["id"]: row for row in (await session.execute(
+        _LOAD_SUBSCRIBERS, {"ids": ids})).mappings()}
+    rows: dict[int, dict[str, StateRow]] = {}
     tags: dict[int, set[str]] = {}
-    for subscriber_id, tag in (await session.execute(select(
-            SubscriberTag.subscriber_id, SubscriberTag.tag).where(
-            SubscriberTag.subscriber_id.in_(ids)))).all():
-        tags.setdefault(subscriber_id, set()).add(tag)
+    for subscriber_id, name, *values in (await session.execute(
+            _LOAD_POSITIONS, {"ids": ids})).all():
+        if values[0] is None:
+            tags.setdefault(subscriber_id, set()).add(name)
+        else:
+            rows.setdefault(subscriber_id, {})[name] = StateRow(*values)
     for subscriber_id in ids:
         subscriber = subscribers.get(subscriber_id)
         if subscriber is None:
             found[subscriber_id] = "no-subscriber"
-        elif subscriber.status != SubscriberStatus.SUBSCRIBED:
+        elif subscriber["status"] != SubscriberStatus.SUBSCRIBED:
             found[subscriber_id] = "unsubscribed"
-        elif subscriber_id in talking:
+        elif subscriber["talking"]:
             found[subscriber_id] = "suppressed"
         else:
             states = rows.get(subscriber_id, {})
-            turn = turns.new_turn(session, subscriber, states,
-                                  tags.get(subscriber_id, set()))
-            found[subscriber_id] = Work(turns, session, subscriber, turn, states)
+            row = SubscriberRow(subscriber)
+            turn = turns.new_turn(session, row, states, tags.get(subscriber_id, set()))
+            found[subscriber_id] = Work(turns, session, row, turn, states)
     session.info.setdefault(PRELOADED, {}).update(found)
     return found
 
@@ -142,19 +181,10 @@ def start_deferring(session: AsyncSession) -> None:
     session.info[DEFERRED] = {}
 
 
-_FLOW_STATES = FlowState.__table__
-_UPDATE_STATE = update(_FLOW_STATES).where(_FLOW_STATES.c.id == bindparam("row_id")).values(
-    state=bindparam("state"), version=bindparam("version"), status=bindparam("status"),
-    data=bindparam("data"), updated_at=bindparam("updated_at"))
-_SUBSCRIBERS = Subscriber.__table__
-_DELETE_TAG = delete(SubscriberTag.__table__).where(
-    SubscriberTag.__table__.c.subscriber_id == bindparam("sid"),
-    SubscriberTag.__table__.c.tag == bindparam("old_tag"))
-
-
 async def save_many(turns: Turns, session: AsyncSession) -> None:
     """Write every kept turn of the batch (``save_later``) as ``Turns.save`` would, a
-    statement per kind of row for all of them. A turn with an escalation takes the usual
+    statement per kind of row for all of them (on SQLite they go to the database in one
+    trip, with the outbox rows: ``Direct``). A turn with an escalation takes the usual
     path (it reads and writes the conversation)."""
     works = list(session.info.pop(DEFERRED, {}).values())
     engine = turns.engine
@@ -168,14 +198,13 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
         return
     new_states: list[dict[str, Any]] = []
     changed_states: list[dict[str, Any]] = []
-    left: dict[str, list[int]] = {}  # flow -> subscribers whose timers there are void
+    left: list[dict[str, Any]] = []  # (subscriber, flow) whose pending timers are void
     new_tags: list[dict[str, Any]] = []
     old_tags: list[dict[str, Any]] = []
     attributes: list[dict[str, Any]] = []
     locales: list[dict[str, Any]] = []
     answers: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
-    now = max(work.turn.now for work in bulk)
     for work in bulk:
         turn, subscriber, rows = work.turn, work.subscriber, work.rows
         for flow, position in turn.positions.items():
@@ -189,67 +218,47 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
                 new_states.append({**values, "subscriber_id": subscriber.id, "flow": flow,
                                    "created_at": turn.now})
             else:
-                changed_states.append({**values, "row_id": row.id})
+                changed_states.append({**values, "b_id": row.id})
                 if may_have_timer(engine.flows, flow, row.state):
-                    left.setdefault(flow, []).append(subscriber.id)
+                    left.append({"b_sid": subscriber.id, "b_flow": flow, "b_now": turn.now})
         new_tags.extend({"subscriber_id": subscriber.id, "tag": tag}
                         for tag in turn.tags - turn.original_tags)
         old_tags.extend({"sid": subscriber.id, "old_tag": tag}
                         for tag in turn.original_tags - turn.tags)
         if turn.attributes_changed:
-            attributes.append({"sid": subscriber.id, "attributes": dict(turn.attributes),
+            attributes.append({"b_id": subscriber.id, "attributes": dict(turn.attributes),
                                "updated_at": turn.now})
         if turn.locale != (subscriber.locale or engine.catalogs.default_locale):
-            locales.append({"sid": subscriber.id, "locale": turn.locale})
+            locales.append({"b_id": subscriber.id, "locale": turn.locale})
         answers.extend({"subscriber_id": subscriber.id, "flow": flow, "question": question,
                         "value": value, "created_at": turn.now}
                        for flow, question, value in turn.answers)
-        for effect in turn.effects:
-            if isinstance(effect, TimerEffect):
-                position = turn.positions[effect.flow]
-                if position.status == PositionStatus.ACTIVE and position.version == effect.version:
-                    jobs.append({"kind": "flow_timer", "subscriber_id": subscriber.id,
-                                 "flow": effect.flow, "due_at": effect.due_at,
-                                 "created_at": turn.now, "payload": {
-                                     "state": effect.state, "version": effect.version}})
-            elif isinstance(effect, JobEffect):
-                jobs.append({"kind": effect.kind, "subscriber_id": subscriber.id,
-                             "flow": None, "due_at": effect.due_at, "created_at": turn.now,
-                             "payload": effect.payload})
-    if changed_states:
-        await session.execute(_UPDATE_STATE, changed_states)
-    if new_states:
-        await session.execute(insert(_FLOW_STATES), new_states)
-    for flow, subscriber_ids in left.items():
-        # Timers of the state instances these subscribers just left are void (before the
-        # new timers are inserted: those are pending too).
-        await session.execute(update(Job.__table__).where(and_(
-            Job.subscriber_id.in_(subscriber_ids), Job.flow == flow,
-            Job.kind == "flow_timer", Job.status == JobStatus.PENDING,
-        )).values(status=JobStatus.CANCELLED, finished_at=now, result="state-left"))
-    if new_tags:
-        await session.execute(insert(SubscriberTag.__table__), new_tags)
-    if old_tags:
-        await session.execute(_DELETE_TAG, old_tags)
-    if attributes:
-        await session.execute(update(_SUBSCRIBERS).where(
-            _SUBSCRIBERS.c.id == bindparam("sid")).values(
-            attributes=bindparam("attributes"), updated_at=bindparam("updated_at")),
-            attributes)
-    if locales:
-        await session.execute(update(_SUBSCRIBERS).where(
-            _SUBSCRIBERS.c.id == bindparam("sid")).values(locale=bindparam("locale")), locales)
-    if answers:
-        await session.execute(insert(Answer.__table__), answers)
-    if jobs:
-        await session.execute(insert(Job.__table__), [
-            {"status": JobStatus.PENDING, "attempts": 0, **job} for job in jobs])
-    sends = [[e for e in work.turn.effects if isinstance(e, SendEffect)] for work in bulk]
-    queued = await engine.outbox.enqueue_many(session, [
-        (work.subscriber, [(e.flow, e.message) for e in effects])
-        for work, effects in zip(bulk, sends, strict=True)])
+        jobs.extend(effect_jobs(turn, subscriber.id))
+    connection = await direct(session)
+    connection.defer = True  # the writes go with the outbox inserts (SQLite)
+    try:
+        for statement, params in (
+                (UPDATE_STATE, changed_states), (INSERT_STATES, new_states),
+                # the timers of the state instances left are void (before the new timers
+                # are inserted: those are pending too)
+                (CANCEL_TIMERS, left), (INSERT_TAGS, new_tags), (_DELETE_TAG, old_tags),
+                (UPDATE_SUBSCRIBER, attributes), (UPDATE_SUBSCRIBER, locales),
+                (INSERT_ANSWERS, answers), (INSERT_JOBS, jobs)):
+            if params:
+                await connection.write(statement, params)
+        sends = [[e for e in work.turn.effects if isinstance(e, SendEffect)] for work in bulk]
+        queued = await engine.outbox.enqueue_many(session, [
+            (work.subscriber, [(e.flow, e.message) for e in effects])
+            for work, effects in zip(bulk, sends, strict=True)])
+        await connection.flush()
+    finally:
+        connection.defer = False
     for work, effects, rows in zip(bulk, sends, queued, strict=True):
         if any(e.fallback for e in effects):
             subscriber = work.subscriber
             schedule_fallbacks(session, subscriber, effects, rows, work.turn.now,
                                engine.capabilities(subscriber.channel, subscriber.bot_id))
+
+
+_DELETE_TAG = delete(TAGS).where(TAGS.c.subscriber_id == bindparam("sid"),
+                                 TAGS.c.tag == bindparam("old_tag"))

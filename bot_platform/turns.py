@@ -72,6 +72,27 @@ CANCEL_TIMERS = update(JOBS).where(
 ).values(status=JobStatus.CANCELLED, finished_at=bindparam("b_now"), result=literal("state-left"))
 
 
+def effect_jobs(turn: Turn, subscriber_id: int) -> list[dict[str, Any]]:
+    """The ``jobs`` rows a turn schedules: a timer for each state instance it entered and
+    is still in, and the background jobs its actions asked for."""
+    jobs: list[dict[str, Any]] = []
+    for effect in turn.effects:
+        if isinstance(effect, TimerEffect):
+            position = turn.positions[effect.flow]
+            if position.status == PositionStatus.ACTIVE and position.version == effect.version:
+                jobs.append({"kind": "flow_timer", "subscriber_id": subscriber_id,
+                             "flow": effect.flow, "due_at": effect.due_at,
+                             "created_at": turn.now, "status": JobStatus.PENDING,
+                             "attempts": 0, "payload": {
+                                 "state": effect.state, "version": effect.version}})
+        elif isinstance(effect, JobEffect):
+            jobs.append({"kind": effect.kind, "subscriber_id": subscriber_id, "flow": None,
+                         "due_at": effect.due_at, "created_at": turn.now,
+                         "status": JobStatus.PENDING, "attempts": 0,
+                         "payload": effect.payload})
+    return jobs
+
+
 class SubscriberRow:
     """A subscriber as plain data, read and written with Core statements (the inbound
     hot path). Attributes set on it are remembered and written by one ``UPDATE``
@@ -348,22 +369,9 @@ class Turns:
             await connection.write(INSERT_ANSWERS, [
                 {"subscriber_id": subscriber.id, "flow": flow, "question": question,
                  "value": value, "created_at": now} for flow, question, value in turn.answers])
-        jobs: list[dict[str, Any]] = []
-        for effect in turn.effects:
-            if isinstance(effect, TimerEffect):
-                position = turn.positions[effect.flow]
-                if position.status == PositionStatus.ACTIVE and position.version == effect.version:
-                    jobs.append({"kind": "flow_timer", "subscriber_id": subscriber.id,
-                                 "flow": effect.flow, "due_at": effect.due_at,
-                                 "created_at": now, "payload": {
-                                     "state": effect.state, "version": effect.version}})
-            elif isinstance(effect, JobEffect):
-                jobs.append({"kind": effect.kind, "subscriber_id": subscriber.id,
-                             "flow": None, "due_at": effect.due_at, "created_at": now,
-                             "payload": effect.payload})
+        jobs = effect_jobs(turn, subscriber.id)
         if jobs:
-            await connection.write(INSERT_JOBS, [
-                {"status": JobStatus.PENDING, "attempts": 0, **job} for job in jobs])
+            await connection.write(INSERT_JOBS, jobs)
         effects = [e for e in turn.effects if isinstance(e, SendEffect)]
         sends = [(e.flow, e.message) for e in effects]
         if turn.escalation is not None:

@@ -360,7 +360,28 @@ def _text_len(text: str, caps: Capabilities) -> int:
     return utf16_len(text) if caps.text_units == "utf16" else len(text)
 
 
+# (id of the message, id of the capabilities) -> (both, the parts): a message rendered
+# once for many subscribers (``CompiledFlow.render``) is fitted once per channel. Both
+# objects are kept, so an id is never reused while its entry lives.
+_FITTED: dict[tuple[int, int], tuple[Outgoing, Capabilities, tuple[Outgoing, ...]]] = {}
+_FITTED_MAX = 512
+
+
 def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
+    """Fit one message to a channel's capabilities: the parts it sends, one API call each
+    (see ``_fit``). The same message object for the same channel is fitted once."""
+    key = (id(message), id(caps))
+    found = _FITTED.get(key)
+    if found is not None and found[0] is message and found[1] is caps:
+        return list(found[2])
+    parts = _fit(message, caps)
+    if len(_FITTED) >= _FITTED_MAX:
+        _FITTED.clear()
+    _FITTED[key] = (message, caps, tuple(parts))
+    return parts
+
+
+def _fit(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
     """Fit one message to a channel's capabilities: the parts it sends, one API call each.
 
     Each part becomes its own outbox row, so a retry re-sends only the part that failed.

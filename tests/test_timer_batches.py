@@ -180,6 +180,42 @@ async def test_concurrent_batches_on_postgres_fire_each_timer_once(make_platform
     assert tips == Counter({u: 1 for u in users})
 
 
+@pytest.mark.postgres
+async def test_a_claims_batches_run_side_by_side_on_postgres(make_platform, postgres_url,
+                                                             monkeypatch) -> None:
+    """One claim of 130 timers is three batches, on PostgreSQL in transactions that run
+    at the same time: every timer fires once and each chain's next timer is queued once."""
+    platform = await make_platform(database_url=postgres_url)
+    users = [f"u{n}" for n in range(130)]
+    await started(platform, users)
+    platform.clock.advance(DAY)
+    scheduler = platform.worker.scheduler
+    original = scheduler.batches._transaction
+    open_now, most = 0, 0
+
+    async def transaction(queues, left_out):
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            return await original(queues, left_out)
+        finally:
+            open_now -= 1
+
+    monkeypatch.setattr(scheduler.batches, "_transaction", transaction)
+    while await scheduler.run_once():
+        pass
+    assert most > 1
+    async with platform.db.session() as session:
+        jobs = (await session.execute(select(Job.status, Job.result, func.count()).where(
+            Job.kind == "flow_timer").group_by(Job.status, Job.result))).all()
+    assert sorted(jobs) == [("done", "fired", 130), ("pending", None, 130)]
+    await platform.drain()
+    tips = Counter(user for user, m in platform.channel("console", "console").sent
+                   if m.text.startswith("Tip of the day"))
+    assert tips == Counter({u: 1 for u in users})
+
+
 async def test_a_worker_whose_leases_lapsed_applies_nothing(make_platform, db_url) -> None:
     """Claimed, then paused past the lease while another worker took the timers over and
     fired them: on waking, its batch finds none of them its own and fires nothing."""

@@ -26,7 +26,14 @@ from bot_platform.flows.captures import validate_capture
 from bot_platform.flows.conditions import condition_holds
 from bot_platform.flows.payloads import ButtonRef, PayloadCodec
 from bot_platform.flows.spec import FlowSpec, StateSpec
-from bot_platform.flows.turn import Position, SendEffect, TimerEffect, Turn, fill_url
+from bot_platform.flows.turn import (
+    Position,
+    SendEffect,
+    TimerEffect,
+    Turn,
+    fill_url,
+    has_placeholders,
+)
 from bot_platform.i18n import Catalogs
 from bot_platform.statuses import PositionStatus
 from bot_platform.types import Button, Outgoing, QuickReply
@@ -76,6 +83,8 @@ class CompiledFlow:
         self.catalogs = catalogs
         self.codec = codec
         self.payloads: dict[tuple[str, str, int], str] = {}
+        # (state, locale) -> (the catalogs' bundles it was rendered with, the messages)
+        self._rendered: dict[tuple[str, str], tuple[object, tuple[Outgoing, ...]]] = {}
         states = [State(name, on_enter=[self._on_enter]) for name in spec.states]
         self.machine = Machine(
             model=None, states=states, initial=spec.start, auto_transitions=False,
@@ -167,7 +176,30 @@ class CompiledFlow:
             position.status = PositionStatus.FINISHED
 
     def render(self, name: str, turn: Turn) -> list[Outgoing]:
-        """The state's messages in the turn's locale; buttons go on the last one."""
+        """The state's messages in the turn's locale; buttons go on the last one. Messages
+        the same for every subscriber (plain texts, links without placeholders) are
+        rendered once per catalogs and locale: a timer wave sends thousands of them."""
+        key = (name, turn.locale)
+        cached = self._rendered.get(key)
+        if cached is not None and cached[0] is self.catalogs.bundles:
+            return list(cached[1])
+        messages = self._render(name, turn)
+        if self._fixed(name, turn.locale):
+            if len(self._rendered) >= 4096:  # states x locales; a bound all the same
+                self._rendered.clear()
+            self._rendered[key] = (self.catalogs.bundles, tuple(messages))
+        return messages
+
+    def _fixed(self, name: str, locale: str) -> bool:
+        """Whether the state's messages depend on nothing but the locale."""
+        state = self.spec.states[name]
+        fixed = self.catalogs.fixed
+        return (all(fixed(locale, m.text) is not None for m in state.say)
+                and all(fixed(locale, b.label) is not None
+                        and not (b.url and has_placeholders(b.url)) for b in state.buttons)
+                and all(fixed(locale, q.label) is not None for q in state.quick_replies))
+
+    def _render(self, name: str, turn: Turn) -> list[Outgoing]:
         state = self.spec.states[name]
         variables = turn.variables(self.catalogs)
         fmt = self.catalogs.format

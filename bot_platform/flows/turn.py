@@ -145,6 +145,11 @@ def _placeholder_value(turn: Turn, name: str) -> str:
     return "" if value is None else str(value)
 
 
+def has_placeholders(value: str) -> bool:
+    """Whether filling ``value`` for a turn can change it."""
+    return _PLACEHOLDER.search(value) is not None
+
+
 def interpolate(value: Any, turn: Turn) -> Any:
     """A string with its ``{attribute}`` placeholders filled (other values unchanged)."""
     if not isinstance(value, str):
