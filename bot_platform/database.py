@@ -34,6 +34,7 @@ from bot_platform.errors import StorageUnavailable
 from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
 from bot_platform.pipeline import wait_any
+from bot_platform.statement_cache import keep_small_statements
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,10 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     if statement_timeout:
         server_settings["statement_timeout"] = str(int(statement_timeout * 1000))
     connect_args = {"server_settings": server_settings} if server_settings else {}
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
-                               connect_args=connect_args)
+    engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                                 connect_args=connect_args)
+    event.listen(engine.sync_engine, "connect", keep_small_statements)  # ids lists: uncached
+    return engine
 
 
 class Database:
