@@ -46,6 +46,7 @@ from bot_platform.types import Button, Card, Outgoing, QuickReply
 
 SEND_KIND = "broadcast_send"
 BATCH = 500
+SNAPSHOT_CHUNK = 5000  # recipients read and inserted at a time when a broadcast starts
 FILTER = TypeAdapter(Filter)
 
 
@@ -201,21 +202,28 @@ async def start(session: AsyncSession, broadcast_id: int, now: datetime) -> Broa
 
 
 async def _snapshot(session: AsyncSession, broadcast: Broadcast, now: datetime) -> int:
-    """The recipients (one row each) and the first send job; returns how many."""
+    """The recipients (one row each) and the first send job; returns how many. The
+    segment's rows stream in and go out ``SNAPSHOT_CHUNK`` at a time: the process's memory
+    does not grow with the segment (a list of 380,000 recipients took ~300 MB)."""
     spec = FILTER.validate_python(broadcast.segment)
     condition = compile_filter(spec, now=now, dialect=session.bind.dialect.name)
     # Everyone the segment names; the unsubscribed are skipped (and counted) when queued.
-    found = (await session.execute(select(Subscriber.id, Subscriber.attributes).where(
-        condition).order_by(Subscriber.id))).all()
-    rows = [{"broadcast_id": broadcast.id, "subscriber_id": i, "status": RecipientStatus.PENDING,
-             "variant": variant_for(i, broadcast.id, broadcast.variants),
-             "due_at": local_moment(broadcast.local_time, attributes, now)}
-            for i, attributes in found]
-    for first in range(0, len(rows), 5000):
-        await session.execute(insert_ignore(session, BroadcastRecipient), rows[first:first + 5000])
+    # Their attributes only matter for a local time of day (the time zone).
+    local_time = broadcast.local_time
+    columns = (Subscriber.id, Subscriber.attributes) if local_time else (Subscriber.id,)
+    found = await session.stream(select(*columns).where(condition).order_by(Subscriber.id))
+    targeted = 0
+    async for chunk in found.partitions(SNAPSHOT_CHUNK):
+        await session.execute(insert_ignore(session, BroadcastRecipient), [
+            {"broadcast_id": broadcast.id, "subscriber_id": row[0],
+             "status": RecipientStatus.PENDING,
+             "variant": variant_for(row[0], broadcast.id, broadcast.variants),
+             "due_at": local_moment(local_time, row[1], now) if local_time else None}
+            for row in chunk])
+        targeted += len(chunk)
     session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
                     payload={"broadcast_id": broadcast.id}))
-    return len(rows)
+    return targeted
 
 
 async def pause(session: AsyncSession, broadcast_id: int) -> Broadcast:

@@ -75,12 +75,15 @@ def _on_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -
 
 
 def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> int:
-    from bot_platform.migrations import upgrade
     from bot_platform.serve import PortInUse, run, serve
 
     settings = _settings(args)
     _setup_logging(settings)
     if settings.database_url.startswith("sqlite") or args.migrate:
+        # Imported only here: Alembic (and Mako) stay out of processes that do not
+        # migrate (~8 MB of a worker's memory).
+        from bot_platform.migrations import upgrade
+
         upgrade(settings.database_url)
     try:
         run(serve(settings, web=web, worker=worker))

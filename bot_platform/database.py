@@ -35,6 +35,7 @@ from bot_platform.flows.conditions import register_sqlite_functions
 from bot_platform.models import Base, KeyValue
 from bot_platform.pg_driver import ping_idle_connections
 from bot_platform.pipeline import wait_any
+from bot_platform.statement_cache import keep_small_statements
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     engine = create_async_engine(url, pool_size=10, max_overflow=10,
                                  connect_args=connect_args)
     ping_idle_connections(engine)  # not pool_pre_ping: three trips per transaction
+    event.listen(engine.sync_engine, "connect", keep_small_statements)  # ids lists: uncached
     return engine
 
 

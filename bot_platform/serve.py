@@ -100,8 +100,6 @@ async def serve(settings: Settings, *, web: bool, worker: bool) -> None:
     """One process until SIGINT or SIGTERM: the web app (webhooks, admin API) and/or the
     worker. A taken port (``PortInUse``) or invalid flows (``FlowValidationError``) are
     raised before anything claims to be serving."""
-    from bot_platform.app import create_app, create_metrics_app
-
     sock = listen(settings.host, settings.port) if web else None
     platform = Platform(settings)
     server: Server | None = None
@@ -122,12 +120,17 @@ async def serve(settings: Settings, *, web: bool, worker: bool) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown)
         if web:
+            from bot_platform.app import create_app
+
             server = _server(create_app(platform, worker=worker), settings, settings.port,
                              settings.log_level.lower())
             server.should_exit = platform.stopping.is_set()
             log.info("serving on http://%s:%s", settings.host, settings.port)
             await server.serve(sockets=[sock])  # returns once shutdown() asked it to
         elif settings.metrics_port:  # a worker: its send counters, for Prometheus
+            # The web framework is imported by the processes that serve HTTP only.
+            from bot_platform.app import create_metrics_app
+
             server = _server(create_metrics_app(platform), settings, settings.metrics_port,
                              "warning")
             server.should_exit = platform.stopping.is_set()

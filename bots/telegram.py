@@ -25,6 +25,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+# isort: off
+import bots.lazy_aiogram  # noqa: F401  (first: aiogram's models are built when first used)
+
+# isort: on
 from aiogram import Bot
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from bot_platform import broadcasts
 from bot_platform.apikeys import create_key
 from bot_platform.events import EventIn, ingest
-from bot_platform.models import Conversation, Job, Subscriber
+from bot_platform.models import BroadcastRecipient, Conversation, Job, Subscriber
 from tests.support.engine import Chat
 
 MESSAGE = {"en": {"text": "Spring sale: 20% off everything!",
@@ -176,6 +176,41 @@ async def test_flow_variants_and_local_time(audience) -> None:
             {"name": "A", "percent": 100, "flow": "nope"}]})
     assert bad.status_code == 422
 
+
+
+async def test_the_snapshot_streams_its_recipients_in_chunks(make_platform, db_url,
+                                                              monkeypatch) -> None:
+    """Recipients are read and inserted a chunk at a time (a process's memory does not
+    grow with the segment): every one is there once, with its local moment."""
+    monkeypatch.setattr(broadcasts, "SNAPSHOT_CHUNK", 3)
+    platform = await make_platform(database_url=db_url)
+    for n in range(8):
+        await Chat(platform, user=f"s{n}").say("/start")
+    async with platform.db.session() as session:
+        rows = (await session.scalars(select(Subscriber).order_by(Subscriber.id))).all()
+        rows[4].attributes = {"timezone": "Europe/Kyiv"}  # 10:00 there is 08:00 UTC
+    _, key = await create_key(platform.db, name="m", role="marketer", now=platform.clock.now())
+    client = platform.http_client()
+    client.headers["Authorization"] = f"Bearer {key}"
+    try:
+        for local_time in (None, "10:00"):
+            broadcast_id = await create(client, local_time=local_time)
+            started = await client.post(f"/api/broadcasts/{broadcast_id}/start")
+            assert started.json()["status"] == "running"
+            async with platform.db.session() as session:
+                found = (await session.execute(select(
+                    BroadcastRecipient.subscriber_id, BroadcastRecipient.due_at).where(
+                    BroadcastRecipient.broadcast_id == broadcast_id))).all()
+            assert sorted(i for i, _ in found) == [row.id for row in rows]
+            moments = {i: due for i, due in found}
+            if local_time is None:
+                assert set(moments.values()) == {None}
+            else:  # 09:00 UTC now: 10:00 in an hour, in Kyiv tomorrow
+                kyiv = moments.pop(rows[4].id)
+                assert len(set(moments.values())) == 1 and None not in moments.values()
+                assert kyiv is not None and kyiv != next(iter(moments.values()))
+    finally:
+        await client.aclose()
 
 PICKS_FLOW = """
 flow: picks
