@@ -220,6 +220,8 @@ class Delivery:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
 
         async def claim(limit: int) -> tuple[int, tuple[list[ClaimedRow], set[int]]]:
+            if kind == "bulk":  # a claim holds the (SQLite) connection a while
+                await self.pressure.yield_to_interactive()
             rows, more = await self.claim_batch(limit, kind)
             return len(rows), (rows, more)
 
@@ -315,6 +317,8 @@ class Delivery:
                 return await self._deliver(row)
         finally:
             self.outbox.leases.let_go(row.id)
+            if row.urgent:
+                self.pressure.sent(row.id)
 
     async def _deliver(self, row: ClaimedRow) -> SendStatus | None:
         channel = self.channels(row.channel, row.bot_id)
