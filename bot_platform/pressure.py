@@ -20,6 +20,8 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from bot_platform.pipeline import wait_any
+
 MAX_WAIT = 0.05  # seconds a broadcast's step waits for answers under way, at most
 HOLD = 1.0  # seconds an answer's queued row keeps the pressure on, at most
 
@@ -77,16 +79,19 @@ class InteractivePressure:
         if self.in_flight == 0 and not self._unsent:
             self._idle.set()
 
-    async def yield_to_interactive(self) -> None:
-        """Wait until no answer is under way, or ``max_wait`` at most."""
+    async def yield_to_interactive(self, also: asyncio.Event | None = None) -> bool:
+        """Wait until no answer is under way, or ``max_wait`` at most (or until ``also``
+        is set: the pacer stops waiting when an answer's row wants its slot). True when
+        the cap ended the wait."""
         if not self.busy:
-            return
+            return False
+        events = [self._idle] if also is None else [self._idle, also]
         deadline = self.monotonic() + self.max_wait
-        while self.busy:
+        while self.busy and not (also is not None and also.is_set()):
             now = self.monotonic()
             if now >= deadline:
-                return
+                return True
             # Woken by the last answer's end, or when its oldest row's hold runs out.
-            wait = min([deadline, *self._unsent.values()]) - now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), max(wait, 0.001))
+            await wait_any(max(min([deadline, *self._unsent.values()]) - now, 0.001),
+                           *events)
+        return False
