@@ -290,6 +290,21 @@ async def _tracked(session: AsyncSession, engine: Engine, message: Outgoing,
     return message.model_copy(update={"buttons": tuple(buttons)})
 
 
+class SendJob:
+    """The ``SEND_KIND`` handler: before each batch's transaction (500 recipients, the
+    write lock held meanwhile on SQLite) it waits, briefly, for answers under way in
+    this process (``bot_platform.pressure``) so a reply's turn does not queue behind it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def prepare(self, job: Job) -> None:
+        await self.engine.pressure.yield_to_interactive()
+
+    async def apply(self, session: AsyncSession, job: Job, prepared: None) -> str:
+        return await run_send_job(self.engine, session, job)
+
+
 async def run_send_job(engine: Engine, session: AsyncSession, job: Job) -> str:
     """Queue the next batch of pending recipients (each exactly once).
 

@@ -120,6 +120,8 @@ class Delivery:
         self.bots = bots
         self.limiter = limiter
         self.pacer = Pacer(limiter)
+        # Looked up at each use: the platform hands in the engine's pressure after this.
+        self.pacer.hold_bulk = lambda urgent: self.pressure.yield_to_interactive(urgent)
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id
@@ -220,6 +222,8 @@ class Delivery:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
 
         async def claim(limit: int) -> tuple[int, tuple[list[ClaimedRow], set[int]]]:
+            if kind == "bulk":  # a claim holds the (SQLite) connection a while
+                await self.pressure.yield_to_interactive()
             rows, more = await self.claim_batch(limit, kind)
             return len(rows), (rows, more)
 
@@ -315,6 +319,8 @@ class Delivery:
                 return await self._deliver(row)
         finally:
             self.outbox.leases.let_go(row.id)
+            if row.urgent:
+                self.pressure.sent(row.id)
 
     async def _deliver(self, row: ClaimedRow) -> SendStatus | None:
         channel = self.channels(row.channel, row.bot_id)

@@ -162,6 +162,7 @@ class Engine:
         with (self.pressure.turn(),
               log_context(bot=context.inbound.bot_id, channel=context.inbound.channel)):
             await self._composed()(context)
+            self.pressure.queued(i for i, _ in context.queued)  # until they are sent
         return HandledEvent(
             inbound=inbound, duplicate=context.duplicate,
             outbox_ids=tuple(i for i, _ in context.queued),

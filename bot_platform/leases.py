@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
@@ -74,20 +74,37 @@ class Leases:
     def ready(self, due: Any, now: datetime) -> Any:
         """Rows waiting and due (``due`` is their due-time column), or whose holder's
         lease expired."""
+        return or_(*self.ready_arms(due, now))
+
+    def ready_arms(self, due: Any, now: datetime) -> tuple[Any, Any]:
+        """``ready`` as its two arms, each one range of a ``(status, due)`` index."""
         model = self.model
-        return or_(and_(model.status == self.pending, due <= now),
-                   and_(model.status == self.busy, model.lease_expires_at < now))
+        return (and_(model.status == self.busy, model.lease_expires_at < now),
+                and_(model.status == self.pending, due <= now))
 
     async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
-                    limit: int, columns: Sequence[Any]) -> list[Any]:
-        """Take up to ``limit`` rows matching ``condition`` in ``order_by`` order, in the
-        caller's transaction; returns ``id`` and ``columns`` of each."""
+                    limit: int, columns: Sequence[Any], any_of: Sequence[Any] = ()
+                    ) -> list[Any]:
+        """Take up to ``limit`` rows matching ``condition`` (and one of ``any_of``, if
+        given) in ``order_by`` order, in the caller's transaction; returns ``id`` and
+        ``columns`` of each.
+
+        Each of ``any_of`` is read on its own, up to ``limit`` rows in order (``UNION
+        ALL``): given the arms of ``ready_arms`` and an ``order_by`` the ``(status,
+        due)`` index holds, a claim reads about ``limit`` rows. With their ``OR`` in one
+        ``WHERE``, SQLite read and sorted every waiting row for each claim (30,000 for
+        a 30,000-recipient broadcast: 40 ms of CPU to claim 100 rows)."""
         started = self.monotonic()  # before the claim is issued: see ``owns``
         until = self.clock.now() + timedelta(seconds=self.lease_seconds)
         model = self.model
-        ids = select(model.id).where(condition).order_by(*order_by).limit(limit)
-        if not self.db.is_sqlite:
-            ids = ids.with_for_update(skip_locked=True)
+        arms = []
+        for arm in [and_(condition, alternative) for alternative in any_of] or [condition]:
+            query = select(model.id).where(arm).order_by(*order_by).limit(limit)
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            arms.append(query)
+        ids = arms[0] if len(arms) == 1 else union_all(
+            *(select(query.subquery().c.id) for query in arms)).limit(limit)
         claimed = (await session.execute(
             update(model).where(model.id.in_(ids.scalar_subquery()))
             .values(status=self.busy, locked_by=self.worker_id, lease_expires_at=until)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, select, update
+from sqlalchemy import and_, bindparam, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -83,30 +83,44 @@ class OutboxClaims:
         """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
         row that is not a broadcast's waiting (their oldest row first, whatever it is);
         "bulk": only broadcasts' rows."""
+        conditions = [self.leases.ready(Outbox.next_attempt_at, now), self._in_order()]
+        if kind == "interactive":
+            conditions.append(Outbox.subscriber_id.in_(
+                self._interactive_subscribers().scalar_subquery()))
+        return and_(*conditions, *self._kind(kind))
+
+    def _in_order(self) -> Any:
+        """Only a subscriber's oldest unsent row."""
         earlier = _EARLIER
-        no_earlier_unsent = ~exists().where(
+        return ~exists().where(
             earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
             earlier.status.in_(OutboxStatus.unsent()))
-        conditions = [self.leases.ready(Outbox.next_attempt_at, now), no_earlier_unsent]
-        if self.scope is not None:
-            conditions.append(self.scope)
-        if kind == "interactive":
-            interactive = _INTERACTIVE
-            conditions.append(Outbox.subscriber_id.in_(select(interactive.subscriber_id).where(
-                interactive.broadcast_id.is_(None),
-                interactive.status.in_(OutboxStatus.unsent())).scalar_subquery()))
-        elif kind == "bulk":
-            conditions.append(Outbox.broadcast_id.is_not(None))
-        return and_(*conditions)
 
-    async def claim(self, condition: Any, limit: int, urgent: bool = False
+    def _kind(self, kind: str | None) -> list[Any]:
+        """The scope and, for "bulk", only broadcasts' rows."""
+        conditions = [] if self.scope is None else [self.scope]
+        if kind == "bulk":
+            conditions.append(Outbox.broadcast_id.is_not(None))
+        return conditions
+
+    @staticmethod
+    def _interactive_subscribers() -> Any:
+        """Subscribers with an unsent row that is not a broadcast's (a small index)."""
+        interactive = _INTERACTIVE
+        return select(interactive.subscriber_id).where(
+            interactive.broadcast_id.is_(None), interactive.status.in_(OutboxStatus.unsent()))
+
+    async def claim(self, condition: Any, limit: int, urgent: bool = False,
+                    any_of: tuple[Any, ...] = (), order_by: tuple[Any, ...] = (Outbox.id,)
                     ) -> tuple[list[ClaimedRow], set[int]]:
-        """Claim rows; also returns the subscribers that have more rows waiting."""
+        """Claim rows (``Leases.claim``); also returns the subscribers that have more
+        rows waiting."""
         async with self.db.session() as session:
             claimed = await self.leases.claim(
-                session, condition, (Outbox.id,), limit,
+                session, condition, order_by, limit,
                 (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
-                 Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id))
+                 Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id),
+                any_of)
             if not claimed:
                 return [], set()
             subscriber_ids = {c.subscriber_id for c in claimed}
@@ -130,16 +144,44 @@ class OutboxClaims:
                           ) -> tuple[list[ClaimedRow], set[int]]:
         """Claim up to ``limit`` rows: of ``kind`` ("interactive", "bulk"), or interactive
         rows first and then the rest."""
+        if kind == "interactive":
+            return await self._claim_interactive(limit)
         if kind is not None:
-            return await self.claim(self.claimable(self.clock.now(), kind), limit,
-                                    urgent=kind == "interactive")
-        rows, more = await self.claim(self.claimable(self.clock.now(), "interactive"),
-                                      limit, urgent=True)
+            return await self._claim_due(limit, kind)
+        rows, more = await self._claim_interactive(limit)
         if len(rows) < limit:
-            rest, more_rest = await self.claim(self.claimable(self.clock.now()),
-                                               limit - len(rows))
+            rest, more_rest = await self._claim_due(limit - len(rows))
             rows, more = rows + rest, more | more_rest
         return rows, more
+
+    async def _claim_interactive(self, limit: int) -> tuple[list[ClaimedRow], set[int]]:
+        """The interactive subscribers' oldest rows, found from the small interactive
+        index first (while a broadcast waits, the waiting rows are mostly its own);
+        nothing is written when there are none."""
+        async with self.db.session() as session:
+            heads = list((await session.scalars(
+                select(func.min(Outbox.id)).where(
+                    Outbox.status.in_(OutboxStatus.unsent()),
+                    Outbox.subscriber_id.in_(self._interactive_subscribers().scalar_subquery()),
+                    *self._kind(None))
+                .group_by(Outbox.subscriber_id).order_by(func.min(Outbox.id)).limit(limit)
+            )).all())
+        if not heads:
+            return [], set()
+        now = self.clock.now()
+        return await self.claim(and_(Outbox.id.in_(heads),
+                                     self.leases.ready(Outbox.next_attempt_at, now),
+                                     self._in_order(), *self._kind(None)),
+                                limit, urgent=True)
+
+    async def _claim_due(self, limit: int, kind: str | None = None
+                         ) -> tuple[list[ClaimedRow], set[int]]:
+        """Ready rows in due order, each arm of ``ready`` read along the due index up to
+        ``limit`` rows (``Leases.claim``)."""
+        return await self.claim(
+            and_(self._in_order(), *self._kind(kind)), limit,
+            any_of=self.leases.ready_arms(Outbox.next_attempt_at, self.clock.now()),
+            order_by=(Outbox.next_attempt_at, Outbox.id))
 
     async def claim_next_of(self, subscriber_id: int, urgent: bool = False
                             ) -> tuple[ClaimedRow | None, bool]:

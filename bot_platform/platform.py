@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -147,7 +146,7 @@ class Platform:
         self._wake = self.worker.notify
         await self.reload_flows()
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
-        scheduler.handlers[broadcasts.SEND_KIND] = partial(broadcasts.run_send_job, self.engine)
+        scheduler.handlers[broadcasts.SEND_KIND] = broadcasts.SendJob(self.engine)
         await ensure_scan(self.db, self.engine)
         if self.settings.ai.enabled:
             await self._start_ai(scheduler)

@@ -6,13 +6,14 @@ an interactive row never waits. Orders of events, no wall clock."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 from bot_platform.clock import SystemClock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.delivery import Delivery
 from bot_platform.outbox_claims import ClaimedRow
 from bot_platform.pressure import InteractivePressure
-from bot_platform.ratelimit import MemoryRateLimiter
+from bot_platform.ratelimit import Limits, MemoryRateLimiter, Pacer
 from bot_platform.statuses import SubscriberStatus
 from bot_platform.types import SendResult
 from tests.support.scripted import ScriptedChannel, start
@@ -82,3 +83,69 @@ async def test_the_engine_counts_its_turns_and_the_platform_shares_them(make_pla
     await platform.engine.handle(start())
     assert seen == [1]
     assert platform.engine.pressure.in_flight == 0
+
+
+async def test_a_broadcast_row_waits_until_the_answer_is_sent_not_only_committed() -> None:
+    """Claiming and sending the answer took most of a reply's time while a broadcast ran:
+    the pressure lasts until the rows the turn queued are sent."""
+    channel = ScriptedChannel()
+    pressure = InteractivePressure(max_wait=3600)
+    delivery = delivery_with(channel, pressure)
+    with pressure.turn():
+        pressure.queued([2])
+    assert pressure.busy  # the turn is over, its answer is not sent yet
+    bulk = asyncio.create_task(delivery.deliver(row(1, "bulk", 7, urgent=False)))
+    await settle()
+    assert not bulk.done() and channel.calls == []
+    await delivery.deliver(row(2, "reply", None, urgent=True))
+    await bulk
+    assert [r for r, _, _ in channel.calls] == ["reply", "bulk"]
+    assert not pressure.busy
+
+
+async def test_an_answer_row_never_sent_here_stops_counting_after_its_hold() -> None:
+    """A row held for a webhook response, or delivered by another process, does not keep
+    broadcasts waiting for longer than ``hold``."""
+    now = [0.0]
+    pressure = InteractivePressure(max_wait=3600, hold=1.0, monotonic=lambda: now[0])
+    pressure.queued([5])
+    assert pressure.busy
+    now[0] = 1.5
+    assert not pressure.busy
+    await pressure.yield_to_interactive()  # returns at once
+
+
+async def test_the_answer_of_a_handled_event_keeps_the_pressure_until_delivered(
+        make_platform) -> None:
+    platform = await make_platform(bots=[BotConfig(id="b1", channel="scripted")],
+                                   channel_overrides={("scripted", "b1"): ScriptedChannel()})
+    handled = await platform.engine.handle(start())
+    assert handled.outbox_ids and platform.engine.pressure.busy
+    await platform.worker.drain()
+    assert not platform.engine.pressure.busy
+
+
+async def test_the_pacer_holds_bulk_senders_already_waiting_while_an_answer_is_under_way(
+        ) -> None:
+    """Bulk rows that were already waiting for a slot when the answer began are not sent
+    meanwhile; the answer's own row is served at once."""
+    pressure = InteractivePressure(max_wait=3600)
+    pacer = Pacer(MemoryRateLimiter())
+    pacer.hold_bulk = pressure.yield_to_interactive
+    limits = Limits(per_bot=1000.0, per_chat=math.inf)
+    order: list[str] = []
+
+    async def send(name: str, urgent: bool) -> None:
+        assert await pacer.wait("b", name, limits, 5.0, urgent) == 0
+        order.append(name)
+
+    pressure.queued([1])
+    bulk = asyncio.create_task(send("bulk", False))
+    await settle()
+    assert order == []
+    await send("reply", True)
+    await settle()
+    assert order == ["reply"]  # the answer is still under way (its row 1)
+    pressure.sent(1)
+    await bulk
+    assert order == ["reply", "bulk"]
