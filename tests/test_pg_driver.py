@@ -23,7 +23,7 @@ from bot_platform.outbox_claims import OutboxClaims
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.turns import UPDATE_SUBSCRIBER
 from bot_platform.worker import Worker
-from tests.conftest import wait_for
+from tests.support.platform import wait_for
 from tests.support.scripted import outbox_rows, start
 from tests.test_direct import _database, _subscriber
 from tests.test_outbox import scripted
