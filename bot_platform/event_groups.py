@@ -15,10 +15,11 @@ ready together now take turns inside one transaction, each in a SAVEPOINT of its
   rolled the whole of it back), the events that had finished in it run again in the
   next group; the bad one raises.
 
-The savepoint statements ride on the event's own trips to SQLite (``Direct`` defers
-them), so an event costs no extra trip. Only SQLite (with ``Direct``'s raw connection)
-groups events; PostgreSQL keeps a transaction per event: its pool runs them side by side,
-and advisory locks taken as events join could deadlock with another process's group.
+An event's RELEASE goes to SQLite with the next event's SAVEPOINT, before that event
+runs anything (statements in the loop's thread: ``Direct``). Only SQLite (with
+``Direct``'s raw connection) groups events; PostgreSQL keeps a transaction per event: its
+pool runs them side by side, and advisory locks taken as events join could deadlock with
+another process's group.
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ class EventGroups:
                 raise
             connection = await direct(session)
             connection.later(f"SAVEPOINT {SAVEPOINT}")
+            # Now, with the previous event's RELEASE, and outside the try below: rolling
+            # back to a savepoint that is not yet this event's would undo its neighbour
+            # (a failure here loses the group instead: its events run again).
+            await connection.flush()
             try:
                 await body(session, connection)
                 if session.new or session.dirty or session.deleted:
@@ -147,7 +152,7 @@ class EventGroups:
                 if converted is error:
                     raise
                 raise converted from error
-            connection.later(f"RELEASE {SAVEPOINT}")  # with the next event's first trip
+            connection.later(f"RELEASE {SAVEPOINT}")  # with the next event's SAVEPOINT
             session.expunge_all()  # the next event reads nothing this one left behind
             ended = KEPT
         finally:

@@ -35,8 +35,12 @@ async def count(platform: Any, model: Any) -> int:
 def fail_for(platform: Any, user: str, how: str) -> None:
     """A last step that fails ``user``'s event after everything else of it was written:
     ``raise`` raises in the step; ``flush`` makes the ORM flush fail (SQLAlchemy then
-    rolls the whole transaction back, not only the event's savepoint)."""
+    rolls the whole transaction back, not only the event's savepoint); ``early`` raises
+    before the event ran a statement (its neighbour's savepoint must not be the one
+    rolled back)."""
     async def step(context: EventContext, call_next: Next) -> None:
+        if how == "early" and context.inbound.user_id == user:
+            raise RuntimeError("this event is bad before any statement of its own")
         await call_next(context)
         if context.inbound.user_id != user:
             return
@@ -47,10 +51,14 @@ def fail_for(platform: Any, user: str, how: str) -> None:
         context.session.add(ProcessedEvent(  # its own dedupe row again: a duplicate key
             channel=i.channel, bot_id=i.bot_id, event_id=event_key(i.event_id),
             processed_at=platform.clock.now()))
-    platform.engine.steps.append(step)
+    steps = platform.engine.steps
+    if how == "early":  # right inside the transaction, before dedupe
+        steps.insert(steps.index(platform.engine.step_transaction) + 1, step)
+    else:
+        steps.append(step)
 
 
-@pytest.mark.parametrize("how", ["raise", "flush"])
+@pytest.mark.parametrize("how", ["raise", "flush", "early"])
 async def test_a_bad_event_in_a_group_rolls_back_only_itself(
         make_platform, how: str, caplog: pytest.LogCaptureFixture) -> None:
     platform = await make_platform()
@@ -65,7 +73,7 @@ async def test_a_bad_event_in_a_group_rolls_back_only_itself(
     assert ("running again" in caplog.text) == (how == "flush")
     errors = [r for r in results if isinstance(r, BaseException)]
     assert len(errors) == 1 and results[1] is errors[0]
-    if how == "raise":  # one transaction for all four
+    if how != "flush":  # one transaction for all four
         assert engine.groups.groups == groups + 1
     assert all(r.outbox_ids and not r.duplicate for i, r in enumerate(results) if i != 1)
     assert await subscribers(platform) == {"u1", "u2", "u3"}  # nothing of "bad" stayed
@@ -73,7 +81,8 @@ async def test_a_bad_event_in_a_group_rolls_back_only_itself(
     await platform.drain()
     assert {user for user, _ in console.sent} == {"u1", "u2", "u3"}  # answered
 
-    platform.engine.steps.pop()  # the messenger sends the bad one again: it goes through
+    platform.engine.steps.remove(  # the messenger sends the bad one again: it goes through
+        next(s for s in platform.engine.steps if getattr(s, "__name__", "") == "step"))
     again = await engine.handle(events[1])
     assert not again.duplicate and again.outbox_ids
     assert await subscribers(platform) == set(USERS)
