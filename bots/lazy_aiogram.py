@@ -7,13 +7,15 @@ uses a handful of them (``Message``, ``User``, ``Update``, the send methods). Im
 (``bots.telegram`` does so before aiogram), those rebuilds only record the namespace aiogram
 passes for its forward references; every model left incomplete (and ``Response``, whose
 parametrisations inherit it) is given that namespace, and pydantic builds a model the first
-time it is used, the same schema as before. When aiogram was imported already, nothing
-changes.
+time it is used, the same schema as before. When aiogram was imported already, or this
+pydantic's ``model_rebuild`` does not take the private namespace argument this relies on
+(a future release), aiogram is imported as usual: only the memory saving is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -66,7 +68,14 @@ def _give_namespace(prefix: str) -> int:
     return given
 
 
-if "aiogram" not in sys.modules:
+def _can_defer() -> bool:
+    """Whether this pydantic's ``model_rebuild`` has the parameters ``record`` relies on."""
+    parameters = inspect.signature(BaseModel.model_rebuild).parameters
+    return {"_types_namespace", "_parent_namespace_depth"} <= parameters.keys() and hasattr(
+        BaseModel, "__pydantic_parent_namespace__")
+
+
+if "aiogram" not in sys.modules and _can_defer():
     with _recorded_rebuilds("aiogram."):
         import aiogram.methods
         import aiogram.types  # noqa: F401
