@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
@@ -78,21 +78,35 @@ class Leases:
         return or_(and_(model.status == self.pending, due <= now),
                    and_(model.status == self.busy, model.lease_expires_at < now))
 
-    async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
-                    limit: int, columns: Sequence[Any]) -> list[Any]:
-        """Take up to ``limit`` rows matching ``condition`` in ``order_by`` order, in the
-        caller's transaction; returns ``id`` and ``columns`` of each."""
-        started = self.monotonic()  # before the claim is issued: see ``owns``
-        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
+    def claim_statement(self, condition: Any, order_by: Sequence[Any],
+                        columns: Sequence[Any]) -> Any:
+        """The claim of ``claim`` as one statement, its limit and lease end bound at
+        execution (``b_limit``, ``b_until``): a caller that claims the same way again and
+        again builds it once (building it cost more than running it)."""
         model = self.model
-        ids = select(model.id).where(condition).order_by(*order_by).limit(limit)
+        ids = select(model.id).where(condition).order_by(*order_by).limit(
+            bindparam("b_limit"))
         if not self.db.is_sqlite:
             ids = ids.with_for_update(skip_locked=True)
-        claimed = (await session.execute(
-            update(model).where(model.id.in_(ids.scalar_subquery()))
-            .values(status=self.busy, locked_by=self.worker_id, lease_expires_at=until)
-            .returning(model.id, *columns)
-            .execution_options(synchronize_session=False))).all()
+        return (update(model).where(model.id.in_(ids.scalar_subquery()))
+                .values(status=self.busy, locked_by=self.worker_id,
+                        lease_expires_at=bindparam("b_until"))
+                .returning(model.id, *columns)
+                .execution_options(synchronize_session=False))
+
+    async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
+                    limit: int, columns: Sequence[Any], statement: Any = None,
+                    params: dict[str, Any] | None = None) -> list[Any]:
+        """Take up to ``limit`` rows matching ``condition`` in ``order_by`` order, in the
+        caller's transaction; returns ``id`` and ``columns`` of each. ``statement``: the
+        same from ``claim_statement`` (``condition`` is then not used), with ``params``
+        for the condition's own bind parameters."""
+        started = self.monotonic()  # before the claim is issued: see ``owns``
+        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
+        if statement is None:
+            statement = self.claim_statement(condition, order_by, columns)
+        claimed = (await session.execute(statement, {
+            **(params or {}), "b_limit": limit, "b_until": until})).all()
         deadline = self._deadline(started, until)
         self.in_hand.update((row.id, deadline) for row in claimed)
         return list(claimed)

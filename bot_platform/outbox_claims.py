@@ -59,6 +59,14 @@ class Outcome:
     release_after: float = 0.0
 
 
+_CLAIMED_COLUMNS = (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
+                    Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id)
+_CLAIMED_SUBSCRIBERS = select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at
+                              ).where(Subscriber.id.in_(bindparam("b_ids", expanding=True)))
+_MORE_WAITING = select(Outbox.subscriber_id).where(
+    Outbox.subscriber_id.in_(bindparam("b_ids", expanding=True)),
+    Outbox.status == OutboxStatus.PENDING).distinct()
+
 class OutboxClaims:
     """One worker's hold on outbox rows: claims them (a subscriber's in order,
     interactive first), renews their leases and writes what became of them."""
@@ -75,8 +83,9 @@ class OutboxClaims:
         # Which rows this process may claim at all (None: every row). The console uses it:
         # a ``botp chat`` user's messages are delivered only by that user's terminal.
         self.scope: Any = None
+        self._statements: dict[tuple[Any, ...], Any] = {}  # see ``_statement``
 
-    def claimable(self, now: datetime, kind: str | None = None) -> Any:
+    def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
         """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
         row that is not a broadcast's waiting (their oldest row first, whatever it is);
         "bulk": only broadcasts' rows."""
@@ -96,23 +105,35 @@ class OutboxClaims:
             conditions.append(Outbox.broadcast_id.is_not(None))
         return and_(*conditions)
 
-    async def claim(self, condition: Any, limit: int, urgent: bool = False
+    def _statement(self, kind: str | None, of_one: bool) -> Any:
+        """The claim of ``claim_batch`` (``kind``) or ``claim_next_of`` (``of_one``),
+        built once per worker and scope with its time (``b_now``) and subscriber
+        (``b_sid``) bound at execution."""
+        key = (kind, of_one, self.scope)
+        statement = self._statements.get(key)
+        if statement is None:
+            condition = self.claimable(bindparam("b_now"), kind)
+            if of_one:
+                condition = and_(Outbox.subscriber_id == bindparam("b_sid"), condition)
+            statement = self._statements[key] = self.leases.claim_statement(
+                condition, (Outbox.id,), _CLAIMED_COLUMNS)
+        return statement
+
+    async def claim(self, condition: Any, limit: int, urgent: bool = False, *,
+                    statement: Any = None, params: dict[str, Any] | None = None
                     ) -> tuple[list[ClaimedRow], set[int]]:
-        """Claim rows; also returns the subscribers that have more rows waiting."""
+        """Claim rows; also returns the subscribers that have more rows waiting.
+        ``statement``: a claim built by ``_statement`` instead of ``condition``."""
         async with self.db.session() as session:
             claimed = await self.leases.claim(
-                session, condition, (Outbox.id,), limit,
-                (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
-                 Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id))
+                session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
+                statement=statement, params=params)
             if not claimed:
                 return [], set()
-            subscriber_ids = {c.subscriber_id for c in claimed}
+            subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
             subscribers = {row.id: row for row in (await session.execute(
-                select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
-                    Subscriber.id.in_(subscriber_ids)))).all()}
-            more = set((await session.scalars(select(Outbox.subscriber_id).where(
-                Outbox.subscriber_id.in_(subscriber_ids),
-                Outbox.status == OutboxStatus.PENDING).distinct())).all())
+                _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
+            more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
         rows = []
         for c in sorted(claimed, key=lambda c: c.id):
             sub = subscribers.get(c.subscriber_id)
@@ -128,22 +149,25 @@ class OutboxClaims:
         """Claim up to ``limit`` rows: of ``kind`` ("interactive", "bulk"), or interactive
         rows first and then the rest."""
         if kind is not None:
-            return await self.claim(self.claimable(self.clock.now(), kind), limit,
-                                    urgent=kind == "interactive")
-        rows, more = await self.claim(self.claimable(self.clock.now(), "interactive"),
-                                      limit, urgent=True)
+            return await self.claim(None, limit, urgent=kind == "interactive",
+                                    statement=self._statement(kind, False),
+                                    params={"b_now": self.clock.now()})
+        rows, more = await self.claim(None, limit, urgent=True,
+                                      statement=self._statement("interactive", False),
+                                      params={"b_now": self.clock.now()})
         if len(rows) < limit:
-            rest, more_rest = await self.claim(self.claimable(self.clock.now()),
-                                               limit - len(rows))
+            rest, more_rest = await self.claim(None, limit - len(rows),
+                                               statement=self._statement(None, False),
+                                               params={"b_now": self.clock.now()})
             rows, more = rows + rest, more | more_rest
         return rows, more
 
     async def claim_next_of(self, subscriber_id: int, urgent: bool = False
                             ) -> tuple[ClaimedRow | None, bool]:
         """The subscriber's next row, and whether yet more are waiting."""
-        condition = and_(Outbox.subscriber_id == subscriber_id,
-                         self.claimable(self.clock.now()))
-        rows, more = await self.claim(condition, 1, urgent)
+        rows, more = await self.claim(None, 1, urgent, statement=self._statement(None, True),
+                                      params={"b_now": self.clock.now(),
+                                              "b_sid": subscriber_id})
         return (rows[0] if rows else None), subscriber_id in more
 
     async def write(self, outcomes: list[Outcome]) -> None:
