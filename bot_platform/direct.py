@@ -150,9 +150,10 @@ class Direct:
     are cached by statement).
 
     With ``defer`` set, ``write`` (a statement whose result nobody reads) waits for the
-    next trip: it goes with the next ``execute`` or ``flush``, in order. Whoever sets
-    ``defer`` flushes before the transaction commits; an error in a deferred statement
-    is raised there and rolls the whole transaction back like any other."""
+    next trip: it goes with the next ``execute`` or ``flush``, in order (on PostgreSQL
+    inside the next statement where ``pg_driver.merge_writes`` allows). What is still
+    deferred runs before the commit (``Database.session``); an error in a deferred
+    statement is raised there and rolls the whole transaction back like any other."""
 
     __slots__ = ("adapter", "connection", "defer", "dialect", "pending", "raw", "transaction")
 
@@ -367,7 +368,8 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
                         ) -> tuple[list[int], list[int]]:
     """Insert parent rows, then one child row per parent whose ``link`` column is that
     parent's new id (an outbox row and its message); both lists of new ids, in order.
-    On SQLite both inserts are one trip to the database."""
+    On SQLite both inserts are one trip to the database; on PostgreSQL one row and its
+    child are one statement (``_linked_pair``)."""
     parent_table = getattr(parent, "__table__", parent)
     child_table = getattr(child, "__table__", child)
     connection = await direct(session)

@@ -14,7 +14,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
@@ -31,6 +31,10 @@ from bot_platform.statuses import JobStatus
 log = logging.getLogger(__name__)
 
 Claimed = tuple[int, str, tuple[str, str, str] | None]  # job id, kind, subscriber identity
+
+# The claimed jobs' subscribers, built once (their ids bound at execution).
+_IDENTITIES = select(Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
+                     ).where(Subscriber.id.in_(bindparam("b_ids", expanding=True)))
 
 
 class Scheduler:
@@ -50,18 +54,21 @@ class Scheduler:
             "flow_timer": engine.timers.run_flow_timer,
             "read_fallback": engine.timers.run_read_fallback}
         self.batches = JobBatches(self)
+        # The claim, built once (its time bound at execution): see ``Leases.claim_statement``.
+        self._claim = self.leases.claim_statement(
+            self.leases.ready(Job.due_at, bindparam("b_now")), (Job.due_at, Job.id),
+            (Job.kind, Job.subscriber_id, Job.due_at))
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
         async with self.db.session() as session:
             claimed = await self.leases.claim(
-                session, self.leases.ready(Job.due_at, self.clock.now()),
-                (Job.due_at, Job.id), limit, (Job.kind, Job.subscriber_id, Job.due_at))
-            subscriber_ids = {c.subscriber_id for c in claimed if c.subscriber_id}
+                session, None, (), limit, (), statement=self._claim,
+                params={"b_now": self.clock.now()})
+            subscriber_ids = list({c.subscriber_id for c in claimed if c.subscriber_id})
             identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
-                await session.execute(select(
-                    Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
-                ).where(Subscriber.id.in_(subscriber_ids)))).all()} if subscriber_ids else {}
+                await session.execute(_IDENTITIES, {"b_ids": subscriber_ids})).all()
+            } if subscriber_ids else {}
         ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
@@ -82,34 +82,47 @@ class Leases:
         return (and_(model.status == self.busy, model.lease_expires_at < now),
                 and_(model.status == self.pending, due <= now))
 
-    async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
-                    limit: int, columns: Sequence[Any], any_of: Sequence[Any] = ()
-                    ) -> list[Any]:
-        """Take up to ``limit`` rows matching ``condition`` (and one of ``any_of``, if
-        given) in ``order_by`` order, in the caller's transaction; returns ``id`` and
-        ``columns`` of each.
+    def claim_statement(self, condition: Any, order_by: Sequence[Any],
+                        columns: Sequence[Any], any_of: Sequence[Any] = ()) -> Any:
+        """The claim of ``claim`` as one statement, its limit and lease end bound at
+        execution (``b_limit``, ``b_until``): a caller that claims the same way again and
+        again builds it once (building it cost more than running it).
 
-        Each of ``any_of`` is read on its own, up to ``limit`` rows in order (``UNION
-        ALL``): given the arms of ``ready_arms`` and an ``order_by`` the ``(status,
-        due)`` index holds, a claim reads about ``limit`` rows. With their ``OR`` in one
-        ``WHERE``, SQLite read and sorted every waiting row for each claim (30,000 for
-        a 30,000-recipient broadcast: 40 ms of CPU to claim 100 rows)."""
-        started = self.monotonic()  # before the claim is issued: see ``owns``
-        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
+        Each of ``any_of`` is read on its own, up to the limit in order (``UNION ALL``):
+        given the arms of ``ready_arms`` and an ``order_by`` the ``(status, due)`` index
+        holds, a claim reads about as many rows as it takes. With their ``OR`` in one
+        ``WHERE``, SQLite read and sorted every waiting row for each claim (30,000 for a
+        30,000-recipient broadcast: 40 ms of CPU to claim 100 rows)."""
         model = self.model
         arms = []
         for arm in [and_(condition, alternative) for alternative in any_of] or [condition]:
-            query = select(model.id).where(arm).order_by(*order_by).limit(limit)
+            query = select(model.id).where(arm).order_by(*order_by).limit(
+                bindparam("b_limit"))
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             arms.append(query)
         ids = arms[0] if len(arms) == 1 else union_all(
-            *(select(query.subquery().c.id) for query in arms)).limit(limit)
-        claimed = (await session.execute(
-            update(model).where(model.id.in_(ids.scalar_subquery()))
-            .values(status=self.busy, locked_by=self.worker_id, lease_expires_at=until)
-            .returning(model.id, *columns)
-            .execution_options(synchronize_session=False))).all()
+            *(select(query.subquery().c.id) for query in arms)).limit(bindparam("b_limit"))
+        return (update(model).where(model.id.in_(ids.scalar_subquery()))
+                .values(status=self.busy, locked_by=self.worker_id,
+                        lease_expires_at=bindparam("b_until"))
+                .returning(model.id, *columns)
+                .execution_options(synchronize_session=False))
+
+    async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
+                    limit: int, columns: Sequence[Any], any_of: Sequence[Any] = (),
+                    statement: Any = None, params: dict[str, Any] | None = None
+                    ) -> list[Any]:
+        """Take up to ``limit`` rows matching ``condition`` (and one of ``any_of``, if
+        given) in ``order_by`` order, in the caller's transaction; returns ``id`` and
+        ``columns`` of each. ``statement``: the same from ``claim_statement``
+        (``condition`` is then not used), with ``params`` for its own bind parameters."""
+        started = self.monotonic()  # before the claim is issued: see ``owns``
+        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
+        if statement is None:
+            statement = self.claim_statement(condition, order_by, columns, any_of)
+        claimed = (await session.execute(statement, {
+            **(params or {}), "b_limit": limit, "b_until": until})).all()
         deadline = self._deadline(started, until)
         self.in_hand.update((row.id, deadline) for row in claimed)
         return list(claimed)

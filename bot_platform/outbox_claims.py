@@ -62,6 +62,14 @@ class Outcome:
     release_after: float = 0.0
 
 
+_CLAIMED_COLUMNS = (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
+                    Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id)
+_CLAIMED_SUBSCRIBERS = select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at
+                              ).where(Subscriber.id.in_(bindparam("b_ids", expanding=True)))
+_MORE_WAITING = select(Outbox.subscriber_id).where(
+    Outbox.subscriber_id.in_(bindparam("b_ids", expanding=True)),
+    Outbox.status == OutboxStatus.PENDING).distinct()
+
 class OutboxClaims:
     """One worker's hold on outbox rows: claims them (a subscriber's in order,
     interactive first), renews their leases and writes what became of them."""
@@ -78,8 +86,9 @@ class OutboxClaims:
         # Which rows this process may claim at all (None: every row). The console uses it:
         # a ``botp chat`` user's messages are delivered only by that user's terminal.
         self.scope: Any = None
+        self._statements: dict[tuple[Any, ...], Any] = {}  # see ``_statement``
 
-    def claimable(self, now: datetime, kind: str | None = None) -> Any:
+    def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
         """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
         row that is not a broadcast's waiting (their oldest row first, whatever it is);
         "bulk": only broadcasts' rows."""
@@ -110,26 +119,58 @@ class OutboxClaims:
         return select(interactive.subscriber_id).where(
             interactive.broadcast_id.is_(None), interactive.status.in_(OutboxStatus.unsent()))
 
-    async def claim(self, condition: Any, limit: int, urgent: bool = False,
-                    any_of: tuple[Any, ...] = (), order_by: tuple[Any, ...] = (Outbox.id,)
+    def _statement(self, kind: str | None, how: str = "due") -> Any:
+        """A claim built once per worker and scope, its time (``b_now``), subscriber
+        (``b_sid``) or rows (``b_heads``) bound at execution. ``how``: "due" (ready rows
+        of ``kind``), "heads" (the given rows, if still claimable), "of_one" (one
+        subscriber's next row).
+
+        Ready rows on SQLite go in due order, each arm of ``ready`` read along the due
+        index up to the limit (``Leases.claim_statement``). PostgreSQL keeps one
+        ``WHERE`` in id order: with the split, its planner (statistics taken while the
+        outbox was empty) anti-joined and sorted every waiting row, slower than before
+        (80 ms against 28 ms a claim with 30,000 waiting)."""
+        key = (kind, how, self.scope)
+        statement = self._statements.get(key)
+        if statement is not None:
+            return statement
+        now = bindparam("b_now")
+        if how == "of_one":
+            statement = self.leases.claim_statement(
+                and_(Outbox.subscriber_id == bindparam("b_sid"), self.claimable(now)),
+                (Outbox.id,), _CLAIMED_COLUMNS)
+        elif how == "heads":
+            statement = self.leases.claim_statement(
+                and_(Outbox.id.in_(bindparam("b_heads", expanding=True)),
+                     self.leases.ready(Outbox.next_attempt_at, now), self._in_order(),
+                     *self._kind(None)), (Outbox.id,), _CLAIMED_COLUMNS)
+        elif self.db.is_sqlite:
+            statement = self.leases.claim_statement(
+                and_(self._in_order(), *self._kind(kind)),
+                (Outbox.next_attempt_at, Outbox.id), _CLAIMED_COLUMNS,
+                any_of=self.leases.ready_arms(Outbox.next_attempt_at, now))
+        else:
+            statement = self.leases.claim_statement(
+                self.claimable(now, kind), (Outbox.id,), _CLAIMED_COLUMNS)
+        self._statements[key] = statement
+        return statement
+
+    async def claim(self, condition: Any, limit: int, urgent: bool = False, *,
+                    statement: Any = None, params: dict[str, Any] | None = None
                     ) -> tuple[list[ClaimedRow], set[int]]:
         """Claim rows (``Leases.claim``); also returns the subscribers that have more
-        rows waiting."""
+        rows waiting. ``statement``: a claim built by ``_statement`` instead of
+        ``condition``."""
         async with self.db.session() as session:
             claimed = await self.leases.claim(
-                session, condition, order_by, limit,
-                (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
-                 Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id),
-                any_of)
+                session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
+                statement=statement, params=params)
             if not claimed:
                 return [], set()
-            subscriber_ids = {c.subscriber_id for c in claimed}
+            subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
             subscribers = {row.id: row for row in (await session.execute(
-                select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at).where(
-                    Subscriber.id.in_(subscriber_ids)))).all()}
-            more = set((await session.scalars(select(Outbox.subscriber_id).where(
-                Outbox.subscriber_id.in_(subscriber_ids),
-                Outbox.status == OutboxStatus.PENDING).distinct())).all())
+                _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
+            more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
         rows = []
         for c in sorted(claimed, key=lambda c: c.id):
             sub = subscribers.get(c.subscriber_id)
@@ -158,37 +199,32 @@ class OutboxClaims:
         """The interactive subscribers' oldest rows, found from the small interactive
         index first (while a broadcast waits, the waiting rows are mostly its own);
         nothing is written when there are none."""
-        async with self.db.session() as session:
-            heads = list((await session.scalars(
-                select(func.min(Outbox.id)).where(
+        heads_query = self._statements.get(("heads", self.scope))
+        if heads_query is None:
+            heads_query = self._statements[("heads", self.scope)] = select(
+                func.min(Outbox.id)).where(
                     Outbox.status.in_(OutboxStatus.unsent()),
                     Outbox.subscriber_id.in_(self._interactive_subscribers().scalar_subquery()),
-                    *self._kind(None))
-                .group_by(Outbox.subscriber_id).order_by(func.min(Outbox.id)).limit(limit)
-            )).all())
+                    *self._kind(None)).group_by(Outbox.subscriber_id).order_by(
+                        func.min(Outbox.id)).limit(bindparam("b_limit"))
+        async with self.db.session() as session:
+            heads = list((await session.scalars(heads_query, {"b_limit": limit})).all())
         if not heads:
             return [], set()
-        now = self.clock.now()
-        return await self.claim(and_(Outbox.id.in_(heads),
-                                     self.leases.ready(Outbox.next_attempt_at, now),
-                                     self._in_order(), *self._kind(None)),
-                                limit, urgent=True)
+        return await self.claim(None, limit, urgent=True, statement=self._statement(
+            None, "heads"), params={"b_now": self.clock.now(), "b_heads": heads})
 
     async def _claim_due(self, limit: int, kind: str | None = None
                          ) -> tuple[list[ClaimedRow], set[int]]:
-        """Ready rows in due order, each arm of ``ready`` read along the due index up to
-        ``limit`` rows (``Leases.claim``)."""
-        return await self.claim(
-            and_(self._in_order(), *self._kind(kind)), limit,
-            any_of=self.leases.ready_arms(Outbox.next_attempt_at, self.clock.now()),
-            order_by=(Outbox.next_attempt_at, Outbox.id))
+        """Ready rows of ``kind`` (see ``_statement``)."""
+        return await self.claim(None, limit, statement=self._statement(kind),
+                                params={"b_now": self.clock.now()})
 
     async def claim_next_of(self, subscriber_id: int, urgent: bool = False
                             ) -> tuple[ClaimedRow | None, bool]:
         """The subscriber's next row, and whether yet more are waiting."""
-        condition = and_(Outbox.subscriber_id == subscriber_id,
-                         self.claimable(self.clock.now()))
-        rows, more = await self.claim(condition, 1, urgent)
+        rows, more = await self.claim(None, 1, urgent, statement=self._statement(
+            None, "of_one"), params={"b_now": self.clock.now(), "b_sid": subscriber_id})
         return (rows[0] if rows else None), subscriber_id in more
 
     async def write(self, outcomes: list[Outcome]) -> None:
