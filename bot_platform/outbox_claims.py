@@ -173,8 +173,13 @@ class OutboxClaims:
 
     async def _claim_due(self, limit: int, kind: str | None = None
                          ) -> tuple[list[ClaimedRow], set[int]]:
-        """Ready rows in due order, each arm of ``ready`` read along the due index up to
-        ``limit`` rows (``Leases.claim``)."""
+        """Ready rows. On SQLite in due order, each arm of ``ready`` read along the due
+        index up to ``limit`` rows (``Leases.claim``). PostgreSQL keeps one ``WHERE``
+        in id order: with the split, its planner (statistics taken while the outbox was
+        empty) anti-joined and sorted every waiting row, slower than before (80 ms
+        against 28 ms a claim with 30,000 waiting)."""
+        if not self.db.is_sqlite:
+            return await self.claim(self.claimable(self.clock.now(), kind), limit)
         return await self.claim(
             and_(self._in_order(), *self._kind(kind)), limit,
             any_of=self.leases.ready_arms(Outbox.next_attempt_at, self.clock.now()),
