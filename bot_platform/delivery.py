@@ -120,8 +120,6 @@ class Delivery:
         self.bots = bots
         self.limiter = limiter
         self.pacer = Pacer(limiter)
-        # Looked up at each use: the platform hands in the engine's pressure after this.
-        self.pacer.hold_bulk = lambda urgent: self.pressure.yield_to_interactive(urgent)
         self.clock = clock
         self.settings = settings
         self.worker_id = worker_id

@@ -74,10 +74,12 @@ class Leases:
     def ready(self, due: Any, now: datetime) -> Any:
         """Rows waiting and due (``due`` is their due-time column), or whose holder's
         lease expired."""
-        return or_(*self.ready_arms(due, now))
+        expired, due_now = self.ready_arms(due, now)
+        return or_(due_now, expired)
 
     def ready_arms(self, due: Any, now: datetime) -> tuple[Any, Any]:
-        """``ready`` as its two arms, each one range of a ``(status, due)`` index."""
+        """``ready`` as its two arms, each one range of a ``(status, due)`` index: busy
+        past its lease first (a claim takes those before the due rows of a big queue)."""
         model = self.model
         return (and_(model.status == self.busy, model.lease_expires_at < now),
                 and_(model.status == self.pending, due <= now))

@@ -20,8 +20,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from bot_platform.pipeline import wait_any
-
 MAX_WAIT = 0.05  # seconds a broadcast's step waits for answers under way, at most
 HOLD = 1.0  # seconds an answer's queued row keeps the pressure on, at most
 
@@ -79,19 +77,16 @@ class InteractivePressure:
         if self.in_flight == 0 and not self._unsent:
             self._idle.set()
 
-    async def yield_to_interactive(self, also: asyncio.Event | None = None) -> bool:
-        """Wait until no answer is under way, or ``max_wait`` at most (or until ``also``
-        is set: the pacer stops waiting when an answer's row wants its slot). True when
-        the cap ended the wait."""
+    async def yield_to_interactive(self) -> None:
+        """Wait until no answer is under way, or ``max_wait`` at most."""
         if not self.busy:
-            return False
-        events = [self._idle] if also is None else [self._idle, also]
+            return
         deadline = self.monotonic() + self.max_wait
-        while self.busy and not (also is not None and also.is_set()):
+        while self.busy:
             now = self.monotonic()
             if now >= deadline:
-                return True
+                return
             # Woken by the last answer's end, or when its oldest row's hold runs out.
-            await wait_any(max(min([deadline, *self._unsent.values()]) - now, 0.001),
-                           *events)
-        return False
+            wait = min([deadline, *self._unsent.values()]) - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(wait, 0.001))

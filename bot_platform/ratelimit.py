@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -73,11 +72,7 @@ class Pacer:
 
     Urgent senders (an answer to someone in a conversation) are handed the next slot
     before any bulk sender (a broadcast) still waiting: a reply waits for one slot, not
-    behind every broadcast row this process holds. With ``hold_bulk`` (delivery's
-    interactive pressure), the bulk senders already waiting here are not handed slots
-    while an answer is under way in this process (briefly; an answer's own row that
-    arrives meanwhile is served at once). A hold the cap ended is followed by as long
-    without one: a constant stream of answers halves a broadcast's rate at most.
+    behind every broadcast row this process holds.
 
     A limiter that cannot be asked (Redis away) holds the bot's sends: the wait comes
     back as more than ``max_wait``, and the outage is logged once per bot per
@@ -90,8 +85,6 @@ class Pacer:
         # Per bot: (urgent, bulk) senders waiting for a bot-wide slot, each in order.
         self._waiting: dict[str, tuple[deque[_Waiter], deque[_Waiter]]] = {}
         self._pacers: dict[str, asyncio.Task[None]] = {}
-        self._urgent: dict[str, asyncio.Event] = {}  # per bot: an urgent sender arrived
-        self.hold_bulk: Callable[[asyncio.Event], Awaitable[bool]] | None = None
 
     async def wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
                    urgent: bool = False) -> float:
@@ -132,8 +125,6 @@ class Pacer:
         slot: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         queues = self._waiting.setdefault(bot, (deque(), deque()))
         queues[0 if urgent else 1].append((slot, bot_only, max_wait))
-        if urgent:
-            self._urgent.setdefault(bot, asyncio.Event()).set()
         pacer = self._pacers.get(bot)
         if pacer is None or pacer.done():
             self._pacers[bot] = asyncio.create_task(self._pace(bot))
@@ -141,14 +132,7 @@ class Pacer:
 
     async def _pace(self, bot: str) -> None:
         queues = self._waiting[bot]
-        urgent = self._urgent.setdefault(bot, asyncio.Event())
-        next_hold = 0.0
         while queues[0] or queues[1]:
-            if not queues[0] and self.hold_bulk is not None and self.monotonic() >= next_hold:
-                urgent.clear()
-                held = self.monotonic()
-                if await self.hold_bulk(urgent):
-                    next_hold = 2 * self.monotonic() - held
             waiting = queues[0] or queues[1]  # the urgent first, looked at for every slot
             slot, limits, max_wait = waiting[0]
             if slot.done():  # its sender was cancelled

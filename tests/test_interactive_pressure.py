@@ -6,14 +6,13 @@ an interactive row never waits. Orders of events, no wall clock."""
 from __future__ import annotations
 
 import asyncio
-import math
 
 from bot_platform.clock import SystemClock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.delivery import Delivery
 from bot_platform.outbox_claims import ClaimedRow
 from bot_platform.pressure import InteractivePressure
-from bot_platform.ratelimit import Limits, MemoryRateLimiter, Pacer
+from bot_platform.ratelimit import MemoryRateLimiter
 from bot_platform.statuses import SubscriberStatus
 from bot_platform.types import SendResult
 from tests.support.scripted import ScriptedChannel, start
@@ -123,29 +122,3 @@ async def test_the_answer_of_a_handled_event_keeps_the_pressure_until_delivered(
     assert handled.outbox_ids and platform.engine.pressure.busy
     await platform.worker.drain()
     assert not platform.engine.pressure.busy
-
-
-async def test_the_pacer_holds_bulk_senders_already_waiting_while_an_answer_is_under_way(
-        ) -> None:
-    """Bulk rows that were already waiting for a slot when the answer began are not sent
-    meanwhile; the answer's own row is served at once."""
-    pressure = InteractivePressure(max_wait=3600)
-    pacer = Pacer(MemoryRateLimiter())
-    pacer.hold_bulk = pressure.yield_to_interactive
-    limits = Limits(per_bot=1000.0, per_chat=math.inf)
-    order: list[str] = []
-
-    async def send(name: str, urgent: bool) -> None:
-        assert await pacer.wait("b", name, limits, 5.0, urgent) == 0
-        order.append(name)
-
-    pressure.queued([1])
-    bulk = asyncio.create_task(send("bulk", False))
-    await settle()
-    assert order == []
-    await send("reply", True)
-    await settle()
-    assert order == ["reply"]  # the answer is still under way (its row 1)
-    pressure.sent(1)
-    await bulk
-    assert order == ["reply", "bulk"]
