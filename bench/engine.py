@@ -90,7 +90,8 @@ async def run_users(per_user: list[list[Inbound]], concurrency: int, handle) -> 
     return latencies
 
 
-async def bench_backend(name: str, url: str, args: argparse.Namespace) -> dict:
+async def console_platform(url: str) -> Platform:
+    """A started platform on a migrated ``url`` whose console channel prints nothing."""
     from bot_platform.migrations import upgrade
 
     await asyncio.to_thread(upgrade, url)
@@ -101,6 +102,11 @@ async def bench_backend(name: str, url: str, args: argparse.Namespace) -> dict:
     platform = Platform(settings, clock=ManualClock(datetime.now(UTC)),
                         channel_overrides={("console", "console"): console})
     await platform.start()
+    return platform
+
+
+async def bench_backend(name: str, url: str, args: argparse.Namespace) -> dict:
+    platform = await console_platform(url)
     try:
         per_user = script(args.subscribers, args.events)
         total = sum(len(events) for events in per_user)

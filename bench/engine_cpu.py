@@ -19,32 +19,17 @@ import gc
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import run_users, script  # noqa: E402
-from bot_platform.clock import ManualClock  # noqa: E402
-from bot_platform.config import Settings, WorkerSettings  # noqa: E402
-from bot_platform.platform import Platform  # noqa: E402
-from bots.console import ConsoleChannel  # noqa: E402
+from bench.engine import console_platform, run_users, script  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    from bot_platform.migrations import upgrade
-
     with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite+aiosqlite:///{folder}/bench.sqlite3"
-        await asyncio.to_thread(upgrade, url)
-        settings = Settings(_env_file=None, database_url=url, flows_dir=ROOT / "flows",
-                            locales_dir=ROOT / "locales",
-                            worker=WorkerSettings(batch_size=500, concurrency=64))
-        console = ConsoleChannel("console", output=lambda user, text: None)
-        platform = Platform(settings, clock=ManualClock(datetime.now(UTC)),
-                            channel_overrides={("console", "console"): console})
-        await platform.start()
+        platform = await console_platform(f"sqlite+aiosqlite:///{folder}/bench.sqlite3")
         try:
             per_user = script(args.subscribers, args.events)
             total = sum(len(events) for events in per_user)

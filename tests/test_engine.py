@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from bot_platform.events import dispatch
 from bot_platform.models import FlowState, Job, Message, Outbox, Subscriber, SubscriberTag
 from bot_platform.types import Inbound, InboundKind, Profile
-from tests.support.engine import CART_FLOW, Chat
+from tests.support.engine import CART_FLOW, Chat, echo_flows
 from tests.support.platform import ROOT
 
 
@@ -128,21 +128,7 @@ async def test_same_event_twice_or_concurrently_has_one_effect(make_platform, db
 
 async def test_hundred_concurrent_events_of_one_subscriber_apply_in_order(
         make_platform, tmp_path: Path, db_url: str) -> None:
-    # A flow that appends every typed text to an attribute: the result shows the order.
-    flows = tmp_path / "flows"
-    flows.mkdir()
-    (flows / "echo.yaml").write_text(textwrap.dedent("""
-        flow: echo
-        triggers: [{on: start}]
-        start: listen
-        states:
-          listen:
-            capture: {attribute: last, type: text, retry: common-fallback, goto: append}
-          append:
-            actions:
-              - set: {log: "{log},{last}"}
-            goto: listen
-    """))
+    flows = echo_flows(tmp_path)
     platform = await make_platform(flows_dir=flows, database_url=db_url)
     console = platform.channel("console", "console")
     await platform.engine.handle(console.inbound("u1", "/start"))

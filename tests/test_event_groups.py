@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from sqlalchemy import func, select
 from bot_platform.inbound import EventContext, Next
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.privacy import event_key
+from tests.support.engine import echo_flows
 
 USERS = ("u1", "bad", "u2", "u3")
 
@@ -121,20 +121,7 @@ async def test_a_duplicate_webhook_among_a_group_is_processed_once(make_platform
 
 async def test_each_subscribers_events_apply_in_order_across_groups(
         make_platform, tmp_path: Path) -> None:
-    flows = tmp_path / "flows"
-    flows.mkdir()
-    (flows / "echo.yaml").write_text(textwrap.dedent("""
-        flow: echo
-        triggers: [{on: start}]
-        start: listen
-        states:
-          listen:
-            capture: {attribute: last, type: text, retry: common-fallback, goto: append}
-          append:
-            actions:
-              - set: {log: "{log},{last}"}
-            goto: listen
-    """))
+    flows = echo_flows(tmp_path)
     platform = await make_platform(flows_dir=flows)
     console, engine = platform.channel("console", "console"), platform.engine
     users = [f"u{n}" for n in range(6)]

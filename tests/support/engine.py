@@ -44,6 +44,30 @@ class LowestPoint:
 
 
 # A shop's cart: an abandoned one is reminded after an hour, an order cancels the reminder.
+# A flow that appends every typed text to the attribute ``log``: the result shows the
+# order in which a subscriber's events were applied.
+ECHO_FLOW = textwrap.dedent("""
+        flow: echo
+        triggers: [{on: start}]
+        start: listen
+        states:
+          listen:
+            capture: {attribute: last, type: text, retry: common-fallback, goto: append}
+          append:
+            actions:
+              - set: {log: "{log},{last}"}
+            goto: listen
+""")
+
+
+def echo_flows(folder: Any) -> Any:
+    """A flows folder under ``folder`` holding only ``ECHO_FLOW``."""
+    flows = folder / "flows"
+    flows.mkdir()
+    (flows / "echo.yaml").write_text(ECHO_FLOW)
+    return flows
+
+
 CART_FLOW = textwrap.dedent("""
     flow: cart
     triggers: [{on: event, event: cart_updated}]
