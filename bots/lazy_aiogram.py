@@ -80,3 +80,11 @@ if "aiogram" not in sys.modules and _can_defer():
         import aiogram.methods
         import aiogram.types  # noqa: F401
     _give_namespace("aiogram.")
+
+
+def resolve_like_aiogram(model: type[BaseModel]) -> None:
+    """A model of ours derived from aiogram's (a method answered by a smaller type) is
+    built, on first use, with the forward references aiogram's own models resolve with.
+    When aiogram was imported as usual its models are complete and nothing is needed."""
+    if NAMESPACE:
+        model.__pydantic_parent_namespace__ = NAMESPACE
