@@ -160,33 +160,33 @@ class Catalogs:
         or None when its text depends on them (or the key is missing)."""
         if (locale, key) in self._fixed:
             return self._fixed[(locale, key)]
-        found = None
+        found = self._message(locale, key)
+        fixed = None
+        if found is not None and isinstance(found[3].value, TextElement):
+            fixed = self._format(*found, None)
+        self._fixed[(locale, key)] = fixed
+        return fixed
+
+    def _message(self, locale: str, key: str) -> tuple[str, Any, Any, Any] | None:
+        """(locale, key, bundle, message) of ``key`` in ``locale``, else in the default
+        locale; None when neither has it with a value."""
         for candidate in (locale, self.default_locale):
             bundle = self.bundles.get(candidate)
             if bundle is None or not bundle.has_message(key):
                 continue
             message = bundle.get_message(key)
-            if message.value is None:
-                continue
-            if isinstance(message.value, TextElement):
-                found = self._format(candidate, key, bundle, message, None)
-            break
-        self._fixed[(locale, key)] = found
-        return found
+            if message.value is not None:
+                return candidate, key, bundle, message
+        return None
 
     def format(self, locale: str, key: str, variables: Mapping[str, Any] | None = None) -> str:
         """The message ``key`` in ``locale``, else in the default locale, else the key."""
         text = self.fixed(locale, key)
         if text is not None:
             return text
-        for candidate in (locale, self.default_locale):
-            bundle = self.bundles.get(candidate)
-            if bundle is None or not bundle.has_message(key):
-                continue
-            message = bundle.get_message(key)
-            if message.value is None:
-                continue
-            return self._format(candidate, key, bundle, message, variables)
+        found = self._message(locale, key)
+        if found is not None:
+            return self._format(*found, variables)
         log.warning("missing catalog key %r in %s and %s", key, locale, self.default_locale)
         return key
 
