@@ -205,11 +205,17 @@ class Outbox(Base):
     __table_args__ = (
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_subscriber", "subscriber_id", "status"),
-        # Interactive rows (not a broadcast's) waiting or in hand: the delivery claims
-        # these first, and finds them without reading a running broadcast's rows.
-        Index("ix_outbox_interactive", "status", "subscriber_id",
+        # Interactive rows (not a broadcast's) waiting or in hand, in due order: the
+        # delivery claims these first, and finds them without reading a running
+        # broadcast's rows nor every waiting timer's.
+        Index("ix_outbox_interactive_due", "status", "next_attempt_at", "id",
               postgresql_where=sql_text("broadcast_id IS NULL"),
               sqlite_where=sql_text("broadcast_id IS NULL")),
+        # Broadcasts' rows, in due order: the bulk claim reads these without reading
+        # every waiting interactive row (a wave of timers).
+        Index("ix_outbox_bulk_due", "status", "next_attempt_at", "id",
+              postgresql_where=sql_text("broadcast_id IS NOT NULL"),
+              sqlite_where=sql_text("broadcast_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

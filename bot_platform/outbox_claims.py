@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, func, select, update
+from sqlalchemy import and_, bindparam, exists, func, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -196,23 +196,37 @@ class OutboxClaims:
         return rows, more
 
     async def _claim_interactive(self, limit: int) -> tuple[list[ClaimedRow], set[int]]:
-        """The interactive subscribers' oldest rows, found from the small interactive
-        index first (while a broadcast waits, the waiting rows are mostly its own);
+        """The oldest rows of subscribers with a ready interactive row (``_heads``);
         nothing is written when there are none."""
         heads_query = self._statements.get(("heads", self.scope))
         if heads_query is None:
-            heads_query = self._statements[("heads", self.scope)] = select(
-                func.min(Outbox.id)).where(
-                    Outbox.status.in_(OutboxStatus.unsent()),
-                    Outbox.subscriber_id.in_(self._interactive_subscribers().scalar_subquery()),
-                    *self._kind(None)).group_by(Outbox.subscriber_id).order_by(
-                        func.min(Outbox.id)).limit(bindparam("b_limit"))
+            heads_query = self._statements[("heads", self.scope)] = self._heads()
+        now = self.clock.now()
         async with self.db.session() as session:
-            heads = list((await session.scalars(heads_query, {"b_limit": limit})).all())
+            heads = list((await session.scalars(
+                heads_query, {"b_limit": limit, "b_now": now})).all())
         if not heads:
             return [], set()
         return await self.claim(None, limit, urgent=True, statement=self._statement(
-            None, "heads"), params={"b_now": self.clock.now(), "b_heads": heads})
+            None, "heads"), params={"b_now": now, "b_heads": heads})
+
+    def _heads(self) -> Any:
+        """The oldest unsent row of each subscriber among the first ``b_limit`` ready
+        interactive rows of each arm of ``ready`` in due order (the interactive index,
+        ``ix_outbox_interactive_due``): a claim reads about as many rows as it takes,
+        not every waiting row (a wave of 100,000 timers made a group-by of all of them
+        the costliest statement of a claim). A head may be an earlier row of a broadcast
+        that holds an interactive one up; the claim then checks it is ready."""
+        arms = [select(Outbox.subscriber_id).where(
+            Outbox.broadcast_id.is_(None), arm, *self._kind(None)).order_by(
+                Outbox.next_attempt_at, Outbox.id).limit(bindparam("b_limit")).subquery()
+                for arm in self.leases.ready_arms(Outbox.next_attempt_at, bindparam("b_now"))]
+        waiting = union_all(*(select(arm.c.subscriber_id) for arm in arms)).subquery()
+        earlier = _EARLIER
+        head = select(func.min(earlier.id)).where(
+            earlier.subscriber_id == waiting.c.subscriber_id,
+            earlier.status.in_(OutboxStatus.unsent())).scalar_subquery()
+        return select(head).select_from(waiting).distinct()
 
     async def _claim_due(self, limit: int, kind: str | None = None
                          ) -> tuple[list[ClaimedRow], set[int]]:

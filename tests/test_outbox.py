@@ -146,3 +146,32 @@ async def test_jobs_share_the_outbox_lease_deadlines(make_platform) -> None:
     assert not scheduler.leases.owns(job_id)
     assert await scheduler.renew_leases() >= 1
     assert scheduler.leases.owns(job_id)
+
+
+async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
+        make_platform) -> None:
+    """The interactive claim starts from ready interactive rows (in due order) and takes
+    their subscribers' oldest rows: an earlier broadcast row that holds one up goes with
+    it, a row not yet due and a broadcast-only subscriber wait; the bulk claim then
+    takes only the broadcast subscriber's oldest row."""
+    platform = await scripted(make_platform)
+    await queue_for_everyone(platform, 4, per_person=2)
+    rows = await outbox_rows(platform)
+    by_user: dict[str, list[int]] = {}
+    for row in sorted(rows, key=lambda row: row.id):
+        by_user.setdefault(row.recipient, []).append(row.id)
+    later = platform.clock.now() + timedelta(minutes=5)
+    async with platform.db.session() as session:
+        await session.execute(Outbox.__table__.update().where(
+            Outbox.id.in_([by_user["u0"][0], *by_user["u2"]])).values(broadcast_id=7))
+        await session.execute(Outbox.__table__.update().where(
+            Outbox.id.in_(by_user["u1"])).values(next_attempt_at=later))
+        await session.execute(Outbox.__table__.delete().where(
+            Outbox.id == by_user["u3"][1]))
+    worker = OutboxClaims(platform.db, platform.clock, platform.settings.worker, "w")
+    claimed, _ = await worker.claim_batch(10, "interactive")
+    assert sorted(row.id for row in claimed) == [by_user["u0"][0], by_user["u3"][0]]
+    assert all(row.urgent for row in claimed)
+    bulk, _ = await worker.claim_batch(10, "bulk")
+    assert [row.id for row in bulk] == [by_user["u2"][0]]
+    assert not (await worker.claim_batch(10, "interactive"))[0]
