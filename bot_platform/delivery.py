@@ -24,6 +24,7 @@ would make another worker send the message again once the lease expires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -198,14 +199,15 @@ class Delivery:
             nonlocal handled
             has_more = row is not None and row.subscriber_id in more
             try:
-                async with semaphore:
-                    while row is not None:
-                        status = await self.deliver(row)
-                        handled += 1
-                        if status != SendStatus.SENT or not has_more:
-                            return
-                        row, has_more = await self.outbox.claim_next_of(
-                            row.subscriber_id, row.urgent)
+                while row is not None:
+                    # The semaphore bounds sends in flight, not results waiting for
+                    # their commit (see ``deliver``).
+                    status = await self.deliver(row, semaphore)
+                    handled += 1
+                    if status != SendStatus.SENT or not has_more:
+                        return
+                    row, has_more = await self.outbox.claim_next_of(
+                        row.subscriber_id, row.urgent)
             finally:
                 finished(1)
 
@@ -308,19 +310,23 @@ class Delivery:
             await self.record(row, result)
         return handled
 
-    async def deliver(self, row: ClaimedRow) -> SendStatus | None:
+    async def deliver(self, row: ClaimedRow, sending: asyncio.Semaphore | None = None
+                      ) -> SendStatus | None:
         """Send one claimed row and record the result; returns the send status (None when
-        the row was put back to wait for its rate-limit slot)."""
+        the row was put back to wait for its rate-limit slot). ``sending`` is held from
+        the rate-limit slot through the messenger call only: senders waiting for their
+        result's commit (a long SQLite transaction queueing a broadcast batch) do not
+        keep others from the pacer, whose slots would go unused meanwhile."""
         try:
             with log_context(bot=row.bot_id, channel=row.channel,
                              subscriber_id=row.subscriber_id):
-                return await self._deliver(row)
+                return await self._deliver(row, sending or contextlib.nullcontext())
         finally:
             self.outbox.leases.let_go(row.id)
             if row.urgent:
                 self.pressure.sent(row.id)
 
-    async def _deliver(self, row: ClaimedRow) -> SendStatus | None:
+    async def _deliver(self, row: ClaimedRow, sending: Any) -> SendStatus | None:
         channel = self.channels(row.channel, row.bot_id)
         if channel is None:
             await self.record(row, SendResult.failed(
@@ -346,18 +352,20 @@ class Delivery:
         limits = limits_for(channel, self.bots(row.channel, row.bot_id))
         if row.broadcast_id is not None and not row.urgent:
             await self.pressure.yield_to_interactive()
-        delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient, limits,
-                                      row.urgent)
+        async with sending:
+            delay = await self._take_slot(f"{row.channel}:{row.bot_id}", row.recipient,
+                                          limits, row.urgent)
+            if delay <= MAX_LIMITER_WAIT:
+                if not self._still_ours(row):
+                    return None
+                try:
+                    result = await channel.send(row.recipient, message)
+                except Exception as error:  # an adapter bug must not kill the worker
+                    log.exception("channel %s/%s raised on send", row.channel, row.bot_id)
+                    result = SendResult.transient(f"adapter error: {type(error).__name__}")
         if delay > MAX_LIMITER_WAIT:
             await self.release(row, delay)
             return None
-        if not self._still_ours(row):
-            return None
-        try:
-            result = await channel.send(row.recipient, message)
-        except Exception as error:  # an adapter bug must not kill the worker
-            log.exception("channel %s/%s raised on send", row.channel, row.bot_id)
-            result = SendResult.transient(f"adapter error: {type(error).__name__}")
         if result.status == SendStatus.RETRY_AFTER:
             await self.limiter.pause(f"{row.channel}:{row.bot_id}", result.retry_after or 1.0)
         await self.record(row, result)

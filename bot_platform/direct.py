@@ -138,6 +138,10 @@ def _run_batch_in_sqlite_thread(connection: Any, batch: list[tuple[str, list[Any
 # Set on an aiosqlite connection opened with ``check_same_thread=False``
 # (``sqlite_driver``): ``Direct`` may run its statements in the event loop's thread.
 INLINE = "botp_inline"
+# Parameter rows above which a trip inside our transaction runs on aiosqlite's thread
+# (``Direct.call``): its SQLite work then overlaps the event loop's (sqlite3 lets go of
+# the GIL while a statement steps) instead of stalling it.
+INLINE_ROWS = 50
 
 
 class Direct:
@@ -214,14 +218,17 @@ class Direct:
         """A statement without parameters (a SAVEPOINT) that goes with the next trip."""
         self.pending.append((sql, [()], False))
 
-    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, function: Callable[..., Any], *args: Any, rows: int = 1) -> Any:
         """``function(sqlite3_connection, *args)`` (SQLite only): in aiosqlite's thread,
         or right here when the connection may be used from this thread (``inline``). A
         trip to the thread wakes it and hands it the GIL, which costs more than the few
         statements of a trip; and inside our transactions (``BEGIN IMMEDIATE`` holds the
-        write lock) a statement never waits for a lock, so it cannot stall the loop."""
+        write lock) a statement never waits for a lock. A trip of more than
+        ``INLINE_ROWS`` parameter rows (a broadcast batch's inserts, a group commit's
+        results) goes to the thread all the same: run here it would hold the loop for
+        tens of milliseconds and the sends' pacer would lose its slots meanwhile."""
         raw = self.raw
-        if getattr(raw, INLINE, False):
+        if getattr(raw, INLINE, False) and rows <= INLINE_ROWS:
             return function(raw._conn, *args)
         return await raw._execute(function, raw._conn, *args)
 
@@ -245,7 +252,8 @@ class Direct:
         if self.adapter is not None:
             return await pg_driver.run_batch(self.connection, self.adapter, batch, TABLES)
         try:
-            return await self.call(_run_batch_in_sqlite_thread, batch)
+            return await self.call(_run_batch_in_sqlite_thread, batch,
+                                   rows=sum(len(params) for _, params, _ in batch))
         except sqlite3.Error as error:
             from sqlalchemy.exc import DBAPIError
 
@@ -272,7 +280,8 @@ class Direct:
         try:
             return await self.call(
                 _run_linked_in_sqlite_thread, pending,
-                (first[0].sql, first[1]), (second[0].sql, second[1]), link)
+                (first[0].sql, first[1]), (second[0].sql, second[1]), link,
+                rows=len(first[1]) + len(second[1]))
         except sqlite3.Error as error:
             from sqlalchemy.exc import DBAPIError
 

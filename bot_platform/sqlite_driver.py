@@ -24,7 +24,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util.concurrency import await_
 
-from bot_platform.direct import INLINE
+from bot_platform.direct import INLINE, INLINE_ROWS
 
 
 def _execute(connection: sqlite3.Connection, operation: str, parameters: Any,
@@ -82,9 +82,11 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     def _run(self, operation: str, parameters: Any, many: bool) -> None:
         connection = self._connection
         try:
-            if getattr(connection, INLINE, False) and connection._conn.in_transaction:
+            if (getattr(connection, INLINE, False) and connection._conn.in_transaction
+                    and not (many and len(parameters) > INLINE_ROWS)):
                 # Inside our transaction (BEGIN IMMEDIATE holds the write lock) no
-                # statement waits for a lock: run it here, as Direct does.
+                # statement waits for a lock: run it here, as Direct does (a bulk
+                # statement excepted: see Direct.call).
                 result = await_(_here(connection._conn, operation, parameters, many))
             else:
                 result = await_(connection._execute(_execute, connection._conn, operation,
