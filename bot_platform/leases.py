@@ -112,17 +112,16 @@ class Leases:
                 .execution_options(synchronize_session=False))
 
     async def claim(self, session: AsyncSession, condition: Any, order_by: Sequence[Any],
-                    limit: int, columns: Sequence[Any], any_of: Sequence[Any] = (),
-                    statement: Any = None, params: dict[str, Any] | None = None
-                    ) -> list[Any]:
-        """Take up to ``limit`` rows matching ``condition`` (and one of ``any_of``, if
-        given) in ``order_by`` order, in the caller's transaction; returns ``id`` and
-        ``columns`` of each. ``statement``: the same from ``claim_statement``
-        (``condition`` is then not used), with ``params`` for its own bind parameters."""
+                    limit: int, columns: Sequence[Any], statement: Any = None,
+                    params: dict[str, Any] | None = None) -> list[Any]:
+        """Take up to ``limit`` rows matching ``condition`` in ``order_by`` order, in the
+        caller's transaction; returns ``id`` and ``columns`` of each. ``statement``: one
+        from ``claim_statement`` (``condition`` is then not used), with ``params`` for its
+        own bind parameters."""
         started = self.monotonic()  # before the claim is issued: see ``owns``
         until = self.clock.now() + timedelta(seconds=self.lease_seconds)
         if statement is None:
-            statement = self.claim_statement(condition, order_by, columns, any_of)
+            statement = self.claim_statement(condition, order_by, columns)
         claimed = (await session.execute(statement, {
             **(params or {}), "b_limit": limit, "b_until": until})).all()
         deadline = self._deadline(started, until)

@@ -10,6 +10,7 @@ with any earlier row of the same subscriber that holds them up.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +32,7 @@ from bot_platform.types import SendResult, SendStatus
 log = logging.getLogger(__name__)
 # Built once: a fresh ``aliased(Outbox)`` builds its column collection again whenever a
 # column of it is first used, 1.7 ms per ``claimable`` (a fifth of a busy worker's claims).
-_EARLIER, _INTERACTIVE = aliased(Outbox), aliased(Outbox)
+_EARLIER = aliased(Outbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +90,10 @@ class OutboxClaims:
         self._statements: dict[tuple[Any, ...], Any] = {}  # see ``_statement``
 
     def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
-        """Rows ready to be claimed; ``kind`` "interactive": only of subscribers with a
-        row that is not a broadcast's waiting (their oldest row first, whatever it is);
-        "bulk": only broadcasts' rows."""
-        conditions = [self.leases.ready(Outbox.next_attempt_at, now), self._in_order()]
-        if kind == "interactive":
-            conditions.append(Outbox.subscriber_id.in_(
-                self._interactive_subscribers().scalar_subquery()))
-        return and_(*conditions, *self._kind(kind))
+        """Rows ready to be claimed (a subscriber's oldest unsent row); ``kind`` "bulk":
+        only broadcasts' rows. Interactive rows are found through ``_heads``."""
+        return and_(self.leases.ready(Outbox.next_attempt_at, now), self._in_order(),
+                    *self._kind(kind))
 
     def _in_order(self) -> Any:
         """Only a subscriber's oldest unsent row."""
@@ -112,48 +109,45 @@ class OutboxClaims:
             conditions.append(Outbox.broadcast_id.is_not(None))
         return conditions
 
-    @staticmethod
-    def _interactive_subscribers() -> Any:
-        """Subscribers with an unsent row that is not a broadcast's (a small index)."""
-        interactive = _INTERACTIVE
-        return select(interactive.subscriber_id).where(
-            interactive.broadcast_id.is_(None), interactive.status.in_(OutboxStatus.unsent()))
-
     def _statement(self, kind: str | None, how: str = "due") -> Any:
         """A claim built once per worker and scope, its time (``b_now``), subscriber
         (``b_sid``) or rows (``b_heads``) bound at execution. ``how``: "due" (ready rows
         of ``kind``), "heads" (the given rows, if still claimable), "of_one" (one
-        subscriber's next row).
+        subscriber's next row)."""
+        return self._cached((kind, how), lambda: self._build(kind, how))
 
-        Ready rows on SQLite go in due order, each arm of ``ready`` read along the due
-        index up to the limit (``Leases.claim_statement``). PostgreSQL keeps one
-        ``WHERE`` in id order: with the split, its planner (statistics taken while the
-        outbox was empty) anti-joined and sorted every waiting row, slower than before
-        (80 ms against 28 ms a claim with 30,000 waiting)."""
-        key = (kind, how, self.scope)
+    def _cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """``build()``, once per ``key`` and scope (building cost more than running)."""
+        key = (*key, self.scope)
         statement = self._statements.get(key)
-        if statement is not None:
-            return statement
+        if statement is None:
+            statement = self._statements[key] = build()
+        return statement
+
+    def _build(self, kind: str | None, how: str) -> Any:
+        """The claim of ``_statement``. Ready rows on SQLite go in due order, each arm of
+        ``ready`` read along the due index up to the limit (``Leases.claim_statement``).
+        PostgreSQL keeps one ``WHERE`` in id order: with the split, its planner
+        (statistics taken while the outbox was empty) anti-joined and sorted every
+        waiting row, slower than before (80 ms against 28 ms a claim with 30,000
+        waiting)."""
         now = bindparam("b_now")
         if how == "of_one":
-            statement = self.leases.claim_statement(
+            return self.leases.claim_statement(
                 and_(Outbox.subscriber_id == bindparam("b_sid"), self.claimable(now)),
                 (Outbox.id,), _CLAIMED_COLUMNS)
-        elif how == "heads":
-            statement = self.leases.claim_statement(
+        if how == "heads":
+            return self.leases.claim_statement(
                 and_(Outbox.id.in_(bindparam("b_heads", expanding=True)),
                      self.leases.ready(Outbox.next_attempt_at, now), self._in_order(),
                      *self._kind(None)), (Outbox.id,), _CLAIMED_COLUMNS)
-        elif self.db.is_sqlite:
-            statement = self.leases.claim_statement(
+        if self.db.is_sqlite:
+            return self.leases.claim_statement(
                 and_(self._in_order(), *self._kind(kind)),
                 (Outbox.next_attempt_at, Outbox.id), _CLAIMED_COLUMNS,
                 any_of=self.leases.ready_arms(Outbox.next_attempt_at, now))
-        else:
-            statement = self.leases.claim_statement(
-                self.claimable(now, kind), (Outbox.id,), _CLAIMED_COLUMNS)
-        self._statements[key] = statement
-        return statement
+        return self.leases.claim_statement(
+            self.claimable(now, kind), (Outbox.id,), _CLAIMED_COLUMNS)
 
     async def claim(self, condition: Any, limit: int, urgent: bool = False, *,
                     statement: Any = None, params: dict[str, Any] | None = None
@@ -198,9 +192,7 @@ class OutboxClaims:
     async def _claim_interactive(self, limit: int) -> tuple[list[ClaimedRow], set[int]]:
         """The oldest rows of subscribers with a ready interactive row (``_heads``);
         nothing is written when there are none."""
-        heads_query = self._statements.get(("heads", self.scope))
-        if heads_query is None:
-            heads_query = self._statements[("heads", self.scope)] = self._heads()
+        heads_query = self._cached(("heads query",), self._heads)
         now = self.clock.now()
         async with self.db.session() as session:
             heads = list((await session.scalars(
