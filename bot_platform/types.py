@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import unicodedata
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -361,15 +362,27 @@ def _text_len(text: str, caps: Capabilities) -> int:
 
 
 # (id of the message, id of the capabilities) -> (both, the parts): a message rendered
-# once for many subscribers (``CompiledFlow.render``) is fitted once per channel. Both
-# objects are kept, so an id is never reused while its entry lives.
+# once for many subscribers (``CompiledFlow.render``, ``share``) is fitted once per
+# channel. Both objects are kept, so an id is never reused while its entry lives. Only
+# shared messages go in: one subscriber's own texts are not kept in memory.
 _FITTED: dict[tuple[int, int], tuple[Outgoing, Capabilities, tuple[Outgoing, ...]]] = {}
 _FITTED_MAX = 512
+_SHARED: dict[int, weakref.ref[Outgoing]] = {}  # id -> the shared message, while it lives
+
+
+def share(message: Outgoing) -> None:
+    """Mark ``message`` as sent to many subscribers as it is: ``fit_message`` keeps its
+    parts. The mark goes when the message does."""
+    key = id(message)
+    _SHARED[key] = weakref.ref(message, lambda _, key=key: _SHARED.pop(key, None))
 
 
 def fit_message(message: Outgoing, caps: Capabilities) -> list[Outgoing]:
     """Fit one message to a channel's capabilities: the parts it sends, one API call each
-    (see ``_fit``). The same message object for the same channel is fitted once."""
+    (see ``_fit``). A shared message (``share``) for the same channel is fitted once."""
+    shared = _SHARED.get(id(message))
+    if shared is None or shared() is not message:
+        return _fit(message, caps)
     key = (id(message), id(caps))
     found = _FITTED.get(key)
     if found is not None and found[0] is message and found[1] is caps:

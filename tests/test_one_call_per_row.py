@@ -23,7 +23,7 @@ from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
 from bot_platform.models import Broadcast, Outbox
 from bot_platform.ratelimit import MemoryRateLimiter
-from bot_platform.types import Button, Card, Outgoing, QuickReply, fit_message
+from bot_platform.types import Button, Capabilities, Card, Outgoing, QuickReply, fit_message
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
@@ -315,3 +315,19 @@ async def test_a_person_blocked_on_part_two_counts_once_as_failed(make_platform)
                                                                         broadcast_id))
     assert figures["A"]["sent"] == 0
     assert sum(figures["A"]["failed"].values()) + sum(figures["A"]["skipped"].values()) == 1
+
+
+def test_only_shared_messages_are_kept_fitted() -> None:
+    """A message rendered once for many subscribers is fitted once per channel; one
+    subscriber's own text is fitted and forgotten (no personal text kept in memory)."""
+    from bot_platform import types
+
+    caps = Capabilities()
+    own = Outgoing(text="Hi Olena, your code is 4711")
+    assert fit_message(own, caps) == fit_message(own, caps)
+    assert all(entry[0] is not own for entry in types._FITTED.values())
+    shared = Outgoing(text="Welcome to the shop")
+    types.share(shared)
+    first, again = fit_message(shared, caps), fit_message(shared, caps)
+    assert first == again and first[0] is again[0]  # the same parts, fitted once
+    assert any(entry[0] is shared for entry in types._FITTED.values())

@@ -36,7 +36,7 @@ from bot_platform.flows.turn import (
 )
 from bot_platform.i18n import Catalogs
 from bot_platform.statuses import PositionStatus
-from bot_platform.types import Button, Outgoing, QuickReply
+from bot_platform.types import Button, Outgoing, QuickReply, share
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class CompiledFlow:
             if len(self._rendered) >= 4096:  # states x locales; a bound all the same
                 self._rendered.clear()
             self._rendered[key] = (self.catalogs.bundles, tuple(messages))
+            for message in messages:
+                share(message)
         return messages
 
     def _fixed(self, name: str, locale: str) -> bool:
