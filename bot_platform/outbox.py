@@ -39,9 +39,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.clock import Clock
 from bot_platform.database import Database
 from bot_platform.direct import direct, insert_linked
+from bot_platform.fitting import fit_message
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus
-from bot_platform.types import Capabilities, Outgoing, fit_message
+from bot_platform.types import Capabilities, Outgoing
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot_platform.fitting import fit_message
 from bot_platform.flows.machine import FlowSet
 from bot_platform.flows.turn import SendEffect
 from bot_platform.handoff import open_conversation
 from bot_platform.models import Job, Message, Outbox, Subscriber
 from bot_platform.statuses import MessageStatus, PositionStatus, SubscriberStatus
-from bot_platform.types import Capabilities, Outgoing, fit_message
+from bot_platform.types import Capabilities, Outgoing
 
 if TYPE_CHECKING:
     from bot_platform.inbound import Engine

@@ -43,13 +43,13 @@ from bot_platform.channels import (
 from bot_platform.config import BotConfig
 from bot_platform.edge import epoch_ms, expect_dict, expect_str, load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
+from bot_platform.fitting import NotOneCall
 from bot_platform.kv import KeyValueStore
 from bot_platform.redaction import Redactor
 from bot_platform.types import (
     Capabilities,
     Inbound,
     InboundKind,
-    NotOneCall,
     Outgoing,
     Profile,
     SendResult,

@@ -69,6 +69,7 @@ from bot_platform.channels import (
 from bot_platform.config import BotConfig
 from bot_platform.edge import load_json
 from bot_platform.errors import BadPayload, BadSignature, BadToken
+from bot_platform.fitting import NotOneCall, truncate_utf16
 from bot_platform.kv import KeyValueStore
 from bot_platform.redaction import Redactor
 from bot_platform.text import utf16_len
@@ -76,11 +77,9 @@ from bot_platform.types import (
     Capabilities,
     Inbound,
     InboundKind,
-    NotOneCall,
     Outgoing,
     Profile,
     SendResult,
-    truncate_utf16,
 )
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ import pytest
 
 from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
+from bot_platform.fitting import split_text
 from bot_platform.i18n import Catalogs
 from bot_platform.text import FSI, PDI, RLM, isolate, utf16_len
-from bot_platform.types import split_text
 from tests.fakes.viber_api import FakeViberServer
 from tests.support.platform import ROOT
 from tests.support.telegram import SECRET, TOKEN, message_update, post

@@ -34,6 +34,7 @@ from bot_platform.channels import (
     load_channel_factory,
     messenger_channels,
 )
+from bot_platform.fitting import fit_message
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.ratelimit import MemoryRateLimiter
 from bot_platform.types import (
@@ -46,7 +47,6 @@ from bot_platform.types import (
     QuickReply,
     SendResult,
     SendStatus,
-    fit_message,
     past_window,
 )
 from tests.contract import HARNESSES, DictKV, Harness, load_harness

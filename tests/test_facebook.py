@@ -197,7 +197,8 @@ async def test_graph_errors_map_to_send_results(facebook, graph, code, subcode, 
 
 
 async def test_rendering_carousels_images_and_long_button_text(facebook, graph) -> None:
-    from bot_platform.types import Button, Card, QuickReply, fit_message
+    from bot_platform.fitting import fit_message
+    from bot_platform.types import Button, Card, QuickReply
 
     channel = facebook.channel("facebook", "page")
 

@@ -21,9 +21,10 @@ from sqlalchemy import select
 from bot_platform import broadcasts
 from bot_platform.apikeys import create_key
 from bot_platform.config import BotConfig
+from bot_platform.fitting import fit_message
 from bot_platform.models import Broadcast, Outbox
 from bot_platform.ratelimit import MemoryRateLimiter
-from bot_platform.types import Button, Capabilities, Card, Outgoing, QuickReply, fit_message
+from bot_platform.types import Button, Capabilities, Card, Outgoing, QuickReply
 from tests.fakes.graph_api import FakeGraphServer
 from tests.fakes.telegram_api import FakeTelegramServer
 from tests.fakes.viber_api import FakeViberServer
@@ -320,14 +321,14 @@ async def test_a_person_blocked_on_part_two_counts_once_as_failed(make_platform)
 def test_only_shared_messages_are_kept_fitted() -> None:
     """A message rendered once for many subscribers is fitted once per channel; one
     subscriber's own text is fitted and forgotten (no personal text kept in memory)."""
-    from bot_platform import types
+    from bot_platform import fitting
 
     caps = Capabilities()
     own = Outgoing(text="Hi Olena, your code is 4711")
     assert fit_message(own, caps) == fit_message(own, caps)
-    assert all(entry[0] is not own for entry in types._FITTED.values())
+    assert all(entry[0] is not own for entry in fitting._FITTED.values())
     shared = Outgoing(text="Welcome to the shop")
-    types.share(shared)
+    fitting.share(shared)
     first, again = fit_message(shared, caps), fit_message(shared, caps)
     assert first == again and first[0] is again[0]  # the same parts, fitted once
-    assert any(entry[0] is shared for entry in types._FITTED.values())
+    assert any(entry[0] is shared for entry in fitting._FITTED.values())

@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 
 from bot_platform.config import BotConfig
+from bot_platform.fitting import fit_message
 from bot_platform.models import Subscriber
-from bot_platform.types import Button, Card, Outgoing, QuickReply, fit_message
+from bot_platform.types import Button, Card, Outgoing, QuickReply
 from tests.support.telegram import SECRET, TOKEN, callback_update, message_update, post, user
 
 

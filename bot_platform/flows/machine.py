@@ -20,6 +20,7 @@ from typing import Any
 from transitions import Machine, MachineError, State
 
 from bot_platform.errors import FlowError, UnknownState
+from bot_platform.fitting import share
 from bot_platform.flows.actions import ActionSpec, run_actions
 from bot_platform.flows.base import parse_duration
 from bot_platform.flows.captures import validate_capture
@@ -36,7 +37,7 @@ from bot_platform.flows.turn import (
 )
 from bot_platform.i18n import Catalogs
 from bot_platform.statuses import PositionStatus
-from bot_platform.types import Button, Outgoing, QuickReply, share
+from bot_platform.types import Button, Outgoing, QuickReply
 
 log = logging.getLogger(__name__)
 
