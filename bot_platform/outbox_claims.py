@@ -85,6 +85,11 @@ _LATER = aliased(Outbox, name="later")
 _SUBSCRIBERS = Subscriber.__table__
 
 
+def _text_or_none(value: Any) -> str | None:
+    """A channel's message id as the text column holds it (an adapter may hand an int)."""
+    return None if value is None else str(value)
+
+
 def _with_details(claim: Any) -> Any:
     """A claim (``Leases.claim_statement``) with what delivery needs about each row's
     subscriber, in one statement: their status and last inbound time, and whether more
@@ -378,7 +383,8 @@ class OutboxClaims:
         ids = [o.row.id for o in outcomes]
         naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
         found, _ = await pg_driver.fetch_alone(self.db.engine, _WRITE_SENT, (
-            ids, naive, [o.result.message_id if o.result else None for o in outcomes],
+            ids, naive, [_text_or_none(o.result.message_id if o.result else None)
+                         for o in outcomes],
             self.worker_id))
         owned = {row[0] for row in found}
         for row_id in ids:
