@@ -63,8 +63,10 @@ class Pipeline:
             wake.clear()
             self._room.clear()
             claimed = asked = 0
-            self._recheck = self.holding > self.capacity // 2  # no room to claim now
-            if not self._recheck:
+            # Items in hand that finish while we claim (or wait for room) may free work
+            # the claim does not see: their ``_finished`` then sets ``_room``.
+            self._recheck = self.holding > 0
+            if self.holding <= self.capacity // 2:
                 held, asked = self.holding, self.capacity - self.holding
                 try:
                     claimed, work = await self.claim(asked)

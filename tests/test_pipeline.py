@@ -19,12 +19,15 @@ class Queue:
         self.claims: list[int] = []  # what each claim got
         self.finish = asyncio.Event()
         self.in_hand = 0
+        self.slow: asyncio.Event | None = None  # set: a claim's answer waits for it
 
     async def claim(self, limit: int) -> tuple[int, int]:
-        got = min(limit, self.ready)
+        got = min(limit, self.ready)  # what the claim's snapshot sees
         self.ready -= got
         self.claims.append(got)
         self.in_hand += got
+        if self.slow is not None:
+            await self.slow.wait()
         return got, got
 
     async def handle(self, count: int, finished: Finished) -> None:
@@ -81,6 +84,26 @@ async def test_work_behind_items_in_hand_is_claimed_when_they_finish() -> None:
     await asyncio.sleep(0.05)
     assert queue.claims == [1, 0]
     queue.finish.set()  # the item finishes: what waited behind it is claimed
+    await asyncio.sleep(0.05)
+    stop.set()
+    wake.set()
+    await asyncio.wait_for(task, 5)
+    assert queue.claims[:3] == [1, 0, 1]
+
+
+async def test_an_item_finishing_during_a_short_claim_is_not_missed() -> None:
+    queue = Queue(ready=1)
+    pipeline = Pipeline("test", 10, queue.claim, queue.handle)
+    wake = asyncio.Event()
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop, wake, poll_interval=60, grace=1))
+    await asyncio.sleep(0.05)
+    queue.blocked, queue.slow = 1, asyncio.Event()
+    wake.set()  # this claim sees nothing ready...
+    await asyncio.sleep(0.05)
+    queue.finish.set()  # ...and the item in hand finishes before it answers
+    await asyncio.sleep(0.05)
+    queue.slow.set()
     await asyncio.sleep(0.05)
     stop.set()
     wake.set()
