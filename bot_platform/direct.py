@@ -22,7 +22,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.util import find_tables
 
 from bot_platform import pg_driver
@@ -240,6 +240,14 @@ class Direct:
             return
         await self.execute(_ADVISORY_LOCK, {"key": key})
 
+    async def commit_with(self, sql: str) -> bool:
+        """PostgreSQL, nothing deferred: ``sql`` (constant, no parameters) and the
+        transaction's COMMIT in one trip (``pg_driver.commit_with``); nothing may run in
+        the transaction after it. False (nothing run) otherwise."""
+        if self.adapter is None or self.pending:
+            return False
+        return await pg_driver.commit_with(self.connection, self.adapter, sql)
+
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""
         if self.pending:
@@ -307,6 +315,25 @@ class Direct:
         return Rows(found, compiled.keys, count)
 
 
+async def run_alone(engine: AsyncEngine, statement: Any, params: dict[str, Any]) -> Rows:
+    """``statement`` as a unit of work by itself on PostgreSQL: compiled once, prepared
+    on a pooled connection and run in the server's implicit transaction, one round trip
+    (a session costs three: BEGIN, the statement, COMMIT). Only for module- or
+    worker-level statements (the compiled forms are cached by statement)."""
+    compiled = _compile(statement, engine.dialect, tuple(params))
+    if compiled is None:
+        raise ValueError("a statement run alone must compile to plain SQL")
+    values = compiled.construct(params)
+    binds = compiled.binds
+    positional = tuple(binds[n](values[n]) if n in binds else values[n]
+                       for n in compiled.names)
+    found, count = await pg_driver.fetch_alone(engine, compiled.sql, positional)
+    processors = compiled.results
+    rows = [tuple(p(v) if p is not None else v for p, v in zip(processors, row, strict=True))
+            for row in found] if any(processors) else [tuple(row) for row in found]
+    return Rows(rows, compiled.keys, count)
+
+
 async def direct(session: AsyncSession) -> Direct:
     """The session's ``Direct`` for this transaction (kept in ``session.info``), after
     flushing what the ORM holds (Core statements do not autoflush)."""
@@ -346,7 +373,7 @@ async def insert_returning_ids(session: AsyncSession, model: Any,
 _LINKED_PAIRS: dict[tuple[Any, ...], Any] = {}
 
 
-def _linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
+def linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
                  child_keys: tuple[str, ...], link: str) -> Any:
     """One parent row and its child in one statement (PostgreSQL): the parent's insert
     in a ``WITH`` clause, the child's link its new id; returns the child's id and its
@@ -378,16 +405,22 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
     """Insert parent rows, then one child row per parent whose ``link`` column is that
     parent's new id (an outbox row and its message); both lists of new ids, in order.
     On SQLite both inserts are one trip to the database; on PostgreSQL one row and its
-    child are one statement (``_linked_pair``)."""
+    child are one statement (``linked_pair``), for up to ``LINKED_ROWS_ON_DRIVER``."""
     parent_table = getattr(parent, "__table__", parent)
     child_table = getattr(child, "__table__", child)
     connection = await direct(session)
-    if connection.adapter is not None and len(parent_rows) == len(child_rows) == 1:
-        row = (await connection.execute(_linked_pair(
-            parent_table, tuple(parent_rows[0]), child_table, tuple(child_rows[0]), link), {
-            **{f"p_{key}": value for key, value in parent_rows[0].items()},
-            **{f"c_{key}": value for key, value in child_rows[0].items()}})).rows[0]
-        return [row[1]], [row[0]]
+    if (connection.adapter is not None and len(parent_rows) == len(child_rows)
+            and 0 < len(parent_rows) <= LINKED_ROWS_ON_DRIVER):
+        # A statement per pair, in order (a turn's few parts): one trip each, not two.
+        parent_ids, child_ids = [], []
+        for parent_row, child_row in zip(parent_rows, child_rows, strict=True):
+            row = (await connection.execute(linked_pair(
+                parent_table, tuple(parent_row), child_table, tuple(child_row), link), {
+                **{f"p_{key}": value for key, value in parent_row.items()},
+                **{f"c_{key}": value for key, value in child_row.items()}})).rows[0]
+            parent_ids.append(row[1])
+            child_ids.append(row[0])
+        return parent_ids, child_ids
     if connection.on_driver and parent_rows and (
             connection.raw is not None or len(parent_rows) <= LINKED_ROWS_ON_DRIVER):
         first = connection._prepared(_returning_ids(parent_table), parent_rows)

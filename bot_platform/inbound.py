@@ -22,14 +22,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, literal, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
-from bot_platform.direct import Direct, direct
+from bot_platform.direct import Direct, direct, linked_pair
 from bot_platform.errors import StorageUnavailable
 from bot_platform.event_groups import EventGroups, groups_events
 from bot_platform.flows.machine import FlowSet
@@ -75,10 +76,28 @@ INSERT_SUBSCRIBER = insert(SUBSCRIBERS).returning(SUBSCRIBERS.c.id)
 INSERT_MESSAGE = insert(MESSAGES)
 TOUCH_CONVERSATION = update(CONVERSATIONS).where(
     CONVERSATIONS.c.id == bindparam("b_id")).values(updated_at=bindparam("b_now"))
+_NEW_CONTACT = ("phone", "created_at")
 OTHER_CONTACT = select(CONTACTS.c.id).where(
     CONTACTS.c.phone == bindparam("b_phone"), CONTACTS.c.id != bindparam("b_id")).limit(1)
 SET_CONTACT_PHONE = update(CONTACTS).where(CONTACTS.c.id == bindparam("b_id")).values(
     phone=bindparam("b_phone"))
+
+
+NOT_READ = object()  # ``EventContext.prefetched``: the subscriber was not read yet
+
+
+def dedupe_and_subscriber(dedupe: Any) -> Any:
+    """PostgreSQL: the dedupe insert and ``SELECT_SUBSCRIBER`` in one statement (one
+    trip): always one row, ``fresh`` (1: a new event) and the subscriber's columns
+    (NULL when there is none). The insert and the read touch different tables, so one
+    snapshot changes nothing; the advisory lock was taken by an earlier statement."""
+    marker = ProcessedEvent.__table__.c
+    fresh = dedupe.values({name: bindparam(name) for name in marker.keys()}).returning(
+        literal(1)).cte("fresh")  # named binds: a nested insert takes no column keys
+    found = SELECT_SUBSCRIBER.subquery("found")
+    one = select(literal(1).label("one")).subquery("one")
+    return select(select(func.count()).select_from(fresh).scalar_subquery().label("fresh"),
+                  *found.c).select_from(one.outerjoin(found, true()))
 
 
 @dataclass
@@ -94,11 +113,14 @@ class EventContext:
     queued: list[tuple[int, Outgoing]] = field(default_factory=list)
     hold: timedelta | None = None
     new_subscriber: bool = False
+    # The subscriber's row as read with the dedupe (PostgreSQL), or ``NOT_READ``.
+    prefetched: dict[str, Any] | object | None = NOT_READ
 
     def reset(self) -> None:
         """Forget what an earlier run of the chain found (its transaction was lost)."""
         self.subscriber, self.conversation_id = None, None
         self.duplicate = self.new_subscriber = False
+        self.prefetched = NOT_READ
 
 
 Next = Callable[[EventContext], Awaitable[None]]
@@ -147,6 +169,8 @@ class Engine:
         ]
         self._chain: tuple[list[Step], Next] | None = None
         self._dedupe = insert_ignore(db.dialect, ProcessedEvent.__table__)
+        self._dedupe_and_subscriber = (dedupe_and_subscriber(self._dedupe)
+                                       if db.dialect == "postgresql" else None)
         # SQLite: events of different subscribers share transactions (group commit).
         self.groups = EventGroups(db, lambda: self.on_commit())
 
@@ -219,10 +243,18 @@ class Engine:
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, connection = context.inbound, context.connection
         assert connection is not None
-        result = await connection.execute(self._dedupe, {
-            "channel": i.channel, "bot_id": i.bot_id, "event_id": event_key(i.event_id),
-            "processed_at": self.clock.now()})
-        if result.rowcount == 0:
+        marker = {"channel": i.channel, "bot_id": i.bot_id, "event_id": event_key(i.event_id),
+                  "processed_at": self.clock.now()}
+        if self._dedupe_and_subscriber is not None and connection.adapter is not None:
+            row = (await connection.execute(self._dedupe_and_subscriber, {
+                **marker, "b_channel": i.channel, "b_bot": i.bot_id,
+                "b_user": i.user_id})).first()
+            assert row is not None
+            fresh = bool(row["fresh"])
+            context.prefetched = row if row["id"] is not None else None
+        else:
+            fresh = (await connection.execute(self._dedupe, marker)).rowcount != 0
+        if not fresh:
             context.duplicate = True
             log.info("duplicate %s event %s of %s/%s ignored", i.kind, i.event_id, i.channel,
                      i.bot_id)
@@ -263,12 +295,17 @@ class Engine:
         i, connection = context.inbound, context.connection
         assert connection is not None
         now = self.clock.now()
-        found = (await connection.execute(SELECT_SUBSCRIBER, {
-            "b_channel": i.channel, "b_bot": i.bot_id, "b_user": i.user_id})).first()
+        found = context.prefetched
+        if found is NOT_READ:
+            found = (await connection.execute(SELECT_SUBSCRIBER, {
+                "b_channel": i.channel, "b_bot": i.bot_id, "b_user": i.user_id})).first()
+        assert found is None or isinstance(found, dict)
         context.new_subscriber = found is None
         profile = i.profile
+        # PostgreSQL, no phone to link: the contact and the subscriber in one statement.
+        paired = found is None and not profile.phone and connection.adapter is not None
         if found is None:
-            contact_id = (await connection.execute(INSERT_CONTACT, {
+            contact_id = None if paired else (await connection.execute(INSERT_CONTACT, {
                 "phone": profile.phone, "created_at": now})).scalar()
             subscriber = SubscriberRow({
                 "contact_id": contact_id, "channel": i.channel, "bot_id": i.bot_id,
@@ -292,9 +329,17 @@ class Engine:
             await self._link_phone(connection, subscriber, profile.phone)
         subscriber.updated_at = now
         if found is None:
-            subscriber.id = (await connection.execute(INSERT_SUBSCRIBER, {
-                name: getattr(subscriber, name) for name in SUBSCRIBER_COLUMNS
-                if name != "id"})).scalar()
+            values = {name: getattr(subscriber, name) for name in SUBSCRIBER_COLUMNS
+                      if name != "id"}
+            if paired:
+                del values["contact_id"]
+                subscriber.id, subscriber.contact_id = (await connection.execute(
+                    linked_pair(CONTACTS, _NEW_CONTACT, SUBSCRIBERS, tuple(values),
+                                "contact_id"),
+                    {"p_phone": None, "p_created_at": now,
+                     **{f"c_{name}": value for name, value in values.items()}})).rows[0]
+            else:
+                subscriber.id = (await connection.execute(INSERT_SUBSCRIBER, values)).scalar()
             subscriber.changed.clear()
         context.subscriber = subscriber
         set_log_field("subscriber_id", subscriber.id)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -118,15 +118,23 @@ class Leases:
         caller's transaction; returns ``id`` and ``columns`` of each. ``statement``: one
         from ``claim_statement`` (``condition`` is then not used), with ``params`` for its
         own bind parameters."""
-        started = self.monotonic()  # before the claim is issued: see ``owns``
-        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
+        started, until = self.starting()
         if statement is None:
             statement = self.claim_statement(condition, order_by, columns)
         claimed = (await session.execute(statement, {
             **(params or {}), "b_limit": limit, "b_until": until})).all()
-        deadline = self._deadline(started, until)
-        self.in_hand.update((row.id, deadline) for row in claimed)
+        self.taken((row.id for row in claimed), started, until)
         return list(claimed)
+
+    def starting(self) -> tuple[float, datetime]:
+        """For a claim about to be issued: the boot clock now (see ``owns``) and the
+        lease end to stamp (``b_until``)."""
+        return self.monotonic(), self.clock.now() + timedelta(seconds=self.lease_seconds)
+
+    def taken(self, ids: Iterable[int], started: float, until: datetime) -> None:
+        """Rows a claim begun at ``starting()`` took: in hand until their deadline."""
+        deadline = self._deadline(started, until)
+        self.in_hand.update((row_id, deadline) for row_id in ids)
 
     def _deadline(self, started: float, stamped: datetime) -> Deadline:
         """Until when a lease stamped ``stamped`` by a statement issued after ``started``

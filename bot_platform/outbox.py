@@ -54,13 +54,25 @@ _NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
                                 bindparam("b_payload", type_=String)))
 
 
-async def notify_workers(session: AsyncSession, what: str = "") -> None:
+async def notify_workers(session: AsyncSession, what: str = "",
+                         commit: bool = False) -> None:
     """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
     SQLite, the worker is in this process and ``on_commit`` wakes it. ``what``:
-    ``INTERACTIVE`` when only interactive rows were queued (else every loop wakes)."""
+    ``INTERACTIVE`` when only interactive rows were queued (else every loop wakes).
+    ``commit``: the caller's transaction ends here (nothing runs in it after this), so
+    on PostgreSQL the NOTIFY and the COMMIT may go in one trip."""
     if session.bind.dialect.name == "postgresql":  # with the writes still deferred, if any
-        await (await direct(session)).execute(_NOTIFY, {"b_channel": WORK_CHANNEL,
-                                                         "b_payload": what})
+        connection = await direct(session)
+        if commit and what in _NOTIFY_COMMIT and await connection.commit_with(
+                _NOTIFY_COMMIT[what]):
+            return
+        await connection.execute(_NOTIFY, {"b_channel": WORK_CHANNEL, "b_payload": what})
+
+
+# The NOTIFYs ``notify_workers`` may send with the COMMIT: constants only (a simple
+# query carries no parameters).
+_NOTIFY_COMMIT = {what: f"SELECT pg_notify('{WORK_CHANNEL}', '{what}')"
+                  for what in ("", INTERACTIVE)}
 
 
 class OutboxQueue:

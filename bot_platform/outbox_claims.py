@@ -12,16 +12,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, func, select, union_all, update
+from sqlalchemy import (
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from bot_platform import pg_driver
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
+from bot_platform.direct import run_alone
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.outbox import hold_rows, skip_rows
@@ -63,6 +75,49 @@ class Outcome:
     release_after: float = 0.0
 
 
+# Constants in the SQL, not an expanding IN: a claim compiles to one plain statement
+# (``direct.run_alone``).
+_UNSENT = [literal_column(f"'{status.value}'", String) for status in OutboxStatus.unsent()]
+# PostgreSQL's claims in one statement: the heads' own alias (the claim's order check has
+# ``_EARLIER``), and the rows of a subscriber still waiting after a claim.
+_HEAD_EARLIER = aliased(Outbox, name="head_earlier")
+_LATER = aliased(Outbox, name="later")
+_SUBSCRIBERS = Subscriber.__table__
+
+
+def _text_or_none(value: Any) -> str | None:
+    """A channel's message id as the text column holds it (an adapter may hand an int)."""
+    return None if value is None else str(value)
+
+
+def _with_details(claim: Any) -> Any:
+    """A claim (``Leases.claim_statement``) with what delivery needs about each row's
+    subscriber, in one statement: their status and last inbound time, and whether more
+    of their rows wait (the statement sees the rows as they were before the claim, so
+    the claimed row itself is left out)."""
+    claimed = claim.cte("claimed")
+    more = exists().where(_LATER.subscriber_id == claimed.c.subscriber_id,
+                          _LATER.status == OutboxStatus.PENDING,
+                          _LATER.id != claimed.c.id)
+    return select(*claimed.c, _SUBSCRIBERS.c.status, _SUBSCRIBERS.c.last_inbound_at,
+                  more.label("more")).select_from(claimed.outerjoin(
+                      _SUBSCRIBERS, _SUBSCRIBERS.c.id == claimed.c.subscriber_id))
+
+
+# ``OutboxClaims._write_sent``: $1 the rows, $2 now, $3 their channel message ids, $4
+# this worker.
+_WRITE_SENT = f"""WITH done AS (
+  UPDATE outbox SET status = '{OutboxStatus.SENT.value}', sent_at = $2::timestamp,
+    last_error = NULL, locked_by = NULL, lease_expires_at = NULL
+  FROM unnest($1::bigint[], $3::varchar[]) AS v(id, channel_message_id)
+  WHERE outbox.id = v.id AND outbox.locked_by = $4
+  RETURNING outbox.id, outbox.message_id, v.channel_message_id),
+marked AS (
+  UPDATE messages SET status = '{MessageStatus.SENT.value}',
+    channel_message_id = done.channel_message_id, updated_at = $2::timestamp
+  FROM done WHERE messages.id = done.message_id)
+SELECT id FROM done"""
+
 _CLAIMED_COLUMNS = (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
                     Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id)
 _CLAIMED_SUBSCRIBERS = select(Subscriber.id, Subscriber.status, Subscriber.last_inbound_at
@@ -100,7 +155,7 @@ class OutboxClaims:
         earlier = _EARLIER
         return ~exists().where(
             earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
-            earlier.status.in_(OutboxStatus.unsent()))
+            earlier.status.in_(_UNSENT))
 
     def _kind(self, kind: str | None) -> list[Any]:
         """The scope and, for "bulk", only broadcasts' rows."""
@@ -136,9 +191,11 @@ class OutboxClaims:
             return self.leases.claim_statement(
                 and_(Outbox.subscriber_id == bindparam("b_sid"), self.claimable(now)),
                 (Outbox.id,), _CLAIMED_COLUMNS)
-        if how == "heads":
+        if how in ("heads", "heads inside"):
+            heads = (bindparam("b_heads", expanding=True) if how == "heads"
+                     else self._heads(_HEAD_EARLIER))
             return self.leases.claim_statement(
-                and_(Outbox.id.in_(bindparam("b_heads", expanding=True)),
+                and_(Outbox.id.in_(heads),
                      self.leases.ready(Outbox.next_attempt_at, now), self._in_order(),
                      *self._kind(None)), (Outbox.id,), _CLAIMED_COLUMNS)
         if self.db.is_sqlite:
@@ -155,6 +212,10 @@ class OutboxClaims:
         """Claim rows (``Leases.claim``); also returns the subscribers that have more
         rows waiting. ``statement``: a claim built by ``_statement`` instead of
         ``condition``."""
+        if statement is not None and not self.db.is_sqlite:
+            return await self._claim_alone(self._cached(
+                ("alone", id(statement)), lambda: _with_details(statement)),
+                limit, urgent, params or {})
         async with self.db.session() as session:
             claimed = await self.leases.claim(
                 session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
@@ -175,6 +236,27 @@ class OutboxClaims:
                 urgent or c.broadcast_id is None))
         return rows, more
 
+    async def _claim_alone(self, statement: Any, limit: int, urgent: bool,
+                           params: dict[str, Any]) -> tuple[list[ClaimedRow], set[int]]:
+        """PostgreSQL: a claim built by ``_with_details`` (the rows, their subscribers
+        and whether more wait for them) as a transaction of its own, one round trip
+        instead of five (BEGIN, the claim, two SELECTs, COMMIT)."""
+        leases = self.leases
+        started, until = leases.starting()
+        found = (await run_alone(self.db.engine, statement, {
+            **params, "b_limit": limit, "b_until": until})).rows
+        leases.taken((row[0] for row in found), started, until)
+        rows, more = [], set()
+        for (row_id, message_id, subscriber_id, channel, bot_id, recipient, payload,
+             attempts, broadcast_id, status, last_inbound_at, waiting) in sorted(found):
+            rows.append(ClaimedRow(
+                row_id, message_id, subscriber_id, channel, bot_id, recipient, payload,
+                attempts, status if status is not None else "deleted", last_inbound_at,
+                broadcast_id, urgent or broadcast_id is None))
+            if waiting:
+                more.add(subscriber_id)
+        return rows, more
+
     async def claim_batch(self, limit: int, kind: str | None = None
                           ) -> tuple[list[ClaimedRow], set[int]]:
         """Claim up to ``limit`` rows: of ``kind`` ("interactive", "bulk"), or interactive
@@ -192,8 +274,11 @@ class OutboxClaims:
     async def _claim_interactive(self, limit: int) -> tuple[list[ClaimedRow], set[int]]:
         """The oldest rows of subscribers with a ready interactive row (``_heads``);
         nothing is written when there are none."""
-        heads_query = self._cached(("heads query",), self._heads)
         now = self.clock.now()
+        if not self.db.is_sqlite:  # the heads inside the claim: one statement
+            return await self.claim(None, limit, urgent=True, statement=self._statement(
+                None, "heads inside"), params={"b_now": now})
+        heads_query = self._cached(("heads query",), self._heads)
         async with self.db.session() as session:
             heads = list((await session.scalars(
                 heads_query, {"b_limit": limit, "b_now": now})).all())
@@ -202,7 +287,7 @@ class OutboxClaims:
         return await self.claim(None, limit, urgent=True, statement=self._statement(
             None, "heads"), params={"b_now": now, "b_heads": heads})
 
-    def _heads(self) -> Any:
+    def _heads(self, earlier: Any = _EARLIER) -> Any:
         """The oldest unsent row of each subscriber among the first ``b_limit`` ready
         interactive rows of each arm of ``ready`` in due order (the interactive index,
         ``ix_outbox_interactive_due``): a claim reads about as many rows as it takes,
@@ -214,10 +299,9 @@ class OutboxClaims:
                 Outbox.next_attempt_at, Outbox.id).limit(bindparam("b_limit")).subquery()
                 for arm in self.leases.ready_arms(Outbox.next_attempt_at, bindparam("b_now"))]
         waiting = union_all(*(select(arm.c.subscriber_id) for arm in arms)).subquery()
-        earlier = _EARLIER
         head = select(func.min(earlier.id)).where(
             earlier.subscriber_id == waiting.c.subscriber_id,
-            earlier.status.in_(OutboxStatus.unsent())).scalar_subquery()
+            earlier.status.in_(_UNSENT)).scalar_subquery()
         return select(head).select_from(waiting).distinct()
 
     async def _claim_due(self, limit: int, kind: str | None = None
@@ -237,6 +321,14 @@ class OutboxClaims:
         """Write the outcomes in one transaction: only rows this worker still holds
         change (another worker's take-over wins)."""
         now = self.clock.now()
+        if not self.db.is_sqlite:
+            sent = [o for o in outcomes if o.result is not None and not o.skipped
+                    and o.result.status == SendStatus.SENT]
+            if sent:
+                await self._write_sent(sent, now)
+                if len(sent) == len(outcomes):
+                    return
+                outcomes = [o for o in outcomes if not any(o is s for s in sent)]
         planned = [(outcome, *self._values(outcome, now)) for outcome in outcomes]
         by_values: dict[tuple, list[int]] = {}
         for outcome, outbox_values, _ in planned:
@@ -282,6 +374,23 @@ class OutboxClaims:
                     and result.status in (SendStatus.FAILED, SendStatus.BLOCKED)):
                 log.warning("outbox row %s to %s/%s: %s", outcome.row.id, outcome.row.channel,
                             outcome.row.bot_id, result.reason)
+
+    async def _write_sent(self, outcomes: list[Outcome], now: datetime) -> None:
+        """PostgreSQL: rows sent (what nearly every result is), their messages with
+        them, in one statement that is its own transaction: one round trip for the
+        whole group instead of a session's BEGIN, an UPDATE per kind of values, the
+        messages' UPDATE and COMMIT. Only rows this worker still holds change."""
+        ids = [o.row.id for o in outcomes]
+        naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+        found, _ = await pg_driver.fetch_alone(self.db.engine, _WRITE_SENT, (
+            ids, naive, [_text_or_none(o.result.message_id if o.result else None)
+                         for o in outcomes],
+            self.worker_id))
+        owned = {row[0] for row in found}
+        for row_id in ids:
+            if row_id not in owned:
+                log.warning("outbox row %s was reclaimed by another worker before we "
+                            "recorded it", row_id)
 
     async def _stopped_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow]
                                   ) -> dict[int, str]:

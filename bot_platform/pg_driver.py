@@ -161,6 +161,26 @@ async def run_batch(connection: AsyncConnection, adapter: Any, batch: Batch,
     return found, count
 
 
+async def fetch_alone(engine: AsyncEngine, sql: str, params: tuple[Any, ...]
+                      ) -> tuple[list[Any], int]:
+    """One statement in a transaction of its own (PostgreSQL's implicit one: no BEGIN or
+    COMMIT trip), prepared on a pooled connection: one round trip. For a statement that
+    is a whole unit of work by itself (a worker's claim, its send results). Its rows
+    and row count."""
+    async with engine.connect() as connection:
+        adapter = await adapter_of(connection)
+        if adapter is None:
+            raise RuntimeError("not an asyncpg connection")
+        async with adapter._execute_mutex:
+            try:
+                statement, _ = await adapter._prepare(
+                    sql, connection.dialect._invalidate_schema_cache_asof)
+                rows = await statement.fetch(*params)
+            except Exception as error:
+                await _raise_translated(connection, adapter, sql, [params], error)
+        return rows, _rowcount(statement.get_statusmsg())
+
+
 async def begin_with(connection: AsyncConnection, adapter: Any, sql: str) -> bool:
     """Begin the adapter's transaction and run ``sql`` (no parameters: the simple query
     protocol) in the same trip; False when that cannot be done (a transaction is open,
@@ -186,6 +206,32 @@ async def begin_with(connection: AsyncConnection, adapter: Any, sql: str) -> boo
             await raw.execute(f"BEGIN; {sql}")
         except Exception as error:
             await _raise_translated(connection, adapter, sql, [], error)
+    return True
+
+
+async def commit_with(connection: AsyncConnection, adapter: Any, sql: str) -> bool:
+    """Run ``sql`` (no parameters: the simple query protocol) and ``COMMIT`` the
+    adapter's transaction in the same trip; False when that cannot be done (no
+    transaction of the adapter's own, or not as expected) and nothing was run. The
+    session's commit then finds nothing to commit; if ``sql`` fails, the transaction is
+    still open (aborted) and the session rolls it back as usual."""
+    from asyncpg.transaction import TransactionState
+
+    transaction = adapter._transaction
+    raw = adapter._connection
+    if (transaction is None or getattr(raw, "_top_xact", None) is not transaction
+            or getattr(transaction, "_state", None) is not TransactionState.STARTED
+            or getattr(transaction, "_nested", True)):
+        return False
+    async with adapter._execute_mutex:
+        try:
+            await raw.execute(f"{sql}; COMMIT")
+        except Exception as error:
+            await _raise_translated(connection, adapter, sql, [], error)
+        # What ``Transaction.commit`` does around its COMMIT.
+        raw._top_xact = None
+        transaction._state = TransactionState.COMMITTED
+        adapter._transaction = None
     return True
 
 

@@ -44,10 +44,15 @@ class Pipeline:
         self.handle = handle
         self.holding = 0
         self._room = asyncio.Event()
+        # A claim may have missed work that waits behind items in hand (a subscriber's
+        # next message behind the one being sent), or none was made for lack of room:
+        # claim again when items finish. Otherwise a finished item is no reason to claim
+        # (that claim found nothing, again and again: a trip per message for each loop).
+        self._recheck = False
 
     def _finished(self, count: int) -> None:
         self.holding -= count
-        if self.holding <= self.capacity // 2:
+        if self.holding <= self.capacity // 2 and self._recheck:
             self._room.set()
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event, poll_interval: float,
@@ -57,20 +62,28 @@ class Pipeline:
         while not stop.is_set():
             wake.clear()
             self._room.clear()
-            claimed = 0
+            claimed = asked = 0
+            # Items in hand that finish while we claim (or wait for room) may free work
+            # the claim does not see: their ``_finished`` then sets ``_room``.
+            self._recheck = self.holding > 0
             if self.holding <= self.capacity // 2:
+                held, asked = self.holding, self.capacity - self.holding
                 try:
-                    claimed, work = await self.claim(self.capacity - self.holding)
+                    claimed, work = await self.claim(asked)
                 except Exception:  # the database may be restarting: back off and carry on
                     log.exception("%s: claiming failed; retrying", self.name)
                     await wait_any(poll_interval * 4, stop)
                     continue
+                self._recheck = held > 0 and claimed < asked
             if claimed:
                 self.holding += claimed
                 task = asyncio.create_task(self.handle(work, self._finished))
                 batches.add(task)
                 task.add_done_callback(self._forget(batches))
-                continue
+                if claimed >= asked:
+                    continue  # a full claim: more may be ready now
+            # Less than asked: nothing more is ready now. Work queued meanwhile (during
+            # the claim too) has set ``wake``; rows that come due are found by the poll.
             await wait_any(poll_interval, stop, wake, self._room)
         if batches:
             await asyncio.wait(batches, timeout=grace)

@@ -9,6 +9,12 @@ connections, growing with the pool), and pushed out the per-event statements wor
 keeping. A statement with more than ``MAX_CACHED_PARAMETERS`` parameters is now prepared
 for its one execution and then closed, as asyncpg does without a cache: one more round
 trip for a statement that carries a batch.
+
+Statements ``pg_driver.merge_writes`` merged (``WITH w0 AS (...``) are kept whatever
+their parameters: they are a fixed set of the hot path's statements put together (a
+turn's deferred writes and the statement after them), the same few again for every
+event; uncached, each cost a prepare and a close (two trips more, and the server's
+parse and plan) per use.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from sqlalchemy.util import LRUCache
 MAX_CACHED_PARAMETERS = 32
 # asyncpg numbers parameters $1..$n: a statement with this one has more than the maximum.
 _TOO_MANY = f"${MAX_CACHED_PARAMETERS + 1}"
+MERGED_PREFIX = "WITH w0 AS ("  # how a statement of ``pg_driver.merge_writes`` begins
 
 
 class SmallStatementCache(LRUCache):  # type: ignore[type-arg]
     """An LRU of prepared statements that leaves out those with many parameters."""
 
     def __setitem__(self, sql: Any, value: Any) -> None:
-        if _TOO_MANY not in sql:
+        if _TOO_MANY not in sql or sql.startswith(MERGED_PREFIX):
             super().__setitem__(sql, value)
 
 

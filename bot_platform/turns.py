@@ -248,8 +248,8 @@ class Turns:
         async with self.isolated(*([identity] if identity is not None else [])) as session:
             unit = Unit(session, hold)
             yield unit
-            if unit.queued and hold is None:
-                await notify_workers(session, INTERACTIVE)  # a turn's rows: never bulk
+            if unit.queued and hold is None:  # a turn's rows: never bulk; the last
+                await notify_workers(session, INTERACTIVE, commit=True)  # statement
         if hold is None:
             self.engine.on_commit()
 
