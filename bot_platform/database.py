@@ -3,11 +3,13 @@
 SQLite (the embedded default) runs in WAL mode; every transaction starts with
 ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade, and the pool holds one
 connection so in-process writers queue fairly instead of spinning on ``busy_timeout``.
-PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``. Its sessions
-carry ``idle_in_transaction_session_timeout`` and ``statement_timeout``: a process frozen
-inside a transaction (SIGSTOP, a VM pause, a swap storm) loses that transaction, and the
-rows it locked, after the timeout instead of holding up other workers for as long as it
-stays frozen.
+On SQLite the connection is handed to interactive work first (``ConnectionGate``): a
+reply's turn or claim waits for the transaction in progress, not for every broadcast
+transaction queued before it. PostgreSQL uses a normal pool; row claims use
+``FOR UPDATE SKIP LOCKED``. Its sessions carry ``idle_in_transaction_session_timeout``
+and ``statement_timeout``: a process frozen inside a transaction (SIGSTOP, a VM pause, a
+swap storm) loses that transaction, and the rows it locked, after the timeout instead of
+holding up other workers for as long as it stays frozen.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -111,6 +114,44 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     return engine
 
 
+class ConnectionGate:
+    """SQLite's one pooled connection, handed to urgent waiters before the others.
+
+    Why: the pool queues checkouts first come, first served; during a broadcast a
+    reply's turn, and then its claim, each waited behind the broadcast's claims,
+    result writes and send-job batches queued before it (issue 15). Through the gate an
+    urgent session waits for the transaction in progress only."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(), deque())
+
+    async def acquire(self, urgent: bool) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[0 if urgent else 1].append(turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed over just as the waiter was cancelled: pass it on
+            else:
+                turn.cancel()  # skipped by ``release``
+            raise
+
+    def release(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._busy = False
+
+
 class Database:
     """Owns the engine and hands out sessions. Built by the composition root."""
 
@@ -121,6 +162,7 @@ class Database:
         self.engine = create_engine(url, idle_in_transaction_timeout=idle_in_transaction_timeout,
                                     statement_timeout=statement_timeout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.gate = ConnectionGate() if self.is_sqlite else None
 
     @property
     def dialect(self) -> str:
@@ -131,11 +173,26 @@ class Database:
         return self.dialect == "sqlite"
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self, urgent: bool = False) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error.
         A database that is away raises ``StorageUnavailable`` (the driver's error as its
         cause): callers tell "try again later" from a statement that will never work.
-        Writes still deferred on the session's ``Direct`` run before the commit."""
+        Writes still deferred on the session's ``Direct`` run before the commit.
+        ``urgent``: someone waits for it (a reply's turn or claim); on SQLite it gets
+        the connection before other waiting sessions (``ConnectionGate``)."""
+        if self.gate is None:
+            async with self._session() as session:
+                yield session
+            return
+        await self.gate.acquire(urgent)
+        try:
+            async with self._session() as session:
+                yield session
+        finally:
+            self.gate.release()
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
         try:
             async with self.sessions() as session, session.begin():
                 yield session

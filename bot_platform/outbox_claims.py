@@ -155,16 +155,24 @@ class OutboxClaims:
         """Claim rows (``Leases.claim``); also returns the subscribers that have more
         rows waiting. ``statement``: a claim built by ``_statement`` instead of
         ``condition``."""
-        async with self.db.session() as session:
-            claimed = await self.leases.claim(
-                session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
-                statement=statement, params=params)
-            if not claimed:
-                return [], set()
-            subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
-            subscribers = {row.id: row for row in (await session.execute(
-                _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
-            more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
+        async with self.db.session(urgent=urgent) as session:
+            return await self._claim_in(session, condition, limit, urgent,
+                                        statement=statement, params=params)
+
+    async def _claim_in(self, session: AsyncSession, condition: Any, limit: int,
+                        urgent: bool, *, statement: Any = None,
+                        params: dict[str, Any] | None = None
+                        ) -> tuple[list[ClaimedRow], set[int]]:
+        """``claim`` in the caller's transaction."""
+        claimed = await self.leases.claim(
+            session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
+            statement=statement, params=params)
+        if not claimed:
+            return [], set()
+        subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
+        subscribers = {row.id: row for row in (await session.execute(
+            _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
+        more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
         rows = []
         for c in sorted(claimed, key=lambda c: c.id):
             sub = subscribers.get(c.subscriber_id)
@@ -194,13 +202,15 @@ class OutboxClaims:
         nothing is written when there are none."""
         heads_query = self._cached(("heads query",), self._heads)
         now = self.clock.now()
-        async with self.db.session() as session:
+        # One transaction, urgent: a reply's claim waits for the connection once, and
+        # before a broadcast's claims and writes (``ConnectionGate``).
+        async with self.db.session(urgent=True) as session:
             heads = list((await session.scalars(
                 heads_query, {"b_limit": limit, "b_now": now})).all())
-        if not heads:
-            return [], set()
-        return await self.claim(None, limit, urgent=True, statement=self._statement(
-            None, "heads"), params={"b_now": now, "b_heads": heads})
+            if not heads:
+                return [], set()
+            return await self._claim_in(session, None, limit, True, statement=self._statement(
+                None, "heads"), params={"b_now": now, "b_heads": heads})
 
     def _heads(self) -> Any:
         """The oldest unsent row of each subscriber among the first ``b_limit`` ready

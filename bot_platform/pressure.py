@@ -77,11 +77,11 @@ class InteractivePressure:
         if self.in_flight == 0 and not self._unsent:
             self._idle.set()
 
-    async def yield_to_interactive(self) -> None:
-        """Wait until no answer is under way, or ``max_wait`` at most."""
+    async def yield_to_interactive(self, at_most: float | None = None) -> None:
+        """Wait until no answer is under way, or ``max_wait`` (``at_most``) at most."""
         if not self.busy:
             return
-        deadline = self.monotonic() + self.max_wait
+        deadline = self.monotonic() + (self.max_wait if at_most is None else at_most)
         while self.busy:
             now = self.monotonic()
             if now >= deadline:

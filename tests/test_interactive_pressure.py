@@ -122,3 +122,76 @@ async def test_the_answer_of_a_handled_event_keeps_the_pressure_until_delivered(
     assert handled.outbox_ids and platform.engine.pressure.busy
     await platform.worker.drain()
     assert not platform.engine.pressure.busy
+
+
+async def test_an_urgent_session_gets_the_sqlite_connection_before_waiting_bulk_ones(
+        tmp_path) -> None:
+    """The pool handed its one connection out first come, first served: a reply's turn
+    and claim waited behind every broadcast claim and result write queued before them."""
+    from bot_platform.database import Database
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/gate.sqlite3")
+    order: list[str] = []
+
+    async def session(name: str, urgent: bool) -> None:
+        async with db.session(urgent=urgent):
+            order.append(name)
+
+    try:
+        async with db.session():  # a broadcast's transaction in progress
+            waiting = [asyncio.create_task(session("bulk claim", False)),
+                       asyncio.create_task(session("bulk write", False))]
+            await settle()
+            waiting.append(asyncio.create_task(session("reply", True)))
+            await settle()
+            assert order == []
+        await asyncio.gather(*waiting)
+        assert order == ["reply", "bulk claim", "bulk write"]
+    finally:
+        await db.close()
+
+
+async def test_a_cancelled_waiter_passes_the_connection_on(tmp_path) -> None:
+    from bot_platform.database import ConnectionGate
+
+    gate = ConnectionGate()
+    await gate.acquire(urgent=False)
+    gone = asyncio.create_task(gate.acquire(urgent=True))
+    after = asyncio.create_task(gate.acquire(urgent=False))
+    await settle()
+    gone.cancel()
+    gate.release()
+    await settle()
+    assert gone.cancelled() and after.done()
+    gate.release()
+    await gate.acquire(urgent=False)  # free again: taken at once
+
+
+async def test_a_send_job_with_enough_rows_ahead_queues_a_small_batch_after_answers(
+        make_platform, monkeypatch) -> None:
+    """Rows already waiting for the workers: the send job is in no hurry, so it waits for
+    the answer under way (instead of the brief cap) and then holds the write lock for a
+    small batch only."""
+    from bot_platform import broadcasts
+
+    platform = await make_platform(bots=[BotConfig(id="b1", channel="scripted")],
+                                   channel_overrides={("scripted", "b1"): ScriptedChannel()})
+    job = broadcasts.SendJob(platform.engine)
+    pressure = platform.engine.pressure
+    pressure.max_wait = 0  # the brief cap: would not wait at all
+    ahead = [0]
+
+    async def counted() -> int:
+        return ahead[0]
+
+    monkeypatch.setattr(job, "_ahead", counted)
+    with pressure.turn():
+        assert await job.prepare(None) == broadcasts.BATCH  # the workers need rows
+    ahead[0] = broadcasts.AHEAD
+    with pressure.turn():
+        prepared = asyncio.create_task(job.prepare(None))
+        await settle()
+        assert not prepared.done()  # waits for the answer under way
+    assert await prepared == broadcasts.RELAXED_BATCH
+    monkeypatch.setattr(broadcasts, "BATCH", 10)
+    assert await job.prepare(None) == 10  # never more than a batch
