@@ -243,16 +243,17 @@ class OutboxClaims:
             None, "of_one"), params={"b_now": self.clock.now(), "b_sid": subscriber_id})
         return (rows[0] if rows else None), subscriber_id in more
 
-    async def write(self, outcomes: list[Outcome]) -> None:
+    async def write(self, outcomes: list[Outcome], urgent: bool = False) -> None:
         """Write the outcomes in one transaction: only rows this worker still holds
-        change (another worker's take-over wins)."""
+        change (another worker's take-over wins). ``urgent``: interactive rows' results
+        (``Database.session``)."""
         now = self.clock.now()
         planned = [(outcome, *self._values(outcome, now)) for outcome in outcomes]
         by_values: dict[tuple, list[int]] = {}
         for outcome, outbox_values, _ in planned:
             key = tuple(sorted(outbox_values.items()))
             by_values.setdefault(key, []).append(outcome.row.id)
-        async with self.db.session() as session:
+        async with self.db.session(urgent=urgent) as session:
             given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
                           and values.get("status") == OutboxStatus.PENDING]
             stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}

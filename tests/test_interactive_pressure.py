@@ -195,3 +195,27 @@ async def test_a_send_job_with_enough_rows_ahead_queues_a_small_batch_after_answ
     assert await prepared == broadcasts.RELAXED_BATCH
     monkeypatch.setattr(broadcasts, "BATCH", 10)
     assert await job.prepare(None) == 10  # never more than a batch
+
+
+async def test_an_answers_results_are_written_apart_and_urgently() -> None:
+    """A subscriber's next row waits for the result of the one before: a reply's result
+    does not wait behind a broadcast's batch of results, nor in the queue for SQLite's
+    connection."""
+    delivery = Delivery(None, lambda name, bot: None, lambda name, bot: None,  # type: ignore[arg-type]
+                        MemoryRateLimiter(), SystemClock(), WorkerSettings(), "w1")
+    bulk_written = asyncio.Event()
+    writes: list[tuple[list[int], bool]] = []
+
+    async def write(outcomes, urgent: bool = False) -> None:
+        writes.append(([o.row.id for o in outcomes], urgent))
+        if not urgent:
+            await bulk_written.wait()  # a long broadcast batch
+
+    delivery.outbox.write = write  # type: ignore[method-assign]
+    bulk = asyncio.create_task(delivery.record(row(1, "bulk", 7, urgent=False),
+                                               SendResult.sent("m1")))
+    await settle()
+    await delivery.record(row(2, "reply", None, urgent=True), SendResult.sent("m2"))
+    assert writes == [([1], False), ([2], True)] and not bulk.done()
+    bulk_written.set()
+    await bulk
