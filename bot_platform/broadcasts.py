@@ -54,7 +54,7 @@ BATCH = 500
 # batches after any answer under way (``SendJob``).
 AHEAD = 2000
 RELAXED_BATCH = 100
-RELAXED_WAIT = 2.0  # seconds a relaxed send job waits for answers under way, at most
+RELAXED_WAIT = 1.0  # seconds a relaxed send job waits for answers under way, at most
 YIELD_EVERY = 100  # recipients prepared between two turns of the event loop (run_send_job)
 SNAPSHOT_CHUNK = 5000  # recipients read and inserted at a time when a broadcast starts
 FILTER = TypeAdapter(Filter)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -114,6 +115,11 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     return engine
 
 
+# Set while the current task works for someone who waits (a webhook): its sessions are
+# urgent unless it says otherwise (``Database.session``).
+URGENT: contextvars.ContextVar[bool] = contextvars.ContextVar("botp_urgent", default=False)
+
+
 class ConnectionGate:
     """SQLite's one pooled connection, handed to urgent waiters before the others.
 
@@ -163,6 +169,11 @@ class Database:
                                     statement_timeout=statement_timeout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.gate = ConnectionGate() if self.is_sqlite else None
+        # Awaited before a session that is not urgent takes SQLite's connection: the
+        # platform hands in its wait for answers under way (``pressure``), so a
+        # broadcast's claim or write does not take the connection just before a reply's
+        # turn needs it and hold it for several turns of a busy event loop.
+        self.before_bulk: Callable[[], Awaitable[None]] | None = None
 
     @property
     def dialect(self) -> str:
@@ -173,17 +184,22 @@ class Database:
         return self.dialect == "sqlite"
 
     @asynccontextmanager
-    async def session(self, urgent: bool = False) -> AsyncIterator[AsyncSession]:
+    async def session(self, urgent: bool | None = None) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error.
         A database that is away raises ``StorageUnavailable`` (the driver's error as its
         cause): callers tell "try again later" from a statement that will never work.
         Writes still deferred on the session's ``Direct`` run before the commit.
-        ``urgent``: someone waits for it (a reply's turn or claim); on SQLite it gets
-        the connection before other waiting sessions (``ConnectionGate``)."""
+        ``urgent``: someone waits for it (a reply's turn or claim; by default, whether
+        ``URGENT`` is set); on SQLite it gets the connection before other waiting
+        sessions (``ConnectionGate``), and the others wait for ``before_bulk`` first."""
         if self.gate is None:
             async with self._session() as session:
                 yield session
             return
+        if urgent is None:
+            urgent = URGENT.get()
+        if not urgent and self.before_bulk is not None:
+            await self.before_bulk()
         await self.gate.acquire(urgent)
         try:
             async with self._session() as session:

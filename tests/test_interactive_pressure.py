@@ -219,3 +219,35 @@ async def test_an_answers_results_are_written_apart_and_urgently() -> None:
     assert writes == [([1], False), ([2], True)] and not bulk.done()
     bulk_written.set()
     await bulk
+
+
+async def test_bulk_sessions_wait_for_answers_under_way_urgent_ones_do_not(tmp_path) -> None:
+    """A broadcast's claim or write taking SQLite's connection just before a reply's turn
+    needs it holds it for several turns of a busy event loop."""
+    from bot_platform.database import URGENT, Database
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/gate.sqlite3")
+    pressure = InteractivePressure(max_wait=3600)
+    db.before_bulk = pressure.yield_to_interactive
+    order: list[str] = []
+
+    async def session(name: str, urgent: bool | None = None) -> None:
+        async with db.session(urgent=urgent):
+            order.append(name)
+
+    async def webhook() -> None:
+        URGENT.set(True)  # what app.webhook does for its request
+        await session("webhook")
+
+    try:
+        with pressure.turn():
+            bulk = asyncio.create_task(session("bulk"))
+            await settle()
+            await session("reply", urgent=True)
+            await asyncio.create_task(webhook())
+            await settle()
+            assert order == ["reply", "webhook"] and not bulk.done()
+        await bulk
+        assert order == ["reply", "webhook", "bulk"]
+    finally:
+        await db.close()
