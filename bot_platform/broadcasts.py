@@ -50,11 +50,13 @@ from bot_platform.types import Button, Card, Outgoing, QuickReply, share
 SEND_KIND = "broadcast_send"
 BATCH = 500
 # Broadcast rows already waiting for the workers that are plenty (seconds of sending at a
-# messenger's highest rates): the send job is in no hurry then, and queues smaller
-# batches after any answer under way (``SendJob``).
+# messenger's highest rates): while people talk to this process (a turn in the last
+# TALKING seconds) the send job is in no hurry then, and queues smaller batches after
+# any answer under way (``SendJob``).
 AHEAD = 2000
 RELAXED_BATCH = 100
 RELAXED_WAIT = 1.0  # seconds a relaxed send job waits for answers under way, at most
+TALKING = 10.0
 YIELD_EVERY = 100  # recipients prepared between two turns of the event loop (run_send_job)
 SNAPSHOT_CHUNK = 5000  # recipients read and inserted at a time when a broadcast starts
 FILTER = TypeAdapter(Filter)
@@ -307,8 +309,9 @@ class SendJob:
     meanwhile on SQLite) it waits for answers under way in this process
     (``bot_platform.pressure``) so a reply's turn does not queue behind it: briefly
     while the workers need more rows, up to ``RELAXED_WAIT`` while ``AHEAD`` rows
-    already wait. Then it queues ``RELAXED_BATCH`` recipients, not ``BATCH``: a reply
-    that comes in meanwhile waits for a short transaction.
+    already wait and people talk to this process. Then it queues ``RELAXED_BATCH``
+    recipients, not ``BATCH``: a reply that comes in meanwhile waits for a short
+    transaction.
 
     Why: the send jobs queued a broadcast far ahead of its sending (2,500/s against
     1,000/s sent), one 500-recipient transaction after the other (100-250 ms each on
@@ -318,11 +321,13 @@ class SendJob:
         self.engine = engine
 
     async def prepare(self, job: Job) -> int:
-        """The batch to queue (recipients)."""
-        if await self._ahead() < AHEAD:
-            await self.engine.pressure.yield_to_interactive()
+        """The batch to queue (recipients). Nobody talking to this process (a ``botp
+        worker``, a quiet bot): full batches at once, five times fewer transactions."""
+        pressure = self.engine.pressure
+        if not pressure.talking(TALKING) or await self._ahead() < AHEAD:
+            await pressure.yield_to_interactive()
             return BATCH
-        await self.engine.pressure.yield_to_interactive(RELAXED_WAIT)
+        await pressure.yield_to_interactive(RELAXED_WAIT)
         return min(BATCH, RELAXED_BATCH)
 
     async def _ahead(self) -> int:

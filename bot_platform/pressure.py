@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -34,6 +35,7 @@ class InteractivePressure:
         self.hold = hold
         self.monotonic = monotonic
         self.in_flight = 0
+        self.last_turn = -math.inf  # when the latest turn started (``monotonic``)
         self._unsent: dict[int, float] = {}  # outbox id -> when it stops counting
         self._idle = asyncio.Event()
         self._idle.set()
@@ -42,6 +44,7 @@ class InteractivePressure:
     def turn(self) -> Iterator[None]:
         """Count one interactive turn for as long as the block runs."""
         self.in_flight += 1
+        self.last_turn = self.monotonic()
         self._idle.clear()
         try:
             yield
@@ -60,6 +63,11 @@ class InteractivePressure:
         """One of the answer's rows is done with (sent, or given up here)."""
         if self._unsent.pop(outbox_id, None) is not None:
             self._settle()
+
+    def talking(self, within: float) -> bool:
+        """Whether a turn started in the last ``within`` seconds (people are talking to
+        this process, not only now)."""
+        return self.monotonic() - self.last_turn < within
 
     @property
     def busy(self) -> bool:

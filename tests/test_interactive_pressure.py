@@ -185,6 +185,10 @@ async def test_a_send_job_with_enough_rows_ahead_queues_a_small_batch_after_answ
         return ahead[0]
 
     monkeypatch.setattr(job, "_ahead", counted)
+    ahead[0] = broadcasts.AHEAD
+    # Nobody has talked to this process (a worker): full batches, as fast as it can.
+    assert await job.prepare(None) == broadcasts.BATCH
+    ahead[0] = 0
     with pressure.turn():
         assert await job.prepare(None) == broadcasts.BATCH  # the workers need rows
     ahead[0] = broadcasts.AHEAD
