@@ -56,6 +56,9 @@ IDLE_IN_TRANSACTION_TIMEOUT = 60.0
 STATEMENT_TIMEOUT = 120.0  # seconds one statement may run (a lock wait included)
 
 
+SQLITE_WAIT = 120.0  # seconds a session may wait for SQLite's one connection
+
+
 def idle_timeout_for(lease_seconds: float) -> float:
     """Twice a lease, at most a minute: a frozen holder loses its locks about when it
     loses its leases, and never keeps them longer than a minute."""
@@ -76,7 +79,7 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
         if dbapi is not None:
             extra["module"] = dbapi
         engine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_timeout=120,
+            url, pool_size=1, max_overflow=0, pool_timeout=SQLITE_WAIT,
             # check_same_thread: Direct's statements run in the loop's thread
             # (bot_platform.direct.INLINE); aiosqlite's thread runs the rest.
             connect_args={"timeout": 30, "check_same_thread": False}, **extra,
@@ -200,7 +203,12 @@ class Database:
             urgent = URGENT.get()
         if not urgent and self.before_bulk is not None:
             await self.before_bulk()
-        await self.gate.acquire(urgent)
+        try:
+            async with asyncio.timeout(SQLITE_WAIT):  # as the pool's checkout did
+                await self.gate.acquire(urgent)
+        except TimeoutError as error:
+            raise StorageUnavailable(
+                f"waited {SQLITE_WAIT:.0f} s for the database connection") from error
         try:
             async with self._session() as session:
                 yield session
