@@ -49,14 +49,8 @@ from bot_platform.types import Button, Card, Outgoing, QuickReply, share
 
 SEND_KIND = "broadcast_send"
 BATCH = 500
-# Broadcast rows already waiting for the workers that are plenty (seconds of sending at a
-# messenger's highest rates): while people talk to this process (a turn in the last
-# TALKING seconds) the send job is in no hurry then, and queues smaller batches after
-# any answer under way (``SendJob``).
-AHEAD = 2000
-RELAXED_BATCH = 100
-RELAXED_WAIT = 1.0  # seconds a relaxed send job waits for answers under way, at most
-TALKING = 10.0
+AHEAD = 2000  # broadcast rows waiting for the workers that are plenty (``SendJob``)
+RELAXED_BATCH, RELAXED_WAIT, TALKING = 100, 1.0, 10.0  # recipients, seconds, seconds
 YIELD_EVERY = 100  # recipients prepared between two turns of the event loop (run_send_job)
 SNAPSHOT_CHUNK = 5000  # recipients read and inserted at a time when a broadcast starts
 FILTER = TypeAdapter(Filter)
@@ -307,15 +301,12 @@ async def _tracked(session: AsyncSession, engine: Engine, message: Outgoing,
 class SendJob:
     """The ``SEND_KIND`` handler: before each batch's transaction (the write lock held
     meanwhile on SQLite) it waits for answers under way in this process
-    (``bot_platform.pressure``) so a reply's turn does not queue behind it: briefly
-    while the workers need more rows, up to ``RELAXED_WAIT`` while ``AHEAD`` rows
-    already wait and people talk to this process. Then it queues ``RELAXED_BATCH``
-    recipients, not ``BATCH``: a reply that comes in meanwhile waits for a short
-    transaction.
-
-    Why: the send jobs queued a broadcast far ahead of its sending (2,500/s against
-    1,000/s sent), one 500-recipient transaction after the other (100-250 ms each on
-    a busy core), and every reply's turn in that time waited for one (issue 15)."""
+    (``bot_platform.pressure``): briefly while the workers need rows; while ``AHEAD``
+    rows wait and a turn started in the last ``TALKING`` s, up to ``RELAXED_WAIT`` s,
+    and then it queues ``RELAXED_BATCH`` recipients, a short transaction for a reply
+    to wait for. Why: send jobs queued far ahead of the sending (2,500/s against 1,000/s
+    sent) in 500-recipient transactions (100-250 ms each on a busy core), and every
+    reply's turn meanwhile waited for one (issue 15)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
