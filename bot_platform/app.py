@@ -42,6 +42,7 @@ from bot_platform.channels import (
     SupportsReply,
     WebhookRequest,
 )
+from bot_platform.database import URGENT
 from bot_platform.errors import (
     BadPayload,
     BadSignature,
@@ -309,6 +310,15 @@ def create_app(platform: Platform, *, worker: bool = False) -> FastAPI:
     # update comes through here, and FastAPI's per-request machinery was ~3% of a busy
     # ``botp run`` (bench/README.md).
     async def webhook(request: Request) -> Response:
+        # Someone waits for what this request does: its sessions are urgent (on SQLite
+        # they get the connection before broadcasts' waiting claims and writes).
+        token = URGENT.set(True)
+        try:
+            return await _webhook(request)
+        finally:
+            URGENT.reset(token)
+
+    async def _webhook(request: Request) -> Response:
         platform = get_platform(request)
         channel, bot_id = request.path_params["channel"], request.path_params["bot_id"]
         adapter = platform.channel(channel, bot_id)

@@ -3,19 +3,23 @@
 SQLite (the embedded default) runs in WAL mode; every transaction starts with
 ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade, and the pool holds one
 connection so in-process writers queue fairly instead of spinning on ``busy_timeout``.
-PostgreSQL uses a normal pool; row claims use ``FOR UPDATE SKIP LOCKED``. Its sessions
-carry ``idle_in_transaction_session_timeout`` and ``statement_timeout``: a process frozen
-inside a transaction (SIGSTOP, a VM pause, a swap storm) loses that transaction, and the
-rows it locked, after the timeout instead of holding up other workers for as long as it
-stays frozen.
+On SQLite the connection is handed to interactive work first (``ConnectionGate``): a
+reply's turn or claim waits for the transaction in progress, not for every broadcast
+transaction queued before it. PostgreSQL uses a normal pool; row claims use
+``FOR UPDATE SKIP LOCKED``. Its sessions carry ``idle_in_transaction_session_timeout``
+and ``statement_timeout``: a process frozen inside a transaction (SIGSTOP, a VM pause, a
+swap storm) loses that transaction, and the rows it locked, after the timeout instead of
+holding up other workers for as long as it stays frozen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +56,9 @@ IDLE_IN_TRANSACTION_TIMEOUT = 60.0
 STATEMENT_TIMEOUT = 120.0  # seconds one statement may run (a lock wait included)
 
 
+SQLITE_WAIT = 120.0  # seconds a session may wait for SQLite's one connection
+
+
 def idle_timeout_for(lease_seconds: float) -> float:
     """Twice a lease, at most a minute: a frozen holder loses its locks about when it
     loses its leases, and never keeps them longer than a minute."""
@@ -72,7 +79,7 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
         if dbapi is not None:
             extra["module"] = dbapi
         engine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_timeout=120,
+            url, pool_size=1, max_overflow=0, pool_timeout=SQLITE_WAIT,
             # check_same_thread: Direct's statements run in the loop's thread
             # (bot_platform.direct.INLINE); aiosqlite's thread runs the rest.
             connect_args={"timeout": 30, "check_same_thread": False}, **extra,
@@ -111,6 +118,49 @@ def create_engine(url: str, *, idle_in_transaction_timeout: float | None = None,
     return engine
 
 
+# Set while the current task works for someone who waits (a webhook): its sessions are
+# urgent unless it says otherwise (``Database.session``).
+URGENT: contextvars.ContextVar[bool] = contextvars.ContextVar("botp_urgent", default=False)
+
+
+class ConnectionGate:
+    """SQLite's one pooled connection, handed to urgent waiters before the others.
+
+    Why: the pool queues checkouts first come, first served; during a broadcast a
+    reply's turn, and then its claim, each waited behind the broadcast's claims,
+    result writes and send-job batches queued before it (issue 15). Through the gate an
+    urgent session waits for the transaction in progress only."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(), deque())
+
+    async def acquire(self, urgent: bool) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[0 if urgent else 1].append(turn)
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed over just as the waiter was cancelled: pass it on
+            else:
+                turn.cancel()  # skipped by ``release``
+            raise
+
+    def release(self) -> None:
+        for queue in self._waiting:
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._busy = False
+
+
 class Database:
     """Owns the engine and hands out sessions. Built by the composition root."""
 
@@ -121,6 +171,12 @@ class Database:
         self.engine = create_engine(url, idle_in_transaction_timeout=idle_in_transaction_timeout,
                                     statement_timeout=statement_timeout)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.gate = ConnectionGate() if self.is_sqlite else None
+        # Awaited before a session that is not urgent takes SQLite's connection: the
+        # platform hands in its wait for answers under way (``pressure``), so a
+        # broadcast's claim or write does not take the connection just before a reply's
+        # turn needs it and hold it for several turns of a busy event loop.
+        self.before_bulk: Callable[[], Awaitable[None]] | None = None
 
     @property
     def dialect(self) -> str:
@@ -131,11 +187,36 @@ class Database:
         return self.dialect == "sqlite"
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(self, urgent: bool | None = None) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error.
         A database that is away raises ``StorageUnavailable`` (the driver's error as its
         cause): callers tell "try again later" from a statement that will never work.
-        Writes still deferred on the session's ``Direct`` run before the commit."""
+        Writes still deferred on the session's ``Direct`` run before the commit.
+        ``urgent``: someone waits for it (a reply's turn or claim; by default, whether
+        ``URGENT`` is set); on SQLite it gets the connection before other waiting
+        sessions (``ConnectionGate``), and the others wait for ``before_bulk`` first."""
+        if self.gate is None:
+            async with self._session() as session:
+                yield session
+            return
+        if urgent is None:
+            urgent = URGENT.get()
+        if not urgent and self.before_bulk is not None:
+            await self.before_bulk()
+        try:
+            async with asyncio.timeout(SQLITE_WAIT):  # as the pool's checkout did
+                await self.gate.acquire(urgent)
+        except TimeoutError as error:
+            raise StorageUnavailable(
+                f"waited {SQLITE_WAIT:.0f} s for the database connection") from error
+        try:
+            async with self._session() as session:
+                yield session
+        finally:
+            self.gate.release()
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
         try:
             async with self.sessions() as session, session.begin():
                 yield session

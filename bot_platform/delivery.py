@@ -125,8 +125,14 @@ class Delivery:
         self.settings = settings
         self.worker_id = worker_id
         self.outbox = OutboxClaims(db, clock, settings, worker_id)
-        # Looked up at each write, so a test may replace ``_write_until_stored``.
+        # Looked up at each write, so a test may replace ``_write_until_stored``. Urgent
+        # rows' results are written apart, urgently: a subscriber's next row waits for
+        # the result of the one before (in order), and a reply's next part must not wait
+        # behind a broadcast's 500 results nor their place in the queue for SQLite's
+        # connection (issue 15).
         self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes))
+        self._commit_urgent = GroupCommit(
+            lambda outcomes: self._write_until_stored(outcomes))
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         # The engine's turns in flight in this process (the platform shares its own).
@@ -394,12 +400,16 @@ class Delivery:
 
     async def release(self, row: ClaimedRow, delay: float) -> None:
         """Give a row back without counting an attempt (its rate-limit slot is far off)."""
-        await self._commit(Outcome(row, None, release_after=delay))
+        await self._store(Outcome(row, None, release_after=delay))
 
     async def record(self, row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
         """Write what happened to one row; returns once it is committed."""
         self.metrics.send_result(row.channel, result, skipped)
-        await self._commit(Outcome(row, result, skipped))
+        await self._store(Outcome(row, result, skipped))
+
+    async def _store(self, outcome: Outcome) -> None:
+        """Written by the urgent rows' group commit or the others'."""
+        await (self._commit_urgent if outcome.row.urgent else self._commit)(outcome)
 
     async def _write_until_stored(self, outcomes: list[Outcome]) -> None:
         """Write, waiting out a database that went away (for up to a lease: after that
@@ -408,7 +418,7 @@ class Delivery:
         attempt = 0
         while True:
             try:
-                await self.outbox.write(outcomes)
+                await self.outbox.write(outcomes, urgent=all(o.row.urgent for o in outcomes))
                 return
             except Exception as error:
                 attempt += 1

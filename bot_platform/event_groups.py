@@ -182,7 +182,9 @@ class EventGroups:
             failure: BaseException | None = None
             served = 0
             try:
-                async with self.db.session() as session:
+                # Urgent: on SQLite the connection comes to it before a broadcast's
+                # waiting claims and writes (``ConnectionGate``).
+                async with self.db.session(urgent=True) as session:
                     while self._waiting and served < self.limit:
                         seat = self._waiting.popleft()
                         if seat.turn.done():  # its caller gave up before its turn

@@ -111,6 +111,12 @@ class OutboxQueue:
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
         if not parts:
             return queued
+        # A shared message's parts are the same objects for every subscriber (a
+        # broadcast batch): each is dumped once.
+        payloads: dict[int, dict[str, Any]] = {}
+        for _, _, _, part in parts:
+            if id(part) not in payloads:
+                payloads[id(part)] = part.model_dump(mode="json")
         _, outbox_ids = await insert_linked(session, Message, [{
                 "subscriber_id": subscriber.id, "channel": subscriber.channel,
                 "direction": "out", "kind": "cards" if part.cards else "text",
@@ -119,7 +125,7 @@ class OutboxQueue:
                 for _, subscriber, flow, part in parts], Outbox, [{
                 "subscriber_id": subscriber.id,
                 "channel": subscriber.channel, "bot_id": subscriber.bot_id,
-                "recipient": subscriber.user_id, "payload": part.model_dump(mode="json"),
+                "recipient": subscriber.user_id, "payload": payloads[id(part)],
                 "status": OutboxStatus.PENDING, "attempts": 0,  # no Python-side default: one trip
                 "next_attempt_at": now + (hold or timedelta(0)),
                 "broadcast_id": broadcast_id, "created_at": now}

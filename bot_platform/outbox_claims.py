@@ -216,16 +216,24 @@ class OutboxClaims:
             return await self._claim_alone(self._cached(
                 ("alone", id(statement)), lambda: _with_details(statement)),
                 limit, urgent, params or {})
-        async with self.db.session() as session:
-            claimed = await self.leases.claim(
-                session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
-                statement=statement, params=params)
-            if not claimed:
-                return [], set()
-            subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
-            subscribers = {row.id: row for row in (await session.execute(
-                _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
-            more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
+        async with self.db.session(urgent=urgent) as session:
+            return await self._claim_in(session, condition, limit, urgent,
+                                        statement=statement, params=params)
+
+    async def _claim_in(self, session: AsyncSession, condition: Any, limit: int,
+                        urgent: bool, *, statement: Any = None,
+                        params: dict[str, Any] | None = None
+                        ) -> tuple[list[ClaimedRow], set[int]]:
+        """``claim`` in the caller's transaction."""
+        claimed = await self.leases.claim(
+            session, condition, (Outbox.id,), limit, _CLAIMED_COLUMNS,
+            statement=statement, params=params)
+        if not claimed:
+            return [], set()
+        subscriber_ids = {"b_ids": list({c.subscriber_id for c in claimed})}
+        subscribers = {row.id: row for row in (await session.execute(
+            _CLAIMED_SUBSCRIBERS, subscriber_ids)).all()}
+        more = set((await session.scalars(_MORE_WAITING, subscriber_ids)).all())
         rows = []
         for c in sorted(claimed, key=lambda c: c.id):
             sub = subscribers.get(c.subscriber_id)
@@ -279,13 +287,15 @@ class OutboxClaims:
             return await self.claim(None, limit, urgent=True, statement=self._statement(
                 None, "heads inside"), params={"b_now": now})
         heads_query = self._cached(("heads query",), self._heads)
-        async with self.db.session() as session:
+        # One transaction, urgent: a reply's claim waits for the connection once, and
+        # before a broadcast's claims and writes (``ConnectionGate``).
+        async with self.db.session(urgent=True) as session:
             heads = list((await session.scalars(
                 heads_query, {"b_limit": limit, "b_now": now})).all())
-        if not heads:
-            return [], set()
-        return await self.claim(None, limit, urgent=True, statement=self._statement(
-            None, "heads"), params={"b_now": now, "b_heads": heads})
+            if not heads:
+                return [], set()
+            return await self._claim_in(session, None, limit, True, statement=self._statement(
+                None, "heads"), params={"b_now": now, "b_heads": heads})
 
     def _heads(self, earlier: Any = _EARLIER) -> Any:
         """The oldest unsent row of each subscriber among the first ``b_limit`` ready
@@ -317,9 +327,10 @@ class OutboxClaims:
             None, "of_one"), params={"b_now": self.clock.now(), "b_sid": subscriber_id})
         return (rows[0] if rows else None), subscriber_id in more
 
-    async def write(self, outcomes: list[Outcome]) -> None:
+    async def write(self, outcomes: list[Outcome], urgent: bool = False) -> None:
         """Write the outcomes in one transaction: only rows this worker still holds
-        change (another worker's take-over wins)."""
+        change (another worker's take-over wins). ``urgent``: interactive rows' results
+        (``Database.session``)."""
         now = self.clock.now()
         if not self.db.is_sqlite:
             sent = [o for o in outcomes if o.result is not None and not o.skipped
@@ -334,7 +345,7 @@ class OutboxClaims:
         for outcome, outbox_values, _ in planned:
             key = tuple(sorted(outbox_values.items()))
             by_values.setdefault(key, []).append(outcome.row.id)
-        async with self.db.session() as session:
+        async with self.db.session(urgent=urgent) as session:
             given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
                           and values.get("status") == OutboxStatus.PENDING]
             stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}

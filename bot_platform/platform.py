@@ -134,6 +134,8 @@ class Platform:
         delivery = Delivery(self.db, self.channel, self.bot, self.limiter, self.clock,
                             self.settings.worker, self.worker_id)
         delivery.pressure = self.engine.pressure  # broadcasts yield to this process's turns
+        if self.db.gate is not None:  # and, for SQLite's one connection, all bulk sessions
+            self.db.before_bulk = self.engine.pressure.yield_to_interactive
         # A channel may keep some of its rows from this process (the console: a terminal
         # user's messages are shown only by that user's ``botp chat``).
         scopes = [adapter.claim_scope for adapter in self.channels.values()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -34,6 +35,7 @@ class InteractivePressure:
         self.hold = hold
         self.monotonic = monotonic
         self.in_flight = 0
+        self.last_turn = -math.inf  # when the latest turn started (``monotonic``)
         self._unsent: dict[int, float] = {}  # outbox id -> when it stops counting
         self._idle = asyncio.Event()
         self._idle.set()
@@ -42,6 +44,7 @@ class InteractivePressure:
     def turn(self) -> Iterator[None]:
         """Count one interactive turn for as long as the block runs."""
         self.in_flight += 1
+        self.last_turn = self.monotonic()
         self._idle.clear()
         try:
             yield
@@ -61,6 +64,11 @@ class InteractivePressure:
         if self._unsent.pop(outbox_id, None) is not None:
             self._settle()
 
+    def talking(self, within: float) -> bool:
+        """Whether a turn started in the last ``within`` seconds (people are talking to
+        this process, not only now)."""
+        return self.monotonic() - self.last_turn < within
+
     @property
     def busy(self) -> bool:
         """Whether an answer is under way in this process."""
@@ -77,11 +85,11 @@ class InteractivePressure:
         if self.in_flight == 0 and not self._unsent:
             self._idle.set()
 
-    async def yield_to_interactive(self) -> None:
-        """Wait until no answer is under way, or ``max_wait`` at most."""
+    async def yield_to_interactive(self, at_most: float | None = None) -> None:
+        """Wait until no answer is under way, or ``max_wait`` (``at_most``) at most."""
         if not self.busy:
             return
-        deadline = self.monotonic() + self.max_wait
+        deadline = self.monotonic() + (self.max_wait if at_most is None else at_most)
         while self.busy:
             now = self.monotonic()
             if now >= deadline:
