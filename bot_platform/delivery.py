@@ -54,11 +54,12 @@ MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot
 SEND_HEADROOM = 0.97
 MAX_GROUP_COMMIT = 500  # results written in one transaction at most
 # Seconds a group of broadcast rows' results waits for more to join it before its write,
-# when results come in faster than one at a time. Each write is a transaction (and a WAL
-# flush on PostgreSQL): with three workers at 1,000 sends/s a group was 3-4 rows, and the
-# commits cost the database more than all the claims. Nobody waits for a broadcast row's
-# result; an interactive row's result ends the wait at once. (A crash in that time loses
-# those results, as it would during their write: the rows are sent again.)
+# when results come in faster than one at a time (PostgreSQL). Each write is a
+# transaction with a WAL flush: with three workers at 1,000 sends/s a group was 3-4
+# rows, and the commits cost the database more than all the claims. Nobody waits for a
+# broadcast row's result; an interactive row's result ends the wait at once. (A crash
+# in that time loses those results, as it would during their write: the rows are sent
+# again.)
 LINGER = 0.02
 
 
@@ -152,7 +153,10 @@ class Delivery:
         self.worker_id = worker_id
         self.outbox = OutboxClaims(db, clock, settings, worker_id)
         # Looked up at each write, so a test may replace ``_write_until_stored``.
-        self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes))
+        # Lingering pays on PostgreSQL (a WAL flush per commit); SQLite's commits in WAL
+        # mode are cheap, and there one worker's groups are big already.
+        self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes),
+                                   linger=0.0 if db.is_sqlite else LINGER)
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         # The engine's turns in flight in this process (the platform shares its own).
