@@ -197,6 +197,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
 
 
+_BULK_UNSENT = "broadcast_id IS NOT NULL AND status IN ('pending', 'sending')"
+
+
 class Outbox(Base):
     """A message waiting to be sent: written in the same transaction as the state change
     that produced it, sent by the delivery worker (transactional outbox)."""
@@ -216,6 +219,10 @@ class Outbox(Base):
         Index("ix_outbox_bulk_due", "status", "next_attempt_at", "id",
               postgresql_where=sql_text("broadcast_id IS NOT NULL"),
               sqlite_where=sql_text("broadcast_id IS NOT NULL")),
+        # Broadcasts' rows still to send, in id order: PostgreSQL's bulk claim walks
+        # these and stops after the rows it takes, never past the rows already sent.
+        Index("ix_outbox_bulk_unsent", "id",
+              postgresql_where=sql_text(_BULK_UNSENT), sqlite_where=sql_text(_BULK_UNSENT)),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

@@ -18,11 +18,15 @@ from typing import Any
 from sqlalchemy import (
     String,
     and_,
+    any_,
     bindparam,
     exists,
     func,
+    literal,
     literal_column,
+    or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -125,6 +129,8 @@ _CLAIMED_SUBSCRIBERS = select(Subscriber.id, Subscriber.status, Subscriber.last_
 _MORE_WAITING = select(Outbox.subscriber_id).where(
     Outbox.subscriber_id.in_(bindparam("b_ids", expanding=True)),
     Outbox.status == OutboxStatus.PENDING).distinct()
+# Before PostgreSQL's bulk claim (see ``OutboxClaims._bulk_claim``): no plan that sorts.
+_NO_SORT = text("SET LOCAL enable_sort = off")
 
 class OutboxClaims:
     """One worker's hold on outbox rows: claims them (a subscriber's in order,
@@ -203,20 +209,54 @@ class OutboxClaims:
                 and_(self._in_order(), *self._kind(kind)),
                 (Outbox.next_attempt_at, Outbox.id), _CLAIMED_COLUMNS,
                 any_of=self.leases.ready_arms(Outbox.next_attempt_at, now))
+        if kind == "bulk":
+            return self._bulk_claim(now)
         return self.leases.claim_statement(
             self.claimable(now, kind), (Outbox.id,), _CLAIMED_COLUMNS)
 
+    def _bulk_claim(self, now: Any) -> Any:
+        """PostgreSQL's claim of broadcasts' rows, in id order along
+        ``ix_outbox_bulk_unsent`` (only rows still to send), whatever the statistics say.
+        The statuses are literals, so even a generic plan can prove that partial index's
+        predicate; the in-order check stays a per-row probe (``OFFSET 0`` keeps it from
+        becoming an anti-join: re-checking a row another worker claimed meanwhile then
+        costs one probe, where a hash anti-join of every unsent row was rebuilt and a
+        claim took seconds); the claimed ids reach the ``UPDATE`` as an array (an index
+        lookup each, not a semi-join over the table); and the claim runs with sorting
+        off (``_NO_SORT``), so a planner that believes the outbox empty cannot pick
+        "read every waiting row, sort them" instead."""
+        pending, sending = (f"outbox.status = '{status}'" for status in OutboxStatus.unsent())
+        unsent = ", ".join(f"'{status}'" for status in OutboxStatus.unsent())
+        earlier = _EARLIER
+        first = ~exists(select(literal(1)).where(
+            earlier.subscriber_id == Outbox.subscriber_id, earlier.id < Outbox.id,
+            earlier.status.in_(OutboxStatus.unsent())).offset(0))
+        ready = or_(and_(text(pending), Outbox.next_attempt_at <= now),
+                    and_(text(sending), Outbox.lease_expires_at < now))
+        ids = select(Outbox.id).where(
+            Outbox.broadcast_id.is_not(None), text(f"outbox.status IN ({unsent})"), ready,
+            first, *self._kind(None)).order_by(Outbox.id).limit(
+                bindparam("b_limit")).with_for_update(skip_locked=True)
+        return (update(Outbox).where(Outbox.id == any_(func.array(ids.scalar_subquery())))
+                .values(status=OutboxStatus.SENDING, locked_by=self.worker_id,
+                        lease_expires_at=bindparam("b_until"))
+                .returning(Outbox.id, *_CLAIMED_COLUMNS)
+                .execution_options(synchronize_session=False))
+
     async def claim(self, condition: Any, limit: int, urgent: bool = False, *,
-                    statement: Any = None, params: dict[str, Any] | None = None
-                    ) -> tuple[list[ClaimedRow], set[int]]:
+                    statement: Any = None, params: dict[str, Any] | None = None,
+                    no_sort: bool = False) -> tuple[list[ClaimedRow], set[int]]:
         """Claim rows (``Leases.claim``); also returns the subscribers that have more
         rows waiting. ``statement``: a claim built by ``_statement`` instead of
-        ``condition``."""
-        if statement is not None and not self.db.is_sqlite:
+        ``condition``; ``no_sort``: run it with sorting off (``_bulk_claim``), in a
+        transaction of its own (``SET LOCAL``)."""
+        if statement is not None and not self.db.is_sqlite and not no_sort:
             return await self._claim_alone(self._cached(
                 ("alone", id(statement)), lambda: _with_details(statement)),
                 limit, urgent, params or {})
         async with self.db.session(urgent=urgent) as session:
+            if no_sort:
+                await session.execute(_NO_SORT)
             return await self._claim_in(session, condition, limit, urgent,
                                         statement=statement, params=params)
 
@@ -318,7 +358,8 @@ class OutboxClaims:
                          ) -> tuple[list[ClaimedRow], set[int]]:
         """Ready rows of ``kind`` (see ``_statement``)."""
         return await self.claim(None, limit, statement=self._statement(kind),
-                                params={"b_now": self.clock.now()})
+                                params={"b_now": self.clock.now()},
+                                no_sort=kind == "bulk" and not self.db.is_sqlite)
 
     async def claim_next_of(self, subscriber_id: int, urgent: bool = False
                             ) -> tuple[ClaimedRow | None, bool]:

@@ -175,3 +175,62 @@ async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
     bulk, _ = await worker.claim_batch(10, "bulk")
     assert [row.id for row in bulk] == [by_user["u2"][0]]
     assert not (await worker.claim_batch(10, "interactive"))[0]
+
+
+@pytest.mark.postgres
+async def test_postgres_bulk_claim_takes_ready_first_rows_in_id_order(postgres_url: str) -> None:
+    """PostgreSQL's bulk claim (``ix_outbox_bulk_unsent``, sorting off): broadcasts' rows
+    in id order, past sent ones; a row with an earlier unsent row of its subscriber, one
+    in another worker's live lease and one not yet due wait; one whose lease expired is
+    taken over; two workers take disjoint rows."""
+    from bot_platform.clock import ManualClock
+    from bot_platform.config import WorkerSettings
+    from bot_platform.database import Database
+    from bot_platform.migrations import upgrade
+    from bot_platform.models import Message
+
+    await asyncio.to_thread(upgrade, postgres_url)
+    db = Database(postgres_url)
+    clock = ManualClock()
+    now = clock.now()
+    past, future = now - timedelta(minutes=1), now + timedelta(minutes=5)
+    # (subscriber, broadcast, status, due, lease): the outbox rows in id order
+    plan = [(1, 7, "sent", past, None), (1, 7, "pending", past, None),
+            (2, None, "pending", future, None), (2, 7, "pending", past, None),
+            (3, 7, "sending", past, past), (4, 7, "sending", past, future),
+            (5, 7, "pending", future, None), (6, 7, "pending", past, None)]
+    try:
+        async with db.session() as session:
+            await session.execute(insert(Contact), [{"created_at": now}] * 6)
+            contacts = (await session.scalars(select(Contact.id).order_by(Contact.id))).all()
+            await session.execute(insert(Subscriber), [
+                {"id": n, "contact_id": contacts[n - 1], "channel": "telegram",
+                 "bot_id": "tg", "user_id": str(n), "status": "subscribed", "locale": "en",
+                 "attributes": {}, "created_at": now, "updated_at": now}
+                for n in range(1, 7)])
+            ids = []
+            for subscriber, broadcast, status, due, lease in plan:
+                message = await session.scalar(insert(Message).values(
+                    subscriber_id=subscriber, channel="telegram", direction="out",
+                    kind="text", status="queued", created_at=now, updated_at=now
+                ).returning(Message.id))
+                ids.append(await session.scalar(insert(Outbox).values(
+                    subscriber_id=subscriber, message_id=message, channel="telegram",
+                    bot_id="tg", recipient=str(subscriber), payload={"text": "hi"},
+                    status=status, attempts=0, next_attempt_at=due, broadcast_id=broadcast,
+                    locked_by="other" if lease else None, lease_expires_at=lease,
+                    created_at=now).returning(Outbox.id)))
+        settings = WorkerSettings()
+        first = OutboxClaims(db, clock, settings, "a")
+        second = OutboxClaims(db, clock, settings, "b")
+        claimed, _ = await first.claim_batch(2, "bulk")
+        assert [row.id for row in claimed] == [ids[1], ids[4]]
+        claimed, _ = await second.claim_batch(10, "bulk")
+        assert [row.id for row in claimed] == [ids[7]]
+        assert not (await first.claim_batch(10, "bulk"))[0]
+        async with db.session() as session:
+            holders = dict((await session.execute(select(Outbox.id, Outbox.locked_by).where(
+                Outbox.status == OutboxStatus.SENDING))).all())
+        assert holders == {ids[1]: "a", ids[4]: "a", ids[5]: "other", ids[7]: "b"}
+    finally:
+        await db.close()
