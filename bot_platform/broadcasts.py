@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform import handoff, outbox
 from bot_platform.broadcast_figures import stats as stats  # the API's figures
 from bot_platform.database import insert_ignore
+from bot_platform.fitting import share
 from bot_platform.inbound import Engine
 from bot_platform.models import (
     Broadcast,
@@ -45,7 +46,7 @@ from bot_platform.statuses import (
     SubscriberStatus,
 )
 from bot_platform.text import StorableText
-from bot_platform.types import Button, Card, Outgoing, QuickReply, share
+from bot_platform.types import Button, Card, Outgoing, QuickReply
 
 SEND_KIND = "broadcast_send"
 BATCH = 500
