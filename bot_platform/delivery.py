@@ -159,7 +159,7 @@ class Delivery:
         # connection (issue 15). A broadcast's results linger on PostgreSQL (a WAL flush
         # per commit); SQLite's commits in WAL mode are cheap, one worker's groups big.
         self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes),
-                                   linger=0.0 if db.is_sqlite else LINGER)
+                                   linger=0.0 if db is None or db.is_sqlite else LINGER)
         self._commit_urgent = GroupCommit(
             lambda outcomes: self._write_until_stored(outcomes))
         self.dropped = 0  # rows not sent because their lease lapsed first
