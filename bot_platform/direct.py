@@ -12,18 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CompoundSelect,
     Delete,
     Insert,
     Select,
+    String,
+    TypeDecorator,
     Update,
     bindparam,
     insert,
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.util import find_tables
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from bot_platform import pg_driver
 
@@ -55,6 +62,55 @@ class _Compiled:
     keys: tuple[str, ...]
     construct: Callable[..., dict[str, Any]]
     defaults: dict[str, Any]  # constant column defaults of an INSERT (SQLAlchemy's prefetch)
+
+
+class IdList(TypeDecorator[list[int]]):
+    """A list of ids as one bind parameter: a PostgreSQL ``bigint[]``, JSON text on
+    SQLite (read back by ``json_each``)."""
+
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(BigInteger))
+        return dialect.type_descriptor(String())
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return [int(v) for v in value]
+        return "[" + ",".join(str(int(v)) for v in value) + "]"
+
+
+class _IdsSubquery(ColumnElement[Any]):
+    """The ids of one ``IdList`` bind parameter as a subquery (see ``in_ids``)."""
+
+    inherit_cache = True
+    _traverse_internals = [("ids", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, name: str) -> None:
+        self.ids = bindparam(name, type_=IdList())
+
+
+@compiles(_IdsSubquery)
+def _ids_sqlite(element: _IdsSubquery, compiler: Any, **kw: Any) -> str:
+    return f"(SELECT value FROM json_each({compiler.process(element.ids, **kw)}))"
+
+
+@compiles(_IdsSubquery, "postgresql")
+def _ids_postgresql(element: _IdsSubquery, compiler: Any, **kw: Any) -> str:
+    return f"(SELECT unnest({compiler.process(element.ids, **kw)}))"
+
+
+def in_ids(column: Any, name: str) -> Any:
+    """``column IN ids`` with the ids as one bind parameter ``name`` (an ``IdList``):
+    ``IN (SELECT unnest($1))`` on PostgreSQL, ``IN (SELECT value FROM json_each(?))`` on
+    SQLite. Unlike an expanding ``IN``, the statement's text does not depend on how many
+    ids there are, so ``Direct`` runs it and PostgreSQL keeps it prepared (a list of 50
+    ids was 50 parameters: prepared, run and closed, three round trips)."""
+    return column.op("IN", is_comparison=True)(_IdsSubquery(name))
 
 
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
@@ -288,6 +344,29 @@ class Direct:
             raise DBAPIError.instance(second[0].sql, second[1], error,
                                       sqlite3.Error) from error
 
+    async def linked_arrays(self, parent: Any, parent_rows: list[dict[str, Any]], child: Any,
+                            child_rows: list[dict[str, Any]], link: str
+                            ) -> tuple[list[int], list[int]] | None:
+        """See ``insert_linked`` (PostgreSQL, many rows): one ``_linked_arrays``
+        statement, after what was deferred; None when it cannot be (nothing was run)."""
+        parent_keys = tuple(parent_rows[0])
+        child_keys = tuple(key for key in child_rows[0] if key != link)
+        insert_ = _linked_arrays(self.dialect, parent, parent_keys, child,
+                                 (*child_keys, link), link)
+        if insert_ is None:
+            return None
+        count = len(parent_rows)
+        columns = [[row[key] for row in parent_rows] for key in parent_keys] + [
+            [value] * count for value in insert_.parent_defaults.values()] + [
+            [row[key] for row in child_rows] for key in child_keys] + [
+            [value] * count for value in insert_.child_defaults.values()]
+        arrays = tuple(column if process is None else [process(v) for v in column]
+                       for column, process in zip(columns, insert_.processors, strict=True))
+        pending, self.pending = self.pending, []
+        found, _ = await pg_driver.run_batch(
+            self.connection, self.adapter, [*pending, (insert_.sql, [arrays], True)], TABLES)
+        return [row[1] for row in found], [row[0] for row in found]
+
     async def execute(self, statement: Any,
                       params: dict[str, Any] | list[dict[str, Any]]) -> Rows:
         many = params if isinstance(params, list) else [params]
@@ -322,9 +401,8 @@ async def direct(session: AsyncSession) -> Direct:
     return found
 
 
-# PostgreSQL runs a linked insert on the driver row by row (a trip each), so only for a
-# turn's few messages; a broadcast batch goes as SQLAlchemy's two multi-row statements.
-LINKED_ROWS_ON_DRIVER = 4
+# On PostgreSQL a linked insert of a single row is one ``_linked_pair`` statement; more
+# rows go as one ``_linked_arrays`` statement (a column per array parameter).
 _RETURNING_IDS: dict[Any, Any] = {}  # per table: INSERT ... RETURNING id, built once
 
 
@@ -365,6 +443,77 @@ def _linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
     return statement
 
 
+@dataclass(frozen=True, slots=True)
+class _ArraysInsert:
+    sql: str
+    processors: tuple[Callable[[Any], Any] | None, ...]  # per column: the bind processor
+    parent_defaults: dict[str, Any]  # constant Python-side defaults of columns not given
+    child_defaults: dict[str, Any]
+
+
+_LINKED_ARRAYS: dict[tuple[Any, ...], _ArraysInsert | None] = {}
+
+
+def _constant_defaults(table: Any, given: tuple[str, ...]) -> dict[str, Any] | None:
+    """The Python-side defaults of the columns not ``given`` (None: one is not a
+    constant, the statement needs SQLAlchemy's execution)."""
+    defaults: dict[str, Any] = {}
+    for column in table.columns:
+        if column.key in given or column.default is None:
+            continue
+        if not column.default.is_scalar:
+            return None
+        defaults[column.key] = column.default.arg
+    return defaults
+
+
+def _linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], child: Any,
+                   child_keys: tuple[str, ...], link: str) -> _ArraysInsert | None:
+    """Many parent rows and a child row each in one statement (PostgreSQL), its text
+    the same for any number of rows (so it stays prepared): each column's values one
+    array parameter, ``unnest`` turns them back into rows; the parents' ids are drawn
+    from their sequence in row order, then both inserts (in row order) take them;
+    returns (child id, parent id) in row order. JSON travels as text arrays."""
+    key = (dialect.name, parent, parent_keys, child, child_keys, link)
+    if key in _LINKED_ARRAYS:
+        return _LINKED_ARRAYS[key]
+    child_keys = tuple(name for name in child_keys if name != link)
+    parent_defaults = _constant_defaults(parent, (*parent_keys, "id"))
+    child_defaults = _constant_defaults(child, (*child_keys, link, "id"))
+    if parent_defaults is None or child_defaults is None:
+        _LINKED_ARRAYS[key] = None
+        return None
+    parent_keys = (*parent_keys, *parent_defaults)
+    child_keys = (*child_keys, *child_defaults)
+    columns = [parent.c[name] for name in parent_keys] + [child.c[name] for name in child_keys]
+    names = [f"p{n}" for n in range(len(parent_keys))] + [
+        f"c{n}" for n in range(len(child_keys))]
+    arrays, processors, values = [], [], []
+    for number, (column, name) in enumerate(zip(columns, names, strict=True), start=1):
+        type_sql = column.type.compile(dialect=dialect)
+        is_json = type_sql in ("JSON", "JSONB")
+        arrays.append(f"${number}::{'TEXT' if is_json else type_sql}[]")
+        processors.append(column.type._cached_bind_processor(dialect))
+        values.append(f"{name}::{type_sql}" if is_json else name)
+    parent_values = values[:len(parent_keys)]
+    child_values = values[len(parent_keys):]
+    sequence = f"pg_get_serial_sequence('{parent.name}', '{parent.c.id.name}')"
+    sql = (
+        f"WITH input AS MATERIALIZED (SELECT nextval({sequence}) AS link_id, t.* FROM ("
+        f"SELECT * FROM unnest({', '.join(arrays)}) WITH ORDINALITY "
+        f"AS u({', '.join(names)}, n) ORDER BY n) AS t), "
+        f"parent AS (INSERT INTO {parent.name} (id, {', '.join(parent_keys)}) "
+        f"SELECT link_id, {', '.join(parent_values)} FROM input ORDER BY n), "
+        f"child AS (INSERT INTO {child.name} ({', '.join([*child_keys, link])}) "
+        f"SELECT {', '.join([*child_values, 'link_id'])} FROM input ORDER BY n "
+        f"RETURNING id, {link}) "
+        f"SELECT child.id, child.{link} FROM child JOIN input ON input.link_id = "
+        f"child.{link} ORDER BY input.n")
+    found = _LINKED_ARRAYS[key] = _ArraysInsert(sql, tuple(processors), parent_defaults,
+                                                child_defaults)
+    return found
+
+
 def _returning_ids(table: Any) -> Any:
     statement = _RETURNING_IDS.get(table)
     if statement is None:
@@ -377,8 +526,8 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
                         ) -> tuple[list[int], list[int]]:
     """Insert parent rows, then one child row per parent whose ``link`` column is that
     parent's new id (an outbox row and its message); both lists of new ids, in order.
-    On SQLite both inserts are one trip to the database; on PostgreSQL one row and its
-    child are one statement (``_linked_pair``)."""
+    On SQLite both inserts are one trip to the database; on PostgreSQL one statement
+    (``_linked_pair`` for one row, ``_linked_arrays`` for more)."""
     parent_table = getattr(parent, "__table__", parent)
     child_table = getattr(child, "__table__", child)
     connection = await direct(session)
@@ -388,8 +537,12 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
             **{f"p_{key}": value for key, value in parent_rows[0].items()},
             **{f"c_{key}": value for key, value in child_rows[0].items()}})).rows[0]
         return [row[1]], [row[0]]
-    if connection.on_driver and parent_rows and (
-            connection.raw is not None or len(parent_rows) <= LINKED_ROWS_ON_DRIVER):
+    if connection.adapter is not None and len(parent_rows) == len(child_rows) > 1:
+        linked = await connection.linked_arrays(parent_table, parent_rows, child_table,
+                                                child_rows, link)
+        if linked is not None:
+            return linked
+    if connection.raw is not None and parent_rows:
         first = connection._prepared(_returning_ids(parent_table), parent_rows)
         second = connection._prepared(_returning_ids(child_table),
                                       [{**row, link: 0} for row in child_rows])

@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, select
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
+from bot_platform.direct import direct, in_ids
 from bot_platform.inbound import Engine
 from bot_platform.job_batches import JobBatches
 from bot_platform.job_handlers import JobHandler, PreparedJobHandler
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 Claimed = tuple[int, str, tuple[str, str, str] | None]  # job id, kind, subscriber identity
 
 # The claimed jobs' subscribers, built once (their ids bound at execution).
-_IDENTITIES = select(Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
-                     ).where(Subscriber.id.in_(bindparam("b_ids", expanding=True)))
+_SUBSCRIBERS = Subscriber.__table__
+_IDENTITIES = select(_SUBSCRIBERS.c.id, _SUBSCRIBERS.c.channel, _SUBSCRIBERS.c.bot_id,
+                     _SUBSCRIBERS.c.user_id).where(in_ids(_SUBSCRIBERS.c.id, "b_ids"))
 
 
 class Scheduler:
@@ -66,9 +68,9 @@ class Scheduler:
                 session, None, (), limit, (), statement=self._claim,
                 params={"b_now": self.clock.now()})
             subscriber_ids = list({c.subscriber_id for c in claimed if c.subscriber_id})
-            identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
-                await session.execute(_IDENTITIES, {"b_ids": subscriber_ids})).all()
-            } if subscriber_ids else {}
+            identities = {row[0]: (row[1], row[2], row[3]) for row in (
+                await (await direct(session)).execute(_IDENTITIES, {"b_ids": subscriber_ids})
+            ).rows} if subscriber_ids else {}
         ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 
