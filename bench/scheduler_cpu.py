@@ -33,7 +33,6 @@ from bot_platform.clock import SystemClock  # noqa: E402
 from bot_platform.config import BotConfig, Settings  # noqa: E402
 from bot_platform.database import Database  # noqa: E402
 from bot_platform.platform import Platform  # noqa: E402
-from tests.fakes.relay import FakeRelayServer  # noqa: E402
 
 TRIPS: Counter[str] = Counter()
 SQL: Counter[tuple[str, str]] | None = None  # (call, SQL) -> trips, with --by-statement
@@ -99,25 +98,88 @@ async def fired_count(db: Database) -> Counter[str]:
     return Counter({str(result): count for result, count in rows})
 
 
+RELAY_PROCESS = """
+import asyncio, sys
+from tests.fakes.relay import FakeRelayServer
+async def main():
+    relay = await FakeRelayServer().start()
+    print(relay.url, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def run_worker(platform: Platform, db: Database, batch: Any,
+                     args: argparse.Namespace) -> None:
+    """The worker loop as ``botp worker`` runs it (timers and deliveries side by side),
+    until every timer fired: CPU per fired timer, how many messages went out meanwhile."""
+    from sqlalchemy import func, select
+
+    from bot_platform.models import Job, Outbox
+    stop = asyncio.Event()
+    profile = None
+    if args.profile:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+    cpu, loop, wall = time.process_time(), time.thread_time(), time.perf_counter()
+    task = asyncio.create_task(platform.worker.run(stop, grace=1.0))
+    reader = Database(db.url)
+    try:
+        while True:
+            await asyncio.sleep(0.5)
+            async with reader.engine.connect() as connection:
+                left = await connection.scalar(select(func.count()).select_from(Job).where(
+                    batch.where(), Job.status.in_(("running", "pending"))))
+            if not left or time.perf_counter() - wall > args.deadline:
+                break
+        cpu, loop, wall = (time.process_time() - cpu, time.thread_time() - loop,
+                           time.perf_counter() - wall)
+        async with reader.engine.connect() as connection:
+            sent = await connection.scalar(select(func.count()).select_from(Outbox).where(
+                Outbox.status == "sent"))
+    finally:
+        stop.set()
+        await task
+        await reader.close()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(args.profile)
+    results = await fired_count(db)
+    fired = results.get("fired", 0)
+    print(f"{db.dialect} worker loop: fired {fired} in {wall:.1f} s ({fired / wall:.0f}/s), "
+          f"{sent} sent meanwhile: process CPU {1000 * cpu / max(fired, 1):.3f} ms/timer, "
+          f"loop thread {1000 * loop / max(fired, 1):.3f} ms/timer "
+          f"({100 * cpu / wall:.0f}% of a core)")
+
+
 async def run(url: str, args: argparse.Namespace) -> None:
     from bot_platform.migrations import upgrade
 
     await asyncio.to_thread(upgrade, url)
-    relay = await FakeRelayServer().start()
+    # The messenger in a process of its own, as in bench/scheduler.py.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RELAY_PROCESS, cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    relay_url = (await process.stdout.readline()).decode().strip()
     try:
-        reference = await reference_rows(url, relay.url)
+        reference = await reference_rows(url, relay_url)
         db = Database(url)
         try:
             await load_population(db, reference, args.timers)
             settings = Settings(_env_file=None, database_url=url, flows_dir=ROOT / "flows",
                                 locales_dir=ROOT / "locales", log_level="WARNING",
                                 bots=[BotConfig(id="console", channel="console",
-                                                api_base=relay.url)])
+                                                api_base=relay_url)])
             platform = Platform(settings, clock=SystemClock())
             await platform.start()
             try:
-                await make_due(db, "flow_timer", lead=0.0)
+                batch = await make_due(db, "flow_timer", lead=0.0)
                 await asyncio.sleep(0.05)
+                if args.worker:
+                    await run_worker(platform, db, batch, args)
+                    return
                 scheduler = platform.worker.scheduler
                 gc.collect()
                 gc.freeze()
@@ -187,7 +249,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
         finally:
             await db.close()
     finally:
-        await relay.close()
+        process.kill()
+        await process.wait()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -216,6 +279,11 @@ if __name__ == "__main__":
                         help="then deliver what the timers queued (console channel)")
     parser.add_argument("--by-statement", action="store_true",
                         help="PostgreSQL: list the round trips by statement")
+    parser.add_argument("--worker", action="store_true",
+                        help="run the worker loop (timers and deliveries side by side, the "
+                             "relay fake in another process) until every timer fired")
+    parser.add_argument("--deadline", type=float, default=120.0,
+                        help="--worker: stop after this many seconds")
     parser.add_argument("--profile", help="cProfile the firing into this file")
     parser.add_argument("--profile-delivery", help="cProfile the delivery into this file")
     asyncio.run(main(parser.parse_args()))

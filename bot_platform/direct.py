@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CompoundSelect,
+    DateTime,
     Delete,
     Insert,
     Select,
@@ -62,6 +63,67 @@ class _Compiled:
     keys: tuple[str, ...]
     construct: Callable[..., dict[str, Any]]
     defaults: dict[str, Any]  # constant column defaults of an INSERT (SQLAlchemy's prefetch)
+    # What ``construct`` and ``binds`` make of a parameter row, worked out once: the
+    # positional row with the statement's constants in place (processed), and for each
+    # position taken from the row its index, the row's key and the bind processor.
+    template: tuple[Any, ...]
+    slots: tuple[tuple[int, str, Callable[[Any], Any] | None], ...]
+
+
+class _Key:
+    """A stand-in for a parameter row's value: where ``construct`` puts it tells which
+    positional parameter that key feeds."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+_DATETIME_MEMO_SIZE = 4096
+
+
+def _memoized(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A datetime bind processor that remembers its answers: a batch binds each turn's
+    moment into several rows (state, timer, message, outbox), and formatting one costs
+    more than looking it up."""
+    memo: dict[Any, Any] = {}
+
+    def memoized(value: Any) -> Any:
+        try:
+            return memo[value]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable
+            return process(value)
+        if len(memo) >= _DATETIME_MEMO_SIZE:
+            memo.clear()
+        found = memo[value] = process(value)
+        return found
+
+    return memoized
+
+
+def _plan(compiled: Any, keys: tuple[str, ...], defaults: dict[str, Any],
+          names: tuple[str, ...], binds: dict[str, Callable[[Any], Any]]
+          ) -> tuple[tuple[Any, ...], tuple[tuple[int, str, Callable[[Any], Any] | None], ...]]:
+    """``_Compiled.template`` and ``slots``: ``construct`` run once on stand-ins."""
+    values = compiled.construct_params({**defaults, **{key: _Key(key) for key in keys}})
+    template: list[Any] = []
+    slots: list[tuple[int, str, Callable[[Any], Any] | None]] = []
+    for index, name in enumerate(names):
+        value = values[name]
+        process = binds.get(name)
+        if isinstance(value, _Key):
+            template.append(None)
+            bind = compiled.binds.get(name)
+            if process is not None and bind is not None and getattr(
+                    bind.type, "_type_affinity", None) is DateTime:
+                process = _memoized(process)
+            slots.append((index, value.key, process))
+        else:
+            template.append(process(value) if process is not None else value)
+    return tuple(template), tuple(slots)
 
 
 class IdList(TypeDecorator[list[int]]):
@@ -135,13 +197,15 @@ def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled |
              and "POSTCOMPILE" not in compiled.string and compiled.positiontup is not None)
     result: _Compiled | None = None
     if plain:
+        names = tuple(compiled.positiontup or ())
+        binds = {k: v for k, v in compiled._bind_processors.items() if v is not None}
         result = _Compiled(
-            compiled.string, tuple(compiled.positiontup or ()),
-            {k: v for k, v in compiled._bind_processors.items() if v is not None},
+            compiled.string, names, binds,
             tuple(entry[3]._cached_result_processor(dialect, None)
                   for entry in compiled._result_columns),
             tuple(entry[0] for entry in compiled._result_columns),
-            compiled.construct_params, defaults)
+            compiled.construct_params, defaults,
+            *_plan(compiled, keys, defaults, names, binds))
         if isinstance(statement, Insert | Update | Delete | Select | CompoundSelect):
             TABLES[result.sql] = frozenset(
                 table.name for table in find_tables(statement, include_crud=True))
@@ -249,13 +313,14 @@ class Direct:
             compiled = _compile(statement, self.dialect, tuple(many[0]))
         if compiled is None:
             return None
-        binds, names = compiled.binds, compiled.names
+        template, slots = compiled.template, compiled.slots
         positional = []
-        defaults = compiled.defaults
         for row in many:
-            values = compiled.construct({**defaults, **row} if defaults else row)
-            positional.append(tuple(binds[n](values[n]) if n in binds else values[n]
-                                    for n in names))
+            values = list(template)
+            for index, key, process in slots:
+                value = row[key]
+                values[index] = value if process is None else process(value)
+            positional.append(tuple(values))
         return compiled, positional
 
     async def write(self, statement: Any,
