@@ -14,7 +14,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, true
 
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
@@ -57,9 +57,13 @@ class Scheduler:
             "read_fallback": engine.timers.run_read_fallback}
         self.batches = JobBatches(self)
         # The claim, built once (its time bound at execution): see ``Leases.claim_statement``.
+        # Each arm of ``ready`` is read on its own along ``ix_jobs_due`` (status, due_at,
+        # id) up to the limit: with their OR in one WHERE, both databases read and sorted
+        # every due job for each claim (100,000 timers due at one instant: ~80 ms of the
+        # PostgreSQL server per claim of 200, a full sort on SQLite).
         self._claim = self.leases.claim_statement(
-            self.leases.ready(Job.due_at, bindparam("b_now")), (Job.due_at, Job.id),
-            (Job.kind, Job.subscriber_id, Job.due_at))
+            true(), (Job.due_at, Job.id), (Job.kind, Job.subscriber_id, Job.due_at),
+            any_of=self.leases.ready_arms(Job.due_at, bindparam("b_now")))
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
