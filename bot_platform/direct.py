@@ -7,6 +7,7 @@ needs Python-side defaults goes through the SQLAlchemy connection."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +176,60 @@ def in_ids(column: Any, name: str) -> Any:
     return column.op("IN", is_comparison=True)(_IdsSubquery(name))
 
 
+# The bind casts asyncpg's compiler writes (``$3::VARCHAR``), longest spellings first.
+_CAST = re.compile(r"\$(\d+)::(TIMESTAMP WITHOUT TIME ZONE|TIMESTAMP WITH TIME ZONE|"
+                   r"DOUBLE PRECISION|VARCHAR|BIGINT|INTEGER|SMALLINT|BOOLEAN|JSONB|JSON|TEXT|"
+                   r"FLOAT|NUMERIC)")
+_ARRAYS: dict[str, tuple[str, tuple[bool, ...]] | None] = {}
+
+
+def _arrays_form(compiled: _Compiled) -> tuple[str, tuple[bool, ...]] | None:
+    """A PostgreSQL ``INSERT ... VALUES``, ``UPDATE ... WHERE`` or ``DELETE ... WHERE``
+    for many parameter rows as one statement (None when its shape is not one of those):
+    each parameter a row fills becomes an array parameter of the same number, ``unnest``
+    turns them back into rows (``INSERT ... SELECT``, ``UPDATE ... FROM``, ``DELETE ...
+    USING``), the statement's constants stay single values. Returns the SQL and, per
+    parameter, whether it is an array. The server then runs one statement where an
+    ``executemany`` ran it once per row (about 60 us of server time each).
+
+    Only for rows that each touch their own target rows (a flow state, a job, a
+    subscriber's timers of one flow): with ``UPDATE ... FROM`` a target row matched by
+    two parameter rows is updated once, where an ``executemany`` applies both."""
+    sql = compiled.sql
+    if sql in _ARRAYS:
+        return _ARRAYS[sql]
+    result = None
+    filled = {index for index, _, _ in compiled.slots}
+    casts = {int(found.group(1)) - 1: found.group(2) for found in _CAST.finditer(sql)}
+    body = re.sub(r" RETURNING [\w., ]+$", "", sql)
+    if (filled and all(index in casts for index in filled)
+            and len(_CAST.findall(body)) == len(compiled.names) and "'" not in body):
+        arrays = ", ".join(
+            f"${index + 1}::{'TEXT' if casts[index].startswith('JSON') else casts[index]}[]"
+            for index in sorted(filled))
+        source = (f"unnest({arrays}) AS u("
+                  f"{', '.join(f'p{index + 1}' for index in sorted(filled))})")
+        body = _CAST.sub(lambda found: (
+            f"u.p{found.group(1)}::{found.group(2)}" if int(found.group(1)) - 1 in filled
+            else found.group(0)), body)
+        head, _, values = body.partition(" VALUES ")
+        if body.startswith("INSERT INTO ") and values.startswith("(") and values.endswith(
+                ")") and ") VALUES (" not in values:
+            result = f"{head} SELECT {values[1:-1]} FROM {source}"
+        elif body.startswith("UPDATE ") and body.count(" WHERE ") == 1 and " FROM " not in body:
+            target, where = body.split(" WHERE ")
+            result = f"{target} FROM {source} WHERE {where}"
+        elif body.startswith("DELETE FROM ") and body.count(" WHERE ") == 1 and (
+                " USING " not in body):
+            target, where = body.split(" WHERE ")
+            result = f"{target} USING {source} WHERE {where}"
+    found = _ARRAYS[sql] = (result, tuple(index in filled for index in range(
+        len(compiled.names)))) if result is not None else None
+    if found is not None and sql in TABLES:
+        TABLES[found[0]] = TABLES[sql]
+    return found
+
+
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
 # The tables each compiled statement names (PostgreSQL merges writes on disjoint tables).
@@ -333,6 +388,14 @@ class Direct:
             await self.execute(statement, params)
             return
         compiled, positional = prepared
+        if self.adapter is not None and len(positional) > 1:
+            form = _arrays_form(compiled)
+            if form is not None:  # one statement, not one per row
+                sql, arrays = form
+                self.pending.append((sql, [tuple(
+                    [row[index] for row in positional] if array else positional[0][index]
+                    for index, array in enumerate(arrays))], False))
+                return
         self.pending.append((compiled.sql, positional, False))
 
     def later(self, sql: str) -> None:
@@ -425,8 +488,9 @@ class Direct:
             [value] * count for value in insert_.parent_defaults.values()] + [
             [row[key] for row in child_rows] for key in child_keys] + [
             [value] * count for value in insert_.child_defaults.values()]
-        arrays = tuple(column if process is None else [process(v) for v in column]
-                       for column, process in zip(columns, insert_.processors, strict=True))
+        arrays = (*(column if process is None else [process(v) for v in column]
+                    for column, process in zip(columns, insert_.processors, strict=True)),
+                  *insert_.sequence)
         pending, self.pending = self.pending, []
         found, _ = await pg_driver.run_batch(
             self.connection, self.adapter, [*pending, (insert_.sql, [arrays], True)], TABLES)
@@ -514,6 +578,7 @@ class _ArraysInsert:
     processors: tuple[Callable[[Any], Any] | None, ...]  # per column: the bind processor
     parent_defaults: dict[str, Any]  # constant Python-side defaults of columns not given
     child_defaults: dict[str, Any]
+    sequence: tuple[str, str]  # the parents' table and id column
 
 
 _LINKED_ARRAYS: dict[tuple[Any, ...], _ArraysInsert | None] = {}
@@ -562,7 +627,12 @@ def _linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], chil
         values.append(f"{name}::{type_sql}" if is_json else name)
     parent_values = values[:len(parent_keys)]
     child_values = values[len(parent_keys):]
-    sequence = f"pg_get_serial_sequence('{parent.name}', '{parent.c.id.name}')"
+    # The sequence's name comes as two more parameters: the statement holds no quotes,
+    # so the deferred writes before it can ride in it (``pg_driver.merge_writes``).
+    number = len(columns)
+    # Looked up once per statement (an init plan), not once per row.
+    sequence = (f"(SELECT pg_get_serial_sequence(${number + 1}::TEXT, ${number + 2}::TEXT)"
+                f"::regclass)")
     sql = (
         f"WITH input AS MATERIALIZED (SELECT nextval({sequence}) AS link_id, t.* FROM ("
         f"SELECT * FROM unnest({', '.join(arrays)}) WITH ORDINALITY "
@@ -575,7 +645,8 @@ def _linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], chil
         f"SELECT child.id, child.{link} FROM child JOIN input ON input.link_id = "
         f"child.{link} ORDER BY input.n")
     found = _LINKED_ARRAYS[key] = _ArraysInsert(sql, tuple(processors), parent_defaults,
-                                                child_defaults)
+                                                child_defaults, (parent.name, parent.c.id.name))
+    TABLES[sql] = frozenset({parent.name, child.name})
     return found
 
 

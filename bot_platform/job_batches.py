@@ -211,11 +211,16 @@ class JobBatches:
                     raise _TurnFailed(job_id, error) from error
                 forget_preloaded(session, job.subscriber_id)
                 results.append({"job_id": job_id, "result": result})
-            await save_many(turns, session)
-            if results:
+            if results:  # deferred: they go with the turns' writes (save_many)
                 now = scheduler.clock.now()
-                await (await direct(session)).write(_DONE, [
-                    {**result, "finished_at": now} for result in results])
+                connection = await direct(session)
+                connection.defer = True
+                try:
+                    await connection.write(_DONE, [
+                        {**result, "finished_at": now} for result in results])
+                finally:
+                    connection.defer = False
+            await save_many(turns, session)
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")
