@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
-BATCH_JOBS = 50
+BATCH_JOBS = 100
 # Batches of one claim run side by side on PostgreSQL (see ``JobBatches.run``).
 IN_FLIGHT = 4
 # Failing turns a batch is retried without before its jobs run one by one instead.
