@@ -30,6 +30,7 @@ from sqlalchemy import (
     delete,
     exists,
     null,
+    or_,
     select,
     text,
     union_all,
@@ -71,9 +72,10 @@ PRELOADED = "botp.preloaded_turns"  # session.info key: subscriber id -> Work | 
 DEFERRED = "botp.deferred_turns"  # session.info key: subscriber id -> Work to save
 
 _CONVERSATIONS = Conversation.__table__
+# (The open statuses as plain parameters, not an expanding IN: Direct runs it then.)
 _LOAD_SUBSCRIBERS = select(*SUBSCRIBERS.c, exists().where(
     _CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id,
-    _CONVERSATIONS.c.status.in_(OPEN)).label("talking")).where(
+    or_(*(_CONVERSATIONS.c.status == status for status in OPEN))).label("talking")).where(
     in_ids(SUBSCRIBERS.c.id, "ids"))
 # Flow positions and tags of many subscribers in one statement (a tag row has no state
 # id), as ``turns.LOAD_TURN`` loads one subscriber's.
