@@ -3,13 +3,16 @@ less than ``bench/scheduler.py``'s timers/s.
 
 The population of ``bench/scheduler.py`` (N welcome-chain customers, their timers due at
 one instant), then one ``Scheduler.run_once`` after another in this process until nothing
-is due (no delivery beside it), then optionally the delivery draining what they queued.
-Prints process CPU and the event loop thread's CPU per fired timer, fired/s, and on
-PostgreSQL the round trips to the server per timer (asyncpg protocol calls: each is one
-trip; a prepared statement's first ``prepare`` on a connection included).
+is due (no delivery beside it). Prints process CPU and the event loop thread's CPU per
+fired timer, fired/s, and on PostgreSQL the round trips to the server per timer (asyncpg
+protocol calls: each is one trip; a prepared statement's ``prepare`` included;
+``--by-statement`` lists them) and the CPU of the database's backends per timer.
+``--deliver``: then the delivery of what they queued, CPU per message. ``--worker``:
+instead, the worker loop as ``botp worker`` runs it (timers and deliveries side by side)
+until every timer fired. The relay fake (the messenger) runs in a process of its own.
 
     .venv/bin/python bench/scheduler_cpu.py [--timers 6000] [--backend sqlite|postgresql]
-        [--deliver] [--profile FILE]
+        [--deliver | --worker] [--by-statement] [--profile FILE] [--profile-delivery FILE]
 """
 
 from __future__ import annotations
