@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
-from bot_platform.direct import direct
+from bot_platform.direct import direct, in_ids
 from bot_platform.job_handlers import PreparedJobHandler
 from bot_platform.models import Job
 from bot_platform.statuses import JobStatus
@@ -63,16 +64,33 @@ log = logging.getLogger(__name__)
 BATCHED_KINDS = frozenset({"flow_timer", "read_fallback"})
 # Jobs per transaction: enough to spread the fixed costs thin, few enough that the write
 # lock (SQLite) and the subscribers' locks are held only briefly.
-BATCH_JOBS = 50
+BATCH_JOBS = 100
 # Batches of one claim run side by side on PostgreSQL (see ``JobBatches.run``).
 IN_FLIGHT = 4
 # Failing turns a batch is retried without before its jobs run one by one instead.
 RETRIES = 3
 
 _JOBS = Job.__table__
+# The fence: the batch's jobs still leased to this worker, locked until the commit on
+# PostgreSQL (SQLite renders no ``FOR UPDATE``: its transaction holds the write lock).
+_FENCE = select(_JOBS.c.id, _JOBS.c.kind, _JOBS.c.subscriber_id, _JOBS.c.flow,
+                _JOBS.c.payload).where(
+    in_ids(_JOBS.c.id, "b_ids"), _JOBS.c.locked_by == bindparam("b_worker"),
+    _JOBS.c.status == JobStatus.RUNNING).with_for_update()
 _DONE = update(_JOBS).where(_JOBS.c.id == bindparam("job_id")).values(
     status=JobStatus.DONE, result=bindparam("result"), locked_by=None,
     lease_expires_at=None, finished_at=bindparam("finished_at"))
+
+
+@dataclass(slots=True)
+class JobRow:
+    """A fenced job as the batched handlers read it (the ``Job`` columns they use)."""
+
+    id: int
+    kind: str
+    subscriber_id: int | None
+    flow: str | None
+    payload: dict[str, Any]
 
 
 class LeaseLapsed(Exception):
@@ -166,12 +184,10 @@ class JobBatches:
         async with isolated_many(scheduler.engine.turns, identities) as session:
             ids = [job_id for queue in queues for job_id, _, _ in queue
                    if job_id not in left_out]
-            query = select(Job).where(Job.id.in_(ids), Job.locked_by == scheduler.worker_id,
-                                      Job.status == JobStatus.RUNNING)
-            if not scheduler.db.is_sqlite:
-                query = query.with_for_update()
-            jobs = {job.id: job for job in (await session.scalars(query)).all()}
-            firsts: dict[int, Job] = {}
+            fenced = await (await direct(session)).execute(
+                _FENCE, {"b_ids": ids, "b_worker": scheduler.worker_id})
+            jobs = {row[0]: JobRow(*row) for row in fenced.rows}
+            firsts: dict[int, JobRow] = {}
             for job_id in ids:
                 job = jobs.get(job_id)
                 if job is not None and job.subscriber_id is not None:
@@ -195,11 +211,16 @@ class JobBatches:
                     raise _TurnFailed(job_id, error) from error
                 forget_preloaded(session, job.subscriber_id)
                 results.append({"job_id": job_id, "result": result})
-            await save_many(turns, session)
-            if results:
+            if results:  # deferred: they go with the turns' writes (save_many)
                 now = scheduler.clock.now()
-                await (await direct(session)).write(_DONE, [
-                    {**result, "finished_at": now} for result in results])
+                connection = await direct(session)
+                connection.defer = True
+                try:
+                    await connection.write(_DONE, [
+                        {**result, "finished_at": now} for result in results])
+                finally:
+                    connection.defer = False
+            await save_many(turns, session)
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:
                 raise LeaseLapsed(f"leases of jobs {lapsed} lapsed in hand")

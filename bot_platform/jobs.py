@@ -14,11 +14,12 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, true
 
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
+from bot_platform.direct import direct, in_ids
 from bot_platform.inbound import Engine
 from bot_platform.job_batches import JobBatches
 from bot_platform.job_handlers import JobHandler, PreparedJobHandler
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 Claimed = tuple[int, str, tuple[str, str, str] | None]  # job id, kind, subscriber identity
 
 # The claimed jobs' subscribers, built once (their ids bound at execution).
-_IDENTITIES = select(Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id
-                     ).where(Subscriber.id.in_(bindparam("b_ids", expanding=True)))
+_SUBSCRIBERS = Subscriber.__table__
+_IDENTITIES = select(_SUBSCRIBERS.c.id, _SUBSCRIBERS.c.channel, _SUBSCRIBERS.c.bot_id,
+                     _SUBSCRIBERS.c.user_id).where(in_ids(_SUBSCRIBERS.c.id, "b_ids"))
 
 
 class Scheduler:
@@ -55,9 +57,13 @@ class Scheduler:
             "read_fallback": engine.timers.run_read_fallback}
         self.batches = JobBatches(self)
         # The claim, built once (its time bound at execution): see ``Leases.claim_statement``.
+        # Each arm of ``ready`` is read on its own along ``ix_jobs_due`` (status, due_at,
+        # id) up to the limit: with their OR in one WHERE, both databases read and sorted
+        # every due job for each claim (100,000 timers due at one instant: ~80 ms of the
+        # PostgreSQL server per claim of 200, a full sort on SQLite).
         self._claim = self.leases.claim_statement(
-            self.leases.ready(Job.due_at, bindparam("b_now")), (Job.due_at, Job.id),
-            (Job.kind, Job.subscriber_id, Job.due_at))
+            true(), (Job.due_at, Job.id), (Job.kind, Job.subscriber_id, Job.due_at),
+            any_of=self.leases.ready_arms(Job.due_at, bindparam("b_now")))
 
     async def claim(self, limit: int) -> list[Claimed]:
         """Claim due jobs: (job id, kind, subscriber identity) in due order."""
@@ -66,9 +72,9 @@ class Scheduler:
                 session, None, (), limit, (), statement=self._claim,
                 params={"b_now": self.clock.now()})
             subscriber_ids = list({c.subscriber_id for c in claimed if c.subscriber_id})
-            identities = {row.id: (row.channel, row.bot_id, row.user_id) for row in (
-                await session.execute(_IDENTITIES, {"b_ids": subscriber_ids})).all()
-            } if subscriber_ids else {}
+            identities = {row[0]: (row[1], row[2], row[3]) for row in (
+                await (await direct(session)).execute(_IDENTITIES, {"b_ids": subscriber_ids})
+            ).rows} if subscriber_ids else {}
         ordered = sorted(claimed, key=lambda c: (c.due_at, c.id))
         return [(c.id, c.kind, identities.get(c.subscriber_id)) for c in ordered]
 

@@ -175,7 +175,9 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_due", "status", "due_at"),
+        # id last: a claim takes jobs in (due_at, id) order straight off the index, also
+        # when many are due at the same instant (0007_jobs_due_order).
+        Index("ix_jobs_due", "status", "due_at", "id"),
         Index("ix_jobs_subscriber", "subscriber_id", "status"),
     )
 

@@ -37,7 +37,7 @@ from bot_platform import pg_driver
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.direct import run_alone
+from bot_platform.direct import direct, in_ids, run_alone
 from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.outbox import hold_rows, skip_rows
@@ -390,13 +390,13 @@ class OutboxClaims:
             given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
                           and values.get("status") == OutboxStatus.PENDING]
             stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}
+            connection = await direct(session)
             owned: set[int] = set()
             for key, ids in by_values.items():
-                owned.update((await session.scalars(
-                    update(Outbox).where(Outbox.id.in_(ids),
-                                         Outbox.locked_by == self.worker_id)
-                    .values(dict(key)).returning(Outbox.id)
-                    .execution_options(synchronize_session=False))).all())
+                owned.update(row[0] for row in (await connection.execute(
+                    _result_update(tuple(column for column, _ in key)), {
+                        "b_ids": ids, "b_worker": self.worker_id,
+                        **{f"v_{column}": value for column, value in key}})).rows)
             if stopped:
                 await self._follow_broadcasts(
                     session, [row for row in given_back if row.id in owned], stopped, now)
@@ -410,12 +410,13 @@ class OutboxClaims:
                     by_columns.setdefault(columns, []).append(
                         {"m_id": outcome.row.message_id,
                          **{f"v_{k}": v for k, v in message_values.items()}})
-            table = Message.__table__
-            for columns, parameters in by_columns.items():
-                await session.execute(
-                    table.update().where(table.c.id == bindparam("m_id"))
-                    .values({column: bindparam(f"v_{column}") for column in columns}),
-                    parameters)
+            connection.defer = True  # one trip (on PostgreSQL one statement) for all
+            try:
+                for columns, parameters in by_columns.items():
+                    await connection.write(_message_update(columns), parameters)
+            finally:
+                connection.defer = False
+            await connection.flush()
             for outcome, _, _ in planned:
                 if outcome.row.id in owned and outcome.result is not None \
                         and outcome.result.status == SendStatus.BLOCKED:
@@ -525,3 +526,33 @@ class OutboxClaims:
             outbox_values.update(status=final, last_error=detail)
             message_values.update(status=MessageStatus(final), error=detail)
         return outbox_values, (message_values if len(message_values) > 1 else {})
+
+
+# The statements that write send results, one per set of columns written (a handful of
+# kinds of outcome), built once: ``Direct`` runs them on the driver (their compiled form
+# is cached per statement), not through the session's ORM-enabled execution.
+_RESULT_UPDATES: dict[tuple[str, ...], Any] = {}
+_MESSAGE_UPDATES: dict[tuple[str, ...], Any] = {}
+_OUTBOX, _MESSAGES = Outbox.__table__, Message.__table__
+
+
+def _result_update(columns: tuple[str, ...]) -> Any:
+    """The outbox rows ``b_ids`` still locked by ``b_worker`` get ``v_<column>``; returns
+    their ids."""
+    statement = _RESULT_UPDATES.get(columns)
+    if statement is None:
+        statement = _RESULT_UPDATES[columns] = update(_OUTBOX).where(
+            in_ids(_OUTBOX.c.id, "b_ids"), _OUTBOX.c.locked_by == bindparam("b_worker"),
+        ).values({column: bindparam(f"v_{column}") for column in columns}).returning(
+            _OUTBOX.c.id)
+    return statement
+
+
+def _message_update(columns: tuple[str, ...]) -> Any:
+    """Message ``m_id`` gets ``v_<column>``."""
+    statement = _MESSAGE_UPDATES.get(columns)
+    if statement is None:
+        statement = _MESSAGE_UPDATES[columns] = update(_MESSAGES).where(
+            _MESSAGES.c.id == bindparam("m_id")).values(
+            {column: bindparam(f"v_{column}") for column in columns})
+    return statement

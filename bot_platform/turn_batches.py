@@ -30,6 +30,7 @@ from sqlalchemy import (
     delete,
     exists,
     null,
+    or_,
     select,
     text,
     union_all,
@@ -37,7 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.direct import direct
+from bot_platform import pg_driver
+from bot_platform.direct import direct, in_ids
 from bot_platform.flows.turn import SendEffect
 from bot_platform.handoff import OPEN
 from bot_platform.models import Conversation
@@ -69,19 +71,20 @@ if TYPE_CHECKING:
 PRELOADED = "botp.preloaded_turns"  # session.info key: subscriber id -> Work | Skipped
 DEFERRED = "botp.deferred_turns"  # session.info key: subscriber id -> Work to save
 
-_IDS = bindparam("ids", expanding=True)
 _CONVERSATIONS = Conversation.__table__
+# (The open statuses as plain parameters, not an expanding IN: Direct runs it then.)
 _LOAD_SUBSCRIBERS = select(*SUBSCRIBERS.c, exists().where(
     _CONVERSATIONS.c.subscriber_id == SUBSCRIBERS.c.id,
-    _CONVERSATIONS.c.status.in_(OPEN)).label("talking")).where(SUBSCRIBERS.c.id.in_(_IDS))
+    or_(*(_CONVERSATIONS.c.status == status for status in OPEN))).label("talking")).where(
+    in_ids(SUBSCRIBERS.c.id, "ids"))
 # Flow positions and tags of many subscribers in one statement (a tag row has no state
 # id), as ``turns.LOAD_TURN`` loads one subscriber's.
 _F, _T = FLOW_STATES.c, TAGS.c
 _LOAD_POSITIONS = union_all(
     select(_F.subscriber_id, _F.flow, _F.id, _F.state, _F.version, _F.status, _F.data,
-           _F.updated_at).where(_F.subscriber_id.in_(_IDS)),
+           _F.updated_at).where(in_ids(_F.subscriber_id, "ids")),
     select(_T.subscriber_id, _T.tag, null(), null(), null(), null(), null(), null())
-    .where(_T.subscriber_id.in_(_IDS)))
+    .where(in_ids(_T.subscriber_id, "ids")))
 
 _ADVISORY_LOCKS = text(
     "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(:keys) AS k"
@@ -101,7 +104,13 @@ async def isolated_many(turns: Turns,
         session = await stack.enter_async_context(turns.engine.db.session())
         if ordered and session.bind.dialect.name == "postgresql":
             keys = sorted({advisory_key(*identity) for identity in ordered})
-            await session.execute(_ADVISORY_LOCKS, {"keys": keys})
+            connection = await direct(session)
+            # With the transaction's BEGIN in one trip (the keys are integers: literals).
+            if not (connection.adapter is not None and await pg_driver.begin_with(
+                    connection.connection, connection.adapter,
+                    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest("
+                    f"'{{{','.join(str(int(key)) for key in keys)}}}'::bigint[]) AS k")):
+                await session.execute(_ADVISORY_LOCKS, {"keys": keys})
         yield session
 
 
@@ -116,12 +125,15 @@ async def preload(turns: Turns, session: AsyncSession,
     found: dict[int, Work | Skipped] = {}
     if not ids:
         return found
-    subscribers = {row["id"]: row for row in (await session.execute(
-        _LOAD_SUBSCRIBERS, {"ids": ids})).mappings()}
+    connection = await direct(session)
+    loaded = await connection.execute(_LOAD_SUBSCRIBERS, {"ids": ids})
+    keys = loaded.keys
+    at = keys.index("id")
+    subscribers = {row[at]: dict(zip(keys, row, strict=True)) for row in loaded.rows}
     rows: dict[int, dict[str, StateRow]] = {}
     tags: dict[int, set[str]] = {}
-    for subscriber_id, name, *values in (await session.execute(
-            _LOAD_POSITIONS, {"ids": ids})).all():
+    for subscriber_id, name, *values in (await connection.execute(
+            _LOAD_POSITIONS, {"ids": ids})).rows:
         if values[0] is None:
             tags.setdefault(subscriber_id, set()).add(name)
         else:

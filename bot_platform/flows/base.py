@@ -23,8 +23,27 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+_DURATIONS: dict[tuple[type, Any], timedelta] = {}  # parsed durations, by type and value
+
+
 def parse_duration(value: Any) -> timedelta:
-    """``"1d"``, ``"1h30m"``, ``"45s"``, ``"2w"`` or a number of seconds -> timedelta."""
+    """``"1d"``, ``"1h30m"``, ``"45s"``, ``"2w"`` or a number of seconds -> timedelta
+    (remembered: a state's ``after`` is parsed each time a subscriber enters it)."""
+    key = (type(value), value)
+    try:
+        return _DURATIONS[key]
+    except (KeyError, TypeError):
+        pass
+    found = _parse_duration(value)
+    if len(_DURATIONS) < 4096:
+        try:
+            _DURATIONS[key] = found
+        except TypeError:  # not hashable
+            pass
+    return found
+
+
+def _parse_duration(value: Any) -> timedelta:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}")
     if isinstance(value, int | float):

@@ -93,6 +93,33 @@ class CompiledFlow:
         )
         for name, state in spec.states.items():
             self._add_transitions(name, state)
+        self._plain = self._plain_moves()
+
+    def _plain_moves(self) -> dict[tuple[str, str], str | None]:
+        """(trigger, source state) -> destination (None: stay) for every move the machine
+        would make with no condition and no callback but entering the destination: its
+        steps are known without running the machine (``transition``), which cost more
+        than the rest of a timer's turn (a wave of timers fires thousands of them)."""
+        machine = self.machine
+        hooks = ("before_state_change", "after_state_change", "prepare_event",
+                 "finalize_event", "on_exception", "on_final")
+        if any(getattr(machine, hook, None) for hook in hooks):
+            return {}
+        plain: dict[tuple[str, str], str | None] = {}
+        for trigger, event in machine.events.items():
+            for source, moves in event.transitions.items():
+                if len(moves) != 1:
+                    continue
+                move = moves[0]
+                if move.conditions or move.before or move.after or move.prepare:
+                    continue
+                if move.dest is not None:
+                    left, entered = machine.get_state(source), machine.get_state(move.dest)
+                    if left.on_exit or entered.on_enter != [self._on_enter] or getattr(
+                            entered, "final", False):
+                        continue
+                plain[(trigger, source)] = move.dest
+        return plain
 
     def _add_transitions(self, name: str, state: StateSpec) -> None:
         add = self.machine.add_transition
@@ -292,6 +319,10 @@ class CompiledFlow:
                    **kwargs: Any) -> list[_RunActions | _Enter | _Answer] | None:
         """Ask the machine where ``trigger`` leads from the stored state, on a throw-away
         model. Returns the steps to execute, None if the trigger does not apply there."""
+        key = (trigger, position.state)
+        if key in self._plain:  # what the machine would answer (``_plain_moves``)
+            destination = self._plain[key]
+            return [] if destination is None else [_Enter(destination)]
         event = self.machine.events.get(trigger)
         if event is None:
             return None

@@ -1,7 +1,7 @@
 """broadcasts' unsent outbox rows in id order
 
-Revision ID: 0007_outbox_bulk_unsent
-Revises: 0006_outbox_interactive_due
+Revision ID: 0008_outbox_bulk_unsent
+Revises: 0007_jobs_due_order
 Create Date: 2026-11-30 11:20:00
 
 The bulk claim on PostgreSQL takes broadcasts' rows in id order. It read them along the
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_outbox_bulk_unsent"
-down_revision: str | None = "0006_outbox_interactive_due"
+revision: str = "0008_outbox_bulk_unsent"
+down_revision: str | None = "0007_jobs_due_order"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
