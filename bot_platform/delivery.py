@@ -39,7 +39,8 @@ from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database, is_transient_db_error
 from bot_platform.logs import log_context
 from bot_platform.metrics import Metrics
-from bot_platform.outbox_claims import ClaimedRow, OutboxClaims, Outcome
+from bot_platform.outbox_claims import OutboxClaims
+from bot_platform.outbox_results import ClaimedRow, Outcome
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.pressure import InteractivePressure
 from bot_platform.ratelimit import Limits, Pacer, RateLimiter

@@ -1,7 +1,7 @@
-"""The outbox, a worker's side: claims, leases and results.
+"""The outbox, a worker's side: claims and leases (results: ``outbox_results.py``).
 
 Split from ``outbox.py`` (which writes rows and moves waiting ones) so each stays readable;
-together they are the only code that changes outbox rows. A subscriber's rows go out
+together the three are the only code that changes outbox rows. A subscriber's rows go out
 strictly in order: only the oldest unsent row of a subscriber is claimable. Interactive
 rows (replies, timers, agents' messages: not a broadcast's) are claimed first, together
 with any earlier row of the same subscriber that holds them up.
@@ -9,10 +9,8 @@ with any earlier row of the same subscriber that holds them up.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -33,50 +31,18 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from bot_platform import pg_driver
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.direct import direct, in_ids, run_alone
-from bot_platform.leases import Leases, backoff_delay
-from bot_platform.models import Broadcast, Message, Outbox, Subscriber
-from bot_platform.outbox import hold_rows, skip_rows
-from bot_platform.redaction import redact_secrets
-from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, SubscriberStatus
-from bot_platform.types import SendResult, SendStatus
+from bot_platform.direct import run_alone
+from bot_platform.leases import Leases
+from bot_platform.models import Outbox, Subscriber
+from bot_platform.outbox_results import ClaimedRow, OutboxResults, Outcome
+from bot_platform.statuses import OutboxStatus
 
-log = logging.getLogger(__name__)
 # Built once: a fresh ``aliased(Outbox)`` builds its column collection again whenever a
 # column of it is first used, 1.7 ms per ``claimable`` (a fifth of a busy worker's claims).
 _EARLIER = aliased(Outbox)
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedRow:
-    """An outbox row this worker holds, with what delivery needs about its subscriber."""
-
-    id: int
-    message_id: int
-    subscriber_id: int
-    channel: str
-    bot_id: str
-    recipient: str
-    payload: dict
-    attempts: int
-    subscriber_status: str
-    last_inbound_at: datetime | None
-    broadcast_id: int | None = None
-    urgent: bool = False  # someone waits for it (an interactive row)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What to write for one row: a send result, or a release (``release_after``)."""
-
-    row: ClaimedRow
-    result: SendResult | None
-    skipped: bool = False
-    release_after: float = 0.0
 
 
 # Constants in the SQL, not an expanding IN: a claim compiles to one plain statement
@@ -87,11 +53,6 @@ _UNSENT = [literal_column(f"'{status.value}'", String) for status in OutboxStatu
 _HEAD_EARLIER = aliased(Outbox, name="head_earlier")
 _LATER = aliased(Outbox, name="later")
 _SUBSCRIBERS = Subscriber.__table__
-
-
-def _text_or_none(value: Any) -> str | None:
-    """A channel's message id as the text column holds it (an adapter may hand an int)."""
-    return None if value is None else str(value)
 
 
 def _with_details(claim: Any) -> Any:
@@ -107,20 +68,6 @@ def _with_details(claim: Any) -> Any:
                   more.label("more")).select_from(claimed.outerjoin(
                       _SUBSCRIBERS, _SUBSCRIBERS.c.id == claimed.c.subscriber_id))
 
-
-# ``OutboxClaims._write_sent``: $1 the rows, $2 now, $3 their channel message ids, $4
-# this worker.
-_WRITE_SENT = f"""WITH done AS (
-  UPDATE outbox SET status = '{OutboxStatus.SENT.value}', sent_at = $2::timestamp,
-    last_error = NULL, locked_by = NULL, lease_expires_at = NULL
-  FROM unnest($1::bigint[], $3::varchar[]) AS v(id, channel_message_id)
-  WHERE outbox.id = v.id AND outbox.locked_by = $4
-  RETURNING outbox.id, outbox.message_id, v.channel_message_id),
-marked AS (
-  UPDATE messages SET status = '{MessageStatus.SENT.value}',
-    channel_message_id = done.channel_message_id, updated_at = $2::timestamp
-  FROM done WHERE messages.id = done.message_id)
-SELECT id FROM done"""
 
 _CLAIMED_COLUMNS = (Outbox.message_id, Outbox.subscriber_id, Outbox.channel, Outbox.bot_id,
                     Outbox.recipient, Outbox.payload, Outbox.attempts, Outbox.broadcast_id)
@@ -149,6 +96,7 @@ class OutboxClaims:
         # a ``botp chat`` user's messages are delivered only by that user's terminal.
         self.scope: Any = None
         self._statements: dict[tuple[Any, ...], Any] = {}  # see ``_statement``
+        self.results = OutboxResults(db, clock, settings, worker_id)
 
     def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
         """Rows ready to be claimed (a subscriber's oldest unsent row); ``kind`` "bulk":
@@ -369,190 +317,5 @@ class OutboxClaims:
         return (rows[0] if rows else None), subscriber_id in more
 
     async def write(self, outcomes: list[Outcome], urgent: bool = False) -> None:
-        """Write the outcomes in one transaction: only rows this worker still holds
-        change (another worker's take-over wins). ``urgent``: interactive rows' results
-        (``Database.session``)."""
-        now = self.clock.now()
-        if not self.db.is_sqlite:
-            sent = [o for o in outcomes if o.result is not None and not o.skipped
-                    and o.result.status == SendStatus.SENT]
-            if sent:
-                await self._write_sent(sent, now)
-                if len(sent) == len(outcomes):
-                    return
-                outcomes = [o for o in outcomes if not any(o is s for s in sent)]
-        planned = [(outcome, *self._values(outcome, now)) for outcome in outcomes]
-        by_values: dict[tuple, list[int]] = {}
-        for outcome, outbox_values, _ in planned:
-            key = tuple(sorted(outbox_values.items()))
-            by_values.setdefault(key, []).append(outcome.row.id)
-        async with self.db.session(urgent=urgent) as session:
-            given_back = [o.row for o, values, _ in planned if o.row.broadcast_id is not None
-                          and values.get("status") == OutboxStatus.PENDING]
-            stopped = await self._stopped_broadcasts(session, given_back) if given_back else {}
-            connection = await direct(session)
-            owned: set[int] = set()
-            for key, ids in by_values.items():
-                owned.update(row[0] for row in (await connection.execute(
-                    _result_update(tuple(column for column, _ in key)), {
-                        "b_ids": ids, "b_worker": self.worker_id,
-                        **{f"v_{column}": value for column, value in key}})).rows)
-            if stopped:
-                await self._follow_broadcasts(
-                    session, [row for row in given_back if row.id in owned], stopped, now)
-            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for outcome, _, message_values in planned:
-                if outcome.row.id not in owned:
-                    log.warning("outbox row %s was reclaimed by another worker before we "
-                                "recorded it", outcome.row.id)
-                elif message_values:
-                    columns = tuple(sorted(message_values))
-                    by_columns.setdefault(columns, []).append(
-                        {"m_id": outcome.row.message_id,
-                         **{f"v_{k}": v for k, v in message_values.items()}})
-            connection.defer = True  # one trip (on PostgreSQL one statement) for all
-            try:
-                for columns, parameters in by_columns.items():
-                    await connection.write(_message_update(columns), parameters)
-            finally:
-                connection.defer = False
-            await connection.flush()
-            for outcome, _, _ in planned:
-                if outcome.row.id in owned and outcome.result is not None \
-                        and outcome.result.status == SendStatus.BLOCKED:
-                    await self._stop_sending_to(session, outcome, now)
-        for outcome, _, _ in planned:
-            result = outcome.result
-            if (result is not None and outcome.row.id in owned and not outcome.skipped
-                    and result.status in (SendStatus.FAILED, SendStatus.BLOCKED)):
-                log.warning("outbox row %s to %s/%s: %s", outcome.row.id, outcome.row.channel,
-                            outcome.row.bot_id, result.reason)
-
-    async def _write_sent(self, outcomes: list[Outcome], now: datetime) -> None:
-        """PostgreSQL: rows sent (what nearly every result is), their messages with
-        them, in one statement that is its own transaction: one round trip for the
-        whole group instead of a session's BEGIN, an UPDATE per kind of values, the
-        messages' UPDATE and COMMIT. Only rows this worker still holds change."""
-        ids = [o.row.id for o in outcomes]
-        naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
-        found, _ = await pg_driver.fetch_alone(self.db.engine, _WRITE_SENT, (
-            ids, naive, [_text_or_none(o.result.message_id if o.result else None)
-                         for o in outcomes],
-            self.worker_id))
-        owned = {row[0] for row in found}
-        for row_id in ids:
-            if row_id not in owned:
-                log.warning("outbox row %s was reclaimed by another worker before we "
-                            "recorded it", row_id)
-
-    async def _stopped_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow]
-                                  ) -> dict[int, str]:
-        """The paused or cancelled broadcasts of these rows, read under a share lock
-        taken before any row is written: a pause or cancel committing now is waited for
-        (and then seen); one that starts later waits for this commit and then finds the
-        rows pending, so it holds or skips them itself."""
-        query = select(Broadcast.id, Broadcast.status).where(
-            Broadcast.id.in_({row.broadcast_id for row in rows}))
-        if not self.db.is_sqlite:
-            query = query.with_for_update(read=True)
-        return {i: status for i, status in (await session.execute(query)).all()
-                if status in (BroadcastStatus.PAUSED, BroadcastStatus.CANCELLED)}
-
-    async def _follow_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow],
-                                 stopped: dict[int, str], now: datetime) -> None:
-        """Broadcast rows given back to wait (a far rate-limit slot, a retry) whose
-        broadcast was paused or cancelled meanwhile are held or skipped like its other
-        rows, instead of being sent later."""
-        for broadcast_id, status in stopped.items():
-            ids = [row.id for row in rows if row.broadcast_id == broadcast_id]
-            if status == BroadcastStatus.PAUSED:
-                await hold_rows(session, Outbox.id.in_(ids))
-            else:
-                await skip_rows(session, (Outbox.id.in_(ids),), now, "cancelled",
-                            (OutboxStatus.PENDING,))
-
-    async def _stop_sending_to(self, session: AsyncSession, outcome: Outcome,
-                               now: datetime) -> None:
-        """Blocked: the subscriber is gone (unless this was a skip) and nothing else
-        queued for them can be delivered now."""
-        row = outcome.row
-        if not outcome.skipped:
-            await session.execute(update(Subscriber).where(
-                Subscriber.id == row.subscriber_id).values(
-                status=SubscriberStatus.UNSUBSCRIBED, updated_at=now))
-        await skip_rows(session, (Outbox.subscriber_id == row.subscriber_id,), now,
-                    "unsubscribed", (OutboxStatus.PENDING,))
-
-    def _values(self, outcome: Outcome, now: datetime) -> tuple[dict, dict]:
-        """The outbox and message columns to write for one outcome: a retry comes back
-        with backoff until ``max_attempts``, a final result ends the row."""
-        row, result = outcome.row, outcome.result
-        outbox_values: dict = {"locked_by": None, "lease_expires_at": None}
-        if result is None:
-            outbox_values.update(status=OutboxStatus.PENDING, next_attempt_at=now + timedelta(
-                seconds=outcome.release_after))
-            return outbox_values, {}
-        message_values: dict = {"updated_at": now}
-        status = result.status
-        if result.reason:  # adapters redact their own; this also covers third-party ones
-            result = replace(result, reason=redact_secrets(result.reason))
-        if status == SendStatus.SENT:
-            outbox_values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
-            message_values.update(status=MessageStatus.SENT,
-                                  channel_message_id=result.message_id)
-        elif status == SendStatus.RETRY_AFTER:
-            outbox_values.update(
-                status=OutboxStatus.PENDING, last_error=result.reason,
-                next_attempt_at=now + timedelta(seconds=result.retry_after or 1.0))
-        elif status == SendStatus.TRANSIENT:
-            attempts, settings = row.attempts + 1, self.settings
-            if attempts >= settings.max_attempts:
-                reason = f"gave up after {attempts} attempts: {result.reason}"
-                outbox_values.update(status=OutboxStatus.FAILED, attempts=attempts,
-                                     last_error=reason)
-                message_values.update(status=MessageStatus.FAILED, error=reason)
-            else:
-                delay = backoff_delay(attempts, settings.backoff_base, settings.backoff_max)
-                outbox_values.update(status=OutboxStatus.PENDING, attempts=attempts,
-                                     last_error=result.reason,
-                                     next_attempt_at=now + timedelta(seconds=delay))
-        else:
-            reason = {SendStatus.BLOCKED: "blocked", SendStatus.OUTSIDE_WINDOW:
-                      "outside_window"}.get(status, "failed")
-            detail = f"{reason}: {result.reason}" if result.reason else reason
-            final = (OutboxStatus.SKIPPED
-                     if outcome.skipped or status == SendStatus.OUTSIDE_WINDOW
-                     else OutboxStatus.FAILED)
-            outbox_values.update(status=final, last_error=detail)
-            message_values.update(status=MessageStatus(final), error=detail)
-        return outbox_values, (message_values if len(message_values) > 1 else {})
-
-
-# The statements that write send results, one per set of columns written (a handful of
-# kinds of outcome), built once: ``Direct`` runs them on the driver (their compiled form
-# is cached per statement), not through the session's ORM-enabled execution.
-_RESULT_UPDATES: dict[tuple[str, ...], Any] = {}
-_MESSAGE_UPDATES: dict[tuple[str, ...], Any] = {}
-_OUTBOX, _MESSAGES = Outbox.__table__, Message.__table__
-
-
-def _result_update(columns: tuple[str, ...]) -> Any:
-    """The outbox rows ``b_ids`` still locked by ``b_worker`` get ``v_<column>``; returns
-    their ids."""
-    statement = _RESULT_UPDATES.get(columns)
-    if statement is None:
-        statement = _RESULT_UPDATES[columns] = update(_OUTBOX).where(
-            in_ids(_OUTBOX.c.id, "b_ids"), _OUTBOX.c.locked_by == bindparam("b_worker"),
-        ).values({column: bindparam(f"v_{column}") for column in columns}).returning(
-            _OUTBOX.c.id)
-    return statement
-
-
-def _message_update(columns: tuple[str, ...]) -> Any:
-    """Message ``m_id`` gets ``v_<column>``."""
-    statement = _MESSAGE_UPDATES.get(columns)
-    if statement is None:
-        statement = _MESSAGE_UPDATES[columns] = update(_MESSAGES).where(
-            _MESSAGES.c.id == bindparam("m_id")).values(
-            {column: bindparam(f"v_{column}") for column in columns})
-    return statement
+        """What became of claimed rows (``OutboxResults.write``)."""
+        await self.results.write(outcomes, urgent)

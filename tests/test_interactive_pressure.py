@@ -10,7 +10,7 @@ import asyncio
 from bot_platform.clock import SystemClock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.delivery import Delivery
-from bot_platform.outbox_claims import ClaimedRow
+from bot_platform.outbox_results import ClaimedRow
 from bot_platform.pressure import InteractivePressure
 from bot_platform.ratelimit import MemoryRateLimiter
 from bot_platform.statuses import SubscriberStatus

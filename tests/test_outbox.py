@@ -12,7 +12,8 @@ from sqlalchemy import and_, insert, select
 
 from bot_platform.config import BotConfig
 from bot_platform.models import Contact, Job, Outbox, Subscriber
-from bot_platform.outbox_claims import ClaimedRow, OutboxClaims
+from bot_platform.outbox_claims import OutboxClaims
+from bot_platform.outbox_results import ClaimedRow
 from bot_platform.statuses import OutboxStatus, SubscriberStatus
 from bot_platform.types import Outgoing
 from tests.support.scripted import ScriptedChannel, outbox_rows, start
