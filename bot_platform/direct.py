@@ -7,35 +7,24 @@ needs Python-side defaults goes through the SQLAlchemy connection."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
     CompoundSelect,
     DateTime,
     Delete,
     Insert,
     Select,
-    String,
-    TypeDecorator,
     Update,
-    bindparam,
-    insert,
-    select,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.util import find_tables
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from bot_platform import pg_driver
+from bot_platform.statement_forms import TABLES, arrays_form, linked_arrays
 
 log = logging.getLogger(__name__)
 
@@ -128,120 +117,8 @@ def _plan(compiled: Any, keys: tuple[str, ...], defaults: dict[str, Any],
     return tuple(template), tuple(slots)
 
 
-class IdList(TypeDecorator[list[int]]):
-    """A list of ids as one bind parameter: a PostgreSQL ``bigint[]``, JSON text on
-    SQLite (read back by ``json_each``)."""
-
-    impl = String
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Any) -> Any:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(ARRAY(BigInteger))
-        return dialect.type_descriptor(String())
-
-    def process_bind_param(self, value: Any, dialect: Any) -> Any:
-        if value is None:
-            return None
-        if dialect.name == "postgresql":
-            return [int(v) for v in value]
-        return "[" + ",".join(str(int(v)) for v in value) + "]"
-
-
-class in_ids(ColumnElement[bool]):
-    """``column IN ids`` with the ids as one bind parameter ``name`` (an ``IdList``):
-    ``column = ANY($1)`` on PostgreSQL, ``column IN (SELECT value FROM json_each(?))``
-    on SQLite. Unlike an expanding ``IN``, the statement's text does not depend on how
-    many ids there are, so ``Direct`` runs it and PostgreSQL keeps it prepared (a list
-    of 50 ids was 50 parameters: prepared, run and closed, three round trips). On
-    PostgreSQL ``= ANY`` and not ``IN (SELECT unnest(...))``: with statistics that
-    believe few rows match, the planner joined the latter in a nested loop (the fence of
-    a batch: 15,000 comparisons, 10-17 ms), where ``= ANY`` is an index condition."""
-
-    type = Boolean()
-    inherit_cache = True
-    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
-                           ("ids", InternalTraversal.dp_clauseelement)]
-
-    def __init__(self, column: Any, name: str) -> None:
-        self.column = column
-        self.ids = bindparam(name, type_=IdList())
-
-    def self_group(self, against: Any = None) -> Any:
-        return self  # a comparison already: no "= 1" where booleans are integers
-
-
-@compiles(in_ids)
-def _in_ids_sqlite(element: in_ids, compiler: Any, **kw: Any) -> str:
-    return (f"({compiler.process(element.column, **kw)} IN "
-            f"(SELECT value FROM json_each({compiler.process(element.ids, **kw)})))")
-
-
-@compiles(in_ids, "postgresql")
-def _in_ids_postgresql(element: in_ids, compiler: Any, **kw: Any) -> str:
-    return (f"({compiler.process(element.column, **kw)} = "
-            f"ANY({compiler.process(element.ids, **kw)}))")
-
-
-# The bind casts asyncpg's compiler writes (``$3::VARCHAR``), longest spellings first.
-_CAST = re.compile(r"\$(\d+)::(TIMESTAMP WITHOUT TIME ZONE|TIMESTAMP WITH TIME ZONE|"
-                   r"DOUBLE PRECISION|VARCHAR|BIGINT|INTEGER|SMALLINT|BOOLEAN|JSONB|JSON|TEXT|"
-                   r"FLOAT|NUMERIC)")
-_ARRAYS: dict[str, tuple[str, tuple[bool, ...]] | None] = {}
-
-
-def _arrays_form(compiled: _Compiled) -> tuple[str, tuple[bool, ...]] | None:
-    """A PostgreSQL ``INSERT ... VALUES``, ``UPDATE ... WHERE`` or ``DELETE ... WHERE``
-    for many parameter rows as one statement (None when its shape is not one of those):
-    each parameter a row fills becomes an array parameter of the same number, ``unnest``
-    turns them back into rows (``INSERT ... SELECT``, ``UPDATE ... FROM``, ``DELETE ...
-    USING``), the statement's constants stay single values. Returns the SQL and, per
-    parameter, whether it is an array. The server then runs one statement where an
-    ``executemany`` ran it once per row (about 60 us of server time each).
-
-    Only for rows that each touch their own target rows (a flow state, a job, a
-    subscriber's timers of one flow): with ``UPDATE ... FROM`` a target row matched by
-    two parameter rows is updated once, where an ``executemany`` applies both."""
-    sql = compiled.sql
-    if sql in _ARRAYS:
-        return _ARRAYS[sql]
-    result = None
-    filled = {index for index, _, _ in compiled.slots}
-    casts = {int(found.group(1)) - 1: found.group(2) for found in _CAST.finditer(sql)}
-    body = re.sub(r" RETURNING [\w., ]+$", "", sql)
-    if (filled and all(index in casts for index in filled)
-            and len(_CAST.findall(body)) == len(compiled.names) and "'" not in body
-            and "[]" not in body):  # an array parameter already: not a column's value
-        arrays = ", ".join(
-            f"${index + 1}::{'TEXT' if casts[index].startswith('JSON') else casts[index]}[]"
-            for index in sorted(filled))
-        source = (f"unnest({arrays}) AS u("
-                  f"{', '.join(f'p{index + 1}' for index in sorted(filled))})")
-        body = _CAST.sub(lambda found: (
-            f"u.p{found.group(1)}::{found.group(2)}" if int(found.group(1)) - 1 in filled
-            else found.group(0)), body)
-        head, _, values = body.partition(" VALUES ")
-        if body.startswith("INSERT INTO ") and values.startswith("(") and values.endswith(
-                ")") and ") VALUES (" not in values:
-            result = f"{head} SELECT {values[1:-1]} FROM {source}"
-        elif body.startswith("UPDATE ") and body.count(" WHERE ") == 1 and " FROM " not in body:
-            target, where = body.split(" WHERE ")
-            result = f"{target} FROM {source} WHERE {where}"
-        elif body.startswith("DELETE FROM ") and body.count(" WHERE ") == 1 and (
-                " USING " not in body):
-            target, where = body.split(" WHERE ")
-            result = f"{target} USING {source} WHERE {where}"
-    found = _ARRAYS[sql] = (result, tuple(index in filled for index in range(
-        len(compiled.names)))) if result is not None else None
-    if found is not None and sql in TABLES:
-        TABLES[found[0]] = TABLES[sql]
-    return found
-
-
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
-# The tables each compiled statement names (PostgreSQL merges writes on disjoint tables).
-TABLES: dict[str, frozenset[str]] = {}
 
 
 def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled | None:
@@ -397,7 +274,7 @@ class Direct:
             return
         compiled, positional = prepared
         if self.adapter is not None and len(positional) > 1:
-            form = _arrays_form(compiled)
+            form = arrays_form(compiled)
             if form is not None:  # one statement, not one per row
                 sql, arrays = form
                 self.pending.append((sql, [tuple(
@@ -491,11 +368,11 @@ class Direct:
     async def linked_arrays(self, parent: Any, parent_rows: list[dict[str, Any]], child: Any,
                             child_rows: list[dict[str, Any]], link: str
                             ) -> tuple[list[int], list[int]] | None:
-        """See ``insert_linked`` (PostgreSQL, many rows): one ``_linked_arrays``
+        """See ``insert_linked`` (PostgreSQL, many rows): one ``statement_forms.linked_arrays``
         statement, after what was deferred; None when it cannot be (nothing was run)."""
         parent_keys = tuple(parent_rows[0])
         child_keys = tuple(key for key in child_rows[0] if key != link)
-        insert_ = _linked_arrays(self.dialect, parent, parent_keys, child,
+        insert_ = linked_arrays(self.dialect, parent, parent_keys, child,
                                  (*child_keys, link), link)
         if insert_ is None:
             return None
@@ -563,164 +440,3 @@ async def direct(session: AsyncSession) -> Direct:
         found = session.info["direct"] = await Direct.of(await session.connection())
         found.transaction = session.sync_session.get_transaction()
     return found
-
-
-# On PostgreSQL a linked insert of a single row is one ``linked_pair`` statement; more
-# rows go as one ``_linked_arrays`` statement (a column per array parameter).
-_RETURNING_IDS: dict[Any, Any] = {}  # per table: INSERT ... RETURNING id, built once
-
-
-async def insert_returning_ids(session: AsyncSession, model: Any,
-                               rows: list[dict[str, Any]]) -> list[int]:
-    """Insert many rows; their new ids in the order of ``rows``.
-
-    On SQLite the rows go row by row in one trip to aiosqlite's thread (``Direct``); our
-    transactions hold the write lock (BEGIN IMMEDIATE), so the ids increase in order.
-    PostgreSQL batches the ordered form itself."""
-    table = getattr(model, "__table__", model)  # Core: no ORM bulk-insert machinery
-    if session.bind.dialect.name == "sqlite":
-        return sorted(row[0] for row in (await (await direct(session)).execute(
-            _returning_ids(table), rows)).rows)
-    return list((await session.execute(
-        insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)).scalars())
-
-
-_LINKED_PAIRS: dict[tuple[Any, ...], Any] = {}
-
-
-def linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
-                 child_keys: tuple[str, ...], link: str) -> Any:
-    """One parent row and its child in one statement (PostgreSQL): the parent's insert
-    in a ``WITH`` clause, the child's link its new id; returns the child's id and its
-    parent's. Bind names are prefixed (``p_``, ``c_``): both tables share column names."""
-    key = (parent, parent_keys, child, child_keys, link)
-    statement = _LINKED_PAIRS.get(key)
-    if statement is None:
-        inserted = insert(parent).values({
-            name: bindparam(f"p_{name}") for name in parent_keys}).returning(
-            parent.c.id).cte("linked_parent")
-        statement = insert(child).values({
-            **{name: bindparam(f"c_{name}") for name in child_keys if name != link},
-            link: select(inserted.c.id).scalar_subquery()}).returning(
-            child.c.id, child.c[link])
-        _LINKED_PAIRS[key] = statement
-    return statement
-
-
-@dataclass(frozen=True, slots=True)
-class _ArraysInsert:
-    sql: str
-    processors: tuple[Callable[[Any], Any] | None, ...]  # per column: the bind processor
-    parent_defaults: dict[str, Any]  # constant Python-side defaults of columns not given
-    child_defaults: dict[str, Any]
-    sequence: tuple[str, str]  # the parents' table and id column
-
-
-_LINKED_ARRAYS: dict[tuple[Any, ...], _ArraysInsert | None] = {}
-
-
-def _constant_defaults(table: Any, given: tuple[str, ...]) -> dict[str, Any] | None:
-    """The Python-side defaults of the columns not ``given`` (None: one is not a
-    constant, the statement needs SQLAlchemy's execution)."""
-    defaults: dict[str, Any] = {}
-    for column in table.columns:
-        if column.key in given or column.default is None:
-            continue
-        if not column.default.is_scalar:
-            return None
-        defaults[column.key] = column.default.arg
-    return defaults
-
-
-def _linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], child: Any,
-                   child_keys: tuple[str, ...], link: str) -> _ArraysInsert | None:
-    """Many parent rows and a child row each in one statement (PostgreSQL), its text
-    the same for any number of rows (so it stays prepared): each column's values one
-    array parameter, ``unnest`` turns them back into rows; the parents' ids are drawn
-    from their sequence in row order, then both inserts (in row order) take them;
-    returns (child id, parent id) in row order. JSON travels as text arrays."""
-    key = (dialect.name, parent, parent_keys, child, child_keys, link)
-    if key in _LINKED_ARRAYS:
-        return _LINKED_ARRAYS[key]
-    child_keys = tuple(name for name in child_keys if name != link)
-    parent_defaults = _constant_defaults(parent, (*parent_keys, "id"))
-    child_defaults = _constant_defaults(child, (*child_keys, link, "id"))
-    if parent_defaults is None or child_defaults is None:
-        _LINKED_ARRAYS[key] = None
-        return None
-    parent_keys = (*parent_keys, *parent_defaults)
-    child_keys = (*child_keys, *child_defaults)
-    columns = [parent.c[name] for name in parent_keys] + [child.c[name] for name in child_keys]
-    names = [f"p{n}" for n in range(len(parent_keys))] + [
-        f"c{n}" for n in range(len(child_keys))]
-    arrays, processors, values = [], [], []
-    for number, (column, name) in enumerate(zip(columns, names, strict=True), start=1):
-        type_sql = column.type.compile(dialect=dialect)
-        is_json = type_sql in ("JSON", "JSONB")
-        arrays.append(f"${number}::{'TEXT' if is_json else type_sql}[]")
-        processors.append(column.type._cached_bind_processor(dialect))
-        values.append(f"{name}::{type_sql}" if is_json else name)
-    parent_values = values[:len(parent_keys)]
-    child_values = values[len(parent_keys):]
-    # The sequence's name comes as two more parameters: the statement holds no quotes,
-    # so the deferred writes before it can ride in it (``pg_driver.merge_writes``).
-    number = len(columns)
-    # Looked up once per statement (an init plan), not once per row.
-    sequence = (f"(SELECT pg_get_serial_sequence(${number + 1}::TEXT, ${number + 2}::TEXT)"
-                f"::regclass)")
-    sql = (
-        f"WITH input AS MATERIALIZED (SELECT nextval({sequence}) AS link_id, t.* FROM ("
-        f"SELECT * FROM unnest({', '.join(arrays)}) WITH ORDINALITY "
-        f"AS u({', '.join(names)}, n) ORDER BY n) AS t), "
-        f"parent AS (INSERT INTO {parent.name} (id, {', '.join(parent_keys)}) "
-        f"SELECT link_id, {', '.join(parent_values)} FROM input ORDER BY n), "
-        f"child AS (INSERT INTO {child.name} ({', '.join([*child_keys, link])}) "
-        f"SELECT {', '.join([*child_values, 'link_id'])} FROM input ORDER BY n "
-        f"RETURNING id, {link}) "
-        f"SELECT child.id, child.{link} FROM child JOIN input ON input.link_id = "
-        f"child.{link} ORDER BY input.n")
-    found = _LINKED_ARRAYS[key] = _ArraysInsert(sql, tuple(processors), parent_defaults,
-                                                child_defaults, (parent.name, parent.c.id.name))
-    TABLES[sql] = frozenset({parent.name, child.name})
-    return found
-
-
-def _returning_ids(table: Any) -> Any:
-    statement = _RETURNING_IDS.get(table)
-    if statement is None:
-        statement = _RETURNING_IDS[table] = insert(table).returning(table.c.id)
-    return statement
-
-
-async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[dict[str, Any]],
-                        child: Any, child_rows: list[dict[str, Any]], link: str
-                        ) -> tuple[list[int], list[int]]:
-    """Insert parent rows, then one child row per parent whose ``link`` column is that
-    parent's new id (an outbox row and its message); both lists of new ids, in order.
-    On SQLite both inserts are one trip to the database; on PostgreSQL one statement
-    (``linked_pair`` for one row, ``_linked_arrays`` for more)."""
-    parent_table = getattr(parent, "__table__", parent)
-    child_table = getattr(child, "__table__", child)
-    connection = await direct(session)
-    if connection.adapter is not None and len(parent_rows) == len(child_rows) == 1:
-        row = (await connection.execute(linked_pair(
-            parent_table, tuple(parent_rows[0]), child_table, tuple(child_rows[0]), link), {
-            **{f"p_{key}": value for key, value in parent_rows[0].items()},
-            **{f"c_{key}": value for key, value in child_rows[0].items()}})).rows[0]
-        return [row[1]], [row[0]]
-    if connection.adapter is not None and len(parent_rows) == len(child_rows) > 1:
-        linked = await connection.linked_arrays(parent_table, parent_rows, child_table,
-                                                child_rows, link)
-        if linked is not None:
-            return linked
-    if connection.raw is not None and parent_rows:
-        first = connection._prepared(_returning_ids(parent_table), parent_rows)
-        second = connection._prepared(_returning_ids(child_table),
-                                      [{**row, link: 0} for row in child_rows])
-        if first is not None and second is not None:
-            return await connection.linked(first, second, second[0].names.index(link))
-    parent_ids = await insert_returning_ids(session, parent_table, parent_rows)
-    child_ids = await insert_returning_ids(session, child_table, [
-        {**row, link: parent_id} for row, parent_id in zip(child_rows, parent_ids,
-                                                           strict=True)])
-    return parent_ids, child_ids

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.channels import HandledEvent
 from bot_platform.clock import Clock
 from bot_platform.database import Database, insert_ignore
-from bot_platform.direct import Direct, direct, linked_pair
+from bot_platform.direct import Direct, direct
 from bot_platform.errors import StorageUnavailable
 from bot_platform.event_groups import EventGroups, groups_events
 from bot_platform.flows.machine import FlowSet
@@ -43,6 +43,7 @@ from bot_platform.outbox import OutboxQueue
 from bot_platform.pressure import InteractivePressure
 from bot_platform.privacy import event_key
 from bot_platform.routing import Router
+from bot_platform.statement_forms import linked_pair
 from bot_platform.statuses import MessageStatus, SubscriberStatus
 from bot_platform.timers import Timers
 from bot_platform.turns import (

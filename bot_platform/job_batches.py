@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, update
 
-from bot_platform.direct import direct, in_ids
+from bot_platform.direct import direct
 from bot_platform.job_handlers import PreparedJobHandler
 from bot_platform.models import Job
+from bot_platform.statement_forms import in_ids
 from bot_platform.statuses import JobStatus
 from bot_platform.turn_batches import (
     forget_preloaded,

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, select, true
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.direct import direct, in_ids
+from bot_platform.direct import direct
 from bot_platform.inbound import Engine
 from bot_platform.job_batches import JobBatches
 from bot_platform.job_handlers import JobHandler, PreparedJobHandler
@@ -27,6 +27,7 @@ from bot_platform.leases import Leases, backoff_delay
 from bot_platform.models import Job, Subscriber
 from bot_platform.pipeline import Finished, Pipeline
 from bot_platform.redaction import redact_secrets
+from bot_platform.statement_forms import in_ids
 from bot_platform.statuses import JobStatus
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot_platform.bulk_inserts import insert_linked
 from bot_platform.clock import Clock
 from bot_platform.database import Database
-from bot_platform.direct import direct, insert_linked
+from bot_platform.direct import direct
 from bot_platform.fitting import fit_message
 from bot_platform.models import Message, Outbox
 from bot_platform.statuses import MessageStatus, OutboxStatus

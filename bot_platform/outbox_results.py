@@ -19,11 +19,12 @@ from bot_platform import pg_driver
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.direct import direct, in_ids
+from bot_platform.direct import direct
 from bot_platform.leases import backoff_delay
 from bot_platform.models import Broadcast, Message, Outbox, Subscriber
 from bot_platform.outbox import hold_rows, skip_rows
 from bot_platform.redaction import redact_secrets
+from bot_platform.statement_forms import in_ids
 from bot_platform.statuses import BroadcastStatus, MessageStatus, OutboxStatus, SubscriberStatus
 from bot_platform.types import SendResult, SendStatus
 

@@ -39,10 +39,11 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform import pg_driver
-from bot_platform.direct import direct, in_ids
+from bot_platform.direct import direct
 from bot_platform.flows.turn import SendEffect
 from bot_platform.handoff import OPEN
 from bot_platform.models import Conversation
+from bot_platform.statement_forms import in_ids
 from bot_platform.statuses import SubscriberStatus
 from bot_platform.timers import may_have_timer, schedule_fallbacks
 from bot_platform.turns import (

@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from bot_platform.bulk_inserts import insert_linked
 from bot_platform.database import Database
-from bot_platform.direct import direct, insert_linked
+from bot_platform.direct import direct
 from bot_platform.models import Contact, Message, Outbox, Subscriber
 from bot_platform.turns import SUBSCRIBERS, UPDATE_SUBSCRIBER, SubscriberRow, write_subscriber
 
