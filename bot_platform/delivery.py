@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from bot_platform.channels import Channel, SupportsSendMany
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
-from bot_platform.database import Database, is_transient_db_error
+from bot_platform.database import Database
+from bot_platform.group_commit import LINGER, ResultWriter
 from bot_platform.logs import log_context
 from bot_platform.metrics import Metrics
 from bot_platform.outbox_claims import OutboxClaims
@@ -53,73 +52,6 @@ MAX_LIMITER_WAIT = 5.0  # seconds a claimed row may wait for its rate-limit slot
 # Sends are planned at this share of a bot's configured limit: the messenger counts in its
 # own windows and network jitter bunches requests, so planning at 100% provokes 429s.
 SEND_HEADROOM = 0.97
-MAX_GROUP_COMMIT = 500  # results written in one transaction at most
-# Seconds a group of broadcast rows' results waits for more to join it before its write,
-# when results come in faster than one at a time (PostgreSQL). Each write is a
-# transaction with a WAL flush: with three workers at 1,000 sends/s a group was 3-4
-# rows, and the commits cost the database more than all the claims. Nobody waits for a
-# broadcast row's result; an interactive row's result ends the wait at once. (A crash
-# in that time loses those results, as it would during their write: the rows are sent
-# again.)
-LINGER = 0.02
-
-
-class GroupCommit:
-    """Results written by group commit: every sender waits until its own row is
-    committed, but rows that finish together share one transaction."""
-
-    def __init__(self, write: Callable[[list[Outcome]], Awaitable[None]],
-                 linger: float = LINGER) -> None:
-        self.write = write
-        self.linger = linger
-        self._commits: list[tuple[Outcome, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._urgent = asyncio.Event()  # set when an interactive row's result comes
-
-    async def __call__(self, outcome: Outcome) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commits.append((outcome, future))
-        if outcome.row.urgent:
-            self._urgent.set()
-        if self._flusher is None or self._flusher.done():
-            # In a context of its own: it writes many senders' rows, and its log lines
-            # must not carry the first sender's subscriber (bot_platform.logs).
-            self._flusher = asyncio.create_task(self._flush(), context=contextvars.Context())
-        await asyncio.shield(future)  # a cancelled sender must not lose its row's result
-
-    async def _flush(self) -> None:
-        while self._commits:
-            await asyncio.sleep(0)  # senders answered in this same moment join the batch
-            await self._linger()
-            batch = self._commits[:MAX_GROUP_COMMIT]
-            del self._commits[:MAX_GROUP_COMMIT]
-            try:
-                await self.write([outcome for outcome, _ in batch])
-            except BaseException as error:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-
-
-    async def _linger(self) -> None:
-        """While only broadcast rows' results wait, more than one (a busy broadcast) and
-        fewer than a full group, wait up to ``linger`` for more, or for an interactive
-        row's result."""
-        if not self.linger or not 1 < len(self._commits) < MAX_GROUP_COMMIT:
-            return
-        if any(outcome.row.urgent for outcome, _ in self._commits):
-            return
-        self._urgent.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._urgent.wait(), self.linger)
-
-
 def limits_for(channel: Channel, bot: BotConfig | None) -> Limits:
     """A bot's send limits: its own settings, else the channel's, planned with headroom."""
     caps = channel.capabilities
@@ -153,16 +85,10 @@ class Delivery:
         self.settings = settings
         self.worker_id = worker_id
         self.outbox = OutboxClaims(db, clock, settings, worker_id)
-        # Looked up at each write, so a test may replace ``_write_until_stored``. Urgent
-        # rows' results are written apart, urgently: a subscriber's next row waits for
-        # the result of the one before (in order), and a reply's next part must not wait
-        # behind a broadcast's 500 results nor their place in the queue for SQLite's
-        # connection (issue 15). A broadcast's results linger on PostgreSQL (a WAL flush
-        # per commit); SQLite's commits in WAL mode are cheap, one worker's groups big.
-        self._commit = GroupCommit(lambda outcomes: self._write_until_stored(outcomes),
-                                   linger=0.0 if db is None or db.is_sqlite else LINGER)
-        self._commit_urgent = GroupCommit(
-            lambda outcomes: self._write_until_stored(outcomes))
+        # A broadcast's results linger on PostgreSQL (a WAL flush per commit); SQLite's
+        # commits in WAL mode are cheap, and one worker's groups big already.
+        self.results = ResultWriter(self.outbox, settings,
+                                    linger=0.0 if db is None or db.is_sqlite else LINGER)
         self.dropped = 0  # rows not sent because their lease lapsed first
         self.metrics = Metrics()  # the platform hands in its own (bot_platform.metrics)
         # The engine's turns in flight in this process (the platform shares its own).
@@ -430,30 +356,9 @@ class Delivery:
 
     async def release(self, row: ClaimedRow, delay: float) -> None:
         """Give a row back without counting an attempt (its rate-limit slot is far off)."""
-        await self._store(Outcome(row, None, release_after=delay))
+        await self.results.store(Outcome(row, None, release_after=delay))
 
     async def record(self, row: ClaimedRow, result: SendResult, skipped: bool = False) -> None:
         """Write what happened to one row; returns once it is committed."""
         self.metrics.send_result(row.channel, result, skipped)
-        await self._store(Outcome(row, result, skipped))
-
-    async def _store(self, outcome: Outcome) -> None:
-        """Written by the urgent rows' group commit or the others'."""
-        await (self._commit_urgent if outcome.row.urgent else self._commit)(outcome)
-
-    async def _write_until_stored(self, outcomes: list[Outcome]) -> None:
-        """Write, waiting out a database that went away (for up to a lease: after that
-        the rows are other workers' again, and a late write would be refused anyway)."""
-        deadline = time.monotonic() + self.settings.lease_seconds
-        attempt = 0
-        while True:
-            try:
-                await self.outbox.write(outcomes, urgent=all(o.row.urgent for o in outcomes))
-                return
-            except Exception as error:
-                attempt += 1
-                if not is_transient_db_error(error) or time.monotonic() > deadline:
-                    raise
-                log.warning("recording %d send results failed (%s); retrying",
-                            len(outcomes), type(error).__name__)
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** attempt))
+        await self.results.store(Outcome(row, result, skipped))

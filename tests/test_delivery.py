@@ -197,7 +197,7 @@ async def test_a_row_dropped_without_a_result_is_not_renewed_but_retried(
     async def database_away(outcomes) -> None:
         raise ConnectionError("the database is away")
 
-    monkeypatch.setattr(dropping, "_write_until_stored", database_away)
+    monkeypatch.setattr(dropping.results, "_write_until_stored", database_away)
     [row], _ = await dropping.claim_batch()
     with pytest.raises(ConnectionError):
         await dropping.deliver(row)
