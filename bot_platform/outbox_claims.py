@@ -79,9 +79,10 @@ _MORE_WAITING = select(Outbox.subscriber_id).where(
 # Before PostgreSQL's bulk claim (see ``OutboxClaims._bulk_claim``): no plan that sorts.
 _NO_SORT = text("SET LOCAL enable_sort = off")
 
+
 class OutboxClaims:
     """One worker's hold on outbox rows: claims them (a subscriber's in order,
-    interactive first), renews their leases and writes what became of them."""
+    interactive first) and renews their leases; ``results`` writes what became of them."""
 
     def __init__(self, db: Database, clock: Clock, settings: WorkerSettings,
                  worker_id: str) -> None:
