@@ -38,6 +38,7 @@ from bot_platform.direct import run_alone
 from bot_platform.leases import Leases
 from bot_platform.models import Outbox, Subscriber
 from bot_platform.outbox_results import ClaimedRow, OutboxResults, Outcome
+from bot_platform.statement_forms import in_ids
 from bot_platform.statuses import OutboxStatus
 
 # Built once: a fresh ``aliased(Outbox)`` builds its column collection again whenever a
@@ -48,9 +49,7 @@ _EARLIER = aliased(Outbox)
 # Constants in the SQL, not an expanding IN: a claim compiles to one plain statement
 # (``direct.run_alone``).
 _UNSENT = [literal_column(f"'{status.value}'", String) for status in OutboxStatus.unsent()]
-# PostgreSQL's claims in one statement: the heads' own alias (the claim's order check has
-# ``_EARLIER``), and the rows of a subscriber still waiting after a claim.
-_HEAD_EARLIER = aliased(Outbox, name="head_earlier")
+# PostgreSQL's claims in one statement: the rows of a subscriber still waiting after it.
 _LATER = aliased(Outbox, name="later")
 _SUBSCRIBERS = Subscriber.__table__
 
@@ -146,11 +145,11 @@ class OutboxClaims:
             return self.leases.claim_statement(
                 and_(Outbox.subscriber_id == bindparam("b_sid"), self.claimable(now)),
                 (Outbox.id,), _CLAIMED_COLUMNS)
-        if how in ("heads", "heads inside"):
-            heads = (bindparam("b_heads", expanding=True) if how == "heads"
-                     else self._heads(_HEAD_EARLIER))
+        if how == "heads":  # PostgreSQL: one array parameter, so it runs alone
+            heads = (Outbox.id.in_(bindparam("b_heads", expanding=True))
+                     if self.db.is_sqlite else in_ids(Outbox.id, "b_heads"))
             return self.leases.claim_statement(
-                and_(Outbox.id.in_(heads),
+                and_(heads,
                      self.leases.ready(Outbox.next_attempt_at, now), self._in_order(),
                      *self._kind(None)), (Outbox.id,), _CLAIMED_COLUMNS)
         if self.db.is_sqlite:
@@ -272,10 +271,19 @@ class OutboxClaims:
         """The oldest rows of subscribers with a ready interactive row (``_heads``);
         nothing is written when there are none."""
         now = self.clock.now()
-        if not self.db.is_sqlite:  # the heads inside the claim: one statement
-            return await self.claim(None, limit, urgent=True, statement=self._statement(
-                None, "heads inside"), params={"b_now": now})
         heads_query = self._cached(("heads query",), self._heads)
+        if not self.db.is_sqlite:
+            # Two statements, each alone. One statement with the heads inside the claim
+            # was planned as a scan of every waiting row per head: with a wave of 20,000
+            # due timers each claim ran 12-20 s and deliveries stalled (200 delivered of
+            # 61,300 fired in 60 s, ``bench/scheduler.py``).
+            heads = [row[0] for row in (await run_alone(
+                self.db.engine, heads_query, {"b_limit": limit, "b_now": now})).rows
+                if row[0] is not None]
+            if not heads:
+                return [], set()
+            return await self.claim(None, limit, urgent=True, statement=self._statement(
+                None, "heads"), params={"b_now": now, "b_heads": heads})
         # One transaction, urgent: a reply's claim waits for the connection once, and
         # before a broadcast's claims and writes (``ConnectionGate``).
         async with self.db.session(urgent=True) as session:
@@ -286,7 +294,7 @@ class OutboxClaims:
             return await self._claim_in(session, None, limit, True, statement=self._statement(
                 None, "heads"), params={"b_now": now, "b_heads": heads})
 
-    def _heads(self, earlier: Any = _EARLIER) -> Any:
+    def _heads(self) -> Any:
         """The oldest unsent row of each subscriber among the first ``b_limit`` ready
         interactive rows of each arm of ``ready`` in due order (the interactive index,
         ``ix_outbox_interactive_due``): a claim reads about as many rows as it takes,
@@ -298,6 +306,7 @@ class OutboxClaims:
                 Outbox.next_attempt_at, Outbox.id).limit(bindparam("b_limit")).subquery()
                 for arm in self.leases.ready_arms(Outbox.next_attempt_at, bindparam("b_now"))]
         waiting = union_all(*(select(arm.c.subscriber_id) for arm in arms)).subquery()
+        earlier = _EARLIER
         head = select(func.min(earlier.id)).where(
             earlier.subscriber_id == waiting.c.subscriber_id,
             earlier.status.in_(_UNSENT)).scalar_subquery()
