@@ -49,12 +49,11 @@ async def test_pending_timers_fire_exactly_once_across_a_kill(crash_setup) -> No
     users = [f"u{n}" for n in range(5)]
     for user in users:
         await platform.engine.handle(console.inbound(user, "/start"))
-    pending_timers = select(func.count()).select_from(Job).where(Job.status == "pending")
-
     sent = select(func.count()).select_from(Outbox).where(Outbox.status == "sent")
     worker.start()
     await wait_for(lambda: _at_least(platform, sent, len(users)), what="the greetings")
-    assert await count(platform, pending_timers) == len(users)  # timers not yet due
+    # Killed with the 4 s timers usually still pending (on a loaded machine some may
+    # have fired already: the counts below hold either way).
     worker.kill()
 
     worker.start()
