@@ -6,8 +6,9 @@ needs Python-side defaults goes through the SQLAlchemy connection."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,6 +283,15 @@ class Direct:
                     for index, array in enumerate(arrays))], False))
                 return
         self.pending.append((compiled.sql, positional, False))
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Result-less writes in the block wait for the next trip (``write``)."""
+        self.defer = True
+        try:
+            yield
+        finally:
+            self.defer = False
 
     def later(self, sql: str) -> None:
         """A statement without parameters (a SAVEPOINT) that goes with the next trip."""

@@ -235,11 +235,10 @@ class Engine:
         context.reset()
         context.session, context.queued = session, queued
         context.connection = connection = await direct(session)
-        connection.defer = True  # result-less writes go with the next trip
-        await call_next(context)
-        if flush:  # before the group releases the event's SAVEPOINT
-            await connection.flush()
-        connection.defer = False
+        with connection.deferring():  # result-less writes go with the next trip
+            await call_next(context)
+            if flush:  # before the group releases the event's SAVEPOINT
+                await connection.flush()
 
     async def step_dedupe(self, context: EventContext, call_next: Next) -> None:
         i, connection = context.inbound, context.connection

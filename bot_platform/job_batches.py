@@ -215,12 +215,9 @@ class JobBatches:
             if results:  # deferred: they go with the turns' writes (save_many)
                 now = scheduler.clock.now()
                 connection = await direct(session)
-                connection.defer = True
-                try:
+                with connection.deferring():
                     await connection.write(_DONE, [
                         {**result, "finished_at": now} for result in results])
-                finally:
-                    connection.defer = False
             await save_many(turns, session)
             lapsed = [job_id for job_id in jobs if not scheduler.leases.owns(job_id)]
             if lapsed:

@@ -8,6 +8,7 @@ rows this worker still holds change: another worker's take-over wins.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,6 +58,14 @@ class Outcome:
     skipped: bool = False
     release_after: float = 0.0
 
+
+
+def _warn_reclaimed(ids: Iterable[int], owned: set[int]) -> None:
+    """A line for each row whose result was not written: another worker took it over."""
+    for row_id in ids:
+        if row_id not in owned:
+            log.warning("outbox row %s was reclaimed by another worker before we "
+                        "recorded it", row_id)
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -123,21 +132,16 @@ class OutboxResults:
                 await self._follow_broadcasts(
                     session, [row for row in given_back if row.id in owned], stopped, now)
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            _warn_reclaimed((outcome.row.id for outcome, _, _ in planned), owned)
             for outcome, _, message_values in planned:
-                if outcome.row.id not in owned:
-                    log.warning("outbox row %s was reclaimed by another worker before we "
-                                "recorded it", outcome.row.id)
-                elif message_values:
+                if outcome.row.id in owned and message_values:
                     columns = tuple(sorted(message_values))
                     by_columns.setdefault(columns, []).append(
                         {"m_id": outcome.row.message_id,
                          **{f"v_{k}": v for k, v in message_values.items()}})
-            connection.defer = True  # one trip (on PostgreSQL one statement) for all
-            try:
+            with connection.deferring():  # one trip (on PostgreSQL one statement) for all
                 for columns, parameters in by_columns.items():
                     await connection.write(_message_update(columns), parameters)
-            finally:
-                connection.defer = False
             await connection.flush()
             for outcome, _, _ in planned:
                 if outcome.row.id in owned and outcome.result is not None \
@@ -161,11 +165,7 @@ class OutboxResults:
             ids, naive, [_text_or_none(o.result.message_id if o.result else None)
                          for o in outcomes],
             self.worker_id))
-        owned = {row[0] for row in found}
-        for row_id in ids:
-            if row_id not in owned:
-                log.warning("outbox row %s was reclaimed by another worker before we "
-                            "recorded it", row_id)
+        _warn_reclaimed(ids, {row[0] for row in found})
 
     async def _stopped_broadcasts(self, session: AsyncSession, rows: list[ClaimedRow]
                                   ) -> dict[int, str]:

@@ -248,8 +248,7 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
                        for flow, question, value in turn.answers)
         jobs.extend(effect_jobs(turn, subscriber.id))
     connection = await direct(session)
-    connection.defer = True  # the writes go with the outbox inserts (SQLite)
-    try:
+    with connection.deferring():  # the writes go with the outbox inserts (SQLite)
         for statement, params in (
                 (UPDATE_STATE, changed_states), (INSERT_STATES, new_states),
                 # the timers of the state instances left are void (before the new timers
@@ -264,8 +263,6 @@ async def save_many(turns: Turns, session: AsyncSession) -> None:
             (work.subscriber, [(e.flow, e.message) for e in effects])
             for work, effects in zip(bulk, sends, strict=True)])
         await connection.flush()
-    finally:
-        connection.defer = False
     for work, effects, rows in zip(bulk, sends, queued, strict=True):
         if any(e.fallback for e in effects):
             subscriber = work.subscriber
