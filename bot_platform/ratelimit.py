@@ -165,14 +165,27 @@ class _Bucket:
     def wait(self) -> float:
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
+    def full_by(self) -> float:
+        """When this bucket is full again: from then on it is the same as no bucket."""
+        return self.updated + (self.capacity - self.tokens) / self.rate
+
+
+PRUNE_EVERY = 1.0  # seconds between sweeps of the chats' full buckets
+
 
 class MemoryRateLimiter:
-    """Token buckets in this process's memory."""
+    """Token buckets in this process's memory.
+
+    A broadcast touches every recipient's chat bucket once; a bucket that is full again
+    is dropped within a second, so the dict holds the chats of the last moments, not of
+    the whole broadcast (100,000 live buckets made each full garbage collection of a
+    ``botp run`` take ~100 ms, stalling live replies)."""
 
     def __init__(self, monotonic=time.monotonic) -> None:
         self.monotonic = monotonic
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._paused_until: dict[str, float] = {}
+        self._next_prune = monotonic() + PRUNE_EVERY
 
     def _bucket(self, key: tuple[str, str], rate: float, capacity: float, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
@@ -197,10 +210,15 @@ class MemoryRateLimiter:
         for bucket in buckets:
             # Take the token now, to be spent ``delay`` seconds from now.
             bucket.tokens -= 1
-        if len(self._buckets) > 100_000:  # forget idle chats
-            self._buckets = {k: b for k, b in self._buckets.items()
-                             if b.tokens < b.capacity or k[0] == "bot"}
+        if now >= self._next_prune:
+            self._prune(now)
         return delay
+
+    def _prune(self, now: float) -> None:
+        """Forget the chats' buckets that are full again."""
+        self._next_prune = now + PRUNE_EVERY
+        self._buckets = {k: b for k, b in self._buckets.items()
+                         if k[0] == "bot" or b.full_by() > now}
 
     async def pause(self, bot: str, seconds: float) -> None:
         until = self.monotonic() + seconds

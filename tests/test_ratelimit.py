@@ -112,3 +112,21 @@ async def test_more_concurrent_sends_than_redis_connections_wait_instead_of_fail
     finally:
         await limiter.close()
     assert delays == [0.0] * 200
+
+
+async def test_memory_limiter_forgets_chats_once_their_bucket_is_full_again() -> None:
+    """A broadcast touches each recipient's chat once: the limiter keeps the chats of the
+    last second, not of the whole broadcast (every live bucket lengthens each full
+    garbage collection), and forgets none that still holds a send back."""
+    now = [0.0]
+    limiter = MemoryRateLimiter(monotonic=lambda: now[0])
+    limits = Limits(per_bot=math.inf, per_chat=1, chat_burst=1)
+    for n in range(5_000):
+        now[0] = n / 1_000  # 1,000 chats a second, one message each
+        assert await limiter.reserve("tg:b", f"c{n}", limits, max_wait=10) == 0
+    assert len(limiter._buckets) <= 2_100  # the last one to two seconds' chats
+    # The latest chats are still held: a second message waits for its slot.
+    assert await limiter.reserve("tg:b", "c4999", limits, max_wait=10) == pytest.approx(1.0)
+    now[0] = 10.0
+    await limiter.reserve("tg:b", "later", limits, max_wait=10)
+    assert len(limiter._buckets) == 1
