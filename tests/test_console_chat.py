@@ -17,6 +17,7 @@ from bot_platform import terminal
 from bot_platform.apikeys import create_key
 from bot_platform.clock import SystemClock
 from bot_platform.models import Answer, Conversation, FlowState, Job, Message, Subscriber
+from bot_platform.types import Button, Outgoing
 from tests.support.platform import make_settings
 
 
@@ -194,3 +195,20 @@ async def test_wait_races_with_workers_and_each_timer_fires_once(make_platform,
         tips = (await session.scalars(select(Message.id).where(
             Message.direction == "out", Message.text.like("Tip of the day%")))).all()
     assert (len(fired), len(tips)) == (1, 1)
+
+
+async def test_a_console_bot_in_a_server_keeps_bounded_memory(monkeypatch) -> None:
+    """A server's console bot (a relay, a benchmark) sends without end: it keeps the
+    latest messages and recent users' choices, not all of them."""
+    from bots import console as console_module
+
+    monkeypatch.setattr(console_module, "KEEP", 10)
+    channel = console_module.ConsoleChannel("console")
+    buttons = (Button(title="Yes", payload="yes"),)
+    for n in range(25):
+        await channel.send(f"user{n}", Outgoing(text=f"hello {n}", buttons=buttons))
+    assert len(channel.sent) <= 10
+    assert channel.sent[-1][1].text == "hello 24"
+    # The latest users still press their buttons by number; the oldest are forgotten.
+    assert channel.inbound("user24", "1").payload == "yes"
+    assert channel.inbound("user0", "1").kind == "text"
