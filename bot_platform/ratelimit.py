@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 # While the limiter cannot be asked (Redis away), each bot's sends are held and that is
 # said once per bot per this many seconds, not once per send.
 OUTAGE_LOG_SECONDS = 30.0
-# After a send found a bucket short (see ``Pacer._at_once``), the bot's sends take their
-# two slots one after the other again for this long: the bot is sending at its limit.
+# After a send found the bot's bucket short (see ``Pacer._at_once``), the bot's sends take
+# their two slots one after the other again for this long: the bot is sending at its limit.
 CONTENDED_SECONDS = 1.0
 
 
@@ -119,11 +119,14 @@ class Pacer:
 
     async def _wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
                     urgent: bool) -> float:
-        if await self._at_once(bot, chat, limits):
+        tried = await self._at_once(bot, chat, limits)
+        if tried is True:
             return 0.0
         chat_only = Limits(per_bot=math.inf, per_chat=limits.per_chat,
                            chat_burst=limits.chat_burst)
         delay = await self.limiter.reserve(bot, chat, chat_only, max_wait)
+        if tried is False and delay <= 0:  # the chat had a token: the bot's bucket was short
+            self._contended[bot] = self.monotonic() + CONTENDED_SECONDS
         if delay > max_wait:
             return delay
         if delay > 0:
@@ -140,22 +143,20 @@ class Pacer:
             self._pacers[bot] = asyncio.create_task(self._pace(bot))
         return await slot
 
-    async def _at_once(self, bot: str, chat: str, limits: Limits) -> bool:
-        """Both slots in one call, when both buckets have a token now and no sender of
-        this process waits for the bot's (it would be overtaken). A short bucket
-        reserves nothing (``max_wait`` 0) and the bot counts as busy for
-        ``CONTENDED_SECONDS``: at its limit every send would pay for a third call."""
+    async def _at_once(self, bot: str, chat: str, limits: Limits) -> bool | None:
+        """Both slots in one call (True), when both buckets have a token now and no
+        sender of this process waits for the bot's (it would be overtaken). False: a
+        bucket was short and nothing was reserved (``max_wait`` 0); if it was the bot's,
+        the bot counts as busy for ``CONTENDED_SECONDS`` (``_wait``): at its limit every
+        send would pay for a third call. None: not tried."""
         if math.isinf(limits.per_bot):
-            return False
+            return None
         queues = self._waiting.get(bot)
         if queues is not None and (queues[0] or queues[1]):
-            return False
+            return None
         if self._contended and self._contended.get(bot, 0.0) > self.monotonic():
-            return False
-        if await self.limiter.reserve(bot, chat, limits, 0.0) <= 0:
-            return True
-        self._contended[bot] = self.monotonic() + CONTENDED_SECONDS
-        return False
+            return None
+        return await self.limiter.reserve(bot, chat, limits, 0.0) <= 0
 
     async def _pace(self, bot: str) -> None:
         queues = self._waiting[bot]
