@@ -10,7 +10,7 @@ with any earlier row of the same subscriber that holds them up.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -103,16 +103,23 @@ class OutboxClaims:
         self._named: set[int] = set()
         self._heads_due = True
         self._heads_at = 0.0  # monotonic time of the last claim through the heads query
+        self.share = (0, 1)  # this worker's place among those listening, and how many
 
-    def named(self, ids: Iterable[int] | None) -> None:
-        """A NOTIFY said rows were queued: ``ids`` are those rows (a turn's, each the
-        subscriber's head or behind one), None when it did not say which. The next
-        interactive claim takes named rows by id, one statement instead of two (the
-        heads query read every ready row's subscriber, in every worker)."""
+    def named(self, ids: Sequence[int] | None) -> bool:
+        """A NOTIFY said rows were queued: ``ids`` are those rows (one turn's: one
+        subscriber's, each its head or behind one), None when it did not say which. The
+        next interactive claim takes named rows by id, one statement instead of two (the
+        heads query read every ready row's subscriber, in every worker). Of ``share``
+        workers listening, one takes a turn's rows (by its first row's id): the others'
+        claims would find nothing. False: nothing to claim here."""
         if ids is None:
             self._heads_due = True
-        else:
-            self._named.update(ids)
+            return True
+        index, count = self.share
+        if not ids or min(ids) % count != index:
+            return False  # another worker's (if it is gone, a heads query finds them)
+        self._named.update(ids)
+        return True
 
     def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
         """Rows ready to be claimed (a subscriber's oldest unsent row); ``kind`` "bulk":

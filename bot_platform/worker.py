@@ -49,10 +49,10 @@ class Worker:
         it claims the rows the payload names by id, if it names them."""
         named = named_rows(what)
         claims = getattr(self.delivery, "outbox", None)  # None: a test's bare worker
-        if claims is not None:
-            claims.named(named)
+        mine = claims is None or claims.named(named)
         if named is not None or what == INTERACTIVE:
-            self.delivery_wakes[0].set()
+            if mine:  # another worker's turn: its claim takes the rows
+                self.delivery_wakes[0].set()
             return
         self.wake.set()
         for wake in self.delivery_wakes:
