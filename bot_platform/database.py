@@ -244,29 +244,44 @@ class Database:
         await self.engine.dispose()
 
 
+LISTENER = "botp-listener"  # application_name of the connections ``listen`` holds
+_LISTENERS = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+              "AND application_name = $1 ORDER BY pid")
+
+
 async def listen(url: str, channel: str, on_notify: Callable[[str], None],
-                 stop: asyncio.Event) -> None:
+                 stop: asyncio.Event,
+                 on_share: Callable[[int, int], None] | None = None) -> None:
     """Call ``on_notify(payload)`` for each ``NOTIFY channel`` until ``stop`` is set
     (PostgreSQL); the connection is made again after the database restarts, and
     ``on_notify("")`` is called on every (re)connection for what was queued while nobody
-    listened."""
+    listened. ``on_share(index, count)``, every second: this listener's place among the
+    database's listeners (the workers), so a NOTIFY can be one worker's to act on
+    (``OutboxClaims.named``); (0, 1) while not listening."""
     import asyncpg
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     while not stop.is_set():
         connection = None
         try:
-            connection = await asyncpg.connect(dsn, timeout=10)
+            connection = await asyncpg.connect(
+                dsn, timeout=10, server_settings={"application_name": LISTENER})
             await connection.add_listener(
                 channel, lambda _connection, _pid, _channel, payload: on_notify(payload))
             on_notify("")
             while not stop.is_set() and not connection.is_closed():
+                if on_share is not None:
+                    pids = [row[0] for row in await connection.fetch(_LISTENERS, LISTENER)]
+                    me = connection.get_server_pid()
+                    on_share(*((pids.index(me), len(pids)) if me in pids else (0, 1)))
                 await wait_any(1.0, stop)
         except Exception as error:  # the database is away: polling covers it meanwhile
             log.warning("listening for %s failed (%s); retrying", channel,
                         type(error).__name__)
             await wait_any(2.0, stop)
         finally:
+            if on_share is not None:
+                on_share(0, 1)  # not heard: every NOTIFY is this worker's again
             if connection is not None and not connection.is_closed():
                 with contextlib.suppress(Exception):
                     await connection.close(timeout=2)

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 WORK_CHANNEL = "botp_work"  # PostgreSQL NOTIFY channel: "messages were queued"
 INTERACTIVE = "interactive"  # its payload when only interactive rows were (see Worker.notify)
+NAMED_ROWS = 50  # a NOTIFY names at most this many rows (a payload holds < 8,000 bytes)
 Sends = Sequence[tuple[str | None, Outgoing]]  # (flow, message) pairs
 # NOTIFY as a function: a statement the writes still deferred can ride with.
 _NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
@@ -56,18 +57,34 @@ _NOTIFY = select(func.pg_notify(bindparam("b_channel", type_=String),
 
 
 async def notify_workers(session: AsyncSession, what: str = "",
-                         commit: bool = False) -> None:
+                         commit: bool = False, rows: Sequence[int] = ()) -> None:
     """Wake worker processes (``LISTEN botp_work``) when this transaction commits; with
     SQLite, the worker is in this process and ``on_commit`` wakes it. ``what``:
     ``INTERACTIVE`` when only interactive rows were queued (else every loop wakes).
     ``commit``: the caller's transaction ends here (nothing runs in it after this), so
-    on PostgreSQL the NOTIFY and the COMMIT may go in one trip."""
+    on PostgreSQL the NOTIFY and the COMMIT may go in one trip. ``rows``: with
+    ``INTERACTIVE``, the rows queued (each its subscriber's next or behind it): workers
+    claim them by id (``OutboxClaims.named``)."""
     if session.bind.dialect.name == "postgresql":  # with the writes still deferred, if any
         connection = await direct(session)
-        if commit and what in _NOTIFY_COMMIT and await connection.commit_with(
-                _NOTIFY_COMMIT[what]):
+        if what == INTERACTIVE and 0 < len(rows) <= NAMED_ROWS:
+            what = f"{INTERACTIVE}:{','.join(str(int(i)) for i in rows)}"
+        if commit and (what in _NOTIFY_COMMIT or what.startswith(f"{INTERACTIVE}:")) and (
+                await connection.commit_with(  # integers only: safe as a literal
+                    _NOTIFY_COMMIT.get(what) or f"SELECT pg_notify('{WORK_CHANNEL}', '{what}')")):
             return
         await connection.execute(_NOTIFY, {"b_channel": WORK_CHANNEL, "b_payload": what})
+
+
+def named_rows(payload: str) -> list[int] | None:
+    """The rows a NOTIFY's payload names (``notify_workers``), None when it names none."""
+    head, _, ids = payload.partition(":")
+    if head != INTERACTIVE or not ids:
+        return None
+    try:
+        return [int(i) for i in ids.split(",")]
+    except ValueError:
+        return None
 
 
 # The NOTIFYs ``notify_workers`` may send with the COMMIT: constants only (a simple

@@ -9,7 +9,8 @@ with any earlier row of the same subscriber that holds them up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -97,6 +98,28 @@ class OutboxClaims:
         self.scope: Any = None
         self._statements: dict[tuple[Any, ...], Any] = {}  # see ``_statement``
         self.results = OutboxResults(db, clock, settings, worker_id)
+        # PostgreSQL: rows a turn's NOTIFY named (``named``), claimed by id without the
+        # heads query until something else may be waiting (``_heads_due``).
+        self._named: set[int] = set()
+        self._heads_due = True
+        self._heads_at = 0.0  # monotonic time of the last claim through the heads query
+        self.share = (0, 1)  # this worker's place among those listening, and how many
+
+    def named(self, ids: Sequence[int] | None) -> bool:
+        """A NOTIFY said rows were queued: ``ids`` are those rows (one turn's: one
+        subscriber's, each its head or behind one), None when it did not say which. The
+        next interactive claim takes named rows by id, one statement instead of two (the
+        heads query read every ready row's subscriber, in every worker). Of ``share``
+        workers listening, one takes a turn's rows (by its first row's id): the others'
+        claims would find nothing. False: nothing to claim here."""
+        if ids is None:
+            self._heads_due = True
+            return True
+        index, count = self.share
+        if not ids or min(ids) % count != index:
+            return False  # another worker's (if it is gone, a heads query finds them)
+        self._named.update(ids)
+        return True
 
     def claimable(self, now: datetime | Any, kind: str | None = None) -> Any:
         """Rows ready to be claimed (a subscriber's oldest unsent row); ``kind`` "bulk":
@@ -272,7 +295,19 @@ class OutboxClaims:
         nothing is written when there are none."""
         now = self.clock.now()
         heads_query = self._cached(("heads query",), self._heads)
+        if not self.db.is_sqlite and self._named and not self._heads_due and (
+                time.monotonic() - self._heads_at < self.settings.poll_interval):
+            # Only named rows can be new: a row named but not claimed was taken by
+            # another worker, or waits behind an earlier row of its subscriber (then
+            # the claim of that row says "more", or the next heads query finds it: a
+            # poll, or whatever did not name its rows, brings one within a poll).
+            named = sorted(self._named)[:limit]
+            self._named.difference_update(named)
+            return await self.claim(None, limit, urgent=True, statement=self._statement(
+                None, "heads"), params={"b_now": now, "b_heads": named})
         if not self.db.is_sqlite:
+            self._named.clear()  # the heads query finds them (or they are gone)
+            self._heads_due, self._heads_at = False, time.monotonic()
             # Two statements, each alone. One statement with the heads inside the claim
             # was planned as a scan of every waiting row per head: with a wave of 20,000
             # due timers each claim ran 12-20 s and deliveries stalled (200 delivered of

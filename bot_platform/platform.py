@@ -210,7 +210,11 @@ class Platform:
 
     async def _listen_for_work(self, stop: asyncio.Event) -> None:
         """Workers on PostgreSQL wake when another process queues messages."""
-        await listen(self.settings.database_url, WORK_CHANNEL, self._notify, stop)
+        await listen(self.settings.database_url, WORK_CHANNEL, self._notify, stop,
+                     on_share=self._share)
+
+    def _share(self, index: int, count: int) -> None:
+        self.worker.delivery.outbox.share = (index, count)
 
     def _notify(self, what: str = "") -> None:
         self._wake(what)

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # While the limiter cannot be asked (Redis away), each bot's sends are held and that is
 # said once per bot per this many seconds, not once per send.
 OUTAGE_LOG_SECONDS = 30.0
+# After a send found the bot's bucket short (see ``Pacer._at_once``), the bot's sends take
+# their two slots one after the other again for this long: the bot is sending at its limit.
+CONTENDED_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,11 @@ class Pacer:
 
     A limiter that cannot be asked (Redis away) holds the bot's sends: the wait comes
     back as more than ``max_wait``, and the outage is logged once per bot per
-    ``OUTAGE_LOG_SECONDS`` (workers used to log it for every send, hundreds a second)."""
+    ``OUTAGE_LOG_SECONDS`` (workers used to log it for every send, hundreds a second).
+
+    While nobody waits for the bot's slots, a send asks for both slots at once: one
+    call of the limiter (a Redis script) instead of two. Only when a bucket is short
+    does it fall back to the chat's slot, then the bot's from the pacing task."""
 
     def __init__(self, limiter: RateLimiter, monotonic: Any = time.monotonic) -> None:
         self.limiter = limiter
@@ -85,6 +92,7 @@ class Pacer:
         # Per bot: (urgent, bulk) senders waiting for a bot-wide slot, each in order.
         self._waiting: dict[str, tuple[deque[_Waiter], deque[_Waiter]]] = {}
         self._pacers: dict[str, asyncio.Task[None]] = {}
+        self._contended: dict[str, float] = {}  # bot -> until when: no slots at once
 
     async def wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
                    urgent: bool = False) -> float:
@@ -111,9 +119,14 @@ class Pacer:
 
     async def _wait(self, bot: str, chat: str, limits: Limits, max_wait: float,
                     urgent: bool) -> float:
+        tried = await self._at_once(bot, chat, limits)
+        if tried is True:
+            return 0.0
         chat_only = Limits(per_bot=math.inf, per_chat=limits.per_chat,
                            chat_burst=limits.chat_burst)
         delay = await self.limiter.reserve(bot, chat, chat_only, max_wait)
+        if tried is False and delay <= 0:  # the chat had a token: the bot's bucket was short
+            self._contended[bot] = self.monotonic() + CONTENDED_SECONDS
         if delay > max_wait:
             return delay
         if delay > 0:
@@ -129,6 +142,21 @@ class Pacer:
         if pacer is None or pacer.done():
             self._pacers[bot] = asyncio.create_task(self._pace(bot))
         return await slot
+
+    async def _at_once(self, bot: str, chat: str, limits: Limits) -> bool | None:
+        """Both slots in one call (True), when both buckets have a token now and no
+        sender of this process waits for the bot's (it would be overtaken). False: a
+        bucket was short and nothing was reserved (``max_wait`` 0); if it was the bot's,
+        the bot counts as busy for ``CONTENDED_SECONDS`` (``_wait``): at its limit every
+        send would pay for a third call. None: not tried."""
+        if math.isinf(limits.per_bot):
+            return None
+        queues = self._waiting.get(bot)
+        if queues is not None and (queues[0] or queues[1]):
+            return None
+        if self._contended and self._contended.get(bot, 0.0) > self.monotonic():
+            return None
+        return await self.limiter.reserve(bot, chat, limits, 0.0) <= 0
 
     async def _pace(self, bot: str) -> None:
         queues = self._waiting[bot]

@@ -249,7 +249,8 @@ class Turns:
             unit = Unit(session, hold)
             yield unit
             if unit.queued and hold is None:  # a turn's rows: never bulk; the last
-                await notify_workers(session, INTERACTIVE, commit=True)  # statement
+                await notify_workers(session, INTERACTIVE, commit=True,  # statement
+                                     rows=[i for i, _ in unit.queued])
         if hold is None:
             self.engine.on_commit()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from bot_platform.delivery import Delivery
 from bot_platform.jobs import Scheduler
-from bot_platform.outbox import INTERACTIVE
+from bot_platform.outbox import INTERACTIVE, named_rows
 from bot_platform.pipeline import wait_any
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,14 @@ class Worker:
         """New work was committed (in this process, or another one's ``NOTIFY``): do not
         wait for the next poll. ``what`` is ``INTERACTIVE`` when only interactive outbox
         rows were queued: only that pipeline claims, not all three (a claim that finds
-        nothing is still a transaction, in every worker process, for every event)."""
-        if what == INTERACTIVE:
-            self.delivery_wakes[0].set()
+        nothing is still a transaction, in every worker process, for every event), and
+        it claims the rows the payload names by id, if it names them."""
+        named = named_rows(what)
+        claims = getattr(self.delivery, "outbox", None)  # None: a test's bare worker
+        mine = claims is None or claims.named(named)
+        if named is not None or what == INTERACTIVE:
+            if mine:  # another worker's turn: its claim takes the rows
+                self.delivery_wakes[0].set()
             return
         self.wake.set()
         for wake in self.delivery_wakes:

@@ -179,6 +179,34 @@ async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
 
 
 @pytest.mark.postgres
+async def test_postgres_claims_the_rows_a_notify_names_by_id(make_platform,
+                                                             postgres_url) -> None:
+    """A turn's NOTIFY names its rows: the next interactive claim takes those by id (a
+    named row behind its subscriber's earlier one waits, and the claim says more wait),
+    not other ready rows; a NOTIFY naming nothing brings the heads query back (as do a
+    claim with nothing named and a poll interval without it)."""
+    from bot_platform.config import WorkerSettings
+
+    platform = await scripted(make_platform, postgres_url)
+    # A poll interval no test run reaches: the heads query comes back only when told.
+    worker = OutboxClaims(platform.db, platform.clock, WorkerSettings(poll_interval=3600),
+                          "w")
+    assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
+    await queue_for_everyone(platform, 2, per_person=2)
+    by_user: dict[str, list[int]] = {}
+    for row in sorted(await outbox_rows(platform), key=lambda row: row.id):
+        by_user.setdefault(row.recipient, []).append(row.id)
+    worker.named(by_user["u0"])
+    claimed, more = await worker.claim_batch(10, "interactive")
+    assert [row.id for row in claimed] == [by_user["u0"][0]]
+    assert more == {claimed[0].subscriber_id}
+    worker.named([by_user["u0"][1]])
+    worker.named(None)  # and one naming nothing: the heads query finds u1's row
+    claimed, _ = await worker.claim_batch(10, "interactive")
+    assert [row.id for row in claimed] == [by_user["u1"][0]]
+
+
+@pytest.mark.postgres
 async def test_postgres_bulk_claim_takes_ready_first_rows_in_id_order(postgres_url: str) -> None:
     """PostgreSQL's bulk claim (``ix_outbox_bulk_unsent``, sorting off): broadcasts' rows
     in id order, past sent ones; a row with an earlier unsent row of its subscriber, one

@@ -161,3 +161,33 @@ async def test_listen_hands_on_what_a_notify_says(postgres_url) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.postgres
+async def test_listeners_share_out_a_turns_rows_and_take_all_alone(postgres_url) -> None:
+    """Each of two listening workers learns its place among them; a turn's NOTIFY (its
+    rows) is then one worker's to claim, and a NOTIFY naming nothing everyone's."""
+    from bot_platform.config import WorkerSettings
+
+    shares: list[list[tuple[int, int]]] = [[], []]
+    stop = asyncio.Event()
+    listening = [asyncio.create_task(listen(
+        postgres_url, WORK_CHANNEL, lambda _: None, stop,
+        on_share=lambda index, count, seen=seen: seen.append((index, count))))
+        for seen in shares]
+    db = Database(postgres_url)
+    try:
+        await wait_for(lambda: _true(all(s and s[-1][1] == 2 for s in shares)),
+                       what="both listeners to see each other")
+        assert sorted(s[-1] for s in shares) == [(0, 2), (1, 2)]
+        claims = [OutboxClaims(db, None, WorkerSettings(), f"w{n}") for n in (0, 1)]
+        for claim, share in zip(claims, shares, strict=True):
+            claim.share = share[-1]
+        for first in (10, 11):
+            assert sorted(c.named([first, first + 5]) for c in claims) == [False, True]
+        assert all(c.named(None) for c in claims)
+    finally:
+        stop.set()
+        await asyncio.gather(*listening)
+        await db.close()
+    assert all(s[-1] == (0, 1) for s in shares)  # not listening: all of it theirs again

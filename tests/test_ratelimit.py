@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bot_platform.ratelimit import Limits, MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from bot_platform.ratelimit import (
+    CONTENDED_SECONDS,
+    Limits,
+    MemoryRateLimiter,
+    Pacer,
+    RateLimiter,
+    RedisRateLimiter,
+)
 from tests.support.services import empty_redis
 
 SLACK = 0.15  # seconds: the Redis limiter reads the server's clock between calls
@@ -130,3 +137,46 @@ async def test_memory_limiter_forgets_chats_once_their_bucket_is_full_again() ->
     now[0] = 10.0
     await limiter.reserve("tg:b", "later", limits, max_wait=10)
     assert len(limiter._buckets) == 1
+
+
+class _CountingLimiter(MemoryRateLimiter):
+    """Counts the limiter's calls (a Redis limiter: one script call, one round trip each)."""
+
+    def __init__(self, monotonic) -> None:
+        super().__init__(monotonic)
+        self.calls = 0
+
+    async def reserve(self, bot: str, chat: str, limits: Limits, max_wait: float) -> float:
+        self.calls += 1
+        return await super().reserve(bot, chat, limits, max_wait)
+
+
+async def test_a_send_takes_both_slots_in_one_call_while_nobody_waits() -> None:
+    """Both buckets with a token: one call. The bot's bucket short: nothing is taken by
+    that call, the send goes the two-step way, and so do the bot's next sends for a while
+    (at its limit, trying both at once first would only add a call per send)."""
+    now = [0.0]
+    limiter = _CountingLimiter(monotonic=lambda: now[0])
+    pacer = Pacer(limiter, monotonic=lambda: now[0])
+    limits = Limits(per_bot=100, per_chat=1, chat_burst=3)  # the bot's bucket holds one
+    assert await pacer.wait("bot", "a", limits, max_wait=10) == 0
+    assert limiter.calls == 1
+    assert await pacer.wait("bot", "b", limits, max_wait=10) == 0  # the bot's bucket is empty
+    assert limiter.calls == 4  # both at once (short), the chat's, the bot's (paced)
+    assert await pacer.wait("bot", "c", limits, max_wait=10) == 0
+    assert limiter.calls == 6  # the chat's, the bot's: not both at once first
+    now[0] += CONTENDED_SECONDS + 1  # buckets full again, the bot no longer busy
+    assert await pacer.wait("bot", "d", limits, max_wait=10) == 0
+    assert limiter.calls == 7
+
+
+async def test_a_short_chat_bucket_does_not_end_sends_at_once_for_the_bot() -> None:
+    now = [0.0]
+    limiter = _CountingLimiter(monotonic=lambda: now[0])
+    pacer = Pacer(limiter, monotonic=lambda: now[0])
+    limits = Limits(per_bot=1000, per_chat=1, chat_burst=1)
+    assert await pacer.wait("bot", "a", limits, max_wait=10) == 0
+    assert await pacer.wait("bot", "a", limits, max_wait=0.5) > 0.5  # the chat must wait
+    calls = limiter.calls
+    assert await pacer.wait("bot", "b", limits, max_wait=10) == 0
+    assert limiter.calls == calls + 1
