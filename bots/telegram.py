@@ -1,4 +1,6 @@
-"""Telegram, on aiogram 3: its ``Bot`` (client), types and exceptions; no hand-rolled API.
+"""Telegram, on aiogram 3: its ``Bot`` (client), types and exceptions. Sends, the hot path
+of broadcasts, timers and replies, are posted as JSON on the same client's HTTP session
+(``bots.telegram_json``), with aiogram's exceptions and their classification.
 
 Inbound: webhooks checked by ``X-Telegram-Bot-Api-Secret-Token`` (constant time), or long
 polling when there is no public URL, with the offset stored durably *after* each update
@@ -10,9 +12,9 @@ Outbound: HTML parse mode with every text escaped; inline keyboards (callback da
 64 bytes, ``callback_payload_bytes``, is kept server-side: ``channels.LongPayloads``); URL
 buttons; reply keyboards for quick replies (with "share phone"); photos with captions;
 carousels as photo cards; texts split at 4096 UTF-16 code units (Telegram's unit: an emoji
-counts 2), captions at 1024. Errors become
-``SendResult``s: ``TelegramRetryAfter`` -> retry_after, forbidden -> blocked, bad request ->
-failed, network/5xx -> transient.
+counts 2), captions at 1024. Errors become ``SendResult``s: ``TelegramRetryAfter`` ->
+retry_after, forbidden -> blocked, bad request or not found -> failed, a refused token ->
+failed (logged), network/5xx/anything else -> transient.
 """
 
 from __future__ import annotations
