@@ -331,6 +331,7 @@ class TelegramChannel:
                                    allowed_updates=ALLOWED_UPDATES)
 
     async def close(self) -> None:
+        await self.sends.close()
         await self.bot.session.close()
 
     # ---- outbound ----------------------------------------------------------------------
