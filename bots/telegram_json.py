@@ -52,8 +52,8 @@ from aiohttp.payload import BytesPayload
 
 from bots.http1 import Http1Client, HttpError
 
-# One encoder: ``json.dumps`` with arguments builds a new one per call (+2 us a send).
 HTTP_CONNECTIONS = 100  # at most, per bot (aiogram's connector allows as many)
+# One encoder: ``json.dumps`` with arguments builds a new one per call (+2 us a send).
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # Errors name the method they came from (``TelegramRetryAfter``'s text does): these
 # models are built, unvalidated, only when an answer is an error.
@@ -135,27 +135,30 @@ class JsonSends:
         self.bot = bot
         self.session: AiohttpSession = bot.session
         self.timeout = ClientTimeout(total=self.session.timeout)
-        self._urls: dict[str, str] = {}
+        self._targets: dict[str, tuple[str, str]] = {}  # method -> its URL, its path
         self.http: Http1Client | None = None
         if self.session.proxy is None:
             base = self.session.api.api_url(token=bot.token, method="sendMessage")
             self.http = Http1Client(base, limit=HTTP_CONNECTIONS,
                                     timeout=float(self.session.timeout))
 
-    def url(self, api_method: str) -> str:
-        url = self._urls.get(api_method)
-        if url is None:
-            url = self._urls[api_method] = self.session.api.api_url(
-                token=self.bot.token, method=api_method)
-        return url
+    def target(self, api_method: str) -> tuple[str, str]:
+        """The method's URL, and its path as the request line carries it."""
+        target = self._targets.get(api_method)
+        if target is None:
+            url = self.session.api.api_url(token=self.bot.token, method=api_method)
+            parts = urlsplit(url)
+            target = self._targets[api_method] = (
+                url, f"{parts.path}?{parts.query}" if parts.query else parts.path)
+        return target
 
     async def call(self, api_method: str, params: dict[str, Any]) -> int:
         """Post one send; its ``message_id``. Raises aiogram's exceptions on errors."""
-        url = self._urls.get(api_method) or self.url(api_method)
+        url, path = self._targets.get(api_method) or self.target(api_method)
         body = _encode(params).encode()
         try:
             if self.http is not None:
-                status, raw = await self.http.post(path_of(url), body)
+                status, raw = await self.http.post(path, body)
             else:
                 status, raw = await self._post_on_session(url, body)
         except TimeoutError as error:
@@ -177,8 +180,3 @@ class JsonSends:
         if self.http is not None:
             await self.http.close()
 
-
-def path_of(url: str) -> str:
-    """The path (and query) of an absolute URL, as the request line carries it."""
-    parts = urlsplit(url)
-    return f"{parts.path}?{parts.query}" if parts.query else parts.path

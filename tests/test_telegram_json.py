@@ -144,3 +144,12 @@ def test_answers_that_are_not_bot_api_envelopes_are_decode_errors() -> None:
     assert retry.value.retry_after == 2 and "'SendMessage' in chat 5" in retry.value.message
     with pytest.raises(TelegramServerError):  # ok with an error status is an error
         read_answer("sendMessage", params, 502, b'{"ok": true, "result": {"message_id": 1}}')
+
+
+async def test_a_session_through_a_proxy_posts_on_aiohttp(channel, fake) -> None:
+    """Our connections do not go through proxies: such a bot sends on aiogram's client."""
+    channel.sends.http = None
+    assert (await channel.send("1111", Outgoing(text="a & b"))).status == SendStatus.SENT
+    assert fake.sent(1111)[-1].params["text"] == "a &amp; b"
+    fake.block(7)
+    assert (await channel.send("7", Outgoing(text="x"))).status == SendStatus.BLOCKED
