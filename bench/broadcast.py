@@ -39,6 +39,7 @@ from bench.harness import (  # noqa: E402
     redis_available,
     write_report,
 )
+from bench.scheduler import cpu_seconds  # noqa: E402
 from bot_platform import broadcasts  # noqa: E402
 from bot_platform.database import Database  # noqa: E402
 from bot_platform.migrations import upgrade  # noqa: E402
@@ -102,12 +103,14 @@ async def run_setup(name: str, url: str, workers: int, args: argparse.Namespace,
                                for n in range(workers)]
             await asyncio.sleep(3)  # start-up: imports, flows, connections
             started = time.time()
+            cpu_before = sum(cpu_seconds(w.popen.pid) for w in started_workers)
             await start_broadcast(url, broadcast_id)
             stats = await fake.stats(http)
             while stats["ok"] < args.recipients and time.time() - started < args.deadline:
                 await asyncio.sleep(0.5)
                 processes.sample()
                 stats = await fake.stats(http)
+            cpu = sum(cpu_seconds(w.popen.pid) for w in started_workers) - cpu_before
             for worker in started_workers:
                 worker.stop()
         problems = sum(len(w.problems()) for w in started_workers)
@@ -121,6 +124,7 @@ async def run_setup(name: str, url: str, workers: int, args: argparse.Namespace,
         "too_many_requests": stats["too_many_requests"], "doubled": stats["doubled"],
         "worker_peak_rss_mb": max(w.peak_mb for w in started_workers),
         "log_problems": problems, "finished": stats["ok"] >= args.recipients,
+        "worker_cpu_seconds": cpu, "cpu_ms_per_send": 1000 * cpu / max(1, stats["ok"]),
     }
 
 
@@ -169,7 +173,11 @@ async def baseline(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "rate": sustained, "fraction_of_limit": sustained / args.limit,
             "end_to_end_rate": sustained, "too_many_requests": stats["too_many_requests"],
             "doubled": stats["doubled"], "worker_peak_rss_mb": 0.0, "log_problems": 0,
-            "finished": True}
+            "finished": True, "cpu_ms_per_send": None}
+
+
+def cpu_ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 async def main() -> dict[str, Any]:
@@ -204,14 +212,15 @@ async def main() -> dict[str, Any]:
             finally:
                 await drop_postgres(url)
     print(f"{'setup':<31} {'sent':>7} {'seconds':>8} {'sent/s':>7} {'of limit':>8} "
-          f"{'429s':>5} {'twice':>5} {'worker RSS':>10}")
+          f"{'429s':>5} {'twice':>5} {'worker RSS':>10} {'CPU ms/send':>11}")
     for r in results:
         cut = "" if r["finished"] else "  (cut off at the deadline)"
         print(f"{r['setup']:<31} {r['sent']:>7} {r['seconds']:>8.1f} {r['rate']:>7.0f} "
               f"{r['fraction_of_limit']:>8.2f} {r['too_many_requests']:>5} {r['doubled']:>5} "
-              f"{r['worker_peak_rss_mb']:>8.0f}MB{cut}")
+              f"{r['worker_peak_rss_mb']:>8.0f}MB {cpu_ms(r['cpu_ms_per_send']):>11}{cut}")
     print(f"limit {args.limit}/s (the fake answers 429 beyond it); sent/s is sustained "
-          f"(first to last send); recipients {args.recipients}")
+          f"(first to last send); recipients {args.recipients}; CPU ms/send: the workers' "
+          f"CPU seconds from the broadcast's start to its last send, per send")
     return {"path": args.json, "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": os.uname().nodename, "cpus": os.cpu_count(), "results": results}
 

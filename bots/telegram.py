@@ -1,4 +1,6 @@
-"""Telegram, on aiogram 3: its ``Bot`` (client), types and exceptions; no hand-rolled API.
+"""Telegram, on aiogram 3: its ``Bot`` (client), types and exceptions. Sends, the hot path
+of broadcasts, timers and replies, are posted as JSON on the same client's HTTP session
+(``bots.telegram_json``), with aiogram's exceptions and their classification.
 
 Inbound: webhooks checked by ``X-Telegram-Bot-Api-Secret-Token`` (constant time), or long
 polling when there is no public URL, with the offset stored durably *after* each update
@@ -10,9 +12,9 @@ Outbound: HTML parse mode with every text escaped; inline keyboards (callback da
 64 bytes, ``callback_payload_bytes``, is kept server-side: ``channels.LongPayloads``); URL
 buttons; reply keyboards for quick replies (with "share phone"); photos with captions;
 carousels as photo cards; texts split at 4096 UTF-16 code units (Telegram's unit: an emoji
-counts 2), captions at 1024. Errors become
-``SendResult``s: ``TelegramRetryAfter`` -> retry_after, forbidden -> blocked, bad request ->
-failed, network/5xx -> transient.
+counts 2), captions at 1024. Errors become ``SendResult``s: ``TelegramRetryAfter`` ->
+retry_after, forbidden -> blocked, bad request or not found -> failed, a refused token ->
+failed (logged), network/5xx/anything else -> transient.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # isort: off
-import bots.lazy_aiogram  # first: aiogram's models are built when first used
+import bots.lazy_aiogram  # noqa: F401  first: aiogram's models are built when first used
 
 # isort: on
 from aiogram import Bot
@@ -44,16 +46,9 @@ from aiogram.exceptions import (
     TelegramServerError,
     TelegramUnauthorizedError,
 )
-from aiogram.methods import SendMessage, SendPhoto
 from aiogram.types import (
     CallbackQuery,
     ChatMemberUpdated,
-    InlineKeyboardButton,
-    InlineKeyboardMarkup,
-    KeyboardButton,
-    MessageId,
-    ReplyKeyboardMarkup,
-    ReplyKeyboardRemove,
     Update,
 )
 from pydantic import ValidationError
@@ -81,6 +76,7 @@ from bot_platform.types import (
     Profile,
     SendResult,
 )
+from bots.telegram_json import JsonSends
 
 log = logging.getLogger(__name__)
 
@@ -102,39 +98,23 @@ def escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-class _SendMessage(SendMessage):
-    """``sendMessage`` whose answer is read for its ``message_id`` only: aiogram would
-    build a whole ``Message`` (chat, sender, keyboard: ~35 microseconds) per send that
-    nothing reads. The request is ``SendMessage``'s, errors are raised as before."""
-
-    __returning__ = MessageId
-
-
-class _SendPhoto(SendPhoto):
-    """``sendPhoto`` read for its ``message_id`` only (see ``_SendMessage``)."""
-
-    __returning__ = MessageId
-
-
-for _method in (_SendMessage, _SendPhoto):
-    bots.lazy_aiogram.resolve_like_aiogram(_method)
-
 _RESPONSE_TYPES: list[type] = []
 
 
 def _keep_response_types() -> None:
     """aiogram parses every answer as ``Response[T]``, and pydantic caches generic models
     only weakly: without a reference of our own, each API call rebuilds the class and its
-    schema (about 7% of a busy worker's CPU). The methods and markups themselves are built
-    here too, not during the first send (``bots.lazy_aiogram``)."""
+    schema (about 7% of a busy worker's CPU). The methods themselves are built here too,
+    not during the first call (``bots.lazy_aiogram``). Sends do not use them
+    (``bots.telegram_json``)."""
     if _RESPONSE_TYPES:
         return
     from aiogram import methods
     from aiogram.methods.base import Response
 
-    used = (_SendMessage, _SendPhoto, methods.AnswerCallbackQuery,
-            methods.SetWebhook, methods.DeleteWebhook, methods.GetUpdates, methods.GetMe)
-    for model in (*used, InlineKeyboardMarkup, ReplyKeyboardMarkup, ReplyKeyboardRemove):
+    used = (methods.AnswerCallbackQuery, methods.SetWebhook, methods.DeleteWebhook,
+            methods.GetUpdates, methods.GetMe)
+    for model in used:
         model.model_rebuild()
     _RESPONSE_TYPES.extend(Response[method.__returning__] for method in used)
 
@@ -165,6 +145,7 @@ class TelegramChannel:
         self.retry_first, self.retry_max = 1.0, 60.0  # seconds between polling retries
         # The token travels in every API URL (``/bot<token>/``): client errors carry it.
         self.redact = Redactor(bot.token, bot.token.partition(":")[2], webhook_secret)
+        self.sends = JsonSends(bot)
         _keep_response_types()
 
     # ---- inbound -----------------------------------------------------------------------
@@ -350,31 +331,37 @@ class TelegramChannel:
                                    allowed_updates=ALLOWED_UPDATES)
 
     async def close(self) -> None:
+        await self.sends.close()
         await self.bot.session.close()
 
     # ---- outbound ----------------------------------------------------------------------
 
-    async def _markup(self, message: Outgoing, buttons: Sequence[Any] | None = None) -> Any:
-        buttons = message.buttons if buttons is None else buttons
-        if buttons:
-            rows = []
-            for button in buttons:
-                if button.url:
-                    rows.append([InlineKeyboardButton(text=button.title, url=button.url)])
-                else:
-                    # callback_data must be 1-64 bytes: a button with no payload
-                    # (an agent's) answers with its title.
-                    data = await self.payloads.shorten(button.payload or button.title)
-                    rows.append([InlineKeyboardButton(text=button.title, callback_data=data)])
-            return InlineKeyboardMarkup(inline_keyboard=rows)
+    async def _inline(self, buttons: Sequence[Any]) -> dict[str, Any] | None:
+        """An inline keyboard, one button a row, as the Bot API's JSON takes it."""
+        if not buttons:
+            return None
+        rows = []
+        for button in buttons:
+            if button.url:
+                rows.append([{"text": button.title, "url": button.url}])
+            else:
+                # callback_data must be 1-64 bytes: a button with no payload (an agent's)
+                # answers with its title.
+                data = await self.payloads.shorten(button.payload or button.title)
+                rows.append([{"text": button.title, "callback_data": data}])
+        return {"inline_keyboard": rows}
+
+    async def _markup(self, message: Outgoing) -> dict[str, Any] | None:
+        """The message's ``reply_markup``: buttons, else quick replies as a keyboard."""
+        if message.buttons:
+            return await self._inline(message.buttons)
         if message.quick_replies:
-            keys = [KeyboardButton(text=q.title, request_contact=q.request == "phone")
-                    for q in message.quick_replies]
+            keys = [{"text": q.title, "request_contact": True} if q.request == "phone"
+                    else {"text": q.title} for q in message.quick_replies]
             rows = [keys[i:i + 3] for i in range(0, len(keys), 3)]
-            return ReplyKeyboardMarkup(keyboard=rows, resize_keyboard=True,
-                                       one_time_keyboard=True)
+            return {"keyboard": rows, "resize_keyboard": True, "one_time_keyboard": True}
         if message.extras.get("remove_keyboard"):
-            return ReplyKeyboardRemove()
+            return {"remove_keyboard": True}
         return None
 
     async def send(self, recipient: str, message: Outgoing) -> SendResult:
@@ -411,31 +398,32 @@ class TelegramChannel:
                 raise NotOneCall(f"{len(message.cards)} cards and text or a picture")
             card = message.cards[0]
             caption = "\n".join(x for x in (card.title, card.subtitle) if x)
-            markup = await self._markup(Outgoing(buttons=card.buttons))
+            markup = await self._inline(card.buttons)
             if card.image_url:
-                sent = await self.bot(_SendPhoto(
-                    chat_id=chat_id, photo=card.image_url,
-                    caption=escape(truncate_utf16(caption, CAPTION_LIMIT)),
-                    reply_markup=markup))
-            else:
-                sent = await self.bot(_SendMessage(chat_id=chat_id, text=escape(caption or "…"),
-                                                   reply_markup=markup))
-            return sent.message_id
+                return await self._post("sendPhoto", chat_id, markup, photo=card.image_url,
+                                        caption=escape(truncate_utf16(caption, CAPTION_LIMIT)))
+            return await self._post("sendMessage", chat_id, markup,
+                                    text=escape(caption or "…"))
         if not (message.text or message.image_url):
             return 0
         markup = await self._markup(message)
         if message.image_url:
             if utf16_len(message.text) > CAPTION_LIMIT:
                 raise NotOneCall("a picture with a text longer than a caption")
-            sent = await self.bot(_SendPhoto(chat_id=chat_id, photo=message.image_url,
-                                             caption=escape(message.text) or None,
-                                             reply_markup=markup))
-            return sent.message_id
+            return await self._post("sendPhoto", chat_id, markup, photo=message.image_url,
+                                    caption=escape(message.text))
         if utf16_len(message.text) > self.capabilities.max_text_length:
             raise NotOneCall("a text longer than one message")
-        sent = await self.bot(_SendMessage(chat_id=chat_id, text=escape(message.text),
-                                           reply_markup=markup))
-        return sent.message_id
+        return await self._post("sendMessage", chat_id, markup, text=escape(message.text))
+
+    async def _post(self, api_method: str, chat_id: int, markup: dict[str, Any] | None,
+                    **fields: str) -> int:
+        """One send as the Bot API's JSON; empty fields are left out, as aiogram does."""
+        params: dict[str, Any] = {"chat_id": chat_id, "parse_mode": "HTML"}
+        params.update((key, value) for key, value in fields.items() if value)
+        if markup is not None:
+            params["reply_markup"] = markup
+        return await self.sends.call(api_method, params)
 
 
 def build(bot: BotConfig, deps: ChannelDeps) -> TelegramChannel:
