@@ -4,8 +4,8 @@ Why: aiohttp's client spends about 90 microseconds of Python per request (reques
 response objects, header multidicts, a writer task, timers, cookie and redirect
 handling) that a Bot API send needs none of; at 1,000 sends/s that is 9% of a core in
 the process that also answers people. Here a request is one ``write`` of a prebuilt
-head and body on a kept-alive connection and the answer is read from the bytes as they
-come (``Content-Length`` or ``chunked``).
+head and body on a kept-alive connection, and ``httptools`` (llhttp, uvicorn's parser,
+already a dependency) reads the answer as its bytes come: a length or chunks.
 
 What it does not do, on purpose: redirects (an error naming the target), cookies,
 proxies, compression, HTTP/2. A connection is reused only after a complete answer
@@ -21,6 +21,8 @@ import asyncio
 import functools
 import ssl
 from urllib.parse import urlsplit
+
+import httptools
 
 MAX_ANSWER = 1 << 20  # bytes: a Bot API answer to a send is well under 1 KB
 
@@ -40,11 +42,14 @@ def _tls_context() -> ssl.SSLContext:
 
 
 class _Connection(asyncio.Protocol):
-    """One connection; at most one request in flight on it."""
+    """One connection; at most one request in flight on it. The answer is read by
+    ``httptools`` (llhttp, the parser uvicorn serves with): a length, chunks, keep-alive."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()
+        self.location: str | None = None
         self.answer: asyncio.Future[tuple[int, bytes]] | None = None
         self.open = True
         self.reusable = True
@@ -64,93 +69,59 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        self.buffer += data
         try:
-            parsed = self._parse()
-        except HttpError as error:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
             self.reusable = False
-            self.answer.set_exception(error)
+            if not self.answer.done():
+                ours = error.__cause__ or error.__context__  # raised by a callback here
+                self.answer.set_exception(ours if isinstance(ours, HttpError) else HttpError(
+                    f"not an HTTP/1.x answer: {error}"))
+
+    # ---- httptools' callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.answer is None or self.answer.done():
+            self.reusable = False  # a second answer to one request: out of step
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"location":
+            self.location = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_ANSWER:
+            raise HttpError("answer too long")
+
+    def on_message_complete(self) -> None:
+        status, body = self.parser.get_status_code(), bytes(self.body)
+        self.body.clear()
+        if self.answer is None or self.answer.done():
             return
-        if parsed is not None:
-            self.answer.set_result(parsed)
-
-    def _parse(self) -> tuple[int, bytes] | None:
-        """(status, body) once the whole answer is in the buffer, else None."""
-        buffer = self.buffer
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buffer) > MAX_ANSWER:
-                raise HttpError("answer head too long")
-            return None
-        head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-        status_line = head[0].split(" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith("HTTP/1.") \
-                or not status_line[1].isdigit():
-            raise HttpError(f"not an HTTP/1.x answer: {head[0][:80]!r}")
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get("connection", "").lower() == "close" or status_line[0] == "HTTP/1.0":
+        if 300 <= status < 400:  # an API does not redirect; say where it went
             self.reusable = False
-        if status_line[1].startswith("3"):  # an API does not redirect; say where it went
-            raise HttpError(f"{status_line[1]} to {headers.get('location')!r}, not followed")
-        start = end + 4
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = self._chunks(start)
-            if body is None:
-                return None
-            del buffer[:]
-        else:
-            length = headers.get("content-length")
-            if length is None or not length.isdigit():
-                raise HttpError("answer without a length")
-            if int(length) > MAX_ANSWER:
-                raise HttpError("answer too long")
-            if len(buffer) < start + int(length):
-                return None
-            body = bytes(buffer[start:start + int(length)])
-            if len(buffer) > start + int(length):
-                raise HttpError("more bytes than the answer")
-            del buffer[:]
-        return int(status_line[1]), body
-
-    def _chunks(self, position: int) -> bytes | None:
-        """The chunked body from ``position``, or None while incomplete."""
-        buffer, body = self.buffer, bytearray()
-        while True:
-            line_end = buffer.find(b"\r\n", position)
-            if line_end < 0:
-                return None
-            size_text = bytes(buffer[position:line_end]).split(b";")[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError("bad chunk size") from None
-            if size == 0:
-                trailer_end = buffer.find(b"\r\n\r\n", line_end)
-                if trailer_end < 0 and buffer[line_end:line_end + 4] != b"\r\n\r\n":
-                    return None
-                return bytes(body)
-            start, end = line_end + 2, line_end + 2 + size
-            if len(buffer) < end + 2:
-                if len(buffer) > MAX_ANSWER:
-                    raise HttpError("answer too long")
-                return None
-            body += buffer[start:end]
-            position = end + 2
+            self.answer.set_exception(HttpError(
+                f"{status} to {self.location!r}, not followed"))
+            return
+        self.answer.set_result((status, body))
 
 
 class Http1Client:
     """Keep-alive connections to the host of ``base`` (http or https), at most
     ``limit`` at once; ``post`` sends one request on an idle one or a new one."""
 
-    def __init__(self, base: str, limit: int = 100, timeout: float = 60.0) -> None:
+    def __init__(self, base: str, limit: int = 100, timeout: float = 60.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base!r}")
         self.host = parts.hostname
-        self.tls = _tls_context() if parts.scheme == "https" else None
+        # ``tls``: the context to check an https server with (tests trust their own CA).
+        self.tls = (tls or _tls_context()) if parts.scheme == "https" else None
         self.port = parts.port or (443 if self.tls else 80)
         default_port = self.port == (443 if self.tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -139,3 +139,77 @@ async def test_a_redirect_is_an_error_naming_its_target(serve) -> None:
         await client.post("/a", b"{}")
     assert client._idle == []
     await client.close()
+
+
+async def test_more_bytes_than_one_answer_or_an_answer_without_a_length(serve) -> None:
+    """Bytes beyond the answer mean the stream is out of step: the answer counts, the
+    connection is not used again. An answer ended only by closing is not trusted."""
+    url, connections = await serve(lambda r: answer(b"{}") + b"HTTP/1.1 200 OK\r\n")
+    client = Http1Client(url)
+    assert await client.post("/a", b"{}") == (200, b"{}")
+    assert client._idle == []
+    assert await client.post("/a", b"{}") == (200, b"{}")
+    await client.close()
+    assert len(connections) == 2
+
+    url, _ = await serve(lambda r: b"HTTP/1.0 200 OK\r\n\r\n{}")
+    client = Http1Client(url, timeout=0.2)
+    with pytest.raises((HttpError, TimeoutError)):
+        await client.post("/a", b"{}")
+    await client.close()
+
+
+async def test_an_answer_too_long_is_an_error(serve, monkeypatch) -> None:
+    from bots import http1
+
+    monkeypatch.setattr(http1, "MAX_ANSWER", 100)
+    url, _ = await serve(lambda r: answer(b"x" * 500))
+    client = Http1Client(url)
+    with pytest.raises(HttpError, match="too long"):
+        await client.post("/a", b"{}")
+    assert client._idle == []
+    await client.close()
+
+
+async def test_https_checks_the_server_certificate() -> None:
+    """Telegram is reached over TLS: the answer comes through a verified connection, and
+    a certificate nobody vouches for is refused, not sent to."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            received.append(head)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(answer(b'{"ok":true}'))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        client_tls = ssl.create_default_context()
+        ca.configure_trust(client_tls)
+        client = Http1Client(url, tls=client_tls)
+        assert await client.post("/bot1:x/sendMessage", b"{}") == (200, b'{"ok":true}')
+        await client.close()
+        assert len(received) == 1
+
+        stranger = Http1Client(url)  # the process's CA bundle does not know this CA
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await stranger.post("/bot1:x/sendMessage", b"{}")
+        await stranger.close()
+        assert len(received) == 1  # nothing was sent over the unverified connection
+    finally:
+        server.close()
