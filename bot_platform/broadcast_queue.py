@@ -42,18 +42,21 @@ _BROADCAST = select(_BROADCASTS.c.status, _BROADCASTS.c.variants, _BROADCASTS.c.
 _LOCKED_BROADCAST = _BROADCAST.with_for_update()  # PostgreSQL (SQLite: one writer at a time)
 # The batch: pending recipients that are due, in id order, each with what its rows need
 # and whether humans talk to them (an open conversation); a deleted subscriber is NULLs.
-_BATCH = select(
-    _RECIPIENTS.c.id, _RECIPIENTS.c.variant, _SUBSCRIBERS.c.id, _SUBSCRIBERS.c.channel,
-    _SUBSCRIBERS.c.bot_id, _SUBSCRIBERS.c.user_id, _SUBSCRIBERS.c.status,
-    _SUBSCRIBERS.c.locale, exists().where(
-        _CONVERSATIONS.c.subscriber_id == _RECIPIENTS.c.subscriber_id,
-        _CONVERSATIONS.c.status.in_([status.value for status in handoff.OPEN])),
-).select_from(_RECIPIENTS.outerjoin(
-    _SUBSCRIBERS, _SUBSCRIBERS.c.id == _RECIPIENTS.c.subscriber_id)).where(
+# The recipients are limited before the join: PostgreSQL, believing few rows pending,
+# joined every pending recipient first and sorted them after (32 ms a batch of 30,000).
+_DUE = select(_RECIPIENTS.c.id, _RECIPIENTS.c.subscriber_id, _RECIPIENTS.c.variant).where(
     _RECIPIENTS.c.broadcast_id == bindparam("b_id"),
     _RECIPIENTS.c.status == RecipientStatus.PENDING.value,
     or_(_RECIPIENTS.c.due_at.is_(None), _RECIPIENTS.c.due_at <= bindparam("b_now")),
-).order_by(_RECIPIENTS.c.id).limit(bindparam("b_limit", type_=Integer))
+).order_by(_RECIPIENTS.c.id).limit(bindparam("b_limit", type_=Integer)).subquery("due")
+_BATCH = select(
+    _DUE.c.id, _DUE.c.variant, _SUBSCRIBERS.c.id, _SUBSCRIBERS.c.channel,
+    _SUBSCRIBERS.c.bot_id, _SUBSCRIBERS.c.user_id, _SUBSCRIBERS.c.status,
+    _SUBSCRIBERS.c.locale, exists().where(
+        _CONVERSATIONS.c.subscriber_id == _DUE.c.subscriber_id,
+        or_(*(_CONVERSATIONS.c.status == status.value for status in handoff.OPEN))),
+).select_from(_DUE.outerjoin(_SUBSCRIBERS, _SUBSCRIBERS.c.id == _DUE.c.subscriber_id)
+              ).order_by(_DUE.c.id)
 # Compare-and-set: only rows still pending change (the count tells whether all did).
 _MARK = update(_RECIPIENTS).where(
     in_ids(_RECIPIENTS.c.id, "b_ids"),
