@@ -4,7 +4,6 @@ allows (``Direct`` on the driver, ``statement_forms`` on PostgreSQL)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
@@ -18,7 +17,7 @@ from bot_platform.direct import (
     each_processed,
     run_batch_in_sqlite_thread,
 )
-from bot_platform.statement_forms import linked_pair
+from bot_platform.statement_forms import Columns, linked_pair
 
 # On PostgreSQL a linked insert of a single row is one ``linked_pair`` statement; more
 # rows go as one ``_linked_arrays`` statement (a column per array parameter).
@@ -59,18 +58,6 @@ async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[di
         link, len(parent_rows))
 
 
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Rows given column by column: ``each`` one value per row; ``same`` the values every
-    row has (a batch's moment, status, broadcast), processed once."""
-
-    each: dict[str, list[Any]]
-    same: dict[str, Any] = field(default_factory=dict)
-
-    def filled(self, count: int) -> dict[str, list[Any]]:
-        return {**self.each, **{key: [value] * count for key, value in self.same.items()}}
-
-
 async def insert_linked_columns(session: AsyncSession, parent: Any, parent_columns: Columns,
                                 child: Any, child_columns: Columns, link: str, count: int
                                 ) -> tuple[list[int], list[int]]:
@@ -93,9 +80,8 @@ async def insert_linked_columns(session: AsyncSession, parent: Any, parent_colum
             **{f"c_{key}": value for key, value in child_row.items()}})).rows[0]
         return [row[1]], [row[0]]
     if connection.adapter is not None:
-        linked = await connection.linked_arrays(
-            parent_table, parent_columns.filled(count), child_table,
-            child_columns.filled(count), link, count)
+        linked = await connection.linked_arrays(parent_table, parent_columns, child_table,
+                                                child_columns, link)
         if linked is not None:
             return linked
     if connection.raw is not None:

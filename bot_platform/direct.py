@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.util import find_tables
 
 from bot_platform import pg_driver
-from bot_platform.statement_forms import TABLES, arrays_form, linked_arrays
+from bot_platform.statement_forms import TABLES, Columns, arrays_form, linked_arrays
 
 log = logging.getLogger(__name__)
 
@@ -342,22 +342,22 @@ class Direct:
             raise DBAPIError.instance(batch[-1][0], batch[-1][1], error,
                                       sqlite3.Error) from error
 
-    async def linked_arrays(self, parent: Any, parent_columns: dict[str, list[Any]],
-                            child: Any, child_columns: dict[str, list[Any]], link: str,
-                            count: int) -> tuple[list[int], list[int]] | None:
-        """See ``insert_linked`` (PostgreSQL, many rows): one ``statement_forms.linked_arrays``
-        statement, after what was deferred; each column's values a list (one per row,
-        ``link`` not among the child's); None when it cannot be (nothing was run)."""
-        insert_ = linked_arrays(self.dialect, parent, tuple(parent_columns), child,
-                                 (*child_columns, link), link)
+    async def linked_arrays(self, parent: Any, parent_columns: Columns, child: Any,
+                            child_columns: Columns, link: str
+                            ) -> tuple[list[int], list[int]] | None:
+        """See ``insert_linked_columns`` (PostgreSQL, many rows): one
+        ``statement_forms.linked_arrays`` statement, after what was deferred; None when
+        it cannot be (nothing was run)."""
+        insert_ = linked_arrays(self.dialect, parent, parent_columns, child, child_columns,
+                                link)
         if insert_ is None:
             return None
-        columns = [*parent_columns.values(), *(
-            [value] * count for value in insert_.parent_defaults.values()),
-            *child_columns.values(), *(
-            [value] * count for value in insert_.child_defaults.values())]
-        arrays = (*(column if process is None else each_processed(column, process)
-                    for column, process in zip(columns, insert_.processors, strict=True)),
+        values = [*parent_columns.each.values(), *parent_columns.same.values(),
+                  *insert_.parent_defaults.values(), *child_columns.each.values(),
+                  *child_columns.same.values(), *insert_.child_defaults.values()]
+        arrays = (*(value if process is None else each_processed(value, process) if array
+                    else process(value) for value, process, array in zip(
+                        values, insert_.processors, insert_.arrays, strict=True)),
                   *insert_.sequence)
         pending, self.pending = self.pending, []
         found, _ = await pg_driver.run_batch(

@@ -36,12 +36,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.bulk_inserts import Columns, insert_linked_columns
+from bot_platform.bulk_inserts import insert_linked_columns
 from bot_platform.clock import Clock
 from bot_platform.database import Database
 from bot_platform.direct import direct
 from bot_platform.fitting import fit_message
 from bot_platform.models import Message, Outbox
+from bot_platform.statement_forms import Columns
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing
 
