@@ -32,7 +32,7 @@ SEND_KIND = "broadcast_send"  # the send job's kind (``broadcasts.SendJob``)
 YIELD_EVERY = 100  # recipients prepared between two turns of the event loop
 
 # What a recipient's outbox rows need of their subscriber (``OutboxQueue.enqueue_many``).
-Recipient = namedtuple("Recipient", ("id", "channel", "bot_id", "user_id"))
+Addressee = namedtuple("Addressee", ("id", "channel", "bot_id", "user_id"))
 
 _BROADCASTS, _RECIPIENTS = Broadcast.__table__, BroadcastRecipient.__table__
 _SUBSCRIBERS, _JOBS = Subscriber.__table__, Job.__table__
@@ -97,14 +97,14 @@ async def queue_batch(engine: Engine, session: AsyncSession, broadcast_id: int,
         "b_id": broadcast_id, "b_now": now, "b_limit": batch})).rows
     by_name = {variant["name"]: variant for variant in variants}
     default_locale = engine.catalogs.default_locale
-    sends: list[tuple[Recipient, list[tuple[str | None, Outgoing]]]] = []
+    sends: list[tuple[Addressee, list[tuple[str | None, Outgoing]]]] = []
     queued: list[int] = []
     unsubscribed: list[int] = []
     talking: list[int] = []
     flows: list[tuple[int, str]] = []
     # One message per variant and locale, not one per recipient (validated, fitted and
-    # serialized once: a batch's CPU time holds the write lock on SQLite); None: it has
-    # URL buttons, tracked per recipient.
+    # serialized once: a batch's CPU time holds the write lock on SQLite), and whether
+    # it has URL buttons (then tracked per recipient).
     messages: dict[tuple[str, str | None], tuple[Outgoing, bool]] = {}
     for number, (recipient_id, variant, subscriber_id, channel, bot_id, user_id, status,
                  locale, in_conversation) in enumerate(todo, 1):
@@ -132,7 +132,7 @@ async def queue_batch(engine: Engine, session: AsyncSession, broadcast_id: int,
             found = messages[(variant, locale)] = (
                 message, any(button.url for button in message.buttons))
         message, tracked = found
-        subscriber = Recipient(subscriber_id, channel, bot_id, user_id)
+        subscriber = Addressee(subscriber_id, channel, bot_id, user_id)
         if tracked:
             message = await _tracked(session, engine, message, subscriber, broadcast_id, now)
         sends.append((subscriber, [(None, message)]))
@@ -164,7 +164,7 @@ def _message(variant: dict[str, Any], locale: str | None, default_locale: str) -
 
 
 async def _tracked(session: AsyncSession, engine: Engine, message: Outgoing,
-                   subscriber: Recipient, broadcast_id: int, now: datetime) -> Outgoing:
+                   subscriber: Addressee, broadcast_id: int, now: datetime) -> Outgoing:
     """URL buttons become tracked links (clicks count for the broadcast)."""
     from bot_platform.catalog import tracked_link
 
