@@ -14,7 +14,6 @@ and a pause or cancel is ordered before or after a whole batch, never inside one
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,15 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform import handoff, outbox
+from bot_platform import broadcast_queue, outbox
 from bot_platform.broadcast_figures import stats as stats  # the API's figures
+from bot_platform.broadcast_queue import SEND_KIND
 from bot_platform.database import insert_ignore
-from bot_platform.fitting import share
 from bot_platform.inbound import Engine
 from bot_platform.models import (
     Broadcast,
     BroadcastRecipient,
-    Conversation,
     Job,
     Outbox,
     Subscriber,
@@ -43,16 +41,13 @@ from bot_platform.statuses import (
     JobStatus,
     OutboxStatus,
     RecipientStatus,
-    SubscriberStatus,
 )
 from bot_platform.text import StorableText
-from bot_platform.types import Button, Card, Outgoing, QuickReply
+from bot_platform.types import Button, Card, QuickReply
 
-SEND_KIND = "broadcast_send"
 BATCH = 500
 AHEAD = 2000  # broadcast rows waiting for the workers that are plenty (``SendJob``)
 RELAXED_BATCH, RELAXED_WAIT, TALKING = 100, 1.0, 10.0  # recipients, seconds, seconds
-YIELD_EVERY = 100  # recipients prepared between two turns of the event loop (run_send_job)
 SNAPSHOT_CHUNK = 5000  # recipients read and inserted at a time when a broadcast starts
 FILTER = TypeAdapter(Filter)
 
@@ -273,32 +268,6 @@ async def cancel(session: AsyncSession, broadcast_id: int, now: datetime) -> Bro
     return broadcast
 
 
-def _message(variant: dict[str, Any], locale: str | None, default_locale: str) -> Outgoing:
-    messages = variant["messages"]
-    content = messages.get(locale or "") or messages.get(default_locale) or next(
-        iter(messages.values()))
-    return Outgoing.model_validate(content)
-
-
-async def _tracked(session: AsyncSession, engine: Engine, message: Outgoing,
-                   subscriber: Subscriber, broadcast: Broadcast, now: datetime) -> Outgoing:
-    """URL buttons become tracked links (clicks count for the broadcast)."""
-    from bot_platform.catalog import tracked_link
-
-    if not any(button.url for button in message.buttons):
-        return message  # nothing to track: no copy (a batch makes 500 of them)
-    buttons = []
-    for button in message.buttons:
-        if button.url:
-            url = await tracked_link(
-                session, url=button.url, subscriber_id=subscriber.id,
-                channel=subscriber.channel, campaign=f"broadcast-{broadcast.id}", now=now,
-                public_url=engine.public_url, broadcast_id=broadcast.id)
-            button = button.model_copy(update={"url": url})
-        buttons.append(button)
-    return message.model_copy(update={"buttons": tuple(buttons)})
-
-
 class SendJob:
     """The ``SEND_KIND`` handler: before each batch's transaction (the write lock held
     meanwhile on SQLite) it waits for answers under way in this process
@@ -339,7 +308,7 @@ _AHEAD = select(func.count()).select_from(select(Outbox.id).where(
 async def run_send_job(engine: Engine, session: AsyncSession, job: Job,
                        batch: int | None = None) -> str:
     """Queue the next batch (``batch`` or ``BATCH``) of pending recipients (each
-    exactly once).
+    exactly once, ``broadcast_queue``).
 
     The broadcast row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite runs one
     writer at a time) and its status read under that lock: two send jobs for the same
@@ -348,103 +317,30 @@ async def run_send_job(engine: Engine, session: AsyncSession, job: Job,
     now = engine.clock.now()
     batch = batch or BATCH
     broadcast_id = job.payload["broadcast_id"]
-    query = select(Broadcast).where(Broadcast.id == broadcast_id).execution_options(
-        populate_existing=True)
-    if session.bind.dialect.name != "sqlite":
-        query = query.with_for_update()
-    broadcast = await session.scalar(query)
-    if broadcast is None:
+    found = await broadcast_queue.locked_broadcast(session, broadcast_id)
+    if found is None:
         return "gone"
+    status, variants, tag = found
     if job.payload.get("start"):
-        if broadcast.status != BroadcastStatus.SCHEDULED:
-            return broadcast.status  # cancelled before its moment
+        if status != BroadcastStatus.SCHEDULED:
+            return status  # cancelled before its moment
         broadcast = await _transition(session, broadcast_id, (BroadcastStatus.SCHEDULED,), "start",
                                       status=BroadcastStatus.RUNNING, started_at=now)
         targeted = await _snapshot(session, broadcast, now)
         return f"started {targeted}"
-    if broadcast.status != BroadcastStatus.RUNNING:
-        return broadcast.status
-    due = or_(BroadcastRecipient.due_at.is_(None), BroadcastRecipient.due_at <= now)
-    todo = (await session.execute(select(
-        BroadcastRecipient.id, BroadcastRecipient.subscriber_id, BroadcastRecipient.variant
-    ).where(BroadcastRecipient.broadcast_id == broadcast.id,
-            BroadcastRecipient.status == RecipientStatus.PENDING, due)
-        .order_by(BroadcastRecipient.id).limit(batch))).all()
-    variants = {v["name"]: v for v in broadcast.variants}
-    ids = [r.subscriber_id for r in todo]
-    # Plain rows, not ORM objects: a batch is a thousand subscribers.
-    subscribers = {s.id: s for s in (await session.execute(select(
-        Subscriber.id, Subscriber.channel, Subscriber.bot_id, Subscriber.user_id,
-        Subscriber.status, Subscriber.locale).where(Subscriber.id.in_(ids)))).all()}
-    talking_to_humans = set((await session.scalars(select(Conversation.subscriber_id).where(
-        Conversation.subscriber_id.in_(ids),
-        Conversation.status.in_(handoff.OPEN)))).all())
-    sends: list[tuple[Any, list[tuple[str | None, Outgoing]]]] = []
-    outcome: dict[tuple[str, str | None], list[int]] = {}
-    # One message per variant and locale, not one per recipient (validated, fitted and
-    # serialized once: a batch's CPU time holds the write lock on SQLite).
-    messages: dict[tuple[str, str | None], Outgoing] = {}
-    for number, recipient in enumerate(todo, 1):
-        if number % YIELD_EVERY == 0:
-            # This process's sends wait on the event loop meanwhile: a pacer woken more
-            # than ~10 ms late loses the slots it missed (ratelimit.Pacer).
-            await asyncio.sleep(0)
-        subscriber = subscribers.get(recipient.subscriber_id)
-        if subscriber is None or subscriber.status != SubscriberStatus.SUBSCRIBED:
-            outcome.setdefault((RecipientStatus.SKIPPED, "unsubscribed"), []).append(recipient.id)
-            continue
-        if subscriber.id in talking_to_humans:
-            outcome.setdefault((RecipientStatus.SKIPPED, "in_conversation"),
-                               []).append(recipient.id)
-            continue
-        outcome.setdefault((RecipientStatus.QUEUED, None), []).append(recipient.id)
-        variant = variants[recipient.variant]
-        if variant.get("flow"):
-            await _start_flow(engine, session, await session.get(Subscriber, subscriber.id),
-                              variant["flow"], broadcast.id)
-            continue
-        message = messages.get((recipient.variant, subscriber.locale))
-        if message is None:
-            message = _message(variant, subscriber.locale, engine.catalogs.default_locale)
-            if broadcast.tag:
-                message = message.model_copy(update={"outside_window": broadcast.tag})
-            share(message)  # the same for the batch: fitted once per channel
-            messages[(recipient.variant, subscriber.locale)] = message
-        message = await _tracked(session, engine, message, subscriber, broadcast, now)
-        sends.append((subscriber, [(None, message)]))
-    await engine.outbox.enqueue_many(session, sends, broadcast_id=broadcast.id)
-    marked = 0
-    for (status, reason), recipient_ids in outcome.items():
-        marked += (await session.execute(update(BroadcastRecipient).where(
-            BroadcastRecipient.id.in_(recipient_ids),
-            BroadcastRecipient.status == RecipientStatus.PENDING)
-            .values(status=status, reason=reason)
-            .execution_options(synchronize_session=False))).rowcount
-    if marked != len(todo):  # someone else queued some of them: undo this batch
-        raise RuntimeError(f"broadcast {broadcast_id}: {len(todo) - marked} of {len(todo)} "
-                           "recipients were no longer pending")
-    if len(todo) == batch:
-        session.add(Job(kind=SEND_KIND, due_at=now, created_at=now,
-                        payload={"broadcast_id": broadcast.id}))
-        return f"queued {len(todo)}"
+    if status != BroadcastStatus.RUNNING:
+        return status
+    taken = await broadcast_queue.queue_batch(engine, session, broadcast_id, variants, tag,
+                                              batch, now)
+    if taken == batch:
+        await broadcast_queue.next_job(session, broadcast_id, now, now)
+        return f"queued {taken}"
     later = await session.scalar(select(func.min(BroadcastRecipient.due_at)).where(
-        BroadcastRecipient.broadcast_id == broadcast.id,
+        BroadcastRecipient.broadcast_id == broadcast_id,
         BroadcastRecipient.status == RecipientStatus.PENDING))
     if later is not None:  # local-time recipients whose moment has not come yet
-        session.add(Job(kind=SEND_KIND, due_at=later, created_at=now,
-                        payload={"broadcast_id": broadcast.id}))
+        await broadcast_queue.next_job(session, broadcast_id, later, now)
     else:
         await _transition(session, broadcast_id, (BroadcastStatus.RUNNING,), "complete",
                           status=BroadcastStatus.COMPLETED, finished_at=now)
-    return f"queued {len(todo)}"
-
-
-async def _start_flow(engine: Engine, session: AsyncSession, subscriber: Subscriber,
-                      flow: str, broadcast_id: int) -> None:
-    """A flow variant: the flow starts for this subscriber as if a trigger fired."""
-    work = await engine.turns.join(session, subscriber)
-    if flow in engine.flows:
-        work.turn.pending_starts.append(flow)
-        await engine.router.run_pending_starts(work.turn)
-    queued = await work.save()
-    await outbox.of_broadcast(session, [i for i, _ in queued], broadcast_id)
+    return f"queued {taken}"

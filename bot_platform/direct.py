@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.sql.util import find_tables
 
 from bot_platform import pg_driver
-from bot_platform.statement_forms import TABLES, arrays_form, linked_arrays
+from bot_platform.statement_forms import TABLES, Columns, arrays_form, linked_arrays
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ def _memoized(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return memoized
 
 
+def each_processed(values: list[Any], process: Callable[[Any], Any]) -> list[Any]:
+    """``process`` of each value, run once per distinct object: a batch's rows share one
+    payload dict or one moment (a JSON dump each cost more than the rest of a row)."""
+    distinct = {id(value): value for value in values}
+    done = {key: process(value) for key, value in distinct.items()}
+    return [done[id(value)] for value in values]
+
+
 def _plan(compiled: Any, keys: tuple[str, ...], defaults: dict[str, Any],
           names: tuple[str, ...], binds: dict[str, Callable[[Any], Any]]
           ) -> tuple[tuple[Any, ...], tuple[tuple[int, str, Callable[[Any], Any] | None], ...]]:
@@ -122,7 +130,7 @@ _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _COMPILED: dict[tuple[Any, str, tuple[str, ...]], _Compiled | None] = {}
 
 
-def _compile(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled | None:
+def compile_plain(statement: Any, dialect: Any, keys: tuple[str, ...]) -> _Compiled | None:
     """The statement compiled once per dialect and parameter names; None when it needs
     SQLAlchemy's execution (Python-side defaults other than constants, expanding IN)."""
     cache_key = (statement, dialect.name, keys)
@@ -174,20 +182,7 @@ def _run_in_sqlite_thread(connection: Any, sql: str, rows: list[tuple[Any, ...]]
         cursor.close()
 
 
-def _run_linked_in_sqlite_thread(connection: Any, pending: list[tuple[str, list[Any], bool]],
-                                 first: tuple[str, list[Any]], second: tuple[str, list[Any]],
-                                 link: int) -> tuple[list[int], list[int]]:
-    """Runs in aiosqlite's thread: deferred statements, the parents, then the children
-    with their parents' ids at position ``link``."""
-    _run_batch_in_sqlite_thread(connection, pending)
-    parents = [row[0] for row in _run_in_sqlite_thread(connection, first[0], first[1], True)[0]]
-    rows = [(*row[:link], parent, *row[link + 1:])
-            for row, parent in zip(second[1], parents, strict=True)]
-    children = [row[0] for row in _run_in_sqlite_thread(connection, second[0], rows, True)[0]]
-    return parents, children
-
-
-def _run_batch_in_sqlite_thread(connection: Any, batch: list[tuple[str, list[Any], bool]]
+def run_batch_in_sqlite_thread(connection: Any, batch: list[tuple[str, list[Any], bool]]
                                 ) -> tuple[list[Any], int]:
     """Runs in aiosqlite's thread: statements one after the other; the last one's result."""
     found: tuple[list[Any], int] = ([], 0)
@@ -251,7 +246,7 @@ class Direct:
                   ) -> tuple[_Compiled, list[Any]] | None:
         compiled = None
         if many and self.on_driver:
-            compiled = _compile(statement, self.dialect, tuple(many[0]))
+            compiled = compile_plain(statement, self.dialect, tuple(many[0]))
         if compiled is None:
             return None
         template, slots = compiled.template, compiled.slots
@@ -339,7 +334,7 @@ class Direct:
         if self.adapter is not None:
             return await pg_driver.run_batch(self.connection, self.adapter, batch, TABLES)
         try:
-            return await self.call(_run_batch_in_sqlite_thread, batch,
+            return await self.call(run_batch_in_sqlite_thread, batch,
                                    rows=sum(len(params) for _, params, _ in batch))
         except sqlite3.Error as error:
             from sqlalchemy.exc import DBAPIError
@@ -347,52 +342,22 @@ class Direct:
             raise DBAPIError.instance(batch[-1][0], batch[-1][1], error,
                                       sqlite3.Error) from error
 
-    async def linked(self, first: tuple[_Compiled, list[Any]],
-                     second: tuple[_Compiled, list[Any]], link: int
-                     ) -> tuple[list[int], list[int]]:
-        """See ``insert_linked``: both inserts (and what was deferred) in one trip on
-        SQLite; on PostgreSQL a trip per statement and row."""
-        import sqlite3
-
-        pending, self.pending = self.pending, []
-        if self.adapter is not None:
-            parents = [row[0] for row in (await pg_driver.run_batch(
-                self.connection, self.adapter, [*pending, (first[0].sql, first[1], True)],
-                TABLES))[0]]
-            rows = [(*row[:link], parent, *row[link + 1:])
-                    for row, parent in zip(second[1], parents, strict=True)]
-            children = [row[0] for row in (await pg_driver.run_batch(
-                self.connection, self.adapter, [(second[0].sql, rows, True)]))[0]]
-            return parents, children
-        try:
-            return await self.call(
-                _run_linked_in_sqlite_thread, pending,
-                (first[0].sql, first[1]), (second[0].sql, second[1]), link,
-                rows=len(first[1]) + len(second[1]))
-        except sqlite3.Error as error:
-            from sqlalchemy.exc import DBAPIError
-
-            raise DBAPIError.instance(second[0].sql, second[1], error,
-                                      sqlite3.Error) from error
-
-    async def linked_arrays(self, parent: Any, parent_rows: list[dict[str, Any]], child: Any,
-                            child_rows: list[dict[str, Any]], link: str
+    async def linked_arrays(self, parent: Any, parent_columns: Columns, child: Any,
+                            child_columns: Columns, link: str
                             ) -> tuple[list[int], list[int]] | None:
-        """See ``insert_linked`` (PostgreSQL, many rows): one ``statement_forms.linked_arrays``
-        statement, after what was deferred; None when it cannot be (nothing was run)."""
-        parent_keys = tuple(parent_rows[0])
-        child_keys = tuple(key for key in child_rows[0] if key != link)
-        insert_ = linked_arrays(self.dialect, parent, parent_keys, child,
-                                 (*child_keys, link), link)
+        """See ``insert_linked_columns`` (PostgreSQL, many rows): one
+        ``statement_forms.linked_arrays`` statement, after what was deferred; None when
+        it cannot be (nothing was run)."""
+        insert_ = linked_arrays(self.dialect, parent, parent_columns, child, child_columns,
+                                link)
         if insert_ is None:
             return None
-        count = len(parent_rows)
-        columns = [[row[key] for row in parent_rows] for key in parent_keys] + [
-            [value] * count for value in insert_.parent_defaults.values()] + [
-            [row[key] for row in child_rows] for key in child_keys] + [
-            [value] * count for value in insert_.child_defaults.values()]
-        arrays = (*(column if process is None else [process(v) for v in column]
-                    for column, process in zip(columns, insert_.processors, strict=True)),
+        values = [*parent_columns.each.values(), *parent_columns.same.values(),
+                  *insert_.parent_defaults.values(), *child_columns.each.values(),
+                  *child_columns.same.values(), *insert_.child_defaults.values()]
+        arrays = (*(value if process is None else each_processed(value, process) if array
+                    else process(value) for value, process, array in zip(
+                        values, insert_.processors, insert_.arrays, strict=True)),
                   *insert_.sequence)
         pending, self.pending = self.pending, []
         found, _ = await pg_driver.run_batch(
@@ -423,7 +388,7 @@ async def run_alone(engine: AsyncEngine, statement: Any, params: dict[str, Any])
     on a pooled connection and run in the server's implicit transaction, one round trip
     (a session costs three: BEGIN, the statement, COMMIT). Only for module- or
     worker-level statements (the compiled forms are cached by statement)."""
-    compiled = _compile(statement, engine.dialect, tuple(params))
+    compiled = compile_plain(statement, engine.dialect, tuple(params))
     if compiled is None:
         raise ValueError("a statement run alone must compile to plain SQL")
     values = compiled.construct(params)

@@ -465,7 +465,8 @@ class BroadcastRecipient(Base):
 
     __tablename__ = "broadcast_recipients"
     __table_args__ = (UniqueConstraint("broadcast_id", "subscriber_id"),
-                      Index("ix_broadcast_recipients_todo", "broadcast_id", "status"))
+                      # id last: a send job's batch is a walk in id order (0009).
+                      Index("ix_broadcast_recipients_todo", "broadcast_id", "status", "id"))
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     broadcast_id: Mapped[int] = mapped_column(ForeignKey("broadcasts.id", ondelete="CASCADE"))

@@ -36,12 +36,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot_platform.bulk_inserts import insert_linked
+from bot_platform.bulk_inserts import insert_linked_columns
 from bot_platform.clock import Clock
 from bot_platform.database import Database
 from bot_platform.direct import direct
 from bot_platform.fitting import fit_message
 from bot_platform.models import Message, Outbox
+from bot_platform.statement_forms import Columns
 from bot_platform.statuses import MessageStatus, OutboxStatus
 from bot_platform.types import Capabilities, Outgoing
 
@@ -121,34 +122,52 @@ class OutboxQueue:
         rows with the same attributes. Returns the queued rows per item; ``hold`` keeps
         them from the worker that long (or until ``release``)."""
         now = self.clock.now()
-        parts: list[tuple[int, Any, str | None, Outgoing]] = []
-        for index, (subscriber, messages) in enumerate(items):
-            caps = self.capabilities(subscriber.channel, subscriber.bot_id)
-            parts.extend((index, subscriber, flow, part) for flow, message in messages
-                         for part in fit_message(message, caps))
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
-        if not parts:
-            return queued
-        # A shared message's parts are the same objects for every subscriber (a
-        # broadcast batch): each is dumped once.
-        payloads: dict[int, dict[str, Any]] = {}
-        for _, _, _, part in parts:
-            if id(part) not in payloads:
-                payloads[id(part)] = part.model_dump(mode="json")
-        _, outbox_ids = await insert_linked(session, Message, [{
-                "subscriber_id": subscriber.id, "channel": subscriber.channel,
-                "direction": "out", "kind": "cards" if part.cards else "text",
-                "text": part.text or None, "status": MessageStatus.QUEUED, "flow": flow,
-                "broadcast_id": broadcast_id, "created_at": now, "updated_at": now}
-                for _, subscriber, flow, part in parts], Outbox, [{
-                "subscriber_id": subscriber.id,
-                "channel": subscriber.channel, "bot_id": subscriber.bot_id,
-                "recipient": subscriber.user_id, "payload": payloads[id(part)],
-                "status": OutboxStatus.PENDING, "attempts": 0,  # no Python-side default: one trip
-                "next_attempt_at": now + (hold or timedelta(0)),
-                "broadcast_id": broadcast_id, "created_at": now}
-                for _, subscriber, _, part in parts], link="message_id")
-        for (index, _, _, part), outbox_id in zip(parts, outbox_ids, strict=True):
+        # Column by column, a shared message (a broadcast batch's) fitted once per
+        # channel and its parts' columns worked out once: a row is a few appends.
+        fitted: dict[tuple[int, str, str], list[tuple[Outgoing, str, str | None, Any]]] = {}
+        owners: list[int] = []
+        parts: list[Outgoing] = []
+        subscriber_ids: list[int] = []
+        channels: list[str] = []
+        bot_ids: list[str] = []
+        recipients: list[str] = []
+        flows: list[str | None] = []
+        kinds: list[str] = []
+        texts: list[str | None] = []
+        payloads: list[Any] = []
+        for index, (subscriber, messages) in enumerate(items):
+            channel, bot_id = subscriber.channel, subscriber.bot_id
+            for flow, message in messages:
+                key = (id(message), channel, bot_id)
+                fits = fitted.get(key)
+                if fits is None:
+                    fits = fitted[key] = [
+                        (part, "cards" if part.cards else "text", part.text or None,
+                         part.model_dump(mode="json"))
+                        for part in fit_message(message, self.capabilities(channel, bot_id))]
+                for part, kind, text, payload in fits:
+                    owners.append(index)
+                    parts.append(part)
+                    subscriber_ids.append(subscriber.id)
+                    channels.append(channel)
+                    bot_ids.append(bot_id)
+                    recipients.append(subscriber.user_id)
+                    flows.append(flow)
+                    kinds.append(kind)
+                    texts.append(text)
+                    payloads.append(payload)
+        _, outbox_ids = await insert_linked_columns(session, Message, Columns({
+            "subscriber_id": subscriber_ids, "channel": channels, "kind": kinds,
+            "text": texts, "flow": flows}, {
+            "direction": "out", "status": MessageStatus.QUEUED, "broadcast_id": broadcast_id,
+            "created_at": now, "updated_at": now}), Outbox, Columns({
+            "subscriber_id": subscriber_ids, "channel": channels, "bot_id": bot_ids,
+            "recipient": recipients, "payload": payloads}, {
+            "status": OutboxStatus.PENDING, "attempts": 0,  # no Python-side default: one trip
+            "next_attempt_at": now + (hold or timedelta(0)), "broadcast_id": broadcast_id,
+            "created_at": now}), link="message_id", count=len(parts))
+        for index, part, outbox_id in zip(owners, parts, outbox_ids, strict=True):
             queued[index].append((outbox_id, part))
         return queued
 

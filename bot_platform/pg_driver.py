@@ -2,7 +2,7 @@
 
 SQLAlchemy's execution costs about 150-200 microseconds of Python a statement (context,
 cursor, result objects) against about 40 for asyncpg's own trip; an inbound event is a
-dozen statements. Here a compiled statement (``direct._compile``, once per dialect) is
+dozen statements. Here a compiled statement (``direct.compile_plain``, once per dialect) is
 prepared once per connection, in the SQLAlchemy adapter's own cache of prepared
 statements, and run with its positional parameters; the transaction is the adapter's, so
 the session's commit and rollback stay as they are. Errors come out as SQLAlchemy's

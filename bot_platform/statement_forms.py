@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, String, TypeDecorator, bindparam, insert, select
@@ -154,9 +154,22 @@ def linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
 
 
 @dataclass(frozen=True, slots=True)
+class Columns:
+    """Rows given column by column: ``each`` one value per row; ``same`` the values every
+    row has (a batch's moment, status, broadcast), bound and processed once."""
+
+    each: dict[str, list[Any]]
+    same: dict[str, Any] = field(default_factory=dict)
+
+    def filled(self, count: int) -> dict[str, list[Any]]:
+        return {**self.each, **{key: [value] * count for key, value in self.same.items()}}
+
+
+@dataclass(frozen=True, slots=True)
 class ArraysInsert:
     sql: str
     processors: tuple[Callable[[Any], Any] | None, ...]  # per column: the bind processor
+    arrays: tuple[bool, ...]  # per column: an array (else one value for every row)
     parent_defaults: dict[str, Any]  # constant Python-side defaults of columns not given
     child_defaults: dict[str, Any]
     sequence: tuple[str, str]  # the parents' table and id column
@@ -178,34 +191,48 @@ def _constant_defaults(table: Any, given: tuple[str, ...]) -> dict[str, Any] | N
     return defaults
 
 
-def linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], child: Any,
-                   child_keys: tuple[str, ...], link: str) -> ArraysInsert | None:
+def linked_arrays(dialect: Any, parent: Any, parent_columns: Columns, child: Any,
+                   child_columns: Columns, link: str) -> ArraysInsert | None:
     """Many parent rows and a child row each in one statement (PostgreSQL), its text
     the same for any number of rows (so it stays prepared): each column's values one
-    array parameter, ``unnest`` turns them back into rows; the parents' ids are drawn
-    from their sequence in row order, then both inserts (in row order) take them;
-    returns (child id, parent id) in row order. JSON travels as text arrays."""
-    key = (dialect.name, parent, parent_keys, child, child_keys, link)
+    array parameter, ``unnest`` turns them back into rows; a value all rows share
+    (``Columns.same``, a constant default) is one parameter (asyncpg checks every
+    element of an array it encodes); the parents' ids are drawn from their sequence in
+    row order, then both inserts (in row order) take them; returns (child id, parent
+    id) in row order. JSON travels as text. The parameters: the parent's columns, each
+    then same then defaults, then the child's likewise (``ArraysInsert``)."""
+    parent_each, parent_same = tuple(parent_columns.each), tuple(parent_columns.same)
+    child_each = tuple(name for name in child_columns.each if name != link)
+    child_same = tuple(child_columns.same)
+    key = (dialect.name, parent, parent_each, parent_same, child, child_each, child_same,
+           link)
     if key in _LINKED_ARRAYS:
         return _LINKED_ARRAYS[key]
-    child_keys = tuple(name for name in child_keys if name != link)
-    parent_defaults = _constant_defaults(parent, (*parent_keys, "id"))
-    child_defaults = _constant_defaults(child, (*child_keys, link, "id"))
-    if parent_defaults is None or child_defaults is None:
+    parent_defaults = _constant_defaults(parent, (*parent_each, *parent_same, "id"))
+    child_defaults = _constant_defaults(child, (*child_each, *child_same, link, "id"))
+    if parent_defaults is None or child_defaults is None or not (parent_each or child_each):
         _LINKED_ARRAYS[key] = None
         return None
-    parent_keys = (*parent_keys, *parent_defaults)
-    child_keys = (*child_keys, *child_defaults)
+    parent_keys = (*parent_each, *parent_same, *parent_defaults)
+    child_keys = (*child_each, *child_same, *child_defaults)
     columns = [parent.c[name] for name in parent_keys] + [child.c[name] for name in child_keys]
+    is_array = [n < len(parent_each) for n in range(len(parent_keys))] + [
+        n < len(child_each) for n in range(len(child_keys))]
     names = [f"p{n}" for n in range(len(parent_keys))] + [
         f"c{n}" for n in range(len(child_keys))]
     arrays, processors, values = [], [], []
-    for number, (column, name) in enumerate(zip(columns, names, strict=True), start=1):
+    for number, (column, name, array) in enumerate(zip(columns, names, is_array, strict=True),
+                                                   start=1):
         type_sql = column.type.compile(dialect=dialect)
         is_json = type_sql in ("JSON", "JSONB")
-        arrays.append(f"${number}::{'TEXT' if is_json else type_sql}[]")
         processors.append(column.type._cached_bind_processor(dialect))
-        values.append(f"{name}::{type_sql}" if is_json else name)
+        if array:
+            arrays.append(f"${number}::{'TEXT' if is_json else type_sql}[]")
+            values.append(f"{name}::{type_sql}" if is_json else name)
+        else:
+            values.append(f"${number}::TEXT::{type_sql}" if is_json
+                          else f"${number}::{type_sql}")
+    names = [name for name, array in zip(names, is_array, strict=True) if array]
     parent_values = values[:len(parent_keys)]
     child_values = values[len(parent_keys):]
     # The sequence's name comes as two more parameters: the statement holds no quotes,
@@ -225,7 +252,8 @@ def linked_arrays(dialect: Any, parent: Any, parent_keys: tuple[str, ...], child
         f"RETURNING id, {link}) "
         f"SELECT child.id, child.{link} FROM child JOIN input ON input.link_id = "
         f"child.{link} ORDER BY input.n")
-    found = _LINKED_ARRAYS[key] = ArraysInsert(sql, tuple(processors), parent_defaults,
-                                                child_defaults, (parent.name, parent.c.id.name))
+    found = _LINKED_ARRAYS[key] = ArraysInsert(
+        sql, tuple(processors), tuple(is_array), parent_defaults, child_defaults,
+        (parent.name, parent.c.id.name))
     TABLES[sql] = frozenset({parent.name, child.name})
     return found
