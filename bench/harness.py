@@ -78,6 +78,28 @@ def write_report(report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, default=str))
 
 
+async def run_until_idle(scheduler: Any, profile_path: str | None = None
+                         ) -> tuple[int, float, float, float]:
+    """``scheduler.run_once`` until it finds nothing: (rounds, process CPU, the loop
+    thread's CPU, wall seconds), cProfiled into ``profile_path`` when given."""
+    profile = None
+    if profile_path:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+    cpu, loop, wall = time.process_time(), time.thread_time(), time.perf_counter()
+    rounds = 0
+    while await scheduler.run_once():
+        rounds += 1
+    measured = (rounds, time.process_time() - cpu, time.thread_time() - loop,
+                time.perf_counter() - wall)
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(profile_path)
+    return measured
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

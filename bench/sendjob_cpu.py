@@ -18,14 +18,13 @@ import asyncio
 import gc
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.broadcast import TOKEN, populate, start_broadcast  # noqa: E402
-from bench.harness import drop_postgres, postgres_database  # noqa: E402
+from bench.harness import drop_postgres, postgres_database, run_until_idle  # noqa: E402
 from bench.scheduler_cpu import server_cpu  # noqa: E402
 from bot_platform.clock import SystemClock  # noqa: E402
 from bot_platform.config import BotConfig, Settings  # noqa: E402
@@ -56,21 +55,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
         gc.collect()
         gc.freeze()
         server = await server_cpu(db) if not db.is_sqlite else {}
-        profile = None
-        if args.profile:
-            import cProfile
-
-            profile = cProfile.Profile()
-            profile.enable()
-        cpu, loop, wall = time.process_time(), time.thread_time(), time.perf_counter()
-        rounds = 0
-        while await scheduler.run_once():
-            rounds += 1
-        cpu, loop, wall = (time.process_time() - cpu, time.thread_time() - loop,
-                           time.perf_counter() - wall)
-        if profile is not None:
-            profile.disable()
-            profile.dump_stats(args.profile)
+        rounds, cpu, loop, wall = await run_until_idle(scheduler, args.profile)
         async with db.session() as session:
             status = await session.scalar(select(Broadcast.status).where(
                 Broadcast.id == broadcast_id))
