@@ -48,10 +48,9 @@ class Worker:
         nothing is still a transaction, in every worker process, for every event), and
         it claims the rows the payload names by id, if it names them."""
         named = named_rows(what)
-        claims = getattr(self.delivery, "outbox", None)  # None: a test's bare worker
-        mine = claims is None or claims.named(named)
         if named is not None or what == INTERACTIVE:
-            if mine:  # another worker's turn: its claim takes the rows
+            # False: another worker's turn, its claim takes the rows.
+            if self.delivery.outbox.named(named):
                 self.delivery_wakes[0].set()
             return
         self.wake.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
@@ -134,7 +135,9 @@ async def test_a_connection_that_lay_idle_is_pinged_and_replaced_silently(
 def test_an_interactive_wake_up_wakes_only_the_interactive_delivery() -> None:
     """A turn's NOTIFY says its rows are interactive: the scheduler and the broadcasts'
     pipeline of every worker do not each run a claim that finds nothing."""
-    worker = Worker(scheduler=None, delivery=None, poll_interval=1.0)  # type: ignore[arg-type]
+    every_turn_mine = SimpleNamespace(outbox=SimpleNamespace(named=lambda ids: True))
+    worker = Worker(scheduler=None, delivery=every_turn_mine,  # type: ignore[arg-type]
+                    poll_interval=1.0)
     worker.notify(INTERACTIVE)
     assert [wake.is_set() for wake in (worker.wake, *worker.delivery_wakes)] == [
         False, True, False]
