@@ -78,6 +78,24 @@ def write_report(report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, default=str))
 
 
+async def on_database(backend: str, body: Any) -> None:
+    """``await body(url)`` on a fresh database: a temporary SQLite file, or a PostgreSQL
+    database created for the run and dropped after it (nothing when none is reachable)."""
+    if backend == "sqlite":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            await body(f"sqlite+aiosqlite:///{folder}/s.sqlite3")
+        return
+    url = await postgres_database()
+    if url is None:
+        return
+    try:
+        await body(url)
+    finally:
+        await drop_postgres(url)
+
+
 async def run_until_idle(scheduler: Any, profile_path: str | None = None
                          ) -> tuple[int, float, float, float]:
     """``scheduler.run_once`` until it finds nothing: (rounds, process CPU, the loop

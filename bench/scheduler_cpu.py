@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import gc
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import drop_postgres, postgres_database, run_until_idle  # noqa: E402
+from bench.harness import on_database, run_until_idle  # noqa: E402
 from bench.scheduler import load_population, make_due, reference_rows  # noqa: E402
 from bot_platform.clock import SystemClock  # noqa: E402
 from bot_platform.config import BotConfig, Settings  # noqa: E402
@@ -243,21 +242,12 @@ async def run(url: str, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if args.backend == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            await run(f"sqlite+aiosqlite:///{folder}/s.sqlite3", args)
-        return
-    count_trips()
-    if args.by_statement:
-        global SQL
-        SQL = Counter()
-    url = await postgres_database()
-    if url is None:
-        return
-    try:
-        await run(url, args)
-    finally:
-        await drop_postgres(url)
+    if args.backend != "sqlite":
+        count_trips()
+        if args.by_statement:
+            global SQL
+            SQL = Counter()
+    await on_database(args.backend, lambda url: run(url, args))
 
 
 if __name__ == "__main__":

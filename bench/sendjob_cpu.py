@@ -17,14 +17,13 @@ import argparse
 import asyncio
 import gc
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.broadcast import TOKEN, populate, start_broadcast  # noqa: E402
-from bench.harness import drop_postgres, postgres_database, run_until_idle  # noqa: E402
+from bench.harness import on_database, run_until_idle  # noqa: E402
 from bench.scheduler_cpu import server_cpu  # noqa: E402
 from bot_platform.clock import SystemClock  # noqa: E402
 from bot_platform.config import BotConfig, Settings  # noqa: E402
@@ -74,17 +73,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if args.backend == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            await run(f"sqlite+aiosqlite:///{folder}/s.sqlite3", args)
-        return
-    url = await postgres_database()
-    if url is None:
-        return
-    try:
-        await run(url, args)
-    finally:
-        await drop_postgres(url)
+    await on_database(args.backend, lambda url: run(url, args))
 
 
 if __name__ == "__main__":
