@@ -150,9 +150,9 @@ def _keep_out_of_the_collector() -> None:
 
     What start-up built (modules, schemas, compiled flows, the web app) lives as long as
     the process: frozen, a full collection no longer walks it. And a full collection
-    waits for 100 young-generation collections instead of 10: a broadcast's sends in
-    flight survive the young ones and are freed by reference counting soon after, so
-    they are no reason to walk the whole heap ten times as often."""
+    waits for 100 middle-generation collections instead of 10: a broadcast's sends in
+    flight survive the younger generations and are freed by reference counting soon
+    after, so they are no reason to walk the whole heap ten times as often."""
     gc.collect()
     gc.freeze()
     young, middle, _ = gc.get_threshold()
