@@ -46,18 +46,6 @@ def _returning_ids(table: Any) -> Any:
     return statement
 
 
-async def insert_linked(session: AsyncSession, parent: Any, parent_rows: list[dict[str, Any]],
-                        child: Any, child_rows: list[dict[str, Any]], link: str
-                        ) -> tuple[list[int], list[int]]:
-    """``insert_linked_columns`` for rows given as dicts (the same keys in each)."""
-    return await insert_linked_columns(
-        session, parent, Columns({key: [row[key] for row in parent_rows]
-                                  for key in parent_rows[0]} if parent_rows else {}),
-        child, Columns({key: [row[key] for row in child_rows]
-                        for key in (child_rows[0] if child_rows else ()) if key != link}),
-        link, len(parent_rows))
-
-
 async def insert_linked_columns(session: AsyncSession, parent: Any, parent_columns: Columns,
                                 child: Any, child_columns: Columns, link: str, count: int
                                 ) -> tuple[list[int], list[int]]:

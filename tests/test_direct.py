@@ -8,13 +8,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
-from bot_platform.bulk_inserts import insert_linked
+from bot_platform.bulk_inserts import insert_linked_columns
 from bot_platform.database import Database
 from bot_platform.direct import direct
 from bot_platform.models import Contact, Message, Outbox, Subscriber
+from bot_platform.statement_forms import Columns
 from bot_platform.turns import SUBSCRIBERS, UPDATE_SUBSCRIBER, SubscriberRow, write_subscriber
 
 NOW = datetime(2026, 11, 30, 5, 0, tzinfo=UTC)
@@ -95,28 +96,59 @@ async def test_a_failing_deferred_write_rolls_the_transaction_back(db_url) -> No
         await db.close()
 
 
+async def _insert_texts(session, sid: int, texts: list[str]) -> tuple[list[int], list[int]]:
+    """A message and its outbox row per text, as ``OutboxQueue.enqueue_many`` writes them."""
+    return await insert_linked_columns(session, Message, Columns({
+        "text": list(texts)}, {
+        "subscriber_id": sid, "channel": "console", "direction": "out", "kind": "text",
+        "status": "queued", "flow": None, "broadcast_id": None, "created_at": NOW,
+        "updated_at": NOW}), Outbox, Columns({
+        "payload": [{"text": text} for text in texts]}, {
+        "subscriber_id": sid, "channel": "console", "bot_id": "console",
+        "recipient": "alex", "status": "pending", "next_attempt_at": NOW,
+        "broadcast_id": None, "created_at": NOW}), link="message_id", count=len(texts))
+
+
+async def _pairs(db: Database) -> list[tuple[str, str]]:
+    async with db.session() as session:
+        return [(text, payload["text"]) for text, payload in (await session.execute(
+            select(Message.text, Outbox.payload).join(
+                Outbox, Outbox.message_id == Message.id).order_by(Outbox.id))).all()]
+
+
 async def test_a_linked_insert_gives_each_child_its_own_parent(db_url) -> None:
     db = await _database(db_url)
     try:
         sid = await _subscriber(db)
         texts = ["one", "two", "three"]
         async with db.session() as session:
-            message_ids, outbox_ids = await insert_linked(session, Message, [{
-                "subscriber_id": sid, "channel": "console", "direction": "out",
-                "kind": "text", "text": text, "status": "queued", "flow": None,
-                "broadcast_id": None, "created_at": NOW, "updated_at": NOW}
-                for text in texts], Outbox, [{
-                "subscriber_id": sid, "channel": "console", "bot_id": "console",
-                "recipient": "alex", "payload": {"text": text}, "status": "pending",
-                "next_attempt_at": NOW, "broadcast_id": None, "created_at": NOW}
-                for text in texts], link="message_id")
+            message_ids, outbox_ids = await _insert_texts(session, sid, texts)
         assert len(set(message_ids)) == len(set(outbox_ids)) == 3
         assert message_ids == sorted(message_ids) and outbox_ids == sorted(outbox_ids)
+        assert await _pairs(db) == [(text, text) for text in texts]
         async with db.session() as session:
-            pairs = (await session.execute(select(Message.text, Outbox.payload).join(
-                Outbox, Outbox.message_id == Message.id).order_by(Outbox.id))).all()
-            assert [(text, payload["text"]) for text, payload in pairs] == [
-                (text, text) for text in texts]
             assert await session.scalar(select(func.count()).select_from(Outbox)) == 3
+    finally:
+        await db.close()
+
+
+async def test_linked_ids_stay_paired_after_the_newest_rows_are_deleted(db_url) -> None:
+    """A person's deletion may take the newest messages and outbox rows: the next linked
+    insert (on SQLite, ids worked out from the largest left) still pairs each outbox row
+    with its own message, and one insert after another never reuses an id twice."""
+    db = await _database(db_url)
+    try:
+        sid = await _subscriber(db)
+        async with db.session() as session:
+            first_messages, _ = await _insert_texts(session, sid, ["a", "b", "c", "d"])
+        async with db.session() as session:  # the newest two go, as a deletion would
+            await session.execute(delete(Outbox).where(
+                Outbox.message_id.in_(first_messages[2:])))
+            await session.execute(delete(Message).where(Message.id.in_(first_messages[2:])))
+        async with db.session() as session:
+            message_ids, outbox_ids = await _insert_texts(session, sid, ["e", "f", "g"])
+            single = await _insert_texts(session, sid, ["h"])
+        assert len({*message_ids, *single[0]}) == 4 and len({*outbox_ids, *single[1]}) == 4
+        assert await _pairs(db) == [(t, t) for t in ("a", "b", "e", "f", "g", "h")]
     finally:
         await db.close()
