@@ -213,3 +213,15 @@ async def test_https_checks_the_server_certificate() -> None:
         assert len(received) == 1  # nothing was sent over the unverified connection
     finally:
         server.close()
+
+
+async def test_requests_at_once_each_get_their_own_answer(serve) -> None:
+    """Many senders post at the same moment: each request rides a connection of its own
+    (or one freed by a finished request) and gets its own answer, never another's."""
+    url, connections = await serve(lambda r: answer(r.partition(b"\r\n\r\n")[2]))
+    client = Http1Client(url, limit=8)
+    bodies = [b'{"n":%d}' % n for n in range(50)]
+    answers = await asyncio.gather(*(client.post("/a", body) for body in bodies))
+    assert answers == [(200, body) for body in bodies]
+    assert len(connections) <= 8  # at most ``limit`` at once, kept alive between requests
+    await client.close()
