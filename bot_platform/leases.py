@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, case, false, or_, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.clock import Clock
@@ -83,6 +83,18 @@ class Leases:
         model = self.model
         return (and_(model.status == self.busy, model.lease_expires_at < now),
                 and_(model.status == self.pending, due <= now))
+
+    def ready_of_found(self, due: Any, now: datetime) -> Any:
+        """``ready`` for a claim that finds its rows by another key (their ids, their
+        subscriber): one ``CASE`` on the status, which no ``(status, due)`` index can
+        serve. With ``ready``'s ``OR`` PostgreSQL read the named rows through that index
+        instead (a bitmap of every waiting row's entries, and the entries of rows since
+        sent, which only VACUUM removes: 4,000 entries and 165 buffers for a claim of
+        one row after a minute of ``bench/inbound.py``, 0.4 ms of the server's CPU per
+        update)."""
+        model = self.model
+        return case((model.status == self.busy, model.lease_expires_at < now),
+                    (model.status == self.pending, due <= now), else_=false())
 
     def claim_statement(self, condition: Any, order_by: Sequence[Any],
                         columns: Sequence[Any], any_of: Sequence[Any] = ()) -> Any:
