@@ -207,6 +207,33 @@ async def test_postgres_claims_the_rows_a_notify_names_by_id(make_platform,
 
 
 @pytest.mark.postgres
+async def test_postgres_claims_any_number_of_named_rows(make_platform, postgres_url) -> None:
+    """Named rows are claimed the same whether they go as one to four parameters or as
+    an array (more than four): each subscriber's oldest row, never a row behind it, and
+    a row claimed already is not claimed again."""
+    from bot_platform.config import WorkerSettings
+
+    platform = await scripted(make_platform, postgres_url)
+    worker = OutboxClaims(platform.db, platform.clock, WorkerSettings(poll_interval=3600),
+                          "w")
+    assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
+    await queue_for_everyone(platform, 15, per_person=2)
+    by_user: dict[str, list[int]] = {}
+    for row in sorted(await outbox_rows(platform), key=lambda row: row.id):
+        by_user.setdefault(row.recipient, []).append(row.id)
+    users = iter(sorted(by_user, key=lambda user: by_user[user][0]))
+    for count in (1, 2, 3, 4, 5):
+        chosen = [next(users) for _ in range(count)]
+        for user in chosen:  # each one's rows, as its turn's NOTIFY names them
+            worker.named(by_user[user])
+        claimed, more = await worker.claim_batch(10, "interactive")
+        assert sorted(row.id for row in claimed) == sorted(by_user[u][0] for u in chosen)
+        assert more == {row.subscriber_id for row in claimed}
+        worker.named([by_user[user][0] for user in chosen])  # already claimed
+        assert not (await worker.claim_batch(10, "interactive"))[0]
+
+
+@pytest.mark.postgres
 async def test_postgres_bulk_claim_takes_ready_first_rows_in_id_order(postgres_url: str) -> None:
     """PostgreSQL's bulk claim (``ix_outbox_bulk_unsent``, sorting off): broadcasts' rows
     in id order, past sent ones; a row with an earlier unsent row of its subscriber, one
