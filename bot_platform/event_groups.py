@@ -106,14 +106,13 @@ class _Seat:
     """One event's place in a group: its turn (the session), how the turn ended, the
     rows it queued and the commit."""
 
-    __slots__ = ("committed", "done", "lock", "rows", "turn", "wake")
+    __slots__ = ("committed", "done", "rows", "turn", "wake")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wake: bool, lock: int | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake: bool) -> None:
         self.turn: asyncio.Future[AsyncSession] = loop.create_future()
         self.done: asyncio.Future[str] = loop.create_future()
         self.committed: asyncio.Future[None] = loop.create_future()
         self.wake = wake
-        self.lock = lock
         self.rows: Sequence[int] = ()
 
 
@@ -129,7 +128,7 @@ class EventGroups:
         self.at_once = groups if self.postgres else 1  # one writer on SQLite anyway
         self._waiting: deque[_Seat] = deque()
         self._leaders: set[asyncio.Task[None]] = set()
-        self._free = 0  # leaders not waiting for a turn: one of them takes the next event
+        self._free = 0  # leaders about to take the next event (not in a turn or a commit)
         self.groups = 0  # transactions committed (tests and benchmarks read it)
         self.passed = 0  # events that ran alone, their subscriber busy elsewhere
 
@@ -154,10 +153,10 @@ class EventGroups:
         raise AssertionError("unreachable")
 
     async def _run_once(self, body: Body, wake: bool, lock: int | None) -> bool:
-        seat = _Seat(asyncio.get_running_loop(), wake, lock)
+        seat = _Seat(asyncio.get_running_loop(), wake)
         self._waiting.append(seat)
         if not self._free and len(self._leaders) < self.at_once:
-            # Another group only when every leader is busy with a turn. A context of
+            # Another group only when every leader is busy (a turn, a commit). A context of
             # its own: it serves many events, and its log lines must not carry the
             # first one's subscriber (bot_platform.logs).
             self._free += 1
@@ -172,11 +171,18 @@ class EventGroups:
                 ended = UNDONE  # nothing of it ran
                 seat.turn.cancel()  # not served yet: the leader skips it
                 raise
-            connection = await direct(session)
             # Now, with the previous event's RELEASE, and outside the try below: rolling
             # back to a savepoint that is not yet this event's would undo its neighbour
             # (a failure here loses the group instead: its events run again).
-            if not await self._savepoint(connection, lock):
+            try:
+                connection = await direct(session)
+                joined = await self._savepoint(connection, lock)
+            except Exception as error:
+                converted = as_unavailable(error)  # the database is away: a 503
+                if converted is error:
+                    raise
+                raise converted from error
+            if not joined:
                 connection.later(f"RELEASE {SAVEPOINT}")
                 ended = PASSED
                 self.passed += 1
@@ -275,7 +281,11 @@ class EventGroups:
                         if not self._waiting:
                             await asyncio.sleep(0)
                     if served:
-                        await self._commit(session, kept)
+                        self._free -= 1
+                        try:
+                            await self._commit(session, kept)
+                        finally:
+                            self._free += 1
             except BaseException as error:
                 failure = error
                 if not served:  # the session did not open: the waiting events fail too
