@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from bot_platform.errors import StorageUnavailable
 from bot_platform.inbound import EventContext, Next
 from bot_platform.models import Message, Outbox, ProcessedEvent, Subscriber
 from bot_platform.turns import advisory_key
@@ -159,3 +160,38 @@ async def test_two_processes_feeding_the_same_subscribers_never_deadlock(
     assert await on_sqlite.count(a, ProcessedEvent) == len(users) * (rounds + 1)
     grouped = a.engine.groups.groups + b.engine.groups.groups
     assert grouped < 2 * len(users) * rounds  # events shared transactions
+
+
+async def test_a_connection_lost_under_a_group_runs_its_other_events_again(
+        make_pg_platform: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The group's connection dies under an event (a server restart, a killed backend):
+    the whole transaction is gone; that event answers "unavailable" (a 503: sent again
+    later), the events that had finished in the group run again in a new one, once."""
+    platform = await make_pg_platform()
+    console, engine = platform.channel("console", "console"), platform.engine
+    killed = itertools.count()
+
+    async def step(context: EventContext, call_next: Next) -> None:
+        await call_next(context)
+        if context.inbound.user_id == "bad" and next(killed) == 0:
+            connection = context.connection
+            assert connection is not None
+            await connection.simple("SELECT pg_terminate_backend(pg_backend_pid())")
+    engine.steps.append(step)
+    events = [console.inbound(user, "/start") for user in on_sqlite.USERS]
+    with caplog.at_level(logging.INFO, "bot_platform.event_groups"):
+        results = await asyncio.gather(*(engine.handle(e) for e in events),
+                                       return_exceptions=True)
+    assert isinstance(results[1], StorageUnavailable)
+    assert all(r.outbox_ids and not r.duplicate for i, r in enumerate(results) if i != 1)
+    assert "running again" in caplog.text
+    assert await on_sqlite.subscribers(platform) == {"u1", "u2", "u3"}
+    again = await engine.handle(events[1])  # the messenger sends it again
+    assert again.outbox_ids and not again.duplicate
+    assert await on_sqlite.count(platform, ProcessedEvent) == 4
+    async with platform.db.session() as session:
+        per_user = dict((await session.execute(
+            select(Subscriber.user_id, func.count(Outbox.id))
+            .join(Outbox, Outbox.subscriber_id == Subscriber.id)
+            .group_by(Subscriber.user_id))).all())
+    assert set(per_user) == set(on_sqlite.USERS) and len(set(per_user.values())) == 1
