@@ -155,6 +155,9 @@ class EventGroups:
     async def _run_once(self, body: Body, wake: bool, lock: int | None) -> bool:
         seat = _Seat(asyncio.get_running_loop(), wake)
         self._waiting.append(seat)
+        # A leader that just ended may still be in the set (its done callback has not
+        # run yet): only running ones count.
+        self._leaders.difference_update([t for t in self._leaders if t.done()])
         if not self._free and len(self._leaders) < self.at_once:
             # Another group only when every leader is busy (a turn, a commit). A context of
             # its own: it serves many events, and its log lines must not carry the
@@ -162,7 +165,6 @@ class EventGroups:
             self._free += 1
             leader = asyncio.create_task(self._lead(), context=contextvars.Context())
             self._leaders.add(leader)
-            leader.add_done_callback(self._leaders.discard)
         ended = LOST  # cancelled mid-turn: what ran of it is unknown
         try:
             try:
