@@ -315,12 +315,32 @@ class Direct:
         await self.execute(_ADVISORY_LOCK, {"key": key})
 
     async def commit_with(self, sql: str) -> bool:
-        """PostgreSQL, nothing deferred: ``sql`` (constant, no parameters) and the
-        transaction's COMMIT in one trip (``pg_driver.commit_with``); nothing may run in
+        """PostgreSQL: ``sql`` (constant, no parameters; may be empty) and the
+        transaction's COMMIT in one trip (``pg_driver.commit_with``), after what was
+        deferred if that is constant statements only (``later``); nothing may run in
         the transaction after it. False (nothing run) otherwise."""
-        if self.adapter is None or self.pending:
+        if self.adapter is None or not self._constant_pending():
             return False
-        return await pg_driver.commit_with(self.connection, self.adapter, sql)
+        parts = [*(statement for statement, _, _ in self.pending), *([sql] if sql else [])]
+        if not parts:
+            return False
+        done = await pg_driver.commit_with(self.connection, self.adapter, "; ".join(parts))
+        if done:
+            self.pending.clear()
+        return done
+
+    def _constant_pending(self) -> bool:
+        return all(rows == [()] and "$" not in statement
+                   for statement, rows, _ in self.pending)
+
+    async def simple(self, sql: str) -> str:
+        """PostgreSQL: ``sql`` (constant statements, no parameters) in one trip, with the
+        constant statements deferred before it (``later``: a RELEASE) and the
+        transaction's BEGIN if it has not begun; the status of its last statement."""
+        if not self._constant_pending():
+            await self.flush()
+        parts, self.pending = [*(statement for statement, _, _ in self.pending), sql], []
+        return await pg_driver.simple(self.connection, self.adapter, "; ".join(parts))
 
     async def flush(self) -> None:
         """Run the deferred statements now (one trip)."""

@@ -51,6 +51,7 @@ from bot_platform.turns import (
     SUBSCRIBERS,
     SubscriberRow,
     Turns,
+    advisory_key,
     write_subscriber,
 )
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing
@@ -172,7 +173,7 @@ class Engine:
         self._dedupe = insert_ignore(db.dialect, ProcessedEvent.__table__)
         self._dedupe_and_subscriber = (dedupe_and_subscriber(self._dedupe)
                                        if db.dialect == "postgresql" else None)
-        # SQLite: events of different subscribers share transactions (group commit).
+        # Events of different subscribers share transactions (group commit).
         self.groups = EventGroups(db, lambda: self.on_commit())
 
     # ---- the inbound chain ------------------------------------------------------------
@@ -223,9 +224,19 @@ class Engine:
             async with self.turns.open(identity, context.hold) as unit:
                 await self._turn(context, call_next, unit.session, unit.queued, flush=False)
             return
+
+        async def body(session: AsyncSession, _: Direct) -> list[int]:
+            await self._turn(context, call_next, session, [])
+            return [i for i, _ in context.queued]
+
         async with self.turns.locks.hold(identity):  # until the group committed
-            await self.groups.run(lambda session, _: self._turn(
-                context, call_next, session, []), wake=context.hold is None)
+            if await self.groups.run(body, wake=context.hold is None,
+                                     lock=advisory_key(*identity)):
+                return
+            # PostgreSQL: the subscriber is busy in another process's transaction; a
+            # group must not wait for it: alone, the lock waited for as it comes.
+            async with self.turns.open(identity, context.hold, held=True) as unit:
+                await self._turn(context, call_next, unit.session, unit.queued, flush=False)
 
     async def _turn(self, context: EventContext, call_next: Next, session: AsyncSession,
                     queued: list[tuple[int, Outgoing]], flush: bool = True) -> None:

@@ -88,6 +88,16 @@ def named_rows(payload: str) -> list[int] | None:
         return None
 
 
+def notify_statement(rows: Sequence[int]) -> str:
+    """A constant statement (for a COMMIT's trip) that wakes the workers for ``rows``,
+    interactive rows of several turns (a group commit of inbound events): one NOTIFY per
+    ``NAMED_ROWS`` of them, each naming its rows (``named_rows``)."""
+    chunks = [rows[start:start + NAMED_ROWS] for start in range(0, len(rows), NAMED_ROWS)]
+    return "SELECT " + ", ".join(  # integers only: safe as literals
+        f"pg_notify('{WORK_CHANNEL}', '{INTERACTIVE}:{','.join(str(int(i)) for i in chunk)}')"
+        for chunk in chunks)
+
+
 # The NOTIFYs ``notify_workers`` may send with the COMMIT: constants only (a simple
 # query carries no parameters).
 _NOTIFY_COMMIT = {what: f"SELECT pg_notify('{WORK_CHANNEL}', '{what}')"

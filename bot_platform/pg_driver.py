@@ -181,12 +181,14 @@ async def fetch_alone(engine: AsyncEngine, sql: str, params: tuple[Any, ...]
         return rows, _rowcount(statement.get_statusmsg())
 
 
-async def begin_with(connection: AsyncConnection, adapter: Any, sql: str) -> bool:
+async def begin_with(connection: AsyncConnection, adapter: Any, sql: str,
+                     status: list[str] | None = None) -> bool:
     """Begin the adapter's transaction and run ``sql`` (no parameters: the simple query
     protocol) in the same trip; False when that cannot be done (a transaction is open,
     a non-default isolation, asyncpg's transaction object not as expected) and nothing
     was run. The transaction is then the adapter's own, as if it had begun it: the
-    session commits or rolls it back (also when ``sql`` failed)."""
+    session commits or rolls it back (also when ``sql`` failed). ``status`` gets the
+    status of ``sql``'s last statement."""
     from asyncpg.transaction import TransactionState
 
     raw = adapter._connection
@@ -203,9 +205,11 @@ async def begin_with(connection: AsyncConnection, adapter: Any, sql: str) -> boo
         transaction._state = TransactionState.STARTED
         adapter._transaction = transaction
         try:
-            await raw.execute(f"BEGIN; {sql}")
+            done = await raw.execute(f"BEGIN; {sql}")
         except Exception as error:
             await _raise_translated(connection, adapter, sql, [], error)
+    if status is not None:
+        status.append(str(done))
     return True
 
 
@@ -248,3 +252,22 @@ async def _raise_translated(connection: AsyncConnection, adapter: Any, sql: str,
             await connection.invalidate(translated)
         raise DBAPIError.instance(sql, rows, translated, dialect.loaded_dbapi.Error,
                                   connection_invalidated=gone, dialect=dialect) from error
+
+
+async def simple(connection: AsyncConnection, adapter: Any, sql: str) -> str:
+    """Run ``sql`` (constant statements, no parameters: the simple query protocol, one
+    trip) in the adapter's transaction, beginning it in the same trip when none is open
+    (as ``begin_with``); the status of its last statement (``SELECT 1``). Also runs in
+    an aborted transaction (``ROLLBACK TO SAVEPOINT``)."""
+    if adapter._transaction is None:
+        status: list[str] = []
+        if await begin_with(connection, adapter, sql, status):
+            return status[0]
+        async with adapter._execute_mutex:
+            await adapter._start_transaction()
+    async with adapter._execute_mutex:
+        try:
+            return str(await adapter._connection.execute(sql))
+        except Exception as error:
+            await _raise_translated(connection, adapter, sql, [], error)
+    raise AssertionError("unreachable")

@@ -227,12 +227,14 @@ class Turns:
         self.locks = KeyedLocks()
 
     @asynccontextmanager
-    async def isolated(self, *identities: Identity) -> AsyncIterator[AsyncSession]:
+    async def isolated(self, *identities: Identity,
+                       held: bool = False) -> AsyncIterator[AsyncSession]:
         """A transaction that no other turn of these identities runs beside: in-process
         locks, then the transaction, then advisory locks. Pass several identities in a
-        stable (sorted) order so two callers take them in the same order."""
+        stable (sorted) order so two callers take them in the same order. ``held``: the
+        caller holds the in-process locks already."""
         async with AsyncExitStack() as stack:
-            for identity in identities:
+            for identity in identities if not held else ():
                 await stack.enter_async_context(self.locks.hold(identity))
             session = await stack.enter_async_context(self.engine.db.session())
             for identity in identities:
@@ -240,12 +242,14 @@ class Turns:
             yield session
 
     @asynccontextmanager
-    async def open(self, identity: Identity | None,
-                   hold: timedelta | None = None) -> AsyncIterator[Unit]:
+    async def open(self, identity: Identity | None, hold: timedelta | None = None,
+                   held: bool = False) -> AsyncIterator[Unit]:
         """An isolated transaction (a plain one for ``None``) whose queued rows wake the
         workers on commit: NOTIFY for other processes, ``on_commit`` for this one. With
-        ``hold``, the caller sends or releases the rows itself and nobody is woken."""
-        async with self.isolated(*([identity] if identity is not None else [])) as session:
+        ``hold``, the caller sends or releases the rows itself and nobody is woken.
+        ``held``: the caller holds the identity's in-process lock already."""
+        async with self.isolated(*([identity] if identity is not None else []),
+                                 held=held) as session:
             unit = Unit(session, hold)
             yield unit
             if unit.queued and hold is None:  # a turn's rows: never bulk; the last
