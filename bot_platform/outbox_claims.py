@@ -84,7 +84,8 @@ _CLAIM_QUEUED = (
         in_ids(_QUEUED.c.id, "b_ids"), _QUEUED.c.status == OutboxStatus.PENDING.value,
         _SUBSCRIBERS.c.id == _QUEUED.c.subscriber_id,
         ~exists().where(_EARLIER.subscriber_id == _QUEUED.c.subscriber_id,
-                        _EARLIER.id < bindparam("b_first"), _EARLIER.status.in_(_UNSENT)))
+                        _EARLIER.id < _QUEUED.c.id, _EARLIER.status.in_(_UNSENT),
+                        ~in_ids(_EARLIER.id, "b_mine")))
     .values(status=OutboxStatus.SENDING.value, locked_by=bindparam("b_worker"),
             lease_expires_at=bindparam("b_until"))
     .returning(_QUEUED.c.id, _QUEUED.c.message_id, _QUEUED.c.subscriber_id,
@@ -377,15 +378,16 @@ class OutboxClaims:
 
     async def claim_queued(self, session: AsyncSession, ids: Sequence[int]
                            ) -> tuple[list[ClaimedRow], float, datetime]:
-        """Claim rows a turn just queued, in its transaction (``own_replies``), if they are
-        their subscriber's oldest unsent rows: all of them or none (then the turn wakes
-        the workers as before). The subscriber's advisory lock is held, and the statement
-        sees every row committed before it, as a worker's claim would. Returns the rows
+        """Claim rows a turn just queued, in its transaction (``own_replies``), each if no
+        row of its subscriber before it is unsent but the turn's own: a prefix of
+        ``ids`` (the rest wait for a worker, as before). The subscriber's advisory lock
+        is held, and the statement sees every row committed before it, as a worker's
+        claim would. Returns the rows
         (with their subscriber as this transaction left it) and, for ``Leases.taken``
         once the transaction committed, when the claim began and the lease it stamped."""
         started, until = self.leases.starting()
         found = (await (await direct(session)).execute(_CLAIM_QUEUED, {
-            "b_ids": list(ids), "b_first": min(ids), "b_worker": self.worker_id,
+            "b_ids": list(ids), "b_mine": list(ids), "b_worker": self.worker_id,
             "b_until": until})).rows
         return [ClaimedRow(row_id, message_id, subscriber_id, channel, bot_id, recipient,
                            payload, attempts, status, last_inbound_at, broadcast_id, True)

@@ -81,6 +81,10 @@ class OwnReplies:
             return None
         rows, started, until = await self.delivery.outbox.claim_queued(session, ids)
         if rows:
+            if len(rows) < len(ids):  # behind a row queued meanwhile: a worker's
+                claimed = {row.id for row in rows}
+                await notify_workers(session, INTERACTIVE,
+                                     rows=[i for i in ids if i not in claimed])
             return _Held(rows, started, until)
         if identity is not None and identity in self._sending:
             return _Held([], ids=tuple(ids))
