@@ -370,24 +370,20 @@ class OutboxClaims:
                                 params={"b_now": self.clock.now()},
                                 no_sort=kind == "bulk" and not self.db.is_sqlite)
 
-    async def claim_rows(self, ids: Sequence[int]) -> tuple[list[ClaimedRow], set[int]]:
-        """Of ``ids``, the rows still claimable now (each its subscriber's oldest unsent
-        row, ready), by id: one statement, no heads query."""
-        return await self.claim(None, len(ids), urgent=True, statement=self._statement(
-            None, "heads"), params={"b_now": self.clock.now(), "b_heads": list(ids)})
-
-    async def claim_queued(self, session: AsyncSession, ids: Sequence[int]
+    async def claim_queued(self, session: AsyncSession, ids: Sequence[int],
+                           ahead: Sequence[int] = ()
                            ) -> tuple[list[ClaimedRow], float, datetime]:
         """Claim rows a turn just queued, in its transaction (``own_replies``), each if no
-        row of its subscriber before it is unsent but the turn's own: a prefix of
-        ``ids`` (the rest wait for a worker, as before). The subscriber's advisory lock
+        row of its subscriber before it is unsent but the turn's own and ``ahead`` (rows
+        this worker holds and sends first): a prefix of ``ids`` (the rest wait for a
+        worker, as before). The subscriber's advisory lock
         is held, and the statement sees every row committed before it, as a worker's
         claim would. Returns the rows
         (with their subscriber as this transaction left it) and, for ``Leases.taken``
         once the transaction committed, when the claim began and the lease it stamped."""
         started, until = self.leases.starting()
         found = (await (await direct(session)).execute(_CLAIM_QUEUED, {
-            "b_ids": list(ids), "b_mine": list(ids), "b_worker": self.worker_id,
+            "b_ids": list(ids), "b_mine": [*ids, *ahead], "b_worker": self.worker_id,
             "b_until": until})).rows
         return [ClaimedRow(row_id, message_id, subscriber_id, channel, bot_id, recipient,
                            payload, attempts, status, last_inbound_at, broadcast_id, True)

@@ -6,15 +6,16 @@ its result) cost more CPU than the send itself: on the project's 2-core machine 
 ``botp run`` process on PostgreSQL answered more updates/s than ``botp web`` + 2 workers
 (``bench/README.md``).
 
-How: a turn's rows that are their subscriber's oldest unsent rows are claimed by the
-turn's own transaction, its last statement before the commit (``OutboxClaims.
-claim_queued``, under the subscriber's advisory lock): no NOTIFY, no claim of their own.
-Once committed they are sent in order (``Delivery.deliver``); a row that does not go out
-(a retry, a put-back) gives the turn's later rows back to the workers. When an earlier
-row of the subscriber is still being sent by this process, the turn's rows wait for it
-and are then claimed by id (``OutboxClaims.claim_rows``). Otherwise (an earlier row is a
-worker's: a timer's message, a broadcast's) the turn wakes the workers as before.
-Timers, broadcasts, retries stay with the workers.
+How: a turn's rows are claimed by the turn's own transaction, its last statement before
+the commit (``OutboxClaims.claim_queued``, under the subscriber's advisory lock), when no
+earlier row of the subscriber is unsent but those this process is sending for the same
+subscriber right now: no NOTIFY, no claim of their own. Once committed they join that
+subscriber's line here and are sent in order (``Delivery.deliver``). A row that does not
+go out (a retry, a put-back, a lease lapsed) ends the line: every row behind it goes
+back to the workers (pending, behind it), and so do the rows of a turn that counted on
+it and had not committed yet. Otherwise (an earlier row is a worker's: a timer's
+message, a broadcast's) the turn wakes the workers as before. Timers, broadcasts and
+retries stay with the workers.
 
 Leases as everywhere: a row is sent only while its lease is surely still this
 process's (``Delivery``), renewed while in hand. A web frozen past its lease sends
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -46,12 +49,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _Held:
-    """A turn's rows its transaction claimed (``rows``), or parked ids (``ids``)."""
+    """A turn's rows its transaction claimed, and whether that counted on rows this
+    process was sending (``behind``: then as of which failure, ``seen``)."""
 
     rows: list[ClaimedRow]
-    started: float = 0.0
-    until: datetime | None = None
-    ids: tuple[int, ...] = ()
+    started: float
+    until: datetime
+    behind: bool
+    seen: int
+
+
+@dataclass(slots=True)
+class _Line:
+    """One subscriber's rows held here, sent one after the other by one task."""
+
+    turns: deque[list[ClaimedRow]] = field(default_factory=deque)
+    held: set[int] = field(default_factory=set)  # ids queued or being sent
 
 
 class OwnReplies:
@@ -61,11 +74,11 @@ class OwnReplies:
         self.turns = turns
         self.delivery = delivery
         self.db = db
-        # Subscribers with rows being sent here, how many runs; and their turns' rows
-        # parked until those are done (the rows before theirs are still unsent until
-        # the results commit), then claimed by id.
-        self._sending: dict[Identity, int] = {}
-        self._parked: dict[Identity, list[tuple[int, ...]]] = {}
+        self._lines: dict[Identity, _Line] = {}
+        # Lines that ended on a row not sent: identity -> the failure's number, so a
+        # turn that counted on that line and commits afterwards gives its rows back.
+        self._failures = 0
+        self._failed: dict[Identity, tuple[int, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._semaphore = asyncio.Semaphore(delivery.settings.concurrency)
         self._running = False
@@ -74,88 +87,105 @@ class OwnReplies:
 
     async def take(self, session: AsyncSession, identity: Identity | None,
                    ids: list[int]) -> _Held | None:
-        """Claim the turn's rows in its transaction if nothing of the subscriber is still
-        unsent before them; else park them if this process is sending that subscriber's
-        earlier rows; else None (the workers are woken)."""
-        if not self._running:
+        """Claim the turn's rows in its transaction, unless a row of the subscriber
+        before them is unsent and not in this process's line: then None (the workers
+        are woken)."""
+        if not self._running or identity is None:
             return None
-        rows, started, until = await self.delivery.outbox.claim_queued(session, ids)
-        if rows:
-            if len(rows) < len(ids):  # behind a row queued meanwhile: a worker's
-                claimed = {row.id for row in rows}
-                await notify_workers(session, INTERACTIVE,
-                                     rows=[i for i in ids if i not in claimed])
-            return _Held(rows, started, until)
-        if identity is not None and identity in self._sending:
-            return _Held([], ids=tuple(ids))
-        return None
+        line = self._lines.get(identity)
+        ahead = sorted(line.held) if line is not None else []
+        rows, started, until = await self.delivery.outbox.claim_queued(session, ids, ahead)
+        if not rows:
+            return None
+        if len(rows) < len(ids):  # behind a row queued meanwhile: a worker's
+            claimed = {row.id for row in rows}
+            await notify_workers(session, INTERACTIVE,
+                                 rows=[i for i in ids if i not in claimed])
+        return _Held(rows, started, until, bool(ahead), self._failures)
 
     def taken(self, identity: Identity | None, taken: _Held) -> None:
-        """The turn committed: send its rows (or park them behind this process's)."""
-        if taken.ids:
-            if identity is not None and identity in self._sending:
-                self._parked.setdefault(identity, []).append(taken.ids)
-            else:  # finished meanwhile
-                self._start(identity, self._claim_and_send(taken.ids))
+        """The turn committed: its rows join the subscriber's line (or, if the line they
+        counted on failed meanwhile, go back to the workers)."""
+        assert identity is not None
+        ids = [row.id for row in taken.rows]
+        self.delivery.outbox.leases.taken(ids, taken.started, taken.until)
+        failed = self._failed.get(identity)
+        if taken.behind and failed is not None and failed[0] > taken.seen:
+            self._start(self._give_back(taken.rows, hand_over=True))
             return
-        assert taken.until is not None
-        self.delivery.outbox.leases.taken((row.id for row in taken.rows), taken.started,
-                                          taken.until)
-        self._start(identity, self._send(taken.rows))
+        line = self._lines.get(identity)
+        if line is None:
+            line = self._lines[identity] = _Line()
+            self._start(self._run_line(identity, line))
+        line.turns.append(taken.rows)
+        line.held.update(ids)
 
     # ---- sending ------------------------------------------------------------------------
 
-    def _start(self, identity: Identity | None, work: Coroutine[Any, Any, None]) -> None:
-        if identity is not None:
-            self._sending[identity] = self._sending.get(identity, 0) + 1
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(lambda done: self._done(identity, done))
+        task.add_done_callback(self._done)
 
-    def _done(self, identity: Identity | None, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("sending a turn's rows failed", exc_info=task.exception())
-        if identity is None:
-            return
-        left = self._sending.get(identity, 0) - 1
-        if left > 0:
-            self._sending[identity] = left
-            return
-        self._sending.pop(identity, None)
-        parked = self._parked.pop(identity, None)
-        if parked:
-            ids = tuple(i for turn in parked for i in turn)
-            self._start(identity, self._claim_and_send(ids))
 
-    async def _send(self, rows: list[ClaimedRow]) -> None:
-        """A turn's rows, in order; after one that did not go out, the rest go back to
-        the workers (they follow it once it is sent)."""
-        for index, row in enumerate(rows):
-            if await self.delivery.deliver(row, self._semaphore) == SendStatus.SENT:
-                continue
-            for later in rows[index + 1:]:
-                try:
-                    if self.delivery.owns(later):
-                        await self.delivery.release(later, 0.0)
-                finally:
-                    self.delivery.outbox.leases.let_go(later.id)
-                    self.delivery.pressure.sent(later.id)
-            return
+    async def _run_line(self, identity: Identity, line: _Line) -> None:
+        """The subscriber's held rows in order, until the line is empty or a row does
+        not go out (then the rest go back to the workers)."""
+        rest: list[ClaimedRow] = []
+        try:
+            while line.turns:
+                rows = line.turns.popleft()
+                for index, row in enumerate(rows):
+                    try:
+                        status = await self.delivery.deliver(row, self._semaphore)
+                    finally:
+                        line.held.discard(row.id)
+                    if status != SendStatus.SENT:
+                        rest = [*rows[index + 1:], *(r for turn in line.turns for r in turn)]
+                        line.turns.clear()
+                        self._fail(identity)
+                        break
+                if rest:
+                    break
+        except BaseException:
+            rest = [r for turn in line.turns for r in turn]
+            line.turns.clear()
+            self._fail(identity)
+            raise
+        finally:
+            if self._lines.get(identity) is line:
+                del self._lines[identity]
+            line.held.clear()
+            if rest:
+                await self._give_back(rest, hand_over=False)
 
-    async def _claim_and_send(self, ids: tuple[int, ...]) -> None:
-        """Parked rows, once this process's earlier rows of their subscriber are done:
-        claimed by id; what cannot be claimed goes to the workers."""
-        claimed, more = await self.delivery.outbox.claim_rows([ids[0]])
-        if not claimed:
-            await self._hand_over(list(ids))
-            return
-        row, has_more = claimed[0], claimed[0].subscriber_id in more
-        while row is not None:
-            status = await self.delivery.deliver(row, self._semaphore)
-            if status != SendStatus.SENT or not has_more:
-                return
-            row, has_more = await self.delivery.outbox.claim_next_of(row.subscriber_id, True)
+    def _fail(self, identity: Identity) -> None:
+        """Remember that the line failed (for turns committing on it), for a lease."""
+        self._failures += 1
+        now = time.monotonic()
+        keep = self.delivery.settings.lease_seconds
+        self._failed = {key: value for key, value in self._failed.items()
+                        if now - value[1] < keep}
+        self._failed[identity] = (self._failures, now)
+        if self._lines.get(identity) is not None:
+            del self._lines[identity]  # later turns no longer count on it
+
+    async def _give_back(self, rows: list[ClaimedRow], hand_over: bool) -> None:
+        """Held rows this process will not send: pending again (behind the row that did
+        not go out, which goes first), for the workers."""
+        for row in rows:
+            try:
+                if self.delivery.owns(row):
+                    await self.delivery.release(row, 0.0)
+            finally:
+                self.delivery.outbox.leases.let_go(row.id)
+                self.delivery.pressure.sent(row.id)
+        if hand_over:
+            await self._hand_over([row.id for row in rows])
 
     async def _hand_over(self, ids: list[int]) -> None:
         """Wake the workers for rows this process does not send (named, as a turn's
@@ -191,7 +221,3 @@ class OwnReplies:
             self.turns.sender = None
             if self._tasks:
                 await asyncio.wait(list(self._tasks), timeout=grace)
-            left = [i for turns in self._parked.values() for ids in turns for i in ids]
-            self._parked.clear()
-            if left:
-                await self._hand_over(left)

@@ -220,3 +220,67 @@ async def test_many_webhooks_with_two_workers_each_row_once_in_order(
     for user in users:
         assert [m.text for r, m, _ in channel.calls if r == user] == [
             row.payload["text"] for row in rows if row.recipient == user]
+
+
+class FailFirst(Gate):
+    """The first send is a transient failure (a retry later); then sends."""
+
+    async def send(self, recipient: str, message: Outgoing) -> SendResult:
+        await self.open.wait()
+        if not self.calls:
+            self.calls.append((recipient, message, "transient"))
+            return SendResult.transient("try again")
+        return await ScriptedChannel.send(self, recipient, message)
+
+
+async def drain_after_backoff(platform: Any) -> None:
+    platform.clock.advance(timedelta(minutes=5))
+    worker = another_worker(platform)
+    while await worker.run_once():
+        pass
+
+
+async def test_rows_behind_a_row_that_did_not_go_out_go_back_to_the_workers_in_order(
+        make_platform, postgres_url) -> None:
+    channel = FailFirst()
+    platform, _ = await scripted(make_platform, postgres_url, channel)
+    async with web_sends(platform) as replies:
+        await platform.engine.handle(start())
+        await platform.engine.handle(start(event="e2"))  # claimed behind the first
+        assert {row.status for row in await outbox_rows(platform)} == {"sending"}
+        channel.open.set()
+        await wait_for(lambda: _line_ended(replies), what="the line to end")
+    rows = await outbox_rows(platform)
+    assert [row.status for row in rows] == ["pending"] * len(rows)
+    assert {row.locked_by for row in rows} == {None}
+    await drain_after_backoff(platform)
+    rows = await outbox_rows(platform)
+    sent = [m.text for _, m, status in channel.calls if status == "sent"]
+    assert sent == [row.payload["text"] for row in rows]  # the retried row first
+    assert {row.status for row in rows} == {"sent"}
+
+
+async def _line_ended(replies: OwnReplies) -> bool:
+    return not replies._lines and not replies._tasks
+
+
+async def test_a_turn_that_counted_on_a_line_that_failed_before_its_commit_gives_back(
+        make_platform, postgres_url) -> None:
+    channel = FailFirst()
+    platform, _ = await scripted(make_platform, postgres_url, channel)
+    captured: list[tuple[Any, Any]] = []
+    async with web_sends(platform) as replies:
+        await platform.engine.handle(start())
+        replies.taken = lambda identity, taken: captured.append((identity, taken))
+        await platform.engine.handle(start(event="e2"))  # claimed behind the first
+        channel.open.set()  # the first fails before the second turn "commits"
+        await wait_for(lambda: _line_ended(replies), what="the line to end")
+        OwnReplies.taken(replies, *captured[0])
+        await wait_for(lambda: _line_ended(replies), what="the rows given back")
+    assert {(row.status, row.locked_by) for row in await outbox_rows(platform)} == {
+        ("pending", None)}
+    await drain_after_backoff(platform)
+    rows = await outbox_rows(platform)
+    sent = [m.text for _, m, status in channel.calls if status == "sent"]
+    assert sent == [row.payload["text"] for row in rows]
+    assert {row.status for row in rows} == {"sent"}
