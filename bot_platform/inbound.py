@@ -225,13 +225,23 @@ class Engine:
                 await self._turn(context, call_next, unit.session, unit.queued, flush=False)
             return
 
+        sender = self.turns.sender if context.hold is None else None
+        taken: Any = None
+
         async def body(session: AsyncSession, _: Direct) -> list[int]:
+            nonlocal taken
+            taken = None  # a group whose transaction was lost runs this again
             await self._turn(context, call_next, session, [])
-            return [i for i, _ in context.queued]
+            rows = [i for i, _ in context.queued]
+            if sender is not None and rows:  # this process sends them (``own_replies``)
+                taken = await sender.take(session, identity, rows)
+            return [] if taken is not None else rows  # the rest wake the workers
 
         async with self.turns.locks.hold(identity):  # until the group committed
             if await self.groups.run(body, wake=context.hold is None,
                                      lock=advisory_key(*identity)):
+                if taken is not None:
+                    sender.taken(identity, taken)
                 return
             # PostgreSQL: the subscriber is busy in another process's transaction; a
             # group must not wait for it: alone, the lock waited for as it comes.

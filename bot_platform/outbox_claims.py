@@ -35,7 +35,7 @@ from sqlalchemy.orm import aliased
 from bot_platform.clock import Clock
 from bot_platform.config import WorkerSettings
 from bot_platform.database import Database
-from bot_platform.direct import run_alone
+from bot_platform.direct import direct, run_alone
 from bot_platform.leases import Leases
 from bot_platform.models import Outbox, Subscriber
 from bot_platform.outbox_results import ClaimedRow, OutboxResults, Outcome
@@ -76,6 +76,22 @@ _CLAIMED_SUBSCRIBERS = select(Subscriber.id, Subscriber.status, Subscriber.last_
 _MORE_WAITING = select(Outbox.subscriber_id).where(
     Outbox.subscriber_id.in_(bindparam("b_ids", expanding=True)),
     Outbox.status == OutboxStatus.PENDING).distinct()
+# ``claim_queued``: a turn's new rows, held by this worker if no earlier row of their
+# subscriber is still unsent.
+_QUEUED = Outbox.__table__
+_CLAIM_QUEUED = (
+    update(_QUEUED).where(
+        in_ids(_QUEUED.c.id, "b_ids"), _QUEUED.c.status == OutboxStatus.PENDING.value,
+        _SUBSCRIBERS.c.id == _QUEUED.c.subscriber_id,
+        ~exists().where(_EARLIER.subscriber_id == _QUEUED.c.subscriber_id,
+                        _EARLIER.id < _QUEUED.c.id, _EARLIER.status.in_(_UNSENT),
+                        ~in_ids(_EARLIER.id, "b_mine")))
+    .values(status=OutboxStatus.SENDING.value, locked_by=bindparam("b_worker"),
+            lease_expires_at=bindparam("b_until"))
+    .returning(_QUEUED.c.id, _QUEUED.c.message_id, _QUEUED.c.subscriber_id,
+               _QUEUED.c.channel, _QUEUED.c.bot_id, _QUEUED.c.recipient, _QUEUED.c.payload,
+               _QUEUED.c.attempts, _QUEUED.c.broadcast_id, _SUBSCRIBERS.c.status,
+               _SUBSCRIBERS.c.last_inbound_at))
 # Before PostgreSQL's bulk claim (see ``OutboxClaims._bulk_claim``): no plan that sorts.
 _NO_SORT = text("SET LOCAL enable_sort = off")
 _FEW_HEADS = 4  # PostgreSQL claims up to this many named rows as scalar parameters
@@ -380,6 +396,27 @@ class OutboxClaims:
         return await self.claim(None, limit, statement=self._statement(kind),
                                 params={"b_now": self.clock.now()},
                                 no_sort=kind == "bulk" and not self.db.is_sqlite)
+
+    async def claim_queued(self, session: AsyncSession, ids: Sequence[int],
+                           ahead: Sequence[int] = ()
+                           ) -> tuple[list[ClaimedRow], float, datetime]:
+        """Claim rows a turn just queued, in its transaction (``own_replies``), each if no
+        row of its subscriber before it is unsent but the turn's own and ``ahead`` (rows
+        this worker holds and sends first): a prefix of ``ids`` (the rest wait for a
+        worker, as before). The subscriber's advisory lock
+        is held, and the statement sees every row committed before it, as a worker's
+        claim would. Returns the rows
+        (with their subscriber as this transaction left it) and, for ``Leases.taken``
+        once the transaction committed, when the claim began and the lease it stamped."""
+        started, until = self.leases.starting()
+        found = (await (await direct(session)).execute(_CLAIM_QUEUED, {
+            "b_ids": list(ids), "b_mine": [*ids, *ahead], "b_worker": self.worker_id,
+            "b_until": until})).rows
+        return [ClaimedRow(row_id, message_id, subscriber_id, channel, bot_id, recipient,
+                           payload, attempts, status, last_inbound_at, broadcast_id, True)
+                for (row_id, message_id, subscriber_id, channel, bot_id, recipient, payload,
+                     attempts, broadcast_id, status, last_inbound_at) in sorted(found)
+                ], started, until
 
     async def claim_next_of(self, subscriber_id: int, urgent: bool = False
                             ) -> tuple[ClaimedRow | None, bool]:

@@ -32,6 +32,7 @@ from bot_platform.i18n import Catalogs
 from bot_platform.inbound import Engine
 from bot_platform.jobs import Scheduler
 from bot_platform.outbox import WORK_CHANNEL, OutboxQueue
+from bot_platform.own_replies import OwnReplies
 from bot_platform.ratelimit import (
     ClosableLimiter,
     MemoryRateLimiter,
@@ -100,6 +101,7 @@ class Platform:
         self.engine: Engine
         self.outbox: OutboxQueue
         self.worker: Worker
+        self.replies: OwnReplies
         # The worker's notify, once there is one.
         self._wake: Callable[[str], None] = lambda what: None
         self.metrics: Metrics | None = None  # made by metrics.metrics_of on first use
@@ -146,6 +148,8 @@ class Platform:
                              on_idle=self.housekeeping,
                              wakeups=None if self.db.is_sqlite else self._listen_for_work)
         self._wake = self.worker.notify
+        # A web process on PostgreSQL sends its own turns' replies (``serve.serving``).
+        self.replies = OwnReplies(self.engine.turns, delivery, self.db)
         await self.reload_flows()
         scheduler.handlers[SCAN_KIND] = InactivityScan(self.engine)
         scheduler.handlers[broadcasts.SEND_KIND] = broadcasts.SendJob(self.engine)

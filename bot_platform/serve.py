@@ -8,7 +8,8 @@ has read its arguments.
 
 ``serving`` is the one place the pieces a process runs are started and stopped: every
 bot checked (and, in a web process, polled or given its webhook, bots registered anywhere
-followed), and the worker. The web app and the worker's metrics app run it as their
+followed), and the worker (or, in ``botp web`` on PostgreSQL, the sender of the web's own
+turns' replies: ``own_replies``). The web app and the worker's metrics app run it as their
 lifespan; a worker without a metrics port runs it around a wait for the stop signal.
 """
 
@@ -72,20 +73,24 @@ async def serving(platform: Platform, *, receive: bool, worker: bool) -> AsyncIt
     their lease to expire and go out again if the messenger had already taken them)."""
     tasks = [asyncio.create_task(platform.serve_bots(receive=receive), name="bots")]
     grace = platform.settings.worker.shutdown_grace
-    worker_task = None
+    senders = []
     if worker:
-        worker_task = asyncio.create_task(platform.worker.run(platform.stopping, grace=grace),
-                                          name="worker")
+        senders.append(asyncio.create_task(platform.worker.run(platform.stopping, grace=grace),
+                                           name="worker"))
+    elif receive and not platform.db.is_sqlite:  # ``botp web``: its own turns' replies
+        senders.append(asyncio.create_task(platform.replies.run(platform.stopping, grace),
+                                           name="own replies"))
     try:
         yield
     finally:
         platform.stopping.set()
         for task in tasks:  # pollers
             task.cancel()
-        if worker_task is not None:
-            await asyncio.wait([worker_task], timeout=grace)
-            worker_task.cancel()
-            tasks.append(worker_task)
+        if senders:
+            await asyncio.wait(senders, timeout=grace)
+            for task in senders:
+                task.cancel()
+            tasks.extend(senders)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

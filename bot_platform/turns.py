@@ -5,7 +5,8 @@
         if not isinstance(work, str):                     # subscribed, no human on it
             ...                                           # flows change work.turn
             unit.queued.extend(await work.save())         # state, timers, outbox rows
-    # committed: workers woken (NOTIFY in the transaction, ``on_commit`` after it)
+    # committed: workers woken (NOTIFY in the transaction, ``on_commit`` after it), or
+    # the rows sent by this process (``Turns.sender``: ``own_replies``)
 
 Isolation: a subscriber's turns run one after the other. In this process an ``asyncio``
 lock per identity keeps them in arrival order (FIFO); across processes a
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import bindparam, delete, insert, literal, null, select, union_all, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -192,6 +193,19 @@ def identity_of(subscriber: Subscriber | SubscriberRow) -> Identity:
     return subscriber.channel, subscriber.bot_id, subscriber.user_id
 
 
+class OwnSender(Protocol):
+    """Sends the rows this process's turns queue (``own_replies``), instead of waking
+    the workers for them."""
+
+    async def take(self, session: AsyncSession, identity: Identity | None,
+                   ids: list[int]) -> Any:
+        """In the turn's transaction, its last statement: whether this process sends
+        ``ids`` (None: the workers are woken for them), and what ``taken`` needs."""
+
+    def taken(self, identity: Identity | None, taken: Any) -> None:
+        """The turn committed: send what ``take`` took."""
+
+
 @dataclass
 class Unit:
     """An open unit of work: its transaction and what it queued (workers are woken for
@@ -225,6 +239,9 @@ class Turns:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.locks = KeyedLocks()
+        # Set while this process sends its own turns' rows (``own_replies``): they are
+        # handed to it after the commit, and no NOTIFY wakes the workers for them.
+        self.sender: OwnSender | None = None
 
     @asynccontextmanager
     async def isolated(self, *identities: Identity,
@@ -248,13 +265,19 @@ class Turns:
         workers on commit: NOTIFY for other processes, ``on_commit`` for this one. With
         ``hold``, the caller sends or releases the rows itself and nobody is woken.
         ``held``: the caller holds the identity's in-process lock already."""
+        sender, taken = self.sender if hold is None else None, None
         async with self.isolated(*([identity] if identity is not None else []),
                                  held=held) as session:
             unit = Unit(session, hold)
             yield unit
-            if unit.queued and hold is None:  # a turn's rows: never bulk; the last
-                await notify_workers(session, INTERACTIVE, commit=True,  # statement
-                                     rows=[i for i, _ in unit.queued])
+            if unit.queued and hold is None:  # a turn's rows: never bulk
+                ids = [i for i, _ in unit.queued]
+                if sender is not None:
+                    taken = await sender.take(session, identity, ids)
+                if taken is None:  # the last statement
+                    await notify_workers(session, INTERACTIVE, commit=True, rows=ids)
+        if sender is not None and taken is not None:
+            sender.taken(identity, taken)
         if hold is None:
             self.engine.on_commit()
 
