@@ -41,6 +41,7 @@ from bot_platform.channels import (
     SupportsMessageReply,
     SupportsReply,
     WebhookRequest,
+    supports,
 )
 from bot_platform.database import URGENT
 from bot_platform.errors import (
@@ -335,12 +336,12 @@ def create_app(platform: Platform, *, worker: bool = False) -> FastAPI:
         events = await adapter.parse(call)
         # An adapter whose response may carry a queued message gets its messages held
         # back from the worker until it has chosen (then released at once).
-        holds = isinstance(adapter, SupportsMessageReply)
+        holds = supports(adapter, SupportsMessageReply)
         hold = REPLY_HOLD if holds else None
         handled = [await platform.engine.handle(event, hold=hold) for event in events]
-        if isinstance(adapter, SupportsMessageReply):
+        if holds:
             answer = adapter.reply_with_message
-        elif isinstance(adapter, SupportsReply):
+        elif supports(adapter, SupportsReply):
             answer = adapter.reply
         else:
             return Response("ok", media_type="text/plain")

@@ -163,6 +163,21 @@ class SupportsClose(Protocol):
     async def close(self) -> None: ...
 
 
+_SUPPORTED: dict[tuple[type, type], bool] = {}
+
+
+def supports(channel: object, protocol: type) -> bool:
+    """``isinstance(channel, protocol)`` for a runtime-checkable protocol, worked out once
+    per adapter class: the check walks every member of the protocol each time, and the
+    webhook endpoint asks it on every request (an adapter's capabilities are methods of
+    its class, never set on one instance)."""
+    key = (type(channel), protocol)
+    found = _SUPPORTED.get(key)
+    if found is None:
+        found = _SUPPORTED[key] = isinstance(channel, protocol)
+    return found
+
+
 def connects(channel: Channel) -> bool:
     """Whether a channel has anything to connect to at start-up (a token to check, a
     webhook to register, updates to poll): the console has none."""

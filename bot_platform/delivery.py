@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from bot_platform.channels import Channel, SupportsSendMany
+from bot_platform.channels import Channel, SupportsSendMany, supports
 from bot_platform.clock import Clock
 from bot_platform.config import BotConfig, WorkerSettings
 from bot_platform.database import Database
@@ -213,7 +213,7 @@ class Delivery:
             if (row.broadcast_id is None or row.subscriber_id in more or channel is None
                     or row.subscriber_status != SubscriberStatus.SUBSCRIBED
                     or channel.capabilities.batch_size < 2  # cheaper than the isinstance
-                    or not isinstance(channel, SupportsSendMany)):
+                    or not supports(channel, SupportsSendMany)):
                 single.append(row)
                 continue
             key = (row.channel, row.bot_id, row.broadcast_id,
