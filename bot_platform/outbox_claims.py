@@ -403,9 +403,8 @@ class OutboxClaims:
         """Claim rows a turn just queued, in its transaction (``own_replies``), each if no
         row of its subscriber before it is unsent but the turn's own and ``ahead`` (rows
         this worker holds and sends first): a prefix of ``ids`` (the rest wait for a
-        worker, as before). The subscriber's advisory lock
-        is held, and the statement sees every row committed before it, as a worker's
-        claim would. Returns the rows
+        worker, as before). The subscriber's advisory lock is held, and the statement
+        sees every row committed before it, as a worker's claim would. Returns the rows
         (with their subscriber as this transaction left it) and, for ``Leases.taken``
         once the transaction committed, when the claim began and the lease it stamped."""
         started, until = self.leases.starting()
