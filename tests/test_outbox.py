@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import and_, insert, select
@@ -178,6 +179,14 @@ async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
     assert not (await worker.claim_batch(10, "interactive"))[0]
 
 
+async def row_ids_by_user(platform: Any) -> dict[str, list[int]]:
+    """Each recipient's outbox row ids, oldest first."""
+    by_user: dict[str, list[int]] = {}
+    for row in sorted(await outbox_rows(platform), key=lambda row: row.id):
+        by_user.setdefault(row.recipient, []).append(row.id)
+    return by_user
+
+
 @pytest.mark.postgres
 async def test_postgres_claims_the_rows_a_notify_names_by_id(make_platform,
                                                              postgres_url) -> None:
@@ -193,9 +202,7 @@ async def test_postgres_claims_the_rows_a_notify_names_by_id(make_platform,
                           "w")
     assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
     await queue_for_everyone(platform, 2, per_person=2)
-    by_user: dict[str, list[int]] = {}
-    for row in sorted(await outbox_rows(platform), key=lambda row: row.id):
-        by_user.setdefault(row.recipient, []).append(row.id)
+    by_user = await row_ids_by_user(platform)
     worker.named(by_user["u0"])
     claimed, more = await worker.claim_batch(10, "interactive")
     assert [row.id for row in claimed] == [by_user["u0"][0]]
@@ -218,9 +225,7 @@ async def test_postgres_claims_any_number_of_named_rows(make_platform, postgres_
                           "w")
     assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
     await queue_for_everyone(platform, 15, per_person=2)
-    by_user: dict[str, list[int]] = {}
-    for row in sorted(await outbox_rows(platform), key=lambda row: row.id):
-        by_user.setdefault(row.recipient, []).append(row.id)
+    by_user = await row_ids_by_user(platform)
     users = iter(sorted(by_user, key=lambda user: by_user[user][0]))
     for count in (1, 2, 3, 4, 5):
         chosen = [next(users) for _ in range(count)]
