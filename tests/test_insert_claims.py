@@ -6,14 +6,20 @@ a turn's rows through the web's own sender go out with one statement less."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from bot_platform.config import BotConfig
+from bot_platform.inbound import EventContext, Next
 from bot_platform.insert_claims import InsertClaim
-from bot_platform.models import Subscriber
+from bot_platform.models import Outbox, Subscriber
 from bot_platform.types import Outgoing
 from tests.support.platform import wait_for
 from tests.support.scripted import ScriptedChannel, outbox_rows, start
@@ -30,6 +36,20 @@ async def _platform(make_platform: Any, postgres_url: str) -> Any:
 def _claim(platform: Any, ahead: list[int] | None = None) -> InsertClaim:
     started, until = platform.replies.delivery.outbox.leases.starting()
     return InsertClaim("web-1", ahead or [], 0, started, until)
+
+
+def _count_claims(platform: Any) -> list[int]:
+    """The web's claims by a statement of their own (``claim_queued``), counted."""
+    calls: list[int] = []
+    outbox = platform.replies.delivery.outbox
+    queued = outbox.claim_queued
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return await queued(*args, **kwargs)
+
+    outbox.claim_queued = counted
+    return calls
 
 
 async def _enqueue(platform: Any, text: str, claim: InsertClaim | None) -> int:
@@ -71,14 +91,7 @@ async def test_a_reply_with_nothing_ahead_is_inserted_claimed(make_platform,
 async def test_the_webs_replies_are_claimed_by_their_insert_and_sent_in_order(
         make_platform, postgres_url) -> None:
     platform = await _platform(make_platform, postgres_url)
-    calls: list[int] = []
-    queued = platform.replies.delivery.outbox.claim_queued
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return await queued(*args, **kwargs)
-
-    platform.replies.delivery.outbox.claim_queued = counted
+    calls = _count_claims(platform)
     stop = asyncio.Event()
     task = asyncio.create_task(platform.replies.run(stop, 5.0))
     await asyncio.sleep(0)
@@ -95,3 +108,65 @@ async def test_the_webs_replies_are_claimed_by_their_insert_and_sent_in_order(
         stop.set()
         await task
     assert calls == []  # no claim statement of its own
+
+
+@contextlib.asynccontextmanager
+async def _web_sends(platform: Any) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(platform.replies.run(stop, 5.0))
+    await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def _all_sent(platform: Any) -> bool:
+    rows = await outbox_rows(platform)
+    return bool(rows) and all(row.status == "sent" for row in rows)
+
+
+async def test_a_bad_event_rolls_its_claimed_reply_back_and_one_run_alone_claims_again(
+        make_platform, postgres_url) -> None:
+    """In one group: u2's event fails after its reply was inserted claimed (rolled back
+    with its savepoint: no row, nothing held), u3's meets another transaction's lock and
+    runs again alone (its claim undone, claimed anew by ``claim_queued``); u1's goes
+    out. Every row that stays is sent once, none is left ``sending``."""
+    platform = await _platform(make_platform, postgres_url)
+    engine, key = platform.engine, 535353
+    tries = itertools.count()
+
+    async def step(context: EventContext, call_next: Next) -> None:
+        await call_next(context)
+        user = context.inbound.user_id
+        if user == "u2":
+            raise RuntimeError("a bad event")
+        if user == "u3" and next(tries) == 0:
+            assert context.connection is not None
+            await context.connection.simple(f"SET LOCAL lock_timeout = '50ms'; "
+                                            f"SELECT pg_advisory_xact_lock({key})")
+    engine.steps.append(step)
+    calls = _count_claims(platform)
+    url = make_url(platform.db.url).set(drivername="postgresql")
+    other = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", key)
+        async with _web_sends(platform):
+            results = await asyncio.gather(*(engine.handle(start(user=u, event=f"e-{u}"))
+                                             for u in ("u1", "u2", "u3")),
+                                           return_exceptions=True)
+            await wait_for(lambda: _all_sent(platform), what="u1's and u3's replies")
+            assert not platform.replies._lines
+    finally:
+        await other.close()
+    assert isinstance(results[1], RuntimeError)
+    assert next(tries) == 2  # u3 ran twice
+    assert calls == [1]  # u3's run alone; u1's reply was claimed by its insert
+    async with platform.db.session() as session:
+        users = (await session.execute(select(Subscriber.user_id, Outbox.status).join(
+            Outbox, Outbox.subscriber_id == Subscriber.id))).all()
+    assert {user for user, _ in users} == {"u1", "u3"}
+    assert {status for _, status in users} == {"sent"}
+    sent = [recipient for recipient, _, _ in platform.channel("scripted", "b1").calls]
+    assert sorted(sent) == sorted(row.recipient for row in await outbox_rows(platform))
