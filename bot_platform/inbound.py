@@ -36,6 +36,7 @@ from bot_platform.event_groups import EventGroups, groups_events
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import OPEN, HandoffRules
 from bot_platform.i18n import Catalogs
+from bot_platform.insert_claims import InsertClaim
 from bot_platform.logs import log_context, set_log_field
 from bot_platform.metrics import Metrics
 from bot_platform.models import Contact, Conversation, Message, ProcessedEvent, Subscriber
@@ -117,6 +118,8 @@ class EventContext:
     new_subscriber: bool = False
     # The subscriber's row as read with the dedupe (PostgreSQL), or ``NOT_READ``.
     prefetched: dict[str, Any] | object | None = NOT_READ
+    # This process sends the turn's rows: their insert may claim them (``insert_claims``).
+    claim: InsertClaim | None = None
 
     def reset(self) -> None:
         """Forget what an earlier run of the chain found (its transaction was lost)."""
@@ -231,15 +234,22 @@ class Engine:
         async def body(session: AsyncSession, _: Direct) -> list[int]:
             nonlocal taken
             taken = None  # a group whose transaction was lost runs this again
-            await self._turn(context, call_next, session, [])
+            # A fresh offer per run: its claim lives and dies with the run's savepoint.
+            claim = context.claim = sender.offer(identity) if sender is not None else None
+            try:
+                await self._turn(context, call_next, session, [])
+            finally:
+                context.claim = None
             rows = [i for i, _ in context.queued]
             if sender is not None and rows:  # this process sends them (``own_replies``)
-                taken = await sender.take(session, identity, rows)
+                taken = await sender.take(session, identity, rows, claim)
             return [] if taken is not None else rows  # the rest wake the workers
 
         async with self.turns.locks.hold(identity):  # until the group committed
-            if await self.groups.run(body, wake=context.hold is None,
-                                     lock=advisory_key(*identity)):
+            ran = await self.groups.run(body, wake=context.hold is None,
+                                        lock=advisory_key(*identity))
+            context.claim = None  # the turn alone below claims as before
+            if ran:
                 if taken is not None:
                     sender.taken(identity, taken)
                 return
@@ -433,5 +443,6 @@ class Engine:
             work = await self.turns.load(session, subscriber, checked=True)
             assert not isinstance(work, str)
             await self.router.route_inbound(work.turn, context.inbound)
-            context.queued.extend(await work.save(hold=context.hold, in_reply=True))
+            context.queued.extend(await work.save(hold=context.hold, in_reply=True,
+                                                  claim=context.claim))
         await call_next(context)

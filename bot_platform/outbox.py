@@ -41,6 +41,7 @@ from bot_platform.clock import Clock
 from bot_platform.database import Database
 from bot_platform.direct import direct
 from bot_platform.fitting import fit_message
+from bot_platform.insert_claims import InsertClaim, insert_claimed
 from bot_platform.models import Message, Outbox
 from bot_platform.statement_forms import Columns
 from bot_platform.statuses import MessageStatus, OutboxStatus
@@ -117,20 +118,24 @@ class OutboxQueue:
         self.on_commit = on_commit or (lambda: None)
 
     async def enqueue(self, session: AsyncSession, subscriber: Any, messages: Sends,
-                      broadcast_id: int | None = None, hold: timedelta | None = None
-                      ) -> list[tuple[int, Outgoing]]:
-        """Queue messages for delivery (fitted to the channel) in the caller's transaction."""
+                      broadcast_id: int | None = None, hold: timedelta | None = None,
+                      claim: InsertClaim | None = None) -> list[tuple[int, Outgoing]]:
+        """Queue messages for delivery (fitted to the channel) in the caller's transaction.
+        ``claim``: this process sends the turn's rows (``own_replies``); a single reply
+        is claimed by its insert where it can be (``insert_claims``)."""
         [queued] = await self.enqueue_many(session, [(subscriber, messages)],
-                                           broadcast_id=broadcast_id, hold=hold)
+                                           broadcast_id=broadcast_id, hold=hold, claim=claim)
         return queued
 
     async def enqueue_many(self, session: AsyncSession, items: Sequence[tuple[Any, Sends]],
                            broadcast_id: int | None = None, hold: timedelta | None = None,
+                           claim: InsertClaim | None = None,
                            ) -> list[list[tuple[int, Outgoing]]]:
         """``enqueue`` for many subscribers at once (a broadcast batch): two bulk inserts
         in all instead of two flushes per subscriber. Subscribers may be ORM objects or
         rows with the same attributes. Returns the queued rows per item; ``hold`` keeps
-        them from the worker that long (or until ``release``)."""
+        them from the worker that long (or until ``release``); ``claim``: see
+        ``enqueue``."""
         now = self.clock.now()
         queued: list[list[tuple[int, Outgoing]]] = [[] for _ in items]
         # Column by column, a shared message (a broadcast batch's) fitted once per
@@ -167,16 +172,27 @@ class OutboxQueue:
                     kinds.append(kind)
                     texts.append(text)
                     payloads.append(payload)
-        _, outbox_ids = await insert_linked_columns(session, Message, Columns({
+        message_columns = Columns({
             "subscriber_id": subscriber_ids, "channel": channels, "kind": kinds,
             "text": texts, "flow": flows}, {
             "direction": "out", "status": MessageStatus.QUEUED, "broadcast_id": broadcast_id,
-            "created_at": now, "updated_at": now}), Outbox, Columns({
+            "created_at": now, "updated_at": now})
+        outbox_columns = Columns({
             "subscriber_id": subscriber_ids, "channel": channels, "bot_id": bot_ids,
             "recipient": recipients, "payload": payloads}, {
             "status": OutboxStatus.PENDING, "attempts": 0,  # no Python-side default: one trip
             "next_attempt_at": now + (hold or timedelta(0)), "broadcast_id": broadcast_id,
-            "created_at": now}), link="message_id", count=len(parts))
+            "created_at": now})
+        linked = None
+        if claim is not None and hold is None and broadcast_id is None and len(items) == 1:
+            claim.subscriber = items[0][0]
+            linked = await insert_claimed(session, Message, message_columns, Outbox,
+                                          outbox_columns, "message_id", len(parts), claim)
+        if linked is None:
+            linked = await insert_linked_columns(session, Message, message_columns, Outbox,
+                                                 outbox_columns, link="message_id",
+                                                 count=len(parts))
+        outbox_ids = linked[1]
         for index, part, outbox_id in zip(owners, parts, outbox_ids, strict=True):
             queued[index].append((outbox_id, part))
         return queued

@@ -6,10 +6,12 @@ its result) cost more CPU than the send itself: on the project's 2-core machine 
 ``botp run`` process on PostgreSQL answered more updates/s than ``botp web`` + 2 workers
 (``bench/README.md``).
 
-How: a turn's rows are claimed by the turn's own transaction, its last statement before
-the commit (``OutboxClaims.claim_queued``, under the subscriber's advisory lock), when no
-earlier row of the subscriber is unsent but those this process is sending for the same
-subscriber right now: no NOTIFY, no claim of their own. Once committed they join that
+How: a turn's rows are claimed by the turn's own transaction, under the subscriber's
+advisory lock, when no earlier row of the subscriber is unsent but those this process is
+sending for the same subscriber right now: no NOTIFY, no claim of their own. An inbound
+event's single reply is claimed by the statement that inserts it (``offer``,
+``insert_claims``); other rows by the turn's last statement before the commit
+(``OutboxClaims.claim_queued``). Once committed they join that
 subscriber's line here and are sent in order (``Delivery.deliver``). A row that does not
 go out (a retry, a put-back, a lease lapsed) ends the line: every row behind it goes
 back to the workers (pending, behind it), and so do the rows of a turn that counted on
@@ -38,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot_platform.database import Database
 from bot_platform.delivery import Delivery
+from bot_platform.insert_claims import InsertClaim
 from bot_platform.outbox import INTERACTIVE, notify_workers
 from bot_platform.outbox_results import ClaimedRow
 from bot_platform.pipeline import wait_any
@@ -85,23 +88,55 @@ class OwnReplies:
 
     # ---- in the turn (``Turns.open``) ---------------------------------------------------
 
-    async def take(self, session: AsyncSession, identity: Identity | None,
-                   ids: list[int]) -> _Held | None:
-        """Claim the turn's rows in its transaction, unless a row of the subscriber
-        before them is unsent and not in this process's line: then None (the workers
-        are woken)."""
+    def offer(self, identity: Identity | None) -> InsertClaim | None:
+        """Before a turn: its reply may be claimed by its insert (``insert_claims``),
+        counting on the rows of the subscriber's line here (and on the line not failing
+        before the turn commits: ``seen``)."""
         if not self._running or identity is None:
             return None
         line = self._lines.get(identity)
-        ahead = sorted(line.held) if line is not None else []
-        rows, started, until = await self.delivery.outbox.claim_queued(session, ids, ahead)
+        outbox = self.delivery.outbox
+        started, until = outbox.leases.starting()
+        return InsertClaim(outbox.worker_id, sorted(line.held) if line is not None else [],
+                           self._failures, started, until)
+
+    async def take(self, session: AsyncSession, identity: Identity | None,
+                   ids: list[int], claim: InsertClaim | None = None) -> _Held | None:
+        """Claim the turn's rows in its transaction, unless a row of the subscriber
+        before them is unsent and not in this process's line: then None (the workers
+        are woken). Rows their insert claimed (``claim``) are taken as they are."""
+        if not self._running or identity is None:
+            return None
+        if claim is not None and claim.decided:
+            rows, started, until = await self._claimed(session, ids, claim)
+            ahead, seen = claim.ahead, claim.seen
+        else:
+            line = self._lines.get(identity)
+            ahead = sorted(line.held) if line is not None else []
+            seen = self._failures  # before the claim: a failure meanwhile voids it
+            rows, started, until = await self.delivery.outbox.claim_queued(
+                session, ids, ahead)
         if not rows:
             return None
         if len(rows) < len(ids):  # behind a row queued meanwhile: a worker's
             claimed = {row.id for row in rows}
             await notify_workers(session, INTERACTIVE,
                                  rows=[i for i in ids if i not in claimed])
-        return _Held(rows, started, until, bool(ahead), self._failures)
+        return _Held(rows, started, until, bool(ahead), seen)
+
+    async def _claimed(self, session: AsyncSession, ids: list[int], claim: InsertClaim
+                       ) -> tuple[list[ClaimedRow], float, datetime]:
+        """The rows the insert claimed, and any of ``ids`` it did not insert claimed by
+        ``claim_queued`` (behind those; a row the insert left pending stays ahead of
+        them)."""
+        rows = claim.rows()
+        rest = [i for i in ids if i not in claim.decided]
+        if not rest:
+            return rows, claim.started, claim.until
+        more, _, until = await self.delivery.outbox.claim_queued(
+            session, rest, [*claim.ahead, *(row.id for row in rows)])
+        return sorted([*rows, *more], key=lambda row: row.id), claim.started, min(
+            until, claim.until)
 
     def taken(self, identity: Identity | None, taken: _Held) -> None:
         """The turn committed: its rows join the subscriber's line (or, if the line they

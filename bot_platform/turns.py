@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot_platform.direct import Direct, direct
 from bot_platform.flows.turn import JobEffect, Position, SendEffect, TimerEffect, Turn
 from bot_platform.handoff import open_conversation
+from bot_platform.insert_claims import InsertClaim
 from bot_platform.models import Answer, FlowState, Job, Subscriber, SubscriberTag
 from bot_platform.outbox import INTERACTIVE, notify_workers
 from bot_platform.statuses import JobStatus, PositionStatus, SubscriberStatus
@@ -197,10 +198,15 @@ class OwnSender(Protocol):
     """Sends the rows this process's turns queue (``own_replies``), instead of waking
     the workers for them."""
 
+    def offer(self, identity: Identity | None) -> InsertClaim | None:
+        """Before a turn: what its outbox insert needs to claim its reply for this
+        process (``insert_claims``); None: it does not. Passed on to ``take``."""
+
     async def take(self, session: AsyncSession, identity: Identity | None,
-                   ids: list[int]) -> Any:
+                   ids: list[int], claim: InsertClaim | None = None) -> Any:
         """In the turn's transaction, its last statement: whether this process sends
-        ``ids`` (None: the workers are woken for them), and what ``taken`` needs."""
+        ``ids`` (None: the workers are woken for them), and what ``taken`` needs.
+        ``claim``: the turn's ``offer``, if its rows were inserted with it."""
 
     def taken(self, identity: Identity | None, taken: Any) -> None:
         """The turn committed: send what ``take`` took."""
@@ -226,11 +232,11 @@ class Work:
     turn: Turn
     rows: dict[str, StateRow]
 
-    async def save(self, hold: timedelta | None = None,
-                   in_reply: bool = False) -> list[Queued]:
+    async def save(self, hold: timedelta | None = None, in_reply: bool = False,
+                   claim: InsertClaim | None = None) -> list[Queued]:
         """Persist the turn (see ``Turns.save``); returns the outbox rows it queued."""
         return await self.turns.save(self.session, self.subscriber, self.turn, self.rows,
-                                     hold=hold, in_reply=in_reply)
+                                     hold=hold, in_reply=in_reply, claim=claim)
 
 
 class Turns:
@@ -343,12 +349,14 @@ class Turns:
 
     async def save(self, session: AsyncSession, subscriber: Subscriber | SubscriberRow,
                    turn: Turn, rows: dict[str, StateRow], hold: timedelta | None = None,
-                   in_reply: bool = False) -> list[Queued]:
+                   in_reply: bool = False, claim: InsertClaim | None = None) -> list[Queued]:
         """Persist a turn: positions, tags, attributes, timers and outbox rows, each kind
         of row in one Core statement.
 
         ``in_reply``: the turn handles the customer's message, so what it sends answers it
-        (``Outgoing.in_reply``); timers and shop events send proactively."""
+        (``Outgoing.in_reply``); timers and shop events send proactively. ``claim``: this
+        process sends the rows (``OutboxQueue.enqueue``); the caller passes it to
+        ``OwnSender.take``."""
         engine = self.engine
         now = turn.now
         connection = await direct(session)
@@ -407,7 +415,8 @@ class Turns:
                                                        engine.catalogs))
         if in_reply:
             sends = [(flow, m.model_copy(update={"in_reply": True})) for flow, m in sends]
-        queued = await engine.outbox.enqueue(session, subscriber, sends, hold=hold)
+        queued = await engine.outbox.enqueue(session, subscriber, sends, hold=hold,
+                                              claim=claim)
         if any(e.fallback for e in effects):
             schedule_fallbacks(session, subscriber, effects, queued, now,
                                engine.capabilities(subscriber.channel, subscriber.bot_id))
