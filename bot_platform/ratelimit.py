@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from bot_platform.ratelimit_batch import RESERVE_MANY, ReserveBatcher
+
 log = logging.getLogger(__name__)
 
 # While the limiter cannot be asked (Redis away), each bot's sends are held and that is
@@ -253,42 +255,10 @@ class MemoryRateLimiter:
         self._paused_until[bot] = max(self._paused_until.get(bot, 0.0), until)
 
 
-# Both buckets and the pause are checked and taken in one script, so N workers calling at
-# once never overspend; the time is Redis's own (TIME), so workers' clocks may disagree.
-# A bucket is a hash {tokens, ts}; tokens go below zero for slots reserved in the future.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local max_wait = tonumber(ARGV[5])
-local delay = 0
-local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
-if paused > now then delay = paused - now end
-local rates = {tonumber(ARGV[1]), tonumber(ARGV[3])}
-local capacities = {tonumber(ARGV[2]), tonumber(ARGV[4])}
-local tokens = {}
-for i = 1, 2 do
-  if rates[i] > 0 then
-    local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
-    local level = tonumber(state[1]) or capacities[i]
-    local since = tonumber(state[2]) or now
-    level = math.min(capacities[i], level + math.max(0, now - since) * rates[i])
-    tokens[i] = level
-    if level < 1 then delay = math.max(delay, (1 - level) / rates[i]) end
-  end
-end
-if delay > max_wait then return tostring(delay) end
-for i = 1, 2 do
-  if rates[i] > 0 then
-    local level = tokens[i] - 1
-    redis.call('HSET', KEYS[i], 'tokens', tostring(level), 'ts', tostring(now))
-    -- keep the key while it matters: until the bucket would be full again, plus a margin
-    local ttl = math.ceil(((capacities[i] - level) / rates[i] + 5) * 1000)
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return tostring(delay)
-"""
-
+# Both buckets and the pause are checked and taken in one script (``RESERVE_MANY``, for
+# every reservation of a moment in turn), so N workers calling at once never overspend;
+# the time is Redis's own (TIME), so workers' clocks may disagree. A bucket is a hash
+# {tokens, ts}; tokens go below zero for slots reserved in the future.
 _PAUSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -308,7 +278,7 @@ class RedisRateLimiter:
     def __init__(self, redis: Any, prefix: str = "botp:rl:") -> None:
         self.redis = redis  # a ``redis.asyncio.Redis``; the caller owns and closes it
         self.prefix = prefix
-        self._reserve = redis.register_script(_RESERVE)
+        self._batch = ReserveBatcher(redis.register_script(RESERVE_MANY))
         self._pause = redis.register_script(_PAUSE)
 
     @classmethod
@@ -327,10 +297,10 @@ class RedisRateLimiter:
         chat_rate = 0.0 if math.isinf(limits.per_chat) else limits.per_chat
         keys = [f"{self.prefix}bot:{bot}", f"{self.prefix}chat:{bot}\x1f{chat}",
                 f"{self.prefix}pause:{bot}"]
-        delay = await self._reserve(keys=keys, args=[
+        # Calls of this moment share one script call (ratelimit_batch).
+        return await self._batch.reserve(keys, [
             bot_rate, limits.bot_capacity if bot_rate else 1.0, chat_rate,
             float(limits.chat_burst), max_wait])
-        return float(delay)
 
     async def pause(self, bot: str, seconds: float) -> None:
         await self._pause(keys=[f"{self.prefix}pause:{bot}"], args=[seconds])
