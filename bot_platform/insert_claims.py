@@ -34,7 +34,7 @@ from sqlalchemy.orm import aliased
 
 from bot_platform.direct import direct
 from bot_platform.models import Outbox
-from bot_platform.statement_forms import Columns, in_ids
+from bot_platform.statement_forms import Columns, in_ids, parent_insert
 from bot_platform.statuses import OutboxStatus
 
 _EARLIER = aliased(Outbox, name="earlier")
@@ -79,9 +79,7 @@ def claiming_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
     key = (parent, parent_keys, child, child_keys, link)
     statement = _PAIRS.get(key)
     if statement is None:
-        inserted = insert(parent).values({
-            name: bind(f"p_{name}") for name in parent_keys}).returning(
-            parent.c.id).cte("linked_parent")
+        inserted = parent_insert(parent, parent_keys)
         earlier = _EARLIER
         free = select((~exists().where(
             earlier.subscriber_id == bind("b_sid", type_=child.c.subscriber_id.type),

@@ -134,6 +134,14 @@ def arrays_form(compiled: Any) -> tuple[str, tuple[bool, ...]] | None:
 _LINKED_PAIRS: dict[tuple[Any, ...], Any] = {}
 
 
+def parent_insert(parent: Any, parent_keys: tuple[str, ...]) -> Any:
+    """The parent row's insert as a ``WITH`` clause returning its new id (binds
+    ``p_<column>``), for a child's insert to link to."""
+    return insert(parent).values({
+        name: bindparam(f"p_{name}") for name in parent_keys}).returning(
+        parent.c.id).cte("linked_parent")
+
+
 def linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
                  child_keys: tuple[str, ...], link: str) -> Any:
     """One parent row and its child in one statement (PostgreSQL): the parent's insert
@@ -142,9 +150,7 @@ def linked_pair(parent: Any, parent_keys: tuple[str, ...], child: Any,
     key = (parent, parent_keys, child, child_keys, link)
     statement = _LINKED_PAIRS.get(key)
     if statement is None:
-        inserted = insert(parent).values({
-            name: bindparam(f"p_{name}") for name in parent_keys}).returning(
-            parent.c.id).cte("linked_parent")
+        inserted = parent_insert(parent, parent_keys)
         statement = insert(child).values({
             **{name: bindparam(f"c_{name}") for name in child_keys if name != link},
             link: select(inserted.c.id).scalar_subquery()}).returning(

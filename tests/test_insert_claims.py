@@ -6,9 +6,7 @@ a turn's rows through the web's own sender go out with one statement less."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -22,7 +20,7 @@ from bot_platform.insert_claims import InsertClaim
 from bot_platform.models import Outbox, Subscriber
 from bot_platform.types import Outgoing
 from tests.support.platform import wait_for
-from tests.support.scripted import ScriptedChannel, outbox_rows, start
+from tests.support.scripted import ScriptedChannel, outbox_rows, start, web_sends
 
 pytestmark = pytest.mark.postgres
 
@@ -92,10 +90,7 @@ async def test_the_webs_replies_are_claimed_by_their_insert_and_sent_in_order(
         make_platform, postgres_url) -> None:
     platform = await _platform(make_platform, postgres_url)
     calls = _count_claims(platform)
-    stop = asyncio.Event()
-    task = asyncio.create_task(platform.replies.run(stop, 5.0))
-    await asyncio.sleep(0)
-    try:
+    async with web_sends(platform):
         for n in range(3):
             await platform.engine.handle(start(event=f"e{n}"))
 
@@ -104,22 +99,7 @@ async def test_the_webs_replies_are_claimed_by_their_insert_and_sent_in_order(
             return bool(rows) and all(row.status == "sent" for row in rows)
 
         await wait_for(all_sent, what="every reply, no worker running")
-    finally:
-        stop.set()
-        await task
     assert calls == []  # no claim statement of its own
-
-
-@contextlib.asynccontextmanager
-async def _web_sends(platform: Any) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(platform.replies.run(stop, 5.0))
-    await asyncio.sleep(0)
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 async def _all_sent(platform: Any) -> bool:
@@ -152,7 +132,7 @@ async def test_a_bad_event_rolls_its_claimed_reply_back_and_one_run_alone_claims
     other = await asyncpg.connect(url.render_as_string(hide_password=False))
     try:
         await other.execute("SELECT pg_advisory_lock($1)", key)
-        async with _web_sends(platform):
+        async with web_sends(platform):
             results = await asyncio.gather(*(engine.handle(start(user=u, event=f"e-{u}"))
                                              for u in ("u1", "u2", "u3")),
                                            return_exceptions=True)

@@ -6,8 +6,6 @@ dies after the commit or freezes past its lease, and beside workers under concur
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,23 +18,16 @@ from bot_platform.models import Subscriber
 from bot_platform.own_replies import OwnReplies
 from bot_platform.types import Outgoing, SendResult
 from tests.support.platform import wait_for
-from tests.support.scripted import ScriptedChannel, another_worker, outbox_rows, start
+from tests.support.scripted import (
+    ScriptedChannel,
+    another_worker,
+    outbox_rows,
+    start,
+    web_sends,
+)
 from tests.support.telegram import SECRET, TOKEN, callback_update, message_update, post
 
 pytestmark = pytest.mark.postgres
-
-
-@contextlib.asynccontextmanager
-async def web_sends(platform: Any) -> AsyncIterator[OwnReplies]:
-    """The web process's own sender running, as ``botp web`` runs it (no worker)."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(platform.replies.run(stop, 5.0))
-    await asyncio.sleep(0)
-    try:
-        yield platform.replies
-    finally:
-        stop.set()
-        await task
 
 
 class Monotonic:

@@ -3,14 +3,17 @@ around it: a /start on it, a second worker on the same database, the outbox rows
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from sqlalchemy import select
 
 from bot_platform.delivery import Delivery
 from bot_platform.models import Outbox
+from bot_platform.own_replies import OwnReplies
 from bot_platform.types import Capabilities, Inbound, InboundKind, Outgoing, SendResult
 
 
@@ -54,3 +57,16 @@ def another_worker(platform: Any) -> Delivery:
 async def outbox_rows(platform: Any) -> list[Outbox]:
     async with platform.db.session() as session:
         return list((await session.scalars(select(Outbox).order_by(Outbox.id))).all())
+
+
+@contextlib.asynccontextmanager
+async def web_sends(platform: Any) -> AsyncIterator[OwnReplies]:
+    """The web process's own sender running, as ``botp web`` runs it (no worker)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(platform.replies.run(stop, 5.0))
+    await asyncio.sleep(0)
+    try:
+        yield platform.replies
+    finally:
+        stop.set()
+        await task
