@@ -199,7 +199,7 @@ class OutboxClaims:
             return self.leases.claim_statement(
                 and_(Outbox.subscriber_id == bindparam("b_sid"), self._named_ready(now),
                      *self._kind(None)), (Outbox.id,), _CLAIMED_COLUMNS)
-        if how.startswith("heads"):  # PostgreSQL: one array parameter, so it runs alone
+        if how.startswith("heads"):  # PostgreSQL: an array or up to four scalars, alone
             few = int(how[5:] or 0)  # "heads3": b_head0 .. b_head2 (``_claim_heads``)
             heads = (Outbox.id.in_(bindparam("b_heads", expanding=True)) if self.db.is_sqlite
                      else Outbox.id.in_([bindparam(f"b_head{n}") for n in range(few)]) if few
