@@ -70,10 +70,13 @@ REDIS_BASE = os.environ.get("BOTP_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 # One quiz: (kind, text). A "button" step presses one of the last inline keyboard's buttons.
 STEPS: tuple[tuple[str, str], ...] = (
     ("text", "/start"), ("text", "quiz"), ("button", ""), ("button", ""), ("text", "30"))
-SETUPS = ("sqlite", "postgres", "aiogram-memory", "aiogram-redis")
+SETUPS = ("sqlite", "postgres", "postgres-1", "aiogram-memory", "aiogram-redis")
+PLATFORM = ("sqlite", "postgres", "postgres-1")
+WEB_PROCESSES = 2  # ``botp web --processes``: one per core of the project's machine
 LABELS = {
     "sqlite": "platform SQLite (botp run, 1 proc)",
-    "postgres": "platform PostgreSQL (web + 2 workers)",
+    "postgres": "platform PostgreSQL (web xN + 2 workers)",
+    "postgres-1": "platform PostgreSQL (web x1 + 2 workers)",
     "aiogram-memory": "aiogram 3, MemoryStorage",
     "aiogram-redis": "aiogram 3, RedisStorage",
 }
@@ -171,17 +174,29 @@ class Child:
     def pid(self) -> int:
         return self.popen.pid
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time so far (0 once it is gone)."""
+    def pids(self) -> list[int]:
+        """The process and its children (``botp web --processes N`` forks N)."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+            found = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return [self.pid]
+        return [self.pid, *map(int, found)]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far of the process and its children (0 once gone)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float | None:
-        """VmHWM: read it before stopping the process."""
-        return peak_rss_mb(self.pid) or None
+        """VmHWM (of each child, summed, when it forked some): read before stopping it."""
+        pids = self.pids()
+        return sum(peak_rss_mb(pid) for pid in pids[1:] or pids) or None
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -517,7 +532,9 @@ def platform_command(args: argparse.Namespace, name: str, *argv: str) -> list[st
 async def start_platform(setup: str, args: argparse.Namespace, fake_url: str, port: int,
                          folder: Path, children: list[Child]) -> str | None:
     """Migrate and start ``botp run`` (SQLite) or ``botp web`` + 2 workers (PostgreSQL and
-    Redis); returns the database URL (None: PostgreSQL is not reachable)."""
+    Redis: ``postgres`` with ``args.web_processes`` web processes (1 when not given),
+    ``postgres-1`` with one); returns the database URL (None: PostgreSQL is not
+    reachable)."""
     if setup == "sqlite":
         database_url: str | None = f"sqlite+aiosqlite:///{folder}/botp.sqlite3"
         redis_url = None
@@ -538,14 +555,15 @@ async def start_platform(setup: str, args: argparse.Namespace, fake_url: str, po
             children.append(spawn("sqlite-run", platform_command(args, "sqlite-run", "run"),
                                   env, folder))
         else:
-            children.append(spawn("postgres-web", platform_command(args, "postgres-web",
-                                                                   "web"), env, folder))
+            processes = getattr(args, "web_processes", 1) if setup == "postgres" else 1
+            children.append(spawn("postgres-web", platform_command(
+                args, "postgres-web", "web", "--processes", str(processes)), env, folder))
             for n in (1, 2):
                 name = f"postgres-worker{n}"
                 children.append(spawn(name, platform_command(args, name, "worker"), env,
                                       folder))
     except BaseException:
-        if setup == "postgres":
+        if setup != "sqlite":
             await drop_postgres(database_url)
         raise
     return database_url
@@ -586,9 +604,10 @@ async def run_setup(setup: str, args: argparse.Namespace, http: aiohttp.ClientSe
     children: list[Child] = []
     database_url: str | None = None
     port = free_port()
-    result: dict[str, Any] = {"setup": setup, "label": LABELS[setup]}
+    label = LABELS[setup].replace("xN", f"x{args.web_processes}")
+    result: dict[str, Any] = {"setup": setup, "label": label}
     try:
-        if setup in ("sqlite", "postgres"):
+        if setup in PLATFORM:
             database_url = await start_platform(setup, args, generator.fake_url, port, folder,
                                                 children)
             if database_url is None:
@@ -643,7 +662,7 @@ async def run_setup(setup: str, args: argparse.Namespace, http: aiohttp.ClientSe
     finally:
         stop(children)
         result["log_errors"] = log_problems(children)
-        if database_url and setup == "postgres":
+        if database_url and setup != "sqlite":
             await drop_postgres(database_url)
 
 
@@ -656,11 +675,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("-" * len(header))
     for r in results:
         if "skipped" in r:
-            print(f"{LABELS[r['setup']]:<38} skipped: {r['skipped']}")
+            print(f"{r.get('label', LABELS[r['setup']]):<38} skipped: {r['skipped']}")
             continue
         half = r["half_load"]
-        ratio = f"{r['updates_per_s'] / base:.2f}" if base and r["setup"] in (
-            "sqlite", "postgres") else ""
+        ratio = f"{r['updates_per_s'] / base:.2f}" if base and r["setup"] in PLATFORM else ""
         errors = sum(r["max_load"]["errors"].values()) + sum(half["errors"].values())
         rss = "+".join(f"{v:.0f}" for v in r["peak_rss_mb"].values() if v is not None)
         p50 = f"{half['p50_ms']:.1f}" if half["p50_ms"] is not None else "-"
@@ -690,6 +708,8 @@ async def main() -> dict[str, Any]:
                         help="users in flight at most in the latency run (beyond: dropped)")
     parser.add_argument("--step-timeout", type=float, default=30.0,
                         help="seconds to wait for an answer before giving a user up")
+    parser.add_argument("--web-processes", type=int, default=WEB_PROCESSES,
+                        help="botp web --processes N in the postgres setup")
     parser.add_argument("--only", default=",".join(SETUPS),
                         help=f"comma-separated setups among {', '.join(SETUPS)}")
     parser.add_argument("--redis-db", type=int, default=12,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import drop_postgres, free_port  # noqa: E402
 from bench.inbound import (  # noqa: E402
     BOT_ID,
+    WEB_PROCESSES,
     BenchError,
     Child,
     LoadGenerator,
@@ -74,7 +75,7 @@ def trip_counts(folder: Path | None, children: list[Child]) -> dict[str, Any]:
     """Round trips so far per child (and, under "detail", per child and statement)."""
     if folder is None:
         return {}
-    names = {c.pid: c.name for c in children}
+    names = {pid: c.name for c in children for pid in c.pids()}
     found: dict[str, Any] = {"detail": {}}
     for path in folder.glob("*.json"):
         try:
@@ -82,9 +83,11 @@ def trip_counts(folder: Path | None, children: list[Child]) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         name = names.get(int(path.stem))
-        if name is not None:
-            found[name] = sum(data["counts"].values())
-            found["detail"][name] = data.get("detail", {})
+        if name is not None:  # a forked process's counts add to its parent's
+            found[name] = found.get(name, 0) + sum(data["counts"].values())
+            detail = found["detail"].setdefault(name, {})
+            for sql, count in data.get("detail", {}).items():
+                detail[sql] = detail.get(sql, 0) + count
     return found
 
 
@@ -100,7 +103,7 @@ async def measure(args: argparse.Namespace, http: aiohttp.ClientSession,
                   f"BOTP_BENCH_TRIPS_DIR={trips_dir}",
                   f"BOTP_BENCH_TRIPS_DETAIL={args.trips_detail}"]
     run_args = argparse.Namespace(profile=args.profile, platform_env=extra,
-                                  redis_db=args.redis_db)
+                                  redis_db=args.redis_db, web_processes=WEB_PROCESSES)
     database_url = None
     try:
         database_url = await start_platform(args.setup, run_args, generator.fake_url, port,
@@ -111,7 +114,7 @@ async def measure(args: argparse.Namespace, http: aiohttp.ClientSession,
         await wait_ready(http, f"http://127.0.0.1:{port}/healthz", children)
         counts = await generator.calibrate(target)
         await generator.quiet()
-        pg = args.setup == "postgres"
+        pg = args.setup != "sqlite"
         cpu0 = {c.name: c.cpu_seconds() for c in children}
         db0 = await backends(database_url) if pg else {}
         await asyncio.sleep(0.6)
@@ -149,7 +152,7 @@ async def measure(args: argparse.Namespace, http: aiohttp.ClientSession,
                 "errors": dict(phase.errors), "loadavg": os.getloadavg()[0]}
     finally:
         stop(children)
-        if database_url and args.setup == "postgres":
+        if database_url and args.setup != "sqlite":
             await drop_postgres(database_url)
 
 
@@ -171,7 +174,9 @@ def show(result: dict[str, Any]) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--setup", choices=("postgres", "postgres-1", "sqlite"),
+                        default="postgres",
+                        help="postgres: web x2 (botp web --processes 2); postgres-1: web x1")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--rate", type=float, help="updates/s, paced (else closed loop)")

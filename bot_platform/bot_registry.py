@@ -162,7 +162,10 @@ class BotRegistry:
             return
         for key, adapter in self.channels.items():
             runner = self.runners.get(key)
-            if runner is not None and runner[0] is adapter and not runner[1].done():
+            # A runner that ended did its work (the check, the webhook's registration; a
+            # poller or a failure retries inside it): run again only for a new adapter,
+            # not on every refresh (that re-registered the webhook every 2 s).
+            if runner is not None and runner[0] is adapter:
                 continue
             if not connects(adapter):
                 continue  # the console: nothing to connect to

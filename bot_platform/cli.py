@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +28,8 @@ from bot_platform.config import Settings, get_settings
 from bot_platform.errors import FlowValidationError
 
 if TYPE_CHECKING:
+    import socket
+
     from bot_platform.database import Database
 
 T = TypeVar("T")
@@ -75,18 +77,44 @@ def _on_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -
 
 
 def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> int:
-    from bot_platform.serve import PortInUse, run, serve
+    from bot_platform.serve import PortInUse, serve
 
     settings = _settings(args)
     _setup_logging(settings)
-    if settings.database_url.startswith("sqlite") or args.migrate:
+    processes = (getattr(args, "processes", None) or settings.web_processes
+                 if web and not worker else 1)
+    sqlite = settings.database_url.startswith("sqlite")
+    if processes > 1 and sqlite:
+        print("botp: --processes above 1 needs PostgreSQL: SQLite has one writer, so more "
+              "web processes would only wait for one another (run one `botp web`, or "
+              "`botp run`)", file=sys.stderr)
+        return 2
+    if sqlite or args.migrate:
         # Imported only here: Alembic (and Mako) stay out of processes that do not
         # migrate (~8 MB of a worker's memory).
         from bot_platform.migrations import upgrade
 
         upgrade(settings.database_url)
+    if processes > 1:
+        from bot_platform.web_processes import serve_processes
+
+        def serve_one(sock: socket.socket, first: bool) -> int:
+            return _serving(lambda: serve(settings, web=True, worker=False, sock=sock,
+                                          registers_bots=first))
+        try:
+            return serve_processes(settings, processes, serve_one)
+        except PortInUse as error:
+            print(f"botp: {error}", file=sys.stderr)
+            return 1
+    return _serving(lambda: serve(settings, web=web, worker=worker))
+
+
+def _serving(serve: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run one serving process; its exit code (1: the port is taken, 2: invalid flows)."""
+    from bot_platform.serve import PortInUse, run
+
     try:
-        run(serve(settings, web=web, worker=worker))
+        run(serve())
     except PortInUse as error:
         print(f"botp: {error}", file=sys.stderr)
         return 1
@@ -306,6 +334,13 @@ At start every bot is checked and logged as "connected: NAME (channel, bot id ID
 "failed: ..." with the reason; see docs/channels/ for troubleshooting."""
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="botp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--migrate", action="store_true",
                              help="upgrade the schema first (always done on SQLite)")
         command.add_argument("--database-url")
+        if name == "web":
+            command.add_argument(
+                "--processes", type=_at_least_one, metavar="N",
+                help="web processes sharing the port (PostgreSQL; default: "
+                     "BOTP_WEB_PROCESSES or 1; one per core uses the machine)")
 
     chat = commands.add_parser("chat", help="talk to the bot in this terminal")
     chat.add_argument("--user", default="console-user", help="who you are (a user id)")

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     public_url: str | None = None  # https://bots.example.com -> webhooks are registered
     host: str = "127.0.0.1"
     port: int = 8080
+    # ``botp web``: processes sharing the port (PostgreSQL; one per core is the usual)
+    web_processes: int = Field(default=1, ge=1, le=256)
     flows_dir: Path = Path("flows")
     locales_dir: Path = Path("locales")
     default_locale: str = "en"

@@ -93,6 +93,9 @@ class Platform:
         self.bots: dict[tuple[str, str], BotConfig] = self.registry.bots
         self.http: aiohttp.ClientSession | None = None
         self.worker_id = new_worker_id()
+        # Whether this process polls bots or registers their webhooks (``botp web
+        # --processes N``: only the first of them does; Telegram allows one poller).
+        self.registers_bots = True
         # Set when the process is asked to stop: long responses (the live stream) end, or
         # the web server would wait for them forever.
         self.stopping = asyncio.Event()

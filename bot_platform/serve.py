@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -71,7 +72,8 @@ async def serving(platform: Platform, *, receive: bool, worker: bool) -> AsyncIt
     ``worker``, the worker, which stops taking work when ``platform.stopping`` is set.
     On the way out sends in flight finish and are recorded (cut off, they would wait for
     their lease to expire and go out again if the messenger had already taken them)."""
-    tasks = [asyncio.create_task(platform.serve_bots(receive=receive), name="bots")]
+    tasks = [asyncio.create_task(platform.serve_bots(receive=receive and platform.registers_bots),
+                                 name="bots")]
     grace = platform.settings.worker.shutdown_grace
     senders = []
     if worker:
@@ -102,12 +104,17 @@ def _server(app: Any, settings: Settings, port: int, log_level: str) -> Server:
                                  log_config=uvicorn_log_config(settings.log_format)))
 
 
-async def serve(settings: Settings, *, web: bool, worker: bool) -> None:
+async def serve(settings: Settings, *, web: bool, worker: bool,
+                sock: socket.socket | None = None, registers_bots: bool = True) -> None:
     """One process until SIGINT or SIGTERM: the web app (webhooks, admin API) and/or the
     worker. A taken port (``PortInUse``) or invalid flows (``FlowValidationError``) are
-    raised before anything claims to be serving."""
-    sock = listen(settings.host, settings.port) if web else None
+    raised before anything claims to be serving. ``sock``: the web socket, already
+    bound (``web_processes``: shared by several processes, only the first of which
+    ``registers_bots``)."""
+    if web and sock is None:
+        sock = listen(settings.host, settings.port)
     platform = Platform(settings)
+    platform.registers_bots = registers_bots
     server: Server | None = None
 
     def shutdown() -> None:
@@ -138,7 +145,8 @@ async def serve(settings: Settings, *, web: bool, worker: bool) -> None:
             return
         server.should_exit = platform.stopping.is_set()
         if web:
-            log.info("serving on http://%s:%s", settings.host, settings.port)
+            log.info("serving on http://%s:%s (pid %d)", settings.host, settings.port,
+                     os.getpid())
             await server.serve(sockets=[sock])  # returns once shutdown() asked it to
         else:
             await server.serve()

@@ -75,4 +75,10 @@ if _DIR:
     except ImportError:
         pass
     else:
-        threading.Thread(target=_dump, daemon=True).start()
+        def _start() -> None:
+            _counts.clear()  # a forked child (``botp web --processes``) counts its own
+            _detail.clear()
+            threading.Thread(target=_dump, daemon=True).start()
+
+        _start()
+        os.register_at_fork(after_in_child=_start)
