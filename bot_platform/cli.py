@@ -323,6 +323,7 @@ SERVE_EPILOG = """environment (or a .env file in the working directory):
   BOTP_HOST           address the web server listens on (default 127.0.0.1;
                       0.0.0.0 for every interface)
   BOTP_PORT           its port (default 8080)
+  BOTP_WEB_PROCESSES  botp web: processes sharing the port (PostgreSQL; default 1)
   BOTP_DATABASE_URL   default sqlite+aiosqlite:///./data/botp.sqlite3
   BOTP_PUBLIC_URL     https://... the messengers reach this server at: webhooks are
                       registered there; unset, Telegram bots are polled instead
