@@ -38,6 +38,7 @@ log = logging.getLogger("botp")
 
 # What a child that failed without an exit code of its own exits with (EX_SOFTWARE).
 CHILD_FAILED = 70
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 # One child's whole life: serve on the socket (the first one also polls bots and
@@ -53,11 +54,13 @@ def serve_processes(settings: Settings, count: int, serve_one: ServeOne) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     children: dict[int, int] = {}
+    parent = os.getpid()
     for index in range(count):
         pid = os.fork()
         if pid == 0:  # the child: never returns into the parent's code
             code = CHILD_FAILED
             try:
+                _end_with(parent)
                 code = serve_one(sock, index == 0)
             except BaseException:
                 traceback.print_exc()
@@ -69,6 +72,20 @@ def serve_processes(settings: Settings, count: int, serve_one: ServeOne) -> int:
     sock.close()  # the children hold it
     log.info("web: %d processes (pids %s)", count, ", ".join(map(str, children)))
     return _supervise(children)
+
+
+def _end_with(parent: int) -> None:
+    """Have the kernel send this child SIGTERM when the parent dies (Linux), so a
+    supervisor killed outright leaves no web processes holding the port unsupervised."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own signals stop us
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _supervise(children: dict[int, int]) -> int:

@@ -43,7 +43,11 @@ def children_of(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
+    """Running (a zombie waiting for whoever adopted it to reap it is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def start_update(uid: int) -> dict:
@@ -182,6 +186,35 @@ async def test_a_web_process_that_dies_stops_the_others(tmp_path: Path) -> None:
                 web.wait()
             if web.stdout is not None:
                 web.stdout.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_web_processes_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    async with fresh_postgres_database() as url:
+        await asyncio.to_thread(upgrade, url)
+        env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_PORT": str(free_port()),
+               "BOTP_FLOWS_DIR": str(ROOT / "flows"), "BOTP_LOCALES_DIR": str(ROOT / "locales"),
+               "BOTP_BOTS": "[]", "BOTP_LOG_LEVEL": "WARNING"}
+        web = subprocess.Popen(  # noqa: ASYNC220 (started once, not awaited on)
+            [sys.executable, "-m", "bot_platform.cli", "web", "--processes", "2"], cwd=ROOT,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children: list[int] = []
+        try:
+            await wait_for(lambda: _true(len(children_of(web.pid)) == 2), limit=30,
+                           what="two web processes")
+            children = children_of(web.pid)
+            web.kill()  # the supervisor killed outright: nothing passes signals on
+            await asyncio.to_thread(web.wait, 10)
+            await wait_for(lambda: _true(not any(alive(pid) for pid in children)), limit=30,
+                           what="the orphaned web processes to end")
+        finally:
+            for pid in children:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if web.poll() is None:
+                web.kill()
+                web.wait()
 
 
 def test_sqlite_is_refused_with_more_than_one_process(tmp_path: Path) -> None:
