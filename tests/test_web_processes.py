@@ -85,6 +85,7 @@ async def test_web_processes_share_the_port_and_process_each_update_once(
         worker = WorkerProcess(env, tmp_path / "worker.log")
         base = f"http://127.0.0.1:{port}"
         users = range(700_001, 700_031)
+        children: list[int] = []
         try:
             web.start()
             worker.start()
@@ -150,10 +151,11 @@ async def test_web_processes_share_the_port_and_process_each_update_once(
             assert worker.terminate() == 0
             assert not any(alive(pid) for pid in children)
         finally:
+            for pid in children:  # before their parent: orphans would not be found
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
             web.stop()
             worker.stop()
-            for pid in children_of(web.process.pid) if web.process else []:
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -180,7 +182,8 @@ async def test_a_web_process_that_dies_stops_the_others(tmp_path: Path) -> None:
             assert "web process 2" in output and "stopping the others" in output, output
         finally:
             for pid in children_of(web.pid):
-                os.kill(pid, signal.SIGKILL)
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
             if web.poll() is None:
                 web.kill()
                 web.wait()
