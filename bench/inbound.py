@@ -6,7 +6,8 @@ webhook's HTTP stack, the adapter, the engine's transaction, the hold/release of
 the delivery worker's claim-send-record cycle and aiogram's client, one after the other.
 
 Every process is real: the platform is started through its CLI (``botp run`` on SQLite;
-``botp web`` + 2 x ``botp worker`` on PostgreSQL with Redis), the fake Telegram server
+``botp web --processes 2`` + 2 x ``botp worker`` on PostgreSQL with Redis, and the same
+with one web process: ``postgres-1``), the fake Telegram server
 (``tests/fakes/telegram_api.py``, plus a stream of what it received) runs in a child
 process of its own, and so does the baseline (``bench/aiogram_quiz_bot.py``, with
 ``MemoryStorage`` and with ``RedisStorage``). The load generator is this process.
@@ -23,7 +24,7 @@ POST until the fake received the first message of the answer. Each user is a new
   for ``--latency-duration`` seconds: p50 / p99.
 
     .venv/bin/python bench/inbound.py [--users 160] [--duration 25] [--latency-duration 20]
-        [--only sqlite,postgres,aiogram-memory,aiogram-redis]
+        [--only sqlite,postgres,postgres-1,aiogram-memory,aiogram-redis] [--web-processes 2]
 """
 
 from __future__ import annotations
