@@ -8,11 +8,13 @@ one writer, is refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -158,66 +160,56 @@ async def test_web_processes_share_the_port_and_process_each_update_once(
             worker.stop()
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-async def test_a_web_process_that_dies_stops_the_others(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def bare_web(processes: int) -> AsyncIterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """``botp web --processes N`` with no bots on a fresh database, once its N processes
+    run: the parent (its output piped) and their pids. Every one is killed afterwards."""
     async with fresh_postgres_database() as url:
         await asyncio.to_thread(upgrade, url)
         env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_PORT": str(free_port()),
                "BOTP_FLOWS_DIR": str(ROOT / "flows"), "BOTP_LOCALES_DIR": str(ROOT / "locales"),
                "BOTP_BOTS": "[]", "BOTP_LOG_LEVEL": "INFO"}
         web = subprocess.Popen(  # noqa: ASYNC220 (started once, not awaited on)
-            [sys.executable, "-m", "bot_platform.cli", "web", "--processes", "3"], cwd=ROOT,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "bot_platform.cli", "web", "--processes", str(processes)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        children: list[int] = []
         try:
-            await wait_for(lambda: _true(len(children_of(web.pid)) == 3), limit=30,
-                           what="three web processes")
+            await wait_for(lambda: _true(len(children_of(web.pid)) == processes), limit=30,
+                           what=f"{processes} web processes")
             children = children_of(web.pid)
-            os.kill(children[1], signal.SIGKILL)
-            code = await asyncio.to_thread(web.wait, 30)
-            assert code == 128 + signal.SIGKILL
-            assert not any(alive(pid) for pid in children)
-            assert web.stdout is not None
-            output = web.stdout.read().decode()
-            assert "web process 2" in output and "stopping the others" in output, output
+            yield web, children
         finally:
-            for pid in children_of(web.pid):
+            for pid in children:  # before their parent: orphans would not be found
                 if alive(pid):
                     os.kill(pid, signal.SIGKILL)
             if web.poll() is None:
                 web.kill()
                 web.wait()
-            if web.stdout is not None:
-                web.stdout.close()
+            assert web.stdout is not None
+            web.stdout.close()
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
-async def test_web_processes_end_when_their_parent_is_killed(tmp_path: Path) -> None:
-    async with fresh_postgres_database() as url:
-        await asyncio.to_thread(upgrade, url)
-        env = {**os.environ, "BOTP_DATABASE_URL": url, "BOTP_PORT": str(free_port()),
-               "BOTP_FLOWS_DIR": str(ROOT / "flows"), "BOTP_LOCALES_DIR": str(ROOT / "locales"),
-               "BOTP_BOTS": "[]", "BOTP_LOG_LEVEL": "WARNING"}
-        web = subprocess.Popen(  # noqa: ASYNC220 (started once, not awaited on)
-            [sys.executable, "-m", "bot_platform.cli", "web", "--processes", "2"], cwd=ROOT,
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        children: list[int] = []
-        try:
-            await wait_for(lambda: _true(len(children_of(web.pid)) == 2), limit=30,
-                           what="two web processes")
-            children = children_of(web.pid)
-            web.kill()  # the supervisor killed outright: nothing passes signals on
-            await asyncio.to_thread(web.wait, 10)
-            await wait_for(lambda: _true(not any(alive(pid) for pid in children)), limit=30,
-                           what="the orphaned web processes to end")
-        finally:
-            for pid in children:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            if web.poll() is None:
-                web.kill()
-                web.wait()
+async def test_a_web_process_that_dies_stops_the_others() -> None:
+    async with bare_web(3) as (web, children):
+        os.kill(children[1], signal.SIGKILL)
+        code = await asyncio.to_thread(web.wait, 30)
+        assert code == 128 + signal.SIGKILL
+        assert not any(alive(pid) for pid in children)
+        assert web.stdout is not None
+        output = web.stdout.read().decode()
+        assert "web process 2" in output and "stopping the others" in output, output
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_web_processes_end_when_their_parent_is_killed() -> None:
+    async with bare_web(2) as (web, children):
+        web.kill()  # the supervisor killed outright: nothing passes signals on
+        await asyncio.to_thread(web.wait, 10)
+        await wait_for(lambda: _true(not any(alive(pid) for pid in children)), limit=30,
+                       what="the orphaned web processes to end")
 
 
 def test_sqlite_is_refused_with_more_than_one_process(tmp_path: Path) -> None:
