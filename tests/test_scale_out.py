@@ -38,7 +38,14 @@ from bot_platform.models import Broadcast, Contact, Job, Outbox, Subscriber
 from bot_platform.types import Inbound, InboundKind, Profile
 from bots.telegram import SECRET_HEADER
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.support.platform import ROOT, TestPlatform, WorkerProcess, make_settings, wait_for
+from tests.support.platform import (
+    ROOT,
+    TestPlatform,
+    WorkerProcess,
+    answers_health,
+    make_settings,
+    wait_for,
+)
 from tests.support.services import REQUIRE_SERVICES, empty_redis, fresh_postgres_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -272,14 +279,8 @@ async def test_web_and_two_workers_as_separate_processes(tmp_path: Path) -> None
             for process in processes:
                 process.start()
             async with aiohttp.ClientSession() as http:
-                async def healthy() -> bool:
-                    try:
-                        async with http.get(f"{base}/healthz") as response:
-                            return response.status == 200
-                    except aiohttp.ClientError:
-                        return False
-
-                await wait_for(healthy, limit=60, what="the web process")
+                await wait_for(lambda: answers_health(http, base), limit=60,
+                               what="the web process")
                 assert fake.webhook is not None  # registered with the messenger
 
                 async def post(update: dict) -> int:

@@ -22,7 +22,7 @@ import pytest
 from bot_platform.migrations import upgrade
 from bots.telegram import SECRET_HEADER
 from tests.fakes.telegram_api import FakeTelegramServer
-from tests.support.platform import ROOT, WorkerProcess, wait_for
+from tests.support.platform import ROOT, WorkerProcess, answers_health, wait_for
 from tests.support.services import empty_redis, fresh_postgres_database
 
 TOKEN = "123456:ABC-procs"
@@ -96,20 +96,14 @@ async def test_web_processes_share_the_port_and_process_each_update_once(
             # process that is accepting (a frozen one is not).
             connector = aiohttp.TCPConnector(force_close=True, limit=0)
             async with aiohttp.ClientSession(connector=connector) as http:
-                async def healthy() -> bool:
-                    try:
-                        async with http.get(f"{base}/healthz") as response:
-                            return response.status == 200
-                    except aiohttp.ClientError:
-                        return False
-
                 async def post(update: dict) -> int:
                     async with http.post(f"{base}/webhooks/telegram/shop", json=update,
                                          headers={SECRET_HEADER: SECRET},
                                          timeout=aiohttp.ClientTimeout(total=20)) as response:
                         return response.status
 
-                await wait_for(healthy, limit=60, what="the web processes")
+                await wait_for(lambda: answers_health(http, base), limit=60,
+                               what="the web processes")
                 children = children_of(web.process.pid)
                 assert len(children) == 2, children
                 await wait_for(lambda: _true(fake.webhook is not None), limit=30,

@@ -71,6 +71,18 @@ class WorkerProcess:
             self.kill()
 
 
+async def answers_health(http: Any, base: str) -> bool:
+    """Whether a served web process at ``base`` answers ``GET /healthz`` with 200 (an
+    ``aiohttp.ClientSession`` asks; a refused connection is a no)."""
+    import aiohttp
+
+    try:
+        async with http.get(f"{base}/healthz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 async def wait_for(predicate, limit: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
