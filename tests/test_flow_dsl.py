@@ -128,6 +128,9 @@ def test_warnings_unreachable_state_and_missing_translation(
      "unknown action 'tagg' (did you mean 'tag'?)"),
     ("start: one\nstates: {one: {say: a, colour: red}}", "states.one.colour",
      "unknown field 'colour'"),
+    # A field of another part: no "did you mean" naming the same field.
+    ("name: x\nstart: one\nstates: {one: {say: a}}", "name",
+     "unknown field 'name' here (a field of another part of a flow)"),
     ("start: one\nstates: {one: {say: a, goto: one, after: {delay: 1d, goto: one}}}",
      "states.one", "cannot wait for input"),
     ("triggers: [{on: ref}]\nstart: one\nstates: {one: {say: a}}", "triggers[0]",

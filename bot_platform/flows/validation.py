@@ -128,7 +128,10 @@ def _message(item: Any, data_key: Any) -> str:
     fits."""
     kind = item["type"]
     if kind == "extra_forbidden":
-        return f"unknown field {data_key!r}{did_you_mean(data_key, _field_names())}"
+        names = _field_names()
+        if str(data_key) in names:  # the hint would be the key itself
+            return f"unknown field {data_key!r} here (a field of another part of a flow)"
+        return f"unknown field {data_key!r}{did_you_mean(data_key, names)}"
     if kind == "missing":
         return "required field is missing"
     return item["msg"].removeprefix("Value error, ")
