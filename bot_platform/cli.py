@@ -96,7 +96,13 @@ def cmd_run(args: argparse.Namespace, web: bool = True, worker: bool = True) -> 
 
         upgrade(settings.database_url)
     if processes > 1:
+        from bot_platform.platform import check_flows
         from bot_platform.web_processes import serve_processes
+
+        try:  # each process would refuse alike: said once, before forking
+            check_flows(settings)
+        except FlowValidationError as error:
+            return _refuse_flows(error)
 
         def serve_one(sock: socket.socket, first: bool) -> int:
             return _serving(lambda: serve(settings, web=True, worker=False, sock=sock,
@@ -119,11 +125,15 @@ def _serving(serve: Callable[[], Coroutine[Any, Any, None]]) -> int:
         print(f"botp: {error}", file=sys.stderr)
         return 1
     except FlowValidationError as error:
-        print(error, file=sys.stderr)
-        print("refusing to start with invalid flows; fix them or pass --skip-invalid-flows",
-              file=sys.stderr)
-        return 2
+        return _refuse_flows(error)
     return 0
+
+
+def _refuse_flows(error: FlowValidationError) -> int:
+    print(error, file=sys.stderr)
+    print("refusing to start with invalid flows; fix them or pass --skip-invalid-flows",
+          file=sys.stderr)
+    return 2
 
 
 # ---- chat (bot_platform.terminal) ----------------------------------------------------

@@ -24,7 +24,7 @@ from bot_platform.clock import Clock, SystemClock
 from bot_platform.config import BotConfig, Settings
 from bot_platform.database import Database, SqlKeyValueStore, idle_timeout_for, listen
 from bot_platform.delivery import Delivery
-from bot_platform.errors import FlowValidationError
+from bot_platform.errors import FlowIssue, FlowValidationError
 from bot_platform.flows.loading import validate_paths
 from bot_platform.flows.machine import FlowSet
 from bot_platform.handoff import SupportHours
@@ -56,7 +56,7 @@ def load_flows(settings: Settings, catalogs: Catalogs) -> FlowSet:
     an ``.ftl`` file); refuse to start on an invalid one unless told to skip it
     (``skip_invalid_flows``), and then say which were skipped and why."""
     specs, issues = validate_paths(settings.flows_dir, catalogs)
-    errors = [*catalogs.issues, *(issue for issue in issues if issue.severity == "error")]
+    errors = _errors(catalogs, issues)
     for issue in issues:
         if issue.severity == "warning":
             log.warning("%s", issue)
@@ -66,6 +66,19 @@ def load_flows(settings: Settings, catalogs: Catalogs) -> FlowSet:
         reasons = "; ".join(f"{i.path}: {i.message}" for i in errors if i.file == file)
         log.error("skipped invalid flow file %s (%s)", file, reasons)
     return FlowSet([spec for spec, _ in specs.values()], catalogs)
+
+
+def check_flows(settings: Settings) -> None:
+    """Raise ``FlowValidationError`` where ``load_flows`` would, logging nothing: ``botp
+    web --processes N`` says it once, before forking, instead of once per process."""
+    catalogs = Catalogs.load(settings.locales_dir, settings.default_locale)
+    errors = _errors(catalogs, validate_paths(settings.flows_dir, catalogs)[1])
+    if errors and not settings.skip_invalid_flows:
+        raise FlowValidationError(errors)
+
+
+def _errors(catalogs: Catalogs, issues: list[FlowIssue]) -> list[FlowIssue]:
+    return [*catalogs.issues, *(issue for issue in issues if issue.severity == "error")]
 
 
 class Platform:

@@ -219,3 +219,19 @@ def test_sqlite_is_refused_with_more_than_one_process(tmp_path: Path) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_invalid_flows_are_refused_once_before_forking(tmp_path: Path) -> None:
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "bad.yaml").write_text("flow: bad\nstart: nowhere\nstates: {}\n")
+    env = {**os.environ, "BOTP_FLOWS_DIR": str(flows), "BOTP_PORT": str(free_port()),
+           "BOTP_LOCALES_DIR": str(ROOT / "locales"),
+           # Never reached: the flows are checked before any process connects.
+           "BOTP_DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:9/none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bot_platform.cli", "web", "--processes", "3"], cwd=ROOT,
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("refusing to start with invalid flows") == 1, done.stderr
+    assert "bad.yaml" in done.stderr
