@@ -206,6 +206,7 @@ async def test_web_processes_end_when_their_parent_is_killed() -> None:
                        what="the orphaned web processes to end")
 
 
+@pytest.mark.slow  # spawns botp
 def test_sqlite_is_refused_with_more_than_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "BOTP_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/botp.db",
            "BOTP_PORT": str(free_port())}
@@ -221,6 +222,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.slow  # spawns botp
 def test_invalid_flows_are_refused_once_before_forking(tmp_path: Path) -> None:
     flows = tmp_path / "flows"
     flows.mkdir()
