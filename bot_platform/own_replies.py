@@ -94,11 +94,15 @@ class OwnReplies:
         before the turn commits: ``seen``)."""
         if not self._running or identity is None:
             return None
-        line = self._lines.get(identity)
         outbox = self.delivery.outbox
         started, until = outbox.leases.starting()
-        return InsertClaim(outbox.worker_id, sorted(line.held) if line is not None else [],
-                           self._failures, started, until)
+        return InsertClaim(outbox.worker_id, self._ahead(identity), self._failures, started,
+                           until)
+
+    def _ahead(self, identity: Identity) -> list[int]:
+        """The rows of the subscriber's line here: a turn's rows may go behind them."""
+        line = self._lines.get(identity)
+        return sorted(line.held) if line is not None else []
 
     async def take(self, session: AsyncSession, identity: Identity | None,
                    ids: list[int], claim: InsertClaim | None = None) -> _Held | None:
@@ -111,8 +115,7 @@ class OwnReplies:
             rows, started, until = await self._claimed(session, ids, claim)
             ahead, seen = claim.ahead, claim.seen
         else:
-            line = self._lines.get(identity)
-            ahead = sorted(line.held) if line is not None else []
+            ahead = self._ahead(identity)
             seen = self._failures  # before the claim: a failure meanwhile voids it
             rows, started, until = await self.delivery.outbox.claim_queued(
                 session, ids, ahead)
@@ -225,8 +228,6 @@ class OwnReplies:
     async def _hand_over(self, ids: list[int]) -> None:
         """Wake the workers for rows this process does not send (named, as a turn's
         commit names them; without a NOTIFY their polls find them within a poll)."""
-        for row_id in ids:
-            self.delivery.pressure.sent(row_id)
         try:
             async with self.db.session(urgent=True) as session:
                 await notify_workers(session, INTERACTIVE, commit=True, rows=ids)
