@@ -158,10 +158,7 @@ async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
     takes only the broadcast subscriber's oldest row."""
     platform = await scripted(make_platform)
     await queue_for_everyone(platform, 4, per_person=2)
-    rows = await outbox_rows(platform)
-    by_user: dict[str, list[int]] = {}
-    for row in sorted(rows, key=lambda row: row.id):
-        by_user.setdefault(row.recipient, []).append(row.id)
+    by_user = await row_ids_by_user(platform)
     later = platform.clock.now() + timedelta(minutes=5)
     async with platform.db.session() as session:
         await session.execute(Outbox.__table__.update().where(
@@ -179,6 +176,17 @@ async def test_interactive_claims_take_heads_of_ready_interactive_rows_only(
     assert not (await worker.claim_batch(10, "interactive"))[0]
 
 
+async def named_rows_worker(platform: Any) -> OutboxClaims:
+    """A worker whose heads query runs once (finding nothing) and, its poll interval one
+    no test run reaches, again only when told: its claims take the rows it is named."""
+    from bot_platform.config import WorkerSettings
+
+    worker = OutboxClaims(platform.db, platform.clock, WorkerSettings(poll_interval=3600),
+                          "w")
+    assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
+    return worker
+
+
 async def row_ids_by_user(platform: Any) -> dict[str, list[int]]:
     """Each recipient's outbox row ids, oldest first."""
     by_user: dict[str, list[int]] = {}
@@ -194,13 +202,8 @@ async def test_postgres_claims_the_rows_a_notify_names_by_id(make_platform,
     named row behind its subscriber's earlier one waits, and the claim says more wait),
     not other ready rows; a NOTIFY naming nothing brings the heads query back (as do a
     claim with nothing named and a poll interval without it)."""
-    from bot_platform.config import WorkerSettings
-
     platform = await scripted(make_platform, postgres_url)
-    # A poll interval no test run reaches: the heads query comes back only when told.
-    worker = OutboxClaims(platform.db, platform.clock, WorkerSettings(poll_interval=3600),
-                          "w")
-    assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
+    worker = await named_rows_worker(platform)
     await queue_for_everyone(platform, 2, per_person=2)
     by_user = await row_ids_by_user(platform)
     worker.named(by_user["u0"])
@@ -218,12 +221,8 @@ async def test_postgres_claims_any_number_of_named_rows(make_platform, postgres_
     """Named rows are claimed the same whether they go as one to four parameters or as
     an array (more than four): each subscriber's oldest row, never a row behind it, and
     a row claimed already is not claimed again."""
-    from bot_platform.config import WorkerSettings
-
     platform = await scripted(make_platform, postgres_url)
-    worker = OutboxClaims(platform.db, platform.clock, WorkerSettings(poll_interval=3600),
-                          "w")
-    assert not (await worker.claim_batch(10, "interactive"))[0]  # the heads query: none
+    worker = await named_rows_worker(platform)
     await queue_for_everyone(platform, 15, per_person=2)
     by_user = await row_ids_by_user(platform)
     users = iter(sorted(by_user, key=lambda user: by_user[user][0]))
